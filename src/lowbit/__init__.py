@@ -1,0 +1,3 @@
+"""lowbit: post-training quantization of large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Calibration: where text comes from and which statistics of activations are kept."""

@@ -1,0 +1,41 @@
+"""Second-order statistics of a linear layer's inputs, accumulated over calibration batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HessianStats:
+    """Running mean of x xᵀ over the calibration tokens that reach one linear input.
+
+    GPTQ's layer objective ||W X - Ŵ X||² has Hessian 2 X Xᵀ; the factor and the normalisation by
+    the token count do not change the solution, they only keep the numbers in a sane range so that
+    a relative damping term means the same thing for every layer. Linears that read the same input
+    (q/k/v, gate/up) share one instance, so the product is computed once per input.
+    """
+
+    columns: int
+    device: torch.device | str = "cpu"
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.sum_outer = torch.zeros(self.columns, self.columns, dtype=torch.float32, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs of shape [..., columns] (any leading dims are tokens)."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
+        x = x.to(device=self.sum_outer.device, dtype=torch.float32)
+        self.sum_outer.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """2/n · Σ x xᵀ, the Hessian of the mean squared output error."""
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.sum_outer * (2.0 / self.tokens)

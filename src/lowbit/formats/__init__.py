@@ -1,0 +1,28 @@
+"""Number formats: how quantized values are stored. One module per family, one registry."""
+
+from lowbit.formats.base import (
+    FormatError,
+    GroupParams,
+    QuantizedWeight,
+    WeightFormat,
+    check_finite,
+    column_groups,
+    quantize_matrix,
+)
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
+
+FORMATS: dict[str, type[WeightFormat]] = {IntegerFormat.name: IntegerFormat}
+
+__all__ = [
+    "FORMATS",
+    "PER_CHANNEL",
+    "PER_TENSOR",
+    "FormatError",
+    "GroupParams",
+    "IntegerFormat",
+    "QuantizedWeight",
+    "WeightFormat",
+    "check_finite",
+    "column_groups",
+    "quantize_matrix",
+]

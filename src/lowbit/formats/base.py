@@ -1,0 +1,138 @@
+"""The contract every number format follows, and the container a solver returns.
+
+A *format* says how one weight matrix is stored: the code alphabet, how codes map back to real
+numbers, and which parameters (scales, zero points) are shared by which weights. A *solver* decides
+which codes to store. Keeping the two apart is what lets GPTQ run unchanged on any format that can
+quantize one column at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+
+class FormatError(ValueError):
+    """A tensor or setting the format cannot represent; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """Parameters shared by the weights of one group of columns (one value per row, or one per tensor).
+
+    `scale` and `zero` have shape [rows, 1] (or [1, 1] for a per-tensor format) so they broadcast
+    against a [rows, cols] slice. `zero` is None for symmetric formats, whose zero point is implied.
+    Values are already rounded to their storage dtype: solvers must quantize with exactly the numbers
+    that will be saved, or the saved model would differ from the one that was measured.
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+class WeightFormat(ABC):
+    """How a 2-D weight [out_features, in_features] is stored, group by group along the input axis."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def group_size_for(self, columns: int) -> int:
+        """Columns per group for a matrix of this width (the last group may be shorter)."""
+
+    @abstractmethod
+    def fit(self, w: torch.Tensor) -> GroupParams:
+        """Choose parameters that cover every value of `w` (a [rows, cols] slice forming one group)."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """Codes (small non-negative integers, uint8) for `w` under `params`, rounding to nearest."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """Real values (float32) that `codes` stand for under `params`."""
+
+    @abstractmethod
+    def bits_per_weight(self, rows: int, columns: int) -> float:
+        """Storage cost per weight of a [rows, columns] matrix, scales and zero points included."""
+
+    def round_trip(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        """decode(encode(w)): the value the stored model will actually use in place of `w`."""
+        return self.decode(self.encode(w, params), params)
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight matrix as stored: codes plus per-group parameters.
+
+    `scale` / `zero` have shape [rows or 1, n_groups]. `group_index[j]` is the group of column j;
+    it is the identity layout (j // group_size) unless the solver processed columns out of order
+    (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`.
+    """
+
+    format: WeightFormat
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    group_index: torch.Tensor
+    metadata: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def has_trivial_group_index(self) -> bool:
+        """True when column j belongs to group j // group_size (no act-order permutation to store)."""
+        group_size = self.format.group_size_for(self.codes.shape[1])
+        expected = torch.arange(self.codes.shape[1], device=self.group_index.device) // group_size
+        return bool(torch.equal(self.group_index, expected))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix this stored weight stands for."""
+        scale = self.scale[:, self.group_index]
+        zero = None if self.zero is None else self.zero[:, self.group_index]
+        return self.format.decode(self.codes, GroupParams(scale, zero))
+
+    def bits_per_weight(self) -> float:
+        return self.format.bits_per_weight(*self.codes.shape)
+
+
+def column_groups(columns: int, group_size: int) -> list[tuple[int, int]]:
+    """[start, end) column ranges of consecutive groups; the last one may be shorter."""
+    return [(start, min(start + group_size, columns)) for start in range(0, columns, group_size)]
+
+
+def check_finite(w: torch.Tensor, what: str = "weight") -> None:
+    """Refuse NaN/Inf early: quantizing them silently would poison every scale in their group."""
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise FormatError(
+            f"{what} contains {bad} NaN/Inf value(s); fix or re-export the model before quantizing"
+        )
+
+
+def quantize_matrix(
+    fmt: WeightFormat, w: torch.Tensor, fit: Callable[[torch.Tensor], GroupParams] | None = None
+) -> QuantizedWeight:
+    """Round every group of `w` to nearest under parameters from `fit` (default: the format's own)."""
+    check_finite(w)
+    fit = fit or fmt.fit
+    rows, columns = w.shape
+    codes = torch.empty(rows, columns, dtype=torch.uint8, device=w.device)
+    scales, zeros = [], []
+    for start, end in column_groups(columns, fmt.group_size_for(columns)):
+        params = fit(w[:, start:end])
+        codes[:, start:end] = fmt.encode(w[:, start:end], params)
+        scales.append(params.scale)
+        zeros.append(params.zero)
+    group_size = fmt.group_size_for(columns)
+    return QuantizedWeight(
+        format=fmt,
+        codes=codes,
+        scale=torch.cat(scales, dim=1),
+        zero=None if zeros[0] is None else torch.cat(zeros, dim=1),
+        group_index=torch.arange(columns, device=w.device) // group_size,
+    )

@@ -1,0 +1,37 @@
+"""The contract every solver follows and the registry that the CLI and recipes read."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, TypeVar
+
+import torch
+
+from lowbit.calibrate.stats import HessianStats
+from lowbit.formats.base import QuantizedWeight, WeightFormat
+
+
+class Solver(ABC):
+    """Chooses stored values for one weight matrix under a format.
+
+    `needs_hessian` tells the pipeline whether calibration statistics must be collected for the
+    layer; a solver without it runs with no calibration data at all.
+    """
+
+    name: ClassVar[str]
+    needs_hessian: ClassVar[bool] = False
+
+    @abstractmethod
+    def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
+        """Quantize `weight` ([out_features, in_features]) into `fmt`."""
+
+
+SOLVERS: dict[str, type[Solver]] = {}
+
+S = TypeVar("S", bound=type[Solver])
+
+
+def register_solver(cls: S) -> S:
+    """Class decorator: make a solver reachable by name (`--method NAME`, recipes)."""
+    SOLVERS[cls.name] = cls
+    return cls
