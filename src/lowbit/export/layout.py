@@ -1,0 +1,152 @@
+"""One quantized linear layer in compressed-tensors' `pack-quantized` layout.
+
+What compressed-tensors (0.20) reads back, checked by loading through transformers:
+
+- `weight_packed`: int32 [out, ceil(in * bits / 32)]. Codes are stored *signed*
+  (code - 2^(bits-1), in int8) and packed densely along the input axis, lowest bits first, with
+  values split across word boundaries when 32 is not a multiple of `bits` (3, 5, 6, 7 bits).
+  Older compressed-tensors releases packed 3-bit codes 10 to a word, so 3-bit exports need a
+  release with dense packing.
+- `weight_scale`: [out, n_groups] (group), [out, 1] (channel) or [1] (tensor), in the stored
+  scale dtype.
+- `weight_zero_point`: only for asymmetric schemes, signed like the codes; int32 packed along
+  the *output* axis ([ceil(out * bits / 32), n_groups]) for group and channel strategies, a
+  plain int8 [1] for the tensor strategy.
+- `weight_shape`: int64 [2], the unpacked [out, in].
+
+The value of a weight is (code - zero) * scale in both conventions, so lowbit's unsigned codes and
+zero points convert exactly: both are shifted by the same 2^(bits-1). A symmetric lowbit format
+(implied zero 2^(bits-1)) is a compressed-tensors symmetric scheme with no zero point.
+
+Limits of the format: groups must divide in_features (its dequantizer reshapes the columns into
+equal groups), and there is no per-column group index (`g_idx`, act-order "group"), which
+compressed-tensors has removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs
+
+from lowbit.export.errors import ExportError
+from lowbit.formats.base import QuantizedWeight, WeightFormat
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
+
+PACK_FORMAT = "pack-quantized"
+"""compressed-tensors' name for bit-packed integer weights (any of 2..8 bits in 0.20)."""
+
+_KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+"""Group sizes worth suggesting when the requested one does not divide a layer."""
+
+
+@dataclass(frozen=True)
+class SchemeKey:
+    """The weight quantization settings of a layer; layers with equal keys share a config group."""
+
+    bits: int
+    symmetric: bool
+    strategy: str
+    group_size: int | None
+
+    def to_args(self) -> QuantizationArgs:
+        return QuantizationArgs(
+            num_bits=self.bits,
+            type="int",
+            symmetric=self.symmetric,
+            strategy=self.strategy,
+            group_size=self.group_size,
+            dynamic=False,
+        )
+
+
+def scheme_key(fmt: IntegerFormat) -> SchemeKey:
+    if fmt.group_size == PER_TENSOR:
+        return SchemeKey(fmt.bits, fmt.symmetric, "tensor", None)
+    if fmt.group_size == PER_CHANNEL:
+        return SchemeKey(fmt.bits, fmt.symmetric, "channel", None)
+    return SchemeKey(fmt.bits, fmt.symmetric, "group", fmt.group_size)
+
+
+def check_exportable(
+    fmt: WeightFormat, in_features: int, layer_name: str | None = None, *, permuted_groups: bool = False
+) -> str | None:
+    """Why a layer of this format and width cannot be exported to compressed-tensors, or None.
+
+    Meant for the CLI to call before any work starts. `permuted_groups` says the solver will
+    produce a non-identity group index (act-order that regroups columns); static act-order, which
+    keeps groups of consecutive columns, exports fine.
+    """
+    where = f"{layer_name}: " if layer_name else ""
+    if not isinstance(fmt, IntegerFormat):
+        return f"{where}format {type(fmt).__name__} has no compressed-tensors integer layout"
+    if fmt.group_size > 0 and in_features % fmt.group_size:
+        dividing = [str(size) for size in _KERNEL_GROUP_SIZES if in_features % size == 0]
+        choices = ", ".join(dividing) + " or " if dividing else ""
+        return (
+            f"{where}group size {fmt.group_size} does not divide in_features={in_features}; "
+            f"compressed-tensors needs equal groups: use group size {choices}-1 (per channel)"
+        )
+    if permuted_groups:
+        return (
+            f"{where}act-order that regroups columns needs a per-column group index (g_idx), which "
+            "compressed-tensors no longer supports; use static act-order (groups of consecutive columns)"
+        )
+    return None
+
+
+def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
+    """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
+    fmt = qweight.format
+    rows, columns = qweight.codes.shape
+    problem = check_exportable(fmt, columns, name, permuted_groups=not qweight.has_trivial_group_index)
+    if problem:
+        raise ExportError(problem)
+    assert isinstance(fmt, IntegerFormat)
+    key = scheme_key(fmt)
+    _check_params(name, qweight, fmt, key)
+
+    offset = 1 << (fmt.bits - 1)
+    codes = (qweight.codes.cpu().to(torch.int16) - offset).to(torch.int8)
+    tensors = {
+        "weight_packed": pack_to_int32(codes, fmt.bits),
+        "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key),
+        "weight_shape": torch.tensor([rows, columns], dtype=torch.int64),
+    }
+    if qweight.zero is not None:
+        zero = (qweight.zero.cpu().to(torch.int16) - offset).to(torch.int8)
+        if key.strategy == "tensor":
+            tensors["weight_zero_point"] = _per_tensor_as_1d(zero, key)
+        else:
+            tensors["weight_zero_point"] = pack_to_int32(zero, fmt.bits, packed_dim=0)
+    return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+
+
+def _per_tensor_as_1d(param: torch.Tensor, key: SchemeKey) -> torch.Tensor:
+    """compressed-tensors keeps a per-tensor parameter as shape [1], not lowbit's [1, 1]."""
+    return param.reshape(1) if key.strategy == "tensor" else param
+
+
+def _check_params(name: str, qweight: QuantizedWeight, fmt: IntegerFormat, key: SchemeKey) -> None:
+    """Refuse codes and parameters that the checkpoint would store wrongly or that loaders misread."""
+    codes = qweight.codes
+    if codes.dtype != torch.uint8 or codes.ndim != 2:
+        raise ExportError(f"{name}: codes must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    if int(codes.max()) > fmt.max_code:
+        raise ExportError(f"{name}: codes exceed {fmt.max_code}, the largest {fmt.bits}-bit code")
+    rows, columns = codes.shape
+    if key.group_size is None:
+        expected = (1, 1) if key.strategy == "tensor" else (rows, 1)
+    else:
+        expected = (rows, columns // key.group_size)
+    for what, param in (("scale", qweight.scale), ("zero", qweight.zero)):
+        if param is not None and tuple(param.shape) != expected:
+            raise ExportError(f"{name}: {what} has shape {tuple(param.shape)}, expected {expected}")
+    if fmt.symmetric != (qweight.zero is None):
+        raise ExportError(f"{name}: zero points must be given exactly when the format is asymmetric")
+    zero = qweight.zero
+    in_range = zero is None or bool(0 <= zero.min() <= zero.max() <= fmt.max_code)
+    if zero is not None and not (in_range and torch.equal(zero, zero.round())):
+        raise ExportError(f"{name}: zero points must be integers in 0..{fmt.max_code}")

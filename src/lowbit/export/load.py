@@ -1,0 +1,124 @@
+"""Loading an export back through transformers, as any user of the checkpoint would, for evaluation.
+
+The model goes through transformers' regular compressed-tensors path: the packed weights load,
+then are decompressed to dense weights in the model dtype (`dequantize` in forward.py: codes and
+zero points converted to the dtype of the scale parameter, which transformers created in the
+model dtype, then multiplied). Decompression is done here rather than on the first forward pass
+so that callers get plain dense weights.
+
+That equals lowbit's `QuantizedWeight.dequantize()` cast to the model dtype, bit for bit, whenever
+the model dtype holds the stored scales exactly (a float32 model, or scales stored in the model
+dtype): |code - zero| < 256 has at most 8 significant bits and a float16/bfloat16 scale at most
+11, so lowbit's float32 product is exact and both sides round the same exact value once (float32
+scales: both do the same float32 multiply). Otherwise (float16 scales in a bfloat16 model) the
+loaders round the scales first; the writer warns.
+
+The other path transformers offers, `CompressedTensorsConfig(dequantize=True)`, is avoided: in
+transformers 5.24 it decodes every layer with the first config group's scheme, silently producing
+wrong weights for mixed-precision exports, and it multiplies in the stored scale dtype instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.utils import TensorStateDict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowbit.export.errors import ExportError
+from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
+
+
+def check_export_folder(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` is not a complete compressed-tensors export, or None if it looks complete."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return f"{folder} has no config.json, so it is not a finished export"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        return f"{config_path} cannot be read: {error}"
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "compressed-tensors":
+        return f"{folder} is not a compressed-tensors export (its quant_method is {method!r})"
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            shards = set(json.loads(index_path.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as error:
+            return f"{index_path} cannot be read: {error!r}"
+        absent = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if absent:
+            return f"{folder} lacks weight shard(s) listed in {INDEX_FILE}: {', '.join(absent)}"
+    elif not (folder / SINGLE_FILE).is_file():
+        return f"{folder} has no weights ({SINGLE_FILE} or {INDEX_FILE})"
+    return None
+
+
+def load_quantized(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The exported model with dense weights on `device` (in `dtype`, default the export's), in eval
+    mode, and its tokenizer (None if the export has none)."""
+    folder = Path(path)
+    problem = check_export_folder(folder)
+    if problem:
+        raise ExportError(problem)
+    with _packed_zero_points_on_meta():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
+        )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ExportError(f"{folder} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}")
+    model.hf_quantizer.compressor.decompress_model(model)
+    model.eval()
+    has_tokenizer = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+    return model, AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+
+
+@contextmanager
+def _packed_zero_points_on_meta() -> Iterator[None]:
+    """Let transformers load asymmetric group/channel `pack-quantized` layers (compressed-tensors 0.20).
+
+    Before loading, transformers "compresses" the empty (meta) model to get parameters of the
+    checkpoint's shapes, but compressed-tensors leaves the zero point of empty weights unpacked
+    ([out, groups] int8) while checkpoints, its own compressor's output included, hold it packed
+    ([ceil(out * bits / 32), groups] int32); loading then stops at a shape mismatch. This gives the
+    empty zero point its packed shape for the duration of one load. It does nothing once
+    compressed-tensors returns packed shapes itself.
+    """
+    original = PackedQuantizationCompressor.__dict__["compress"]
+
+    def compress(cls: type, state_dict: TensorStateDict, scheme: QuantizationScheme) -> TensorStateDict:
+        compressed = original.__func__(cls, state_dict, scheme)
+        zero = compressed.get("weight_zero_point")
+        packed = compressed.get("weight_packed")
+        if (
+            zero is not None
+            and packed is not None
+            and packed.device.type == "meta"
+            and zero.dtype != torch.int32
+            and scheme.weights.strategy in ("group", "channel")
+        ):
+            packed_rows = math.ceil(zero.shape[0] * scheme.weights.num_bits / 32)
+            packed_shape = (packed_rows, *zero.shape[1:])
+            compressed["weight_zero_point"] = torch.empty(packed_shape, dtype=torch.int32, device="meta")
+        return compressed
+
+    PackedQuantizationCompressor.compress = classmethod(compress)
+    try:
+        yield
+    finally:
+        PackedQuantizationCompressor.compress = original
