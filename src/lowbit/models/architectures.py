@@ -1,0 +1,55 @@
+"""Architecture adapters: where a model keeps its blocks and which linears read the same input.
+
+The pipeline needs two facts per family: the list of transformer blocks, and, inside a block, the
+linears in execution order grouped by shared input (q/k/v read one normed input, gate/up another).
+Shared-input groups let one Hessian serve several layers; the order lets each group see inputs
+produced by the already quantized groups before it (GPTQ's "true sequential").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no adapter yet."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    linear_groups: tuple[tuple[str, ...], ...]
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+
+_LLAMA_LIKE_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_LIKE_GROUPS),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for arch in ARCHITECTURES for t in arch.model_types)
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The adapter for `model`, or a clear error listing what is supported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported yet; supported: {', '.join(supported_model_types())}"
+    )

@@ -1,0 +1,1 @@
+"""The executor: walks a model block by block and applies a recipe."""

@@ -1,0 +1,268 @@
+"""Block-by-block quantization: the executor that walks a model and calls solvers.
+
+Calibration inputs are embedded once and captured at the first block. Each block is then moved to
+the compute device, its linears are solved group by group while calibration activations flow
+through it, and its *quantized* outputs become the next block's inputs, so every block is
+calibrated on what the quantized model will really feed it. Only one block and the activations
+are on the device at a time.
+
+Within a block, groups of linears that read the same input (q/k/v; gate/up) share one Hessian.
+With `true_sequential`, a group is solved before the groups after it see their inputs, so o_proj
+is calibrated on the output of the already quantized q/k/v. When all calibration samples fit in
+one forward pass this costs nothing extra: each group is solved inside a pre-forward hook, the
+moment its input is known, and the same pass carries on with the quantized weights and produces
+the block's outputs. Otherwise one pass per group accumulates statistics over the batches (each
+pass stops right after the group's input is seen), then a last pass produces the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.calibrate.stats import HessianStats
+from lowbit.formats.base import QuantizedWeight, WeightFormat
+from lowbit.models.architectures import Architecture
+from lowbit.solvers.base import Solver
+
+LayerPlan = Callable[[str, nn.Linear], "tuple[WeightFormat, Solver] | None"]
+"""Maps a linear's full name to its format and solver, or None to leave it unquantized."""
+
+QuantizedCallback = Callable[[str, QuantizedWeight], None]
+
+
+@dataclass
+class _Job:
+    name: str
+    linear: nn.Linear
+    fmt: WeightFormat
+    solver: Solver
+
+
+@dataclass
+class _Group:
+    """Linears of one block that read the same input, with their shared statistics."""
+
+    jobs: list[_Job]
+    stats: HessianStats | None = None
+    solved: bool = False
+    seen_this_batch: bool = False
+
+    @property
+    def needs_hessian(self) -> bool:
+        return any(job.solver.needs_hessian for job in self.jobs)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a block's forward pass once the needed input has been seen."""
+
+
+@dataclass
+class _BlockInputs:
+    """Captured inputs of the current block, one entry per calibration batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SequentialQuantizer:
+    """Quantizes a causal LM in place, block by block, and reports every quantized weight."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        architecture: Architecture,
+        plan: LayerPlan,
+        device: torch.device | str = "cpu",
+        batch_size: int | None = None,
+        true_sequential: bool = True,
+        on_quantized: QuantizedCallback | None = None,
+    ) -> None:
+        """`batch_size` calibration samples go through a block per forward (None: all at once)."""
+        self.model = model
+        self.architecture = architecture
+        self.plan = plan
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.true_sequential = true_sequential
+        self.on_quantized = on_quantized or (lambda name, qweight: None)
+
+    @torch.no_grad()
+    def run(self, calibration: torch.Tensor | None) -> None:
+        """Quantize every planned linear; `calibration` is [samples, seq_len] token ids or None."""
+        blocks = self.architecture.block_list(self.model)
+        inputs = self._capture_first_block_inputs(calibration) if calibration is not None else None
+        progress = tqdm(blocks, desc="quantizing blocks", unit="block")
+        for index, block in enumerate(progress):
+            groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
+            if any(group.needs_hessian for group in groups) and inputs is None:
+                raise ValueError("the chosen method needs calibration data; pass --calib")
+            block.to(self.device)
+            if inputs is None:
+                for group in groups:
+                    self._solve(group)
+            else:
+                inputs = self._quantize_block(block, groups, inputs)
+            block.to("cpu")
+
+    def _groups_of(self, block: nn.Module, prefix: str) -> list[_Group]:
+        groups = []
+        for names in self.architecture.linear_groups:
+            jobs = []
+            for name in names:
+                linear = block.get_submodule(name)
+                choice = self.plan(f"{prefix}.{name}", linear)
+                if choice is not None:
+                    jobs.append(_Job(f"{prefix}.{name}", linear, *choice))
+            if jobs:
+                groups.append(_Group(jobs))
+        return groups
+
+    def _quantize_block(self, block: nn.Module, groups: list[_Group], inputs: _BlockInputs) -> _BlockInputs:
+        for group in groups:
+            if group.needs_hessian:
+                group.stats = HessianStats(group.jobs[0].linear.in_features, device=self.device)
+        if len(inputs.hidden) == 1 and self.true_sequential:
+            return self._forward_all(block, inputs, groups, solve_in_hook=True)
+        if self.true_sequential:
+            for group in groups:
+                self._forward_all(block, inputs, [group], stop_after_input=True)
+                self._solve(group)
+        else:
+            self._forward_all(block, inputs, groups)
+            for group in groups:
+                self._solve(group)
+        return self._forward_all(block, inputs, [])
+
+    def _forward_all(
+        self,
+        block: nn.Module,
+        inputs: _BlockInputs,
+        groups: list[_Group],
+        solve_in_hook: bool = False,
+        stop_after_input: bool = False,
+    ) -> _BlockInputs:
+        """Run every calibration batch through `block` with statistics hooks on `groups`' inputs.
+
+        Every member of a group carries the hook, so whichever the block calls first sees the
+        shared input (once per batch) before any member computes with its weights. Returns the
+        block's outputs, which are only meaningful once every group has been solved.
+        """
+
+        def make_hook(group: _Group) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:
+                if group.seen_this_batch:
+                    return
+                group.seen_this_batch = True
+                if group.stats is not None and not group.solved:
+                    group.stats.add(args[0])
+                if solve_in_hook:
+                    self._solve(group)
+                if stop_after_input:
+                    raise _StopForward
+
+            return hook
+
+        handles = [
+            job.linear.register_forward_pre_hook(make_hook(group)) for group in groups for job in group.jobs
+        ]
+        outputs = _BlockInputs(hidden=[], kwargs=inputs.kwargs)
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                for group in groups:
+                    group.seen_this_batch = False
+                try:
+                    out = block(hidden.to(self.device), **_to_device(kwargs, self.device))
+                except _StopForward:
+                    continue
+                out = out[0] if isinstance(out, tuple) else out
+                outputs.hidden.append(out.to(hidden.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def _solve(self, group: _Group) -> None:
+        if group.solved:
+            return
+        for job in group.jobs:
+            weight = job.linear.weight.data
+            qweight = job.solver.solve(weight.float(), job.fmt, group.stats)
+            job.linear.weight.data = qweight.dequantize().to(dtype=weight.dtype, device=weight.device)
+            self.on_quantized(job.name, _to_cpu(qweight))
+        group.solved = True
+        group.stats = None
+
+    def _capture_first_block_inputs(self, calibration: torch.Tensor) -> _BlockInputs:
+        """Embed the calibration batches once and keep what the first block receives."""
+        first = self.architecture.block_list(self.model)[0]
+        captured = _BlockInputs(hidden=[])
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.hidden.append(hidden.to("cpu") if self.device.type != "cpu" else hidden)
+            captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _StopForward
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with _outside_blocks_on(self.model, self.architecture, self.device):
+                for batch in _batches(calibration, self.batch_size):
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            handle.remove()
+        return captured
+
+
+def _batches(ids: torch.Tensor, batch_size: int | None) -> Iterator[torch.Tensor]:
+    step = batch_size or ids.shape[0]
+    for start in range(0, ids.shape[0], step):
+        yield ids[start : start + step]
+
+
+class _outside_blocks_on:
+    """Context manager: parameters outside the blocks (embeddings, rotary tables) on `device`."""
+
+    def __init__(self, model: nn.Module, architecture: Architecture, device: torch.device) -> None:
+        blocks = architecture.block_list(model)
+        inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+        self.tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside]
+        self.device = device
+        self.original = [t.device for t in self.tensors]
+
+    def __enter__(self) -> None:
+        for tensor in self.tensors:
+            tensor.data = tensor.data.to(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        for tensor, device in zip(self.tensors, self.original):
+            tensor.data = tensor.data.to(device)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(
+        format=qweight.format,
+        codes=qweight.codes.cpu(),
+        scale=qweight.scale.cpu(),
+        zero=None if qweight.zero is None else qweight.zero.cpu(),
+        group_index=qweight.group_index.cpu(),
+        metadata=qweight.metadata,
+    )

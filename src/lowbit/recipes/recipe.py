@@ -1,0 +1,111 @@
+"""Recipes: what to do to which layer, as plain data that can be saved and replayed."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat, scale_dtype_from_name
+from lowbit.solvers import SOLVERS
+from lowbit.solvers.base import Solver
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+"""`group_size: auto` picks the first of these that divides a layer's input width."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be applied; the message names the field to change."""
+
+
+class Recipe(BaseModel):
+    """One quantization recipe: a weight format, a solver and the layers it applies to.
+
+    `group_size` is a number of input columns per scale, -1 for one scale per output channel,
+    0 for one per tensor, or "auto" for the largest of 128/64/32 that divides each layer (so
+    that a model whose width 128 does not divide still gets the finest grouping that exports).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "gptq"
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | Literal["auto"] = "auto"
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in SOLVERS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
+        return method
+
+    def solver(self) -> Solver:
+        try:
+            return SOLVERS[self.method](**self.method_options)
+        except TypeError as err:
+            raise RecipeError(f"bad option for method {self.method!r}: {err}") from None
+
+    def group_size_for(self, in_features: int) -> int:
+        if self.group_size != "auto":
+            return self.group_size
+        for size in AUTO_GROUP_SIZES:
+            if in_features % size == 0:
+                return size
+        return PER_CHANNEL
+
+    def format_for(self, in_features: int) -> IntegerFormat:
+        return IntegerFormat(
+            bits=self.bits,
+            symmetric=self.symmetric,
+            group_size=self.group_size_for(in_features),
+            scale_dtype=scale_dtype_from_name(self.scale_dtype),
+        )
+
+    def is_ignored(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) for pattern in self.ignore)
+
+    def plan(self) -> Callable[[str, nn.Linear], tuple[IntegerFormat, Solver] | None]:
+        """The per-layer plan the pipeline executes: one solver instance shared by every layer."""
+        solver = self.solver()
+
+        def choose(name: str, linear: nn.Linear) -> tuple[IntegerFormat, Solver] | None:
+            if self.is_ignored(name):
+                return None
+            return self.format_for(linear.in_features), solver
+
+        return choose
+
+    def describe(self) -> str:
+        if self.group_size == "auto":
+            layout = "g" + "/".join(map(str, AUTO_GROUP_SIZES))
+        elif self.group_size == PER_CHANNEL:
+            layout = "per-channel"
+        elif self.group_size == PER_TENSOR:
+            layout = "per-tensor"
+        else:
+            layout = f"g{self.group_size}"
+        options = "".join(f", {k}={v}" for k, v in sorted(self.method_options.items()))
+        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}"
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "Recipe":
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+            return cls.model_validate(data or {})
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file not found: {path}") from None
+        except (yaml.YAMLError, ValidationError) as err:
+            first = str(err).strip().splitlines()
+            raise RecipeError(f"invalid recipe {path}: {' '.join(first[:3])}") from None
