@@ -1,0 +1,242 @@
+"""`lowbit quantize | eval`: the command line. Parsing and printing only; the work is in lowbit.api."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lowbit import __version__
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
+from lowbit.recipes import PRESETS, Recipe, preset
+from lowbit.solvers import SOLVERS
+
+console = Console(stderr=False)
+
+
+def _group_size(value: str) -> int | str:
+    named = {"auto": "auto", "channel": PER_CHANNEL, "tensor": PER_TENSOR}
+    if value in named:
+        return named[value]
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer, auto, channel or tensor: {value!r}") from None
+
+
+def _windows(value: str) -> int | None:
+    if value == "all":
+        return None
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("windows must be at least 1 (or 'all')")
+    return number
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype to load the model in (default: the checkpoint's; GGUF: float32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampled windows and generated text")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser, data_flag: str, seq_flag: str, windows_default: str) -> None:
+    parser.add_argument(data_flag, dest="eval_data", metavar="PATH_OR_DATASET",
+                        help="evaluation text: a .txt/.jsonl file, or wikitext2 / c4 where the hub is "
+                        "reachable (default: wikitext2 test, else text sampled from the model)")
+    parser.add_argument(seq_flag, dest="eval_seq_len", type=_positive, default=2048,
+                        help="tokens per evaluation window; windows do not overlap (default 2048)")
+    parser.add_argument("--windows", dest="eval_windows", type=_windows, default=windows_default,
+                        help=f"evaluate on the first N windows, or 'all' (default {windows_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of LLMs.")
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="quantize a model and export it (compressed-tensors)")
+    q.add_argument("model", nargs="?", help="Hugging Face id, local folder or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    q.add_argument("--scheme", default="w4a16", choices=sorted(PRESETS), help="starting recipe (default w4a16)")
+    q.add_argument("--recipe", type=Path, help="recipe YAML file; replaces --scheme")
+    q.add_argument("--method", choices=sorted(SOLVERS), help="solver (default from the scheme: gptq)")
+    q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
+    q.add_argument("--group-size", type=_group_size,
+                   help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
+                   "dividing each layer")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="grid with zero points")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, so it exports)")
+    q.add_argument("--damp", type=float, help="GPTQ: relative Hessian damping (default 0.01)")
+    q.add_argument("--clip-search", action="store_true", help="MSE search of each group's clipping range")
+    q.add_argument("--calib", metavar="PATH_OR_DATASET",
+                   help="calibration text: a .txt/.jsonl file, wikitext2 or c4 (hub), or self "
+                   "(default: wikitext2 train, else text sampled from the model)")
+    q.add_argument("--samples", type=_positive, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--batch-size", type=_positive,
+                   help="calibration windows per forward pass (default: all at once)")
+    q.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="calibrate every layer of a block on the unquantized block's activations")
+    q.add_argument("--out", type=Path, help="output folder (default: ./<model>-<method>-w<bits>)")
+    q.add_argument("--no-export", action="store_true", help="quantize and evaluate without writing a checkpoint")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--save-recipe", type=Path, help="also write the effective recipe to this YAML file")
+    q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
+    _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
+    _add_runtime_options(q)
+
+    e = commands.add_parser("eval", help="perplexity and KL divergence of a model or a lowbit export")
+    e.add_argument("model", help="model (id, folder, .gguf) or lowbit output folder; 'default' = embedded model")
+    e.add_argument("--reference", help="original model for KL divergence ('default' = embedded model)")
+    _add_eval_options(e, "--data", "--seq-len", "all")
+    _add_runtime_options(e)
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    recipe = Recipe.load(args.recipe) if args.recipe else preset(args.scheme)
+    updates = {
+        key: value
+        for key, value in {
+            "method": args.method,
+            "bits": args.bits,
+            "group_size": args.group_size,
+            "symmetric": args.symmetric,
+        }.items()
+        if value is not None
+    }
+    recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
+    options = dict(recipe.method_options)
+    if args.act_order:
+        options.update(act_order=True, static_groups=True)
+    if args.damp is not None:
+        options["damp"] = args.damp
+    if args.clip_search:
+        options["clip_search"] = True
+    recipe = recipe.model_copy(update={"method_options": options})
+    recipe.solver()  # reject unknown options now, before loading anything
+    return recipe
+
+
+def default_out_dir(model: str | None, recipe: Recipe) -> Path:
+    name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    return Path(f"{slug}-{recipe.method}-w{recipe.bits}")
+
+
+def _settings(args: argparse.Namespace):
+    from lowbit.api import Settings
+
+    return Settings(
+        calib=getattr(args, "calib", None),
+        samples=getattr(args, "samples", 128),
+        seq_len=getattr(args, "seq_len", 512),
+        seed=args.seed,
+        eval_data=args.eval_data,
+        eval_seq_len=args.eval_seq_len,
+        eval_windows=args.eval_windows,
+        device=args.device,
+        batch_size=getattr(args, "batch_size", None),
+        true_sequential=getattr(args, "true_sequential", True),
+        dtype=args.dtype,
+    )
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from lowbit.api import quantize
+
+    recipe = recipe_from_args(args)
+    out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe))
+    console.print(f"[bold]lowbit[/] {__version__}: {recipe.describe()}")
+    report = quantize(args.model, recipe, out_dir, _settings(args), overwrite=args.overwrite,
+                      evaluate_result=not args.no_eval)
+    if args.save_recipe:
+        recipe.save(args.save_recipe)
+    print_quantize_report(report)
+
+
+def print_quantize_report(report) -> None:
+    table = Table(title=f"{report.model}: {report.recipe.describe()}")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("quantized", justify="right")
+    if report.quantized is not None:
+        table.add_row("perplexity", f"{report.original.perplexity:.3f}", f"{report.quantized.perplexity:.3f}")
+        table.add_row("KL to original (nats/token)", "0", f"{report.quantized.kl:.4f}")
+    size = report.linear_size
+    table.add_row(
+        "linear layers (MB, bits/weight)",
+        f"{size.parameters * 16 / 8 / 1e6:.1f} MB, 16",
+        f"{size.megabytes:.1f} MB, {size.bits_per_weight:.3f}",
+    )
+    if report.checkpoint_megabytes is not None:
+        table.add_row("checkpoint (MB)", f"{report.original_megabytes:.1f} (16-bit)", f"{report.checkpoint_megabytes:.1f}")
+    table.add_row("time (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    console.print(table)
+    console.print(f"calibration: {report.calibration}")
+    if report.quantized is not None:
+        result = report.quantized
+        console.print(
+            f"evaluation: {report.evaluation}; {result.windows} non-overlapping windows of {result.seq_len} "
+            f"tokens ({result.tokens} scored)"
+        )
+    if report.out_dir is not None:
+        console.print(
+            f"wrote [bold]{report.out_dir}[/] (compressed-tensors); reloaded logits differ from the "
+            f"in-memory model by at most {report.export_max_abs_diff:.2e}"
+        )
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from lowbit.api import evaluate_model
+
+    source = None if args.model == "default" else args.model
+    result, description = evaluate_model(source, args.eval_data, args.reference, _settings(args))
+    table = Table(title=f"{args.model} on {description}")
+    table.add_column("perplexity", justify="right")
+    table.add_column("KL to reference", justify="right")
+    table.add_column("windows x tokens", justify="right")
+    table.add_column("seconds", justify="right")
+    kl = "-" if result.kl is None else f"{result.kl:.4f}"
+    table.add_row(f"{result.perplexity:.3f}", kl, f"{result.windows} x {result.seq_len}", f"{result.seconds:.1f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    warnings.simplefilter("default")
+    try:
+        {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+    except (ValueError, OSError) as err:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: nothing was written as complete")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
