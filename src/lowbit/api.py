@@ -108,6 +108,12 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                     raise ExportError(problem)
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
+    options = recipe.method_options
+    if exporting and options.get("act_order") and not options.get("static_groups"):
+        raise ExportError(
+            "act_order without static_groups stores a column permutation (g_idx) that compressed-tensors "
+            "cannot load; set static_groups: true (the CLI's --act-order does)"
+        )
     return planned
 
 
