@@ -1,0 +1,125 @@
+"""Foundation benchmark: RTN vs GPTQ on the embedded SmolLM2-135M, WikiText-2 perplexity and KL.
+
+Calibration: random windows of ../shared/data/wikitext-2/valid.txt; evaluation: the first
+--eval-windows non-overlapping 2048-token windows of test.txt (never the same file). Every row is
+quantized from the same original weights, so rows differ only by method and format.
+
+    python benchmarks/foundation.py                       # writes benchmarks/results/foundation*.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.calibrate.data import calibration_windows, load_text
+from lowbit.evaluate import evaluate, tokenize_text
+from lowbit.models.architectures import architecture_of
+from lowbit.models.loading import load_model
+from lowbit.pipeline.sequential import SequentialQuantizer
+from lowbit.recipes import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+SETTINGS = [  # (bits, group size); asymmetric, as in the issue's table
+    (4, 64),
+    (3, 64),
+    (4, 32),
+    (4, -1),
+    (2, 32),
+]
+
+
+def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:
+    """A quantized copy of `original`; returns it with its seconds and average bits per weight."""
+    model = copy.deepcopy(original)
+    bits = count = 0
+
+    def on_quantized(name, qweight):
+        nonlocal bits, count
+        bits += qweight.bits_per_weight() * qweight.codes.numel()
+        count += qweight.codes.numel()
+
+    start = time.perf_counter()
+    SequentialQuantizer(model, architecture_of(model), recipe.plan(), on_quantized=on_quantized).run(
+        calibration if recipe.solver().needs_hessian else None
+    )
+    return model, time.perf_counter() - start, bits / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS),
+                        help="comma-separated bits:group_size pairs (-1 = per channel)")
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "foundation")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    loaded = load_model(None)
+    original, tokenizer = loaded.model, loaded.tokenizer
+    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
+    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
+    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
+
+    base = evaluate(original, test_tokens, **eval_kwargs)
+    rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
+             "perplexity": base.perplexity, "kl": 0.0, "seconds": 0.0}]
+    print(f"original: perplexity {base.perplexity:.3f}", flush=True)
+    for setting in args.settings.split(","):
+        bits, group_size = map(int, setting.split(":"))
+        for method in args.methods.split(","):
+            recipe = Recipe(method=method, bits=bits, symmetric=False, group_size=group_size)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            result = evaluate(model, test_tokens, reference=original, **eval_kwargs)
+            rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
+                         "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
+            print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
+                  f"{seconds:.1f} s", flush=True)
+            del model
+
+    meta = {
+        "model": loaded.name,
+        "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
+        "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
+        f"({base.tokens} tokens scored)",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/foundation.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
+    print(markdown_table(meta, rows))
+
+
+def markdown_table(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        "",
+        "| scheme | method | bits/weight | perplexity | KL to original | quantize time (s) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["method"] == "original":
+            scheme = "bf16/fp32 original"
+        else:
+            layout = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
+            scheme = f"w{row['bits']} asym {layout}"
+        lines.append(f"| {scheme} | {row['method']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | "
+                     f"{row['kl']:.4f} | {row['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
