@@ -1,0 +1,100 @@
+"""Perplexity and KL divergence over non-overlapping windows of an evaluation text.
+
+The protocol of the GPTQ paper and most PTQ tables: the tokenized text is cut into consecutive
+windows of `seq_len` tokens, the last partial window is dropped, every window is scored on its own
+(no context carried over), and each position but the first is predicted. Sliding windows with
+overlap give lower, slower numbers; they are not what published tables report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+POSITIONS_PER_CHUNK = 512
+"""Positions whose full-vocabulary log-probabilities are held at once (bounds memory for big vocabs)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: float
+    kl: float | None
+    tokens: int
+    windows: int
+    seq_len: int
+    seconds: float
+
+
+def tokenize_text(tokenizer, text: str) -> torch.LongTensor:
+    """The whole text as one 1-D tensor of token ids, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows_of(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """[n, seq_len] consecutive, non-overlapping windows; the partial tail is dropped."""
+    count = tokens.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seq_len}")
+    return tokens[: count * seq_len].reshape(count, seq_len)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    reference: nn.Module | None = None,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Perplexity of `model` on `tokens`, and mean per-token KL(P_reference || P_model) if given.
+
+    Models run where their parameters are unless `device` is given, in which case they are moved
+    there for the evaluation and back afterwards.
+    """
+    start = time.perf_counter()
+    batches = windows_of(tokens, seq_len, max_windows)
+    models = [m for m in (model, reference) if m is not None]
+    homes = [_device_of(m) for m in models]
+    if device is not None:
+        for m in models:
+            m.to(device)
+    nll = kl = 0.0
+    scored = 0
+    try:
+        for window in tqdm(batches, desc="evaluating", unit="window"):
+            ids = window.unsqueeze(0).to(_device_of(model))
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            ref_logits = None if reference is None else reference(input_ids=ids, use_cache=False).logits[0, :-1]
+            targets = ids[0, 1:]
+            for begin in range(0, targets.numel(), POSITIONS_PER_CHUNK):
+                end = begin + POSITIONS_PER_CHUNK
+                log_probs = torch.log_softmax(logits[begin:end].float(), dim=-1)
+                nll -= float(log_probs.gather(-1, targets[begin:end, None]).sum())
+                if ref_logits is not None:
+                    ref_log_probs = torch.log_softmax(ref_logits[begin:end].float(), dim=-1)
+                    kl += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
+            scored += targets.numel()
+    finally:
+        if device is not None:
+            for m, home in zip(models, homes):
+                m.to(home)
+    return EvalResult(
+        perplexity=float(torch.tensor(nll / scored).exp()),
+        kl=None if reference is None else kl / scored,
+        tokens=scored,
+        windows=batches.shape[0],
+        seq_len=seq_len,
+        seconds=time.perf_counter() - start,
+    )
