@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibrate.data import calibration_windows, load_text
-from lowbit.evaluate import evaluate, tokenize_text
+from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
+from lowbit.evaluate import evaluate
 from lowbit.models.architectures import architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer

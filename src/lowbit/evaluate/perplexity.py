@@ -21,18 +21,15 @@ POSITIONS_PER_CHUNK = 512
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Scores of one evaluation; the reference's own perplexity comes free with the KL pass."""
+
     perplexity: float
     kl: float | None
+    reference_perplexity: float | None
     tokens: int
     windows: int
     seq_len: int
     seconds: float
-
-
-def tokenize_text(tokenizer, text: str) -> torch.LongTensor:
-    """The whole text as one 1-D tensor of token ids, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def windows_of(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -70,7 +67,7 @@ def evaluate(
     if device is not None:
         for m in models:
             m.to(device)
-    nll = kl = 0.0
+    nll = ref_nll = kl = 0.0
     scored = 0
     try:
         for window in tqdm(batches, desc="evaluating", unit="window"):
@@ -84,6 +81,7 @@ def evaluate(
                 nll -= float(log_probs.gather(-1, targets[begin:end, None]).sum())
                 if ref_logits is not None:
                     ref_log_probs = torch.log_softmax(ref_logits[begin:end].float(), dim=-1)
+                    ref_nll -= float(ref_log_probs.gather(-1, targets[begin:end, None]).sum())
                     kl += float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum())
             scored += targets.numel()
     finally:
@@ -93,6 +91,7 @@ def evaluate(
     return EvalResult(
         perplexity=float(torch.tensor(nll / scored).exp()),
         kl=None if reference is None else kl / scored,
+        reference_perplexity=None if reference is None else float(torch.tensor(ref_nll / scored).exp()),
         tokens=scored,
         windows=batches.shape[0],
         seq_len=seq_len,

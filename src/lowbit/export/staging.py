@@ -22,7 +22,10 @@ def refuse_existing(target: Path, overwrite: bool) -> None:
     if not target.is_dir():
         raise ExportError(f"{target} exists and is not a directory; choose another output path")
     if not overwrite and any(target.iterdir()):
-        raise ExportError(f"{target} already exists and is not empty; choose another path or pass overwrite=True")
+        raise ExportError(
+            f"{target} already exists and is not empty; choose another path "
+            "or pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 class StagingDir:

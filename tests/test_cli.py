@@ -1,0 +1,70 @@
+"""The command line: bad input gets one clear line and a non-zero exit, and nothing that looks complete."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, out = run_cli(capsys, "quantize", str(tmp_path / "nope"), "--no-eval")
+    assert code == 2
+    assert "error:" in out and "no model at" in out
+    assert "Traceback" not in out
+
+
+def test_missing_gguf_file(capsys, tmp_path):
+    code, out = run_cli(capsys, "quantize", str(tmp_path / "model.gguf"), "--no-eval")
+    assert code == 2 and "GGUF file not found" in out
+
+
+def test_folder_without_config(capsys, tmp_path):
+    code, out = run_cli(capsys, "quantize", str(tmp_path), "--no-eval")
+    assert code == 2 and "no config.json" in out
+
+
+def test_unknown_recipe_option_is_refused_before_loading(capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: gptq\nmethod_options: {dampening: 0.1}\n")
+    code, out = run_cli(capsys, "quantize", str(tmp_path / "nope"), "--recipe", str(recipe))
+    assert code == 2 and "bad option for method 'gptq'" in out
+
+
+def test_group_size_that_does_not_divide_is_refused_before_work(capsys, tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "out"
+    code, out = run_cli(
+        capsys, "quantize", str(tiny_model_dir), "--group-size", "128", "--out", str(out_dir), "--no-eval"
+    )
+    assert code == 2
+    assert "64" in out and "divide" in out
+    assert not out_dir.exists()
+
+
+def test_output_folder_that_is_not_ours_is_refused(capsys, tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "precious.txt").write_text("keep me")
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--method", "rtn", "--out", str(out_dir),
+                        "--no-eval")
+    assert code == 2 and "--overwrite" in out
+    assert (out_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_rtn_quantize_writes_a_reloadable_export(capsys, tmp_path, tiny_model_dir):
+    out_dir = tmp_path / "out"
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32",
+                        "--out", str(out_dir), "--no-eval")
+    assert code == 0, out
+    assert (out_dir / "config.json").is_file() and (out_dir / "lowbit.json").is_file()
+    assert "differ from the in-memory model by at most 0.00e+00" in out
+    # A second run may replace a lowbit export without --overwrite.
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32",
+                        "--out", str(out_dir), "--no-eval")
+    assert code == 0, out
