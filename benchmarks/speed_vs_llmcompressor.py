@@ -202,21 +202,25 @@ def evaluation_setup(tokenizer):
     running the original once per window for both the KL terms and its own perplexity.
     """
     try:
-        from lowbit.calibrate.data import load_text
-        from lowbit.evaluate import evaluate, tokenize_text
+        from lowbit.calibrate.data import load_text, tokenize_text
+        from lowbit.evaluate import evaluate
     except ImportError:
         text = (DATA / "test.txt").read_text(encoding="utf-8")
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
         return ids, perplexity_and_kl, "perplexity_and_kl in this script (lowbit.evaluate not available)"
 
     def with_lowbit(models: dict, original, tokens, seq_len: int, max_windows: int) -> dict:
-        def metrics(r, kl: bool) -> dict:
-            return {"perplexity": r.perplexity, "kl": r.kl if kl else None, "windows": r.windows, "tokens": r.tokens}
-
-        scores = {"original": metrics(evaluate(original, tokens, seq_len=seq_len, max_windows=max_windows), False)}
+        scores = {}
         for name, model in models.items():
             r = evaluate(model, tokens, seq_len=seq_len, max_windows=max_windows, reference=original)
-            scores[name] = metrics(r, True)
+            scores[name] = {"perplexity": r.perplexity, "kl": r.kl, "windows": r.windows, "tokens": r.tokens,
+                            "seconds": r.seconds}
+            # The reference's perplexity comes with every KL pass; all passes must agree on it.
+            reference = {"perplexity": r.reference_perplexity, "kl": None, "windows": r.windows, "tokens": r.tokens}
+            if "original" in scores and scores["original"]["perplexity"] != reference["perplexity"]:
+                print(f"warning: the original model scored {scores['original']['perplexity']} and "
+                      f"{reference['perplexity']} in two evaluation passes", flush=True)
+            scores.setdefault("original", reference)
         return scores
 
     return tokenize_text(tokenizer, load_text(str(DATA / "test.txt"))), with_lowbit, "lowbit.evaluate.evaluate"
