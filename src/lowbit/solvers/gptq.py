@@ -41,7 +41,12 @@ def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tens
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); also returns the damp used.
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU) with λ = damp · mean(diag H); also the damp used.
+
+    With J the order-reversing permutation, J H J = L Lᵀ gives H = R Rᵀ for the upper triangular
+    R = J L J, hence H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse,
+    instead of Cholesky, full inverse and a second Cholesky (which is also several times slower
+    on a CPU).
 
     Calibration Hessians are often singular (fewer tokens than inputs, correlated features); the
     damping makes them positive definite. When it is not enough, it is raised tenfold a few times
@@ -50,11 +55,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     mean_diag = hessian.diagonal().mean()
     for _ in range(CHOLESKY_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        lower, info = torch.linalg.cholesky_ex((hessian + damp * mean_diag * eye).flip(0, 1))
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0:
-                return upper, damp
+            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            if torch.isfinite(inverse).all():
+                return inverse.flip(0, 1), damp
         damp = 10 * damp if damp > 0 else 1e-3
     raise ValueError(
         f"the Hessian is not positive definite even with damping {damp / 10:g} x mean(diag H); "
