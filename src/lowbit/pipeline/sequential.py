@@ -18,6 +18,7 @@ pass stops right after the group's input is seen), then a last pass produces the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +193,8 @@ class SequentialQuantizer:
             return
         for job in group.jobs:
             weight = job.linear.weight.data
-            qweight = job.solver.solve(weight.float(), job.fmt, group.stats)
+            with _solver_threads(self.device):
+                qweight = job.solver.solve(weight.float(), job.fmt, group.stats)
             job.linear.weight.data = qweight.dequantize().to(dtype=weight.dtype, device=weight.device)
             self.on_quantized(job.name, _to_cpu(qweight))
         group.solved = True
@@ -220,6 +222,22 @@ class SequentialQuantizer:
         finally:
             handle.remove()
         return captured
+
+
+@contextmanager
+def _solver_threads(device: torch.device) -> Iterator[None]:
+    """Solve on one CPU thread: solvers are long chains of small ops, which a second thread slows
+    down (several times over when the other core is busy), while the big matmuls of the forward
+    passes keep every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _batches(ids: torch.Tensor, batch_size: int | None) -> Iterator[torch.Tensor]:
