@@ -82,6 +82,8 @@ class QuantizeReport:
     original_megabytes: float = 0.0
     export_max_abs_diff: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    quantized_model: nn.Module | None = field(default=None, repr=False)
+    """The in-memory quantized model (dequantized weights), for callers of the Python API."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,6 +191,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 reference=reference, device=device,
             )
     report.seconds = timer.seconds
+    report.quantized_model = model
     return report
 
 
