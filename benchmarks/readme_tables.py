@@ -1,0 +1,43 @@
+"""Copy the saved benchmark tables (benchmarks/results/*.md) into the README between its markers.
+
+    python benchmarks/readme_tables.py
+
+The README shows exactly what the scripts wrote; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TABLES = {  # results file -> heading in the README
+    "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
+    "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
+}
+START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
+
+
+def main() -> None:
+    sections = [
+        f"### {heading}\n\n{(RESULTS / name).read_text().strip()}\n"
+        for name, heading in TABLES.items()
+        if (RESULTS / name).is_file()
+    ]
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = f"{START}\n" + "\n".join(sections) + f"{END}"
+    pattern = re.compile(re.escape(START) + r".*?(" + re.escape(END) + r"|$)", re.S)
+    if START not in text:
+        raise SystemExit(f"README.md has no {START} marker")
+    if END in text:
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.replace(START, block, 1)
+    readme.write_text(text)
+    print(f"README.md: {len(sections)} table(s) updated")
+
+
+if __name__ == "__main__":
+    main()
