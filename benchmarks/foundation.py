@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
-from lowbit.evaluate import evaluate
+from lowbit.evaluate import ReferenceLogProbs, evaluate
 from lowbit.models.architectures import architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS),
                         help="comma-separated bits:group_size pairs (-1 = per channel)")
     parser.add_argument("--methods", default="rtn,gptq")
@@ -70,17 +70,17 @@ def main() -> None:
     calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
     test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
     eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-
-    base = evaluate(original, test_tokens, **eval_kwargs)
+    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
     rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
-             "perplexity": base.perplexity, "kl": 0.0, "seconds": 0.0}]
-    print(f"original: perplexity {base.perplexity:.3f}", flush=True)
+             "perplexity": base.perplexity, "kl": base.kl, "seconds": 0.0}]
+    print(f"original: perplexity {base.perplexity:.3f}, KL to itself {base.kl:.2e}", flush=True)
     for setting in args.settings.split(","):
         bits, group_size = map(int, setting.split(":"))
         for method in args.methods.split(","):
             recipe = Recipe(method=method, bits=bits, symmetric=False, group_size=group_size)
             model, seconds, bpw = quantize_copy(original, recipe, calibration)
-            result = evaluate(model, test_tokens, reference=original, **eval_kwargs)
+            result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
                          "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
             print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "

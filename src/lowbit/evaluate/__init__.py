@@ -1,5 +1,5 @@
 """Measuring what quantization cost: perplexity and KL divergence to the original model."""
 
-from lowbit.evaluate.perplexity import EvalResult, evaluate, windows_of
+from lowbit.evaluate.perplexity import EvalResult, ReferenceLogProbs, evaluate, windows_of
 
-__all__ = ["EvalResult", "evaluate", "windows_of"]
+__all__ = ["EvalResult", "ReferenceLogProbs", "evaluate", "windows_of"]
