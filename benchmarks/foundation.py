@@ -75,6 +75,7 @@ def main() -> None:
     rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
              "perplexity": base.perplexity, "kl": base.kl, "seconds": 0.0}]
     print(f"original: perplexity {base.perplexity:.3f}, KL to itself {base.kl:.2e}", flush=True)
+    meta = describe_run(args, loaded, base)
     for setting in args.settings.split(","):
         bits, group_size = map(int, setting.split(":"))
         for method in args.methods.split(","):
@@ -86,8 +87,18 @@ def main() -> None:
             print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
                   f"{seconds:.1f} s", flush=True)
             del model
+            save(args, meta, rows)  # after every row, so a long run that is cut short keeps its rows
+    print(markdown_table(meta, rows))
 
-    meta = {
+
+def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
+
+
+def describe_run(args: argparse.Namespace, loaded, base) -> dict:
+    return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
         "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
@@ -96,16 +107,13 @@ def main() -> None:
         "command": "python benchmarks/foundation.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
-    print(markdown_table(meta, rows))
 
 
 def markdown_table(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
-        f"Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`. Quantize times come from whatever else "
+        "the machine was running; compare speed with the side-by-side benchmark, not this column.",
         "",
         "| scheme | method | bits/weight | perplexity | KL to original | quantize time (s) |",
         "|---|---|---:|---:|---:|---:|",
