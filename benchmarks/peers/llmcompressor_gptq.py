@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,7 @@ def main() -> None:
         output_dir=None,
     )
     oneshot_seconds = time.perf_counter() - start
+    shutil.rmtree(config_dir, ignore_errors=True)
     oneshot_cpu_seconds = time.process_time() - cpu_start
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
 
