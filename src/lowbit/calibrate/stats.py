@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 
+TRIANGLE_BLOCK = 128
+"""Columns per block of the lower-triangle accumulation (smaller: less waste, slower matmuls)."""
+
+
 @dataclass
 class HessianStats:
     """Running mean of x xᵀ over the calibration tokens that reach one linear input.
@@ -15,6 +19,10 @@ class HessianStats:
     the token count do not change the solution, they only keep the numbers in a sane range so that
     a relative damping term means the same thing for every layer. Linears that read the same input
     (q/k/v, gate/up) share one instance, so the product is computed once per input.
+
+    The sum is symmetric, so only its lower triangle is accumulated, a block of columns at a time
+    (about 40% less arithmetic than the full product, which is a third of the calibration time on
+    a CPU); `hessian` mirrors it.
     """
 
     columns: int
@@ -30,7 +38,9 @@ class HessianStats:
         if x.shape[-1] != self.columns:
             raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
         x = x.to(device=self.sum_outer.device, dtype=torch.float32)
-        self.sum_outer.addmm_(x.T, x)
+        for start in range(0, self.columns, TRIANGLE_BLOCK):
+            end = min(start + TRIANGLE_BLOCK, self.columns)
+            self.sum_outer[start:, start:end].addmm_(x[:, start:].T, x[:, start:end])
         self.tokens += x.shape[0]
 
     @property
@@ -38,4 +48,5 @@ class HessianStats:
         """2/n · Σ x xᵀ, the Hessian of the mean squared output error."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
-        return self.sum_outer * (2.0 / self.tokens)
+        lower = self.sum_outer.tril()
+        return (lower + lower.tril(-1).T) * (2.0 / self.tokens)
