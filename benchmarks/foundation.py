@@ -62,7 +62,12 @@ def main() -> None:
                         help="comma-separated bits:group_size pairs (-1 = per channel)")
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "foundation")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(markdown_table(saved["meta"], saved["rows"]))
+        return
     torch.manual_seed(0)
 
     loaded = load_model(None)
@@ -120,12 +125,12 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     ]
     for row in rows:
         if row["method"] == "original":
-            scheme = "bf16/fp32 original"
+            scheme = "original (float32 weights)"
         else:
             layout = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
             scheme = f"w{row['bits']} asym {layout}"
         lines.append(f"| {scheme} | {row['method']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | "
-                     f"{row['kl']:.4f} | {row['seconds']:.1f} |")
+                     f"{abs(row['kl']):.4f} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
