@@ -125,12 +125,12 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     ]
     for row in rows:
         if row["method"] == "original":
-            scheme = "original (float32 weights)"
+            scheme, kl = "original (float32 weights)", "0 (itself)"
         else:
             layout = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
-            scheme = f"w{row['bits']} asym {layout}"
+            scheme, kl = f"w{row['bits']} asym {layout}", f"{row['kl']:.4f}"
         lines.append(f"| {scheme} | {row['method']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | "
-                     f"{abs(row['kl']):.4f} | {row['seconds']:.1f} |")
+                     f"{kl} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
