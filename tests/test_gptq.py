@@ -333,7 +333,7 @@ def test_needs_matching_finite_statistics():
         GPTQ().solve(w, fmt, None)
     with pytest.raises(ValueError, match="does not fit"):
         GPTQ().solve(w[:, :32], fmt, stats)
-    stats.sum_outer[1, 2] = float("nan")
+    stats.sum_outer[2, 1] = float("nan")  # the accumulated (lower) triangle
     with pytest.raises(ValueError, match="NaN/Inf"):
         GPTQ().solve(w, fmt, stats)
 
