@@ -172,8 +172,8 @@ def _hub_reachable(endpoint: str) -> bool:
 
     def probe() -> None:
         try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_HUB_PROBE_SECONDS)
-            answered.append(True)
+            with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=_HUB_PROBE_SECONDS):
+                answered.append(True)
         except urllib.error.HTTPError:
             answered.append(True)
         except (OSError, ValueError):
