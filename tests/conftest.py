@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
-def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A two-block Llama small enough for unit tests; keyword arguments replace its settings."""
+    settings = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -23,9 +23,14 @@ def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
         num_key_value_heads=2,
         vocab_size=256,
         max_position_embeddings=256,
-        tie_word_embeddings=tie,
+        tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaConfig(**{**settings, **overrides})
+
+
+def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tie)).eval()
 
 
 @pytest.fixture
@@ -56,15 +61,10 @@ def tiny_model_dir(tmp_path_factory, has_default_model) -> Path:
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
+    config = tiny_llama_config(
         intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

@@ -12,7 +12,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -27,22 +26,14 @@ from lowbit.export import (
 from lowbit.formats.base import QuantizedWeight
 from lowbit.formats.integer import IntegerFormat
 from lowbit.solvers.rtn import RTN
+from tests.conftest import tiny_llama_config
 
 FormatFor = Callable[[str], IntegerFormat]
 
 
 def tiny_llama(tie: bool = False, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tie)).eval()
     for param in model.parameters():  # not model.to(dtype): transformers keeps rotary buffers in float32
         param.data = param.data.to(dtype)
     return model
