@@ -68,3 +68,10 @@ def test_rtn_quantize_writes_a_reloadable_export(capsys, tmp_path, tiny_model_di
     code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32",
                         "--out", str(out_dir), "--no-eval")
     assert code == 0, out
+
+
+def test_eval_of_the_embedded_model_by_name(capsys, wikitext, has_default_model):
+    code, out = run_cli(capsys, "eval", "default", "--data", str(wikitext / "test.txt"), "--seq-len", "128",
+                        "--windows", "1")
+    assert code == 0, out
+    assert "1 x 128" in out

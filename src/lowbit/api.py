@@ -229,29 +229,25 @@ def export_logit_difference(model: nn.Module, out_dir: Path, tokenizer, tokens: 
     return float((expected - got).abs().max())
 
 
-def evaluate_model(source: str, data: str | None, reference: str | None, settings: Settings) -> tuple[
+def open_model(source: str | None, dtype: str = "auto") -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a model source or a lowbit export folder; None or "default" is the embedded model."""
+    if source is not None and _is_lowbit_export(Path(source)):
+        return load_quantized(Path(source))
+    loaded = load_model(None if source == "default" else source, dtype)
+    return loaded.model, loaded.tokenizer
+
+
+def evaluate_model(source: str | None, data: str | None, reference: str | None, settings: Settings) -> tuple[
     EvalResult, str
 ]:
     """Perplexity (and KL to `reference`) of a model or a lowbit export on an evaluation text."""
-    device = resolve_device(settings.device)
-    path = Path(source)
-    if path.is_dir() and (path / METADATA_FILE).is_file():
-        model, tokenizer = load_quantized(path)
-    else:
-        loaded = load_model(source, settings.dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
-    reference_model = None
-    if reference is not None:
-        ref_path = Path(reference)
-        if ref_path.is_dir() and (ref_path / METADATA_FILE).is_file():
-            reference_model, _ = load_quantized(ref_path)
-        else:
-            reference_model = load_model(None if reference == "default" else reference, settings.dtype).model
+    model, tokenizer = open_model(source, settings.dtype)
+    reference_model = None if reference is None else open_model(reference, settings.dtype)[0]
     text, description = resolve_evaluation_text(data, reference_model or model, tokenizer, settings.seed)
     tokens = tokenize_text(tokenizer, text)
     result = evaluate(
         model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
-        reference=reference_model, device=device,
+        reference=reference_model, device=resolve_device(settings.device),
     )
     return result, description
 
