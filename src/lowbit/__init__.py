@@ -3,8 +3,8 @@
 import os
 
 # Calibration pushes every sample through a block at once, so the CPU allocator hands out tensors
-# of hundreds of MB; backing them with transparent huge pages saves a quarter of the forward time
-# that would otherwise go to page faults. torch reads this once, at import, so it is set before
+# of hundreds of MB; backing them with transparent huge pages avoids much of the time the forward
+# passes otherwise spend in page faults. torch reads this once, at import, so it is set before
 # anything imports torch; a value the user exported wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

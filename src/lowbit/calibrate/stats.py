@@ -21,8 +21,7 @@ class HessianStats:
     (q/k/v, gate/up) share one instance, so the product is computed once per input.
 
     The sum is symmetric, so only its lower triangle is accumulated, a block of columns at a time
-    (about 40% less arithmetic than the full product, which is a third of the calibration time on
-    a CPU); `hessian` mirrors it.
+    (a little over half the arithmetic of the full product for wide inputs); `hessian` mirrors it.
     """
 
     columns: int
