@@ -58,6 +58,15 @@ class WeightFormat(ABC):
     def bits_per_weight(self, rows: int, columns: int) -> float:
         """Storage cost per weight of a [rows, columns] matrix, scales and zero points included."""
 
+    @property
+    def rows_independent(self) -> bool:
+        """True when each row's parameters depend on that row alone.
+
+        Matrices that share an input (q/k/v) can then be stacked and solved as one, which a solver
+        whose rows are independent too (GPTQ: every row has the same Hessian) does in one pass.
+        """
+        return False
+
     def round_trip(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
         """decode(encode(w)): the value the stored model will actually use in place of `w`."""
         return self.decode(self.encode(w, params), params)
@@ -69,7 +78,9 @@ class QuantizedWeight:
 
     `scale` / `zero` have shape [rows or 1, n_groups]. `group_index[j]` is the group of column j;
     it is the identity layout (j // group_size) unless the solver processed columns out of order
-    (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`.
+    (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`. `metadata` holds
+    numbers about the whole matrix; `row_metadata` per-row numbers (one value per row), which is
+    what survives when a stacked solve is split back into its matrices.
     """
 
     format: WeightFormat
@@ -78,6 +89,7 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     group_index: torch.Tensor
     metadata: dict[str, float] = field(default_factory=dict)
+    row_metadata: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def shape(self) -> torch.Size:
@@ -98,6 +110,26 @@ class QuantizedWeight:
 
     def bits_per_weight(self) -> float:
         return self.format.bits_per_weight(*self.codes.shape)
+
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """The matrices that were stacked row-wise into this one (needs a rows_independent format).
+
+        Per-row metadata is split and summed into each piece's metadata; whole-matrix metadata that
+        has no per-row form (such as a damping factor shared by the stack) is kept as it is.
+        """
+        if not self.format.rows_independent:
+            raise ValueError(f"{type(self.format).__name__} shares parameters across rows; it cannot be split")
+        pieces = []
+        for codes, scale, zero, *rows in zip(
+            self.codes.split(sizes),
+            self.scale.split(sizes),
+            self.zero.split(sizes) if self.zero is not None else [None] * len(sizes),
+            *(values.split(sizes) for values in self.row_metadata.values()),
+        ):
+            row_metadata = dict(zip(self.row_metadata, rows))
+            metadata = {**self.metadata, **{key: float(values.sum()) for key, values in row_metadata.items()}}
+            pieces.append(QuantizedWeight(self.format, codes, scale, zero, self.group_index, metadata, row_metadata))
+        return pieces
 
 
 def column_groups(columns: int, group_size: int) -> list[tuple[int, int]]:

@@ -57,6 +57,10 @@ class IntegerFormat(WeightFormat):
     def group_size_for(self, columns: int) -> int:
         return columns if self.group_size in (PER_CHANNEL, PER_TENSOR) else self.group_size
 
+    @property
+    def rows_independent(self) -> bool:
+        return not self.per_tensor
+
     def describe(self) -> str:
         if self.per_tensor:
             layout = "per-tensor"

@@ -6,7 +6,8 @@ through it, and its *quantized* outputs become the next block's inputs, so every
 calibrated on what the quantized model will really feed it. Only one block and the activations
 are on the device at a time.
 
-Within a block, groups of linears that read the same input (q/k/v; gate/up) share one Hessian.
+Within a block, groups of linears that read the same input (q/k/v; gate/up) share one Hessian,
+and are solved as one row-stacked matrix when their solver and format allow it.
 With `true_sequential`, a group is solved before the groups after it see their inputs, so o_proj
 is calibrated on the output of the already quantized q/k/v. When all calibration samples fit in
 one forward pass this costs nothing extra: each group is solved inside a pre-forward hook, the
@@ -191,12 +192,15 @@ class SequentialQuantizer:
     def _solve(self, group: _Group) -> None:
         if group.solved:
             return
-        for job in group.jobs:
-            weight = job.linear.weight.data
+        for stack in _stacks(group.jobs):
+            weights = [job.linear.weight.data for job in stack]
             with _solver_threads(self.device):
-                qweight = job.solver.solve(weight.float(), job.fmt, group.stats)
-            job.linear.weight.data = qweight.dequantize().to(dtype=weight.dtype, device=weight.device)
-            self.on_quantized(job.name, _to_cpu(qweight))
+                stacked = torch.cat([w.float() for w in weights]) if len(stack) > 1 else weights[0].float()
+                qweight = stack[0].solver.solve(stacked, stack[0].fmt, group.stats)
+            pieces = qweight.split_rows([w.shape[0] for w in weights]) if len(stack) > 1 else [qweight]
+            for job, weight, piece in zip(stack, weights, pieces):
+                job.linear.weight.data = piece.dequantize().to(dtype=weight.dtype, device=weight.device)
+                self.on_quantized(job.name, _to_cpu(piece))
         group.solved = True
         group.stats = None
 
@@ -222,6 +226,28 @@ class SequentialQuantizer:
         finally:
             handle.remove()
         return captured
+
+
+def _stacks(jobs: list[_Job]) -> list[list[_Job]]:
+    """Split a group's jobs into runs that one solver call can handle stacked row-wise.
+
+    Jobs stack when they share the solver and an equal format and both treat rows independently;
+    e.g. q/k/v under one GPTQ recipe become one solve with one factorisation of their Hessian.
+    """
+    stacks: list[list[_Job]] = []
+    for job in jobs:
+        last = stacks[-1][-1] if stacks else None
+        if (
+            last is not None
+            and job.solver is last.solver
+            and job.fmt == last.fmt
+            and job.solver.rows_independent
+            and job.fmt.rows_independent
+        ):
+            stacks[-1].append(job)
+        else:
+            stacks.append([job])
+    return stacks
 
 
 @contextmanager
@@ -283,4 +309,5 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
         zero=None if qweight.zero is None else qweight.zero.cpu(),
         group_index=qweight.group_index.cpu(),
         metadata=qweight.metadata,
+        row_metadata={key: values.cpu() for key, values in qweight.row_metadata.items()},
     )

@@ -15,11 +15,15 @@ class Solver(ABC):
     """Chooses stored values for one weight matrix under a format.
 
     `needs_hessian` tells the pipeline whether calibration statistics must be collected for the
-    layer; a solver without it runs with no calibration data at all.
+    layer; a solver without it runs with no calibration data at all. `rows_independent` says that
+    each output row is solved on its own (given the shared statistics), so the pipeline may stack
+    the matrices that read one input and solve them in one call: one factorisation of the shared
+    Hessian and one pass of per-column work instead of one per matrix.
     """
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
+    rows_independent: ClassVar[bool] = False
 
     @abstractmethod
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:

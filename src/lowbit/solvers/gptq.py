@@ -79,11 +79,13 @@ class GPTQ(Solver):
     keeps the plain layout that fast kernels expect at a small cost in accuracy.
 
     metadata: "damp", the relative damping actually used (raised when H would not factor), and
-    "hessian_error", tr((W - Ŵ) H (W - Ŵ)ᵀ) under that damped H, summed as the columns are solved.
+    "hessian_error", tr((W - Ŵ) H (W - Ŵ)ᵀ) under that damped H, summed as the columns are solved
+    (per row in row_metadata).
     """
 
     name: ClassVar[str] = "gptq"
     needs_hessian: ClassVar[bool] = True
+    rows_independent: ClassVar[bool] = True
 
     damp: float = 0.01
     block_size: int = 128
@@ -134,7 +136,7 @@ class GPTQ(Solver):
 
         U, damp = inverse_hessian_factor(H, self.damp)
         codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
-        error = torch.zeros((), dtype=dtype, device=W.device)
+        row_error = torch.zeros(rows, dtype=dtype, device=W.device)
         for i1 in range(0, columns, self.block_size):
             i2 = min(i1 + self.block_size, columns)
             W1 = W[:, i1:i2].clone()
@@ -157,7 +159,7 @@ class GPTQ(Solver):
                 W1[:, i + 1 :].addmm_(err, U1[i : i + 1, i + 1 :], alpha=-1)  # -= err ⊗ U1[i, i+1:]
                 Err1[:, i : i + 1] = err
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # the block's updates, all at once
-            error += Err1.square().sum()
+            row_error += Err1.square().sum(dim=1)
 
         inverse = torch.argsort(perm)
         group_index = torch.empty_like(group_of)
@@ -170,5 +172,6 @@ class GPTQ(Solver):
             group_index=group_index,
             # Each step's squared error / Hinv[q, q] is the exact increase of the objective, so
             # their sum is tr((W - Ŵ) H (W - Ŵ)ᵀ) for the damped H (dead inputs zeroed).
-            metadata={"damp": damp, "hessian_error": float(error)},
+            metadata={"damp": damp, "hessian_error": float(row_error.sum())},
+            row_metadata={"hessian_error": row_error},
         )

@@ -19,6 +19,7 @@ class RTN(Solver):
     """Round to nearest, with the per-group range optionally chosen by an MSE clipping search."""
 
     name: ClassVar[str] = "rtn"
+    rows_independent: ClassVar[bool] = True
 
     clip_search: bool = False
 
