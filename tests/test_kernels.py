@@ -125,3 +125,11 @@ def test_triton_kernel_with_act_order_permutation_and_3d_input():
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ shuffled.dequantize().double().cuda().T
     assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
+
+
+@pytest.mark.skipif(triton_available(), reason="checks the message shown where there is no GPU")
+def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
+    from lowbit.cli import main
+
+    assert main(["bench", "kernels", "--m", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
