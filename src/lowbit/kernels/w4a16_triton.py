@@ -1,6 +1,6 @@
 """Triton W4A16 matmul: y = x Wᵀ with W in the PackedInt4 layout, dequantized on the fly.
 
-One kernel body, two autotuned launch families:
+A GEMV for M = 1 (see _w4a16_gemv_kernel) and one tiled kernel body in two autotuned families:
   * small M (decode, M <= 64): the work is reading the weight, K·N/2 bytes. A 16- or 64-row tile
     keeps the tensor cores' minimum shape, and split-K (each program one slice of K, partial sums
     added with float32 atomics into a zeroed buffer) gives enough programs to keep every SM's loads
@@ -48,12 +48,15 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     block_k = next(t for t in _K_TILES if group % t == 0)
     kept = []
     for config in configs:
-        bm, split = config.kwargs["BLOCK_M"], config.kwargs["SPLIT_K"]
-        if bm <= DECODE_MAX_M and (bm == 16) != (m <= 16):
-            continue  # decode family: 16-row tiles serve M <= 16, 64-row tiles M = 17..64
+        kwargs = dict(config.kwargs)
+        bm, split = kwargs["BLOCK_M"], kwargs["SPLIT_K"]
+        if bm == 1:
+            del kwargs["BLOCK_M"]  # the GEMV kernel has no row tile
+        elif bm <= DECODE_MAX_M and (bm == 16) != (m <= 16):
+            continue  # decode family: 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
         if k % (block_k * split):
             continue
-        kept.append(triton.Config({**config.kwargs, "BLOCK_K": block_k}, num_warps=config.num_warps,
+        kept.append(triton.Config({**kwargs, "BLOCK_K": block_k}, num_warps=config.num_warps,
                                   num_stages=config.num_stages))
     return kept
 
@@ -115,14 +118,55 @@ def _w4a16_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, K,
+    stride_qk, stride_sg,
+    M_BUCKET,
+    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """M = 1: no tensor cores. Inside a K tile the group's scale and zero point are constants, so
+    Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): per weight only unpack, convert and one FMA."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
+    k_span = K // SPLIT_K
+    k_begin = pid_k * k_span
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(k_begin, k_begin + k_span, BLOCK_K):
+        words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :], other=0)
+        partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
+            partial += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, None]
+            x_sum += xj
+        group = k // GROUP
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            zero = 8.0
+        else:
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        acc += scale * (tl.sum(partial, axis=0) - zero * tl.sum(x_sum, axis=0))
+    tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+
+
 def _bench(kernel_call, quantiles):
     # Short autotuning runs: a few ms per config is enough to rank them, and keeps first calls fast.
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+_GEMV_CONFIGS = [_config(1, bn, s, 4, 4) for bn, s in
+                 ((128, 1), (128, 2), (128, 4), (128, 8), (64, 4), (64, 8), (64, 16), (256, 2), (256, 4), (256, 8))]
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
 _decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                           reset_to_zero=["out_ptr"], do_bench=_bench)(_w4a16_kernel)
+_gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                        reset_to_zero=["out_ptr"], do_bench=_bench)(_w4a16_gemv_kernel)
 _prefill = triton.autotune(_PREFILL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                            do_bench=_bench)(_w4a16_kernel)
 
@@ -133,7 +177,7 @@ def supports(packed: PackedInt4) -> bool:
 
 
 def _bucket(m: int) -> int:
-    return 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
+    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
@@ -143,6 +187,12 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
+    if m == 1:
+        out = torch.zeros(1, n, device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _gemv[grid](x, packed.qweight, packed.scales, zeros, out, n, k, packed.qweight.stride(0),
+                    packed.scales.stride(0), 1, **common)
+        return out.to(x.dtype)
     if m <= DECODE_MAX_M:
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
