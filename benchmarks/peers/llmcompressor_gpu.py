@@ -37,6 +37,14 @@ def main() -> None:
     from gpu_model import llama3_8b_config, random_model  # noqa: E402  (benchmarks/gpu_model.py)
 
     model = random_model(llama3_8b_config(LlamaConfig, args.layers), LlamaForCausalLM)
+    # oneshot insists on a processor when given a dataset; the tokens are already ids, so a
+    # one-word tokenizer (built offline) satisfies it without touching the data.
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    processor = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                        unk_token="<unk>", pad_token="<unk>")
     config_dir = tempfile.mkdtemp(prefix="llmc-config-")
     model.config.save_pretrained(config_dir)
     model.config._name_or_path = config_dir
@@ -48,7 +56,7 @@ def main() -> None:
                             ignore=["lm_head"], actorder=None)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=modifier, num_calibration_samples=samples,
+    oneshot(model=model, processor=processor, dataset=dataset, recipe=modifier, num_calibration_samples=samples,
             max_seq_length=seq_len, shuffle_calibration_samples=False, batch_size=args.batch_size,
             pipeline="sequential", output_dir=None)
     torch.cuda.synchronize()
