@@ -1,4 +1,4 @@
-"""`lowbit quantize | eval`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | eval | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="original model for KL divergence ('default' = embedded model)")
     _add_eval_options(e, "--data", "--seq-len", "all")
     _add_runtime_options(e)
+
+    b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
+    k = b.add_parser("kernels", help="W4A16 matmul vs bf16 cuBLAS and torch int4 on Llama-3 8B/70B shapes")
+    k.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 64, 256], help="batch rows (default 1 16 64 256)")
+    k.add_argument("--shapes", nargs="+", metavar="NAME", help="subset of shapes, e.g. '8B down_proj' (default all)")
+    k.add_argument("--out", type=Path, help="also save PATH.json and PATH.md (e.g. benchmarks/results/gpu_kernels)")
     return parser
 
 
@@ -219,12 +225,26 @@ def run_eval(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from lowbit.bench import kernels
+
+    result = kernels.run(args.shapes, tuple(args.m))
+    table = kernels.markdown_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(table)
+    console.print(table, markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:
-        {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+        {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
     except (ValueError, OSError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise

@@ -10,6 +10,9 @@ import torch
 TRIANGLE_BLOCK = 128
 """Columns per block of the lower-triangle accumulation (smaller: less waste, slower matmuls)."""
 
+GPU_TRIANGLE_BLOCK = 2048
+"""The same for 16-bit inputs on a GPU, where a product must be large to run at tensor-core rate."""
+
 
 @dataclass
 class HessianStats:
@@ -36,10 +39,19 @@ class HessianStats:
         x = x.reshape(-1, x.shape[-1])
         if x.shape[-1] != self.columns:
             raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
-        x = x.to(device=self.sum_outer.device, dtype=torch.float32)
-        for start in range(0, self.columns, TRIANGLE_BLOCK):
-            end = min(start + TRIANGLE_BLOCK, self.columns)
-            self.sum_outer[start:, start:end].addmm_(x[:, start:].T, x[:, start:end])
+        x = x.to(device=self.sum_outer.device)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            # Tensor cores on the 16-bit activations as they are, accumulating and returning float32:
+            # the same sums as converting x first, at several times the rate. Blocks are wide here
+            # (each product stays large), so the triangle saves a bit under half the work.
+            for start in range(0, self.columns, GPU_TRIANGLE_BLOCK):
+                end = min(start + GPU_TRIANGLE_BLOCK, self.columns)
+                self.sum_outer[start:, start:end] += torch.mm(x[:, start:].T, x[:, start:end], out_dtype=torch.float32)
+        else:
+            x = x.float()
+            for start in range(0, self.columns, TRIANGLE_BLOCK):
+                end = min(start + TRIANGLE_BLOCK, self.columns)
+                self.sum_outer[start:, start:end].addmm_(x[:, start:].T, x[:, start:end])
         self.tokens += x.shape[0]
 
     @property

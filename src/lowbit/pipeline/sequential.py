@@ -84,8 +84,14 @@ class SequentialQuantizer:
         batch_size: int | None = None,
         true_sequential: bool = True,
         on_quantized: QuantizedCallback | None = None,
+        activations_on_device: bool = False,
     ) -> None:
-        """`batch_size` calibration samples go through a block per forward (None: all at once)."""
+        """`batch_size` calibration samples go through a block per forward (None: all at once).
+
+        `activations_on_device` keeps the calibration activations on `device` between blocks
+        instead of in CPU memory: no host round trip per forward pass, at the cost of two copies
+        of them (a block's inputs and outputs) in device memory.
+        """
         self.model = model
         self.architecture = architecture
         self.plan = plan
@@ -93,6 +99,7 @@ class SequentialQuantizer:
         self.batch_size = batch_size
         self.true_sequential = true_sequential
         self.on_quantized = on_quantized or (lambda name, qweight: None)
+        self.activations_on_device = activations_on_device
 
     @torch.no_grad()
     def run(self, calibration: torch.Tensor | None) -> None:
@@ -211,7 +218,7 @@ class SequentialQuantizer:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured.hidden.append(hidden.to("cpu") if self.device.type != "cpu" else hidden)
+            captured.hidden.append(hidden if self.activations_on_device else hidden.to("cpu"))
             captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
             raise _StopForward
 

@@ -67,6 +67,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     )
 
 
+def _fused_block_solver(fmt: WeightFormat, W: torch.Tensor, block_size: int):
+    """kernels.gptq_block.gptq_block when it can run this solve (CUDA, Triton, a supported format), else None."""
+    from lowbit.kernels import triton_available
+
+    if not (W.is_cuda and triton_available()):
+        return None
+    from lowbit.kernels import gptq_block
+
+    return gptq_block.gptq_block if gptq_block.supports(fmt, W.shape[1], block_size, W) else None
+
+
 @register_solver
 @dataclass
 class GPTQ(Solver):
@@ -137,27 +148,34 @@ class GPTQ(Solver):
         U, damp = inverse_hessian_factor(H, self.damp)
         codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
         row_error = torch.zeros(rows, dtype=dtype, device=W.device)
+        fused = _fused_block_solver(fmt, W, self.block_size) if not (self.static_groups or self.clip_search) else None
         for i1 in range(0, columns, self.block_size):
             i2 = min(i1 + self.block_size, columns)
             W1 = W[:, i1:i2].clone()
             U1 = U[i1:i2, i1:i2]
             Err1 = torch.zeros_like(W1)
-            for i in range(i2 - i1):
-                col = i1 + i
-                group = group_of_list[col]
-                if params[group] is None:
-                    # Fit on the weights as they are now. Columns of this block hold their updates
-                    # in W1; columns past the block still lack this block's (lazy) updates.
-                    end = min(col + group_size, columns)
-                    pending = Err1 @ U[i1:i2, i2:end]
-                    params[group] = fit(torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1))
-                p = params[group]
-                w = W1[:, i : i + 1]
-                code = fmt.encode(w, p)
-                codes[:, col : col + 1] = code
-                err = (w - fmt.decode(code, p)) / U1[i, i]
-                W1[:, i + 1 :].addmm_(err, U1[i : i + 1, i + 1 :], alpha=-1)  # -= err ⊗ U1[i, i+1:]
-                Err1[:, i : i + 1] = err
+            if fused is not None:  # the same column loop, one kernel per block (GPU)
+                codes[:, i1:i2], Err1, scales, zeros = fused(W1, U1, fmt)
+                for j, start in enumerate(range(i1, i2, group_size)):
+                    zero = None if zeros is None else zeros[:, j : j + 1]
+                    params[group_of_list[start]] = GroupParams(scales[:, j : j + 1], zero)
+            else:
+                for i in range(i2 - i1):
+                    col = i1 + i
+                    group = group_of_list[col]
+                    if params[group] is None:
+                        # Fit on the weights as they are now. Columns of this block hold their updates
+                        # in W1; columns past the block still lack this block's (lazy) updates.
+                        end = min(col + group_size, columns)
+                        pending = Err1 @ U[i1:i2, i2:end]
+                        params[group] = fit(torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1))
+                    p = params[group]
+                    w = W1[:, i : i + 1]
+                    code = fmt.encode(w, p)
+                    codes[:, col : col + 1] = code
+                    err = (w - fmt.decode(code, p)) / U1[i, i]
+                    W1[:, i + 1 :].addmm_(err, U1[i : i + 1, i + 1 :], alpha=-1)  # -= err ⊗ U1[i, i+1:]
+                    Err1[:, i : i + 1] = err
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # the block's updates, all at once
             row_error += Err1.square().sum(dim=1)
 

@@ -1,0 +1,159 @@
+"""GPU quantization speed: lowbit's GPTQ pipeline on a Llama-3-8B-shaped model, and llm-compressor's.
+
+Setting (issue 6): random bf16 weights with Llama-3-8B's shapes (benchmarks/gpu_model.py), every
+decoder Linear to int4 asymmetric group 128 with GPTQ (damp 0.01, block 128, no act-order), lm_head
+kept; 128 calibration samples of 2048 random token ids (values do not change the work). The model
+sits in CPU memory; lowbit's SequentialQuantizer streams one block at a time to the GPU, keeps the
+activations on the GPU, runs bf16 block forwards in batches of --batch-size samples, accumulates
+Hessians with bf16 tensor-core products into float32, and solves in float32 on the GPU (Triton
+kernel for GPTQ's column loop). Timed: `run` alone, synchronised. llm-compressor 0.14 runs in a
+subprocess on the same tokens and the same model (--peer-layers decoder layers; it needs its
+wheels on --peer-path), timed around `oneshot`; the ratio is per decoder layer.
+
+    python benchmarks/gpu_quant_speed.py --out benchmarks/results/gpu_quant_speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_model import llama3_8b_config, random_model  # noqa: E402
+
+from lowbit.calibrate.stats import HessianStats  # noqa: E402
+from lowbit.formats.integer import IntegerFormat  # noqa: E402
+from lowbit.models.architectures import architecture_of  # noqa: E402
+from lowbit.pipeline.sequential import SequentialQuantizer  # noqa: E402
+from lowbit.solvers.gptq import GPTQ  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
+
+
+def timed(owner, name: str, totals: dict) -> None:
+    """Wrap owner.name so that its synchronised wall time adds to totals[name]."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.synchronize()
+            totals[name] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+
+
+def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool) -> dict:
+    model = random_model(llama3_8b_config(LlamaConfig, layers), LlamaForCausalLM)
+    count, errors = 0, []
+
+    def on_quantized(name, qweight):
+        nonlocal count
+        count += 1
+        errors.append(qweight.metadata["hessian_error"])
+
+    totals: dict[str, float] = defaultdict(float)
+    if breakdown:
+        timed(HessianStats, "add", totals)
+        timed(GPTQ, "solve", totals)
+    quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()),
+                                    device="cuda", batch_size=batch_size, activations_on_device=True,
+                                    on_quantized=on_quantized)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    quantizer.run(tokens)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if count != 7 * layers or not all(torch.isfinite(torch.tensor(errors))):
+        raise SystemExit(f"expected {7 * layers} finite GPTQ results, got {count}")
+    return {"tool": "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
+            "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
+            "breakdown_seconds": dict(totals) if breakdown else None}
+
+
+def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokens.pt")
+        torch.save(tokens, path)
+        env = {**os.environ, "PYTHONPATH": peer_path}
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gpu.py"),
+                               "--layers", str(layers), "--tokens", path, "--batch-size", str(batch_size)],
+                              env=env, capture_output=True, text=True)
+    if done.returncode:
+        return {"tool": "llm-compressor", "error": done.stderr.strip().splitlines()[-5:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"GPTQ int4 asym g128 of a random Llama-3-8B-shaped model, {meta['samples']}x{meta['seq_len']} "
+             f"calibration tokens, on {meta['device']} (torch {meta['torch']}).", "",
+             "| tool | decoder layers | batch | seconds | seconds / layer | peak GPU GB |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['tool']} | failed: {' / '.join(r['error'])} | | | | |")
+            continue
+        lines.append(f"| {r['tool']} | {r['layers']} | {r['batch_size']} | {r['seconds']:.1f} | "
+                     f"{r['seconds'] / r['layers']:.2f} | {r['peak_gpu_GB']:.1f} |")
+    for r in result["runs"]:
+        if r.get("breakdown_seconds"):
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["breakdown_seconds"].items())
+            lines.append(f"\nlowbit ({r['layers']} layers), synchronised timers: {parts}; the rest is block "
+                         "forwards, block transfers and bookkeeping.")
+    if result.get("ratio_per_layer"):
+        lines.append(f"\nllm-compressor / lowbit, seconds per layer on the same layers: {result['ratio_per_layer']:.1f}x")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--breakdown", action="store_true", help="also time Hessians and solves (adds syncs)")
+    parser.add_argument("--peer-layers", type=int, default=0, help="decoder layers for llm-compressor (0: skip)")
+    parser.add_argument("--peer-path", default="", help="PYTHONPATH holding llm-compressor 0.14 and its deps")
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
+    args = parser.parse_args()
+    if args.render:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return
+    tokens = torch.randint(0, 128256, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    runs = []
+    if args.peer_layers:
+        runs.append(run_peer(args.peer_layers, tokens, args.peer_path, 1))
+        runs.append(run_lowbit(args.peer_layers, tokens, args.batch_size, breakdown=False))
+    runs.append(run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown))
+    for r in runs:
+        print(json.dumps(r))
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "samples": args.samples,
+                       "seq_len": args.seq_len, "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
+    if args.peer_layers and "error" not in runs[0]:
+        result["ratio_per_layer"] = runs[0]["seconds"] / runs[1]["seconds"]
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

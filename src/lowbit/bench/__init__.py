@@ -1,0 +1,1 @@
+"""Speed benchmarks behind `lowbit bench ...`; each returns plain data that the CLI prints and saves."""

@@ -1,0 +1,226 @@
+"""`lowbit bench kernels`: the W4A16 kernel against bf16 cuBLAS and torch's int4 kernel.
+
+For each linear shape of Llama-3-8B / 70B and each batch M, on the same GPU in one process:
+  * bf16: F.linear with the dequantized weight in bf16 (cuBLAS);
+  * torch int4: `aten._weight_int4pack_mm` (tinygemm), group 128, on the same codes;
+  * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout;
+  * the int4 roofline: the bytes an asymmetric matmul must move (codes, scales, zero points, x, y)
+    over the device-to-device copy bandwidth measured at the start of the run.
+Times come from CUDA graph replays of back-to-back calls, each call on its own copy of the weight
+(the copies together at least ROTATE_BYTES, five times an H100's L2): launch overhead stays out, as
+in a graph-captured decode loop, and every call reads its weight from device memory. Every
+lowbit result is first checked against float64 dequantize-then-matmul (relative error < 1e-2, the
+bound for bf16 operands).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.formats.base import quantize_matrix
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import triton_available, w4a16_matmul
+from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
+
+SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
+    "8B q/o_proj": (4096, 4096),
+    "8B k/v_proj": (1024, 4096),
+    "8B gate/up_proj": (14336, 4096),
+    "8B down_proj": (4096, 14336),
+    "70B q/o_proj": (8192, 8192),
+    "70B k/v_proj": (1024, 8192),
+    "70B gate/up_proj": (28672, 8192),
+    "70B down_proj": (8192, 28672),
+}
+M_VALUES = (1, 16, 64, 256)
+MAX_RELATIVE_ERROR = 1e-2
+ROTATE_BYTES = 256 << 20
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run here (no GPU, unknown shape); the message says what is missing."""
+
+
+def _median_us(fn) -> float:
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _graph_us(calls: list) -> float:
+    """Median microseconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
+    for call in calls:
+        call()  # warm up: compile and autotune outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return 1e3 * sorted(times)[len(times) // 2] / len(calls)
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, -(-ROTATE_BYTES // nbytes))
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, PackedInt4):
+        return PackedInt4(value.qweight.clone(), value.scales.clone(), None if value.zeros is None else value.zeros.clone(),
+                          value.group_size, value.in_features, value.out_features, value.input_perm)
+    return tuple(_clone(v) for v in value)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written), over 1 GiB."""
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = _median_us(lambda: dst.copy_(src)) / 1e6
+    return 2 * src.numel() * 4 / seconds
+
+
+def _torch_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int):
+    """tinygemm operands for the same codes, or None when this torch build lacks the CUDA kernel."""
+    try:
+        nibbles = codes.to(torch.int32)
+        packed_bytes = ((nibbles[:, ::2] << 4) | nibbles[:, 1::2]).to(torch.uint8)
+        weight = torch.ops.aten._convert_weight_to_int4pack(packed_bytes, 8)
+        # tinygemm computes (code - 8) * scale + zero_term; zero_term = (8 - zero) * scale is the same grid.
+        scale_t = scale.float().T
+        zero_term = (8 - zero.float().T) * scale_t
+        scales_and_zeros = torch.stack([scale_t, zero_term], dim=2).to(torch.bfloat16).contiguous()
+        return weight, scales_and_zeros
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, group_size: int = 128) -> dict:
+    """Time every shape at every M; returns {"meta": ..., "rows": [...]} (times in microseconds)."""
+    if not triton_available():
+        raise BenchError("lowbit bench kernels needs a CUDA GPU and Triton; neither was found here")
+    names = shapes or list(SHAPES)
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name in names:
+        n, k = SHAPES[name]
+        weight = torch.randn(n, k, device="cuda")
+        packed: dict[str, PackedInt4] = {}
+        dense = None
+        int4 = None
+        for kind, symmetric in (("sym", True), ("asym", False)):
+            qweight = quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=group_size), weight)
+            packed[kind] = pack_quantized_weight(qweight)
+            if not symmetric:
+                dense = qweight.dequantize().to(torch.bfloat16)
+                int4 = _torch_int4(qweight.codes, qweight.scale, qweight.zero, group_size)
+            del qweight
+        del weight
+        for m in m_values:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "N": n, "K": k, "M": m}
+            for kind, weights in packed.items():
+                ref = x.double() @ weights.dequantize().double().T
+                row[f"rel_err_{kind}"] = _relative_error(w4a16_matmul(x, weights), ref)
+                if not row[f"rel_err_{kind}"] < MAX_RELATIVE_ERROR:
+                    raise BenchError(f"{name} M={m} {kind}: relative error {row[f'rel_err_{kind}']:.2e} "
+                                     f"exceeds {MAX_RELATIVE_ERROR}; the kernel is wrong on this shape")
+                del ref
+                copies = [weights] + [_clone(weights) for _ in range(_copies(weights.nbytes()) - 1)]
+                row[f"lowbit_{kind}_us"] = _graph_us([lambda w=w: w4a16_matmul(x, w) for w in copies])
+                del copies
+            dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
+            row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])
+            del dense_copies
+            if int4 is not None:
+                int4_copies = [int4] + [_clone(int4) for _ in range(_copies(packed["asym"].nbytes()) - 1)]
+                row["torch_int4_us"] = _graph_us([
+                    lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], group_size, w[1]) for w in int4_copies])
+                del int4_copies
+            moved = packed["asym"].nbytes() + 2 * (x.numel() + m * n)
+            row["roofline_us"] = 1e6 * moved / bandwidth
+            rows.append(row)
+        del packed, dense, int4
+        torch.cuda.empty_cache()
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "group_size": group_size,
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def markdown_table(result: dict) -> str:
+    """The saved result as a markdown table plus the issue's targets, checked row by row."""
+    meta, rows = result["meta"], result["rows"]
+    lines = [
+        f"W4A16 matmul, int4 group {meta['group_size']}, on {meta['device']} (torch {meta['torch']}, "
+        f"triton {meta['triton']}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
+        "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
+        "from device memory).",
+        "",
+        "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | int4 roofline | "
+        "bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        int4 = r.get("torch_int4_us")
+        asym = r["lowbit_asym_us"]
+        int4_time = "n/a" if int4 is None else f"{int4:.1f}"
+        int4_ratio = "n/a" if int4 is None else f"{int4 / asym:.2f}x"
+        lines.append(
+            f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
+            f"{int4_time} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {r['roofline_us']:.1f} | "
+            f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | {r['rel_err_asym']:.1e} |"
+        )
+    lines += ["", "Targets (issue 6), counted over the rows above for the asymmetric kernel:"]
+    for label, ok in _targets(rows):
+        lines.append(f"- {label}: {ok}")
+    return "\n".join(lines) + "\n"
+
+
+def _targets(rows: list[dict]) -> list[tuple[str, str]]:
+    def count(selected, test) -> str:
+        passed = sum(1 for r in selected if test(r))
+        return f"{passed}/{len(selected)}"
+
+    by_m = lambda ms: [r for r in rows if r["M"] in ms]  # noqa: E731
+    return [
+        ("M=1 at least 3x faster than bf16", count(by_m({1}), lambda r: r["bf16_us"] >= 3 * r["lowbit_asym_us"])),
+        ("M=1 within 1.5x of the int4 roofline",
+         count(by_m({1}), lambda r: r["lowbit_asym_us"] <= 1.5 * r["roofline_us"])),
+        ("M=16 and M=64 at least 2x faster than bf16",
+         count(by_m({16, 64}), lambda r: r["bf16_us"] >= 2 * r["lowbit_asym_us"])),
+        ("M=256 no slower than bf16", count(by_m({256}), lambda r: r["lowbit_asym_us"] <= r["bf16_us"])),
+        ("faster than torch int4 at every M",
+         count([r for r in rows if "torch_int4_us" in r], lambda r: r["lowbit_asym_us"] < r["torch_int4_us"])),
+    ]

@@ -1,0 +1,129 @@
+"""The int4 storage layout the W4A16 kernel reads, and its conversion from lowbit's QuantizedWeight.
+
+Layout, for a weight of `out_features` N rows and `in_features` K columns (y = x Wᵀ):
+  * `qweight` int32 [K / 8, N]: word (k8, n) holds the codes of W[n, 8·k8 .. 8·k8 + 7], code j in bits
+    4j .. 4j+3. Packing along K keeps the kernel's loads contiguous along N (coalesced), and eight
+    codes unpack from one word with shifts, so the matmul streams exactly K·N/2 bytes of codes;
+  * `scales` [K / G, N] in the storage dtype of the QuantizedWeight (float16 by default): one row per
+    group of G input columns, so a K-tile of the kernel that lies inside one group reads one row;
+  * `zeros` uint8 [K / G, N] for asymmetric formats (codes stand for (code - zero)·scale), None for
+    symmetric ones, whose zero point is the constant 8;
+  * `input_perm` int64 [K] or None: GPTQ act-order stores groups in processing order (a non-trivial
+    `group_index`); sorting the columns by group makes every group contiguous again, so
+    x Wᵀ = x[:, perm] W[:, perm]ᵀ runs the same kernel after one gather of x's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.formats.base import FormatError, QuantizedWeight
+from lowbit.formats.integer import IntegerFormat
+
+CODES_PER_WORD = 8
+_SHIFTS = torch.arange(CODES_PER_WORD, dtype=torch.int64) * 4
+SYMMETRIC_ZERO = 8
+"""Implied zero point of symmetric int4 (2^(bits-1)), as in formats/integer.py."""
+
+
+@dataclass
+class PackedInt4:
+    """An int4 weight in the kernel's layout (see the module docstring)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+    in_features: int
+    out_features: int
+    input_perm: torch.Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def to(self, device: torch.device | str) -> "PackedInt4":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedInt4(move(self.qweight), move(self.scales), move(self.zeros), self.group_size,
+                          self.in_features, self.out_features, move(self.input_perm))
+
+    def nbytes(self) -> int:
+        """Bytes a matmul must read for the weight: codes, scales and zero points."""
+        tensors = [self.qweight, self.scales] + ([] if self.zeros is None else [self.zeros])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [N, K] weight in the original column order."""
+        codes = unpack_int4(self.qweight, self.in_features).float()  # [N, K], permuted columns
+        group = torch.arange(self.in_features, device=codes.device) // self.group_size
+        scales = self.scales.float()[group].T
+        zeros = SYMMETRIC_ZERO if self.zeros is None else self.zeros.float()[group].T
+        weight = (codes - zeros) * scales
+        if self.input_perm is not None:
+            weight = weight[:, torch.argsort(self.input_perm)]
+        return weight
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (values 0..15, K a multiple of 8) -> int32 words [K / 8, N]."""
+    rows, columns = codes.shape
+    if columns % CODES_PER_WORD:
+        raise FormatError(f"int4 packing needs in_features divisible by {CODES_PER_WORD}, got {columns}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise FormatError("int4 packing got codes above 15; the weight was not quantized to 4 bits")
+    nibbles = codes.T.to(torch.int64).reshape(columns // CODES_PER_WORD, CODES_PER_WORD, rows)
+    words = (nibbles << _SHIFTS.to(codes.device).view(1, -1, 1)).sum(dim=1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 words [K / 8, N] -> uint8 codes [N, K]; the inverse of pack_int4."""
+    words = qweight.to(torch.int64).unsqueeze(1)
+    nibbles = (words >> _SHIFTS.to(qweight.device).view(1, -1, 1)) & 0xF  # [K/8, 8, N]
+    return nibbles.reshape(in_features, -1).T.to(torch.uint8).contiguous()
+
+
+def pack_quantized_weight(qweight: QuantizedWeight) -> PackedInt4:
+    """Repack a 4-bit integer QuantizedWeight once into the kernel's layout.
+
+    Raises FormatError, saying what to use instead, for anything the layout cannot hold exactly.
+    """
+    fmt = qweight.format
+    if not isinstance(fmt, IntegerFormat) or fmt.bits != 4:
+        raise FormatError(
+            f"the W4A16 kernel takes 4-bit integer weights, got {getattr(fmt, 'describe', lambda: fmt.name)()}; "
+            "keep such layers as dequantized nn.Linear"
+        )
+    if fmt.symmetric is False and qweight.zero is None:
+        raise FormatError("asymmetric int4 weight without zero points; re-quantize the layer")
+    out_features, in_features = qweight.codes.shape
+    group_size = fmt.group_size_for(in_features)
+    if in_features % group_size:
+        raise FormatError(
+            f"in_features {in_features} is not a multiple of the group size {group_size}; "
+            "choose a group size that divides it (group_size: auto does)"
+        )
+    n_groups = in_features // group_size
+    scale = qweight.scale.expand(out_features, n_groups)  # per-tensor scales broadcast to every row
+    zero = None if qweight.zero is None else qweight.zero.expand(out_features, n_groups)
+    codes, perm = qweight.codes, None
+    if not qweight.has_trivial_group_index:
+        # Group g's columns become columns g·G .. g·G + G - 1; act-order groups all have G members
+        # (the last one possibly fewer), so the sorted layout is the plain one.
+        perm = torch.argsort(qweight.group_index, stable=True)
+        expected = torch.arange(in_features, device=perm.device) // group_size
+        if not torch.equal(qweight.group_index[perm], expected):
+            raise FormatError("group_index has groups of unequal sizes; the W4A16 layout cannot hold it")
+        codes = codes[:, perm]
+    return PackedInt4(
+        qweight=pack_int4(codes),
+        scales=scale.T.contiguous(),
+        zeros=None if zero is None else zero.T.to(torch.uint8).contiguous(),
+        group_size=group_size,
+        in_features=in_features,
+        out_features=out_features,
+        input_perm=perm,
+    )

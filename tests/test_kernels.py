@@ -1,0 +1,135 @@
+"""W4A16: the int4 packing, the reference matmul against QuantizedWeight.dequantize(), and (with
+CUDA) the Triton kernel against float32 dequantize-then-matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats.base import FormatError, QuantizedWeight, quantize_matrix
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
+from lowbit.kernels import pack_int4, reference_w4a16_matmul, triton_available, unpack_int4, w4a16_matmul
+from lowbit.kernels.int4_pack import pack_quantized_weight
+
+gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+
+
+def quantized(rows: int, columns: int, fmt: IntegerFormat, seed: int = 0) -> QuantizedWeight:
+    generator = torch.Generator().manual_seed(seed)
+    return quantize_matrix(fmt, torch.randn(rows, columns, generator=generator))
+
+
+def test_pack_round_trip_covers_every_code_and_position():
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (24, 64), generator=generator, dtype=torch.uint8)
+    codes[0, :16] = torch.arange(16, dtype=torch.uint8)  # every nibble value, including 15 in bit 28..31
+    words = pack_int4(codes)
+    assert words.dtype == torch.int32 and words.shape == (8, 24)
+    assert torch.equal(unpack_int4(words, 64), codes)
+    # The documented bit layout: code j of a word sits in bits 4j .. 4j+3.
+    assert int(words[0, 0]) & 0xF == int(codes[0, 0]) and (int(words[0, 0]) >> 4) & 0xF == int(codes[0, 1])
+
+
+def test_pack_refuses_codes_or_widths_it_cannot_hold():
+    with pytest.raises(FormatError, match="divisible by 8"):
+        pack_int4(torch.zeros(2, 12, dtype=torch.uint8))
+    with pytest.raises(FormatError, match="above 15"):
+        pack_int4(torch.full((2, 8), 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        IntegerFormat(4, symmetric=True, group_size=128),
+        IntegerFormat(4, symmetric=False, group_size=128),
+        IntegerFormat(4, symmetric=False, group_size=32),
+        IntegerFormat(4, symmetric=True, group_size=PER_CHANNEL),
+        IntegerFormat(4, symmetric=False, group_size=PER_TENSOR, scale_dtype=torch.bfloat16),
+    ],
+    ids=lambda f: f.describe(),
+)
+def test_packed_weight_dequantizes_exactly_like_the_quantized_weight(fmt):
+    qweight = quantized(48, 256, fmt)
+    packed = pack_quantized_weight(qweight)
+    assert torch.equal(packed.dequantize(), qweight.dequantize())
+    assert packed.symmetric == fmt.symmetric
+
+
+def test_reference_matmul_is_dequantize_then_matmul():
+    qweight = quantized(40, 256, IntegerFormat(4, symmetric=False, group_size=64))
+    packed = pack_quantized_weight(qweight)
+    x = torch.randn(3, 5, 256)
+    expected = x @ qweight.dequantize().T
+    torch.testing.assert_close(reference_w4a16_matmul(x, packed), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w4a16_matmul(x, packed), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_act_order_groups_become_contiguous_through_an_input_permutation():
+    fmt = IntegerFormat(4, symmetric=False, group_size=32)
+    qweight = quantized(16, 128, fmt)
+    perm = torch.randperm(128, generator=torch.Generator().manual_seed(3))
+    # Same stored values, columns listed in a shuffled order with their groups (as act-order saves them).
+    shuffled = QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+    assert not shuffled.has_trivial_group_index
+    packed = pack_quantized_weight(shuffled)
+    assert packed.input_perm is not None
+    assert torch.equal(packed.dequantize(), shuffled.dequantize())
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(w4a16_matmul(x, packed), x @ shuffled.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_formats_the_kernel_cannot_hold_are_refused_with_advice():
+    with pytest.raises(FormatError, match="4-bit integer"):
+        pack_quantized_weight(quantized(8, 64, IntegerFormat(3, group_size=32)))
+    with pytest.raises(FormatError, match="multiple of the group size"):
+        pack_quantized_weight(quantized(8, 96, IntegerFormat(4, group_size=64)))
+    packed = pack_quantized_weight(quantized(8, 64, IntegerFormat(4, group_size=32)))
+    with pytest.raises(ValueError, match="expects 64"):
+        w4a16_matmul(torch.randn(2, 32), packed)
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@gpu
+@pytest.mark.parametrize(
+    "m, group_size, symmetric, dtype",
+    [(m, 128, sym, torch.bfloat16) for m in (1, 16, 33, 64, 100, 256) for sym in (True, False)]
+    + [(5, 64, False, torch.bfloat16), (16, 32, True, torch.bfloat16), (1, 128, False, torch.float16),
+       (100, 128, True, torch.float16)],
+)
+def test_triton_kernel_matches_float32_dequantize_then_matmul(m, group_size, symmetric, dtype):
+    n, k = 320, 1024  # N not a multiple of any N tile: the masked edge is exercised
+    qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=group_size), seed=m)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    ref = x.double() @ qweight.dequantize().double().cuda().T
+    out = w4a16_matmul(x, packed)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert torch.isfinite(out).all()
+    # Operands rounded to bf16 (8-bit mantissa) / fp16 (11-bit), accumulated in float32.
+    assert relative_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@gpu
+def test_triton_kernel_with_act_order_permutation_and_3d_input():
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    qweight = quantized(256, 512, fmt, seed=7)
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(4))
+    shuffled = QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+    packed = pack_quantized_weight(shuffled).to("cuda")
+    x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ shuffled.dequantize().double().cuda().T
+    assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
+
+
+@pytest.mark.skipif(triton_available(), reason="checks the message shown where there is no GPU")
+def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
+    from lowbit.cli import main
+
+    assert main(["bench", "kernels", "--m", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
