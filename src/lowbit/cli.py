@@ -1,4 +1,4 @@
-"""`lowbit quantize | eval`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | eval | compare`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import __version__
+from lowbit.compare import command as compare_command
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, preset
 from lowbit.solvers import SOLVERS
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="original model for KL divergence ('default' = embedded model)")
     _add_eval_options(e, "--data", "--seq-len", "all")
     _add_runtime_options(e)
+
+    compare_command.add_parser(commands)
     return parser
 
 
@@ -224,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:
-        {"quantize": run_quantize, "eval": run_eval}[args.command](args)
+        if args.command == "compare":
+            compare_command.run(args, console, argv)
+        else:
+            {"quantize": run_quantize, "eval": run_eval}[args.command](args)
     except (ValueError, OSError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
