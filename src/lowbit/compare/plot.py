@@ -41,7 +41,7 @@ def plot_pareto(rows: list[dict[str, Any]], original: dict[str, Any], path: Path
             axis.scatter([r["bits_per_weight"] for r in front], [r[metric] for r in front], s=140,
                          facecolors="none", edgecolors="black", linewidths=1.5, zorder=4)
         for row in points:
-            axis.annotate(row["label"].removeprefix(f"{row['method']} "), (row["bits_per_weight"], row[metric]),
+            axis.annotate(row["label"], (row["bits_per_weight"], row[metric]),
                           textcoords="offset points", xytext=(5, 4), fontsize=7,
                           fontweight="bold" if row.get(f"pareto_{metric}") else "normal")
         if metric == "perplexity" and _positive(original.get("perplexity")):
