@@ -93,7 +93,10 @@ def run(args: argparse.Namespace, console: Console, argv: list[str] | None = Non
     for name in ("samples", "seq_len", "eval_seq_len", "eval_windows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    cells = build_cells(axes_from_args(args), expand_peer_names(args.peers))
+    axes = axes_from_args(args)
+    cells = build_cells(axes, expand_peer_names(args.peers))
+    if args.peers and "auto" in axes["group_size"]:
+        console.print("[yellow]note:[/] peers are not run on group size 'auto' (a per-layer choice of lowbit's)")
     settings = CompareSettings(calib=args.calib, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
                                eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
                                eval_windows=args.eval_windows, tasks=args.tasks, task_limit=args.task_limit,

@@ -19,6 +19,10 @@ from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import Recipe
 
 
+FORMAT_CHECK_WIDTH = 4096
+"""Layer width at which each cell's format is built once up front, to reject bad settings early."""
+
+
 class GridError(ValueError):
     """A grid that cannot be built; the message names the axis or value to change."""
 
@@ -119,10 +123,13 @@ def build_recipes(axes: dict[str, list[Any]], base: Recipe | None = None) -> lis
         try:
             recipe = Recipe.model_validate(fields)
             recipe.solver()
+            recipe.format_for(FORMAT_CHECK_WIDTH)
         except (ValidationError, ValueError) as err:
             where = ", ".join(f"{k}={v!r}" for k, v in zip(axes, combination))
-            first = str(err).strip().splitlines()
-            reason = first[-1].strip() if isinstance(err, ValidationError) else first[0]
+            if isinstance(err, ValidationError):
+                reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            else:
+                reason = str(err).strip().splitlines()[0]
             raise GridError(f"grid cell {where} is not a valid recipe: {reason}") from None
         key = recipe.model_dump_json()
         if key not in seen:
@@ -136,7 +143,7 @@ def peer_cells(recipes: list[Recipe], peers: list[str]) -> list[Cell]:
     schemes: list[Scheme] = []
     for recipe in recipes:
         if recipe.group_size == "auto":
-            continue  # a per-layer choice peers have no equivalent for; noted by the runner
+            continue  # a per-layer choice peers have no equivalent for; the CLI says so
         scheme = Scheme(recipe.bits, recipe.group_size, recipe.symmetric)
         if scheme not in schemes:
             schemes.append(scheme)
