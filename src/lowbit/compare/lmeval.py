@@ -36,18 +36,25 @@ class TaskSuite:
     include_paths: list[str] = field(default_factory=list)
     offline: bool = False
     """The hub was unreachable when the suite was checked: load datasets from local files/cache only."""
+    builtin: bool = True
+    """Some task is one of lm-eval's own (index them all); False when every task is a YAML file."""
+    _manager: Any = field(default=None, repr=False)
 
     def manager(self):
-        from lm_eval.tasks import TaskManager
+        """lm-eval's task index, built once: it reads every task YAML lm-eval ships (seconds)."""
+        if self._manager is None:
+            from lm_eval.tasks import TaskManager
 
-        return TaskManager(include_path=self.include_paths or None, verbosity="ERROR")
+            self._manager = TaskManager(include_path=self.include_paths or None, verbosity="ERROR",
+                                        include_defaults=self.builtin)
+        return self._manager
 
 
 def prepare_tasks(specs: list[str]) -> TaskSuite:
     """Check that lm-eval is installed, that every task exists and that its data can be loaded."""
     if importlib.util.find_spec("lm_eval") is None:
         raise TasksUnavailable("lm-eval is not installed (pip install lm-eval); task accuracy skipped")
-    names, include = [], []
+    names, include, builtin = [], [], False
     for spec in specs:
         path = Path(spec)
         if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -58,7 +65,8 @@ def prepare_tasks(specs: list[str]) -> TaskSuite:
             include.append(str(path.parent.resolve()))
         else:
             names.append(spec)
-    suite = TaskSuite(names, sorted(set(include)), offline=not _hub_reachable(_endpoint()))
+            builtin = True
+    suite = TaskSuite(names, sorted(set(include)), offline=not _hub_reachable(_endpoint()), builtin=builtin)
     with _offline(suite.offline):
         manager = suite.manager()
     unknown = [name for name in names if name not in manager.all_tasks]
@@ -92,11 +100,12 @@ def run_tasks(suite: TaskSuite, model: nn.Module, tokenizer, limit: int | None =
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    """`acc,none: 0.5` -> `acc: 0.5`; standard errors and labels dropped."""
+    """`acc,none: 0.5` -> `acc: 0.5`; standard errors, sample counts and labels dropped."""
     return {
         key.split(",")[0]: float(value)
         for key, value in metrics.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key
+        and key != "sample_len"
     }
 
 
