@@ -187,6 +187,7 @@ def test_grid_on_tiny_model_writes_outputs_and_resumes_from_its_cache(tiny_model
     assert [r["label"] for r in rows] == ["original", *labels]
     assert float(rows[3]["perplexity"]) == pytest.approx(cells["gptq w2 asym g32"]["perplexity"])
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "results.md").read_text().count("\n| ") == 2 + len(labels)
     html = (out / "report.html").read_text()
     assert html.count("<tr") == 1 + 1 + len(labels) and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html

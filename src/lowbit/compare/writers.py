@@ -63,3 +63,30 @@ def write_csv(result: CompareResult, rows: list[dict[str, Any]], path: Path) -> 
                 task, metric = column.split(":", 1)
                 flat[column] = (row.get("tasks") or {}).get(task, {}).get(metric, "")
             writer.writerow({k: "" if v is None else v for k, v in flat.items()})
+
+
+def write_markdown(result: CompareResult, rows: list[dict[str, Any]], path: Path) -> None:
+    """The table as Markdown with the run's settings above it (what the README shows)."""
+    meta = result.meta
+    lines = [
+        f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
+        f"Sizes: {meta['size_note']}. Machine: {meta['machine']}; quantize times depend on what else it was running.",
+        f"Command: `{meta.get('command')}`",
+        "",
+        "| cell | tool | bits/weight | model MB | perplexity | KL to original | quantize s | Pareto front |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    o = result.original
+    lines.append(f"| original ({o.get('original_dtype', 'unquantized')} weights) | - | {o['bits_per_weight']:.3f} | "
+                 f"{o['model_megabytes']:.1f} | {o['perplexity']:.3f} | 0 (itself) | - | |")
+    for row in rows:
+        if not finished(row):
+            lines.append(f"| {row['label']} | {row['tool']} | - | - | - | - | - | {row['status']}: {row.get('note', '')} |")
+            continue
+        front = ", ".join(name for name, metric in (("perplexity", "perplexity"), ("KL", "kl"))
+                          if row.get(f"pareto_{metric}"))
+        lines.append(f"| {row['label']} | {row.get('version', row['tool'])} | {row['bits_per_weight']:.3f} | "
+                     f"{row['model_megabytes']:.1f} | {row['perplexity']:.3f} | {row['kl']:.4f} | "
+                     f"{row['quantize_seconds']:.1f} | {front} |")
+    lines += [""] + [f"Note: {note}" for note in meta.get("notes", [])]
+    path.write_text("\n".join(lines).rstrip() + "\n")
