@@ -15,6 +15,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {  # results file -> heading in the README
     "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
+    "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
+    "plot: benchmarks/results/compare-smollm2/pareto.png)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 

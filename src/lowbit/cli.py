@@ -1,4 +1,4 @@
-"""`lowbit quantize | eval | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import __version__
+from lowbit.compare import command as compare_command
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, preset
 from lowbit.solvers import SOLVERS
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 64, 256], help="batch rows (default 1 16 64 256)")
     k.add_argument("--shapes", nargs="+", metavar="NAME", help="subset of shapes, e.g. '8B down_proj' (default all)")
     k.add_argument("--out", type=Path, help="also save PATH.json and PATH.md (e.g. benchmarks/results/gpu_kernels)")
+    compare_command.add_parser(commands)
     return parser
 
 
@@ -244,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:
-        {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
+        if args.command == "compare":
+            compare_command.run(args, console, argv)
+        else:
+            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
     except (ValueError, OSError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
