@@ -99,3 +99,22 @@ def test_learned_tables_survive_the_round_trip(tmp_path):
     loaded, _ = load_quantized(out)
     name = "model.layers.0.mlp.up_proj"
     assert torch.equal(loaded.get_submodule(name).weight, qweights[name].dequantize())
+
+
+@pytest.mark.parametrize("args", [("--format", "nvfp4", "--method", "rtn"), ("--scheme", "nf4", "--method", "rtn"),
+                                  ("--format", "lut", "--bits", "3", "--method", "squeezellm", "--samples", "2",
+                                   "--seq-len", "32", "--calib", "self")])
+def test_cli_quantizes_and_reloads_new_formats(capsys, tmp_path, tiny_model_dir, args):
+    from tests.test_cli import run_cli
+
+    out_dir = tmp_path / "out"
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), *args, "--out", str(out_dir), "--no-eval")
+    assert code == 0, out
+    assert "differ from the in-memory model by at most 0.00e+00" in out
+
+
+def test_cli_refuses_settings_a_format_cannot_hold(capsys, tiny_model_dir):
+    from tests.test_cli import run_cli
+
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--format", "mxfp4", "--group-size", "64")
+    assert code == 2 and "fixed blocks of 32" in out
