@@ -111,6 +111,7 @@ def test_cli_quantizes_and_reloads_new_formats(capsys, tmp_path, tiny_model_dir,
     code, out = run_cli(capsys, "quantize", str(tiny_model_dir), *args, "--out", str(out_dir), "--no-eval")
     assert code == 0, out
     assert "differ from the in-memory model by at most 0.00e+00" in out
+    assert ("(lowbit)" in out) == (args[1] != "nvfp4")
 
 
 def test_cli_refuses_settings_a_format_cannot_hold(capsys, tiny_model_dir):

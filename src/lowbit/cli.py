@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -212,8 +213,11 @@ def print_quantize_report(report) -> None:
             f"tokens ({result.tokens} scored)"
         )
     if report.out_dir is not None:
+        from lowbit.export.compressed_tensors import METADATA_FILE
+
+        layout = json.loads((report.out_dir / METADATA_FILE).read_text())["export_format"]
         console.print(
-            f"wrote [bold]{report.out_dir}[/] (compressed-tensors); reloaded logits differ from the "
+            f"wrote [bold]{report.out_dir}[/] ({layout}); reloaded logits differ from the "
             f"in-memory model by at most {report.export_max_abs_diff:.2e}"
         )
 
