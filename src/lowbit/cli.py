@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -10,13 +11,15 @@ import sys
 import warnings
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from lowbit import __version__
 from lowbit.compare import command as compare_command
+from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
-from lowbit.recipes import PRESETS, Recipe, preset
+from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
 
 console = Console(soft_wrap=True)
@@ -76,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default="w4a16", choices=sorted(PRESETS), help="starting recipe (default w4a16)")
     q.add_argument("--recipe", type=Path, help="recipe YAML file; replaces --scheme")
     q.add_argument("--method", choices=sorted(SOLVERS), help="solver (default from the scheme: gptq)")
+    q.add_argument("--format", choices=list(FAMILIES),
+                   help="number format (default from the scheme: int); naming one also takes its default bits, "
+                   "group size and symmetry unless --bits / --group-size / --asym say otherwise: "
+                   + "; ".join(f"{name}: {family.help}" for name, family in FAMILIES.items()))
     q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
     q.add_argument("--group-size", type=_group_size,
                    help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
@@ -121,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.load(args.recipe) if args.recipe else preset(args.scheme)
+    if args.format is not None:
+        family = FAMILIES[args.format]
+        recipe = recipe.model_copy(update={"format": args.format, "bits": family.bits[0],
+                                           "group_size": family.group_size, "symmetric": True})
     updates = {
         key: value
         for key, value in {
@@ -131,7 +142,10 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
-    recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
+    try:
+        recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
+    except ValidationError as err:
+        raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     options = dict(recipe.method_options)
     if args.act_order:
         options.update(act_order=True, static_groups=True)
@@ -147,7 +161,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def default_out_dir(model: str | None, recipe: Recipe) -> Path:
     name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
-    return Path(f"{slug}-{recipe.method}-w{recipe.bits}")
+    number = f"w{recipe.bits}" if recipe.format == "int" else recipe.format
+    return Path(f"{slug}-{recipe.method}-{number}")
 
 
 def _settings(args: argparse.Namespace):
@@ -206,8 +221,11 @@ def print_quantize_report(report) -> None:
             f"tokens ({result.tokens} scored)"
         )
     if report.out_dir is not None:
+        from lowbit.export.compressed_tensors import METADATA_FILE
+
+        layout = json.loads((report.out_dir / METADATA_FILE).read_text())["export_format"]
         console.print(
-            f"wrote [bold]{report.out_dir}[/] (compressed-tensors); reloaded logits differ from the "
+            f"wrote [bold]{report.out_dir}[/] ({layout}); reloaded logits differ from the "
             f"in-memory model by at most {report.export_max_abs_diff:.2e}"
         )
 

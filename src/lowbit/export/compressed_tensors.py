@@ -36,7 +36,8 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 
 import lowbit
 from lowbit.export.errors import ExportError
-from lowbit.export.layout import PACK_FORMAT, SchemeKey, pack_layer
+from lowbit.export.layout import SchemeKey, pack_layer
+from lowbit.export.lowbit_layout import LOWBIT_FORMAT, LOWBIT_QUANT_METHOD
 from lowbit.export.shards import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensors
 from lowbit.export.skeleton import ModelSkeleton
 from lowbit.export.staging import StagingDir
@@ -61,6 +62,8 @@ class CompressedTensorsWriter:
         self._schemes: dict[str, SchemeKey] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
         self._scale_dtypes: set[torch.dtype] = set()
+        self._packed_names: set[str] = set()
+        """Tensors written by add_quantized (FP8's codes are named `<module>.weight`)."""
         self._dense_elements: Counter[torch.dtype] = Counter()
         self._closed = False
 
@@ -89,6 +92,7 @@ class CompressedTensorsWriter:
         key, tensors = pack_layer(module_name, qweight)
         for name, tensor in tensors.items():
             self._shards.add(name, tensor)
+        self._packed_names.update(tensors)
         self._schemes[module_name] = key
         self._shapes[module_name] = (int(qweight.codes.shape[0]), int(qweight.codes.shape[1]))
         self._scale_dtypes.add(qweight.scale.dtype)
@@ -172,7 +176,8 @@ class CompressedTensorsWriter:
             if skeleton.linears[name] != shape:
                 expected = list(skeleton.linears[name])
                 raise ExportError(f"{name}: quantized weight is {list(shape)}, the model's is {expected}")
-        doubled = sorted(f"{name}.weight" for name in self._schemes if f"{name}.weight" in self._shards.names)
+        dense = self._shards.names - self._packed_names
+        doubled = sorted(f"{name}.weight" for name in self._schemes if f"{name}.weight" in dense)
         if doubled:
             raise ExportError(f"{doubled[0]} was added both quantized and unquantized")
         written = self._shards.names | {f"{name}.weight" for name in self._schemes}
@@ -199,21 +204,46 @@ class CompressedTensorsWriter:
         groups: dict[SchemeKey, list[str]] = {}
         for name, key in self._schemes.items():
             groups.setdefault(key, []).append(name)
+        compressions = {key.compression for key in groups}
+        if LOWBIT_FORMAT in compressions:
+            return self._lowbit_quantization_config(groups, compressions, ignore)
         config = QuantizationConfig(
             config_groups={
-                f"group_{number}": QuantizationScheme(targets=names, weights=key.to_args(), format=PACK_FORMAT)
+                f"group_{number}": QuantizationScheme(targets=names, weights=key.to_args(), format=key.compression)
                 for number, (key, names) in enumerate(groups.items())
             },
-            format=PACK_FORMAT,
+            format=compressions.pop() if len(compressions) == 1 else "mixed-precision",
             quantization_status="compressed",
             ignore=ignore,
         )
         return {"version": compressed_tensors.__version__, **config.model_dump(mode="json")}
 
+    @staticmethod
+    def _lowbit_quantization_config(
+        groups: dict[SchemeKey, list[str]], compressions: set[str], ignore: list[str]
+    ) -> dict[str, Any]:
+        """lowbit's own config (see lowbit_layout): a quant_method transformers refuses to guess at."""
+        if compressions != {LOWBIT_FORMAT}:
+            raise ExportError(
+                "an export holds either compressed-tensors layers or lowbit-layout layers (nf4, lut, fp8_e5m2), "
+                "not both; use one format family for every layer"
+            )
+        return {
+            "quant_method": LOWBIT_QUANT_METHOD,
+            "format": LOWBIT_FORMAT,
+            "config_groups": {
+                f"group_{number}": {"targets": names, "format": dict(key.description)}
+                for number, (key, names) in enumerate(groups.items())
+            },
+            "ignore": ignore,
+        }
+
     def _metadata(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         return {
             "lowbit_version": lowbit.__version__,
-            "export_format": "compressed-tensors",
+            "export_format": "lowbit" if any(
+                key.compression == LOWBIT_FORMAT for key in self._schemes.values()
+            ) else "compressed-tensors",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {
                 "torch": torch.__version__,

@@ -26,12 +26,15 @@ compressed-tensors has removed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 
 from lowbit.export.errors import ExportError
+from lowbit.export.float_layout import float_scheme, has_float_layout, pack_float_layer
+from lowbit.export.lowbit_layout import has_lowbit_layout, lowbit_scheme, pack_lowbit_layer
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
 
@@ -44,21 +47,30 @@ _KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class SchemeKey:
-    """The weight quantization settings of a layer; layers with equal keys share a config group."""
+    """The weight quantization settings of a layer; layers with equal keys share a config group.
+
+    `compression` is the compressed-tensors format of the group (pack-quantized for integers,
+    float_layout's formats for FP8/NVFP4/MXFP4, or lowbit's own LOWBIT_FORMAT)."""
 
     bits: int
     symmetric: bool
     strategy: str
     group_size: int | None
+    type: str = "int"
+    scale_dtype: torch.dtype | None = None
+    compression: str = PACK_FORMAT
+    description: tuple[tuple[str, Any], ...] = ()
+    """lowbit-layout groups only: the format description (see lowbit_layout.describe_format)."""
 
     def to_args(self) -> QuantizationArgs:
         return QuantizationArgs(
             num_bits=self.bits,
-            type="int",
+            type=self.type,
             symmetric=self.symmetric,
             strategy=self.strategy,
             group_size=self.group_size,
             dynamic=False,
+            scale_dtype=self.scale_dtype,
         )
 
 
@@ -80,13 +92,14 @@ def check_exportable(
     keeps groups of consecutive columns, exports fine.
     """
     where = f"{layer_name}: " if layer_name else ""
-    if not isinstance(fmt, IntegerFormat):
-        return f"{where}format {type(fmt).__name__} has no compressed-tensors integer layout"
-    if fmt.group_size > 0 and in_features % fmt.group_size:
+    if not isinstance(fmt, IntegerFormat) and not has_float_layout(fmt) and not has_lowbit_layout(fmt):
+        return f"{where}format {type(fmt).__name__} has no compressed-tensors or lowbit layout"
+    group_size = fmt.group_size_for(in_features)
+    if group_size != in_features and in_features % group_size:
         dividing = [str(size) for size in _KERNEL_GROUP_SIZES if in_features % size == 0]
         choices = ", ".join(dividing) + " or " if dividing else ""
         return (
-            f"{where}group size {fmt.group_size} does not divide in_features={in_features}; "
+            f"{where}group size {group_size} does not divide in_features={in_features}; "
             f"compressed-tensors needs equal groups: use group size {choices}-1 (per channel)"
         )
     if permuted_groups:
@@ -104,6 +117,12 @@ def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str
     problem = check_exportable(fmt, columns, name, permuted_groups=not qweight.has_trivial_group_index)
     if problem:
         raise ExportError(problem)
+    if has_float_layout(fmt):
+        key, tensors = SchemeKey(**float_scheme(fmt)), pack_float_layer(qweight)
+        return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+    if has_lowbit_layout(fmt):
+        key, tensors = SchemeKey(**lowbit_scheme(fmt)), pack_lowbit_layer(qweight)
+        return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     assert isinstance(fmt, IntegerFormat)
     key = scheme_key(fmt)
     _check_params(name, qweight, fmt, key)

@@ -34,6 +34,10 @@ from compressed_tensors.utils import TensorStateDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.export.errors import ExportError
+from lowbit.export.float_layout import unpack_fp4
+from lowbit.formats.minifloat import E2M1
+from lowbit.export.lowbit_load import load_lowbit_layout
+from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
 
 
@@ -50,8 +54,8 @@ def check_export_folder(path: str | os.PathLike[str]) -> str | None:
     except (OSError, ValueError) as error:
         return f"{config_path} cannot be read: {error}"
     method = (config.get("quantization_config") or {}).get("quant_method")
-    if method != "compressed-tensors":
-        return f"{folder} is not a compressed-tensors export (its quant_method is {method!r})"
+    if method not in ("compressed-tensors", LOWBIT_QUANT_METHOD):
+        return f"{folder} is not a compressed-tensors export nor a lowbit one (its quant_method is {method!r})"
     index_path = folder / INDEX_FILE
     if index_path.is_file():
         try:
@@ -75,6 +79,9 @@ def load_quantized(
     problem = check_export_folder(folder)
     if problem:
         raise ExportError(problem)
+    if _quant_method(folder) == LOWBIT_QUANT_METHOD:
+        model = load_lowbit_layout(folder, device, dtype)
+        return model, _tokenizer(folder)
     with _packed_zero_points_on_meta():
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or "auto", device_map={"": device}, output_loading_info=True
@@ -82,10 +89,51 @@ def load_quantized(
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ExportError(f"{folder} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}")
+    exact = _fp4_weights(model)
     model.hf_quantizer.compressor.decompress_model(model)
+    model_dtype = model.get_input_embeddings().weight.dtype  # the decompressor leaves FP4 layers in bfloat16
+    for name, weight in exact.items():
+        module = model.get_submodule(name)
+        module.weight.data = weight.to(dtype=model_dtype, device=module.weight.device)
     model.eval()
+    return model, _tokenizer(folder)
+
+
+@torch.no_grad()
+def _fp4_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """float32 weights of the NVFP4/MXFP4 layers, decoded from their packed tensors.
+
+    compressed-tensors 0.20 decompresses packed FP4 through bfloat16 (its unpacker's default),
+    which rounds e2m1 · (block scale / tensor scale) to 8 significant bits; decoding here keeps
+    the exact float32 product, the values lowbit measured (and the ones FP4 kernels compute with).
+    """
+    weights = {}
+    for name, module in model.named_modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None or args.type != "float" or args.num_bits != 4 or not hasattr(module, "weight_packed"):
+            continue
+        codes = unpack_fp4(module.weight_packed.data.cpu())
+        scale = module.weight_scale.data.cpu()
+        if scale.dtype == torch.uint8:  # MX: E8M0 exponent bytes
+            scale = torch.ldexp(torch.ones(scale.shape), scale.to(torch.int32) - 127)
+        else:
+            scale = scale.float()
+        global_scale = getattr(module, "weight_global_scale", None)
+        if global_scale is not None:
+            scale = scale / global_scale.data.cpu().float()
+        rows, columns = codes.shape
+        values = E2M1.decode(codes).reshape(rows, columns // args.group_size, args.group_size)
+        weights[name] = (values * scale.unsqueeze(-1)).reshape(rows, columns)
+    return weights
+
+
+def _tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     has_tokenizer = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
-    return model, AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    return AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+
+
+def _quant_method(folder: Path) -> str | None:
+    return json.loads((folder / "config.json").read_text())["quantization_config"].get("quant_method")
 
 
 @contextmanager

@@ -9,20 +9,32 @@ from lowbit.formats.base import (
     column_groups,
     quantize_matrix,
 )
+from lowbit.formats.families import FAMILIES, FormatFamily, format_family
+from lowbit.formats.floating import FloatFormat, MXFormat, NVFP4Format
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
+from lowbit.formats.lookup import LookupFormat
 
-FORMATS: dict[str, type[WeightFormat]] = {IntegerFormat.name: IntegerFormat}
+FORMATS: dict[str, type[WeightFormat]] = {
+    cls.name: cls for cls in (IntegerFormat, FloatFormat, MXFormat, NVFP4Format, LookupFormat)
+}
 
 __all__ = [
+    "FAMILIES",
     "FORMATS",
     "PER_CHANNEL",
     "PER_TENSOR",
+    "FloatFormat",
     "FormatError",
+    "FormatFamily",
     "GroupParams",
     "IntegerFormat",
+    "LookupFormat",
+    "MXFormat",
+    "NVFP4Format",
     "QuantizedWeight",
     "WeightFormat",
     "check_finite",
     "column_groups",
+    "format_family",
     "quantize_matrix",
 ]

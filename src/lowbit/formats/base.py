@@ -38,6 +38,16 @@ class WeightFormat(ABC):
 
     name: ClassVar[str]
 
+    def prepare(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> WeightFormat:
+        """The format to store matrix `w` in: self, or a copy holding parameters fitted to the whole
+        matrix (NVFP4's per-tensor scale, learned lookup tables) that every group's `fit` relies on.
+
+        Solvers call it once per matrix before fitting groups. `importance` ([columns], e.g. the
+        Hessian diagonal) weights the columns for formats that learn from the data. A format whose
+        matrix-level parameters are already set returns itself, so preparing twice is harmless.
+        """
+        return self
+
     @abstractmethod
     def group_size_for(self, columns: int) -> int:
         """Columns per group for a matrix of this width (the last group may be shorter)."""
@@ -147,10 +157,16 @@ def check_finite(w: torch.Tensor, what: str = "weight") -> None:
 
 
 def quantize_matrix(
-    fmt: WeightFormat, w: torch.Tensor, fit: Callable[[torch.Tensor], GroupParams] | None = None
+    fmt: WeightFormat,
+    w: torch.Tensor,
+    fit: Callable[[torch.Tensor], GroupParams] | None = None,
+    importance: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Round every group of `w` to nearest under parameters from `fit` (default: the format's own)."""
+    """Round every group of `w` to nearest under parameters from `fit` (default: the format's own),
+    after preparing the format for this matrix with `importance` (see `prepare`). A custom `fit`
+    must belong to the prepared format: prepare `fmt` first when it has matrix-level parameters."""
     check_finite(w)
+    fmt = fmt.prepare(w, importance)
     fit = fit or fmt.fit
     rows, columns = w.shape
     codes = torch.empty(rows, columns, dtype=torch.uint8, device=w.device)

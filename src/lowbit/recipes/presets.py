@@ -9,6 +9,10 @@ PRESETS: dict[str, Recipe] = {
     "w3a16": Recipe(method="gptq", bits=3, symmetric=False, group_size="auto"),
     "w2a16": Recipe(method="gptq", bits=2, symmetric=False, group_size=32),
     "w8a16": Recipe(method="gptq", bits=8, symmetric=True, group_size=-1),
+    "fp8": Recipe(method="rtn", format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32"),
+    "nvfp4": Recipe(method="gptq", format="nvfp4", bits=4, group_size=16),
+    "mxfp4": Recipe(method="gptq", format="mxfp4", bits=4, group_size=32),
+    "nf4": Recipe(method="gptq", format="nf4", bits=4, group_size=64),
 }
 
 

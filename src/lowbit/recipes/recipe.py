@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat, scale_dtype_from_name
+from lowbit.formats.base import FormatError, WeightFormat
+from lowbit.formats.families import FAMILIES, format_family
+from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
 
@@ -29,11 +31,14 @@ class Recipe(BaseModel):
     `group_size` is a number of input columns per scale, -1 for one scale per output channel,
     0 for one per tensor, or "auto" for the largest of 128/64/32 that divides each layer (so
     that a model whose width 128 does not divide still gets the finest grouping that exports).
+    `format` names a format family (formats.families: int, fp8_e4m3, nvfp4, nf4, ...) that builds
+    each layer's format from these fields; families with a fixed width or block check them.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     method: str = "gptq"
+    format: str = "int"
     bits: int = 4
     symmetric: bool = True
     group_size: int | Literal["auto"] = "auto"
@@ -47,6 +52,21 @@ class Recipe(BaseModel):
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
         return method
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown format {name!r}; available: {', '.join(FAMILIES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _fields_fit_format(self) -> "Recipe":
+        try:
+            format_family(self.format).check(self.bits, self.symmetric, self.group_size)
+        except FormatError as err:
+            raise ValueError(str(err)) from None
+        return self
 
     def solver(self) -> Solver:
         try:
@@ -62,22 +82,19 @@ class Recipe(BaseModel):
                 return size
         return PER_CHANNEL
 
-    def format_for(self, in_features: int) -> IntegerFormat:
-        return IntegerFormat(
-            bits=self.bits,
-            symmetric=self.symmetric,
-            group_size=self.group_size_for(in_features),
-            scale_dtype=scale_dtype_from_name(self.scale_dtype),
-        )
+    def format_for(self, in_features: int) -> WeightFormat:
+        family = format_family(self.format)
+        group_size = family.block or self.group_size_for(in_features)
+        return family.build(self.bits, self.symmetric, group_size, self.scale_dtype)
 
     def is_ignored(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) for pattern in self.ignore)
 
-    def plan(self) -> Callable[[str, nn.Linear], tuple[IntegerFormat, Solver] | None]:
+    def plan(self) -> Callable[[str, nn.Linear], tuple[WeightFormat, Solver] | None]:
         """The per-layer plan the pipeline executes: one solver instance shared by every layer."""
         solver = self.solver()
 
-        def choose(name: str, linear: nn.Linear) -> tuple[IntegerFormat, Solver] | None:
+        def choose(name: str, linear: nn.Linear) -> tuple[WeightFormat, Solver] | None:
             if self.is_ignored(name):
                 return None
             return self.format_for(linear.in_features), solver
@@ -94,7 +111,12 @@ class Recipe(BaseModel):
         else:
             layout = f"g{self.group_size}"
         options = "".join(f", {k}={v}" for k, v in sorted(self.method_options.items()))
-        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}"
+        if self.format == "int":
+            number = f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
+        else:
+            number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
+        parts = [self.method, number] + ([] if format_family(self.format).block else [layout])
+        return " ".join(parts) + options
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))

@@ -129,6 +129,9 @@ class GPTQ(Solver):
         H[dead, dead] = 1
         W[:, dead] = 0
 
+        # Matrix-level parameters (a per-tensor scale, learned tables) see the weights as given,
+        # weighted by how active each input is.
+        fmt = fmt.prepare(W, H.diagonal())
         group_size = fmt.group_size_for(columns)
         fit = partial(ClipSearch().fit, fmt) if self.clip_search else fmt.fit
         groups = column_groups(columns, group_size)

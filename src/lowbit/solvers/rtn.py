@@ -24,5 +24,6 @@ class RTN(Solver):
     clip_search: bool = False
 
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None = None) -> QuantizedWeight:
+        fmt = fmt.prepare(weight)
         fit = (lambda w: ClipSearch().fit(fmt, w)) if self.clip_search else None
         return quantize_matrix(fmt, weight, fit=fit)

@@ -1,0 +1,96 @@
+"""lowbit's own safetensors layout, for formats that no serving engine reads (NF4, learned lookup
+tables, FP8 E5M2). docs/formats.md documents it; `load_quantized` reloads it.
+
+Per quantized linear `<module>`:
+- `<module>.weight_codes`: int32, the codes shifted to signed (code - 2^(bits-1)) and packed densely
+  along the input axis, lowest bits first (compressed-tensors' `pack_to_int32`, as for integers);
+- `<module>.weight_scale`: [out, n_groups] in the format's scale dtype;
+- `<module>.weight_table`: float16 [out, 2^bits], learned lookup tables only (sorted ascending);
+- `<module>.weight_shape`: int64 [2], the unpacked [out, in].
+config.json's `quantization_config` has `quant_method: "lowbit"` (so that a plain transformers load
+fails loudly instead of running random weights) and, per config group, the format description
+that `format_from_description` rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+from lowbit.export.errors import ExportError
+from lowbit.formats.base import QuantizedWeight, WeightFormat
+from lowbit.formats.floating import FloatFormat
+from lowbit.formats.integer import PER_CHANNEL, scale_dtype_from_name
+from lowbit.formats.lookup import TABLE_DTYPE, LookupFormat
+from lowbit.formats.minifloat import E5M2, ELEMENTS
+
+LOWBIT_FORMAT = "lowbit-packed"
+LOWBIT_QUANT_METHOD = "lowbit"
+
+
+def has_lowbit_layout(fmt: WeightFormat) -> bool:
+    return isinstance(fmt, LookupFormat) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
+
+
+def describe_format(fmt: WeightFormat) -> dict[str, Any]:
+    """JSON-able description of a format `has_lowbit_layout` accepts (its tables go in tensors)."""
+    dtype = str(fmt.scale_dtype).removeprefix("torch.")
+    if isinstance(fmt, LookupFormat):
+        return {"family": "lookup", "bits": fmt.bits, "group_size": fmt.group_size, "learned": fmt.learned,
+                "scale_dtype": dtype}
+    assert isinstance(fmt, FloatFormat)
+    return {"family": "float", "element": fmt.element.name, "group_size": fmt.group_size, "scale_dtype": dtype}
+
+
+def format_from_description(description: dict[str, Any]) -> WeightFormat:
+    try:
+        dtype = scale_dtype_from_name(description["scale_dtype"])
+        if description["family"] == "lookup":
+            return LookupFormat(description["bits"], description["group_size"], description["learned"], dtype)
+        if description["family"] == "float":
+            return FloatFormat(ELEMENTS[description["element"]], description["group_size"], dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ExportError(f"unreadable lowbit format description {description}: {error}") from None
+    raise ExportError(f"unknown lowbit format family {description.get('family')!r}; upgrade lowbit")
+
+
+def pack_lowbit_layer(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    fmt = qweight.format
+    rows, columns = qweight.codes.shape
+    bits = fmt.bits
+    if not qweight.has_trivial_group_index:
+        raise ExportError("the lowbit layout stores groups of consecutive columns; use static act-order")
+    signed = (qweight.codes.cpu().to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    tensors = {
+        "weight_codes": pack_to_int32(signed, bits),
+        "weight_scale": qweight.scale.cpu(),
+        "weight_shape": torch.tensor([rows, columns], dtype=torch.int64),
+    }
+    if isinstance(fmt, LookupFormat) and fmt.learned:
+        tensors["weight_table"] = fmt.table.cpu().to(TABLE_DTYPE)
+    return tensors
+
+
+def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+    """The stored weight of one layer from its tensors (suffixes as written by `pack_lowbit_layer`)."""
+    rows, columns = (int(v) for v in tensors["weight_shape"])
+    codes = unpack_from_int32(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
+    codes = (codes.to(torch.int16) + (1 << (fmt.bits - 1))).to(torch.uint8)
+    if isinstance(fmt, LookupFormat):
+        table = tensors.get("weight_table")
+        if fmt.learned and table is None:
+            raise ExportError("a learned lookup layer lacks its weight_table")
+        fmt = fmt.prepare(codes) if table is None else dataclasses.replace(fmt, table=table.float())
+    group_size = fmt.group_size_for(columns)
+    return QuantizedWeight(fmt, codes, tensors["weight_scale"], None, torch.arange(columns) // group_size)
+
+
+def lowbit_scheme(fmt: WeightFormat) -> dict[str, Any]:
+    """SchemeKey fields of a lowbit-layout format; `description` is hashable (sorted pairs)."""
+    group_size = None if fmt.group_size == PER_CHANNEL else fmt.group_size
+    return dict(compression=LOWBIT_FORMAT, type="lowbit", bits=fmt.bits, symmetric=True,
+                strategy="channel" if group_size is None else "group", group_size=group_size,
+                description=tuple(sorted(describe_format(fmt).items())))
