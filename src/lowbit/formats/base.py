@@ -63,13 +63,50 @@ class WeightFormat(ABC):
         return self.decode(self.encode(w, params), params)
 
 
+@dataclass(frozen=True)
+class SparseOutliers:
+    """A few weights stored apart from the grid, as fp16 corrections added to the dequantized matrix.
+
+    Kept in compressed-sparse-row form: `row_offsets` (int64, rows + 1) delimit each row's entries
+    in `columns` (int64 column indices, ascending within a row) and `values` (float16). Storage is
+    counted as a serving layout would hold it: 16 bits per value, 16 bits per column index (32 for
+    matrices wider than 65536) and 32 bits per row offset.
+    """
+
+    row_offsets: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.values.numel())
+
+    def rows(self) -> torch.Tensor:
+        """The row of each entry (expanded from the offsets)."""
+        counts = self.row_offsets[1:] - self.row_offsets[:-1]
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def to_dense(self, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+        dense = torch.zeros(shape, dtype=torch.float32, device=self.values.device)
+        dense[self.rows(), self.columns] = self.values.float()
+        return dense
+
+    def storage_bits(self, columns: int) -> int:
+        index_bits = 16 if columns <= 1 << 16 else 32
+        return self.count * (16 + index_bits) + 32 * int(self.row_offsets.numel())
+
+    def cpu(self) -> SparseOutliers:
+        return SparseOutliers(self.row_offsets.cpu(), self.columns.cpu(), self.values.cpu())
+
+
 @dataclass
 class QuantizedWeight:
     """A weight matrix as stored: codes plus per-group parameters.
 
     `scale` / `zero` have shape [rows or 1, n_groups]. `group_index[j]` is the group of column j;
     it is the identity layout (j // group_size) unless the solver processed columns out of order
-    (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`.
+    (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`. `sparse`, when a
+    solver keeps outlier weights apart (EasyQuant), is added to the decoded grid values.
     """
 
     format: WeightFormat
@@ -78,6 +115,7 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     group_index: torch.Tensor
     metadata: dict[str, float] = field(default_factory=dict)
+    sparse: SparseOutliers | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -94,10 +132,17 @@ class QuantizedWeight:
         """The float32 matrix this stored weight stands for."""
         scale = self.scale[:, self.group_index]
         zero = None if self.zero is None else self.zero[:, self.group_index]
-        return self.format.decode(self.codes, GroupParams(scale, zero))
+        dense = self.format.decode(self.codes, GroupParams(scale, zero))
+        if self.sparse is not None:
+            dense += self.sparse.to_dense(dense.shape)
+        return dense
 
     def bits_per_weight(self) -> float:
-        return self.format.bits_per_weight(*self.codes.shape)
+        rows, columns = self.codes.shape
+        bits = self.format.bits_per_weight(rows, columns)
+        if self.sparse is not None:
+            bits += self.sparse.storage_bits(columns) / (rows * columns)
+        return bits
 
 
 def column_groups(columns: int, group_size: int) -> list[tuple[int, int]]:

@@ -283,4 +283,5 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
         zero=None if qweight.zero is None else qweight.zero.cpu(),
         group_index=qweight.group_index.cpu(),
         metadata=qweight.metadata,
+        sparse=None if qweight.sparse is None else qweight.sparse.cpu(),
     )

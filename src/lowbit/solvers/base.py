@@ -15,11 +15,16 @@ class Solver(ABC):
     """Chooses stored values for one weight matrix under a format.
 
     `needs_hessian` tells the pipeline whether calibration statistics must be collected for the
-    layer; a solver without it runs with no calibration data at all.
+    layer; a solver without it runs with no calibration data at all. `implied_transforms` names the
+    block transforms a method is defined with (AWQ is its scale search followed by rounding), which
+    a recipe applies before the solver. `export_problem`, when set, is why compressed-tensors cannot
+    hold what the solver produces; exports are refused with it before any work starts.
     """
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
+    implied_transforms: ClassVar[tuple[str, ...]] = ()
+    export_problem: ClassVar[str | None] = None
 
     @abstractmethod
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
