@@ -17,6 +17,7 @@ from lowbit import __version__
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, preset
 from lowbit.solvers import SOLVERS
+from lowbit.transforms import TRANSFORMS
 
 console = Console(soft_wrap=True)
 
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default="w4a16", choices=sorted(PRESETS), help="starting recipe (default w4a16)")
     q.add_argument("--recipe", type=Path, help="recipe YAML file; replaces --scheme")
     q.add_argument("--method", choices=sorted(SOLVERS), help="solver (default from the scheme: gptq)")
+    q.add_argument("--transform", dest="transforms", action="append", choices=sorted(TRANSFORMS),
+                   help="rewrite each block before solving it (repeatable), e.g. --transform awq --method gptq")
     q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
     q.add_argument("--group-size", type=_group_size,
                    help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
@@ -123,6 +126,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
+    if args.transforms:
+        updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *args.transforms]))
     recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     options = dict(recipe.method_options)
     if args.act_order:

@@ -14,6 +14,7 @@ from torch import nn
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat, scale_dtype_from_name
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
+from lowbit.transforms import TRANSFORMS, BlockTransform
 
 AUTO_GROUP_SIZES = (128, 64, 32)
 """`group_size: auto` picks the first of these that divides a layer's input width."""
@@ -29,6 +30,8 @@ class Recipe(BaseModel):
     `group_size` is a number of input columns per scale, -1 for one scale per output channel,
     0 for one per tensor, or "auto" for the largest of 128/64/32 that divides each layer (so
     that a model whose width 128 does not divide still gets the finest grouping that exports).
+    `transforms` are applied to each block before its linears are solved (`[awq]` with
+    `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +42,7 @@ class Recipe(BaseModel):
     group_size: int | Literal["auto"] = "auto"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     method_options: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
     @field_validator("method")
@@ -47,6 +51,24 @@ class Recipe(BaseModel):
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
         return method
+
+    @field_validator("transforms")
+    @classmethod
+    def _known_transforms(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"unknown transform {unknown[0]!r}; available: {', '.join(sorted(TRANSFORMS))}")
+        return names
+
+    def transform_names(self) -> list[str]:
+        """The method's own transforms, then the recipe's, each once."""
+        return list(dict.fromkeys([*SOLVERS[self.method].implied_transforms, *self.transforms]))
+
+    def block_transforms(self) -> list[BlockTransform]:
+        return [TRANSFORMS[name]() for name in self.transform_names()]
+
+    def needs_calibration(self) -> bool:
+        return SOLVERS[self.method].needs_hessian or bool(self.transform_names())
 
     def solver(self) -> Solver:
         try:
@@ -94,7 +116,9 @@ class Recipe(BaseModel):
         else:
             layout = f"g{self.group_size}"
         options = "".join(f", {k}={v}" for k, v in sorted(self.method_options.items()))
-        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}"
+        extra = [name for name in self.transform_names() if name != self.method]
+        method = "+".join([*extra, self.method])
+        return f"{method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}"
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
