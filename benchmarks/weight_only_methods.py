@@ -10,6 +10,7 @@ outliers.
 
     python benchmarks/weight_only_methods.py     # writes benchmarks/results/weight_only_methods.{json,md}
     python benchmarks/weight_only_methods.py --render
+    python benchmarks/weight_only_methods.py --merge benchmarks/results/OTHER.json   # add a second run's rows
 """
 
 from __future__ import annotations
@@ -68,10 +69,14 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS, help="comma-separated; 'awq+gptq' = AWQ transform, then GPTQ")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "weight_only_methods")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="add the rows of other saved runs (same model, calibration and evaluation) to --out")
     args = parser.parse_args()
-    if args.render:
+    if args.render or args.merge:
         saved = json.loads(args.out.with_suffix(".json").read_text())
-        args.out.with_suffix(".md").write_text(markdown_table(saved["meta"], saved["rows"]))
+        for path in args.merge or []:
+            saved = merged(saved, json.loads(path.read_text()), path)
+        save(args, saved["meta"], saved["rows"])
         return
     torch.manual_seed(0)
 
@@ -98,6 +103,25 @@ def main() -> None:
             del model
             save(args, meta, rows)  # after every row, so a long run that is cut short keeps its rows
     print(markdown_table(meta, rows))
+
+
+def merged(saved: dict, other: dict, path: Path) -> dict:
+    """Rows of two runs of one protocol in one table: settings in order of appearance, methods in METHODS order."""
+    for key in ("model", "calibration", "evaluation"):
+        if saved["meta"][key] != other["meta"][key]:
+            raise SystemExit(f"{path}: its {key} differs from the saved run's; rows would not be comparable")
+    rows = saved["rows"] + [row for row in other["rows"] if row["method"] != "original"]
+    settings = list(dict.fromkeys((row["bits"], row["group_size"]) for row in rows if row["method"] != "original"))
+    methods = METHODS.split(",")
+
+    def order(row: dict) -> tuple[int, int]:
+        if row["method"] == "original":
+            return (-1, -1)
+        return (settings.index((row["bits"], row["group_size"])), methods.index(row["method"]))
+
+    commands = [*saved["meta"]["command"].split("`; `"), other["meta"]["command"]]
+    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands))}  # shown as `A`; `B`
+    return {"meta": meta, "rows": sorted(rows, key=order)}
 
 
 def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
