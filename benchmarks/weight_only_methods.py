@@ -34,7 +34,9 @@ from lowbit.recipes import Recipe
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 SETTINGS = "4:64,3:64,4:-1"
-METHODS = "rtn,hqq,awq,gptq,easyquant,awq+gptq"
+METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
+"""Also the run order: every setting of a method before the next method, so that a run cut short
+(each GPTQ row takes many minutes on a shared CPU) still has the cheap rows of every setting."""
 
 
 def recipe_for(method: str, bits: int, group_size: int) -> Recipe:
@@ -86,23 +88,25 @@ def main() -> None:
     test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
     eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
     reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
-    base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
-    rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
-             "perplexity": base.perplexity, "kl": base.kl, "seconds": 0.0}]
-    meta = describe_run(args, loaded, base)
-    for setting in args.settings.split(","):
-        bits, group_size = map(int, setting.split(":"))
-        for method in args.methods.split(","):
+    settings = [tuple(map(int, setting.split(":"))) for setting in args.settings.split(",")]
+    rows: list[dict] = []
+    meta: dict = {}
+    for method in args.methods.split(","):
+        for bits, group_size in settings:
             recipe = recipe_for(method, bits, group_size)
             model, seconds, bpw = quantize_copy(original, recipe, calibration)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
+            if not rows:  # the original's perplexity comes with the KL pass over its log-probabilities
+                rows.append({"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
+                             "perplexity": result.reference_perplexity, "kl": 0.0, "seconds": 0.0})
+                meta = describe_run(args, loaded, result)
             rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
                          "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
             print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
                   f"{bpw:.3f} bits/weight, {seconds:.1f} s", flush=True)
             del model
             save(args, meta, rows)  # after every row, so a long run that is cut short keeps its rows
-    print(markdown_table(meta, rows))
+    print(markdown_table(meta, table_order(rows)))
 
 
 def merged(saved: dict, other: dict, path: Path) -> dict:
@@ -111,6 +115,13 @@ def merged(saved: dict, other: dict, path: Path) -> dict:
         if saved["meta"][key] != other["meta"][key]:
             raise SystemExit(f"{path}: its {key} differs from the saved run's; rows would not be comparable")
     rows = saved["rows"] + [row for row in other["rows"] if row["method"] != "original"]
+    commands = [*saved["meta"]["command"].split("`; `"), other["meta"]["command"]]
+    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands))}  # shown as `A`; `B`
+    return {"meta": meta, "rows": rows}
+
+
+def table_order(rows: list[dict]) -> list[dict]:
+    """The original first, then settings in order of appearance, methods in METHODS order."""
     settings = list(dict.fromkeys((row["bits"], row["group_size"]) for row in rows if row["method"] != "original"))
     methods = METHODS.split(",")
 
@@ -119,24 +130,23 @@ def merged(saved: dict, other: dict, path: Path) -> dict:
             return (-1, -1)
         return (settings.index((row["bits"], row["group_size"])), methods.index(row["method"]))
 
-    commands = [*saved["meta"]["command"].split("`; `"), other["meta"]["command"]]
-    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands))}  # shown as `A`; `B`
-    return {"meta": meta, "rows": sorted(rows, key=order)}
+    return sorted(rows, key=order)
 
 
 def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = table_order(rows)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
 
 
-def describe_run(args: argparse.Namespace, loaded, base) -> dict:
+def describe_run(args: argparse.Namespace, loaded, result) -> dict:
     return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0 "
         "(awq, gptq and awq+gptq only; rtn, hqq and easyquant use no data)",
-        "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
-        f"({base.tokens} tokens scored)",
+        "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
+        f"({result.tokens} tokens scored)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "command": "python benchmarks/weight_only_methods.py " + " ".join(
