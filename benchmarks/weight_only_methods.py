@@ -150,7 +150,7 @@ def describe_run(args: argparse.Namespace, loaded, result) -> dict:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "command": "python benchmarks/weight_only_methods.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge")),
     }
 
 
