@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {  # results file -> heading in the README
     "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
-    "weight_only_methods.md": "Weight-only methods on SmolLM2-135M (`python benchmarks/weight_only_methods.py`)",
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
