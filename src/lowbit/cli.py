@@ -21,6 +21,7 @@ from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
+from lowbit.transforms import TRANSFORMS
 
 console = Console(soft_wrap=True)
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number format (default from the scheme: int); naming one also takes its default bits, "
                    "group size and symmetry unless --bits / --group-size / --asym say otherwise: "
                    + "; ".join(f"{name}: {family.help}" for name, family in FAMILIES.items()))
+    q.add_argument("--transform", dest="transforms", action="append", choices=sorted(TRANSFORMS),
+                   help="rewrite each block before solving it (repeatable), e.g. --transform awq --method gptq")
     q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
     q.add_argument("--group-size", type=_group_size,
                    help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
@@ -142,6 +145,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
+    if args.transforms:
+        updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *args.transforms]))
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:

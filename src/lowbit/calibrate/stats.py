@@ -61,3 +61,30 @@ class HessianStats:
             raise ValueError("no calibration tokens reached this layer")
         lower = self.sum_outer.tril()
         return (lower + lower.tril(-1).T) * (2.0 / self.tokens)
+
+
+@dataclass
+class ChannelMagnitude:
+    """Running mean of |x| per input channel over the calibration tokens: how much each channel is
+    used, which AWQ takes as the salience of the weights that read it."""
+
+    columns: int
+    device: torch.device | str = "cpu"
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.abs_sum = torch.zeros(self.columns, dtype=torch.float32, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs of shape [..., columns]."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
+        self.abs_sum += x.to(device=self.abs_sum.device, dtype=torch.float32).abs().sum(dim=0)
+        self.tokens += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        return self.abs_sum / self.tokens

@@ -114,6 +114,11 @@ def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str
     """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
     fmt = qweight.format
     rows, columns = qweight.codes.shape
+    if qweight.sparse is not None:
+        raise ExportError(
+            f"{name}: has {qweight.sparse.count} fp16 outlier weights stored apart from the grid, which "
+            "compressed-tensors cannot hold; quantize with --no-export or a method without outliers"
+        )
     problem = check_exportable(fmt, columns, name, permuted_groups=not qweight.has_trivial_group_index)
     if problem:
         raise ExportError(problem)

@@ -82,6 +82,42 @@ class WeightFormat(ABC):
         return self.decode(self.encode(w, params), params)
 
 
+@dataclass(frozen=True)
+class SparseOutliers:
+    """A few weights stored apart from the grid, as fp16 corrections added to the dequantized matrix.
+
+    Kept in compressed-sparse-row form: `row_offsets` (int64, rows + 1) delimit each row's entries
+    in `columns` (int64 column indices, ascending within a row) and `values` (float16). Storage is
+    counted as a serving layout would hold it: 16 bits per value, 16 bits per column index (32 for
+    matrices wider than 65536) and 32 bits per row offset.
+    """
+
+    row_offsets: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.values.numel())
+
+    def rows(self) -> torch.Tensor:
+        """The row of each entry (expanded from the offsets)."""
+        counts = self.row_offsets[1:] - self.row_offsets[:-1]
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def to_dense(self, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+        dense = torch.zeros(shape, dtype=torch.float32, device=self.values.device)
+        dense[self.rows(), self.columns] = self.values.float()
+        return dense
+
+    def storage_bits(self, columns: int) -> int:
+        index_bits = 16 if columns <= 1 << 16 else 32
+        return self.count * (16 + index_bits) + 32 * int(self.row_offsets.numel())
+
+    def cpu(self) -> SparseOutliers:
+        return SparseOutliers(self.row_offsets.cpu(), self.columns.cpu(), self.values.cpu())
+
+
 @dataclass
 class QuantizedWeight:
     """A weight matrix as stored: codes plus per-group parameters.
@@ -90,7 +126,8 @@ class QuantizedWeight:
     it is the identity layout (j // group_size) unless the solver processed columns out of order
     (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`. `metadata` holds
     numbers about the whole matrix; `row_metadata` per-row numbers (one value per row), which is
-    what survives when a stacked solve is split back into its matrices.
+    what survives when a stacked solve is split back into its matrices. `sparse`, when a
+    solver keeps outlier weights apart (EasyQuant), is added to the decoded grid values.
     """
 
     format: WeightFormat
@@ -100,6 +137,7 @@ class QuantizedWeight:
     group_index: torch.Tensor
     metadata: dict[str, float] = field(default_factory=dict)
     row_metadata: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparse: SparseOutliers | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -116,10 +154,17 @@ class QuantizedWeight:
         """The float32 matrix this stored weight stands for."""
         scale = self.scale[:, self.group_index]
         zero = None if self.zero is None else self.zero[:, self.group_index]
-        return self.format.decode(self.codes, GroupParams(scale, zero))
+        dense = self.format.decode(self.codes, GroupParams(scale, zero))
+        if self.sparse is not None:
+            dense += self.sparse.to_dense(dense.shape)
+        return dense
 
     def bits_per_weight(self) -> float:
-        return self.format.bits_per_weight(*self.codes.shape)
+        rows, columns = self.codes.shape
+        bits = self.format.bits_per_weight(rows, columns)
+        if self.sparse is not None:
+            bits += self.sparse.storage_bits(columns) / (rows * columns)
+        return bits
 
     def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
         """The matrices that were stacked row-wise into this one (needs a rows_independent format).
@@ -129,6 +174,8 @@ class QuantizedWeight:
         """
         if not self.format.rows_independent:
             raise ValueError(f"{type(self.format).__name__} shares parameters across rows; it cannot be split")
+        if self.sparse is not None:
+            raise ValueError("a weight with sparse outliers cannot be split by rows")
         pieces = []
         for codes, scale, zero, *rows in zip(
             self.codes.split(sizes),

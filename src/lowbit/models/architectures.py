@@ -4,6 +4,12 @@ The pipeline needs two facts per family: the list of transformer blocks, and, in
 linears in execution order grouped by shared input (q/k/v read one normed input, gate/up another).
 Shared-input groups let one Hessian serve several layers; the order lets each group see inputs
 produced by the already quantized groups before it (GPTQ's "true sequential").
+
+Transforms that rescale input channels (AWQ) need a third: the module that produces each group's
+input and can absorb the inverse scale, `input_sources` (parallel to `linear_groups`). A norm
+absorbs it in its weight (y = w · x / rms(x) scales linearly with w); a linear in its output rows;
+v_proj feeds o_proj through attention, which mixes tokens but not channels, so it qualifies too
+when each o_proj input channel has its own v_proj row (no grouped-query sharing).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ class Architecture:
     model_types: tuple[str, ...]
     blocks: str
     linear_groups: tuple[tuple[str, ...], ...]
+    input_sources: tuple[str | None, ...]
+    """Per linear group, the module whose output is the group's input and can absorb a channel scale."""
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -34,9 +42,11 @@ _LLAMA_LIKE_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+_LLAMA_LIKE_INPUT_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_LIKE_GROUPS),
+    Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_LIKE_GROUPS,
+                 _LLAMA_LIKE_INPUT_SOURCES),
 )
 
 

@@ -14,11 +14,15 @@ one forward pass this costs nothing extra: each group is solved inside a pre-for
 moment its input is known, and the same pass carries on with the quantized weights and produces
 the block's outputs. Otherwise one pass per group accumulates statistics over the batches (each
 pass stops right after the group's input is seen), then a last pass produces the outputs.
+
+Block transforms (AWQ scales) run first, on the block's full-precision weights: one extra pass
+collects every group's input statistics, the transforms rewrite the block, and the passes above
+then see the rewritten block, so solvers are calibrated on the rescaled inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +31,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate.stats import HessianStats
+from lowbit.calibrate.stats import ChannelMagnitude, HessianStats
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.models.architectures import Architecture
 from lowbit.solvers.base import Solver
+from lowbit.transforms.base import BlockTransform, SharedInput
 
 LayerPlan = Callable[[str, nn.Linear], "tuple[WeightFormat, Solver] | None"]
 """Maps a linear's full name to its format and solver, or None to leave it unquantized."""
@@ -85,13 +90,16 @@ class SequentialQuantizer:
         true_sequential: bool = True,
         on_quantized: QuantizedCallback | None = None,
         activations_on_device: bool = False,
+        transforms: Sequence[BlockTransform] = (),
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
         `activations_on_device` keeps the calibration activations on `device` between blocks
         instead of in CPU memory: no host round trip per forward pass, at the cost of two copies
-        of them (a block's inputs and outputs) in device memory.
+        of them (a block's inputs and outputs) in device memory. `transforms` rewrite each block,
+        in order, before its linears are solved.
         """
+        self.transforms = list(transforms)
         self.model = model
         self.architecture = architecture
         self.plan = plan
@@ -109,13 +117,16 @@ class SequentialQuantizer:
         progress = tqdm(blocks, desc="quantizing blocks", unit="block")
         for index, block in enumerate(progress):
             groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
-            if any(group.needs_hessian for group in groups) and inputs is None:
+            needs_data = self.transforms or any(group.needs_hessian for group in groups)
+            if needs_data and inputs is None:
                 raise ValueError("the chosen method needs calibration data; pass --calib")
             block.to(self.device)
             if inputs is None:
                 for group in groups:
                     self._solve(group)
             else:
+                for transform in self.transforms:
+                    transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
                 inputs = self._quantize_block(block, groups, inputs)
             block.to("cpu")
 
@@ -130,6 +141,48 @@ class SequentialQuantizer:
                     jobs.append(_Job(f"{prefix}.{name}", linear, *choice))
             if jobs:
                 groups.append(_Group(jobs))
+        return groups
+
+    def _shared_inputs(self, block: nn.Module, prefix: str, inputs: _BlockInputs) -> list[SharedInput]:
+        """Every linear group of the block with its input statistics from one full-precision pass."""
+        architecture = self.architecture
+        members = [[block.get_submodule(name) for name in names] for names in architecture.linear_groups]
+        hessians = [HessianStats(linears[0].in_features, device=self.device) for linears in members]
+        magnitudes = [ChannelMagnitude(linears[0].in_features, device=self.device) for linears in members]
+        seen: set[int] = set()
+
+        def make_hook(number: int) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:
+                if number not in seen:  # the first member called sees the shared input
+                    seen.add(number)
+                    hessians[number].add(args[0])
+                    magnitudes[number].add(args[0])
+
+            return hook
+
+        handles = [
+            linear.register_forward_pre_hook(make_hook(number))
+            for number, linears in enumerate(members)
+            for linear in linears
+        ]
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                seen.clear()
+                block(hidden.to(self.device), **_to_device(kwargs, self.device))
+        finally:
+            for handle in handles:
+                handle.remove()
+        groups = []
+        for number, (names, source) in enumerate(zip(architecture.linear_groups, architecture.input_sources)):
+            choices = [self.plan(f"{prefix}.{name}", linear) for name, linear in zip(names, members[number])]
+            groups.append(SharedInput(
+                names=names,
+                members=members[number],
+                formats=[None if choice is None else choice[0] for choice in choices],
+                source=None if source is None else block.get_submodule(source),
+                hessian=hessians[number].hessian,
+                mean_abs=magnitudes[number].mean,
+            ))
         return groups
 
     def _quantize_block(self, block: nn.Module, groups: list[_Group], inputs: _BlockInputs) -> _BlockInputs:
@@ -317,4 +370,5 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
         group_index=qweight.group_index.cpu(),
         metadata=qweight.metadata,
         row_metadata={key: values.cpu() for key, values in qweight.row_metadata.items()},
+        sparse=None if qweight.sparse is None else qweight.sparse.cpu(),
     )

@@ -16,6 +16,7 @@ from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
+from lowbit.transforms import TRANSFORMS, BlockTransform
 
 AUTO_GROUP_SIZES = (128, 64, 32)
 """`group_size: auto` picks the first of these that divides a layer's input width."""
@@ -33,6 +34,8 @@ class Recipe(BaseModel):
     that a model whose width 128 does not divide still gets the finest grouping that exports).
     `format` names a format family (formats.families: int, fp8_e4m3, nvfp4, nf4, ...) that builds
     each layer's format from these fields; families with a fixed width or block check them.
+    `transforms` are applied to each block before its linears are solved (`[awq]` with
+    `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -44,6 +47,7 @@ class Recipe(BaseModel):
     group_size: int | Literal["auto"] = "auto"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     method_options: dict[str, Any] = Field(default_factory=dict)
+    transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
     @field_validator("method")
@@ -67,6 +71,23 @@ class Recipe(BaseModel):
         except FormatError as err:
             raise ValueError(str(err)) from None
         return self
+    @field_validator("transforms")
+    @classmethod
+    def _known_transforms(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"unknown transform {unknown[0]!r}; available: {', '.join(sorted(TRANSFORMS))}")
+        return names
+
+    def transform_names(self) -> list[str]:
+        """The method's own transforms, then the recipe's, each once."""
+        return list(dict.fromkeys([*SOLVERS[self.method].implied_transforms, *self.transforms]))
+
+    def block_transforms(self) -> list[BlockTransform]:
+        return [TRANSFORMS[name]() for name in self.transform_names()]
+
+    def needs_calibration(self) -> bool:
+        return SOLVERS[self.method].needs_hessian or bool(self.transform_names())
 
     def solver(self) -> Solver:
         try:
@@ -111,11 +132,13 @@ class Recipe(BaseModel):
         else:
             layout = f"g{self.group_size}"
         options = "".join(f", {k}={v}" for k, v in sorted(self.method_options.items()))
+        extra = [name for name in self.transform_names() if name != self.method]
+        method = "+".join([*extra, self.method])
         if self.format == "int":
             number = f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
         else:
             number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
-        parts = [self.method, number] + ([] if format_family(self.format).block else [layout])
+        parts = [method, number] + ([] if format_family(self.format).block else [layout])
         return " ".join(parts) + options
 
     def save(self, path: Path) -> None:

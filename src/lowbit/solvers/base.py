@@ -18,12 +18,17 @@ class Solver(ABC):
     layer; a solver without it runs with no calibration data at all. `rows_independent` says that
     each output row is solved on its own (given the shared statistics), so the pipeline may stack
     the matrices that read one input and solve them in one call: one factorisation of the shared
-    Hessian and one pass of per-column work instead of one per matrix.
+    Hessian and one pass of per-column work instead of one per matrix. `implied_transforms` names the
+    block transforms a method is defined with (AWQ is its scale search followed by rounding), which
+    a recipe applies before the solver. `export_problem`, when set, is why compressed-tensors cannot
+    hold what the solver produces; exports are refused with it before any work starts.
     """
 
     name: ClassVar[str]
     needs_hessian: ClassVar[bool] = False
     rows_independent: ClassVar[bool] = False
+    implied_transforms: ClassVar[tuple[str, ...]] = ()
+    export_problem: ClassVar[str | None] = None
 
     @abstractmethod
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:

@@ -1,0 +1,178 @@
+"""Weight-only methods on SmolLM2-135M: RTN, HQQ, EasyQuant, AWQ, GPTQ and AWQ+GPTQ side by side.
+
+Same protocol as benchmarks/foundation.py: calibration = random windows of
+../shared/data/wikitext-2/valid.txt (used only by the methods that need data: awq, gptq,
+awq+gptq); evaluation = the first --eval-windows non-overlapping 2048-token windows of test.txt,
+perplexity and KL(original || quantized). Every row starts from the same original weights.
+Group size 128 does not divide SmolLM2's width 576, so the settings are w4 asym g64, w3 asym g64
+and w4 asym per channel. Bits per weight include scales, zero points and (EasyQuant) the sparse
+outliers.
+
+    python benchmarks/weight_only_methods.py     # writes benchmarks/results/weight_only_methods.{json,md}
+    python benchmarks/weight_only_methods.py --render
+    python benchmarks/weight_only_methods.py --merge benchmarks/results/OTHER.json   # add a second run's rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
+from lowbit.evaluate import ReferenceLogProbs, evaluate
+from lowbit.models.architectures import architecture_of
+from lowbit.models.loading import load_model
+from lowbit.pipeline.sequential import SequentialQuantizer
+from lowbit.recipes import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+SETTINGS = "4:64,3:64,4:-1"
+METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
+"""Also the run order: every setting of a method before the next method, so that a run cut short
+(each GPTQ row takes many minutes on a shared CPU) still has the cheap rows of every setting."""
+
+
+def recipe_for(method: str, bits: int, group_size: int) -> Recipe:
+    """'a+b' is transform a before solver b; a plain name is a method (with what it implies)."""
+    *transforms, solver = method.split("+")
+    return Recipe(method=solver, transforms=transforms, bits=bits, symmetric=False, group_size=group_size)
+
+
+def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:
+    """A quantized copy of `original`; returns it with its seconds and average bits per weight."""
+    model = copy.deepcopy(original)
+    bits = count = 0
+
+    def on_quantized(name, qweight):
+        nonlocal bits, count
+        bits += qweight.bits_per_weight() * qweight.codes.numel()
+        count += qweight.codes.numel()
+
+    start = time.perf_counter()
+    SequentialQuantizer(
+        model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms()
+    ).run(calibration if recipe.needs_calibration() else None)
+    return model, time.perf_counter() - start, bits / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--settings", default=SETTINGS, help="comma-separated bits:group_size (-1 = per channel)")
+    parser.add_argument("--methods", default=METHODS, help="comma-separated; 'awq+gptq' = AWQ transform, then GPTQ")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "weight_only_methods")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="add the rows of other saved runs (same model, calibration and evaluation) to --out")
+    args = parser.parse_args()
+    if args.render or args.merge:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        for path in args.merge or []:
+            saved = merged(saved, json.loads(path.read_text()), path)
+        save(args, saved["meta"], saved["rows"])
+        return
+    torch.manual_seed(0)
+
+    loaded = load_model(None)
+    original, tokenizer = loaded.model, loaded.tokenizer
+    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
+    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
+    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
+    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    settings = [tuple(map(int, setting.split(":"))) for setting in args.settings.split(",")]
+    rows: list[dict] = []
+    meta: dict = {}
+    for method in args.methods.split(","):
+        for bits, group_size in settings:
+            recipe = recipe_for(method, bits, group_size)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
+            if not rows:  # the original's perplexity comes with the KL pass over its log-probabilities
+                rows.append({"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
+                             "perplexity": result.reference_perplexity, "kl": 0.0, "seconds": 0.0})
+                meta = describe_run(args, loaded, result)
+            rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
+                         "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
+            print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
+                  f"{bpw:.3f} bits/weight, {seconds:.1f} s", flush=True)
+            del model
+            save(args, meta, rows)  # after every row, so a long run that is cut short keeps its rows
+    print(markdown_table(meta, table_order(rows)))
+
+
+def merged(saved: dict, other: dict, path: Path) -> dict:
+    """Rows of two runs of one protocol in one table: settings in order of appearance, methods in METHODS order."""
+    for key in ("model", "calibration", "evaluation"):
+        if saved["meta"][key] != other["meta"][key]:
+            raise SystemExit(f"{path}: its {key} differs from the saved run's; rows would not be comparable")
+    rows = saved["rows"] + [row for row in other["rows"] if row["method"] != "original"]
+    commands = [*saved["meta"]["command"].split("`; `"), other["meta"]["command"]]
+    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands))}  # shown as `A`; `B`
+    return {"meta": meta, "rows": rows}
+
+
+def table_order(rows: list[dict]) -> list[dict]:
+    """The original first, then settings in order of appearance, methods in METHODS order."""
+    settings = list(dict.fromkeys((row["bits"], row["group_size"]) for row in rows if row["method"] != "original"))
+    methods = METHODS.split(",")
+
+    def order(row: dict) -> tuple[int, int]:
+        if row["method"] == "original":
+            return (-1, -1)
+        return (settings.index((row["bits"], row["group_size"])), methods.index(row["method"]))
+
+    return sorted(rows, key=order)
+
+
+def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = table_order(rows)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
+
+
+def describe_run(args: argparse.Namespace, loaded, result) -> dict:
+    return {
+        "model": loaded.name,
+        "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0 "
+        "(awq, gptq and awq+gptq only; rtn, hqq and easyquant use no data)",
+        "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
+        f"({result.tokens} tokens scored)",
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "command": "python benchmarks/weight_only_methods.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge")),
+    }
+
+
+def markdown_table(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`. Quantize times come from a shared, busy "
+        "machine: they say which methods take seconds and which take minutes, nothing finer.",
+        "",
+        "| scheme | method | bits/weight | perplexity | KL to original | quantize time (s) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["method"] == "original":
+            scheme, kl = "original (float32 weights)", "0 (itself)"
+        else:
+            layout = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
+            scheme, kl = f"w{row['bits']} asym {layout}", f"{row['kl']:.4f}"
+        lines.append(f"| {scheme} | {row['method']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | "
+                     f"{kl} | {row['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
