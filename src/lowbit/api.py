@@ -7,6 +7,8 @@ only puts them in order, times them and returns the numbers the report prints.
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +24,9 @@ from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
-from lowbit.models.loading import LoadedModel, load_model
+from lowbit.models.loading import LoadedModel, default_model_path, load_model
+from lowbit.pipeline.activations import SpilledActivations
+from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
 
@@ -45,6 +49,10 @@ class Settings:
     batch_size: int | None = None
     true_sequential: bool = True
     dtype: str = "auto"
+    resume: bool = False
+    """Continue the interrupted run that wrote the same output folder (lowbit.pipeline.resume)."""
+    offload_activations: bool = False
+    """Keep calibration activations in memory-mapped files instead of memory."""
 
 
 @dataclass
@@ -134,19 +142,17 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
     solver_needs_data = recipe.solver().needs_hessian
     writer = None
+    checkpoint = None
     if out_dir is not None:
-        writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))
+        checkpoint = RunCheckpoint.claim(out_dir, resume=settings.resume, overwrite=overwrite)
+        try:
+            writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))
+        except BaseException:
+            checkpoint.abandon()
+            raise
     report = QuantizeReport(model=loaded.name, recipe=recipe, out_dir=out_dir, calibration="none (data-free)")
     report.original_megabytes = sum(p.numel() for p in model.parameters()) * REFERENCE_BITS / 8 / 1e6
     device = resolve_device(settings.device)
-
-    with timer("calibration data"):
-        calibration = None
-        if solver_needs_data:
-            calibration, report.calibration = resolve_calibration(
-                settings.calib, model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
-            )
-    reference = copy.deepcopy(model) if evaluate_result else None
 
     quantized_names: set[str] = set()
 
@@ -156,24 +162,55 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         if writer is not None:
             writer.add_quantized(name, qweight)
 
+    spill_folder = None
     try:
+        with timer("calibration data"):
+            calibration = None
+            if solver_needs_data:
+                calibration, report.calibration = resolve_calibration(
+                    settings.calib, model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
+                )
+        reference = copy.deepcopy(model) if evaluate_result else None
+        plan = recipe.plan()
+        hooks, keep_output, start_block, start_hidden, callback = [], None, 0, None, on_quantized
+        if checkpoint is not None:
+            fingerprint = run_fingerprint(source, loaded, recipe, calibration, settings, device)
+            blocks_total = len(architecture.block_list(model))
+            start_block = checkpoint.start(fingerprint, blocks_total, offload_activations=settings.offload_activations)
+            checkpoint.replay(model, architecture, plan, on_quantized)
+            start_hidden = checkpoint.start_hidden()
+            hooks, keep_output, callback = [checkpoint], checkpoint.keep_output, checkpoint.recording(on_quantized)
+        elif settings.offload_activations and calibration is not None:
+            spill_folder = tempfile.TemporaryDirectory(prefix="lowbit-activations-")
+            spill = SpilledActivations(Path(spill_folder.name))
+            hooks, keep_output = [spill], spill.keep
         with timer("quantize"):
             SequentialQuantizer(
                 model,
                 architecture,
-                recipe.plan(),
+                plan,
                 device=device,
                 batch_size=settings.batch_size,
                 true_sequential=settings.true_sequential,
-                on_quantized=on_quantized,
-            ).run(calibration)
+                on_quantized=callback,
+                hooks=hooks,
+                keep_output=keep_output,
+            ).run(calibration, start_block=start_block, start_hidden=start_hidden)
         if writer is not None:
             with timer("export"):
                 _export(writer, loaded, quantized_names, report)
-    except BaseException:
+            checkpoint.remove()
+    except BaseException as error:
         if writer is not None:
             writer.abort()
+        if checkpoint is not None:
+            checkpoint.abandon()
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            raise OutOfMemory(device) from error
         raise
+    finally:
+        if spill_folder is not None:
+            spill_folder.cleanup()
 
     if out_dir is not None:
         with timer("export check"):
@@ -193,6 +230,40 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     report.seconds = timer.seconds
     report.quantized_model = model
     return report
+
+
+class OutOfMemory(MemoryError):
+    """The accelerator ran out of memory; the message names the options that use less of it."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(
+            f"out of {device.type.upper()} memory while quantizing; rerun with --resume and "
+            "--offload-activations, a smaller --batch-size, or --device cpu"
+        )
+
+
+def run_fingerprint(
+    source: str | None, loaded: LoadedModel, recipe: Recipe, calibration: torch.Tensor | None,
+    settings: Settings, device: torch.device,
+) -> dict[str, str]:
+    """What must be equal for an interrupted run to continue into a bit-identical export."""
+    if source is None:
+        location: Path | None = default_model_path()
+    else:
+        location = Path(source).expanduser()
+        location = location if location.exists() else None
+    outcome = {
+        "true_sequential": settings.true_sequential,
+        "batch_size": settings.batch_size,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "device": device.type,
+    }
+    return {
+        "recipe": digest(json.dumps(recipe.model_dump(), sort_keys=True, default=str)),
+        "model": model_identity(location, loaded.model.config.to_json_string(), loaded.name),
+        "calibration": tensor_digest(calibration),
+        "settings": digest(json.dumps(outcome, sort_keys=True)),
+    }
 
 
 def _export(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -97,7 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every layer of a block on the unquantized block's activations")
     q.add_argument("--out", type=Path, help="output folder (default: ./<model>-<method>-w<bits>)")
     q.add_argument("--no-export", action="store_true", help="quantize and evaluate without writing a checkpoint")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (or discard an interrupted run's state)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run that was writing --out from its last finished block")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in memory-mapped files instead of memory")
     q.add_argument("--save-recipe", type=Path, help="also write the effective recipe to this YAML file")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
     _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
@@ -157,6 +163,8 @@ def _settings(args: argparse.Namespace):
         batch_size=getattr(args, "batch_size", None),
         true_sequential=getattr(args, "true_sequential", True),
         dtype=args.dtype,
+        resume=getattr(args, "resume", False),
+        offload_activations=getattr(args, "offload_activations", False),
     )
 
 
@@ -219,17 +227,28 @@ def run_eval(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error, with what to do where the exception itself cannot know it."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" writing {err.filename}" if err.filename else ""
+        return (f"no space left on the device{where}; nothing was written as complete: free space and "
+                "rerun with --resume (finished blocks are kept)")
+    if isinstance(err, MemoryError) and not message:
+        return "out of memory; rerun with --resume and --offload-activations, or a smaller --batch-size"
+    return message or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:
         {"quantize": run_quantize, "eval": run_eval}[args.command](args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MemoryError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_one_line(err)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written as complete")
