@@ -82,3 +82,85 @@ def test_kill_9_then_resume_gives_the_uninterrupted_export(tmp_path, tiny_model_
     assert files_of(out) == files_of(reference_out)
     assert json.loads((out / "lowbit.json").read_text())["complete"] is True
     assert not run_folder(out).exists()
+
+
+class Interrupt(KeyboardInterrupt):
+    """Stands for a kill arriving at a chosen point of a block's commit."""
+
+
+def test_crash_between_block_file_and_manifest_redoes_the_block(tmp_path, tiny_model_dir, wikitext, monkeypatch,
+                                                                capsys):
+    """The block's file is on disk but the manifest never counted it: resume redoes that block.
+
+    The interrupted run spills its activations to disk and the reference keeps them in memory,
+    so this also checks that spilling changes nothing.
+    """
+    from lowbit.pipeline import resume
+
+    calib = wikitext / "valid.txt"
+    reference = tmp_path / "reference"
+    assert main(quantize_args(tiny_model_dir, reference, calib)) == 0
+
+    out = tmp_path / "out"
+    original = resume.write_json_atomic
+
+    def write_manifest(path, data):
+        if data.get("blocks_done") == 2:  # block 1 and its outputs are committed, the manifest is not
+            raise Interrupt
+        original(path, data)
+
+    monkeypatch.setattr(resume, "write_json_atomic", write_manifest)
+    assert main(quantize_args(tiny_model_dir, out, calib, "--offload-activations")) == 130
+    monkeypatch.setattr(resume, "write_json_atomic", original)
+    state = json.loads((run_folder(out) / MANIFEST).read_text())
+    assert state["blocks_done"] == 1 and state["complete"] is False
+    assert (run_folder(out) / "blocks" / "block-00001.safetensors").is_file()
+
+    # A different calibration cannot continue this run.
+    assert main(quantize_args(tiny_model_dir, out, calib, "--offload-activations", "--resume", "--seed", "1")) == 2
+    assert "calibration" in capsys.readouterr().out
+
+    assert main(quantize_args(tiny_model_dir, out, calib, "--offload-activations", "--resume")) == 0
+    assert files_of(out) == files_of(reference)
+
+
+def test_rtn_run_resumes_without_activations(tmp_path, tiny_model_dir, monkeypatch):
+    from lowbit.pipeline import resume
+
+    args = ["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32", "--no-eval"]
+    assert main([*args, "--out", str(tmp_path / "reference")]) == 0
+    original = resume.RunCheckpoint.after_block
+
+    def after_block(self, index, block, outputs):
+        original(self, index, block, outputs)
+        raise Interrupt
+
+    monkeypatch.setattr(resume.RunCheckpoint, "after_block", after_block)
+    assert main([*args, "--out", str(tmp_path / "out")]) == 130
+    monkeypatch.setattr(resume.RunCheckpoint, "after_block", original)
+    assert main([*args, "--out", str(tmp_path / "out"), "--resume"]) == 0
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "reference")
+    model, _ = load_quantized(tmp_path / "out")
+    reference, _ = load_quantized(tmp_path / "reference")
+    ids = torch.arange(16)[None]
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_overwrite_discards_an_unfinished_run(tmp_path, tiny_model_dir, monkeypatch):
+    from lowbit.pipeline import resume
+
+    args = ["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32", "--no-eval",
+            "--out", str(tmp_path / "out")]
+    original = resume.RunCheckpoint.after_block
+
+    def after_block(self, index, block, outputs):
+        original(self, index, block, outputs)
+        raise Interrupt
+
+    monkeypatch.setattr(resume.RunCheckpoint, "after_block", after_block)
+    assert main(args) == 130
+    monkeypatch.setattr(resume.RunCheckpoint, "after_block", original)
+    assert run_folder(tmp_path / "out").is_dir()
+    assert main([*args, "--overwrite"]) == 0
+    assert not run_folder(tmp_path / "out").exists()
+    assert json.loads((tmp_path / "out" / "lowbit.json").read_text())["complete"] is True
