@@ -24,6 +24,7 @@ from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
+from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
 from lowbit.pipeline.activations import SpilledActivations
 from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
@@ -135,10 +136,12 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
              overwrite: bool = False, evaluate_result: bool = True) -> QuantizeReport:
     """Quantize `source` with `recipe`, export to `out_dir`, and measure what it cost."""
     timer = _Timer()
+    check_folder_architecture(source)
     with timer("load"):
         loaded = load_model(source, settings.dtype)
     model = loaded.model
     architecture = architecture_of(model)
+    check_finite_weights(model.state_dict().items())
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
     solver_needs_data = recipe.solver().needs_hessian
     writer = None
@@ -206,7 +209,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         if checkpoint is not None:
             checkpoint.abandon()
         if isinstance(error, torch.cuda.OutOfMemoryError):
-            raise OutOfMemory(device) from error
+            raise OutOfMemory() from error
         raise
     finally:
         if spill_folder is not None:
@@ -235,10 +238,10 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
 class OutOfMemory(MemoryError):
     """The accelerator ran out of memory; the message names the options that use less of it."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self) -> None:
         super().__init__(
-            f"out of {device.type.upper()} memory while quantizing; rerun with --resume and "
-            "--offload-activations, a smaller --batch-size, or --device cpu"
+            "out of GPU memory while quantizing; rerun with --resume and --offload-activations "
+            "(calibration activations on disk), a smaller --batch-size, or --device cpu"
         )
 
 

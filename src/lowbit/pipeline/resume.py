@@ -41,11 +41,12 @@ from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import lowbit
 from lowbit.export.load import RUN_MANIFEST
+from lowbit.export.shards import save_safetensors
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture
 from lowbit.pipeline.activations import ActivationError, SpilledActivations, load_activations, save_activations
@@ -259,7 +260,7 @@ class RunCheckpoint:
         metadata = {"layers": json.dumps({name: q.metadata for name, q in self._pending.items()})}
         path = self._block_file(index)
         path.parent.mkdir(exist_ok=True)
-        write_atomic(path, lambda temp: save_file(_contiguous(tensors), str(temp), metadata=metadata))
+        write_atomic(path, lambda temp: save_safetensors(_contiguous(tensors), temp, metadata=metadata))
         if outputs is not None:
             if self.spill is not None:
                 self.spill.seal_block(index)
