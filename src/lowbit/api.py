@@ -10,7 +10,7 @@ import copy
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
+from lowbit.models.streaming import STREAMED_SHARD_BYTES, StreamedModel, should_stream
 from lowbit.pipeline.activations import SpilledActivations
 from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
@@ -50,6 +51,9 @@ class Settings:
     batch_size: int | None = None
     true_sequential: bool = True
     dtype: str = "auto"
+    offload: str = "auto"
+    """"disk": stream the model's blocks from its safetensors files (lowbit.models.streaming);
+    "auto": do so when the weights would not fit in memory; "none": load the whole model."""
     resume: bool = False
     """Continue the interrupted run that wrote the same output folder (lowbit.pipeline.resume)."""
     offload_activations: bool = False
@@ -137,8 +141,14 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     """Quantize `source` with `recipe`, export to `out_dir`, and measure what it cost."""
     timer = _Timer()
     check_folder_architecture(source)
+    streamed = None
     with timer("load"):
-        loaded = load_model(source, settings.dtype)
+        if should_stream(source, settings.offload):
+            streamed = StreamedModel(source, settings.dtype)
+            loaded = streamed.loaded
+            evaluate_result = False  # evaluation and the export check need the whole model in memory
+        else:
+            loaded = load_model(source, settings.dtype)
     model = loaded.model
     architecture = architecture_of(model)
     check_finite_weights(model.state_dict().items())
@@ -149,7 +159,10 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     if out_dir is not None:
         checkpoint = RunCheckpoint.claim(out_dir, resume=settings.resume, overwrite=overwrite)
         try:
-            writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))
+            writer = CompressedTensorsWriter(
+                out_dir, overwrite=overwrite or _is_lowbit_export(out_dir),
+                **({"max_shard_bytes": STREAMED_SHARD_BYTES} if streamed is not None else {}),
+            )
         except BaseException:
             checkpoint.abandon()
             raise
@@ -176,17 +189,21 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         reference = copy.deepcopy(model) if evaluate_result else None
         plan = recipe.plan()
         hooks, keep_output, start_block, start_hidden, callback = [], None, 0, None, on_quantized
+        if streamed is not None:
+            hooks.append(streamed)
         if checkpoint is not None:
             fingerprint = run_fingerprint(source, loaded, recipe, calibration, settings, device)
             blocks_total = len(architecture.block_list(model))
             start_block = checkpoint.start(fingerprint, blocks_total, offload_activations=settings.offload_activations)
-            checkpoint.replay(model, architecture, plan, on_quantized)
+            checkpoint.replay(model, architecture, plan, on_quantized, set_weights=streamed is None)
             start_hidden = checkpoint.start_hidden()
-            hooks, keep_output, callback = [checkpoint], checkpoint.keep_output, checkpoint.recording(on_quantized)
+            hooks.append(checkpoint)
+            keep_output, callback = checkpoint.keep_output, checkpoint.recording(on_quantized)
         elif settings.offload_activations and calibration is not None:
             spill_folder = tempfile.TemporaryDirectory(prefix="lowbit-activations-")
             spill = SpilledActivations(Path(spill_folder.name))
-            hooks, keep_output = [spill], spill.keep
+            hooks.append(spill)
+            keep_output = spill.keep
         with timer("quantize"):
             SequentialQuantizer(
                 model,
@@ -201,7 +218,8 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
             ).run(calibration, start_block=start_block, start_hidden=start_hidden)
         if writer is not None:
             with timer("export"):
-                _export(writer, loaded, quantized_names, report)
+                dense = streamed.dense_tensors(quantized_names) if streamed is not None else None
+                _export(writer, loaded, quantized_names, report, dense)
             checkpoint.remove()
     except BaseException as error:
         if writer is not None:
@@ -215,10 +233,9 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         if spill_folder is not None:
             spill_folder.cleanup()
 
-    if out_dir is not None:
+    if out_dir is not None and streamed is None:
         with timer("export check"):
             report.export_max_abs_diff = export_logit_difference(model, out_dir, loaded.tokenizer)
-        report.checkpoint_megabytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
 
     if evaluate_result:
         with timer("evaluate"):
@@ -230,8 +247,10 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
                 reference=reference, device=device,
             )
+    if out_dir is not None:
+        report.checkpoint_megabytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
     report.seconds = timer.seconds
-    report.quantized_model = model
+    report.quantized_model = model if streamed is None else None
     return report
 
 
@@ -270,15 +289,21 @@ def run_fingerprint(
 
 
 def _export(
-    writer: CompressedTensorsWriter, loaded: LoadedModel, quantized_names: set[str], report: QuantizeReport
+    writer: CompressedTensorsWriter, loaded: LoadedModel, quantized_names: set[str], report: QuantizeReport,
+    dense: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write the tensors the pipeline did not quantize (embeddings, norms, head), then finish."""
-    dense = {
-        name: tensor
-        for name, tensor in loaded.model.state_dict().items()
-        if name.removesuffix(".weight") not in quantized_names
-    }
-    writer.add_tensors(dense)
+    """Write the tensors the pipeline did not quantize (embeddings, norms, head), then finish.
+
+    `dense` streams them one by one (a model read from disk); by default they come from the model."""
+    if dense is None:
+        writer.add_tensors({
+            name: tensor
+            for name, tensor in loaded.model.state_dict().items()
+            if name.removesuffix(".weight") not in quantized_names
+        })
+    else:
+        for name, tensor in dense:
+            writer.add_tensors({name: tensor})
     writer.finish(
         loaded.model.config,
         tokenizer=loaded.tokenizer,

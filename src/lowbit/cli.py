@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output folder (or discard an interrupted run's state)")
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run that was writing --out from its last finished block")
+    q.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: read one block at a time from the model's safetensors files (models larger "
+                   "than memory; no evaluation); auto (default): when the weights exceed half the free memory")
     q.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations in memory-mapped files instead of memory")
     q.add_argument("--save-recipe", type=Path, help="also write the effective recipe to this YAML file")
@@ -163,6 +166,7 @@ def _settings(args: argparse.Namespace):
         batch_size=getattr(args, "batch_size", None),
         true_sequential=getattr(args, "true_sequential", True),
         dtype=args.dtype,
+        offload=getattr(args, "offload", "auto"),
         resume=getattr(args, "resume", False),
         offload_activations=getattr(args, "offload_activations", False),
     )
@@ -205,7 +209,12 @@ def print_quantize_report(report) -> None:
             f"evaluation: {report.evaluation}; {result.windows} non-overlapping windows of {result.seq_len} "
             f"tokens ({result.tokens} scored)"
         )
-    if report.out_dir is not None:
+    if report.out_dir is not None and report.export_max_abs_diff is None:
+        console.print(
+            f"wrote [bold]{report.out_dir}[/] (compressed-tensors), streamed from disk: not reloaded or "
+            f"evaluated here (that needs the whole model in memory); `lowbit eval {report.out_dir}` does both"
+        )
+    elif report.out_dir is not None:
         console.print(
             f"wrote [bold]{report.out_dir}[/] (compressed-tensors); reloaded logits differ from the "
             f"in-memory model by at most {report.export_max_abs_diff:.2e}"
