@@ -12,6 +12,10 @@ from lowbit.models.architectures import UnsupportedModelError, supported_model_t
 from lowbit.models.loading import ModelSourceError
 
 
+CHECK_SLICE = 1 << 22
+"""Elements checked at a time for NaN/Inf."""
+
+
 class NonFiniteWeightsError(ValueError):
     """A weight of the model is NaN or infinite; the message names it."""
 
@@ -38,8 +42,13 @@ def check_finite_weights(tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Refuse NaN/Inf in any floating-point tensor: they would poison every scale of their group
     (or, in a norm or embedding, every output), and the result would only show up as NaN later."""
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        flat = tensor.reshape(-1)
+        # In slices: a mask of the whole tensor would cost as much memory as a streamed block.
+        bad = sum(int((~torch.isfinite(flat[start : start + CHECK_SLICE])).sum())
+                  for start in range(0, flat.numel(), CHECK_SLICE))
+        if bad:
             raise NonFiniteWeightsError(
                 f"{name} contains {bad} NaN/Inf value(s); the checkpoint is damaged or overflowed its dtype: "
                 "re-export it, or choose a --dtype that holds its values"

@@ -29,9 +29,10 @@ from lowbit.models.loading import LoadedModel, ModelSourceError, parse_dtype
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-STREAMED_SHARD_BYTES = 512 * 1024 * 1024
-"""Export shard size while streaming: the writer buffers one shard in memory, so it must stay
-small next to one block (the usual 2 GB would dominate the memory a streamed run needs)."""
+STREAMED_SHARD_BYTES = 256 * 1024 * 1024
+"""Export shard size while streaming: the writer buffers one shard in memory and safetensors
+serializes it into a second copy, so it must stay small next to one block (the usual 2 GB would
+dominate the memory a streamed run needs)."""
 
 
 class ShardIndex:
@@ -151,7 +152,10 @@ class StreamedModel:
 
     def dense_tensors(self, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Every checkpoint tensor of the model except the weights of the linears in `skip`, read
-        from disk one at a time; a tied head that the checkpoint does not store is left out."""
+        from disk one at a time; a tied head that the checkpoint does not store is left out.
+
+        The embedding read for calibration is dropped first: it is read again like the rest."""
+        self.loaded.model.to("meta")
         names = [
             name for name in self.loaded.model.state_dict()
             if name.removesuffix(".weight") not in skip and name in self.index.files

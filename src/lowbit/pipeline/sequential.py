@@ -99,6 +99,7 @@ class SequentialQuantizer:
         on_quantized: QuantizedCallback | None = None,
         hooks: Sequence[BlockHooks] = (),
         keep_output: KeepOutput | None = None,
+        reduce_stats: Callable[[HessianStats], None] | None = None,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once)."""
         self.model = model
@@ -110,6 +111,7 @@ class SequentialQuantizer:
         self.on_quantized = on_quantized or (lambda name, qweight: None)
         self.hooks = tuple(hooks)
         self.keep_output = keep_output
+        self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
 
     @torch.no_grad()
     def run(
@@ -228,6 +230,8 @@ class SequentialQuantizer:
     def _solve(self, group: _Group) -> None:
         if group.solved:
             return
+        if group.stats is not None and self.reduce_stats is not None:
+            self.reduce_stats(group.stats)
         for job in group.jobs:
             weight = job.linear.weight.data
             with _solver_threads(self.device):
