@@ -83,3 +83,29 @@ def test_two_gloo_processes_match_one(tmp_path):
     differing = sum(int((ranks[0]["codes"][n] != single["codes"][n]).sum()) for n in single["codes"])
     total = sum(c.numel() for c in single["codes"].values())
     assert differing <= 0.002 * total, f"{differing} of {total} codes differ"
+
+
+@pytest.mark.slow
+def test_torchrun_cli_export_matches_a_single_process(tmp_path, tiny_model_dir, wikitext):
+    """`torchrun --nproc-per-node 2 -m lowbit.cli quantize`: process 0 writes an export whose
+    weights match a single process's up to the order of the sums."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lowbit.export import load_quantized
+
+    args = ["quantize", str(tiny_model_dir), "--method", "gptq", "--group-size", "32", "--no-eval",
+            "--calib", str(wikitext / "valid.txt"), "--samples", "4", "--seq-len", "32"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "lowbit.cli", *args, "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stdout + single.stderr
+    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "--master-port", str(free_port()), "-m", "lowbit.cli", *args,
+                            "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert split.returncode == 0, split.stdout + split.stderr
+    one, _ = load_quantized(tmp_path / "one")
+    two, _ = load_quantized(tmp_path / "two")
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert (a != b).float().mean() <= 0.01, name

@@ -28,6 +28,7 @@ from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
 from lowbit.models.streaming import STREAMED_SHARD_BYTES, StreamedModel, should_stream
 from lowbit.pipeline.activations import SpilledActivations
+from lowbit.pipeline.distributed import DistributedError, device_for, join_world
 from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
@@ -141,6 +142,11 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     """Quantize `source` with `recipe`, export to `out_dir`, and measure what it cost."""
     timer = _Timer()
     check_folder_architecture(source)
+    world = join_world(resolve_device(settings.device))
+    if world.size > 1 and (settings.resume or settings.offload_activations):
+        raise DistributedError("--resume and --offload-activations work in a single process; drop them or run one")
+    if not world.is_main:  # process 0 alone writes and evaluates
+        out_dir, evaluate_result = None, False
     streamed = None
     with timer("load"):
         if should_stream(source, settings.offload):
@@ -156,19 +162,21 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     solver_needs_data = recipe.solver().needs_hessian
     writer = None
     checkpoint = None
-    if out_dir is not None:
+    if out_dir is not None and world.size == 1:
         checkpoint = RunCheckpoint.claim(out_dir, resume=settings.resume, overwrite=overwrite)
+    if out_dir is not None:
         try:
             writer = CompressedTensorsWriter(
                 out_dir, overwrite=overwrite or _is_lowbit_export(out_dir),
                 **({"max_shard_bytes": STREAMED_SHARD_BYTES} if streamed is not None else {}),
             )
         except BaseException:
-            checkpoint.abandon()
+            if checkpoint is not None:
+                checkpoint.abandon()
             raise
     report = QuantizeReport(model=loaded.name, recipe=recipe, out_dir=out_dir, calibration="none (data-free)")
     report.original_megabytes = sum(p.numel() for p in model.parameters()) * REFERENCE_BITS / 8 / 1e6
-    device = resolve_device(settings.device)
+    device = device_for(world, resolve_device(settings.device))
 
     quantized_names: set[str] = set()
 
@@ -213,14 +221,16 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 batch_size=settings.batch_size,
                 true_sequential=settings.true_sequential,
                 on_quantized=callback,
+                reduce_stats=world.reduce_stats,
                 hooks=hooks,
                 keep_output=keep_output,
-            ).run(calibration, start_block=start_block, start_hidden=start_hidden)
+            ).run(world.shard(calibration), start_block=start_block, start_hidden=start_hidden)
         if writer is not None:
             with timer("export"):
                 dense = streamed.dense_tensors(quantized_names) if streamed is not None else None
                 _export(writer, loaded, quantized_names, report, dense)
-            checkpoint.remove()
+            if checkpoint is not None:
+                checkpoint.remove()
     except BaseException as error:
         if writer is not None:
             writer.abort()

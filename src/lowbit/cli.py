@@ -182,7 +182,8 @@ def run_quantize(args: argparse.Namespace) -> None:
                       evaluate_result=not args.no_eval)
     if args.save_recipe:
         recipe.save(args.save_recipe)
-    print_quantize_report(report)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 reports for all
+        print_quantize_report(report)
 
 
 def print_quantize_report(report) -> None:
