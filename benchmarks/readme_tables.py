@@ -15,6 +15,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {  # results file -> heading in the README
     "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
+    "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 
