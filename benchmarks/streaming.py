@@ -208,18 +208,23 @@ def main() -> None:
             model = work / f"llama-{layers}"
             size = write_synthetic(model, layers)
             print(f"wrote {model}: {size / 2**30:.2f} GiB", flush=True)
-            runs = [("disk", cap), ("none", cap)] if layers == args.layers else [("disk", cap), ("none", None)]
+            # Streamed with and without the cap at both depths; the whole model under the cap (large)
+            # and without it (small, also to compare the exported tensors).
+            whole = ("none", cap) if layers == args.layers else ("none", None)
+            runs = [("disk", cap), ("disk", None), whole]
             for offload, limit in runs:
-                out = work / f"out-{layers}-{offload}"
+                out = work / f"out-{layers}-{offload}-{'capped' if limit else 'free'}"
                 row = {"layers": layers, "checkpoint_gib": size / 2**30,
                        **run_quantize(model, out, offload, limit, args.method, [])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 save(args, meta, rows)
             if layers == args.small_layers:
-                meta["same_tensors"] = same_tensors(work / f"out-{layers}-disk", work / f"out-{layers}-none")
+                meta["same_tensors"] = same_tensors(work / f"out-{layers}-disk-capped", work / f"out-{layers}-none-free")
                 save(args, meta, rows)
             shutil.rmtree(model)
+            for out in work.glob(f"out-{layers}-*"):
+                shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(markdown_table(meta, rows))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -150,6 +151,11 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     streamed = None
     with timer("load"):
         if should_stream(source, settings.offload):
+            if settings.offload == "auto":
+                logging.getLogger(__name__).warning(
+                    "the weights of %s exceed half of the free memory: streaming its blocks from disk "
+                    "(--offload disk); evaluation is skipped (pass --offload none to load it whole)", source
+                )
             streamed = StreamedModel(source, settings.dtype)
             loaded = streamed.loaded
             evaluate_result = False  # evaluation and the export check need the whole model in memory
