@@ -20,6 +20,7 @@ TABLES = {  # results file -> heading in the README
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
+    "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 

@@ -7,8 +7,11 @@ only puts them in order, times them and returns the numbers the report prints.
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,12 @@ from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
-from lowbit.models.loading import LoadedModel, load_model
+from lowbit.models.checks import check_finite_weights, check_folder_architecture
+from lowbit.models.loading import LoadedModel, default_model_path, load_model
+from lowbit.models.streaming import STREAMED_SHARD_BYTES, StreamedModel, should_stream
+from lowbit.pipeline.activations import SpilledActivations
+from lowbit.pipeline.distributed import DistributedError, device_for, join_world
+from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
 
@@ -45,6 +53,13 @@ class Settings:
     batch_size: int | None = None
     true_sequential: bool = True
     dtype: str = "auto"
+    offload: str = "auto"
+    """"disk": stream the model's blocks from its safetensors files (lowbit.models.streaming);
+    "auto": do so when the weights would not fit in memory; "none": load the whole model."""
+    resume: bool = False
+    """Continue the interrupted run that wrote the same output folder (lowbit.pipeline.resume)."""
+    offload_activations: bool = False
+    """Keep calibration activations in memory-mapped files instead of memory."""
 
 
 @dataclass
@@ -129,26 +144,51 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
              overwrite: bool = False, evaluate_result: bool = True) -> QuantizeReport:
     """Quantize `source` with `recipe`, export to `out_dir`, and measure what it cost."""
     timer = _Timer()
+    check_folder_architecture(source)
+    world = join_world(resolve_device(settings.device))
+    if world.size > 1 and (settings.resume or settings.offload_activations):
+        raise DistributedError("--resume and --offload-activations work in a single process; drop them or run one")
+    if world.size > 1 and recipe.transform_names():
+        # Their statistics are gathered per process and not yet summed across processes, so each
+        # process would rescale its copy of the model differently.
+        raise DistributedError(f"transforms ({', '.join(recipe.transform_names())}) work in a single process; run one")
+    if not world.is_main:  # process 0 alone writes and evaluates
+        out_dir, evaluate_result = None, False
+    streamed = None
     with timer("load"):
-        loaded = load_model(source, settings.dtype)
+        if should_stream(source, settings.offload):
+            if settings.offload == "auto":
+                logging.getLogger(__name__).warning(
+                    "the weights of %s exceed half of the free memory: streaming its blocks from disk "
+                    "(--offload disk); evaluation is skipped (pass --offload none to load it whole)", source
+                )
+            streamed = StreamedModel(source, settings.dtype)
+            loaded = streamed.loaded
+            evaluate_result = False  # evaluation and the export check need the whole model in memory
+        else:
+            loaded = load_model(source, settings.dtype)
     model = loaded.model
     architecture = architecture_of(model)
+    check_finite_weights(model.state_dict().items())
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
     solver_needs_data = recipe.needs_calibration()
     writer = None
+    checkpoint = None
+    if out_dir is not None and world.size == 1:
+        checkpoint = RunCheckpoint.claim(out_dir, resume=settings.resume, overwrite=overwrite)
     if out_dir is not None:
-        writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))
+        try:
+            writer = CompressedTensorsWriter(
+                out_dir, overwrite=overwrite or _is_lowbit_export(out_dir),
+                **({"max_shard_bytes": STREAMED_SHARD_BYTES} if streamed is not None else {}),
+            )
+        except BaseException:
+            if checkpoint is not None:
+                checkpoint.abandon()
+            raise
     report = QuantizeReport(model=loaded.name, recipe=recipe, out_dir=out_dir, calibration="none (data-free)")
     report.original_megabytes = sum(p.numel() for p in model.parameters()) * REFERENCE_BITS / 8 / 1e6
-    device = resolve_device(settings.device)
-
-    with timer("calibration data"):
-        calibration = None
-        if solver_needs_data:
-            calibration, report.calibration = resolve_calibration(
-                settings.calib, model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
-            )
-    reference = copy.deepcopy(model) if evaluate_result else None
+    device = device_for(world, resolve_device(settings.device))
 
     quantized_names: set[str] = set()
 
@@ -158,30 +198,67 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         if writer is not None:
             writer.add_quantized(name, qweight)
 
+    spill_folder = None
     try:
+        with timer("calibration data"):
+            calibration = None
+            if solver_needs_data:
+                calibration, report.calibration = resolve_calibration(
+                    settings.calib, model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
+                )
+        reference = copy.deepcopy(model) if evaluate_result else None
+        plan = recipe.plan()
+        hooks, keep_output, start_block, start_hidden, callback = [], None, 0, None, on_quantized
+        if streamed is not None:
+            hooks.append(streamed)
+        if checkpoint is not None:
+            fingerprint = run_fingerprint(source, loaded, recipe, calibration, settings, device)
+            blocks_total = len(architecture.block_list(model))
+            start_block = checkpoint.start(fingerprint, blocks_total, offload_activations=settings.offload_activations)
+            checkpoint.replay(model, architecture, plan, on_quantized, set_weights=streamed is None)
+            start_hidden = checkpoint.start_hidden()
+            hooks.append(checkpoint)
+            keep_output, callback = checkpoint.keep_output, checkpoint.recording(on_quantized)
+        elif settings.offload_activations and calibration is not None:
+            spill_folder = tempfile.TemporaryDirectory(prefix="lowbit-activations-")
+            spill = SpilledActivations(Path(spill_folder.name))
+            hooks.append(spill)
+            keep_output = spill.keep
         with timer("quantize"):
             SequentialQuantizer(
                 model,
                 architecture,
-                recipe.plan(),
+                plan,
                 device=device,
                 batch_size=settings.batch_size,
                 true_sequential=settings.true_sequential,
-                on_quantized=on_quantized,
+                on_quantized=callback,
                 transforms=recipe.block_transforms(),
-            ).run(calibration)
+                reduce_stats=world.reduce_stats,
+                hooks=hooks,
+                keep_output=keep_output,
+            ).run(world.shard(calibration), start_block=start_block, start_hidden=start_hidden)
         if writer is not None:
             with timer("export"):
-                _export(writer, loaded, quantized_names, report)
-    except BaseException:
+                dense = streamed.dense_tensors(quantized_names) if streamed is not None else None
+                _export(writer, loaded, quantized_names, report, dense)
+            if checkpoint is not None:
+                checkpoint.remove()
+    except BaseException as error:
         if writer is not None:
             writer.abort()
+        if checkpoint is not None:
+            checkpoint.abandon()
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            raise OutOfMemory() from error
         raise
+    finally:
+        if spill_folder is not None:
+            spill_folder.cleanup()
 
-    if out_dir is not None:
+    if out_dir is not None and streamed is None:
         with timer("export check"):
             report.export_max_abs_diff = export_logit_difference(model, out_dir, loaded.tokenizer)
-        report.checkpoint_megabytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
 
     if evaluate_result:
         with timer("evaluate"):
@@ -193,21 +270,63 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
                 reference=reference, device=device,
             )
+    if out_dir is not None:
+        report.checkpoint_megabytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
     report.seconds = timer.seconds
-    report.quantized_model = model
+    report.quantized_model = model if streamed is None else None
     return report
 
 
-def _export(
-    writer: CompressedTensorsWriter, loaded: LoadedModel, quantized_names: set[str], report: QuantizeReport
-) -> None:
-    """Write the tensors the pipeline did not quantize (embeddings, norms, head), then finish."""
-    dense = {
-        name: tensor
-        for name, tensor in loaded.model.state_dict().items()
-        if name.removesuffix(".weight") not in quantized_names
+class OutOfMemory(MemoryError):
+    """The accelerator ran out of memory; the message names the options that use less of it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "out of GPU memory while quantizing; rerun with --resume and --offload-activations "
+            "(calibration activations on disk), a smaller --batch-size, or --device cpu"
+        )
+
+
+def run_fingerprint(
+    source: str | None, loaded: LoadedModel, recipe: Recipe, calibration: torch.Tensor | None,
+    settings: Settings, device: torch.device,
+) -> dict[str, str]:
+    """What must be equal for an interrupted run to continue into a bit-identical export."""
+    if source is None:
+        location: Path | None = default_model_path()
+    else:
+        location = Path(source).expanduser()
+        location = location if location.exists() else None
+    outcome = {
+        "true_sequential": settings.true_sequential,
+        "batch_size": settings.batch_size,
+        "dtype": str(next(loaded.model.parameters()).dtype),
+        "device": device.type,
     }
-    writer.add_tensors(dense)
+    return {
+        "recipe": digest(json.dumps(recipe.model_dump(), sort_keys=True, default=str)),
+        "model": model_identity(location, loaded.model.config.to_json_string(), loaded.name),
+        "calibration": tensor_digest(calibration),
+        "settings": digest(json.dumps(outcome, sort_keys=True)),
+    }
+
+
+def _export(
+    writer: CompressedTensorsWriter, loaded: LoadedModel, quantized_names: set[str], report: QuantizeReport,
+    dense: Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> None:
+    """Write the tensors the pipeline did not quantize (embeddings, norms, head), then finish.
+
+    `dense` streams them one by one (a model read from disk); by default they come from the model."""
+    if dense is None:
+        writer.add_tensors({
+            name: tensor
+            for name, tensor in loaded.model.state_dict().items()
+            if name.removesuffix(".weight") not in quantized_names
+        })
+    else:
+        for name, tensor in dense:
+            writer.add_tensors({name: tensor})
     writer.finish(
         loaded.model.config,
         tokenizer=loaded.tokenizer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -108,7 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate every layer of a block on the unquantized block's activations")
     q.add_argument("--out", type=Path, help="output folder (default: ./<model>-<method>-w<bits>)")
     q.add_argument("--no-export", action="store_true", help="quantize and evaluate without writing a checkpoint")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (or discard an interrupted run's state)")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run that was writing --out from its last finished block")
+    q.add_argument("--offload", choices=["auto", "none", "disk"], default="auto",
+                   help="disk: read one block at a time from the model's safetensors files (models larger "
+                   "than memory; no evaluation); auto (default): when the weights exceed half the free memory")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in memory-mapped files instead of memory")
     q.add_argument("--save-recipe", type=Path, help="also write the effective recipe to this YAML file")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
     _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
@@ -185,6 +194,9 @@ def _settings(args: argparse.Namespace):
         batch_size=getattr(args, "batch_size", None),
         true_sequential=getattr(args, "true_sequential", True),
         dtype=args.dtype,
+        offload=getattr(args, "offload", "auto"),
+        resume=getattr(args, "resume", False),
+        offload_activations=getattr(args, "offload_activations", False),
     )
 
 
@@ -198,7 +210,8 @@ def run_quantize(args: argparse.Namespace) -> None:
                       evaluate_result=not args.no_eval)
     if args.save_recipe:
         recipe.save(args.save_recipe)
-    print_quantize_report(report)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 reports for all
+        print_quantize_report(report)
 
 
 def print_quantize_report(report) -> None:
@@ -225,7 +238,12 @@ def print_quantize_report(report) -> None:
             f"evaluation: {report.evaluation}; {result.windows} non-overlapping windows of {result.seq_len} "
             f"tokens ({result.tokens} scored)"
         )
-    if report.out_dir is not None:
+    if report.out_dir is not None and report.export_max_abs_diff is None:
+        console.print(
+            f"wrote [bold]{report.out_dir}[/] (compressed-tensors), streamed from disk: not reloaded or "
+            f"evaluated here (that needs the whole model in memory); `lowbit eval {report.out_dir}` does both"
+        )
+    elif report.out_dir is not None:
         from lowbit.export.compressed_tensors import METADATA_FILE
 
         layout = json.loads((report.out_dir / METADATA_FILE).read_text())["export_format"]
@@ -251,8 +269,6 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
-    import json
-
     from lowbit.bench import kernels
 
     result = kernels.run(args.shapes, tuple(args.m))
@@ -264,6 +280,18 @@ def run_bench(args: argparse.Namespace) -> None:
     console.print(table, markup=False, highlight=False)
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error, with what to do where the exception itself cannot know it."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" writing {err.filename}" if err.filename else ""
+        return (f"no space left on the device{where}; nothing was written as complete: free space and "
+                "rerun with --resume (finished blocks are kept)")
+    if isinstance(err, MemoryError) and not message:
+        return "out of memory; rerun with --resume and --offload-activations, or a smaller --batch-size"
+    return message or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -273,11 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             compare_command.run(args, console, argv)
         else:
             {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, MemoryError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {_one_line(err)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written as complete")

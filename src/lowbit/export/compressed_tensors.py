@@ -121,8 +121,9 @@ class CompressedTensorsWriter:
     ) -> Path:
         """Check the export against `config`, write the metadata files and move the folder into place.
 
-        `extra_metadata` (e.g. the recipe) goes into lowbit.json under "metadata". On any failure
-        the partial folder is removed and nothing appears at `out_dir`.
+        `extra_metadata` (e.g. the recipe) goes into lowbit.json under "metadata", which also says
+        `complete: true`, written last. On any failure the partial folder is removed and nothing
+        appears at `out_dir`.
         """
         self._check_open()
         self._closed = True
@@ -244,6 +245,7 @@ class CompressedTensorsWriter:
             "export_format": "lowbit" if any(
                 key.compression == LOWBIT_FORMAT for key in self._schemes.values()
             ) else "compressed-tensors",
+            "complete": True,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {
                 "torch": torch.__version__,

@@ -38,7 +38,11 @@ from lowbit.export.float_layout import unpack_fp4
 from lowbit.formats.minifloat import E2M1
 from lowbit.export.lowbit_load import load_lowbit_layout
 from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD
+from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
+
+RUN_MANIFEST = "lowbit-run.json"
+"""The manifest of an interrupted run (lowbit.pipeline.resume)."""
 
 
 def check_export_folder(path: str | os.PathLike[str]) -> str | None:
@@ -46,6 +50,9 @@ def check_export_folder(path: str | os.PathLike[str]) -> str | None:
     folder = Path(path)
     if not folder.is_dir():
         return f"{folder} is not a directory"
+    unfinished = _unfinished_run(folder)
+    if unfinished:
+        return unfinished
     config_path = folder / "config.json"
     if not config_path.is_file():
         return f"{folder} has no config.json, so it is not a finished export"
@@ -67,6 +74,32 @@ def check_export_folder(path: str | os.PathLike[str]) -> str | None:
             return f"{folder} lacks weight shard(s) listed in {INDEX_FILE}: {', '.join(absent)}"
     elif not (folder / SINGLE_FILE).is_file():
         return f"{folder} has no weights ({SINGLE_FILE} or {INDEX_FILE})"
+    return None
+
+
+def _unfinished_run(folder: Path) -> str | None:
+    """Why `folder` is an interrupted run rather than an export, or None.
+
+    A lowbit export is complete once its lowbit.json says `complete: true` (written last, by the
+    writer's finish; exports of lowbit versions before the flag existed lack it and were only
+    ever written complete); the state of an interrupted run carries `complete: false`.
+    """
+    for name in (RUN_MANIFEST, METADATA_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            return f"{path} cannot be read ({error}); the export is damaged, quantize again"
+        legacy = name == METADATA_FILE and isinstance(manifest, dict) and "complete" not in manifest
+        if not legacy and (not isinstance(manifest, dict) or manifest.get("complete") is not True):
+            done = manifest.get("blocks_done", "?") if isinstance(manifest, dict) else "?"
+            total = manifest.get("blocks_total", "?") if isinstance(manifest, dict) else "?"
+            return (
+                f"{folder} is an unfinished lowbit run ({done} of {total} blocks); finish it with "
+                "`lowbit quantize ... --resume` and the same options"
+            )
     return None
 
 

@@ -10,9 +10,13 @@ and renamed by `finish`, which also writes `model.safetensors.index.json` (or le
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lowbit.export.errors import ExportError
@@ -21,6 +25,19 @@ DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with I/O failures raised as OSError (errno set, e.g. ENOSPC for a
+    full disk) rather than the library's own exception, so callers can say what to do."""
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from error
 
 
 class ShardedSafetensors:
@@ -67,7 +84,7 @@ class ShardedSafetensors:
 
     def _flush(self) -> None:
         path = self.folder / f"partial-{len(self._written) + 1:05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        save_safetensors(self._buffer, path, metadata={"format": "pt"})
         self._written.append((path, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0

@@ -76,9 +76,10 @@ def _load(location: str, dtype: torch.dtype | None, name: str, gguf_file: str | 
         model = AutoModelForCausalLM.from_pretrained(
             location, dtype=dtype if dtype is not None else "auto", **kwargs
         )
-    except (OSError, ValueError, ImportError) as err:
+    except Exception as err:  # any failure to parse a user's file is reported, not a traceback
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelSourceError(f"could not load {name}: {first_line}") from err
+        hint = "" if isinstance(err, (OSError, ImportError)) else " (is a weight file damaged or incomplete?)"
+        raise ModelSourceError(f"could not load {name}: {first_line}{hint}") from err
     if gguf_file:
         model = _as_dense(model, dtype)
     model.eval()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -41,6 +41,20 @@ LayerPlan = Callable[[str, nn.Linear], "tuple[WeightFormat, Solver] | None"]
 """Maps a linear's full name to its format and solver, or None to leave it unquantized."""
 
 QuantizedCallback = Callable[[str, QuantizedWeight], None]
+
+KeepOutput = Callable[[torch.Tensor], torch.Tensor]
+"""Stores one batch's block output (e.g. spilled to disk) and returns the tensor to read it back from."""
+
+
+class BlockHooks(Protocol):
+    """Called around each block: streaming loads its weights first, resume commits it afterwards."""
+
+    def before_block(self, index: int, block: nn.Module) -> None:
+        """Before the block moves to the device (its weights may still be on the meta device)."""
+
+    def after_block(self, index: int, block: nn.Module, outputs: list[torch.Tensor] | None) -> None:
+        """After every linear of the block is solved; `outputs` are the next block's inputs (None
+        without calibration data)."""
 
 
 @dataclass
@@ -91,6 +105,9 @@ class SequentialQuantizer:
         on_quantized: QuantizedCallback | None = None,
         activations_on_device: bool = False,
         transforms: Sequence[BlockTransform] = (),
+        hooks: Sequence[BlockHooks] = (),
+        keep_output: KeepOutput | None = None,
+        reduce_stats: Callable[[HessianStats], None] | None = None,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
@@ -108,14 +125,31 @@ class SequentialQuantizer:
         self.true_sequential = true_sequential
         self.on_quantized = on_quantized or (lambda name, qweight: None)
         self.activations_on_device = activations_on_device
+        self.hooks = tuple(hooks)
+        self.keep_output = keep_output
+        self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
 
     @torch.no_grad()
-    def run(self, calibration: torch.Tensor | None) -> None:
-        """Quantize every planned linear; `calibration` is [samples, seq_len] token ids or None."""
+    def run(
+        self, calibration: torch.Tensor | None, start_block: int = 0, start_hidden: list[torch.Tensor] | None = None
+    ) -> None:
+        """Quantize every planned linear; `calibration` is [samples, seq_len] token ids or None.
+
+        A resumed run starts at `start_block` with that block's saved inputs `start_hidden` (one
+        tensor per batch); the other inputs of a block (rotary tables, masks) are recomputed from
+        the calibration tokens, which is exact and cheap.
+        """
         blocks = self.architecture.block_list(self.model)
         inputs = self._capture_first_block_inputs(calibration) if calibration is not None else None
-        progress = tqdm(blocks, desc="quantizing blocks", unit="block")
-        for index, block in enumerate(progress):
+        if inputs is not None and start_hidden is not None:
+            if len(start_hidden) != len(inputs.hidden):
+                raise ValueError(f"saved inputs hold {len(start_hidden)} batches, the calibration has {len(inputs.hidden)}")
+            inputs.hidden = list(start_hidden)
+        progress = tqdm(blocks, desc="quantizing blocks", unit="block", initial=start_block, total=len(blocks))
+        for index in range(start_block, len(blocks)):
+            block = blocks[index]
+            for hook in self.hooks:
+                hook.before_block(index, block)
             groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
             needs_data = self.transforms or any(group.needs_hessian for group in groups)
             if needs_data and inputs is None:
@@ -129,6 +163,10 @@ class SequentialQuantizer:
                     transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
                 inputs = self._quantize_block(block, groups, inputs)
             block.to("cpu")
+            for hook in self.hooks:
+                hook.after_block(index, block, None if inputs is None else inputs.hidden)
+            progress.update()
+        progress.close()
 
     def _groups_of(self, block: nn.Module, prefix: str) -> list[_Group]:
         groups = []
@@ -243,7 +281,8 @@ class SequentialQuantizer:
                 except _StopForward:
                     continue
                 out = out[0] if isinstance(out, tuple) else out
-                outputs.hidden.append(out.to(hidden.device))
+                out = out.to(hidden.device)
+                outputs.hidden.append(out if self.keep_output is None else self.keep_output(out))
         finally:
             for handle in handles:
                 handle.remove()
@@ -252,6 +291,8 @@ class SequentialQuantizer:
     def _solve(self, group: _Group) -> None:
         if group.solved:
             return
+        if group.stats is not None and self.reduce_stats is not None:
+            self.reduce_stats(group.stats)
         for stack in _stacks(group.jobs):
             weights = [job.linear.weight.data for job in stack]
             with _solver_threads(self.device):
@@ -338,7 +379,10 @@ class _outside_blocks_on:
     def __init__(self, model: nn.Module, architecture: Architecture, device: torch.device) -> None:
         blocks = architecture.block_list(model)
         inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
-        self.tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside]
+        # Tensors still on the meta device (a streamed model's head) are not needed for calibration.
+        self.tensors = [
+            t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside and not t.is_meta
+        ]
         self.device = device
         self.original = [t.device for t in self.tensors]
 
