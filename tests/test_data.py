@@ -147,12 +147,12 @@ def test_hub_names_without_datasets_package(monkeypatch, no_network):
 def test_hub_names_offline_give_one_line_error_fast(monkeypatch, variable):
     """Whatever is installed here, offline mode answers within seconds with advice, never a traceback.
 
-    The time bound is about not waiting on the network, so importing `datasets` (pandas, pyarrow:
-    many seconds on a busy machine) happens before the clock starts, after the variable is set
-    (datasets reads it when first imported)."""
-    monkeypatch.setenv(variable, "1")
+    The time bound is about not waiting on the network, so `datasets` (pandas, pyarrow: many
+    seconds on a busy machine) is imported before the clock starts, and before the variable is set,
+    as in a process that imported it earlier (it reads the variable only then)."""
     if importlib.util.find_spec("datasets") is not None:
         importlib.import_module("datasets")
+    monkeypatch.setenv(variable, "1")
     for name in ("wikitext2", "c4"):
         start = time.perf_counter()
         with pytest.raises(DataError, match="local .txt or .jsonl file") as caught:

@@ -379,6 +379,9 @@ def test_stacked_rows_solve_like_separate_matrices(order):
         assert torch.equal(piece.scale, alone.scale) and torch.equal(piece.zero, alone.zero)
         assert torch.equal(piece.group_index, alone.group_index)
         assert piece.metadata["hessian_error"] == pytest.approx(alone.metadata["hessian_error"], rel=1e-9)
+    # Each piece owns its tensors (checkpoints refuse tensors that share memory).
+    pointers = [t.untyped_storage().data_ptr() for piece in stacked for t in (piece.codes, piece.scale, piece.group_index)]
+    assert len(set(pointers)) == len(pointers)
 
 
 def test_per_tensor_formats_refuse_to_split():

@@ -14,9 +14,12 @@ import itertools
 import json
 import os
 import threading
+import types
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -123,7 +126,7 @@ def _hub_text(name: str, split: str) -> str:
             f"'{name}' is read from the Hugging Face hub with the optional 'datasets' package, which is not "
             f"installed: pip install 'lowbit[hub]', or {_LOCAL_HINT}"
         ) from None
-    offline = _offline()  # datasets honours these variables itself and then reads only its cache
+    offline = _offline()
     if not offline and not _hub_reachable(_endpoint()):
         raise DataError(
             f"the Hugging Face hub ({_endpoint()}) is unreachable, so '{name}' cannot be downloaded; "
@@ -131,7 +134,8 @@ def _hub_text(name: str, split: str) -> str:
         )
     loader = _wikitext2 if name == "wikitext2" else _c4
     try:
-        return loader(datasets, _SPLITS[name][split])
+        with _offline_mode(datasets, offline):
+            return loader(datasets, _SPLITS[name][split])
     except Exception as e:  # datasets raises many unrelated types for network, cache and schema problems
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"the local cache ({'/'.join(_OFFLINE_VARIABLES)} is set)" if offline else "the hub"
@@ -149,6 +153,26 @@ def _c4(datasets, split: str) -> str:
     rows = datasets.load_dataset("allenai/c4", data_files={split: _C4_SHARDS[split]}, split=split, streaming=True)
     texts = [row["text"] for row in itertools.islice(rows, _C4_DOCUMENTS[split])]
     return (" " if split == "validation" else "\n\n").join(texts)
+
+
+@contextmanager
+def _offline_mode(datasets: types.ModuleType, offline: bool) -> Iterator[None]:
+    """Make `datasets` read only its cache when an offline variable is set now.
+
+    datasets reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, when first imported; a process that
+    imported it earlier would otherwise go to the network (and wait on its timeouts) anyway.
+    """
+    config = getattr(datasets, "config", None)
+    names = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(config, name)]
+    saved = {name: getattr(config, name) for name in names}
+    if offline:
+        for name in names:
+            setattr(config, name, True)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 def _offline() -> bool:

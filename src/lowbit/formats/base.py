@@ -185,7 +185,11 @@ class QuantizedWeight:
         ):
             row_metadata = dict(zip(self.row_metadata, rows))
             metadata = {**self.metadata, **{key: float(values.sum()) for key, values in row_metadata.items()}}
-            pieces.append(QuantizedWeight(self.format, codes, scale, zero, self.group_index, metadata, row_metadata))
+            # Copies, not views: each piece is saved and freed on its own.
+            pieces.append(QuantizedWeight(
+                self.format, codes.clone(), scale.clone(), None if zero is None else zero.clone(),
+                self.group_index.clone(), metadata, {key: values.clone() for key, values in row_metadata.items()},
+            ))
         return pieces
 
 
