@@ -148,7 +148,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP_AB=swap)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap)
     return ws, counters
 
 

@@ -36,11 +36,15 @@ _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SWAP_AB": swap},
+    # SPLIT_K is a run-time argument (one compiled variant serves every split count); SPLIT says
+    # whether the split-K reduction is compiled in at all.
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SPLIT": split > 1,
+                          "SWAP_AB": swap},
                          num_warps=warps, num_stages=stages)
 
 
-_GEMV_CONFIGS = [_config(1, bn, bk, s, 4, 3) for bn in (64, 128, 256) for bk in (128, 256) for s in (1, 2, 4, 8, 16)]
+_GEMV_CONFIGS = [_config(1, bn, bk, s, 4, 3) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128))
+                 for s in (1, 2, 4, 8, 16)]
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap) for bm in (16, 64) for bn in (64, 128)
                    for s in (1, 2, 4, 8) for swap in (False, True)]
 _PREFILL_CONFIGS = [
@@ -101,9 +105,9 @@ def _nibble(words, J: tl.constexpr):
 
 
 @triton.jit
-def _store(result, out_ptrs, ws_ptrs, cnt_ptrs, mask, SPLIT_K: tl.constexpr):
-    """Write float32 `result` to out (x's dtype); with SPLIT_K > 1 the last program of each element does."""
-    if SPLIT_K == 1:
+def _store(result, out_ptrs, ws_ptrs, cnt_ptrs, mask, SPLIT_K, SPLIT: tl.constexpr):
+    """Write float32 `result` to out (x's dtype); with SPLIT the last of the SPLIT_K programs of each element does."""
+    if not SPLIT:
         tl.store(out_ptrs, result.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(ws_ptrs, result, mask=mask, sem="relaxed")
@@ -122,7 +126,7 @@ def _gemv_kernel(
     stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
     """M = 1. Per word row r and column n, Σ_j (q_j - z)·s·x_j = s·(Σ_j q_j·x_j - z·Σ_j x_j): the
@@ -152,7 +156,7 @@ def _gemv_kernel(
         else:
             zero = tl.load(z_ptr + rows, mask=n_mask[None, :], other=0).to(tl.float32)
             acc += scale * (partial - zero * x_sum[:, None])
-    _store(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + offs_n, n_mask, SPLIT_K)
+    _store(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + offs_n, n_mask, SPLIT_K, SPLIT)
 
 
 @triton.jit
@@ -162,7 +166,7 @@ def _mma_kernel(
     stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
     """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP)."""
@@ -219,7 +223,7 @@ def _mma_kernel(
         result = acc
     index = offs_m[:, None] * N + offs_n[None, :]
     _store(result, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr + index, cnt_ptr + index,
-           m_mask[:, None] & n_mask[None, :], SPLIT_K)
+           m_mask[:, None] & n_mask[None, :], SPLIT_K, SPLIT)
 
 
 @triton.jit
