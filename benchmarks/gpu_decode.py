@@ -6,8 +6,10 @@ by its dequantized value, so both models compute the same function; the int4 run
 Linears for QuantLinear (packed codes, W4A16 Triton kernels). Embedding and lm_head stay bf16 in
 both. Decoding is lowbit.generate.StaticDecoder: a static KV cache and one CUDA graph per token
 step; a prompt of --prompt random tokens, then --new greedy tokens timed (synchronised wall clock).
-Before timing, the int4 model's logits at the end of the prompt are checked against the bf16
-model's (same dequantized weights; the relative error reflects bf16 rounding only).
+Accuracy check: the logits at the end of the prompt from a float32 copy of the same (dequantized)
+model are the reference; the int4 model's relative error must stay within 1.5x the bf16 model's
+(random weights amplify rounding through 32 layers, so both errors are percent-level and only
+their ratio says whether the int4 path is as exact as bf16 cuBLAS).
 
     python benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode
 """
@@ -15,6 +17,7 @@ model's (same dequantized weights; the relative error reflects bf16 rounding onl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -33,7 +36,7 @@ from lowbit.generate import StaticDecoder  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
 
 FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
-MAX_LOGIT_ERROR = 5e-2
+MAX_ERROR_RATIO = 1.5
 
 
 def build(layers: int) -> LlamaForCausalLM:
@@ -68,6 +71,20 @@ def swap(model: nn.Module, packed: dict[str, QuantLinear]) -> None:
     torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -> dict[int, torch.Tensor]:
+    """Logits after each batch's prompt from a float32 copy of `model` (eager steps, no graph)."""
+    reference = copy.deepcopy(model).float()
+    logits = {}
+    for b in batches:
+        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1)
+        decoder.prefill(prompt[:b])
+        logits[b] = decoder.logits.double()
+    del reference, decoder
+    torch.cuda.empty_cache()
+    return logits
+
+
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int) -> dict:
     decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8)
     decoder.capture()
@@ -91,13 +108,14 @@ def markdown(result: dict) -> str:
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
              "embedding and lm_head bf16 in both.", "",
              "| batch | bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | int4 ms/step | "
-             f"logits rel. err (check < {MAX_LOGIT_ERROR}) | same greedy tokens |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | same greedy tokens |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in result["rows"]:
         lines.append(f"| {row['batch']} | {row['bf16']['tokens_per_s']:.0f} | {row['int4']['tokens_per_s']:.0f} | "
                      f"{row['int4']['tokens_per_s'] / row['bf16']['tokens_per_s']:.2f}x | "
                      f"{row['bf16']['ms_per_step']:.2f} | {row['int4']['ms_per_step']:.2f} | "
-                     f"{row['logits_rel_err']:.1e} ({'pass' if row['logits_rel_err'] < MAX_LOGIT_ERROR else 'FAIL'}) | "
+                     f"{row['bf16_logits_err']:.1e} | {row['int4_logits_err']:.1e} | "
+                     f"{'pass' if row['int4_logits_err'] <= MAX_ERROR_RATIO * row['bf16_logits_err'] else 'FAIL'} | "
                      f"{row['same_tokens']:.0%} |")
     return "\n".join(lines) + "\n"
 
@@ -118,17 +136,20 @@ def main() -> None:
     packed = quantize_in_place(model)
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
+    reference = float32_logits(model, prompt, args.batches)
     bf16 = {b: time_decode(model, b, prompt, args.new) for b in args.batches}
     swap(model, packed)
     rows = []
     for b in args.batches:
         int4 = time_decode(model, b, prompt, args.new)
-        error = float((int4["logits"].double() - bf16[b]["logits"].double()).norm() / bf16[b]["logits"].double().norm())
-        if not error < MAX_LOGIT_ERROR:  # reported in the table's check column, not hidden
-            print(f"batch {b}: int4 logits differ from bf16 by {error:.2e} (> {MAX_LOGIT_ERROR})", flush=True)
+        errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
+                  for kind, run in (("bf16", bf16[b]), ("int4", int4))}
+        if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
+            print(f"batch {b}: int4 logits error {errors['int4']:.2e} exceeds {MAX_ERROR_RATIO} x bf16's "
+                  f"{errors['bf16']:.2e}", flush=True)
         same = float((int4["tokens"] == bf16[b]["tokens"]).float().mean())
         strip = lambda r: {k: v for k, v in r.items() if k not in ("logits", "tokens")}  # noqa: E731
-        rows.append({"batch": b, "bf16": strip(bf16[b]), "int4": strip(int4), "logits_rel_err": error,
+        rows.append({"batch": b, "bf16": strip(bf16[b]), "int4": strip(int4), "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"],
                      "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
