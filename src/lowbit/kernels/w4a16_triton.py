@@ -2,8 +2,8 @@
 
 Three kernels, chosen by M (rows of x):
   * M = 1, `_gemv_kernel`: no tensor cores; per weight only a mask, an add and one FMA (see
-    `_nibble`: the int-to-float conversion unit, a sixteenth of the FMA rate, capped the first
-    version at about half the memory bandwidth);
+    `_nibble`: int-to-float conversions, at an eighth of the FMA rate on Hopper, held the first
+    version to about half the memory bandwidth);
   * 2 <= M <= 64, `_mma_kernel` with split-K: the work is reading the weight, K·N/2 bytes, so
     splitting K gives enough programs to keep every SM's loads in flight even where N / BLOCK_N
     alone is below the SM count. `SWAP_AB` computes (W xᵀ)ᵀ instead of x Wᵀ, putting the
