@@ -86,14 +86,22 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
             "breakdown_seconds": dict(totals) if breakdown else None}
 
 
-def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int) -> dict:
+def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int, timeout: float) -> dict:
+    """llm-compressor in a subprocess; on a timeout, the layers its log says it finished and their time."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokens.pt")
         torch.save(tokens, path)
-        env = {**os.environ, "PYTHONPATH": peer_path}
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gpu.py"),
-                               "--layers", str(layers), "--tokens", path, "--batch-size", str(batch_size)],
-                              env=env, capture_output=True, text=True)
+        env = {**os.environ, "PYTHONPATH": peer_path, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gpu.py"),
+                   "--layers", str(layers), "--tokens", path, "--batch-size", str(batch_size)]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as stopped:
+            log = (stopped.stderr or b"").decode(errors="replace") if isinstance(stopped.stderr, bytes) else (stopped.stderr or "")
+            return {"tool": "llm-compressor", "error": [f"timed out after {time.perf_counter() - start:.0f} s "
+                                                        f"(wall clock, model build included)"],
+                    "log_tail": log.splitlines()[-20:]}
     if done.returncode:
         return {"tool": "llm-compressor", "error": done.stderr.strip().splitlines()[-5:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +137,7 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="also time Hessians and solves (adds syncs)")
     parser.add_argument("--peer-layers", type=int, default=0, help="decoder layers for llm-compressor (0: skip)")
     parser.add_argument("--peer-path", default="", help="PYTHONPATH holding llm-compressor 0.14 and its deps")
+    parser.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds before the peer is stopped")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -136,17 +145,20 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return
     tokens = torch.randint(0, 128256, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    runs = []
+    # lowbit first: its result is in hand even if the (slower) peer is stopped by --peer-timeout.
+    runs = [run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown)]
+    print(json.dumps(runs[0]), flush=True)
     if args.peer_layers:
-        runs.append(run_peer(args.peer_layers, tokens, args.peer_path, 1))
-        runs.append(run_lowbit(args.peer_layers, tokens, args.batch_size, breakdown=False))
-    runs.append(run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown))
-    for r in runs:
-        print(json.dumps(r))
+        if args.peer_layers != args.layers:
+            runs.append(run_lowbit(args.peer_layers, tokens, args.batch_size, breakdown=False))
+            print(json.dumps(runs[-1]), flush=True)
+        runs.insert(0, run_peer(args.peer_layers, tokens, args.peer_path, 1, args.peer_timeout))
+    print(json.dumps(runs[0]))
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "samples": args.samples,
                        "seq_len": args.seq_len, "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
     if args.peer_layers and "error" not in runs[0]:
-        result["ratio_per_layer"] = runs[0]["seconds"] / runs[1]["seconds"]
+        same = next(r for r in runs[1:] if r["layers"] == args.peer_layers)
+        result["ratio_per_layer"] = runs[0]["seconds"] / same["seconds"]
     text = markdown(result)
     print(text)
     if args.out:

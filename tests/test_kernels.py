@@ -133,3 +133,75 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
 
     assert main(["bench", "kernels", "--m", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
+    """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
+    import triton
+
+    from lowbit.kernels import w4a16_triton as wt
+
+    m, n, k = x.shape[0], packed.out_features, packed.in_features
+    ws, counters = wt._workspace(x.device, m * n)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
+    kernel[(rows * triton.cdiv(n, block_n), split)](
+        x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
+        packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap)
+    return ws, counters
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(
+    "m, block_m, block_n, block_k, split, swap",
+    [(1, 1, 64, 128, 1, False), (1, 1, 128, 256, 2, False), (1, 1, 256, 128, 8, False),
+     (7, 16, 64, 128, 1, False), (7, 16, 64, 128, 4, False), (7, 16, 128, 128, 2, True), (16, 16, 64, 128, 8, True),
+     (50, 64, 64, 128, 2, False), (50, 64, 128, 128, 4, True)],
+)
+def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
+        m, block_m, block_n, block_k, split, swap, symmetric):
+    """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
+    element written, right each time (the self-resetting workspace), workspace zero afterwards."""
+    from lowbit.kernels import w4a16_triton as wt
+
+    n, k = 320, 1024
+    kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
+    for call in range(3):
+        qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=10 * m + call)
+        packed = pack_quantized_weight(qweight).to("cuda")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), "some outputs were never written"
+        ref = x.double() @ qweight.dequantize().double().cuda().T
+        assert relative_error(out, ref) < 1e-2
+        assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
+
+
+@gpu
+@pytest.mark.parametrize("group_size, symmetric", [(128, False), (64, True), (32, False)])
+def test_dequantize_then_cublas_path_matches_the_reference(group_size, symmetric):
+    from lowbit.kernels import w4a16_triton as wt
+
+    qweight = quantized(320, 1024, IntegerFormat(4, symmetric=symmetric, group_size=group_size), seed=5)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    assert torch.equal(wt.dequantize_transposed(packed, torch.float32).T.cpu(), qweight.dequantize())
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ qweight.dequantize().double().cuda().T
+    assert relative_error(wt.dequantize_matmul(x, packed), ref) < 1e-2
+
+
+@gpu
+def test_large_m_records_a_measured_path_choice():
+    from lowbit.kernels.w4a16 import path_table
+
+    qweight = quantized(256, 512, IntegerFormat(4, symmetric=False, group_size=128), seed=6)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+    out = w4a16_matmul(x, packed)
+    assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
+    chosen = [path for key, path in path_table().items() if key[2:5] == (256, 256, 512)]
+    assert chosen and chosen[0] in ("fused", "dequantize+cublas")

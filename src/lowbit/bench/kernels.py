@@ -3,7 +3,8 @@
 For each linear shape of Llama-3-8B / 70B and each batch M, on the same GPU in one process:
   * bf16: F.linear with the dequantized weight in bf16 (cuBLAS);
   * torch int4: `aten._weight_int4pack_mm` (tinygemm), group 128, on the same codes;
-  * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout;
+  * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout (for M > 64 the dispatcher's
+    measured choice of fused kernel or dequantize-then-cuBLAS; the table names the path);
   * the int4 roofline: the bytes an asymmetric matmul must move (codes, scales, zero points, x, y)
     over the device-to-device copy bandwidth measured at the start of the run.
 Times come from CUDA graph replays of back-to-back calls, each call on its own copy of the weight
@@ -25,6 +26,7 @@ from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
+from lowbit.kernels.w4a16 import path_table
 
 SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
     "8B q/o_proj": (4096, 4096),
@@ -124,6 +126,8 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    from lowbit.kernels.w4a16_triton import bucket  # imports Triton: only once it is known to be there
+
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     rows = []
@@ -154,6 +158,8 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                 copies = [weights] + [_clone(weights) for _ in range(_copies(weights.nbytes()) - 1)]
                 row[f"lowbit_{kind}_us"] = _graph_us([lambda w=w: w4a16_matmul(x, w) for w in copies])
                 del copies
+                key = (x.device.index, x.dtype, bucket(m), n, k, group_size, kind == "sym")
+                row[f"path_{kind}"] = path_table().get(key, "fused")
             dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
             row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])
             del dense_copies
@@ -189,8 +195,8 @@ def markdown_table(result: dict) -> str:
         "from device memory).",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | int4 roofline | "
-        "bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         int4 = r.get("torch_int4_us")
@@ -200,7 +206,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
             f"{int4_time} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {r['roofline_us']:.1f} | "
-            f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | {r['rel_err_asym']:.1e} |"
+            f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | {r['rel_err_asym']:.1e} | "
+            f"{r.get('path_asym', 'fused')} |"
         )
     lines += ["", "Targets (issue 6), counted over the rows above for the asymmetric kernel:"]
     for label, ok in _targets(rows):

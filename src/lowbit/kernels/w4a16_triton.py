@@ -1,14 +1,25 @@
 """Triton W4A16 matmul: y = x Wᵀ with W in the PackedInt4 layout, dequantized on the fly.
 
-A GEMV for M = 1 (see _w4a16_gemv_kernel) and one tiled kernel body in two autotuned families:
-  * small M (decode, M <= 64): the work is reading the weight, K·N/2 bytes. A 16- or 64-row tile
-    keeps the tensor cores' minimum shape, and split-K (each program one slice of K, partial sums
-    added with float32 atomics into a zeroed buffer) gives enough programs to keep every SM's loads
-    in flight even when N / BLOCK_N alone is below the SM count (N = 1024 .. 8192 here);
-  * large M: a classic tiled GEMM whose B tile is unpacked and scaled in registers right before
-    `tl.dot`, so the bf16 weight never exists in global memory; no split, the output written once.
-Every K tile lies inside one quantization group (BLOCK_K divides the group size), so a tile needs
-one row of scales (and of zero points) per column of the tile.
+Three kernels, chosen by M (rows of x):
+  * M = 1, `_gemv_kernel`: no tensor cores; per weight only a mask, an add and one FMA (see
+    `_nibble`: int-to-float conversions, at an eighth of the FMA rate on Hopper, held the first
+    version to about half the memory bandwidth);
+  * 2 <= M <= 64, `_mma_kernel` with split-K: the work is reading the weight, K·N/2 bytes, so
+    splitting K gives enough programs to keep every SM's loads in flight even where N / BLOCK_N
+    alone is below the SM count. `SWAP_AB` computes (W xᵀ)ᵀ instead of x Wᵀ, putting the
+    dequantized weight on the tensor cores' M side (64 rows and up) and the few rows of x on the
+    narrow N side, so no MMA work is spent on padding rows;
+  * M > 64, `_mma_kernel` without split: a tiled GEMM whose B tile is unpacked and scaled in
+    registers right before `tl.dot`, so the bf16 weight never exists in global memory.
+    (w4a16_dispatch.py may pick dequantize-then-cuBLAS instead where that measured faster.)
+
+Split-K without extra launches: each program adds its partial sums into a float32 workspace and
+then bumps its output tile's counter (release: the adds are visible before the count); the program
+that takes the count to SPLIT_K (acquire: it sees every add) writes the output in x's dtype and
+resets the workspace and the counter to zero for the next call. (A counter per element instead
+cost a fence per element and tripled the M = 16/64 times on H100.) So a call is one
+launch into an uninitialised output: no zero fill before, no cast after. The workspace is per
+(device, stream): two streams never share one.
 """
 
 from __future__ import annotations
@@ -20,56 +31,152 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 
 DECODE_MAX_M = 64
-"""Largest M the split-K (atomic) family handles; above it the output is written directly."""
+"""Largest M the split-K family handles; above it every output tile is written once, directly."""
 
-_K_TILES = (128, 64, 32)
-"""BLOCK_K candidates, largest first; each launch uses the largest that divides the group size."""
-
-
-def _config(bm: int, bn: int, split: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+_WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-_DECODE_CONFIGS = [_config(16, 128, s, 4, 4) for s in (1, 2, 4, 8, 16)] + [
-    _config(16, 64, s, 4, 4) for s in (4, 8)
-] + [_config(64, 128, s, 4, 4) for s in (1, 2, 4)] + [_config(64, 64, s, 4, 4) for s in (4, 8)]
+def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False) -> triton.Config:
+    # SPLIT_K is a run-time argument (one compiled variant serves every split count); SPLIT says
+    # whether the split-K reduction is compiled in at all.
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SPLIT": split > 1,
+                          "SWAP_AB": swap},
+                         num_warps=warps, num_stages=stages)
+
+
+_GEMV_CONFIGS = [_config(1, bn, bk, s, 4, 3) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128), (256, 256))
+                 for s in (1, 2, 4, 8, 16)]
+_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap) for bm in (16, 64) for bn in (64, 128)
+                   for s in (1, 2, 4, 8) for swap in (False, True)]
 _PREFILL_CONFIGS = [
-    _config(64, 128, 1, 4, 4),
-    _config(128, 128, 1, 8, 3),
-    _config(128, 256, 1, 8, 3),
-    _config(64, 256, 1, 8, 3),
+    _config(64, 128, 128, 1, 4, 4),
+    _config(128, 128, 128, 1, 8, 3),
+    _config(128, 256, 128, 1, 8, 3),
+    _config(64, 256, 128, 1, 8, 3),
 ]
+_K_TILES = (128, 64, 32)
+_MIN_PROGRAMS, _MAX_PROGRAMS = 96, 4096
+"""Split-K configs are kept only where they give the grid this many programs (132 SMs on H100)."""
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep configs whose row tile suits M, and give each the K tile the group size allows."""
+    """Fit the configs to this shape; drop split-K configs that leave the GPU idle or flood it with atomics.
+
+    Tensor-core tiles take the largest K tile (128, 64, 32) that divides the group, so a tile needs
+    one row of scales; the GEMV's K tiles may span groups but must still divide K.
+    """
     args = {**named_args, **kwargs}
-    m, k, group = args["M_BUCKET"], args["K"], args["GROUP"]
-    block_k = next(t for t in _K_TILES if group % t == 0)
-    kept = []
+    m, n, k, group = args["M_BUCKET"], args["N"], args["K"], args["GROUP"]
+    group_tile = next(t for t in _K_TILES if group % t == 0)
+    kept, seen = [], set()
     for config in configs:
-        kwargs = dict(config.kwargs)
-        bm, split = kwargs["BLOCK_M"], kwargs["SPLIT_K"]
-        if bm == 1:
-            del kwargs["BLOCK_M"]  # the GEMV kernel has no row tile
-        elif bm <= DECODE_MAX_M and (bm == 16) != (m <= 16):
-            continue  # decode family: 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
-        if k % (block_k * split):
+        kw = dict(config.kwargs)
+        bm, bn, split = kw["BLOCK_M"], kw["BLOCK_N"], kw["SPLIT_K"]
+        if bm > 1 or k % kw["BLOCK_K"] or (kw["BLOCK_K"] % group and group % kw["BLOCK_K"]):
+            kw["BLOCK_K"] = group_tile
+        if k % (kw["BLOCK_K"] * split):
             continue
-        kept.append(triton.Config({**kwargs, "BLOCK_K": block_k}, num_warps=config.num_warps,
-                                  num_stages=config.num_stages))
+        if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
+            continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
+        programs = triton.cdiv(n, bn) * (1 if m == 1 else triton.cdiv(m, bm)) * split
+        if split > 1 and not _MIN_PROGRAMS <= programs <= _MAX_PROGRAMS:
+            continue
+        ident = (tuple(sorted(kw.items())), config.num_warps, config.num_stages)
+        if ident not in seen:
+            seen.add(ident)
+            kept.append(triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages))
     return kept
 
 
 @triton.jit
-def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+def _nibble(words, J: tl.constexpr):
+    """Code J (bits 4J..4J+3) of each int32 word as an exact float32, without int-to-float conversion.
+
+    OR-ing a value v < 2^23 into the mantissa of 2^E gives the float 2^E + v·2^(E-23). For J < 5 the
+    masked field is code·16^J (< 2^23), so E = 23 - 4J gives 2^E + code and no shift is needed; for
+    J >= 5 the code is shifted down first and E = 23. Subtracting 2^E leaves the code.
+    """
+    if J < 5:
+        bits = (words & (0xF << (4 * J))) | ((150 - 4 * J) << 23)
+        base = tl.full([], (150 - 4 * J) << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^(23 - 4J)
+    else:
+        bits = ((words >> (4 * J)) & 0xF) | (150 << 23)
+        base = tl.full([], 150 << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^23
+    return bits.to(tl.float32, bitcast=True) - base
+
+
+@triton.jit
+def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexpr):
+    """Write float32 `result` to out (x's dtype); with SPLIT the last of the SPLIT_K programs of this tile does.
+
+    The tile's programs add into the workspace, then (after a barrier, so every thread's add is
+    issued) bump the tile's counter once with release semantics; the program whose bump completes
+    the count acquires, reads the sums from L2, writes the output and zeroes what it used.
+    """
+    if not SPLIT:
+        tl.store(out_ptrs, result.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ws_ptrs, result, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+        if count == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.store(ws_ptrs, tl.zeros(result.shape, tl.float32), mask=mask)
+            tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET,
-    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
+    """M = 1. Per word row r and column n, Σ_j (q_j - z)·s·x_j = s·(Σ_j q_j·x_j - z·Σ_j x_j): the
+    zero point and scale are applied once per word, and the K reduction runs once, at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
+    k_span = K // SPLIT_K
+    k_begin = pid_k * k_span
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for step in range(0, k_span, BLOCK_K):
+        k = k_begin + step
+        words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :],
+                        other=0)
+        partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
+            partial += _nibble(words, j) * xj[:, None]
+            x_sum += xj
+        rows = ((k + offs_w * 8) // GROUP)[:, None] * stride_sg + offs_n[None, :]
+        scale = tl.load(s_ptr + rows, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        if SYMMETRIC:
+            acc += scale * (partial - 8.0 * x_sum[:, None])
+        else:
+            zero = tl.load(z_ptr + rows, mask=n_mask[None, :], other=0).to(tl.float32)
+            acc += scale * (partial - zero * x_sum[:, None])
+    _store(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
+
+
+@triton.jit
+def _mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K,
+    stride_xm, stride_qk, stride_sg, stride_om,
+    M_BUCKET,
+    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+):
+    """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Programs that share a weight column tile run close together (L2 reuse across M tiles).
@@ -93,66 +200,58 @@ def _w4a16_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
     q_ptrs = qw_ptr + (k_begin // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :]
     shifts = tl.arange(0, 8) * 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_span, BLOCK_K):
         a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         words = tl.load(q_ptrs, mask=n_mask[None, :], other=0)
-        nibbles = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
-        codes = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
+        bits = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
+        codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
         group = (k_begin + k) // GROUP
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            w = (codes - 8.0) * scale[None, :]
+            w = (codes - (8388608.0 + 8.0)) * scale[None, :]
         else:
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-            w = (codes - zero[None, :]) * scale[None, :]
-        acc += tl.dot(a, w.to(a.dtype))
+            w = (codes - (8388608.0 + zero[None, :])) * scale[None, :]
+        if SWAP_AB:
+            acc += tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a))
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
         x_ptrs += BLOCK_K
         q_ptrs += (BLOCK_K // 8) * stride_qk
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    if SWAP_AB:
+        result = tl.trans(acc)
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        result = acc
+    index = offs_m[:, None] * N + offs_n[None, :]
+    _store(result, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr + index, cnt_ptr + pid,
+           m_mask[:, None] & n_mask[None, :], SPLIT_K, SPLIT)
 
 
 @triton.jit
-def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    N, K,
-    stride_qk, stride_sg,
-    M_BUCKET,
-    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """M = 1: no tensor cores. Inside a K tile the group's scale and zero point are constants, so
-    Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): per weight only unpack, convert and one FMA."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
+                    GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Wᵀ [K, N] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program (BLOCK_K divides the group)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
     offs_w = tl.arange(0, BLOCK_K // 8)
     n_mask = offs_n < N
-    k_span = K // SPLIT_K
-    k_begin = pid_k * k_span
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in range(k_begin, k_begin + k_span, BLOCK_K):
-        words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :], other=0)
-        partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
-            partial += ((words >> (4 * j)) & 0xF).to(tl.float32) * xj[:, None]
-            x_sum += xj
-        group = k // GROUP
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            zero = 8.0
-        else:
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-        acc += scale * (tl.sum(partial, axis=0) - zero * tl.sum(x_sum, axis=0))
-    tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+    words = tl.load(qw_ptr + (k0 // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :], other=0)
+    bits = ((words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF) | 0x4B000000
+    codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
+    scale = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        w = (codes - (8388608.0 + 8.0)) * scale[None, :]
+    else:
+        zero = tl.load(z_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        w = (codes - (8388608.0 + zero[None, :])) * scale[None, :]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
 def _bench(kernel_call, quantiles):
@@ -160,15 +259,13 @@ def _bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-_GEMV_CONFIGS = [_config(1, bn, s, 4, 4) for bn, s in
-                 ((128, 1), (128, 2), (128, 4), (128, 8), (64, 4), (64, 8), (64, 16), (256, 2), (256, 4), (256, 8))]
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
-_decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                          reset_to_zero=["out_ptr"], do_bench=_bench)(_w4a16_kernel)
 _gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                        reset_to_zero=["out_ptr"], do_bench=_bench)(_w4a16_gemv_kernel)
+                        do_bench=_bench)(_gemv_kernel)
+_decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                          do_bench=_bench)(_mma_kernel)
 _prefill = triton.autotune(_PREFILL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                           do_bench=_bench)(_w4a16_kernel)
+                           do_bench=_bench)(_mma_kernel)
 
 
 def supports(packed: PackedInt4) -> bool:
@@ -176,34 +273,55 @@ def supports(packed: PackedInt4) -> bool:
     return packed.group_size % 32 == 0 and packed.in_features % packed.group_size == 0 and packed.qweight.is_cuda
 
 
-def _bucket(m: int) -> int:
+def bucket(m: int) -> int:
+    """The autotuning key for M: 1, 16, 64, then powers of two."""
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 
+def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    held = _WORKSPACE.get(key)
+    if held is None or held[0].numel() < size:
+        held = (torch.zeros(size, device=device, dtype=torch.float32),
+                torch.zeros(size, device=device, dtype=torch.int32))
+        _WORKSPACE[key] = held
+    return held
+
+
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M, K] (bf16/fp16, CUDA) @ Wᵀ -> [M, N] in x's dtype."""
+    """x [M, K] (bf16/fp16, CUDA) @ Wᵀ -> [M, N] in x's dtype, one kernel launch."""
     x = x.contiguous()
     m, k = x.shape
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
+    args = (x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k,
+            x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m))
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
-        out = torch.zeros(1, n, device=x.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _gemv[grid](x, packed.qweight, packed.scales, zeros, out, n, k, packed.qweight.stride(0),
-                    packed.scales.stride(0), 1, **common)
-        return out.to(x.dtype)
-    if m <= DECODE_MAX_M:
-        out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, **common)
+    else:
+        kernel = _decode if m <= DECODE_MAX_M else _prefill
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _decode[grid](x, packed.qweight, packed.scales, zeros, out, m, n, k,
-                      x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0),
-                      _bucket(m), ATOMIC=True, **common)
-        return out.to(x.dtype)
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)  # noqa: E731
-    _prefill[grid](x, packed.qweight, packed.scales, zeros, out, m, n, k,
-                   x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0),
-                   _bucket(m), ATOMIC=False, **common)
+        kernel[grid](*args, **common)
     return out
 
+
+def dequantize_transposed(packed: PackedInt4, dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ [K, N] in `dtype` (columns in the packed order), one launch: for dequantize-then-cuBLAS."""
+    k, n = packed.in_features, packed.out_features
+    block_k = next(t for t in _K_TILES if packed.group_size % t == 0)
+    out = torch.empty(k, n, device=packed.qweight.device, dtype=dtype)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    _dequant_kernel[(triton.cdiv(n, 128), k // block_k)](
+        packed.qweight, packed.scales, zeros, out, n, packed.qweight.stride(0), packed.scales.stride(0),
+        GROUP=packed.group_size, SYMMETRIC=packed.zeros is None, BLOCK_N=128, BLOCK_K=block_k)
+    return out
+
+
+def dequantize_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
+    """x [M, K] @ Wᵀ by dequantizing to x's dtype, then cuBLAS: wins over the fused kernel at large M."""
+    return torch.mm(x, dequantize_transposed(packed, x.dtype))

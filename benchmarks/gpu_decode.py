@@ -1,0 +1,167 @@
+"""End-to-end decode speed: a Llama-3-8B-shaped model with int4 QuantLinear layers vs the same in bf16.
+
+Random bf16 weights with Llama-3-8B's shapes, built on the GPU (values do not change the work).
+Every decoder Linear is rounded to int4 asymmetric group 128 (RTN) and, for the bf16 run, replaced
+by its dequantized value, so both models compute the same function; the int4 run swaps those
+Linears for QuantLinear (packed codes, W4A16 Triton kernels). Embedding and lm_head stay bf16 in
+both. Decoding is lowbit.generate.StaticDecoder: a static KV cache and one CUDA graph per token
+step; a prompt of --prompt random tokens, then --new greedy tokens timed (synchronised wall clock).
+Accuracy check: the logits at the end of the prompt from a float32 copy of the same (dequantized)
+model are the reference; the int4 model's relative error must stay within 1.5x the bf16 model's
+(random weights amplify rounding through 32 layers, so both errors are percent-level and only
+their ratio says whether the int4 path is as exact as bf16 cuBLAS).
+
+    python benchmarks/gpu_decode.py --out benchmarks/results/gpu_decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_model import llama3_8b_config  # noqa: E402
+
+from lowbit.formats.base import quantize_matrix  # noqa: E402
+from lowbit.formats.integer import IntegerFormat  # noqa: E402
+from lowbit.generate import StaticDecoder  # noqa: E402
+from lowbit.modules import QuantLinear  # noqa: E402
+
+FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
+MAX_ERROR_RATIO = 1.5
+
+
+def build(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama3_8b_config(LlamaConfig, layers))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+@torch.no_grad()
+def quantize_in_place(model: nn.Module) -> dict[str, QuantLinear]:
+    """Set every decoder Linear to its int4 RTN value; return the QuantLinear for each (not yet swapped)."""
+    packed = {}
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, nn.Linear):
+            qweight = quantize_matrix(FMT, module.weight.float())
+            module.weight.copy_(qweight.dequantize().to(module.weight.dtype))
+            packed[name] = QuantLinear.from_quantized(qweight).to("cuda")
+            del qweight
+    return packed
+
+
+def swap(model: nn.Module, packed: dict[str, QuantLinear]) -> None:
+    for name, module in packed.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.model.layers.get_submodule(parent_name), child, module)
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -> dict[int, torch.Tensor]:
+    """Logits after each batch's prompt from a float32 copy of `model` (eager steps, no graph)."""
+    reference = copy.deepcopy(model).float()
+    logits = {}
+    for b in batches:
+        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1)
+        decoder.prefill(prompt[:b])
+        logits[b] = decoder.logits.double()
+    del reference, decoder
+    torch.cuda.empty_cache()
+    return logits
+
+
+def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int) -> dict:
+    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8)
+    decoder.capture()
+    decoder.prefill(prompt[:batch])
+    logits = decoder.logits.clone()
+    decoder.decode(8)  # replay warm-up
+    decoder.prefill(prompt[:batch])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = decoder.decode(new)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "new_tokens": new, "seconds": seconds, "tokens_per_s": batch * new / seconds,
+            "ms_per_step": 1e3 * seconds / new, "logits": logits, "tokens": tokens.cpu()}
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"Greedy decode of a random Llama-3-8B-shaped model ({meta['layers']} layers), prompt {meta['prompt']} "
+             f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
+             f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
+             "embedding and lm_head bf16 in both.", "",
+             "| batch | bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | int4 ms/step | "
+             f"bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | same greedy tokens |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['batch']} | {row['bf16']['tokens_per_s']:.0f} | {row['int4']['tokens_per_s']:.0f} | "
+                     f"{row['int4']['tokens_per_s'] / row['bf16']['tokens_per_s']:.2f}x | "
+                     f"{row['bf16']['ms_per_step']:.2f} | {row['int4']['ms_per_step']:.2f} | "
+                     f"{row['bf16_logits_err']:.1e} | {row['int4_logits_err']:.1e} | "
+                     f"{'pass' if row['int4_logits_err'] <= MAX_ERROR_RATIO * row['bf16_logits_err'] else 'FAIL'} | "
+                     f"{row['same_tokens']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
+    args = parser.parse_args()
+    if args.render:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return
+    model = build(args.layers)
+    packed = quantize_in_place(model)
+    prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(1))
+    reference = float32_logits(model, prompt, args.batches)
+    bf16 = {b: time_decode(model, b, prompt, args.new) for b in args.batches}
+    swap(model, packed)
+    rows = []
+    for b in args.batches:
+        int4 = time_decode(model, b, prompt, args.new)
+        errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
+                  for kind, run in (("bf16", bf16[b]), ("int4", int4))}
+        if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
+            print(f"batch {b}: int4 logits error {errors['int4']:.2e} exceeds {MAX_ERROR_RATIO} x bf16's "
+                  f"{errors['bf16']:.2e}", flush=True)
+        same = float((int4["tokens"] == bf16[b]["tokens"]).float().mean())
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("logits", "tokens")}  # noqa: E731
+        rows.append({"batch": b, "bf16": strip(bf16[b]), "int4": strip(int4), "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"],
+                     "same_tokens": same})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+                       "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M")},
+              "rows": rows}
+    text = markdown(result)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
