@@ -18,6 +18,7 @@ TABLES = {  # results file -> heading in the README
     "gpu_quant_speed.md": "GPTQ on a Llama-3-8B-shaped model, one H100 (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
+    "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
