@@ -105,8 +105,8 @@ def test_peers_get_one_cell_per_distinct_scheme():
     assert [c.scheme for c in cells] == [Scheme(3, 64, False), Scheme(4, 64, False)]  # "auto" has no peer form
     assert len(build_cells({"bits": [4], "group_size": [64]}, ["hqq", "llmcompressor-gptq"])) == 3
     assert expand_peer_names(["llmcompressor", "hqq"]) == ["llmcompressor-gptq", "llmcompressor-awq", "hqq"]
-    with pytest.raises(ValueError, match="unknown peer 'autoround'"):
-        expand_peer_names(["autoround"])
+    with pytest.raises(ValueError, match="unknown peer 'gguf'"):
+        expand_peer_names(["gguf"])
 
 
 def test_peer_bits_per_weight_counts_like_the_integer_format():
@@ -243,7 +243,7 @@ def test_missing_peer_is_skipped_with_a_note(tiny_model_dir, texts, tmp_path, mo
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "rtn,bogus"], "unknown method 'bogus'"),
     (["--axis", "colour=red"], "unknown recipe field 'colour'"),
-    (["--peers", "autoround"], "unknown peer 'autoround'"),
+    (["--peers", "gguf"], "unknown peer 'gguf'"),
     (["--eval-windows", "0"], "--eval-windows must be at least 1"),
 ])
 def test_cli_refuses_bad_grids_in_one_line(argv, message, capsys, tmp_path):
