@@ -110,8 +110,9 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                     raise ExportError(problem)
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
-    options = recipe.method_options
-    if exporting and options.get("act_order") and not options.get("static_groups"):
+    regrouped = any(r.method_options.get("act_order") and not r.method_options.get("static_groups")
+                    for r in recipe.layer_recipes())
+    if exporting and regrouped:
         raise ExportError(
             "act_order without static_groups stores a column permutation (g_idx) that compressed-tensors "
             "cannot load; set static_groups: true (the CLI's --act-order does)"
@@ -132,7 +133,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     model = loaded.model
     architecture = architecture_of(model)
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
-    solver_needs_data = recipe.solver().needs_hessian
+    solver_needs_data = recipe.needs_calibration
     writer = None
     if out_dir is not None:
         writer = CompressedTensorsWriter(out_dir, overwrite=overwrite or _is_lowbit_export(out_dir))

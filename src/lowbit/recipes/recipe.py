@@ -23,12 +23,50 @@ class RecipeError(ValueError):
     """A recipe that cannot be applied; the message names the field to change."""
 
 
+class LayerOverride(BaseModel):
+    """Settings that replace the recipe's own for the layers whose names match `pattern`.
+
+    `pattern` matches like `ignore` (a glob on the full name, or a name suffix such as
+    "mlp.down_proj"); unset fields keep the recipe's values. Mixed-precision plans (`lowbit plan`)
+    are recipes with one override per layer, so they replay exactly.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    method: str | None = None
+    bits: int | None = None
+    symmetric: bool | None = None
+    group_size: int | Literal["auto"] | None = None
+    method_options: dict[str, Any] | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str | None) -> str | None:
+        if method is not None and method not in SOLVERS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
+        return method
+
+    def matches(self, name: str) -> bool:
+        return _matches(name, self.pattern)
+
+    def settings(self) -> dict[str, Any]:
+        """The fields this override sets."""
+        return self.model_dump(exclude={"pattern"}, exclude_none=True)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
+
+
 class Recipe(BaseModel):
     """One quantization recipe: a weight format, a solver and the layers it applies to.
 
     `group_size` is a number of input columns per scale, -1 for one scale per output channel,
     0 for one per tensor, or "auto" for the largest of 128/64/32 that divides each layer (so
     that a model whose width 128 does not divide still gets the finest grouping that exports).
+    `overrides` change these settings for some layers; the first override that matches a layer
+    applies, and `ignore` wins over all of them.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +78,7 @@ class Recipe(BaseModel):
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     method_options: dict[str, Any] = Field(default_factory=dict)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    overrides: list[LayerOverride] = Field(default_factory=list)
 
     @field_validator("method")
     @classmethod
@@ -71,16 +110,41 @@ class Recipe(BaseModel):
         )
 
     def is_ignored(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) for pattern in self.ignore)
+        return any(_matches(name, pattern) for pattern in self.ignore)
+
+    def for_layer(self, name: str) -> Recipe:
+        """The recipe that applies to layer `name`: this one, with its first matching override applied."""
+        for override in self.overrides:
+            if override.matches(name):
+                return self.model_copy(update={**override.settings(), "overrides": []})
+        return self
+
+    def layer_recipes(self) -> list[Recipe]:
+        """This recipe without overrides, then each override applied: every setting some layer may get."""
+        base = self.model_copy(update={"overrides": []})
+        return [base] + [base.model_copy(update=o.settings()) for o in self.overrides]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the solver of the recipe or of any override reads calibration statistics."""
+        return any(recipe.solver().needs_hessian for recipe in self.layer_recipes())
 
     def plan(self) -> Callable[[str, nn.Linear], tuple[IntegerFormat, Solver] | None]:
-        """The per-layer plan the pipeline executes: one solver instance shared by every layer."""
-        solver = self.solver()
+        """The per-layer plan the pipeline executes.
+
+        Layers with equal solver settings share one solver instance, which is what lets the
+        pipeline stack the matrices of one input (q/k/v) into a single solve.
+        """
+        solvers: dict[str, Solver] = {}
 
         def choose(name: str, linear: nn.Linear) -> tuple[IntegerFormat, Solver] | None:
             if self.is_ignored(name):
                 return None
-            return self.format_for(linear.in_features), solver
+            recipe = self.for_layer(name)
+            key = f"{recipe.method}{sorted(recipe.method_options.items())}"
+            if key not in solvers:
+                solvers[key] = recipe.solver()
+            return recipe.format_for(linear.in_features), solvers[key]
 
         return choose
 
@@ -94,10 +158,11 @@ class Recipe(BaseModel):
         else:
             layout = f"g{self.group_size}"
         options = "".join(f", {k}={v}" for k, v in sorted(self.method_options.items()))
-        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}"
+        mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
+        return f"{self.method} int{self.bits} {'sym' if self.symmetric else 'asym'} {layout}{options}{mixed}"
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> "Recipe":
