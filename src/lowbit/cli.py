@@ -1,4 +1,4 @@
-"""`lowbit quantize | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | plan | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import __version__
+from lowbit.budget import command as budget_command
 from lowbit.compare import command as compare_command
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, preset
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
     _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
     _add_runtime_options(q)
+    budget_command.add_budget_options(q)
+    _add_runtime_options(budget_command.add_plan_parser(commands))
 
     e = commands.add_parser("eval", help="perplexity and KL divergence of a model or a lowbit export")
     e.add_argument("model", help="model (id, folder, .gguf) or lowbit output folder; 'default' = embedded model")
@@ -140,13 +143,16 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.clip_search:
         options["clip_search"] = True
     recipe = recipe.model_copy(update={"method_options": options})
-    recipe.solver()  # reject unknown options now, before loading anything
+    for layer_recipe in recipe.layer_recipes():
+        layer_recipe.solver()  # reject unknown options now, before loading anything
     return recipe
 
 
-def default_out_dir(model: str | None, recipe: Recipe) -> Path:
+def default_out_dir(model: str | None, recipe: Recipe, budget=None) -> Path:
     name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    if budget is not None:
+        return Path(f"{slug}-{recipe.method}-{budget_command.out_name(budget)}")
     return Path(f"{slug}-{recipe.method}-w{recipe.bits}")
 
 
@@ -172,7 +178,13 @@ def run_quantize(args: argparse.Namespace) -> None:
     from lowbit.api import quantize
 
     recipe = recipe_from_args(args)
-    out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe))
+    budget = budget_command.budget_from_args(args)
+    out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe, budget))
+    if budget is not None:
+        _, recipe = budget_command.choose(args, recipe, budget, _settings(args), console)
+        if out_dir is not None:
+            recipe.save(budget_command.plan_path(out_dir))
+            console.print(f"plan saved to {budget_command.plan_path(out_dir)} (replay: --recipe FILE)")
     console.print(f"[bold]lowbit[/] {__version__}: {recipe.describe()}")
     report = quantize(args.model, recipe, out_dir, _settings(args), overwrite=args.overwrite,
                       evaluate_result=not args.no_eval)
@@ -249,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             compare_command.run(args, console, argv)
         else:
-            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
+            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench,
+             "plan": lambda args: budget_command.run_plan(args, console)}[args.command](args)
     except (ValueError, OSError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
