@@ -48,6 +48,7 @@ def test_dp_and_milp_match_brute_force(seed):
     # Integer costs with one unit per cost step: the DP is exact.
     dp = solve_dp(costs, damages, budget, resolution=budget)
     assert dp.damage == pytest.approx(expected_damage) and dp.cost <= budget
+    pytest.importorskip("scipy")
     milp = solve_milp(costs, damages, budget)
     assert milp.damage == pytest.approx(expected_damage) and milp.cost <= budget + 1e-6
 

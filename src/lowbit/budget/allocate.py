@@ -91,7 +91,10 @@ def solve_dp(
 
 def solve_milp(costs: list[np.ndarray], damages: list[np.ndarray], budget: float) -> Choice:
     """The exact optimum as a 0/1 integer program (one binary per layer and candidate)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:
+        raise ValueError("the milp allocator needs scipy (pip install scipy); or use the dp allocator") from None
 
     _check(costs, damages, budget)
     sizes = [len(c) for c in costs]
