@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 from torch import nn
 
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat, scale_dtype_from_name
@@ -86,6 +86,14 @@ class Recipe(BaseModel):
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
         return method
+
+    @model_serializer(mode="wrap")
+    def _without_empty_overrides(self, handler) -> dict[str, Any]:
+        """A recipe without overrides dumps as before they existed (same cache keys, same saved files)."""
+        data = handler(self)
+        if not self.overrides:
+            data.pop("overrides", None)
+        return data
 
     def solver(self) -> Solver:
         try:
