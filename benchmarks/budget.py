@@ -60,10 +60,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-budget-cache")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "budget")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="with --render: add the rows of other runs of this script (same model, data and "
+                        "candidates, other --jobs) to the saved .json first")
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
-        args.out.with_suffix(".md").write_text(markdown(saved))
+        for path in args.merge:
+            merge(saved, json.loads(path.read_text()))
+        save(args.out, saved)
         return
     device = resolve_device(args.device)
     loaded = load_model(args.model)
@@ -136,6 +141,20 @@ def main() -> None:
     print(markdown(result))
 
 
+def merge(result: dict, other: dict) -> None:
+    """Add `other`'s rows that `result` lacks; refuse runs that differ in anything but their jobs."""
+    def setup(meta: dict) -> dict:
+        return {k: v for k, v in meta.items() if k != "command" and k != "other_commands"}
+
+    if setup(result["meta"]) != setup(other["meta"]) or result["original"] != other["original"]:
+        raise SystemExit("cannot merge runs with different model, data, candidates or machine")
+    have_uniform = {(r["bits"], r["group_size"]) for r in result["uniform"]}
+    have_plans = {(r["target"], r["weighting"]) for r in result["plans"]}
+    result["uniform"] += [r for r in other["uniform"] if (r["bits"], r["group_size"]) not in have_uniform]
+    result["plans"] += [r for r in other["plans"] if (r["target"], r["weighting"]) not in have_plans]
+    result["meta"].setdefault("other_commands", []).append(other["meta"]["command"])
+
+
 def reference_perplexity(reference: ReferenceLogProbs) -> float:
     """The original's perplexity from its stored log-probabilities (every position but each window's first)."""
     total, count = 0.0, 0
@@ -174,7 +193,9 @@ def markdown(result: dict) -> str:
     uniform = sorted(result["uniform"], key=lambda r: r["bits_per_weight"])
     lines = [
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}. "
-        f"Plan candidates: {meta['candidates']}. Machine: {meta['machine']}. Command: `{meta['command']}`.",
+        f"Plan candidates: {meta['candidates']}. Machine: {meta['machine']}. Command: `{meta['command']}`"
+        + "".join(f", then `{c}` (rows merged with --render --merge)" for c in meta.get("other_commands", []))
+        + ".",
         "",
         f"Original perplexity: {base:.3f}. Bits per weight are over the quantized linears (scales and zero "
         "points included); for plans they are measured from the saved safetensors files.",
