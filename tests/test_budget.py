@@ -140,6 +140,13 @@ def test_sensitivity_matches_a_direct_computation(tmp_path, weighting):
         assert damage["rtn:8:-1:asym"] < damage["rtn:4:-1:asym"] < damage["rtn:2:-1:asym"]
 
 
+def test_fisher_weighting_needs_gradient_windows(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="--fisher-samples"):
+        measure_sensitivity(model, architecture_of(model), _calibration(), CANDIDATES, lambda n: True,
+                            weighting="fisher", fisher_samples=0, cache_dir=tmp_path)
+
+
 def test_sensitivity_is_cached(tmp_path, monkeypatch):
     model, calibration = tiny_llama(), _calibration()
     args = (model, architecture_of(model), calibration, CANDIDATES, lambda n: "mlp" in n)

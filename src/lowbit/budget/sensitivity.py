@@ -196,6 +196,9 @@ def measure_sensitivity(
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if weighting == "fisher" and fisher_samples < 1:
+        raise ValueError("fisher weighting needs at least one calibration window with gradients "
+                         "(--fisher-samples >= 1), or use --weighting hessian")
     method_options = method_options or {}
     groups = planned_groups(model, architecture, is_planned)
     if not groups:
