@@ -148,7 +148,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def default_out_dir(model: str | None, recipe: Recipe, budget=None) -> Path:
+def default_out_dir(model: str | None, recipe: Recipe, budget: budget_command.Budget | None = None) -> Path:
     name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
     if budget is not None:
@@ -183,8 +183,7 @@ def run_quantize(args: argparse.Namespace) -> None:
     if budget is not None:
         _, recipe = budget_command.choose(args, recipe, budget, _settings(args), console)
         if out_dir is not None:
-            recipe.save(budget_command.plan_path(out_dir))
-            console.print(f"plan saved to {budget_command.plan_path(out_dir)} (replay: --recipe FILE)")
+            budget_command.save_plan(recipe, out_dir, console)
     console.print(f"[bold]lowbit[/] {__version__}: {recipe.describe()}")
     report = quantize(args.model, recipe, out_dir, _settings(args), overwrite=args.overwrite,
                       evaluate_result=not args.no_eval)

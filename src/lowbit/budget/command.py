@@ -177,6 +177,14 @@ def plan_path(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.plan.yaml"
 
 
+def save_plan(recipe: Recipe, out_dir: Path, console: Console) -> None:
+    """Write the plan beside the output folder before quantizing, so it survives a failed run."""
+    path = plan_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recipe.save(path)
+    console.print(f"plan saved to {path}; `lowbit quantize --recipe {path}` replays it")
+
+
 def out_name(budget: Budget) -> str:
     if budget.target_bits is not None:
         return f"budget-{budget.target_bits:g}bpw"
