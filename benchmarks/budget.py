@@ -8,6 +8,8 @@ quantize every layer with one candidate. Perplexity: the first --eval-windows no
 2048-token windows of WikiText-2 test.txt; calibration: random windows of valid.txt (seed 0).
 
     python benchmarks/budget.py                # writes benchmarks/results/budget.{json,md}
+    python benchmarks/budget.py --method rtn --samples 8 --fisher-samples 4 --eval-windows 2 \
+        --out benchmarks/results/budget_rtn_quick   # the same comparison with RTN, small enough for a busy CPU
     python benchmarks/budget.py --render       # rewrites the .md table from the saved .json
 """
 
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--bits", default="2,3,4,8", help="candidate bit widths of the plans")
     parser.add_argument("--groups", default="32,64,-1", help="candidate group sizes of the plans")
     parser.add_argument("--fisher-samples", type=int, default=8)
+    parser.add_argument("--method", default="gptq", help="solver of every row and candidate (gptq or rtn)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", help="model source (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--eval-seq-len", type=int, default=2048)
@@ -106,9 +109,9 @@ def main() -> None:
             shutil.rmtree(out.parent)
         return row
 
-    candidates = candidate_grid(("gptq",), tuple(map(int, args.bits.split(","))),
+    candidates = candidate_grid((args.method,), tuple(map(int, args.bits.split(","))),
                                 tuple(map(int, args.groups.split(","))), symmetric=False)
-    base_recipe = Recipe(method="gptq", symmetric=False)
+    base_recipe = Recipe(method=args.method, symmetric=False)
     tables = {}
     for job in args.jobs.split(","):
         kind, _, spec = job.partition("=")
@@ -116,7 +119,7 @@ def main() -> None:
             bits, group = map(int, spec.split(":"))
             if (bits, group) in done_uniform:
                 continue
-            recipe = Recipe(method="gptq", bits=bits, symmetric=False, group_size=group)
+            recipe = Recipe(method=args.method, bits=bits, symmetric=False, group_size=group)
             row = {"bits": bits, "group_size": group, **run(recipe, export=False)}
             result["uniform"].append(row)
             print(f"uniform {recipe.describe()}: {row['bits_per_weight']:.3f} bits/weight, "
@@ -177,7 +180,7 @@ def describe(args: argparse.Namespace, loaded, reference: ReferenceLogProbs, dev
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
         "evaluation": f"first {len(reference.windows)} non-overlapping windows of {args.eval_seq_len} tokens of "
         f"wikitext-2 test.txt ({sum(w.numel() - 1 for w in reference.windows)} tokens scored)",
-        "candidates": f"GPTQ int{{{args.bits}}} asym, groups {{{args.groups}}} (-1 = per channel), fp16 scales",
+        "candidates": f"{args.method} int{{{args.bits}}} asym, groups {{{args.groups}}} (-1 = per channel), fp16 scales",
         "machine": f"{name}, torch {torch.__version__}",
         "command": "python benchmarks/budget.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "cache", "data", "model")),
@@ -200,7 +203,7 @@ def markdown(result: dict) -> str:
         f"Original perplexity: {base:.3f}. Bits per weight are over the quantized linears (scales and zero "
         "points included); for plans they are measured from the saved safetensors files.",
         "",
-        "### Uniform GPTQ (asymmetric)",
+        f"### Uniform {meta['candidates'].split()[0]} (asymmetric)",
         "",
         "| setting | bits/weight | perplexity | KL to original |",
         "|---|---:|---:|---:|",
