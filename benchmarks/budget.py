@@ -183,7 +183,7 @@ def describe(args: argparse.Namespace, loaded, reference: ReferenceLogProbs, dev
         "candidates": f"{args.method} int{{{args.bits}}} asym, groups {{{args.groups}}} (-1 = per channel), fp16 scales",
         "machine": f"{name}, torch {torch.__version__}",
         "command": "python benchmarks/budget.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "cache", "data", "model")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge", "cache", "data", "model")),
     }
 
 
