@@ -125,10 +125,12 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                     raise ExportError(problem)
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
-    if exporting and recipe.solver().export_problem:
-        raise ExportError(recipe.solver().export_problem)
-    options = recipe.method_options
-    if exporting and options.get("act_order") and not options.get("static_groups"):
+    problems = {r.solver().export_problem for r in recipe.layer_recipes()} - {None}
+    if exporting and problems:
+        raise ExportError(sorted(problems)[0])
+    regrouped = any(r.method_options.get("act_order") and not r.method_options.get("static_groups")
+                    for r in recipe.layer_recipes())
+    if exporting and regrouped:
         raise ExportError(
             "act_order without static_groups stores a column permutation (g_idx) that compressed-tensors "
             "cannot load; set static_groups: true (the CLI's --act-order does)"

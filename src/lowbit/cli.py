@@ -1,4 +1,4 @@
-"""`lowbit quantize | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | plan | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit import __version__
+from lowbit.budget import command as budget_command
 from lowbit.compare import command as compare_command
 from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
     _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
     _add_runtime_options(q)
+    budget_command.add_budget_options(q)
+    _add_runtime_options(budget_command.add_plan_parser(commands))
 
     e = commands.add_parser("eval", help="perplexity and KL divergence of a model or a lowbit export")
     e.add_argument("model", help="model (id, folder, .gguf) or lowbit output folder; 'default' = embedded model")
@@ -140,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     recipe = Recipe.load(args.recipe) if args.recipe else preset(args.scheme)
-    if args.format is not None:
-        family = FAMILIES[args.format]
-        recipe = recipe.model_copy(update={"format": args.format, "bits": family.bits[0],
+    # `lowbit plan` shares this function but offers neither --format nor --transform.
+    number_format, transforms = getattr(args, "format", None), getattr(args, "transforms", None)
+    if number_format is not None:
+        family = FAMILIES[number_format]
+        recipe = recipe.model_copy(update={"format": number_format, "bits": family.bits[0],
                                            "group_size": family.group_size, "symmetric": True})
     updates = {
         key: value
@@ -154,8 +159,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
-    if args.transforms:
-        updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *args.transforms]))
+    if transforms:
+        updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *transforms]))
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:
@@ -168,14 +173,17 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.clip_search:
         options["clip_search"] = True
     recipe = recipe.model_copy(update={"method_options": options})
-    recipe.solver()  # reject unknown options now, before loading anything
+    for layer_recipe in recipe.layer_recipes():
+        layer_recipe.solver()  # reject unknown options now, before loading anything
     return recipe
 
 
-def default_out_dir(model: str | None, recipe: Recipe) -> Path:
+def default_out_dir(model: str | None, recipe: Recipe, budget: budget_command.Budget | None = None) -> Path:
     name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
     number = f"w{recipe.bits}" if recipe.format == "int" else recipe.format
+    if budget is not None:
+        number = budget_command.out_name(budget)
     return Path(f"{slug}-{recipe.method}-{number}")
 
 
@@ -204,7 +212,12 @@ def run_quantize(args: argparse.Namespace) -> None:
     from lowbit.api import quantize
 
     recipe = recipe_from_args(args)
-    out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe))
+    budget = budget_command.budget_from_args(args)
+    out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe, budget))
+    if budget is not None:
+        _, recipe = budget_command.choose(args, recipe, budget, _settings(args), console)
+        if out_dir is not None:
+            budget_command.save_plan(recipe, out_dir, console)
     console.print(f"[bold]lowbit[/] {__version__}: {recipe.describe()}")
     report = quantize(args.model, recipe, out_dir, _settings(args), overwrite=args.overwrite,
                       evaluate_result=not args.no_eval)
@@ -300,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             compare_command.run(args, console, argv)
         else:
-            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench}[args.command](args)
+            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench,
+             "plan": lambda args: budget_command.run_plan(args, console)}[args.command](args)
     except (ValueError, OSError, MemoryError) as err:
         if os.environ.get("LOWBIT_DEBUG"):
             raise

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from torch import nn
 
 from lowbit.formats.base import FormatError, WeightFormat
@@ -26,6 +26,42 @@ class RecipeError(ValueError):
     """A recipe that cannot be applied; the message names the field to change."""
 
 
+class LayerOverride(BaseModel):
+    """Settings that replace the recipe's own for the layers whose names match `pattern`.
+
+    `pattern` matches like `ignore` (a glob on the full name, or a name suffix such as
+    "mlp.down_proj"); unset fields keep the recipe's values. Mixed-precision plans (`lowbit plan`)
+    are recipes with one override per layer, so they replay exactly.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str
+    method: str | None = None
+    bits: int | None = None
+    symmetric: bool | None = None
+    group_size: int | Literal["auto"] | None = None
+    method_options: dict[str, Any] | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str | None) -> str | None:
+        if method is not None and method not in SOLVERS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(SOLVERS))}")
+        return method
+
+    def matches(self, name: str) -> bool:
+        return _matches(name, self.pattern)
+
+    def settings(self) -> dict[str, Any]:
+        """The fields this override sets."""
+        return self.model_dump(exclude={"pattern"}, exclude_none=True)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern)
+
+
 class Recipe(BaseModel):
     """One quantization recipe: a weight format, a solver and the layers it applies to.
 
@@ -36,6 +72,8 @@ class Recipe(BaseModel):
     each layer's format from these fields; families with a fixed width or block check them.
     `transforms` are applied to each block before its linears are solved (`[awq]` with
     `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
+    `overrides` change these settings for some layers; the first override that matches a layer
+    applies, and `ignore` wins over all of them.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -49,6 +87,7 @@ class Recipe(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    overrides: list[LayerOverride] = Field(default_factory=list)
 
     @field_validator("method")
     @classmethod
@@ -71,6 +110,7 @@ class Recipe(BaseModel):
         except FormatError as err:
             raise ValueError(str(err)) from None
         return self
+
     @field_validator("transforms")
     @classmethod
     def _known_transforms(cls, names: list[str]) -> list[str]:
@@ -86,8 +126,13 @@ class Recipe(BaseModel):
     def block_transforms(self) -> list[BlockTransform]:
         return [TRANSFORMS[name]() for name in self.transform_names()]
 
-    def needs_calibration(self) -> bool:
-        return SOLVERS[self.method].needs_hessian or bool(self.transform_names())
+    @model_serializer(mode="wrap")
+    def _without_empty_overrides(self, handler) -> dict[str, Any]:
+        """A recipe without overrides dumps as before they existed (same cache keys, same saved files)."""
+        data = handler(self)
+        if not self.overrides:
+            data.pop("overrides", None)
+        return data
 
     def solver(self) -> Solver:
         try:
@@ -109,16 +154,40 @@ class Recipe(BaseModel):
         return family.build(self.bits, self.symmetric, group_size, self.scale_dtype)
 
     def is_ignored(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) or name.endswith("." + pattern) for pattern in self.ignore)
+        return any(_matches(name, pattern) for pattern in self.ignore)
+
+    def for_layer(self, name: str) -> Recipe:
+        """The recipe that applies to layer `name`: this one, with its first matching override applied."""
+        for override in self.overrides:
+            if override.matches(name):
+                return self.model_copy(update={**override.settings(), "overrides": []})
+        return self
+
+    def layer_recipes(self) -> list[Recipe]:
+        """This recipe without overrides, then each override applied: every setting some layer may get."""
+        base = self.model_copy(update={"overrides": []})
+        return [base] + [base.model_copy(update=o.settings()) for o in self.overrides]
+
+    def needs_calibration(self) -> bool:
+        """True when a transform, or the solver of the recipe or of any override, reads calibration data."""
+        return bool(self.transform_names()) or any(recipe.solver().needs_hessian for recipe in self.layer_recipes())
 
     def plan(self) -> Callable[[str, nn.Linear], tuple[WeightFormat, Solver] | None]:
-        """The per-layer plan the pipeline executes: one solver instance shared by every layer."""
-        solver = self.solver()
+        """The per-layer plan the pipeline executes.
+
+        Layers with equal solver settings share one solver instance, which is what lets the
+        pipeline stack the matrices of one input (q/k/v) into a single solve.
+        """
+        solvers: dict[str, Solver] = {}
 
         def choose(name: str, linear: nn.Linear) -> tuple[WeightFormat, Solver] | None:
             if self.is_ignored(name):
                 return None
-            return self.format_for(linear.in_features), solver
+            recipe = self.for_layer(name)
+            key = f"{recipe.method}{sorted(recipe.method_options.items())}"
+            if key not in solvers:
+                solvers[key] = recipe.solver()
+            return recipe.format_for(linear.in_features), solvers[key]
 
         return choose
 
@@ -139,10 +208,11 @@ class Recipe(BaseModel):
         else:
             number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
         parts = [method, number] + ([] if format_family(self.format).block else [layout])
-        return " ".join(parts) + options
+        mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
+        return " ".join(parts) + options + mixed
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> "Recipe":

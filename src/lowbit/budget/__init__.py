@@ -1,0 +1,1 @@
+"""Mixed precision under a budget: per-layer sensitivity, a knapsack allocator, plans as recipes."""
