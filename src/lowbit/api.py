@@ -240,6 +240,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 hooks=hooks,
                 keep_output=keep_output,
             ).run(world.shard(calibration), start_block=start_block, start_hidden=start_hidden)
+        world.leave()
         if writer is not None:
             with timer("export"):
                 dense = streamed.dense_tensors(quantized_names) if streamed is not None else None

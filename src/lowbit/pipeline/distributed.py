@@ -53,6 +53,15 @@ class World:
         stats.tokens = int(tokens.item())
 
 
+    def leave(self) -> None:
+        """End the process group once the Hessians are shared: libraries used afterwards (the export
+        check's compressed-tensors loader) would otherwise try to spread their own work over it on
+        process 0 while the other processes have already finished."""
+        if self.size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def join_world(device: torch.device) -> World:
     """The process group torchrun (or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR) describes;
     a single process without them. NCCL for CUDA devices, gloo on the CPU."""
