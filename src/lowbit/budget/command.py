@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lowbit.budget.candidates import DEFAULT_BITS, DEFAULT_GROUP_SIZES, candidate_grid
+from lowbit.budget.evolve import EvolutionOptions
 from lowbit.budget.plan import Budget, BudgetPlan, format_bytes, parse_size
 from lowbit.budget.run import PlanOptions, plan_budget, sensitivity_for
 from lowbit.budget.sensitivity import WEIGHTINGS
@@ -63,6 +64,10 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
                    help="calibration windows that also get a backward pass for the gradient weights (default 8)")
     g.add_argument("--allocator", choices=("dp", "milp"), default="dp",
                    help="knapsack solver: dynamic programming (default) or scipy's integer program")
+    g.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",
+                   help="refine the plan by an evolutionary search scored by the measured KL of the assembled "
+                   "model on calibration windows (EvoPress style); 0 = off (default). Each generation costs "
+                   "about 6 + 2 x 4 forward passes of one calibration window")
     g.add_argument("--sensitivity-cache", type=Path, metavar="DIR",
                    help="where sensitivity tables are cached (default $LOWBIT_CACHE/sensitivity or ~/.cache/lowbit)")
 
@@ -107,7 +112,11 @@ def options_from_args(args: argparse.Namespace, base: Recipe) -> PlanOptions:
     candidates = candidate_grid(methods, args.candidate_bits, args.candidate_groups, symmetric=base.symmetric)
     for candidate in candidates:
         candidate.format()  # reject impossible bit widths / group sizes before loading anything
-    return PlanOptions(tuple(candidates), args.weighting, args.fisher_samples, args.sensitivity_cache, args.allocator)
+    if args.evolve < 0:
+        raise ValueError("--evolve must be >= 0 (generations; 0 = off)")
+    evolution = EvolutionOptions(generations=args.evolve) if args.evolve else None
+    return PlanOptions(tuple(candidates), args.weighting, args.fisher_samples, args.sensitivity_cache, args.allocator,
+                       evolution)
 
 
 def choose(args: argparse.Namespace, base: Recipe, budget: Budget, settings, console: Console) -> tuple[BudgetPlan, Recipe]:
@@ -121,8 +130,9 @@ def choose(args: argparse.Namespace, base: Recipe, budget: Budget, settings, con
     calibration, description = resolve_calibration(
         settings.calib, loaded.model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
     )
-    table = sensitivity_for(loaded.model, calibration, base, options, resolve_device(settings.device))
-    plan, recipe = plan_budget(loaded.model, table, base, budget, options)
+    device = resolve_device(settings.device)
+    table = sensitivity_for(loaded.model, calibration, base, options, device)
+    plan, recipe = plan_budget(loaded.model, table, base, budget, options, calibration, device)
     print_plan(plan, console, title=f"{loaded.name}: plan for {budget.describe()}")
     console.print(f"calibration: {description}; sensitivity table computed in {table.seconds:.1f} s "
                   "(cached: a repeated budget on this model and data is instant)")
@@ -170,6 +180,10 @@ def print_plan(plan: BudgetPlan, console: Console, title: str) -> None:
         f"({format_bytes(plan.dense_bytes)} left unquantized); estimated damage {plan.damage:.4g} "
         f"({'nats/token, Fisher-weighted' if plan.weighting == 'fisher' else 'sum of layer output errors'})"
     )
+    if plan.measured_kl is not None:
+        console.print(f"evolutionary refinement: KL on its calibration windows {plan.measured_kl['start']:.4f} "
+                      f"(knapsack plan) -> {plan.measured_kl['final']:.4f} "
+                      f"({plan.measured_kl['evaluations']:.0f} evaluations)")
 
 
 def plan_path(out_dir: Path) -> Path:

@@ -54,6 +54,13 @@ class Budget:
             return f"{self.target_bits:g} bits/weight"
         return format_bytes(self.max_bytes)
 
+    def capacity_bits(self, weights: int, dense_bytes: int) -> float:
+        """Bits the planned linears may take: the target times their weights, or what the size
+        limit leaves after the tensors that stay unquantized (`dense_bytes`)."""
+        if self.target_bits is not None:
+            return self.target_bits * weights
+        return (self.max_bytes - dense_bytes) * 8
+
 
 @dataclass(frozen=True)
 class LayerChoice:
@@ -74,6 +81,8 @@ class BudgetPlan:
     dense_bytes: int
     """Bytes of the tensors left unquantized (embeddings, norms, head)."""
     weighting: str
+    measured_kl: dict[str, float] | None = None
+    """Set by the evolutionary refinement: KL on its fitness windows of the start and final plans."""
 
     @property
     def weights(self) -> int:
@@ -145,11 +154,10 @@ def choose_plan(
         costs.append(np.array([linear_bits(c.format(scale_dtype), rows, columns) for c in usable]))
         damages.append(np.array([table.damage[name][c.key] for c in usable]))
     weights = sum(rows * columns for rows, columns in table.shapes.values())
+    capacity = budget.capacity_bits(weights, dense_bytes)
     if budget.target_bits is not None:
-        capacity = budget.target_bits * weights
         describe = lambda bits: f"{bits / weights:.3f} bits/weight"  # noqa: E731
     else:
-        capacity = (budget.max_bytes - dense_bytes) * 8
         describe = lambda bits: format_bytes(bits / 8 + dense_bytes)  # noqa: E731
     smallest = float(sum(c.min() for c in costs))
     largest = float(sum(c.max() for c in costs))

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from lowbit.budget.candidates import Candidate
 from lowbit.calibrate.stats import HessianStats
 from lowbit.compare.cache import model_fingerprint, tensor_digest
+from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture
 from lowbit.solvers import SOLVERS
 
@@ -176,6 +177,30 @@ def row_errors(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor)
     return ((delta @ hessian.double()) * delta).sum(dim=1)
 
 
+def solved_candidates(
+    stats: list[_Group], candidates: list[Candidate], method_options: dict[str, dict], scale_dtype: str
+) -> Iterator[tuple[_Group, Candidate, torch.Tensor, QuantizedWeight]]:
+    """(group, candidate, stacked float weight, its solution) for every candidate that fits the group.
+
+    The members of a group are solved stacked, as the pipeline solves them; each group's Hessian is
+    freed once its last candidate is yielded. Progress is shown per group.
+    """
+    solvers = {m: SOLVERS[m](**method_options.get(m, {})) for m in sorted({c.method for c in candidates})}
+    threads = torch.get_num_threads()
+    if stacked_device(stats).type == "cpu":
+        torch.set_num_threads(1)  # long chains of small ops: one thread is faster (see pipeline._solver_threads)
+    try:
+        for group in tqdm(stats, desc="solving candidates per layer", unit="group"):
+            stacked = torch.cat([linear.weight.detach().float() for linear in group.linears])
+            for candidate in candidates:
+                if candidate.fits(stacked.shape[1]):
+                    qweight = solvers[candidate.method].solve(stacked, candidate.format(scale_dtype), group.stats)
+                    yield group, candidate, stacked, qweight
+            group.stats = None  # free the Hessian
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_sensitivity(
     model: nn.Module,
     architecture: Architecture,
@@ -219,34 +244,22 @@ def measure_sensitivity(
     stats, fisher = collect_statistics(
         model, groups, calibration, fisher_samples if weighting == "fisher" else 0, batch_size
     )
-    solvers = {m: SOLVERS[m](**method_options.get(m, {})) for m in sorted({c.method for c in candidates})}
     table = SensitivityTable(weighting, {}, {})
-    threads = torch.get_num_threads()
-    if stacked_device(stats).type == "cpu":
-        torch.set_num_threads(1)  # long chains of small ops: one thread is faster (see pipeline._solver_threads)
-    try:
-        for group in tqdm(stats, desc="sensitivity per layer", unit="group"):
-            hessian = group.stats.hessian
-            weights = [linear.weight.detach().float() for linear in group.linears]
-            stacked = torch.cat(weights)
-            for name, weight in zip(group.names, weights):
-                table.shapes[name] = (weight.shape[0], weight.shape[1])
-                table.damage[name] = {}
-            for candidate in candidates:
-                if not candidate.fits(stacked.shape[1]):
-                    continue
-                solver = solvers[candidate.method]
-                qweight = solver.solve(stacked, candidate.format(scale_dtype), group.stats)
-                errors = row_errors(stacked, qweight.dequantize(), hessian).split([w.shape[0] for w in weights])
-                for name, error in zip(group.names, errors):
-                    if weighting == "fisher":
-                        damage = 0.25 * float((fisher[name].double() * error).sum())
-                    else:
-                        damage = float(error.sum())
-                    table.damage[name][candidate.key] = damage
-            group.stats = None  # free the Hessian
-    finally:
-        torch.set_num_threads(threads)
+    for names, linears in groups:
+        for name, linear in zip(names, linears):
+            table.shapes[name] = (linear.out_features, linear.in_features)
+            table.damage[name] = {}
+    hessians: dict[int, torch.Tensor] = {}  # the current group's, mirrored once
+    for group, candidate, stacked, qweight in solved_candidates(stats, candidates, method_options, scale_dtype):
+        if id(group) not in hessians:
+            hessians = {id(group): group.stats.hessian}
+        errors = row_errors(stacked, qweight.dequantize(), hessians[id(group)]).split([l.out_features for l in group.linears])
+        for name, error in zip(group.names, errors):
+            if weighting == "fisher":
+                damage = 0.25 * float((fisher[name].double() * error).sum())
+            else:
+                damage = float(error.sum())
+            table.damage[name][candidate.key] = damage
     table.seconds = time.perf_counter() - start
     table.meta = {"key": key, "calibration_windows": int(calibration.shape[0]),
                   "calibration_seq_len": int(calibration.shape[1]), "fisher_samples": description["fisher_samples"]}

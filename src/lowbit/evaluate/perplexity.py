@@ -57,12 +57,12 @@ class ReferenceLogProbs:
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, tokens: torch.Tensor, seq_len: int = 2048,
-                 max_windows: int | None = None) -> None:
+                 max_windows: int | None = None, progress: bool = True) -> None:
         self.windows = windows_of(tokens, seq_len, max_windows)
         self.log_probs = [
             torch.log_softmax(model(input_ids=w[None].to(_device_of(model)), use_cache=False).logits[0, :-1].float(),
                               dim=-1).cpu()
-            for w in tqdm(self.windows, desc="reference log-probabilities", unit="window")
+            for w in tqdm(self.windows, desc="reference log-probabilities", unit="window", disable=not progress)
         ]
 
 
@@ -74,12 +74,14 @@ def evaluate(
     max_windows: int | None = None,
     reference: nn.Module | ReferenceLogProbs | None = None,
     device: torch.device | str | None = None,
+    progress: bool = True,
 ) -> EvalResult:
     """Perplexity of `model` on `tokens`, and mean per-token KL(P_reference || P_model) if given.
 
     `reference` is the original model, or its precomputed ReferenceLogProbs on the same windows.
     Models run where their parameters are unless `device` is given, in which case they are moved
-    there for the evaluation and back afterwards.
+    there for the evaluation and back afterwards. `progress=False` hides the progress bar (callers
+    that evaluate many times in a loop show their own).
     """
     start = time.perf_counter()
     batches = windows_of(tokens, seq_len, max_windows)
@@ -94,7 +96,7 @@ def evaluate(
     nll = ref_nll = kl = 0.0
     scored = 0
     try:
-        for index, window in enumerate(tqdm(batches, desc="evaluating", unit="window")):
+        for index, window in enumerate(tqdm(batches, desc="evaluating", unit="window", disable=not progress)):
             ids = window.unsqueeze(0).to(_device_of(model))
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
             if cached is not None:
