@@ -47,3 +47,15 @@ def test_infeasible_budgets_are_one_line_errors(tmp_path, tiny_model_dir, wikite
     assert "choose a budget between" in capsys.readouterr().out
     assert main(["plan", *common]) == 2
     assert "needs a budget" in capsys.readouterr().out
+
+
+def test_plan_with_trace_weighting_and_evolution(tmp_path, tiny_model_dir, wikitext, capsys):
+    common = _common(tiny_model_dir, wikitext, tmp_path / "cache")
+    recipe_file = tmp_path / "plan.yaml"
+    assert main(["plan", *common, "--target-bits", "3.5", "--weighting", "trace", "--evolve", "2",
+                 "--save-recipe", str(recipe_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "evolutionary refinement: KL on its calibration windows" in printed
+    assert Recipe.load(recipe_file).overrides  # a mixed plan that replays
+    assert main(["plan", *common, "--target-bits", "3.5", "--evolve", "-1"]) == 2
+    assert "--evolve must be >= 0" in capsys.readouterr().out

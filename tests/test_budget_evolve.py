@@ -8,14 +8,18 @@ import random
 import pytest
 import torch
 
+from lowbit.budget import sensitivity
 from lowbit.budget.candidates import candidate_grid
-from lowbit.budget.evolve import CandidateBank, EvolutionOptions, _Fitness, _mutate, evolve_plan
+from lowbit.budget.curvature import hutchinson_traces
+from lowbit.budget.bank import CandidateBank, KLFitness
+from lowbit.budget.evolve import EvolutionOptions, _mutate, evolve_plan
 from lowbit.budget.plan import Budget, choose_plan
 from lowbit.budget.sensitivity import SensitivityTable, measure_sensitivity
 from lowbit.budget.size import dense_bytes, linear_bits
 from lowbit.models.architectures import architecture_of
 from lowbit.solvers.rtn import RTN
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 CANDIDATES = candidate_grid(("rtn",), (2, 4, 8), (32, -1))
 
@@ -81,7 +85,7 @@ def test_evolution_improves_a_bad_plan_within_budget(setting):
         fresh.get_submodule(choice.name).weight.data = RTN().solve(
             model.get_submodule(choice.name).weight.detach().float(), choice.candidate.format()).dequantize()
         assert choice.bits == linear_bits(choice.candidate.format(), *choice.shape)
-    kl = _Fitness(model, calibration[-2:])(fresh, 2)
+    kl = KLFitness(model, calibration[-2:])(fresh, 2)
     assert kl == pytest.approx(refined.measured_kl["final"], rel=1e-4)
 
 
@@ -90,3 +94,63 @@ def test_options_reject_nonsense():
         EvolutionOptions(offspring=2, survivors=3)
     with pytest.raises(ValueError, match="at least one generation"):
         EvolutionOptions(generations=0)
+
+
+def test_hutchinson_trace_is_the_mean_of_probe_quadratic_forms_of_the_exact_hessian():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=16, intermediate_size=16, num_attention_heads=2,
+                                               num_key_value_heads=1, num_hidden_layers=1)).eval()
+    name = "model.layers.0.mlp.down_proj"
+    weight = model.get_submodule(name).weight
+    windows = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    model.set_attn_implementation("eager")  # second derivatives of the reference itself
+    hessians = [
+        torch.func.hessian(
+            lambda w, ids=ids: torch.func.functional_call(model, {name + ".weight": w}, (ids[None],),
+                                                          {"labels": ids[None]}).loss
+        )(weight.detach().clone()).reshape(weight.numel(), -1)
+        for ids in windows
+    ]
+    model.set_attn_implementation("sdpa")
+    generator = torch.Generator().manual_seed(0)  # the estimator's probes, drawn in the same order
+    forms = []
+    for hessian in hessians:
+        probe = (torch.randint(0, 2, weight.shape, generator=generator) * 2 - 1).float().reshape(-1)
+        forms.append(float(probe @ hessian @ probe))
+    expected = sum(forms) / len(forms) / weight.numel()
+
+    estimate = hutchinson_traces(model, [name], windows, windows=2)[name]
+    assert estimate == pytest.approx(expected, rel=1e-3)
+    assert model.config._attn_implementation == "sdpa"  # the eager switch is undone
+    assert all(p.requires_grad for p in model.parameters())  # gradient flags restored
+
+
+def test_kl_weighting_is_the_measured_kl_of_one_quantized_layer(tmp_path):
+    model = tiny_llama()
+    calibration = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    candidates = candidate_grid(("rtn",), (2, 8), (-1,))
+    table = measure_sensitivity(model, architecture_of(model), calibration, candidates, lambda n: "layers.1" in n,
+                                weighting="kl", fisher_samples=2, cache_dir=tmp_path)
+    fitness = KLFitness(model, calibration[:2])
+    name = "model.layers.1.mlp.gate_proj"
+    for candidate in candidates:
+        quantized = copy.deepcopy(model)
+        quantized.get_submodule(name).weight.data = RTN().solve(
+            model.get_submodule(name).weight.detach().float(), candidate.format()).dequantize()
+        assert table.damage[name][candidate.key] == pytest.approx(fitness(quantized, 2), rel=1e-5)
+    assert table.damage[name]["rtn:2:-1:asym"] > table.damage[name]["rtn:8:-1:asym"]
+    assert set(table.layers) == {n for n in table.layers if "layers.1" in n}
+
+
+def test_trace_weighting_scales_weight_error_by_curvature(tmp_path, monkeypatch):
+    model = tiny_llama()
+    calibration = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sensitivity, "hutchinson_traces", lambda m, names, *a, **k: {n: 2.0 for n in names})
+    candidates = candidate_grid(("rtn",), (4,), (-1,))
+    table = measure_sensitivity(model, architecture_of(model), calibration, candidates, lambda n: True,
+                                weighting="trace", fisher_samples=1, cache_dir=tmp_path)
+    name = "model.layers.0.self_attn.o_proj"
+    weight = model.get_submodule(name).weight.detach().float()
+    error = weight - RTN().solve(weight, candidates[0].format()).dequantize()
+    assert table.damage[name][candidates[0].key] == pytest.approx(0.5 * 2.0 * float(error.square().sum()), rel=1e-5)

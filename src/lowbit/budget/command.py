@@ -59,9 +59,12 @@ def add_budget_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--candidate-methods", type=_list(str), metavar="M,M",
                    help=f"solvers a layer may get (default: the recipe's; registered: {', '.join(sorted(SOLVERS))})")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="fisher",
-                   help="layer damage: output error weighted by loss gradients (fisher, default) or not (hessian)")
+                   help="layer damage: output error weighted by loss gradients (fisher, default), unweighted "
+                   "(hessian), weight error times Hutchinson's Hessian trace (trace, HAWQ-V2), or the measured "
+                   "KL of quantizing that layer alone (kl: slowest, one forward pass per layer and candidate)")
     g.add_argument("--fisher-samples", type=int, default=8,
-                   help="calibration windows that also get a backward pass for the gradient weights (default 8)")
+                   help="calibration windows that get the weighting's extra pass: gradients (fisher), trace "
+                   "probes (trace) or KL scoring (kl) (default 8)")
     g.add_argument("--allocator", choices=("dp", "milp"), default="dp",
                    help="knapsack solver: dynamic programming (default) or scipy's integer program")
     g.add_argument("--evolve", type=int, default=0, metavar="GENERATIONS",

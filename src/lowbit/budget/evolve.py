@@ -29,13 +29,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.budget.bank import CandidateBank, KLFitness
 from lowbit.budget.candidates import Candidate
 from lowbit.budget.plan import BudgetPlan, LayerChoice
-from lowbit.budget.sensitivity import SensitivityTable, collect_statistics, planned_groups, solved_candidates
+from lowbit.budget.sensitivity import SensitivityTable
 from lowbit.budget.size import linear_bits
-from lowbit.evaluate import ReferenceLogProbs, evaluate
-from lowbit.formats.base import QuantizedWeight
-from lowbit.models.architectures import Architecture
 
 
 @dataclass(frozen=True)
@@ -56,50 +54,6 @@ class EvolutionOptions:
             raise ValueError(f"survivors must be between 1 and offspring ({self.offspring}), got {self.survivors}")
         if self.max_switches < 1:
             raise ValueError(f"max_switches must be >= 1, got {self.max_switches}")
-
-
-class CandidateBank:
-    """The solution of every candidate on every planned layer, solved once on the float Hessians.
-
-    Held as QuantizedWeights (uint8 codes plus scales): about one byte per weight per candidate.
-    """
-
-    def __init__(
-        self, model: nn.Module, architecture: Architecture, calibration: torch.Tensor, candidates: list[Candidate],
-        layers: set[str], method_options: dict[str, dict], scale_dtype: str,
-    ) -> None:
-        groups = planned_groups(model, architecture, lambda name: name in layers)
-        stats, _ = collect_statistics(model, groups, calibration, fisher_samples=0)
-        self.solutions: dict[tuple[str, str], QuantizedWeight] = {}
-        for group, candidate, _, qweight in solved_candidates(stats, candidates, method_options, scale_dtype):
-            pieces = qweight.split_rows([linear.out_features for linear in group.linears])
-            for name, piece in zip(group.names, pieces):
-                self.solutions[name, candidate.key] = piece
-
-    def apply(self, model: nn.Module, name: str, candidate: Candidate) -> None:
-        """Give layer `name` of `model` (the bank's model or a copy of it) the weights of `candidate`."""
-        linear = model.get_submodule(name)
-        linear.weight.data = self.solutions[name, candidate.key].dequantize().to(linear.weight.dtype)
-
-
-class _Fitness:
-    """KL of the model to the original on calibration windows, with cached reference log-probs."""
-
-    def __init__(self, original: nn.Module, windows: torch.Tensor) -> None:
-        self.windows = windows
-        tokens = windows.reshape(-1)
-        seq_len = windows.shape[1]
-        self.references = {
-            count: ReferenceLogProbs(original, tokens, seq_len, count, progress=False)
-            for count in sorted({1, windows.shape[0]})
-        }
-        self.calls = 0
-
-    def __call__(self, model: nn.Module, windows: int) -> float:
-        self.calls += 1
-        reference = self.references[windows]
-        result = evaluate(model, self.windows.reshape(-1), self.windows.shape[1], windows, reference, progress=False)
-        return float(result.kl)
 
 
 def _mutate(
@@ -161,7 +115,7 @@ def evolve_plan(
                 bank.apply(working, name, layer_options[layer][k])
                 applied[layer] = k
 
-    fitness = _Fitness(original, fitness_windows[: options.fitness_windows])
+    fitness = KLFitness(original, fitness_windows[: options.fitness_windows])
     everything = fitness.windows.shape[0]
     assemble(current)
     best_kl = fitness(working, everything)

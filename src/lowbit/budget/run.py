@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lowbit.budget.candidates import Candidate
-from lowbit.budget.evolve import CandidateBank, EvolutionOptions, evolve_plan
+from lowbit.budget.bank import CandidateBank
+from lowbit.budget.evolve import EvolutionOptions, evolve_plan
 from lowbit.budget.plan import Budget, BudgetPlan, choose_plan
 from lowbit.budget.sensitivity import SensitivityTable, measure_sensitivity
 from lowbit.budget.size import dense_bytes

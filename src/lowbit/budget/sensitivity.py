@@ -1,22 +1,25 @@
 """How much each layer would hurt the model under each candidate setting.
 
 For a linear y = W x with calibration Hessian H = 2/n Σ x xᵀ, quantizing W to Ŵ changes its outputs
-by a mean squared amount ½ tr(ΔW H ΔWᵀ) (ΔW = W - Ŵ), row by row: e_r = (ΔW H ΔWᵀ)_rr. How much an
-output error costs depends on where the layer sits, so each row's error is weighted by the mean
-squared gradient of the loss with respect to that output, f_r = 1/n Σ_t (∂L/∂y_t,r)² (a diagonal
-empirical Fisher of the outputs). Taking inputs and output gradients as independent (K-FAC's
-assumption), the expected increase of the loss per token is
+by a mean squared amount ½ tr(ΔW H ΔWᵀ) (ΔW = W - Ŵ), row by row: e_r = (ΔW H ΔWᵀ)_rr. Four
+weightings turn that into a damage that adds up across layers, from cheapest to most faithful:
 
-    damage ≈ ½ Σ_r f_r · ½ e_r = ¼ Σ_r f_r e_r,
+- `hessian`: Σ_r e_r, each layer's own output error (no extra pass).
+- `fisher` (default): how much an output error costs depends on where the layer sits, so each row's
+  error is weighted by the mean squared loss gradient of that output, f_r = 1/n Σ_t (∂L/∂y_t,r)² (a
+  diagonal empirical Fisher). Taking inputs and output gradients as independent (K-FAC's
+  assumption), the loss increase per token is ½ Σ_r f_r · ½ e_r = ¼ Σ_r f_r e_r (nats per token).
+- `trace` (HAWQ-V2): ½ · Tr(∇²_W L)/n · ||ΔW||², the loss curvature around the layer's weights
+  estimated with Hutchinson's method (budget.curvature), times the size of the weight error.
+- `kl`: measured, not estimated: the KL to the original of the model with that one layer quantized
+  to that candidate, on calibration windows (one forward pass per layer and candidate).
 
-which adds up across layers in one unit (nats per token), so a knapsack can trade them. Without
-the gradient pass (`weighting="hessian"`) the damage is Σ_r e_r, each layer's own output error.
-
-Statistics come from one pass of the unquantized model over the calibration windows (a backward
-pass on the first `fisher_samples` of them); each candidate is then solved on every layer with the
-same solver the plan will use (GPTQ on the float Hessian, or RTN), and ΔW is measured against the
-undamped H. A table depends only on the model, the calibration tokens and the settings, so it is
-cached on disk under a hash of them: a second budget on the same model is instant.
+Statistics come from one pass of the unquantized model over the calibration windows; the extra
+pass of a weighting (gradients, Hessian-vector products, KL scoring) runs on the first
+`fisher_samples` windows. Each candidate is solved on every layer with the same solver the plan
+will use (GPTQ on the float Hessian, or RTN), and ΔW is measured against the undamped H. A table
+depends only on the model, the calibration tokens and the settings, so it is cached on disk under a
+hash of them: a second budget on the same model is instant.
 
 All Hessians of the model are held at once (a pass over the whole model, not block by block), which
 is fine for models of up to a few billion parameters.
@@ -28,7 +31,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,17 +39,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.budget.bank import CandidateBank, KLFitness
 from lowbit.budget.candidates import Candidate
-from lowbit.calibrate.stats import HessianStats
+from lowbit.budget.curvature import hutchinson_traces
+from lowbit.budget.statistics import collect_statistics, planned_groups, solved_candidates
 from lowbit.compare.cache import model_fingerprint, tensor_digest
-from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture
-from lowbit.solvers import SOLVERS
 
 CACHE_VERSION = 1
 """Bump when the numbers a table holds change meaning; older cached tables are then ignored."""
 
-WEIGHTINGS = ("fisher", "hessian")
+WEIGHTINGS = ("fisher", "hessian", "trace", "kl")
 
 
 def default_cache_dir() -> Path:
@@ -82,123 +85,10 @@ class SensitivityTable:
         return cls(data["weighting"], shapes, data["damage"], data.get("seconds", 0.0), data.get("meta", {}))
 
 
-@dataclass
-class _Group:
-    """Planned linears of one block that read the same input."""
-
-    names: list[str]
-    linears: list[nn.Linear]
-    stats: HessianStats | None
-    seen_this_batch: bool = False
-
-
-def planned_groups(
-    model: nn.Module, architecture: Architecture, is_planned: Callable[[str], bool]
-) -> list[tuple[list[str], list[nn.Linear]]]:
-    """(names, linears) of each shared-input group, in model order, keeping only planned layers."""
-    groups = []
-    for index, block in enumerate(architecture.block_list(model)):
-        for members in architecture.linear_groups:
-            names = [f"{architecture.blocks}.{index}.{name}" for name in members]
-            kept = [(n, block.get_submodule(m)) for n, m in zip(names, members) if is_planned(n)]
-            if kept:
-                groups.append(([n for n, _ in kept], [linear for _, linear in kept]))
-    return groups
-
-
-def collect_statistics(
-    model: nn.Module,
-    groups: list[tuple[list[str], list[nn.Linear]]],
-    calibration: torch.Tensor,
-    fisher_samples: int,
-    batch_size: int = 1,
-) -> tuple[list[_Group], dict[str, torch.Tensor]]:
-    """One pass of the float model: a Hessian per group input and, for the first `fisher_samples`
-    windows, the mean squared loss gradient of every planned linear's outputs (per output row)."""
-    device = next(model.parameters()).device
-    stats = [_Group(names, linears, HessianStats(linears[0].in_features, device)) for names, linears in groups]
-    grad_sq = {name: torch.zeros(linear.out_features, device=device) for names, linears in groups
-               for name, linear in zip(names, linears)}
-    grad_tokens = 0
-    handles = []
-    for group in stats:
-        # q/k/v (or gate/up) see the same input: a hook on each member, counted once per forward.
-        def input_hook(module, args, group=group):
-            if not group.seen_this_batch:
-                group.stats.add(args[0].detach())
-                group.seen_this_batch = True
-
-        for linear in group.linears:
-            handles.append(linear.register_forward_pre_hook(input_hook))
-        for name, linear in zip(group.names, group.linears):
-            def accumulate(grad: torch.Tensor, name: str = name) -> None:  # returns None: grad unchanged
-                grad_sq[name].add_(grad.detach().float().square().reshape(-1, grad.shape[-1]).sum(0))
-
-            def output_hook(module, args, output, accumulate=accumulate):
-                if output.requires_grad:
-                    output.register_hook(accumulate)
-            handles.append(linear.register_forward_hook(output_hook))
-    embeddings = model.get_input_embeddings()
-    handles.append(embeddings.register_forward_hook(
-        lambda module, args, output: output.requires_grad_(True) if torch.is_grad_enabled() else None))
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        starts = range(0, calibration.shape[0], batch_size)
-        for start in tqdm(starts, desc="sensitivity statistics", unit="batch"):
-            batch = calibration[start : start + batch_size].to(device)
-            for group in stats:
-                group.seen_this_batch = False
-            with_grad = start < fisher_samples
-            with torch.set_grad_enabled(with_grad):
-                out = model(input_ids=batch, labels=batch if with_grad else None, use_cache=False)
-                if with_grad:
-                    # Loss summed over tokens, so every token's gradient has its own scale.
-                    tokens = batch.shape[0] * (batch.shape[1] - 1)
-                    (out.loss * tokens).backward()
-                    grad_tokens += batch.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
-    fisher = {name: total / max(grad_tokens, 1) for name, total in grad_sq.items()} if grad_tokens else {}
-    return stats, fisher
-
-
-def stacked_device(stats: list[_Group]) -> torch.device:
-    return stats[0].linears[0].weight.device
-
-
 def row_errors(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """(ΔW H ΔWᵀ)_rr for every row r: twice the mean squared error of that output."""
     delta = (weight - w_hat).double()
     return ((delta @ hessian.double()) * delta).sum(dim=1)
-
-
-def solved_candidates(
-    stats: list[_Group], candidates: list[Candidate], method_options: dict[str, dict], scale_dtype: str
-) -> Iterator[tuple[_Group, Candidate, torch.Tensor, QuantizedWeight]]:
-    """(group, candidate, stacked float weight, its solution) for every candidate that fits the group.
-
-    The members of a group are solved stacked, as the pipeline solves them; each group's Hessian is
-    freed once its last candidate is yielded. Progress is shown per group.
-    """
-    solvers = {m: SOLVERS[m](**method_options.get(m, {})) for m in sorted({c.method for c in candidates})}
-    threads = torch.get_num_threads()
-    if stacked_device(stats).type == "cpu":
-        torch.set_num_threads(1)  # long chains of small ops: one thread is faster (see pipeline._solver_threads)
-    try:
-        for group in tqdm(stats, desc="solving candidates per layer", unit="group"):
-            stacked = torch.cat([linear.weight.detach().float() for linear in group.linears])
-            for candidate in candidates:
-                if candidate.fits(stacked.shape[1]):
-                    qweight = solvers[candidate.method].solve(stacked, candidate.format(scale_dtype), group.stats)
-                    yield group, candidate, stacked, qweight
-            group.stats = None  # free the Hessian
-    finally:
-        torch.set_num_threads(threads)
 
 
 def measure_sensitivity(
@@ -218,11 +108,12 @@ def measure_sensitivity(
     """The damage table of `candidates` on every planned linear, read from the cache when present.
 
     `method_options[method]` are the solver's options (e.g. GPTQ's damp), as the plan will use them.
+    `fisher_samples` windows get the weighting's extra pass (gradients, trace probes, KL scoring).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-    if weighting == "fisher" and fisher_samples < 1:
-        raise ValueError("fisher weighting needs at least one calibration window with gradients "
+    if weighting != "hessian" and fisher_samples < 1:
+        raise ValueError(f"the {weighting} weighting needs at least one calibration window for its extra pass "
                          "(--fisher-samples >= 1), or use --weighting hessian")
     method_options = method_options or {}
     groups = planned_groups(model, architecture, is_planned)
@@ -231,7 +122,7 @@ def measure_sensitivity(
     description = {
         "version": CACHE_VERSION, "model": model_fingerprint(model), "calibration": tensor_digest(calibration),
         "candidates": [c.key for c in candidates], "weighting": weighting,
-        "fisher_samples": fisher_samples if weighting == "fisher" else 0, "scale_dtype": scale_dtype,
+        "fisher_samples": fisher_samples if weighting != "hessian" else 0, "scale_dtype": scale_dtype,
         "options": {c.method: method_options.get(c.method, {}) for c in candidates},
         "layers": [name for names, _ in groups for name in names],
     }
@@ -241,25 +132,17 @@ def measure_sensitivity(
         return SensitivityTable.from_json(json.loads(path.read_text()))
 
     start = time.perf_counter()
-    stats, fisher = collect_statistics(
-        model, groups, calibration, fisher_samples if weighting == "fisher" else 0, batch_size
-    )
     table = SensitivityTable(weighting, {}, {})
     for names, linears in groups:
         for name, linear in zip(names, linears):
             table.shapes[name] = (linear.out_features, linear.in_features)
             table.damage[name] = {}
-    hessians: dict[int, torch.Tensor] = {}  # the current group's, mirrored once
-    for group, candidate, stacked, qweight in solved_candidates(stats, candidates, method_options, scale_dtype):
-        if id(group) not in hessians:
-            hessians = {id(group): group.stats.hessian}
-        errors = row_errors(stacked, qweight.dequantize(), hessians[id(group)]).split([l.out_features for l in group.linears])
-        for name, error in zip(group.names, errors):
-            if weighting == "fisher":
-                damage = 0.25 * float((fisher[name].double() * error).sum())
-            else:
-                damage = float(error.sum())
-            table.damage[name][candidate.key] = damage
+    if weighting == "kl":
+        _measured_kl(model, architecture, calibration, candidates, groups, table, fisher_samples,
+                     method_options, scale_dtype)
+    else:
+        _estimated(model, calibration, candidates, groups, table, weighting, fisher_samples, method_options,
+                   scale_dtype, batch_size)
     table.seconds = time.perf_counter() - start
     table.meta = {"key": key, "calibration_windows": int(calibration.shape[0]),
                   "calibration_seq_len": int(calibration.shape[1]), "fisher_samples": description["fisher_samples"]}
@@ -268,3 +151,44 @@ def measure_sensitivity(
     temporary.write_text(json.dumps(table.to_json()))
     temporary.replace(path)
     return table
+
+
+def _estimated(model, calibration, candidates, groups, table, weighting, windows, method_options, scale_dtype,
+               batch_size) -> None:
+    """Fill `table` with the hessian, fisher or trace estimate of every candidate's damage."""
+    names = [name for group_names, _ in groups for name in group_names]
+    traces = hutchinson_traces(model, names, calibration, windows) if weighting == "trace" else {}
+    stats, fisher = collect_statistics(model, groups, calibration, windows if weighting == "fisher" else 0,
+                                       batch_size)
+    hessians: dict[int, torch.Tensor] = {}  # the current group's, mirrored once
+    for group, candidate, stacked, qweight in solved_candidates(stats, candidates, method_options, scale_dtype):
+        if id(group) not in hessians:
+            hessians = {id(group): group.stats.hessian}
+        rows = [linear.out_features for linear in group.linears]
+        w_hat = qweight.dequantize()
+        delta = stacked - w_hat
+        errors = row_errors(stacked, w_hat, hessians[id(group)]).split(rows)
+        for name, error, part in zip(group.names, errors, delta.split(rows)):
+            if weighting == "fisher":
+                damage = 0.25 * float((fisher[name].double() * error).sum())
+            elif weighting == "trace":
+                damage = 0.5 * max(traces[name], 0.0) * float(part.double().square().sum())
+            else:
+                damage = float(error.sum())
+            table.damage[name][candidate.key] = damage
+
+
+def _measured_kl(model, architecture, calibration, candidates, groups, table, windows, method_options,
+                 scale_dtype) -> None:
+    """Fill `table` with the KL of the model with one layer at one candidate, all else in float."""
+    bank = CandidateBank(model, architecture, calibration, candidates, set(table.layers), method_options, scale_dtype)
+    fitness = KLFitness(model, calibration[:windows])
+    pairs = [(name, c) for name in table.layers for c in candidates if (name, c.key) in bank.solutions]
+    for name, candidate in tqdm(pairs, desc="measuring KL per layer and candidate", unit="model"):
+        linear = model.get_submodule(name)
+        original = linear.weight.data
+        bank.apply(model, name, candidate)
+        try:
+            table.damage[name][candidate.key] = fitness(model, fitness.windows.shape[0])
+        finally:
+            linear.weight.data = original
