@@ -116,7 +116,9 @@ def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str
     """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
     fmt = qweight.format
     rows, columns = qweight.codes.shape
-    problem = check_exportable(fmt, columns, name, permuted_groups=not qweight.has_trivial_group_index)
+    # Binary weights keep salient columns in groups of their own; their layout checks that itself.
+    regrouped = not isinstance(fmt, BinaryFormat) and not qweight.has_trivial_group_index
+    problem = check_exportable(fmt, columns, name, permuted_groups=regrouped)
     if problem:
         raise ExportError(problem)
     if has_float_layout(fmt):
