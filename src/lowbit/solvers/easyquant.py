@@ -8,8 +8,8 @@ non-outlier weights. The dequantized weight is the grid value plus the sparse co
 outlier is reproduced to fp16 precision of its rounding error. The sparse part is counted in bits
 per weight (values, column indices and row offsets; see SparseOutliers).
 
-compressed-tensors has no place for the sparse part, so exports of this method are refused (use
-`--no-export`); the in-memory model and evaluation include it.
+compressed-tensors has no place for the sparse part, so this method's exports use lowbit's own
+layout (export.extras_layout), as every dense-and-sparse weight does.
 """
 
 from __future__ import annotations
@@ -43,10 +43,6 @@ class EasyQuant(Solver):
     """Largest-magnitude weights kept in fp16 (sparse), MSE range search on the rest; no data needed."""
 
     name: ClassVar[str] = "easyquant"
-    export_problem: ClassVar[str | None] = (
-        "easyquant keeps fp16 outlier weights in a sparse matrix that compressed-tensors cannot store; "
-        "pass --no-export (evaluation still includes them)"
-    )
 
     outlier_fraction: float = 0.005
     grid: int = 100
