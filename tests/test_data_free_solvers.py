@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from lowbit.export import ExportError
 from lowbit.export.layout import pack_layer
 from lowbit.formats.base import FormatError, GroupParams, WeightFormat
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
@@ -211,12 +210,16 @@ def test_easyquant_on_smollm2_beats_rtn_and_clip_search(smollm2_down_proj):
     assert easyquant < 0.9 * mse(RTN(clip_search=True))
 
 
-def test_easyquant_is_not_exported_to_compressed_tensors():
+def test_easyquant_exports_in_lowbit_layout_with_its_outliers():
+    from lowbit.export.lowbit_layout import LOWBIT_FORMAT, format_from_description, unpack_lowbit_layer
+
     fmt = IntegerFormat(bits=4, group_size=16)
     qweight = EasyQuant().solve(heavy_tailed(), fmt)
-    with pytest.raises(ExportError, match="--no-export"):
-        pack_layer("model.layers.0.mlp.down_proj", qweight)
-    assert "--no-export" in EasyQuant.export_problem
+    key, tensors = pack_layer("model.layers.0.mlp.down_proj", qweight)
+    assert key.compression == LOWBIT_FORMAT and EasyQuant.export_problem is None
+    parts = {name.removeprefix("model.layers.0.mlp.down_proj."): t for name, t in tensors.items()}
+    back = unpack_lowbit_layer(format_from_description(dict(key.description)), parts)
+    assert torch.equal(back.dequantize(), qweight.dequantize())
 
 
 class NotAGrid(WeightFormat):

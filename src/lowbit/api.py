@@ -154,6 +154,8 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         # Their statistics are gathered per process and not yet summed across processes, so each
         # process would rescale its copy of the model differently.
         raise DistributedError(f"transforms ({', '.join(recipe.transform_names())}) work in a single process; run one")
+    if settings.resume and any(r.outliers or r.eora_rank or r.format == "binary" for r in recipe.layer_recipes()):
+        raise ValueError("--resume does not yet keep outliers, EoRA factors or binary salient masks; rerun without it")
     if not world.is_main:  # process 0 alone writes and evaluates
         out_dir, evaluate_result = None, False
     streamed = None

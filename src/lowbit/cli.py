@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, so it exports)")
     q.add_argument("--damp", type=float, help="GPTQ: relative Hessian damping (default 0.01)")
     q.add_argument("--clip-search", action="store_true", help="MSE search of each group's clipping range")
+    q.add_argument("--outliers", type=float, metavar="FRACTION",
+                   help="keep this fraction of each matrix's weights (e.g. 0.005) in fp16 as a sparse matrix and "
+                   "quantize the rest with --method (dense-and-sparse; exported in lowbit's layout)")
+    q.add_argument("--outlier-criterion", choices=["hessian", "magnitude"],
+                   help="rank outliers by w^2/[H^-1]_jj (hessian, default; needs calibration) or by |w|")
+    q.add_argument("--eora-rank", type=int, metavar="R",
+                   help="add a rank-R EoRA correction of the quantization error, fitted on the calibration "
+                   "Hessian (any method; fp16 side branch, exported in lowbit's layout)")
+    q.add_argument("--salient", type=float, metavar="FRACTION",
+                   help="method binary: share of each group's columns kept salient (two signs; default 0.1)")
     q.add_argument("--calib", metavar="PATH_OR_DATASET",
                    help="calibration text: a .txt/.jsonl file, wikitext2 or c4 (hub), or self "
                    "(default: wikitext2 train, else text sampled from the model)")
@@ -172,7 +182,17 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         options["damp"] = args.damp
     if args.clip_search:
         options["clip_search"] = True
-    recipe = recipe.model_copy(update={"method_options": options})
+    if getattr(args, "salient", None) is not None:
+        options["salient_fraction"] = args.salient
+    extras = {key: value for key, value in {
+        "outliers": getattr(args, "outliers", None),
+        "outlier_criterion": getattr(args, "outlier_criterion", None),
+        "eora_rank": getattr(args, "eora_rank", None),
+    }.items() if value is not None}
+    try:
+        recipe = Recipe.model_validate({**recipe.model_dump(), **extras, "method_options": options})
+    except ValidationError as err:
+        raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     for layer_recipe in recipe.layer_recipes():
         layer_recipe.solver()  # reject unknown options now, before loading anything
     return recipe

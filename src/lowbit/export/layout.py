@@ -34,7 +34,8 @@ from compressed_tensors.quantization import QuantizationArgs
 
 from lowbit.export.errors import ExportError
 from lowbit.export.float_layout import float_scheme, has_float_layout, pack_float_layer
-from lowbit.export.lowbit_layout import has_lowbit_layout, lowbit_scheme, pack_lowbit_layer
+from lowbit.export.lowbit_layout import has_lowbit_layout, lowbit_scheme, needs_lowbit_layout, pack_lowbit_layer
+from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
 
@@ -95,7 +96,8 @@ def check_exportable(
     if not isinstance(fmt, IntegerFormat) and not has_float_layout(fmt) and not has_lowbit_layout(fmt):
         return f"{where}format {type(fmt).__name__} has no compressed-tensors or lowbit layout"
     group_size = fmt.group_size_for(in_features)
-    if group_size != in_features and in_features % group_size:
+    # Binary weights store their group layout explicitly; a shorter last group is fine there.
+    if not isinstance(fmt, BinaryFormat) and group_size != in_features and in_features % group_size:
         dividing = [str(size) for size in _KERNEL_GROUP_SIZES if in_features % size == 0]
         choices = ", ".join(dividing) + " or " if dividing else ""
         return (
@@ -114,18 +116,15 @@ def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str
     """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
     fmt = qweight.format
     rows, columns = qweight.codes.shape
-    if qweight.sparse is not None:
-        raise ExportError(
-            f"{name}: has {qweight.sparse.count} fp16 outlier weights stored apart from the grid, which "
-            "compressed-tensors cannot hold; quantize with --no-export or a method without outliers"
-        )
-    problem = check_exportable(fmt, columns, name, permuted_groups=not qweight.has_trivial_group_index)
+    # Binary weights keep salient columns in groups of their own; their layout checks that itself.
+    regrouped = not isinstance(fmt, BinaryFormat) and not qweight.has_trivial_group_index
+    problem = check_exportable(fmt, columns, name, permuted_groups=regrouped)
     if problem:
         raise ExportError(problem)
     if has_float_layout(fmt):
         key, tensors = SchemeKey(**float_scheme(fmt)), pack_float_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
-    if has_lowbit_layout(fmt):
+    if needs_lowbit_layout(qweight):
         key, tensors = SchemeKey(**lowbit_scheme(fmt)), pack_lowbit_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     assert isinstance(fmt, IntegerFormat)

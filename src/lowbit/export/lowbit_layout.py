@@ -1,5 +1,7 @@
-"""lowbit's own safetensors layout, for formats that no serving engine reads (NF4, learned lookup
-tables, FP8 E5M2). docs/formats.md documents it; `load_quantized` reloads it.
+"""lowbit's own safetensors layout, for what no serving engine reads: NF4, learned lookup tables,
+FP8 E5M2, binary weights, and any weight with sparse fp16 outliers or a low-rank correction (those
+parts, and the binary bit planes, are in extras_layout). docs/formats.md documents it;
+`load_quantized` reloads it.
 
 Per quantized linear `<module>`:
 - `<module>.weight_codes`: int32, the codes shifted to signed (code - 2^(bits-1)) and packed densely
@@ -22,7 +24,10 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 
 from lowbit.export.errors import ExportError
 from lowbit.formats.base import QuantizedWeight, WeightFormat
+from lowbit.export.extras_layout import pack_binary, pack_extras, unpack_binary, unpack_extras
+from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.floating import FloatFormat
+from lowbit.formats.integer import IntegerFormat
 from lowbit.formats.integer import PER_CHANNEL, scale_dtype_from_name
 from lowbit.formats.lookup import TABLE_DTYPE, LookupFormat
 from lowbit.formats.minifloat import E5M2, ELEMENTS
@@ -32,7 +37,13 @@ LOWBIT_QUANT_METHOD = "lowbit"
 
 
 def has_lowbit_layout(fmt: WeightFormat) -> bool:
-    return isinstance(fmt, LookupFormat) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
+    """Formats only lowbit's layout stores."""
+    return isinstance(fmt, (LookupFormat, BinaryFormat)) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
+
+
+def needs_lowbit_layout(qweight: QuantizedWeight) -> bool:
+    """A weight whose format, sparse outliers or low-rank correction only lowbit's layout stores."""
+    return has_lowbit_layout(qweight.format) or qweight.sparse is not None or qweight.lowrank is not None
 
 
 def describe_format(fmt: WeightFormat) -> dict[str, Any]:
@@ -40,6 +51,11 @@ def describe_format(fmt: WeightFormat) -> dict[str, Any]:
     dtype = str(fmt.scale_dtype).removeprefix("torch.")
     if isinstance(fmt, LookupFormat):
         return {"family": "lookup", "bits": fmt.bits, "group_size": fmt.group_size, "learned": fmt.learned,
+                "scale_dtype": dtype}
+    if isinstance(fmt, BinaryFormat):
+        return {"family": "binary", "split": fmt.split, "group_size": fmt.group_size, "scale_dtype": dtype}
+    if isinstance(fmt, IntegerFormat):
+        return {"family": "int", "bits": fmt.bits, "symmetric": fmt.symmetric, "group_size": fmt.group_size,
                 "scale_dtype": dtype}
     assert isinstance(fmt, FloatFormat)
     return {"family": "float", "element": fmt.element.name, "group_size": fmt.group_size, "scale_dtype": dtype}
@@ -52,13 +68,23 @@ def format_from_description(description: dict[str, Any]) -> WeightFormat:
             return LookupFormat(description["bits"], description["group_size"], description["learned"], dtype)
         if description["family"] == "float":
             return FloatFormat(ELEMENTS[description["element"]], description["group_size"], dtype)
+        if description["family"] == "binary":
+            return BinaryFormat(description["split"], description["group_size"], dtype)
+        if description["family"] == "int":
+            return IntegerFormat(description["bits"], description["symmetric"], description["group_size"], dtype)
     except (KeyError, TypeError, ValueError) as error:
         raise ExportError(f"unreadable lowbit format description {description}: {error}") from None
     raise ExportError(f"unknown lowbit format family {description.get('family')!r}; upgrade lowbit")
 
 
 def pack_lowbit_layer(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    return {**_pack_grid(qweight), **pack_extras(qweight)}
+
+
+def _pack_grid(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     fmt = qweight.format
+    if isinstance(fmt, BinaryFormat):
+        return pack_binary(qweight)
     rows, columns = qweight.codes.shape
     bits = fmt.bits
     if not qweight.has_trivial_group_index:
@@ -71,11 +97,16 @@ def pack_lowbit_layer(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
     if isinstance(fmt, LookupFormat) and fmt.learned:
         tensors["weight_table"] = fmt.table.cpu().to(TABLE_DTYPE)
+    if qweight.zero is not None:  # asymmetric integers: zero points packed along the output axis
+        zero = (qweight.zero.cpu().to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+        tensors["weight_zero_point"] = pack_to_int32(zero, bits, packed_dim=0)
     return tensors
 
 
 def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
     """The stored weight of one layer from its tensors (suffixes as written by `pack_lowbit_layer`)."""
+    if isinstance(fmt, BinaryFormat):
+        return unpack_extras(unpack_binary(fmt, tensors), tensors)
     rows, columns = (int(v) for v in tensors["weight_shape"])
     codes = unpack_from_int32(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
     codes = (codes.to(torch.int16) + (1 << (fmt.bits - 1))).to(torch.uint8)
@@ -85,7 +116,13 @@ def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> 
             raise ExportError("a learned lookup layer lacks its weight_table")
         fmt = fmt.prepare(codes) if table is None else dataclasses.replace(fmt, table=table.float())
     group_size = fmt.group_size_for(columns)
-    return QuantizedWeight(fmt, codes, tensors["weight_scale"], None, torch.arange(columns) // group_size)
+    scale = tensors["weight_scale"]
+    zero = None
+    if "weight_zero_point" in tensors:
+        packed = unpack_from_int32(tensors["weight_zero_point"], fmt.bits, torch.Size(scale.shape), packed_dim=0)
+        zero = (packed.to(torch.int16) + (1 << (fmt.bits - 1))).to(scale.dtype)
+    qweight = QuantizedWeight(fmt, codes, scale, zero, torch.arange(columns) // group_size)
+    return unpack_extras(qweight, tensors)
 
 
 def lowbit_scheme(fmt: WeightFormat) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Loading an export in lowbit's own layout (see lowbit_layout): the model is built from its config,
 the stored codes are decoded by the same format code that quantized them (so the weights are the
-in-memory quantized model's, bit for bit), and the dense tensors load as they are."""
+in-memory quantized model's, bit for bit), and the dense tensors load as they are. A layer with a
+low-rank correction runs it as a side branch (modules.lowrank_linear) instead of merging it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from lowbit.export.errors import ExportError
 from lowbit.export.lowbit_layout import format_from_description, unpack_lowbit_layer
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
-
-LAYER_TENSORS = ("weight_codes", "weight_scale", "weight_table", "weight_shape")
-
+from lowbit.formats.base import LowRankCorrection
+from lowbit.modules.lowrank_linear import attach_lowrank
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / INDEX_FILE
@@ -35,13 +35,18 @@ def load_lowbit_layout(folder: Path, device: str | torch.device, dtype: torch.dt
     dtype = dtype or config.dtype or torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_tensors(folder)
+    corrections: dict[str, LowRankCorrection] = {}
     for group in quantization["config_groups"].values():
         fmt = format_from_description(group["format"])
         for name in group["targets"]:
-            parts = {suffix: state.pop(f"{name}.{suffix}") for suffix in LAYER_TENSORS if f"{name}.{suffix}" in state}
-            if "weight_codes" not in parts:
+            prefix = f"{name}.weight_"
+            parts = {key.removeprefix(f"{name}."): state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+            if "weight_codes" not in parts and "weight_signs" not in parts:
                 raise ExportError(f"{folder} lacks the codes of {name} ({name}.weight_codes)")
-            state[f"{name}.weight"] = unpack_lowbit_layer(fmt, parts).dequantize().to(dtype)
+            qweight = unpack_lowbit_layer(fmt, parts)
+            if qweight.lowrank is not None:
+                corrections[name], qweight.lowrank = qweight.lowrank, None
+            state[f"{name}.weight"] = qweight.dequantize().to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {key for key in missing if key in (getattr(model, "_tied_weights_keys", None) or ())}
     missing = sorted(set(missing) - tied)
@@ -49,4 +54,6 @@ def load_lowbit_layout(folder: Path, device: str | torch.device, dtype: torch.dt
         problem = f"lacks {missing[:3]}" if missing else f"has unexpected tensors {sorted(unexpected)[:3]}"
         raise ExportError(f"{folder} {problem}; it was not written by this lowbit version")
     model.tie_weights()
+    for name, correction in corrections.items():
+        attach_lowrank(model, name, correction)
     return model.to(device).eval()

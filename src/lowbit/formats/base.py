@@ -118,6 +118,31 @@ class SparseOutliers:
         return SparseOutliers(self.row_offsets.cpu(), self.columns.cpu(), self.values.cpu())
 
 
+@dataclass(frozen=True)
+class LowRankCorrection:
+    """A rank-r side branch B·A (EoRA) added to the dequantized matrix: y = x·Ŵᵀ + (x·Aᵀ)·Bᵀ.
+
+    `a` is [rank, in_features] and `b` [out_features, rank], both float16 as stored; the product is
+    formed in float32 from those stored values, so the in-memory model is the saved one.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    def to_dense(self) -> torch.Tensor:
+        return self.b.float() @ self.a.float()
+
+    def storage_bits(self) -> int:
+        return 16 * (self.a.numel() + self.b.numel())
+
+    def cpu(self) -> LowRankCorrection:
+        return LowRankCorrection(self.a.cpu(), self.b.cpu())
+
+
 @dataclass
 class QuantizedWeight:
     """A weight matrix as stored: codes plus per-group parameters.
@@ -127,7 +152,8 @@ class QuantizedWeight:
     (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`. `metadata` holds
     numbers about the whole matrix; `row_metadata` per-row numbers (one value per row), which is
     what survives when a stacked solve is split back into its matrices. `sparse`, when a
-    solver keeps outlier weights apart (EasyQuant), is added to the decoded grid values.
+    solver keeps outlier weights apart (EasyQuant, `--outliers`), is added to the decoded grid
+    values; so is `lowrank`, a low-rank error correction (EoRA, `--eora-rank`).
     """
 
     format: WeightFormat
@@ -138,6 +164,7 @@ class QuantizedWeight:
     metadata: dict[str, float] = field(default_factory=dict)
     row_metadata: dict[str, torch.Tensor] = field(default_factory=dict)
     sparse: SparseOutliers | None = None
+    lowrank: LowRankCorrection | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -157,6 +184,8 @@ class QuantizedWeight:
         dense = self.format.decode(self.codes, GroupParams(scale, zero))
         if self.sparse is not None:
             dense += self.sparse.to_dense(dense.shape)
+        if self.lowrank is not None:
+            dense += self.lowrank.to_dense()
         return dense
 
     def bits_per_weight(self) -> float:
@@ -164,6 +193,8 @@ class QuantizedWeight:
         bits = self.format.bits_per_weight(rows, columns)
         if self.sparse is not None:
             bits += self.sparse.storage_bits(columns) / (rows * columns)
+        if self.lowrank is not None:
+            bits += self.lowrank.storage_bits() / (rows * columns)
         return bits
 
     def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
@@ -174,8 +205,8 @@ class QuantizedWeight:
         """
         if not self.format.rows_independent:
             raise ValueError(f"{type(self.format).__name__} shares parameters across rows; it cannot be split")
-        if self.sparse is not None:
-            raise ValueError("a weight with sparse outliers cannot be split by rows")
+        if self.sparse is not None or self.lowrank is not None:
+            raise ValueError("a weight with sparse outliers or a low-rank correction cannot be split by rows")
         pieces = []
         for codes, scale, zero, *rows in zip(
             self.codes.split(sizes),

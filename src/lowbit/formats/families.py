@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lowbit.formats.base import FormatError, WeightFormat
+from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.floating import MXFormat, NVFP4Format, float_format
 from lowbit.formats.integer import PER_CHANNEL, IntegerFormat, scale_dtype_from_name
 from lowbit.formats.lookup import LookupFormat, nf4_format
@@ -51,6 +52,10 @@ def _int(bits: int, symmetric: bool, group_size: int, scale_dtype: str) -> Weigh
     return IntegerFormat(bits, symmetric, group_size, scale_dtype_from_name(scale_dtype))
 
 
+def _binary(bits: int, symmetric: bool, group_size: int, scale_dtype: str) -> WeightFormat:
+    return BinaryFormat(split=bits == 2, group_size=group_size, scale_dtype=scale_dtype_from_name(scale_dtype))
+
+
 def _lut(bits: int, symmetric: bool, group_size: int, scale_dtype: str) -> WeightFormat:
     return LookupFormat(bits, group_size, learned=True, scale_dtype=scale_dtype_from_name(scale_dtype))
 
@@ -72,6 +77,9 @@ FAMILIES: dict[str, FormatFamily] = {
                      help="QLoRA NF4 table, absmax scale per group (64)"),
         FormatFamily("lut", _lut, tuple(range(2, 9)), PER_CHANNEL,
                      help="learned table per output row (k-means; method squeezellm weights it by the Hessian)"),
+        FormatFamily("binary", _binary, (1, 2), 128,
+                     help="signs x mean |w| per row and group (bits 1); bits 2: BiLLM's split into two "
+                     "magnitudes; method binary adds Hessian-chosen salient columns (residual binarization)"),
     )
 }
 

@@ -415,4 +415,5 @@ def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
         metadata=qweight.metadata,
         row_metadata={key: values.cpu() for key, values in qweight.row_metadata.items()},
         sparse=None if qweight.sparse is None else qweight.sparse.cpu(),
+        lowrank=None if qweight.lowrank is None else qweight.lowrank.cpu(),
     )

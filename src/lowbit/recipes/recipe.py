@@ -16,7 +16,12 @@ from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
+from lowbit.solvers.lowrank import LowRankCompensation
+from lowbit.solvers.outliers import MAX_OUTLIER_FRACTION, DenseAndSparse, OutlierCriterion
 from lowbit.transforms import TRANSFORMS, BlockTransform
+
+EXTRA_DEFAULTS: dict[str, Any] = {"outliers": 0.0, "outlier_criterion": "hessian", "eora_rank": 0}
+"""Fields left out of a dump at their defaults: recipes without them save and hash as before they existed."""
 
 AUTO_GROUP_SIZES = (128, 64, 32)
 """`group_size: auto` picks the first of these that divides a layer's input width."""
@@ -42,6 +47,8 @@ class LayerOverride(BaseModel):
     symmetric: bool | None = None
     group_size: int | Literal["auto"] | None = None
     method_options: dict[str, Any] | None = None
+    outliers: float | None = None
+    eora_rank: int | None = None
 
     @field_validator("method")
     @classmethod
@@ -74,6 +81,10 @@ class Recipe(BaseModel):
     `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     `overrides` change these settings for some layers; the first override that matches a layer
     applies, and `ignore` wins over all of them.
+    `outliers` (a fraction, e.g. 0.005) keeps that share of each matrix's weights in fp16 as a sparse
+    matrix, ranked by `outlier_criterion`, and quantizes the rest with `method` (solvers.outliers);
+    `eora_rank` > 0 adds a rank-r EoRA correction of the remaining error (solvers.lowrank). Both
+    wrap any method, and their layers export in lowbit's own layout.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,6 +99,9 @@ class Recipe(BaseModel):
     transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[LayerOverride] = Field(default_factory=list)
+    outliers: float = Field(default=0.0, ge=0.0, le=MAX_OUTLIER_FRACTION)
+    outlier_criterion: OutlierCriterion = "hessian"
+    eora_rank: int = Field(default=0, ge=0)
 
     @field_validator("method")
     @classmethod
@@ -132,13 +146,22 @@ class Recipe(BaseModel):
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
+        for key, default in EXTRA_DEFAULTS.items():
+            if data.get(key) == default:
+                data.pop(key, None)
         return data
 
     def solver(self) -> Solver:
+        """The method's solver, inside dense-and-sparse (`outliers`) and EoRA (`eora_rank`) when set."""
         try:
-            return SOLVERS[self.method](**self.method_options)
+            solver = SOLVERS[self.method](**self.method_options)
         except TypeError as err:
             raise RecipeError(f"bad option for method {self.method!r}: {err}") from None
+        if self.outliers:
+            solver = DenseAndSparse(solver, self.outliers, self.outlier_criterion)
+        if self.eora_rank:
+            solver = LowRankCompensation(solver, self.eora_rank)
+        return solver
 
     def group_size_for(self, in_features: int) -> int:
         if self.group_size != "auto":
@@ -184,7 +207,7 @@ class Recipe(BaseModel):
             if self.is_ignored(name):
                 return None
             recipe = self.for_layer(name)
-            key = f"{recipe.method}{sorted(recipe.method_options.items())}"
+            key = f"{recipe.method}{sorted(recipe.method_options.items())}{recipe.outliers}{recipe.eora_rank}"
             if key not in solvers:
                 solvers[key] = recipe.solver()
             return recipe.format_for(linear.in_features), solvers[key]
@@ -205,11 +228,15 @@ class Recipe(BaseModel):
         method = "+".join([*extra, self.method])
         if self.format == "int":
             number = f"int{self.bits} {'sym' if self.symmetric else 'asym'}"
+        elif self.format == "binary":
+            number = "binary" if self.bits == 1 else "binary split"
         else:
             number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
         parts = [method, number] + ([] if format_family(self.format).block else [layout])
         mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
-        return " ".join(parts) + options + mixed
+        extras = f" + {self.outliers:.2%} {self.outlier_criterion} outliers" if self.outliers else ""
+        extras += f" + eora r{self.eora_rank}" if self.eora_rank else ""
+        return " ".join(parts) + options + extras + mixed
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))

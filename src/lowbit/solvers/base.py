@@ -34,6 +34,19 @@ class Solver(ABC):
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
         """Quantize `weight` ([out_features, in_features]) into `fmt`."""
 
+    def solve_keeping(
+        self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None, keep: torch.Tensor
+    ) -> QuantizedWeight:
+        """Quantize `weight` but store the entries where `keep` (bool, weight's shape) is True exactly,
+        in the result's sparse part (dense-and-sparse: solvers.outliers).
+
+        The default zeroes them for an ordinary solve and corrects them afterwards; a solver that
+        spreads rounding error over other weights (GPTQ) overrides it so that kept weights cause none.
+        """
+        from lowbit.solvers.outliers import keep_by_zeroing
+
+        return keep_by_zeroing(self, weight, fmt, stats, keep)
+
 
 SOLVERS: dict[str, type[Solver]] = {}
 

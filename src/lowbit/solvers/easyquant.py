@@ -8,13 +8,12 @@ non-outlier weights. The dequantized weight is the grid value plus the sparse co
 outlier is reproduced to fp16 precision of its rounding error. The sparse part is counted in bits
 per weight (values, column indices and row offsets; see SparseOutliers).
 
-compressed-tensors has no place for the sparse part, so exports of this method are refused (use
-`--no-export`); the in-memory model and evaluation include it.
+compressed-tensors has no place for the sparse part, so this method's exports use lowbit's own
+layout (export.extras_layout), as every dense-and-sparse weight does.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -25,7 +24,6 @@ from lowbit.calibrate.stats import HessianStats
 from lowbit.formats.base import (
     FormatError,
     QuantizedWeight,
-    SparseOutliers,
     WeightFormat,
     check_finite,
     quantize_matrix,
@@ -33,27 +31,10 @@ from lowbit.formats.base import (
 from lowbit.formats.integer import IntegerFormat
 from lowbit.solvers.base import Solver, register_solver
 from lowbit.solvers.clipping import ClipSearch
+from lowbit.solvers.outliers import outlier_mask, sparse_from_mask
 
 MAX_OUTLIER_FRACTION = 0.01
 """The method's premise is that outliers are rare; more than 1% costs more bits than a finer grid."""
-
-
-def outlier_mask(weight: torch.Tensor, fraction: float) -> torch.Tensor:
-    """True at the ceil(fraction · numel) largest-magnitude weights (ties broken by position)."""
-    count = math.ceil(fraction * weight.numel())
-    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    if count:
-        mask[torch.topk(weight.abs().flatten(), count, sorted=False).indices] = True
-    return mask.reshape(weight.shape)
-
-
-def sparse_from_mask(mask: torch.Tensor, values: torch.Tensor) -> SparseOutliers:
-    """CSR form of `values` at the True positions of `mask` (row-major order)."""
-    rows, columns = mask.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=mask.shape[0])
-    offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return SparseOutliers(offsets, columns, values[rows, columns].to(torch.float16))
 
 
 @register_solver
@@ -62,10 +43,6 @@ class EasyQuant(Solver):
     """Largest-magnitude weights kept in fp16 (sparse), MSE range search on the rest; no data needed."""
 
     name: ClassVar[str] = "easyquant"
-    export_problem: ClassVar[str | None] = (
-        "easyquant keeps fp16 outlier weights in a sparse matrix that compressed-tensors cannot store; "
-        "pass --no-export (evaluation still includes them)"
-    )
 
     outlier_fraction: float = 0.005
     grid: int = 100

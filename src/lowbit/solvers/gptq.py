@@ -26,6 +26,7 @@ from lowbit.calibrate.stats import HessianStats
 from lowbit.formats.base import GroupParams, QuantizedWeight, WeightFormat, check_finite, column_groups
 from lowbit.solvers.base import Solver, register_solver
 from lowbit.solvers.clipping import ClipSearch
+from lowbit.solvers.outliers import sparse_from_mask
 
 CHOLESKY_RETRIES = 4
 """How many times the damping is raised tenfold before a Hessian is declared unusable."""
@@ -111,6 +112,19 @@ class GPTQ(Solver):
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
+        return self._solve(weight, fmt, stats, None)
+
+    def solve_keeping(
+        self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None, keep: torch.Tensor
+    ) -> QuantizedWeight:
+        """GPTQ where the `keep` weights are stored exactly (SpQR's outliers): they add no error, so
+        nothing compensates for them, ranges are fitted without them, and each keeps the value the
+        updates of earlier columns gave it (the sparse part holds that value minus the grid's)."""
+        return self._solve(weight, fmt, stats, keep)
+
+    def _solve(
+        self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None, keep: torch.Tensor | None
+    ) -> QuantizedWeight:
         check_finite(weight)
         if stats is None:
             raise ValueError("gptq needs calibration statistics (a HessianStats for this layer's input)")
@@ -133,16 +147,24 @@ class GPTQ(Solver):
         # weighted by how active each input is.
         fmt = fmt.prepare(W, H.diagonal())
         group_size = fmt.group_size_for(columns)
-        fit = partial(ClipSearch().fit, fmt) if self.clip_search else fmt.fit
+        fit_all = partial(ClipSearch().fit, fmt) if self.clip_search else fmt.fit
+        if keep is not None:
+            keep = keep.to(W.device)
+            exact = torch.zeros_like(W)  # the values kept weights end with, in processing order
+
+        def fit(w: torch.Tensor, kept: torch.Tensor | None) -> GroupParams:
+            # Kept weights are zero to the fit: zero is on every grid, so they do not widen it.
+            return fit_all(w if kept is None else w.masked_fill(kept, 0.0))
         groups = column_groups(columns, group_size)
         params: list[GroupParams | None] = [None] * len(groups)
         if self.static_groups:
-            params = [fit(W[:, start:end]) for start, end in groups]
+            params = [fit(W[:, start:end], None if keep is None else keep[:, start:end]) for start, end in groups]
 
         perm = torch.arange(columns, device=W.device)
         if self.act_order:
             perm = torch.argsort(H.diagonal(), descending=True, stable=True)
             W, H = W[:, perm], H[perm][:, perm]
+            keep = None if keep is None else keep[:, perm]
         # Group used at each processing position: static groups keep the original layout, dynamic
         # ones are consecutive in processing order.
         group_of = (perm if self.static_groups else torch.arange(columns, device=W.device)) // group_size
@@ -151,7 +173,8 @@ class GPTQ(Solver):
         U, damp = inverse_hessian_factor(H, self.damp)
         codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
         row_error = torch.zeros(rows, dtype=dtype, device=W.device)
-        fused = _fused_block_solver(fmt, W, self.block_size) if not (self.static_groups or self.clip_search) else None
+        plain = not (self.static_groups or self.clip_search or keep is not None)
+        fused = _fused_block_solver(fmt, W, self.block_size) if plain else None
         for i1 in range(0, columns, self.block_size):
             i2 = min(i1 + self.block_size, columns)
             W1 = W[:, i1:i2].clone()
@@ -171,12 +194,19 @@ class GPTQ(Solver):
                         # in W1; columns past the block still lack this block's (lazy) updates.
                         end = min(col + group_size, columns)
                         pending = Err1 @ U[i1:i2, i2:end]
-                        params[group] = fit(torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1))
+                        params[group] = fit(
+                            torch.cat([W1[:, i : end - i1], W[:, i2:end] - pending], dim=1),
+                            None if keep is None else keep[:, col:end],
+                        )
                     p = params[group]
                     w = W1[:, i : i + 1]
                     code = fmt.encode(w, p)
                     codes[:, col : col + 1] = code
                     err = (w - fmt.decode(code, p)) / U1[i, i]
+                    if keep is not None:
+                        kept = keep[:, col : col + 1]
+                        err = err.masked_fill(kept, 0.0)
+                        exact[:, col : col + 1] = w.masked_fill(~kept, 0.0)
                     W1[:, i + 1 :].addmm_(err, U1[i : i + 1, i + 1 :], alpha=-1)  # -= err ⊗ U1[i, i+1:]
                     Err1[:, i : i + 1] = err
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)  # the block's updates, all at once
@@ -185,7 +215,7 @@ class GPTQ(Solver):
         inverse = torch.argsort(perm)
         group_index = torch.empty_like(group_of)
         group_index[perm] = group_of
-        return QuantizedWeight(
+        qweight = QuantizedWeight(
             format=fmt,
             codes=codes[:, inverse],
             scale=torch.cat([p.scale for p in params], dim=1),
@@ -196,3 +226,7 @@ class GPTQ(Solver):
             metadata={"damp": damp, "hessian_error": float(row_error.sum())},
             row_metadata={"hessian_error": row_error},
         )
+        if keep is not None and keep.any():
+            original_keep = keep[:, inverse]
+            qweight.sparse = sparse_from_mask(original_keep, exact[:, inverse] - qweight.dequantize())
+        return qweight

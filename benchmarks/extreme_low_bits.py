@@ -1,0 +1,152 @@
+"""Extreme low bits on SmolLM2-135M: scalar GPTQ, dense-and-sparse GPTQ and BiLLM-style binarization
+near 2.0, 2.3 and 3.0 bits per weight, each with and without an EoRA rank-r correction.
+
+Same protocol as benchmarks/weight_only_methods.py (whose quantize_copy it uses): calibration =
+random windows of ../shared/data/wikitext-2/valid.txt; evaluation = the first --eval-windows
+non-overlapping 2048-token windows of test.txt, perplexity and KL(original || quantized). Bits
+per weight are measured on the quantized linears and include scales, zero points, bit planes,
+salient-column masks, sparse outliers (value + index + row offsets) and the fp16 EoRA factors.
+
+Rows from the vector-quantization benchmark (benchmarks/results/vq.json, a list of rows with keys
+method, bits_per_weight, perplexity, kl; or {"rows": [...]}) join the table and the plot when
+that file exists.
+
+    python benchmarks/extreme_low_bits.py                       # all rows: results/extreme_low_bits.{json,md,png}
+    python benchmarks/extreme_low_bits.py --rows gptq-w2-ch --samples 8 --eval-windows 1 --out /tmp/smoke
+    python benchmarks/extreme_low_bits.py --render              # table and plot again, e.g. after vq.json appears
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
+from lowbit.compare.pareto import pareto_front
+from lowbit.compare.plot import plot_pareto
+from lowbit.evaluate import ReferenceLogProbs, evaluate
+from lowbit.models.loading import load_model
+from lowbit.recipes import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from weight_only_methods import DATA, describe_run, quantize_copy  # noqa: E402  (benchmarks/ is a folder of scripts)
+
+VQ_RESULTS = ROOT / "benchmarks" / "results" / "vq.json"
+EORA_RANK = 4
+"""Rank of the EoRA rows: +0.15..0.22 bits per weight on SmolLM2's 576/1536-wide matrices."""
+
+CONFIGS: dict[str, tuple[str, Recipe]] = {
+    # name: (family shown in the table, recipe). SmolLM2's widths (576, 1536) take groups of 64.
+    "gptq-w2-ch": ("gptq", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1)),
+    "gptq-w2-g64": ("gptq", Recipe(method="gptq", bits=2, symmetric=False, group_size=64)),
+    "gptq-w3-ch": ("gptq", Recipe(method="gptq", bits=3, symmetric=False, group_size=-1)),
+    "ds-w2-ch": ("gptq + outliers", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1, outliers=0.0025)),
+    "ds-w2-ch-1%": ("gptq + outliers", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1, outliers=0.01)),
+    "ds-w3-ch": ("gptq + outliers", Recipe(method="gptq", bits=3, symmetric=False, group_size=-1, outliers=0.0025)),
+    "binary-g64": ("binary + salient", Recipe(method="binary", format="binary", bits=1, group_size=64)),
+    "binary-split-ch": ("binary + salient", Recipe(method="binary", format="binary", bits=2, group_size=-1)),
+    "binary-split-g64": ("binary + salient", Recipe(method="binary", format="binary", bits=2, group_size=64)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--rows", default=",".join(CONFIGS), help=f"comma-separated among {', '.join(CONFIGS)}")
+    parser.add_argument("--eora-rank", type=int, default=EORA_RANK, help="rank of the +eora rows (0: none)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extreme_low_bits")
+    parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the saved .json")
+    args = parser.parse_args()
+    unknown = set(args.rows.split(",")) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(sorted(unknown))}; choose among {', '.join(CONFIGS)}")
+    if args.render:
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        save(args.out, saved["meta"], saved["rows"])
+        return
+    torch.manual_seed(0)
+    loaded = load_model(None)
+    original, tokenizer = loaded.model, loaded.tokenizer
+    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
+    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
+    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
+    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    rows: list[dict] = []
+    meta: dict = {}
+    for name in args.rows.split(","):
+        family, base = CONFIGS[name]
+        variants = [(family, name, base)]
+        if args.eora_rank:
+            variants.append((f"{family} + eora", f"{name}+eora{args.eora_rank}",
+                             base.model_copy(update={"eora_rank": args.eora_rank})))
+        for method, label, recipe in variants:
+            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
+            if not meta:
+                meta = describe_run(args, loaded, result)
+                meta["calibration"] = f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0"
+                meta["command"] = "python benchmarks/extreme_low_bits.py " + " ".join(
+                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render"))
+                meta["original_perplexity"] = result.reference_perplexity
+            rows.append({"method": method, "label": label, "recipe": recipe.describe(), "bits_per_weight": bpw,
+                         "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
+            print(f"{label} ({recipe.describe()}): perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
+                  f"{bpw:.3f} bits/weight, {seconds:.1f} s", flush=True)
+            del model
+            save(args.out, meta, rows)  # after every row: a run cut short keeps what it measured
+
+
+def with_vq_rows(rows: list[dict]) -> list[dict]:
+    """Our rows plus those of benchmarks/results/vq.json when the VQ benchmark has written it."""
+    if not VQ_RESULTS.is_file():
+        return rows
+    data = json.loads(VQ_RESULTS.read_text())
+    other = data["rows"] if isinstance(data, dict) else data
+    required = ("method", "bits_per_weight", "perplexity", "kl")
+    vq = [{**row, "label": row.get("label", row["method"]), "source": "vq.json"}
+          for row in other if all(key in row for key in required) and row["method"] != "original"]
+    return rows + vq
+
+
+def save(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    shown = sorted(with_vq_rows(rows), key=lambda row: row["bits_per_weight"])
+    for metric in ("perplexity", "kl"):
+        front = set(pareto_front([(row["bits_per_weight"], row[metric]) for row in shown]))
+        for index, row in enumerate(shown):
+            row[f"pareto_{metric}"] = index in front
+    out.with_suffix(".md").write_text(markdown_table(meta, shown))
+    plotted = [{**row, "status": "ok"} for row in shown]
+    plot_pareto(plotted, {"perplexity": meta.get("original_perplexity")}, out.with_suffix(".png"),
+                f"SmolLM2-135M at extreme low bits ({meta.get('evaluation', '')})")
+
+
+def markdown_table(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
+        f"Machine: {meta['machine']}. Command: `{meta['command']}`. Original perplexity: "
+        f"{meta['original_perplexity']:.3f}. Rows from vq.json (if any) come from benchmarks/vq.py.",
+        "",
+        "| row | method | recipe | bits/weight | perplexity | KL to original | quantize time (s) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        seconds = f"{row['seconds']:.1f}" if "seconds" in row else "-"
+        best = " *" if row.get("pareto_perplexity") else ""
+        lines.append(f"| {row['label']}{best} | {row['method']} | {row.get('recipe', row.get('source', ''))} | "
+                     f"{row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['kl']:.4f} | {seconds} |")
+    lines.append("")
+    lines.append("`*`: on the perplexity-vs-bits Pareto front.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
