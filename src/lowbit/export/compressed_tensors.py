@@ -94,7 +94,7 @@ class CompressedTensorsWriter:
             self._shards.add(name, tensor)
         self._packed_names.update(tensors)
         self._schemes[module_name] = key
-        self._shapes[module_name] = (int(qweight.codes.shape[0]), int(qweight.codes.shape[1]))
+        self._shapes[module_name] = (int(qweight.shape[0]), int(qweight.shape[1]))
         self._scale_dtypes.add(qweight.scale.dtype)
 
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
