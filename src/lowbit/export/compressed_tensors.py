@@ -226,7 +226,7 @@ class CompressedTensorsWriter:
         """lowbit's own config (see lowbit_layout): a quant_method transformers refuses to guess at."""
         if compressions != {LOWBIT_FORMAT}:
             raise ExportError(
-                "an export holds either compressed-tensors layers or lowbit-layout layers (nf4, lut, fp8_e5m2), "
+                "an export holds either compressed-tensors layers or lowbit-layout layers (nf4, lut, fp8_e5m2, vq), "
                 "not both; use one format family for every layer"
             )
         return {

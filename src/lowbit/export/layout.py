@@ -113,7 +113,7 @@ def check_exportable(
 def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
     """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
     fmt = qweight.format
-    rows, columns = qweight.codes.shape
+    rows, columns = qweight.shape
     if qweight.sparse is not None:
         raise ExportError(
             f"{name}: has {qweight.sparse.count} fp16 outlier weights stored apart from the grid, which "

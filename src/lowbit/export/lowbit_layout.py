@@ -1,5 +1,6 @@
 """lowbit's own safetensors layout, for formats that no serving engine reads (NF4, learned lookup
-tables, FP8 E5M2). docs/formats.md documents it; `load_quantized` reloads it.
+tables, FP8 E5M2, vector codebooks). docs/formats.md documents it; `load_quantized` reloads it.
+Vector-quantized layers have their own tensors (export/vector_layout.py); the others are:
 
 Per quantized linear `<module>`:
 - `<module>.weight_codes`: int32, the codes shifted to signed (code - 2^(bits-1)) and packed densely
@@ -21,23 +22,28 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from lowbit.export.errors import ExportError
+from lowbit.export.vector_layout import pack_vector_layer, unpack_vector_layer
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.floating import FloatFormat
 from lowbit.formats.integer import PER_CHANNEL, scale_dtype_from_name
 from lowbit.formats.lookup import TABLE_DTYPE, LookupFormat
 from lowbit.formats.minifloat import E5M2, ELEMENTS
+from lowbit.formats.vector import VectorFormat
 
 LOWBIT_FORMAT = "lowbit-packed"
 LOWBIT_QUANT_METHOD = "lowbit"
 
 
 def has_lowbit_layout(fmt: WeightFormat) -> bool:
-    return isinstance(fmt, LookupFormat) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
+    return isinstance(fmt, (LookupFormat, VectorFormat)) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
 
 
 def describe_format(fmt: WeightFormat) -> dict[str, Any]:
     """JSON-able description of a format `has_lowbit_layout` accepts (its tables go in tensors)."""
     dtype = str(fmt.scale_dtype).removeprefix("torch.")
+    if isinstance(fmt, VectorFormat):
+        return {"family": "vector", "dim": fmt.dim, "bits": fmt.bits, "residual_bits": fmt.residual_bits,
+                "group_size": fmt.group_size, "row_scale": fmt.row_scale, "scale_dtype": dtype}
     if isinstance(fmt, LookupFormat):
         return {"family": "lookup", "bits": fmt.bits, "group_size": fmt.group_size, "learned": fmt.learned,
                 "scale_dtype": dtype}
@@ -50,6 +56,9 @@ def format_from_description(description: dict[str, Any]) -> WeightFormat:
         dtype = scale_dtype_from_name(description["scale_dtype"])
         if description["family"] == "lookup":
             return LookupFormat(description["bits"], description["group_size"], description["learned"], dtype)
+        if description["family"] == "vector":
+            return VectorFormat(description["dim"], description["bits"], description["residual_bits"],
+                                description["group_size"], description["row_scale"], dtype)
         if description["family"] == "float":
             return FloatFormat(ELEMENTS[description["element"]], description["group_size"], dtype)
     except (KeyError, TypeError, ValueError) as error:
@@ -59,6 +68,8 @@ def format_from_description(description: dict[str, Any]) -> WeightFormat:
 
 def pack_lowbit_layer(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     fmt = qweight.format
+    if isinstance(fmt, VectorFormat):
+        return pack_vector_layer(qweight)
     rows, columns = qweight.codes.shape
     bits = fmt.bits
     if not qweight.has_trivial_group_index:
@@ -76,6 +87,8 @@ def pack_lowbit_layer(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
     """The stored weight of one layer from its tensors (suffixes as written by `pack_lowbit_layer`)."""
+    if isinstance(fmt, VectorFormat):
+        return unpack_vector_layer(fmt, tensors)
     rows, columns = (int(v) for v in tensors["weight_shape"])
     codes = unpack_from_int32(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
     codes = (codes.to(torch.int16) + (1 << (fmt.bits - 1))).to(torch.uint8)
