@@ -270,6 +270,7 @@ def test_recipes_refuse_mismatched_methods_and_options():
     assert VQ_RECIPE.describe() == "vq vq6, dim=4, residual_bits=4, row_scale=True per-channel"
 
 
+@pytest.mark.slow
 def test_cli_quantizes_exports_and_reloads_vq(capsys, tmp_path, tiny_model_dir):
     from tests.test_cli import run_cli
 
