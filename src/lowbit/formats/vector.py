@@ -44,6 +44,11 @@ KMEANS_ITERATIONS = 25
 SEEDING_SAMPLE = 16
 """k-means++ seeds from at most this many points per codeword (a seeded random sample)."""
 
+FITTING_SAMPLE = 64
+"""Lloyd iterations run on at most this many points per codeword (a seeded uniform sample): a
+centroid is a weighted mean, which 64 points estimate well, and a 1536 x 576 layer at d=4 has
+221k vectors, whose full distance matrix each iteration would dominate the solve on a CPU."""
+
 MIN_BITS, MAX_BITS = 2, 16
 MAX_DIM = 8
 
@@ -156,14 +161,18 @@ class VectorFormat(WeightFormat):
         Each stage after the first is fitted on the residual the (rounded) stages before it leave.
         """
         x, weight = self.vectors(w / scale), self.vectors(scale.square() * importance.clamp(min=0).reshape(1, -1))
+        largest = 1 << max(self.stage_bits)
+        if x.shape[0] < largest:
+            raise FormatError(
+                f"a codebook of {largest} entries needs at least as many vectors, this layer has {x.shape[0]}; "
+                "lower the codebook bits or the vector dimension"
+            )
+        if x.shape[0] > FITTING_SAMPLE * largest:
+            pick = torch.randperm(x.shape[0], generator=generator, device=x.device)[: FITTING_SAMPLE * largest]
+            x, weight = x[pick], weight[pick]
         books = []
         for bits in self.stage_bits:
             k = 1 << bits
-            if x.shape[0] < k:
-                raise FormatError(
-                    f"a codebook of {k} entries needs at least as many vectors, this layer has {x.shape[0]}; "
-                    "lower the codebook bits or the vector dimension"
-                )
             seeds = kmeans_plus_plus(x, weight, k, generator)
             book = weighted_kmeans(x, weight, seeds, iterations).to(CODEBOOK_DTYPE).float()
             books.append(book)
