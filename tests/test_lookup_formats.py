@@ -108,7 +108,7 @@ def test_lookup_settings_are_checked():
 # --- solvers on every format -----------------------------------------------------------------------
 
 FORMATS = {name: Recipe(format=name, bits=FAMILIES[name].bits[0], group_size=FAMILIES[name].group_size)
-           for name in FAMILIES if name != "int"}
+           for name in FAMILIES if name != "int" and FAMILIES[name].methods is None}  # vq has its own solver
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
