@@ -52,8 +52,8 @@ def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Modul
 
     def on_quantized(name, qweight):
         nonlocal bits, count
-        bits += qweight.bits_per_weight() * qweight.codes.numel()
-        count += qweight.codes.numel()
+        bits += qweight.bits_per_weight() * qweight.weight_count
+        count += qweight.weight_count
 
     start = time.perf_counter()
     SequentialQuantizer(

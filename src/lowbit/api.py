@@ -70,7 +70,7 @@ class SizeReport:
     bits: float = 0.0
 
     def add(self, qweight: QuantizedWeight) -> None:
-        count = qweight.codes.numel()
+        count = qweight.weight_count
         self.parameters += count
         self.bits += qweight.bits_per_weight() * count
 

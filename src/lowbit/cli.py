@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="grid with zero points")
+    q.add_argument("--codebook-bits", type=int, choices=range(2, 17), metavar="{2..16}",
+                   help="vq: log2 of the codebook size (sets bits; default 8)")
+    q.add_argument("--vq-dim", type=int, choices=range(2, 9), metavar="{2..8}",
+                   help="vq: consecutive input weights per codebook index (default 4)")
+    q.add_argument("--residual-bits", type=int, choices=range(2, 17), metavar="{2..16}",
+                   help="vq: add a second (residual) codebook of 2^N entries")
+    q.add_argument("--row-scale", action="store_true", help="vq: normalise each row by its RMS before VQ")
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, so it exports)")
     q.add_argument("--damp", type=float, help="GPTQ: relative Hessian damping (default 0.01)")
@@ -157,7 +164,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     number_format, transforms = getattr(args, "format", None), getattr(args, "transforms", None)
     if number_format is not None:
         family = FAMILIES[number_format]
-        recipe = recipe.model_copy(update={"format": number_format, "bits": family.bits[0],
+        recipe = recipe.model_copy(update={"format": number_format, "bits": family.initial_bits,
                                            "group_size": family.group_size, "symmetric": True})
     updates = {
         key: value
@@ -169,6 +176,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
+    updates.update(_format_option_updates(args, recipe))
     if transforms:
         updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *transforms]))
     try:
@@ -196,6 +204,21 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     for layer_recipe in recipe.layer_recipes():
         layer_recipe.solver()  # reject unknown options now, before loading anything
     return recipe
+
+
+def _format_option_updates(args: argparse.Namespace, recipe: Recipe) -> dict:
+    """Recipe fields set by the vq flags: --codebook-bits is `bits`, the rest `format_options`."""
+    options = {key: value for key, value in {
+        "dim": getattr(args, "vq_dim", None),
+        "residual_bits": getattr(args, "residual_bits", None),
+        "row_scale": True if getattr(args, "row_scale", False) else None,
+    }.items() if value is not None}
+    updates: dict = {"format_options": {**recipe.format_options, **options}} if options else {}
+    if getattr(args, "codebook_bits", None) is not None:
+        if args.bits is not None and args.bits != args.codebook_bits:
+            raise RecipeError("--bits and --codebook-bits disagree; for vq give only --codebook-bits")
+        updates["bits"] = args.codebook_bits
+    return updates
 
 
 def default_out_dir(model: str | None, recipe: Recipe, budget: budget_command.Budget | None = None) -> Path:

@@ -94,7 +94,7 @@ class CompressedTensorsWriter:
             self._shards.add(name, tensor)
         self._packed_names.update(tensors)
         self._schemes[module_name] = key
-        self._shapes[module_name] = (int(qweight.codes.shape[0]), int(qweight.codes.shape[1]))
+        self._shapes[module_name] = (int(qweight.shape[0]), int(qweight.shape[1]))
         self._scale_dtypes.add(qweight.scale.dtype)
 
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -226,7 +226,7 @@ class CompressedTensorsWriter:
         """lowbit's own config (see lowbit_layout): a quant_method transformers refuses to guess at."""
         if compressions != {LOWBIT_FORMAT}:
             raise ExportError(
-                "an export holds either compressed-tensors layers or lowbit-layout layers (nf4, lut, fp8_e5m2), "
+                "an export holds either compressed-tensors layers or lowbit-layout layers (nf4, lut, fp8_e5m2, vq), "
                 "not both; use one format family for every layer"
             )
         return {

@@ -115,7 +115,7 @@ def check_exportable(
 def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
     """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
     fmt = qweight.format
-    rows, columns = qweight.codes.shape
+    rows, columns = qweight.shape
     # Binary weights keep salient columns in groups of their own; their layout checks that itself.
     regrouped = not isinstance(fmt, BinaryFormat) and not qweight.has_trivial_group_index
     problem = check_exportable(fmt, columns, name, permuted_groups=regrouped)

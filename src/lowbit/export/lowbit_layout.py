@@ -1,7 +1,8 @@
 """lowbit's own safetensors layout, for what no serving engine reads: NF4, learned lookup tables,
-FP8 E5M2, binary weights, and any weight with sparse fp16 outliers or a low-rank correction (those
-parts, and the binary bit planes, are in extras_layout). docs/formats.md documents it;
-`load_quantized` reloads it.
+FP8 E5M2, vector codebooks, binary weights, and any weight with sparse fp16 outliers or a low-rank
+correction (those parts, and the binary bit planes, are in extras_layout; vector-quantized layers
+have their own tensors, export/vector_layout.py). docs/formats.md documents it; `load_quantized`
+reloads it. The other layers are stored as:
 
 Per quantized linear `<module>`:
 - `<module>.weight_codes`: int32, the codes shifted to signed (code - 2^(bits-1)) and packed densely
@@ -23,14 +24,15 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from lowbit.export.errors import ExportError
-from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.export.extras_layout import pack_binary, pack_extras, unpack_binary, unpack_extras
+from lowbit.export.vector_layout import pack_vector_layer, unpack_vector_layer
+from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.floating import FloatFormat
-from lowbit.formats.integer import IntegerFormat
-from lowbit.formats.integer import PER_CHANNEL, scale_dtype_from_name
+from lowbit.formats.integer import PER_CHANNEL, IntegerFormat, scale_dtype_from_name
 from lowbit.formats.lookup import TABLE_DTYPE, LookupFormat
 from lowbit.formats.minifloat import E5M2, ELEMENTS
+from lowbit.formats.vector import VectorFormat
 
 LOWBIT_FORMAT = "lowbit-packed"
 LOWBIT_QUANT_METHOD = "lowbit"
@@ -38,7 +40,8 @@ LOWBIT_QUANT_METHOD = "lowbit"
 
 def has_lowbit_layout(fmt: WeightFormat) -> bool:
     """Formats only lowbit's layout stores."""
-    return isinstance(fmt, (LookupFormat, BinaryFormat)) or (isinstance(fmt, FloatFormat) and fmt.element == E5M2)
+    return isinstance(fmt, (LookupFormat, BinaryFormat, VectorFormat)) or (
+        isinstance(fmt, FloatFormat) and fmt.element == E5M2)
 
 
 def needs_lowbit_layout(qweight: QuantizedWeight) -> bool:
@@ -49,6 +52,9 @@ def needs_lowbit_layout(qweight: QuantizedWeight) -> bool:
 def describe_format(fmt: WeightFormat) -> dict[str, Any]:
     """JSON-able description of a format `has_lowbit_layout` accepts (its tables go in tensors)."""
     dtype = str(fmt.scale_dtype).removeprefix("torch.")
+    if isinstance(fmt, VectorFormat):
+        return {"family": "vector", "dim": fmt.dim, "bits": fmt.bits, "residual_bits": fmt.residual_bits,
+                "group_size": fmt.group_size, "row_scale": fmt.row_scale, "scale_dtype": dtype}
     if isinstance(fmt, LookupFormat):
         return {"family": "lookup", "bits": fmt.bits, "group_size": fmt.group_size, "learned": fmt.learned,
                 "scale_dtype": dtype}
@@ -66,6 +72,9 @@ def format_from_description(description: dict[str, Any]) -> WeightFormat:
         dtype = scale_dtype_from_name(description["scale_dtype"])
         if description["family"] == "lookup":
             return LookupFormat(description["bits"], description["group_size"], description["learned"], dtype)
+        if description["family"] == "vector":
+            return VectorFormat(description["dim"], description["bits"], description["residual_bits"],
+                                description["group_size"], description["row_scale"], dtype)
         if description["family"] == "float":
             return FloatFormat(ELEMENTS[description["element"]], description["group_size"], dtype)
         if description["family"] == "binary":
@@ -85,6 +94,8 @@ def _pack_grid(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     fmt = qweight.format
     if isinstance(fmt, BinaryFormat):
         return pack_binary(qweight)
+    if isinstance(fmt, VectorFormat):
+        return pack_vector_layer(qweight)
     rows, columns = qweight.codes.shape
     bits = fmt.bits
     if not qweight.has_trivial_group_index:
@@ -107,6 +118,8 @@ def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> 
     """The stored weight of one layer from its tensors (suffixes as written by `pack_lowbit_layer`)."""
     if isinstance(fmt, BinaryFormat):
         return unpack_extras(unpack_binary(fmt, tensors), tensors)
+    if isinstance(fmt, VectorFormat):
+        return unpack_extras(unpack_vector_layer(fmt, tensors), tensors)
     rows, columns = (int(v) for v in tensors["weight_shape"])
     codes = unpack_from_int32(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
     codes = (codes.to(torch.int16) + (1 << (fmt.bits - 1))).to(torch.uint8)

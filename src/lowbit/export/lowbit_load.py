@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from lowbit.export.errors import ExportError
 from lowbit.export.lowbit_layout import format_from_description, unpack_lowbit_layer
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
-from lowbit.formats.base import LowRankCorrection
+from lowbit.formats.base import LowRankCorrection, QuantizedWeight
 from lowbit.modules.lowrank_linear import attach_lowrank
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -27,6 +27,29 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _quantized_layers(
+    quantization: dict, state: dict[str, torch.Tensor], folder: Path
+) -> dict[str, QuantizedWeight]:
+    """The stored weight of every lowbit-layout layer; its tensors are taken out of `state`."""
+    layers = {}
+    for group in quantization["config_groups"].values():
+        fmt = format_from_description(group["format"])
+        for name in group["targets"]:
+            prefix = f"{name}.weight_"
+            parts = {key.removeprefix(f"{name}."): state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+            if "weight_codes" not in parts and "weight_signs" not in parts:
+                raise ExportError(f"{folder} lacks the codes of {name} ({name}.weight_codes)")
+            layers[name] = unpack_lowbit_layer(fmt, parts)
+    return layers
+
+
+def load_lowbit_weights(folder: Path) -> dict[str, QuantizedWeight]:
+    """The stored weight of every quantized layer of a lowbit-layout export, by module name: what
+    `modules.replace_linears` needs to run the model on its codes (VQLinear) instead of dense weights."""
+    quantization = AutoConfig.from_pretrained(folder).quantization_config
+    return _quantized_layers(quantization, _read_tensors(Path(folder)), Path(folder))
+
+
 def load_lowbit_layout(folder: Path, device: str | torch.device, dtype: torch.dtype | None) -> PreTrainedModel:
     """The model with every lowbit-layout layer decoded to a dense weight, on `device`, in eval mode."""
     config = AutoConfig.from_pretrained(folder)
@@ -36,17 +59,10 @@ def load_lowbit_layout(folder: Path, device: str | torch.device, dtype: torch.dt
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_tensors(folder)
     corrections: dict[str, LowRankCorrection] = {}
-    for group in quantization["config_groups"].values():
-        fmt = format_from_description(group["format"])
-        for name in group["targets"]:
-            prefix = f"{name}.weight_"
-            parts = {key.removeprefix(f"{name}."): state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
-            if "weight_codes" not in parts and "weight_signs" not in parts:
-                raise ExportError(f"{folder} lacks the codes of {name} ({name}.weight_codes)")
-            qweight = unpack_lowbit_layer(fmt, parts)
-            if qweight.lowrank is not None:
-                corrections[name], qweight.lowrank = qweight.lowrank, None
-            state[f"{name}.weight"] = qweight.dequantize().to(dtype)
+    for name, qweight in _quantized_layers(quantization, state, folder).items():
+        if qweight.lowrank is not None:
+            corrections[name], qweight.lowrank = qweight.lowrank, None
+        state[f"{name}.weight"] = qweight.dequantize().to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {key for key in missing if key in (getattr(model, "_tied_weights_keys", None) or ())}
     missing = sorted(set(missing) - tied)

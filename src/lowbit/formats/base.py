@@ -37,6 +37,9 @@ class WeightFormat(ABC):
     """How a 2-D weight [out_features, in_features] is stored, group by group along the input axis."""
 
     name: ClassVar[str]
+    clippable: ClassVar[bool] = True
+    """Whether `fit(w, clip=ratio)` can shrink the covered range (the clipping search relies on it);
+    formats whose parameters are fitted in closed form (binary magnitudes, codebooks) cannot."""
 
     def prepare(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> WeightFormat:
         """The format to store matrix `w` in: self, or a copy holding parameters fitted to the whole
@@ -67,6 +70,11 @@ class WeightFormat(ABC):
     @abstractmethod
     def bits_per_weight(self, rows: int, columns: int) -> float:
         """Storage cost per weight of a [rows, columns] matrix, scales and zero points included."""
+
+    def weight_shape(self, codes: torch.Tensor) -> torch.Size:
+        """[rows, columns] of the matrix `codes` stand for: the codes' own shape for scalar formats
+        (one code per weight); vector formats store one code per vector and say so here."""
+        return codes.shape
 
     @property
     def rows_independent(self) -> bool:
@@ -147,7 +155,8 @@ class LowRankCorrection:
 class QuantizedWeight:
     """A weight matrix as stored: codes plus per-group parameters.
 
-    `scale` / `zero` have shape [rows or 1, n_groups]. `group_index[j]` is the group of column j;
+    `codes` is uint8 [rows, columns] for scalar formats; vector formats (formats/vector.py) store
+    one int32 code per vector and codebook stage, which is why the matrix shape is `shape`. `scale` / `zero` have shape [rows or 1, n_groups]. `group_index[j]` is the group of column j;
     it is the identity layout (j // group_size) unless the solver processed columns out of order
     (GPTQ act-order), in which case it is what the checkpoint stores as `g_idx`. `metadata` holds
     numbers about the whole matrix; `row_metadata` per-row numbers (one value per row), which is
@@ -168,13 +177,20 @@ class QuantizedWeight:
 
     @property
     def shape(self) -> torch.Size:
-        return self.codes.shape
+        """[rows, columns] of the weight matrix (not of `codes`, which vector formats shape their own way)."""
+        return self.format.weight_shape(self.codes)
+
+    @property
+    def weight_count(self) -> int:
+        """Number of weights this matrix stores: what bits_per_weight() is averaged over."""
+        rows, columns = self.shape
+        return rows * columns
 
     @property
     def has_trivial_group_index(self) -> bool:
         """True when column j belongs to group j // group_size (no act-order permutation to store)."""
-        group_size = self.format.group_size_for(self.codes.shape[1])
-        expected = torch.arange(self.codes.shape[1], device=self.group_index.device) // group_size
+        columns = self.shape[1]
+        expected = torch.arange(columns, device=self.group_index.device) // self.format.group_size_for(columns)
         return bool(torch.equal(self.group_index, expected))
 
     def dequantize(self) -> torch.Tensor:
@@ -189,7 +205,7 @@ class QuantizedWeight:
         return dense
 
     def bits_per_weight(self) -> float:
-        rows, columns = self.codes.shape
+        rows, columns = self.shape
         bits = self.format.bits_per_weight(rows, columns)
         if self.sparse is not None:
             bits += self.sparse.storage_bits(columns) / (rows * columns)

@@ -45,6 +45,7 @@ class BinaryFormat(WeightFormat):
     """Sign codes with one (α) or two (α, β) magnitudes per row and group; optional salient columns."""
 
     name: ClassVar[str] = "binary"
+    clippable: ClassVar[bool] = False
 
     split: bool = False
     group_size: int = 128

@@ -17,15 +17,19 @@ from lowbit.formats.floating import MXFormat, NVFP4Format, float_format
 from lowbit.formats.integer import PER_CHANNEL, IntegerFormat, scale_dtype_from_name
 from lowbit.formats.lookup import LookupFormat, nf4_format
 from lowbit.formats.minifloat import E2M1
+from lowbit.formats.vector import MAX_BITS, MIN_BITS, vector_format
 
-Builder = Callable[[int, bool, int, str], WeightFormat]
-"""(bits, symmetric, group_size, scale_dtype name) -> format; group_size is already resolved per layer."""
+Builder = Callable[..., WeightFormat]
+"""(bits, symmetric, group_size, scale_dtype name, **options) -> format; group_size is already
+resolved per layer; options are the recipe's `format_options`, which only families naming them take."""
 
 
 @dataclass(frozen=True)
 class FormatFamily:
-    """`bits`: accepted code widths (first = default); `block`: a fixed group size, else None;
-    `group_size`: the default when the user names the family without a group size."""
+    """`bits`: accepted code widths; `default_bits`: the width naming the family gives (else the
+    first); `block`: a fixed group size, else None; `group_size`: the default when the user names
+    the family without a group size; `options`: the `format_options` keys it takes; `methods`:
+    the only solvers that can fill it (None: any solver)."""
 
     name: str
     build: Builder
@@ -34,6 +38,26 @@ class FormatFamily:
     symmetric_only: bool = True
     block: int | None = None
     help: str = ""
+    default_bits: int | None = None
+    options: tuple[str, ...] = ()
+    methods: tuple[str, ...] | None = None
+
+    @property
+    def initial_bits(self) -> int:
+        return self.default_bits or self.bits[0]
+
+    def check_options(self, options: dict[str, object]) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
+            raise FormatError(f"format {self.name} has no option {unknown[0]!r}; {takes}")
+
+    def check_method(self, method: str, accepted_families: tuple[str, ...] | None) -> None:
+        """FormatError when the method cannot fill this family (either side may restrict the pairing)."""
+        if self.methods is not None and method not in self.methods:
+            raise FormatError(f"format {self.name} is filled by method {' or '.join(self.methods)}, not {method}")
+        if accepted_families is not None and self.name not in accepted_families:
+            raise FormatError(f"method {method} needs format {' or '.join(accepted_families)}, not {self.name}")
 
     def check(self, bits: int, symmetric: bool, group_size: int | str) -> None:
         """FormatError naming the setting to change when the family cannot hold these fields."""
@@ -60,6 +84,10 @@ def _lut(bits: int, symmetric: bool, group_size: int, scale_dtype: str) -> Weigh
     return LookupFormat(bits, group_size, learned=True, scale_dtype=scale_dtype_from_name(scale_dtype))
 
 
+def _vq(bits: int, symmetric: bool, group_size: int, scale_dtype: str, **options) -> WeightFormat:
+    return vector_format(bits, group_size, scale_dtype_from_name(scale_dtype), **options)
+
+
 FAMILIES: dict[str, FormatFamily] = {
     family.name: family
     for family in (
@@ -80,6 +108,11 @@ FAMILIES: dict[str, FormatFamily] = {
         FormatFamily("binary", _binary, (1, 2), 128,
                      help="signs x mean |w| per row and group (bits 1); bits 2: BiLLM's split into two "
                      "magnitudes; method binary adds Hessian-chosen salient columns (residual binarization)"),
+        FormatFamily("vq", _vq, tuple(range(MIN_BITS, MAX_BITS + 1)), PER_CHANNEL, default_bits=8,
+                     options=("dim", "residual_bits", "row_scale"), methods=("vq",),
+                     help="vector quantization: bits = log2 codebook size, --vq-dim weights per index, "
+                     "--residual-bits a second codebook, --row-scale; group size = columns per codebook "
+                     "(-1: one per layer); method vq"),
     )
 }
 

@@ -16,7 +16,9 @@ from torch import nn
 
 from lowbit.formats.base import QuantizedWeight
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
+from lowbit.formats.vector import VectorFormat
 from lowbit.kernels.w4a16 import w4a16_matmul
+from lowbit.modules.vq_linear import VQLinear
 
 
 class QuantLinear(nn.Module):
@@ -57,8 +59,15 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 {kind} g{self.group_size}"
 
 
+def _module_for(qweight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
+    if isinstance(qweight.format, VectorFormat):
+        return VQLinear(qweight, bias)
+    return QuantLinear.from_quantized(qweight, bias)
+
+
 def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> nn.Module:
-    """Swap every nn.Linear named in `quantized` (full module names) for a QuantLinear, in place.
+    """Swap every nn.Linear named in `quantized` (full module names) for a QuantLinear (int4) or a
+    VQLinear (vector-quantized), in place.
 
     The QuantLinear lands on the device of the linear it replaces. Returns the model.
     """
@@ -71,6 +80,6 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
         if tuple(qweight.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"{name}: quantized weight {tuple(qweight.shape)} does not fit the linear's "
                              f"({linear.out_features}, {linear.in_features})")
-        module = QuantLinear.from_quantized(qweight, linear.bias).to(linear.weight.device)
+        module = _module_for(qweight, linear.bias).to(linear.weight.device)
         setattr(parent, child, module)
     return model

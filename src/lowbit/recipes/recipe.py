@@ -49,6 +49,7 @@ class LayerOverride(BaseModel):
     method_options: dict[str, Any] | None = None
     outliers: float | None = None
     eora_rank: int | None = None
+    format_options: dict[str, Any] | None = None
 
     @field_validator("method")
     @classmethod
@@ -80,7 +81,9 @@ class Recipe(BaseModel):
     `transforms` are applied to each block before its linears are solved (`[awq]` with
     `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     `overrides` change these settings for some layers; the first override that matches a layer
-    applies, and `ignore` wins over all of them.
+    applies, and `ignore` wins over all of them. `format_options` are settings only some families
+    take (vq: dim, residual_bits, row_scale); for `vq`, `bits` is log2 of the codebook size and
+    `group_size` the columns sharing a codebook.
     `outliers` (a fraction, e.g. 0.005) keeps that share of each matrix's weights in fp16 as a sparse
     matrix, ranked by `outlier_criterion`, and quantizes the rest with `method` (solvers.outliers);
     `eora_rank` > 0 adds a rank-r EoRA correction of the remaining error (solvers.lowrank). Both
@@ -96,6 +99,7 @@ class Recipe(BaseModel):
     group_size: int | Literal["auto"] = "auto"
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     method_options: dict[str, Any] = Field(default_factory=dict)
+    format_options: dict[str, Any] = Field(default_factory=dict)
     transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[LayerOverride] = Field(default_factory=list)
@@ -119,10 +123,18 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _fields_fit_format(self) -> "Recipe":
+        family = format_family(self.format)
         try:
-            format_family(self.format).check(self.bits, self.symmetric, self.group_size)
+            family.check(self.bits, self.symmetric, self.group_size)
+            family.check_options(self.format_options)
+            family.check_method(self.method, SOLVERS[self.method].format_families)
+            if self.format_options:  # build once so that a bad option value is refused now
+                group_size = self.group_size if isinstance(self.group_size, int) else PER_CHANNEL
+                family.build(self.bits, self.symmetric, group_size, self.scale_dtype, **self.format_options)
         except FormatError as err:
             raise ValueError(str(err)) from None
+        except TypeError as err:
+            raise ValueError(f"bad format option for {self.format}: {err}") from None
         return self
 
     @field_validator("transforms")
@@ -142,13 +154,16 @@ class Recipe(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides dumps as before they existed (same cache keys, same saved files)."""
+        """A recipe without overrides or format options dumps as before they existed (same cache
+        keys, same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
         for key, default in EXTRA_DEFAULTS.items():
             if data.get(key) == default:
                 data.pop(key, None)
+        if not self.format_options:
+            data.pop("format_options", None)
         return data
 
     def solver(self) -> Solver:
@@ -174,7 +189,7 @@ class Recipe(BaseModel):
     def format_for(self, in_features: int) -> WeightFormat:
         family = format_family(self.format)
         group_size = family.block or self.group_size_for(in_features)
-        return family.build(self.bits, self.symmetric, group_size, self.scale_dtype)
+        return family.build(self.bits, self.symmetric, group_size, self.scale_dtype, **self.format_options)
 
     def is_ignored(self, name: str) -> bool:
         return any(_matches(name, pattern) for pattern in self.ignore)
@@ -231,7 +246,8 @@ class Recipe(BaseModel):
         elif self.format == "binary":
             number = "binary" if self.bits == 1 else "binary split"
         else:
-            number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
+            number = f"{self.format}{self.bits if self.format in ('lut', 'vq') else ''}"
+        number += "".join(f", {k}={v}" for k, v in sorted(self.format_options.items()))
         parts = [method, number] + ([] if format_family(self.format).block else [layout])
         mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
         extras = f" + {self.outliers:.2%} {self.outlier_criterion} outliers" if self.outliers else ""

@@ -22,6 +22,8 @@ class Solver(ABC):
     block transforms a method is defined with (AWQ is its scale search followed by rounding), which
     a recipe applies before the solver. `export_problem`, when set, is why compressed-tensors cannot
     hold what the solver produces; exports are refused with it before any work starts.
+    `format_families`, when set, are the only format families (formats.families) the solver can
+    fill; recipes naming another are refused up front.
     """
 
     name: ClassVar[str]
@@ -29,6 +31,7 @@ class Solver(ABC):
     rows_independent: ClassVar[bool] = False
     implied_transforms: ClassVar[tuple[str, ...]] = ()
     export_problem: ClassVar[str | None] = None
+    format_families: ClassVar[tuple[str, ...] | None] = None
 
     @abstractmethod
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.formats.base import GroupParams
+from lowbit.formats.base import FormatError, GroupParams
 from lowbit.formats.integer import IntegerFormat
 
 
@@ -22,6 +22,9 @@ class ClipSearch:
 
     def fit(self, fmt: IntegerFormat, w: torch.Tensor) -> GroupParams:
         """The parameters, among `grid * max_shrink` shrink ratios, with the least lp error per row."""
+        if not fmt.clippable:
+            raise FormatError(f"the clipping search does not apply to {fmt.name} weights (their parameters are "
+                              "fitted in closed form); drop --clip-search")
         w = w.float()
         best = fmt.fit(w)
         best_err = self._error(fmt, w, best)

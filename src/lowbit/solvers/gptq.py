@@ -68,6 +68,32 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     )
 
 
+def prepare_problem(
+    weight: torch.Tensor, stats: HessianStats | None, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Working copies (W, H) for a second-order solver, checked, with dead inputs removed.
+
+    Both are at least float32 (a float64 weight stays float64, which the tests use to compare
+    exactly) and on the weight's device. An input that is always zero (H[j, j] = 0) carries no
+    information: its weights become 0 and its diagonal 1, so H stays factorable.
+    """
+    check_finite(weight)
+    if stats is None:
+        raise ValueError(f"{method} needs calibration statistics (a HessianStats for this layer's input)")
+    columns = weight.shape[1]
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    W = weight.to(dtype=dtype, copy=True)
+    H = stats.hessian.to(device=weight.device, dtype=dtype, copy=True)
+    if H.shape != (columns, columns):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {columns} inputs")
+    if not torch.isfinite(H).all():
+        raise ValueError("the Hessian contains NaN/Inf; check the calibration inputs of this layer")
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
 def _fused_block_solver(fmt: WeightFormat, W: torch.Tensor, block_size: int):
     """kernels.gptq_block.gptq_block when it can run this solve (CUDA, Triton, a supported format), else None."""
     from lowbit.kernels import triton_available
@@ -125,23 +151,9 @@ class GPTQ(Solver):
     def _solve(
         self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None, keep: torch.Tensor | None
     ) -> QuantizedWeight:
-        check_finite(weight)
-        if stats is None:
-            raise ValueError("gptq needs calibration statistics (a HessianStats for this layer's input)")
-        rows, columns = weight.shape
-        # Never below fp32; a float64 weight stays float64 (used by the tests to compare exactly).
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        W = weight.to(dtype=dtype, copy=True)
-        H = stats.hessian.to(device=weight.device, dtype=dtype, copy=True)  # edited in place below
-        if H.shape != (columns, columns):
-            raise ValueError(f"Hessian of shape {tuple(H.shape)} does not fit a weight with {columns} inputs")
-        if not torch.isfinite(H).all():
-            raise ValueError("the Hessian contains NaN/Inf; check the calibration inputs of this layer")
-
-        # An input that is always zero carries no information: any value works, zero is cheapest.
-        dead = H.diagonal() == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
+        W, H = prepare_problem(weight, stats, self.name)
+        rows, columns = W.shape
+        dtype = W.dtype
 
         # Matrix-level parameters (a per-tensor scale, learned tables) see the weights as given,
         # weighted by how active each input is.
