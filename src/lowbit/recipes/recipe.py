@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from torch import nn
 
+from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import FormatError, WeightFormat
 from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
@@ -73,7 +74,8 @@ class Recipe(BaseModel):
     `transforms` are applied to each block before its linears are solved (`[awq]` with
     `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     `overrides` change these settings for some layers; the first override that matches a layer
-    applies, and `ignore` wins over all of them.
+    applies, and `ignore` wins over all of them. `activations` (None: weight-only) is the format
+    the input of every quantized layer is rounded to at run time (W8A8, FP8 dynamic/static).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,6 +90,7 @@ class Recipe(BaseModel):
     transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[LayerOverride] = Field(default_factory=list)
+    activations: ActivationFormat | None = None
 
     @field_validator("method")
     @classmethod
@@ -128,10 +131,13 @@ class Recipe(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides dumps as before they existed (same cache keys, same saved files)."""
+        """A recipe without overrides or activations dumps as before they existed (same cache keys,
+        same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
+        if self.activations is None:
+            data.pop("activations", None)
         return data
 
     def solver(self) -> Solver:
@@ -169,8 +175,12 @@ class Recipe(BaseModel):
         return [base] + [base.model_copy(update=o.settings()) for o in self.overrides]
 
     def needs_calibration(self) -> bool:
-        """True when a transform, or the solver of the recipe or of any override, reads calibration data."""
-        return bool(self.transform_names()) or any(recipe.solver().needs_hessian for recipe in self.layer_recipes())
+        """True when a transform, static activation scales, or the solver of the recipe or of any
+        override, reads calibration data."""
+        static = self.activations is not None and not self.activations.dynamic
+        return bool(self.transform_names()) or static or any(
+            recipe.solver().needs_hessian for recipe in self.layer_recipes()
+        )
 
     def plan(self) -> Callable[[str, nn.Linear], tuple[WeightFormat, Solver] | None]:
         """The per-layer plan the pipeline executes.
@@ -209,7 +219,8 @@ class Recipe(BaseModel):
             number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
         parts = [method, number] + ([] if format_family(self.format).block else [layout])
         mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
-        return " ".join(parts) + options + mixed
+        inputs = f" + {self.activations.describe()}" if self.activations is not None else ""
+        return " ".join(parts) + options + mixed + inputs
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))
