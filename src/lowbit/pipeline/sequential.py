@@ -329,6 +329,12 @@ class SequentialQuantizer:
             return
         if group.stats is not None and self.reduce_stats is not None:
             self.reduce_stats(group.stats)
+        if self.activations is not None:  # before on_quantized, which may read the input quantizer
+            scale = None
+            if group.input_range is not None:
+                scale = self.activations.static_scale(group.input_range.max_abs.max())
+            for job in group.jobs:
+                quantize_inputs(job.linear, self.activations, scale)
         for stack in _stacks(group.jobs):
             weights = [job.linear.weight.data for job in stack]
             with _solver_threads(self.device):
@@ -338,12 +344,6 @@ class SequentialQuantizer:
             for job, weight, piece in zip(stack, weights, pieces):
                 job.linear.weight.data = piece.dequantize().to(dtype=weight.dtype, device=weight.device)
                 self.on_quantized(job.name, _to_cpu(piece))
-        if self.activations is not None:
-            scale = None
-            if group.input_range is not None:
-                scale = self.activations.static_scale(group.input_range.max_abs.max())
-            for job in group.jobs:
-                quantize_inputs(job.linear, self.activations, scale)
         group.solved = True
         group.stats = None
         group.input_range = None
