@@ -103,7 +103,7 @@ class CompressedTensorsWriter:
             raise ExportError(f"{module_name}: pass input_scale exactly when activation scales are static")
         key, tensors = pack_layer(module_name, qweight, activations)
         if input_scale is not None:
-            tensors[f"{module_name}.input_scale"] = input_scale.detach().float().cpu().reshape(1)
+            tensors[f"{module_name}.input_scale"] = input_scale.detach().float().cpu().reshape(1).clone()
         for name, tensor in tensors.items():
             self._shards.add(name, tensor)
         self._packed_names.update(tensors)
