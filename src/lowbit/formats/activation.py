@@ -99,3 +99,27 @@ def _asymmetric(values: torch.Tensor, bits: int, granularity: str) -> torch.Tens
     zero = (-low / scale).round()
     codes = (values / scale).round().add(zero).clamp(0, levels)
     return (codes - zero) * scale
+
+
+ACTIVATION_SPEC_HELP = (
+    "none, or int<bits> | fp8 followed by any of -token (default) / -tensor, -static (per tensor, "
+    "calibrated), -asym: e.g. int8, int4, fp8, fp8-static, int8-tensor"
+)
+
+
+def parse_activations(spec: str) -> ActivationFormat | None:
+    """The activation format a short spec names (the CLI's --activations; see ACTIVATION_SPEC_HELP)."""
+    if spec == "none":
+        return None
+    number, *options = spec.split("-")
+    unknown = set(options) - {"token", "tensor", "static", "asym"}
+    if unknown or not (number == "fp8" or (number.startswith("int") and number[3:].isdigit())):
+        raise ValueError(f"bad activation spec {spec!r}; expected {ACTIVATION_SPEC_HELP}")
+    static = "static" in options
+    return ActivationFormat(
+        type="fp8_e4m3" if number == "fp8" else "int",
+        bits=8 if number == "fp8" else int(number[3:]),
+        granularity="tensor" if static or "tensor" in options else "token",
+        dynamic=not static,
+        symmetric="asym" not in options,
+    )
