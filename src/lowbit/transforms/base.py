@@ -64,7 +64,7 @@ class BlockTransform(ABC):
         """Rewrite the weights of the groups' members and sources (in place)."""
 
 
-MAX_INPUT_SAMPLES = 4096
+MAX_INPUT_SAMPLES = 1024
 """Input rows kept per shared input for SharedInput.samples."""
 
 TRANSFORMS: dict[str, type[BlockTransform]] = {}

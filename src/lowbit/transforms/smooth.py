@@ -35,6 +35,19 @@ from lowbit.transforms.base import BlockTransform, SharedInput, register_transfo
 MIN_MAGNITUDE = 1e-5
 """Floor of max|X_j| and max|W_j| before the powers: a silent channel gets a finite scale."""
 
+MAX_ERROR_ROWS = 256
+"""Output rows per member that the search scores, evenly strided, when the member's format rounds
+rows independently: the error is a sum over rows, and scoring a sample of them keeps a search over
+a 1536-row matrix from costing six full roundings per candidate."""
+
+
+def scored_rows(member: torch.nn.Linear, fmt) -> torch.Tensor:
+    """The member's weight rows the search scores (all of them unless the format allows sampling)."""
+    weight = member.weight.detach().float()
+    if fmt is not None and not fmt.rows_independent:
+        return weight
+    return weight[:: -(-weight.shape[0] // MAX_ERROR_ROWS)]
+
 
 def smoothing_scales(max_x: torch.Tensor, max_w: torch.Tensor, alpha: float) -> torch.Tensor:
     """max|X_j|^α / max|W_j|^(1-α), per input channel j."""
@@ -48,22 +61,27 @@ def weight_column_max(group: SharedInput) -> torch.Tensor:
     return torch.stack([member.weight.detach().float().abs().amax(dim=0) for member in group.members]).amax(dim=0)
 
 
-def smoothed_output_error(group: SharedInput, scales: torch.Tensor) -> float:
+def smoothed_output_error(
+    group: SharedInput, scales: torch.Tensor, targets: list[torch.Tensor] | None = None
+) -> float:
     """Mean squared output error over the sampled tokens, summed over members, when inputs are divided
     by `scales` and rounded to the group's activation format and columns are multiplied by them and
-    rounded to each member's format (unquantized members keep exact weights)."""
+    rounded to each member's format (unquantized members keep exact weights), over the rows of
+    `scored_rows`. `targets` are those rows' full-precision outputs on the samples, when the caller
+    has them already."""
     x = group.samples.to(group.members[0].weight.device)
+    if targets is None:
+        targets = [x @ scored_rows(member, fmt).T for member, fmt in zip(group.members, group.formats)]
     smoothed = x / scales
     activations = group.activations
     if activations is not None:
         scale = None if activations.dynamic else activations.static_scale(smoothed.abs().max())
         smoothed = activations.fake_quantize(smoothed, scale)
     error = 0.0
-    for member, fmt in zip(group.members, group.formats):
-        w = member.weight.detach().float()
-        w_scaled = w * scales
+    for member, fmt, target in zip(group.members, group.formats, targets):
+        w_scaled = scored_rows(member, fmt) * scales
         w_hat = w_scaled if fmt is None else quantize_matrix(fmt, w_scaled).dequantize()
-        error += float((smoothed @ w_hat.T - x @ w.T).pow(2).sum()) / x.shape[0]
+        error += float((smoothed @ w_hat.T - target).pow(2).sum()) / x.shape[0]
     return error
 
 
@@ -76,7 +94,9 @@ def search_smoothing(group: SharedInput, grid: int) -> tuple[torch.Tensor, float
     max_x, max_w = group.max_abs.to(device), weight_column_max(group)
     candidates: dict[float | None, torch.Tensor] = {None: torch.ones_like(max_w)}
     candidates.update({step / grid: smoothing_scales(max_x, max_w, step / grid) for step in range(grid + 1)})
-    errors = {alpha: smoothed_output_error(group, scales) for alpha, scales in candidates.items()}
+    x = group.samples.to(device)
+    targets = [x @ scored_rows(member, fmt).T for member, fmt in zip(group.members, group.formats)]
+    errors = {alpha: smoothed_output_error(group, scales, targets) for alpha, scales in candidates.items()}
     best = min(errors, key=errors.__getitem__)
     return candidates[best], best, errors
 
@@ -89,7 +109,7 @@ class SmoothQuant(BlockTransform):
     name: ClassVar[str] = "smoothquant"
     needs_input_samples: ClassVar[bool] = True
 
-    grid: int = 10
+    grid: int = 5
 
     def __post_init__(self) -> None:
         if self.grid < 1:
