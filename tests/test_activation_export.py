@@ -104,3 +104,6 @@ def test_cli_w8a8_quantize_then_eval(capsys, tmp_path, tiny_model_dir, wikitext)
     code = main(["quantize", str(tiny_model_dir), "--scheme", "fp8-static", "--no-export", "--no-eval",
                  "--resume"])
     assert code == 2 and "static activation scales" in capsys.readouterr().out
+    code = main(["quantize", str(tiny_model_dir), "--format", "nf4", "--activations", "int8", "--out",
+                 str(tmp_path / "nf4"), "--no-eval"])
+    assert code == 2 and "not exportable with lowbit's own layout" in capsys.readouterr().out

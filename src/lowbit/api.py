@@ -23,6 +23,7 @@ from lowbit.calibrate.data import resolve_calibration, resolve_evaluation_text, 
 from lowbit.evaluate import EvalResult, evaluate
 from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable, load_quantized
 from lowbit.export.compressed_tensors import METADATA_FILE
+from lowbit.export.layout import activation_export_problem
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
@@ -121,7 +122,10 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                 if choice is None:
                     continue
                 planned += 1
-                problem = check_exportable(choice[0], linear.in_features, full_name) if exporting else None
+                problem = None
+                if exporting:
+                    problem = check_exportable(choice[0], linear.in_features, full_name) or activation_export_problem(
+                        choice[0], recipe.activations, full_name)
                 if problem:
                     raise ExportError(problem)
     if planned == 0:

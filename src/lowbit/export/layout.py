@@ -148,6 +148,14 @@ def check_exportable(
     return None
 
 
+def activation_export_problem(fmt: WeightFormat, activations: ActivationFormat | None, layer_name: str) -> str | None:
+    """Why a layer of this format cannot be exported with quantized inputs, or None."""
+    if activations is not None and has_lowbit_layout(fmt):
+        return (f"{layer_name}: quantized activations are not exportable with lowbit's own layout "
+                "(nf4, lut, fp8_e5m2); use an int or fp8_e4m3 weight format")
+    return None
+
+
 def pack_layer(
     name: str, qweight: QuantizedWeight, activations: ActivationFormat | None = None
 ) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
@@ -167,9 +175,9 @@ def pack_layer(
         key = SchemeKey(**float_scheme(fmt), input_activations=activations)
         tensors = pack_float_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
-    if has_lowbit_layout(fmt) and activations is not None:
-        raise ExportError(f"{name}: quantized activations are not exportable with lowbit's own layout "
-                          "(nf4, lut, fp8_e5m2); use an int or fp8_e4m3 weight format")
+    problem = activation_export_problem(fmt, activations, name)
+    if problem:
+        raise ExportError(problem)
     if has_lowbit_layout(fmt):
         key, tensors = SchemeKey(**lowbit_scheme(fmt)), pack_lowbit_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
