@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowbit.formats.activation import ActivationFormat, parse_activations
+from lowbit.formats.minifloat import E4M3
 from lowbit.models.architectures import architecture_of
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs, remove_input_quantizer
 from lowbit.pipeline.sequential import SequentialQuantizer
@@ -52,10 +53,11 @@ def test_int_per_token_matches_a_slow_reference(bits):
     assert len(torch.unique(got[1, 2] / (x[1, 2].abs().max() / (2 ** (bits - 1) - 1)))) <= 2 ** bits - 1
 
 
-def test_fp8_per_token_matches_torch_e4m3_casts():
-    x = outlier_inputs()
+def test_fp8_per_token_matches_the_exact_e4m3_rounding():
+    x = torch.cat([outlier_inputs(), torch.randn(2, 16, 48) * 1e-3])  # subnormals after scaling too
+    x[0, 0, 0] = 1e-9
     scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
-    expected = (x / scale).to(torch.float8_e4m3fn).float() * scale
+    expected = E4M3.round(x / scale) * scale
     assert torch.equal(FP8.fake_quantize(x), expected)
 
 
