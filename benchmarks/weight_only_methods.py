@@ -57,7 +57,8 @@ def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Modul
 
     start = time.perf_counter()
     SequentialQuantizer(
-        model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms()
+        model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms(),
+        activations=recipe.activations,
     ).run(calibration if recipe.needs_calibration() else None)
     return model, time.perf_counter() - start, bits / count
 

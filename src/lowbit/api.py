@@ -23,16 +23,18 @@ from lowbit.calibrate.data import resolve_calibration, resolve_evaluation_text, 
 from lowbit.evaluate import EvalResult, evaluate
 from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable, load_quantized
 from lowbit.export.compressed_tensors import METADATA_FILE
+from lowbit.export.layout import activation_export_problem
 from lowbit.formats.base import QuantizedWeight
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
 from lowbit.models.streaming import STREAMED_SHARD_BYTES, StreamedModel, should_stream
+from lowbit.modules.input_quant import input_quantizer, quantize_inputs
 from lowbit.pipeline.activations import SpilledActivations
 from lowbit.pipeline.distributed import DistributedError, device_for, join_world
 from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
-from lowbit.recipes import Recipe
+from lowbit.recipes import Recipe, RecipeError
 
 REFERENCE_BITS = 16
 """Bits per weight of the unquantized model as it is usually stored and served (bf16/fp16)."""
@@ -120,7 +122,10 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                 if choice is None:
                     continue
                 planned += 1
-                problem = check_exportable(choice[0], linear.in_features, full_name) if exporting else None
+                problem = None
+                if exporting:
+                    problem = check_exportable(choice[0], linear.in_features, full_name) or activation_export_problem(
+                        choice[0], recipe.activations, full_name)
                 if problem:
                     raise ExportError(problem)
     if planned == 0:
@@ -156,6 +161,10 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         raise DistributedError(f"transforms ({', '.join(recipe.transform_names())}) work in a single process; run one")
     if settings.resume and any(r.outliers or r.eora_rank or r.format == "binary" for r in recipe.layer_recipes()):
         raise ValueError("--resume does not yet keep outliers, EoRA factors or binary salient masks; rerun without it")
+    if recipe.activations is not None and not recipe.activations.dynamic and (world.size > 1 or settings.resume):
+        # The calibrated maxima are neither reduced across processes nor saved with a block's commit.
+        raise RecipeError("static activation scales work in a single process without --resume; "
+                          "drop them or use dynamic activations")
     if not world.is_main:  # process 0 alone writes and evaluates
         out_dir, evaluate_result = None, False
     streamed = None
@@ -199,8 +208,13 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     def on_quantized(name: str, qweight: QuantizedWeight) -> None:
         quantized_names.add(name)
         report.linear_size.add(qweight)
+        linear = model.get_submodule(name)
+        quantizer = input_quantizer(linear)
+        if quantizer is None and recipe.activations is not None:  # a layer replayed by --resume
+            quantizer = quantize_inputs(linear, recipe.activations)
         if writer is not None:
-            writer.add_quantized(name, qweight)
+            activations, scale = (None, None) if quantizer is None else (quantizer.fmt, quantizer.scale)
+            writer.add_quantized(name, qweight, activations, scale)
 
     spill_folder = None
     try:
@@ -241,6 +255,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 reduce_stats=world.reduce_stats,
                 hooks=hooks,
                 keep_output=keep_output,
+                activations=recipe.activations,
             ).run(world.shard(calibration), start_block=start_block, start_hidden=start_hidden)
         world.leave()
         if writer is not None:

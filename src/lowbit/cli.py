@@ -19,6 +19,7 @@ from rich.table import Table
 from lowbit import __version__
 from lowbit.budget import command as budget_command
 from lowbit.compare import command as compare_command
+from lowbit.formats.activation import ACTIVATION_SPEC_HELP, parse_activations
 from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--transform", dest="transforms", action="append", choices=sorted(TRANSFORMS),
                    help="rewrite each block before solving it (repeatable), e.g. --transform awq --method gptq")
     q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
+    q.add_argument("--activations", metavar="SPEC",
+                   help="round every quantized layer's input at run time (default from the scheme: none): "
+                   + ACTIVATION_SPEC_HELP)
     q.add_argument("--group-size", type=_group_size,
                    help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
                    "dividing each layer")
@@ -179,6 +183,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     updates.update(_format_option_updates(args, recipe))
     if transforms:
         updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *transforms]))
+    activations = getattr(args, "activations", None)
+    if activations is not None:
+        try:
+            updates["activations"] = parse_activations(activations)
+        except ValidationError as err:
+            raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:
@@ -225,6 +235,9 @@ def default_out_dir(model: str | None, recipe: Recipe, budget: budget_command.Bu
     name = "SmolLM2-135M-Instruct" if model is None else Path(model.rstrip("/")).name.removesuffix(".gguf")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
     number = f"w{recipe.bits}" if recipe.format == "int" else recipe.format
+    if recipe.activations is not None:
+        inputs = recipe.activations
+        number += f"a{inputs.bits}" if recipe.format == "int" and inputs.type == "int" else f"-a{inputs.type}"
     if budget is not None:
         number = budget_command.out_name(budget)
     return Path(f"{slug}-{recipe.method}-{number}")

@@ -88,3 +88,23 @@ class ChannelMagnitude:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
         return self.abs_sum / self.tokens
+
+
+@dataclass
+class ChannelMaximum:
+    """Running max |x| per input channel: the outliers SmoothQuant migrates into the weights, and
+    (through its overall maximum) the range a static activation scale must cover."""
+
+    columns: int
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.max_abs = torch.zeros(self.columns, dtype=torch.float32, device=self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs of shape [..., columns]."""
+        x = x.reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"expected inputs with {self.columns} features, got {x.shape[-1]}")
+        batch_max = x.to(device=self.max_abs.device, dtype=torch.float32).abs().amax(dim=0)
+        torch.maximum(self.max_abs, batch_max, out=self.max_abs)

@@ -124,7 +124,7 @@ class _Context:
         s = self.settings
         if cell.recipe is not None:
             what: dict[str, Any] = {"tool": "lowbit", "recipe": cell.recipe.model_dump(), "version": lowbit.__version__}
-            uses_calibration = cell.recipe.solver().needs_hessian
+            uses_calibration = cell.recipe.needs_calibration()
         else:
             peer = PEERS[cell.tool]()
             what = {"tool": cell.tool, "settings": peer.settings(cell.scheme)}
@@ -175,10 +175,11 @@ def describe_cell(cell: Cell) -> dict[str, Any]:
 def _run_lowbit(context: _Context, cell: Cell) -> dict[str, Any]:
     model = copy.deepcopy(context.model)
     size = SizeReport()
-    needs_data = cell.recipe.solver().needs_hessian
+    needs_data = cell.recipe.needs_calibration()
     start = time.perf_counter()
     SequentialQuantizer(model, context.architecture, cell.recipe.plan(), device=context.device,
-                        batch_size=context.settings.batch_size,
+                        batch_size=context.settings.batch_size, transforms=cell.recipe.block_transforms(),
+                        activations=cell.recipe.activations,
                         on_quantized=lambda name, qweight: size.add(qweight)).run(
         context.calibration if needs_data else None)
     seconds = time.perf_counter() - start
@@ -243,7 +244,7 @@ def run_compare(source: str | None, cells: list[Cell], settings: CompareSettings
                 if not availability[cell.tool]:
                     note(f"{cell.label} skipped: {reason}")
     runnable = [c for i, c in enumerate(cells) if i not in skipped]
-    if any(c.recipe.solver().needs_hessian if c.recipe is not None else PEERS[c.tool].needs_calibration
+    if any(c.recipe.needs_calibration() if c.recipe is not None else PEERS[c.tool].needs_calibration
            for c in runnable):
         context.calibrate()
     if settings.tasks:

@@ -41,6 +41,7 @@ from lowbit.export.lowbit_layout import LOWBIT_FORMAT, LOWBIT_QUANT_METHOD
 from lowbit.export.shards import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensors
 from lowbit.export.skeleton import ModelSkeleton
 from lowbit.export.staging import StagingDir
+from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import QuantizedWeight
 
 METADATA_FILE = "lowbit.json"
@@ -79,9 +80,17 @@ class CompressedTensorsWriter:
         if exc_type is None:
             warnings.warn(f"export to {self.out_dir} was never finished; discarded it", stacklevel=2)
 
-    def add_quantized(self, module_name: str, qweight: QuantizedWeight) -> None:
+    def add_quantized(
+        self,
+        module_name: str,
+        qweight: QuantizedWeight,
+        activations: ActivationFormat | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
         """Store the weight of linear `module_name` (e.g. "model.layers.3.self_attn.q_proj").
 
+        `activations` is the format its input is rounded to at run time (its config group's
+        `input_activations`), with `input_scale` the calibrated scale when that format is static.
         Its bias, if any, is an ordinary tensor for `add_tensors`.
         """
         self._check_open()
@@ -89,7 +98,12 @@ class CompressedTensorsWriter:
             raise ExportError(f"{module_name}: pass the module name, without '.weight'")
         if module_name in self._schemes:
             raise ExportError(f"{module_name} was added twice")
-        key, tensors = pack_layer(module_name, qweight)
+        static = activations is not None and not activations.dynamic
+        if static != (input_scale is not None):
+            raise ExportError(f"{module_name}: pass input_scale exactly when activation scales are static")
+        key, tensors = pack_layer(module_name, qweight, activations)
+        if input_scale is not None:
+            tensors[f"{module_name}.input_scale"] = input_scale.detach().float().cpu().reshape(1).clone()
         for name, tensor in tensors.items():
             self._shards.add(name, tensor)
         self._packed_names.update(tensors)
@@ -210,7 +224,9 @@ class CompressedTensorsWriter:
             return self._lowbit_quantization_config(groups, compressions, ignore)
         config = QuantizationConfig(
             config_groups={
-                f"group_{number}": QuantizationScheme(targets=names, weights=key.to_args(), format=key.compression)
+                f"group_{number}": QuantizationScheme(
+                    targets=names, weights=key.to_args(), input_activations=key.input_args(), format=key.compression
+                )
                 for number, (key, names) in enumerate(groups.items())
             },
             format=compressions.pop() if len(compressions) == 1 else "mixed-precision",

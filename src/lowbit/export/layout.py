@@ -18,6 +18,12 @@ The value of a weight is (code - zero) * scale in both conventions, so lowbit's 
 zero points convert exactly: both are shifted by the same 2^(bits-1). A symmetric lowbit format
 (implied zero 2^(bits-1)) is a compressed-tensors symmetric scheme with no zero point.
 
+With quantized activations (W8A8) a symmetric 8-bit integer layer is written `int-quantized`
+instead, the layout vLLM's int8 W8A8 kernels read: `weight` int8 [out, in] (the signed codes
+unpacked), `weight_scale` as above. Other widths stay `pack-quantized` with the activation scheme
+beside them (W4A8). The activation scheme goes into the layer's config group as
+`input_activations`; a static scale is stored as `<module>.input_scale`, float32 [1].
+
 Limits of the format: groups must divide in_features (its dequantizer reshapes the columns into
 equal groups), and there is no per-column group index (`g_idx`, act-order "group"), which
 compressed-tensors has removed.
@@ -25,6 +31,7 @@ compressed-tensors has removed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 
 from lowbit.export.errors import ExportError
+from lowbit.formats.activation import ActivationFormat
 from lowbit.export.float_layout import float_scheme, has_float_layout, pack_float_layer
 from lowbit.export.lowbit_layout import has_lowbit_layout, lowbit_scheme, needs_lowbit_layout, pack_lowbit_layer
 from lowbit.formats.binary import BinaryFormat
@@ -41,6 +49,8 @@ from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
 
 PACK_FORMAT = "pack-quantized"
 """compressed-tensors' name for bit-packed integer weights (any of 2..8 bits in 0.20)."""
+INT8_FORMAT = "int-quantized"
+"""compressed-tensors' name for unpacked int8 weights with quantized activations (vLLM's W8A8)."""
 
 _KERNEL_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 """Group sizes worth suggesting when the requested one does not divide a layer."""
@@ -62,6 +72,7 @@ class SchemeKey:
     compression: str = PACK_FORMAT
     description: tuple[tuple[str, Any], ...] = ()
     """lowbit-layout groups only: the format description (see lowbit_layout.describe_format)."""
+    input_activations: ActivationFormat | None = None
 
     def to_args(self) -> QuantizationArgs:
         return QuantizationArgs(
@@ -73,6 +84,33 @@ class SchemeKey:
             dynamic=False,
             scale_dtype=self.scale_dtype,
         )
+
+    def input_args(self) -> QuantizationArgs | None:
+        """The `input_activations` of the layer's config group (None: weight-only)."""
+        fmt = self.input_activations
+        if fmt is None:
+            return None
+        return QuantizationArgs(
+            num_bits=fmt.bits,
+            type="float" if fmt.type == "fp8_e4m3" else "int",
+            symmetric=fmt.symmetric,
+            strategy=fmt.granularity,
+            dynamic=fmt.dynamic,
+            **({} if fmt.dynamic else {"observer": "static_minmax"}),
+        )
+
+
+def activation_format(args: QuantizationArgs) -> ActivationFormat:
+    """The activation format a config group's `input_activations` describe (the inverse of
+    SchemeKey.input_args); ExportError for the schemes lowbit does not run."""
+    if args.type == "float" and args.num_bits != 8:
+        raise ExportError(f"input activations of {args.num_bits}-bit floats are not supported (FP8 only)")
+    if args.strategy not in ("token", "tensor"):
+        raise ExportError(f"input activation strategy {args.strategy!r} is not supported (token or tensor)")
+    return ActivationFormat(
+        type="fp8_e4m3" if args.type == "float" else "int", bits=args.num_bits,
+        granularity=args.strategy, dynamic=bool(args.dynamic), symmetric=args.symmetric,
+    )
 
 
 def scheme_key(fmt: IntegerFormat) -> SchemeKey:
@@ -112,8 +150,19 @@ def check_exportable(
     return None
 
 
-def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
-    """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc."""
+def activation_export_problem(fmt: WeightFormat, activations: ActivationFormat | None, layer_name: str) -> str | None:
+    """Why a layer of this format cannot be exported with quantized inputs, or None."""
+    if activations is not None and has_lowbit_layout(fmt):
+        return (f"{layer_name}: quantized activations are not exportable with lowbit's own layout "
+                "(nf4, lut, fp8_e5m2); use an int or fp8_e4m3 weight format")
+    return None
+
+
+def pack_layer(
+    name: str, qweight: QuantizedWeight, activations: ActivationFormat | None = None
+) -> tuple[SchemeKey, dict[str, torch.Tensor]]:
+    """The config-group key of one layer and its tensors, named `<name>.weight_packed` etc.;
+    `activations` is the format its input is rounded to at run time (None: weight-only)."""
     fmt = qweight.format
     rows, columns = qweight.shape
     # Binary weights keep salient columns in groups of their own; their layout checks that itself.
@@ -122,17 +171,28 @@ def pack_layer(name: str, qweight: QuantizedWeight) -> tuple[SchemeKey, dict[str
     if problem:
         raise ExportError(problem)
     if has_float_layout(fmt):
-        key, tensors = SchemeKey(**float_scheme(fmt)), pack_float_layer(qweight)
+        key = SchemeKey(**float_scheme(fmt), input_activations=activations)
+        tensors = pack_float_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
+    problem = activation_export_problem(fmt, activations, name)
+    if problem is None and activations is not None and needs_lowbit_layout(qweight):
+        problem = (f"{name}: quantized activations are not exportable with sparse outliers or EoRA factors "
+                   "(lowbit's own layout); drop --outliers/--eora-rank or the activations")
+    if problem:
+        raise ExportError(problem)
     if needs_lowbit_layout(qweight):
         key, tensors = SchemeKey(**lowbit_scheme(fmt)), pack_lowbit_layer(qweight)
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     assert isinstance(fmt, IntegerFormat)
-    key = scheme_key(fmt)
+    key = dataclasses.replace(scheme_key(fmt), input_activations=activations)
     _check_params(name, qweight, fmt, key)
 
     offset = 1 << (fmt.bits - 1)
     codes = (qweight.codes.cpu().to(torch.int16) - offset).to(torch.int8)
+    if activations is not None and fmt.bits == 8 and fmt.symmetric:
+        key = dataclasses.replace(key, compression=INT8_FORMAT)
+        tensors = {"weight": codes, "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key)}
+        return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     tensors = {
         "weight_packed": pack_to_int32(codes, fmt.bits),
         "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key),

@@ -13,6 +13,9 @@ dtype): |code - zero| < 256 has at most 8 significant bits and a float16/bfloat1
 scales: both do the same float32 multiply). Otherwise (float16 scales in a bfloat16 model) the
 loaders round the scales first; the writer warns.
 
+Layers whose config group quantizes their inputs (W8A8, FP8) get lowbit's input quantizer back
+(see `input_load`), so evaluating the reloaded model measures the weight-and-activation model.
+
 The other path transformers offers, `CompressedTensorsConfig(dequantize=True)`, is avoided: in
 transformers 5.24 it decodes every layer with the first config group's scheme, silently producing
 wrong weights for mixed-precision exports, and it multiplies in the stored scale dtype instead.
@@ -35,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from lowbit.export.errors import ExportError
 from lowbit.export.float_layout import unpack_fp4
+from lowbit.export.input_load import restore_input_quantization
 from lowbit.formats.minifloat import E2M1
 from lowbit.export.lowbit_load import load_lowbit_layout
 from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD
@@ -128,6 +132,7 @@ def load_quantized(
     for name, weight in exact.items():
         module = model.get_submodule(name)
         module.weight.data = weight.to(dtype=model_dtype, device=module.weight.device)
+    restore_input_quantization(model, folder)
     model.eval()
     return model, _tokenizer(folder)
 

@@ -18,6 +18,11 @@ pass stops right after the group's input is seen), then a last pass produces the
 Block transforms (AWQ scales) run first, on the block's full-precision weights: one extra pass
 collects every group's input statistics, the transforms rewrite the block, and the passes above
 then see the rewritten block, so solvers are calibrated on the rescaled inputs.
+
+With an activation format (W8A8), each linear rounds its input to it from the moment its group is
+solved (modules.input_quant): later groups, and the next block, see the outputs of a block whose
+weights *and* inputs are quantized. A group is solved on its own unrounded inputs; static scales
+are calibrated on those same inputs (max |x| over every calibration token that reaches it).
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.calibrate.stats import ChannelMagnitude, HessianStats
+from lowbit.calibrate.stats import ChannelMagnitude, ChannelMaximum, HessianStats
+from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.models.architectures import Architecture
+from lowbit.modules.input_quant import input_quantizer, quantize_inputs
 from lowbit.solvers.base import Solver
-from lowbit.transforms.base import BlockTransform, SharedInput
+from lowbit.transforms.base import MAX_INPUT_SAMPLES, BlockTransform, SharedInput
 
 LayerPlan = Callable[[str, nn.Linear], "tuple[WeightFormat, Solver] | None"]
 """Maps a linear's full name to its format and solver, or None to leave it unquantized."""
@@ -71,6 +78,8 @@ class _Group:
 
     jobs: list[_Job]
     stats: HessianStats | None = None
+    input_range: ChannelMaximum | None = None
+    """Largest |input| per channel, for a static activation scale; None otherwise."""
     solved: bool = False
     seen_this_batch: bool = False
 
@@ -108,13 +117,15 @@ class SequentialQuantizer:
         hooks: Sequence[BlockHooks] = (),
         keep_output: KeepOutput | None = None,
         reduce_stats: Callable[[HessianStats], None] | None = None,
+        activations: ActivationFormat | None = None,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
         `activations_on_device` keeps the calibration activations on `device` between blocks
         instead of in CPU memory: no host round trip per forward pass, at the cost of two copies
         of them (a block's inputs and outputs) in device memory. `transforms` rewrite each block,
-        in order, before its linears are solved.
+        in order, before its linears are solved. `activations` is the format every quantized
+        linear's input is rounded to once its weights are solved (None: weight-only).
         """
         self.transforms = list(transforms)
         self.model = model
@@ -128,6 +139,7 @@ class SequentialQuantizer:
         self.hooks = tuple(hooks)
         self.keep_output = keep_output
         self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
+        self.activations = activations
 
     @torch.no_grad()
     def run(
@@ -151,7 +163,8 @@ class SequentialQuantizer:
             for hook in self.hooks:
                 hook.before_block(index, block)
             groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
-            needs_data = self.transforms or any(group.needs_hessian for group in groups)
+            static = self.activations is not None and not self.activations.dynamic
+            needs_data = self.transforms or static or any(group.needs_hessian for group in groups)
             if needs_data and inputs is None:
                 raise ValueError("the chosen method needs calibration data; pass --calib")
             block.to(self.device)
@@ -187,6 +200,11 @@ class SequentialQuantizer:
         members = [[block.get_submodule(name) for name in names] for names in architecture.linear_groups]
         hessians = [HessianStats(linears[0].in_features, device=self.device) for linears in members]
         magnitudes = [ChannelMagnitude(linears[0].in_features, device=self.device) for linears in members]
+        maxima = [ChannelMaximum(linears[0].in_features, device=self.device) for linears in members]
+        keep_samples = any(transform.needs_input_samples for transform in self.transforms)
+        samples: list[list[torch.Tensor]] = [[] for _ in members]
+        tokens = sum(hidden.shape[:-1].numel() for hidden in inputs.hidden)
+        stride = -(-tokens // MAX_INPUT_SAMPLES)
         seen: set[int] = set()
 
         def make_hook(number: int) -> Callable:
@@ -195,6 +213,10 @@ class SequentialQuantizer:
                     seen.add(number)
                     hessians[number].add(args[0])
                     magnitudes[number].add(args[0])
+                    maxima[number].add(args[0])
+                    if keep_samples:
+                        rows = args[0].reshape(-1, args[0].shape[-1])
+                        samples[number].append(rows[::stride].float())
 
             return hook
 
@@ -213,6 +235,7 @@ class SequentialQuantizer:
         groups = []
         for number, (names, source) in enumerate(zip(architecture.linear_groups, architecture.input_sources)):
             choices = [self.plan(f"{prefix}.{name}", linear) for name, linear in zip(names, members[number])]
+            quantized = any(choice is not None for choice in choices)
             groups.append(SharedInput(
                 names=names,
                 members=members[number],
@@ -220,13 +243,19 @@ class SequentialQuantizer:
                 source=None if source is None else block.get_submodule(source),
                 hessian=hessians[number].hessian,
                 mean_abs=magnitudes[number].mean,
+                max_abs=maxima[number].max_abs,
+                activations=self.activations if quantized else None,
+                samples=torch.cat(samples[number]) if keep_samples else None,
             ))
         return groups
 
     def _quantize_block(self, block: nn.Module, groups: list[_Group], inputs: _BlockInputs) -> _BlockInputs:
+        static = self.activations is not None and not self.activations.dynamic
         for group in groups:
             if group.needs_hessian:
                 group.stats = HessianStats(group.jobs[0].linear.in_features, device=self.device)
+            if static:
+                group.input_range = ChannelMaximum(group.jobs[0].linear.in_features, device=self.device)
         if len(inputs.hidden) == 1 and self.true_sequential:
             return self._forward_all(block, inputs, groups, solve_in_hook=True)
         if self.true_sequential:
@@ -255,16 +284,23 @@ class SequentialQuantizer:
         """
 
         def make_hook(group: _Group) -> Callable:
-            def hook(module: nn.Module, args: tuple) -> None:
+            def hook(module: nn.Module, args: tuple) -> tuple | None:
                 if group.seen_this_batch:
-                    return
+                    return None
                 group.seen_this_batch = True
-                if group.stats is not None and not group.solved:
-                    group.stats.add(args[0])
-                if solve_in_hook:
-                    self._solve(group)
+                if not group.solved:
+                    if group.stats is not None:
+                        group.stats.add(args[0])
+                    if group.input_range is not None:
+                        group.input_range.add(args[0])
                 if stop_after_input:
                     raise _StopForward
+                if solve_in_hook and not group.solved:
+                    self._solve(group)
+                    # The input quantizer attached just now is not among this call's hooks.
+                    quantizer = input_quantizer(module)
+                    return None if quantizer is None else quantizer(module, args)
+                return None
 
             return hook
 
@@ -293,6 +329,12 @@ class SequentialQuantizer:
             return
         if group.stats is not None and self.reduce_stats is not None:
             self.reduce_stats(group.stats)
+        if self.activations is not None:  # before on_quantized, which may read the input quantizer
+            scale = None
+            if group.input_range is not None:
+                scale = self.activations.static_scale(group.input_range.max_abs.max())
+            for job in group.jobs:
+                quantize_inputs(job.linear, self.activations, scale)
         for stack in _stacks(group.jobs):
             weights = [job.linear.weight.data for job in stack]
             with _solver_threads(self.device):
@@ -304,6 +346,7 @@ class SequentialQuantizer:
                 self.on_quantized(job.name, _to_cpu(piece))
         group.solved = True
         group.stats = None
+        group.input_range = None
 
     def _capture_first_block_inputs(self, calibration: torch.Tensor) -> _BlockInputs:
         """Embed the calibration batches once and keep what the first block receives."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from lowbit.formats.activation import ActivationFormat
 from lowbit.recipes.recipe import Recipe, RecipeError
+
+INT8_PER_TOKEN = ActivationFormat(type="int", bits=8, granularity="token", dynamic=True)
+FP8_PER_TOKEN = ActivationFormat(type="fp8_e4m3", granularity="token", dynamic=True)
+FP8_STATIC = ActivationFormat(type="fp8_e4m3", granularity="tensor", dynamic=False)
 
 PRESETS: dict[str, Recipe] = {
     "w4a16": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto"),
@@ -10,6 +15,12 @@ PRESETS: dict[str, Recipe] = {
     "w2a16": Recipe(method="gptq", bits=2, symmetric=False, group_size=32),
     "w8a16": Recipe(method="gptq", bits=8, symmetric=True, group_size=-1),
     "fp8": Recipe(method="rtn", format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32"),
+    # Weights and activations; names as llm-compressor's W8A8 (int8), FP8_DYNAMIC and FP8 (static).
+    "w8a8": Recipe(method="gptq", bits=8, symmetric=True, group_size=-1, activations=INT8_PER_TOKEN),
+    "fp8-dynamic": Recipe(method="rtn", format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32",
+                          activations=FP8_PER_TOKEN),
+    "fp8-static": Recipe(method="rtn", format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32",
+                         activations=FP8_STATIC),
     "nvfp4": Recipe(method="gptq", format="nvfp4", bits=4, group_size=16),
     "mxfp4": Recipe(method="gptq", format="mxfp4", bits=4, group_size=32),
     "nf4": Recipe(method="gptq", format="nf4", bits=4, group_size=64),

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from torch import nn
 
+from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import FormatError, WeightFormat
 from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
@@ -88,6 +89,8 @@ class Recipe(BaseModel):
     matrix, ranked by `outlier_criterion`, and quantizes the rest with `method` (solvers.outliers);
     `eora_rank` > 0 adds a rank-r EoRA correction of the remaining error (solvers.lowrank). Both
     wrap any method, and their layers export in lowbit's own layout.
+    `activations` (None: weight-only) is the format the input of every quantized layer is rounded
+    to at run time (W8A8, FP8 dynamic/static).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -106,6 +109,7 @@ class Recipe(BaseModel):
     outliers: float = Field(default=0.0, ge=0.0, le=MAX_OUTLIER_FRACTION)
     outlier_criterion: OutlierCriterion = "hessian"
     eora_rank: int = Field(default=0, ge=0)
+    activations: ActivationFormat | None = None
 
     @field_validator("method")
     @classmethod
@@ -154,8 +158,8 @@ class Recipe(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides or format options dumps as before they existed (same cache
-        keys, same saved files)."""
+        """A recipe without overrides, format options or activations dumps as before they existed
+        (same cache keys, same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
@@ -164,6 +168,8 @@ class Recipe(BaseModel):
                 data.pop(key, None)
         if not self.format_options:
             data.pop("format_options", None)
+        if self.activations is None:
+            data.pop("activations", None)
         return data
 
     def solver(self) -> Solver:
@@ -207,8 +213,12 @@ class Recipe(BaseModel):
         return [base] + [base.model_copy(update=o.settings()) for o in self.overrides]
 
     def needs_calibration(self) -> bool:
-        """True when a transform, or the solver of the recipe or of any override, reads calibration data."""
-        return bool(self.transform_names()) or any(recipe.solver().needs_hessian for recipe in self.layer_recipes())
+        """True when a transform, static activation scales, or the solver of the recipe or of any
+        override, reads calibration data."""
+        static = self.activations is not None and not self.activations.dynamic
+        return bool(self.transform_names()) or static or any(
+            recipe.solver().needs_hessian for recipe in self.layer_recipes()
+        )
 
     def plan(self) -> Callable[[str, nn.Linear], tuple[WeightFormat, Solver] | None]:
         """The per-layer plan the pipeline executes.
@@ -252,7 +262,8 @@ class Recipe(BaseModel):
         mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
         extras = f" + {self.outliers:.2%} {self.outlier_criterion} outliers" if self.outliers else ""
         extras += f" + eora r{self.eora_rank}" if self.eora_rank else ""
-        return " ".join(parts) + options + extras + mixed
+        inputs = f" + {self.activations.describe()}" if self.activations is not None else ""
+        return " ".join(parts) + options + extras + mixed + inputs
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))

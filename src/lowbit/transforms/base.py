@@ -18,6 +18,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import WeightFormat
 
 
@@ -29,7 +30,11 @@ class SharedInput:
     it unquantized (it must still be rewritten to keep the block's function). `source` is the
     module whose output is the input and which can absorb a per-channel scale (a norm, or a linear
     whose output rows are the channels), or None. `hessian` is 2/n Σ x xᵀ and `mean_abs` is
-    mean |x| per channel, both over every calibration token of the full-precision block.
+    mean |x| per channel, both over every calibration token of the full-precision block; `max_abs`
+    is max |x| per channel over the same tokens. `activations` is the format the members' inputs
+    will be rounded to at run time (None: weight-only). `samples` holds input rows spread evenly over
+    the calibration tokens (at most `MAX_INPUT_SAMPLES`), for transforms whose error is not a
+    function of the Hessian (rounded activations); None unless a transform asks for them.
     """
 
     names: tuple[str, ...]
@@ -38,6 +43,9 @@ class SharedInput:
     source: nn.Module | None
     hessian: torch.Tensor
     mean_abs: torch.Tensor
+    max_abs: torch.Tensor | None = None
+    activations: ActivationFormat | None = None
+    samples: torch.Tensor | None = None
 
     @property
     def features(self) -> int:
@@ -48,11 +56,16 @@ class BlockTransform(ABC):
     """Rewrites one block in place, preserving its full-precision function."""
 
     name: ClassVar[str]
+    needs_input_samples: ClassVar[bool] = False
+    """True when `apply` reads SharedInput.samples (the pipeline keeps input rows only then)."""
 
     @abstractmethod
     def apply(self, groups: list[SharedInput]) -> None:
         """Rewrite the weights of the groups' members and sources (in place)."""
 
+
+MAX_INPUT_SAMPLES = 1024
+"""Input rows kept per shared input for SharedInput.samples."""
 
 TRANSFORMS: dict[str, type[BlockTransform]] = {}
 
