@@ -45,3 +45,12 @@ def register_model_transform(cls: T) -> T:
     """Class decorator: make a model transform reachable by name (`--transform NAME`, recipes)."""
     MODEL_TRANSFORMS[cls.name] = cls
     return cls
+
+
+def apply_model_transforms(transforms: list[ModelTransform], model: nn.Module, architecture: Architecture,
+                           formats: LayerFormats, calibration: torch.Tensor | None) -> None:
+    """Run `transforms` in order on the full-precision model, before any block is quantized."""
+    for transform in transforms:
+        if transform.needs_calibration and calibration is None:
+            raise ValueError(f"the {transform.name} transform trains on calibration data; give it some (--calib)")
+        transform.apply(model, architecture, formats, calibration)
