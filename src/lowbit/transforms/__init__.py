@@ -4,7 +4,7 @@ Block transforms (base.py: AWQ) rewrite one block at a time inside the pipeline;
 (model.py: rotations) rewrite the whole model once before the pipeline starts.
 """
 
-from lowbit.transforms import awq, quarot  # noqa: F401  (registration side effect)
+from lowbit.transforms import awq, quarot, spinquant  # noqa: F401  (registration side effect)
 from lowbit.transforms.base import TRANSFORMS, BlockTransform, SharedInput, register_transform
 from lowbit.transforms.model import MODEL_TRANSFORMS, ModelTransform, register_model_transform
 
