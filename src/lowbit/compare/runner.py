@@ -35,6 +35,7 @@ from lowbit.evaluate import ReferenceLogProbs, evaluate, windows_of
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
+from lowbit.transforms.model import apply_model_transforms
 
 CACHE_FOLDER = "cells"
 PEER_FOLDER = "peers"
@@ -124,7 +125,7 @@ class _Context:
         s = self.settings
         if cell.recipe is not None:
             what: dict[str, Any] = {"tool": "lowbit", "recipe": cell.recipe.model_dump(), "version": lowbit.__version__}
-            uses_calibration = cell.recipe.solver().needs_hessian
+            uses_calibration = cell.recipe.needs_calibration()
         else:
             peer = PEERS[cell.tool]()
             what = {"tool": cell.tool, "settings": peer.settings(cell.scheme)}
@@ -175,12 +176,13 @@ def describe_cell(cell: Cell) -> dict[str, Any]:
 def _run_lowbit(context: _Context, cell: Cell) -> dict[str, Any]:
     model = copy.deepcopy(context.model)
     size = SizeReport()
-    needs_data = cell.recipe.solver().needs_hessian
+    calibration = context.calibration if cell.recipe.needs_calibration() else None
     start = time.perf_counter()
+    apply_model_transforms(cell.recipe.model_transforms(), model, context.architecture, cell.recipe.layer_formats(),
+                           calibration)
     SequentialQuantizer(model, context.architecture, cell.recipe.plan(), device=context.device,
-                        batch_size=context.settings.batch_size,
-                        on_quantized=lambda name, qweight: size.add(qweight)).run(
-        context.calibration if needs_data else None)
+                        batch_size=context.settings.batch_size, transforms=cell.recipe.block_transforms(),
+                        on_quantized=lambda name, qweight: size.add(qweight)).run(calibration)
     seconds = time.perf_counter() - start
     record = {"quantize_seconds": seconds, "version": f"lowbit {lowbit.__version__}",
               **context.sizes(size.parameters, size.bits)}
@@ -243,7 +245,7 @@ def run_compare(source: str | None, cells: list[Cell], settings: CompareSettings
                 if not availability[cell.tool]:
                     note(f"{cell.label} skipped: {reason}")
     runnable = [c for i, c in enumerate(cells) if i not in skipped]
-    if any(c.recipe.solver().needs_hessian if c.recipe is not None else PEERS[c.tool].needs_calibration
+    if any(c.recipe.needs_calibration() if c.recipe is not None else PEERS[c.tool].needs_calibration
            for c in runnable):
         context.calibrate()
     if settings.tasks:
