@@ -125,10 +125,11 @@ def test_spinquant_lowers_its_objective_and_folds_to_the_same_function():
     original = copy.deepcopy(model)
     recipe = Recipe(method="rtn", bits=2, group_size=-1, transforms=["spinquant"])
     calibration = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
-    transform = SpinQuant(steps=8, lr=0.01, batch_size=1, progress=False)
+    transform = SpinQuant(steps=8, progress=False)
     transform.apply(model, architecture_of(model), recipe.layer_formats(), calibration)
     assert len(transform.losses) == 8
-    assert transform.losses[-1] < 0.9 * transform.losses[0]
+    # Rounding makes the objective jumpy from step to step: compare the last steps' mean with the start.
+    assert sum(transform.losses[-4:]) / 4 < 0.9 * transform.losses[0]
     assert torch.allclose(logits(model, IDS), logits(original, IDS), atol=1e-4)
     assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
 

@@ -63,7 +63,8 @@ def layout_of(architecture: Architecture) -> RotationLayout:
     return architecture.rotation
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The name of `module` inside `model`."""
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
@@ -79,9 +80,9 @@ def roles_of(model: nn.Module, architecture: Architecture) -> RotationRoles:
         return tuple(name for name in names if _has_parameter(model, name))
 
     readers = [name for _, linears in layout.norm_readers for name in linears]
-    head = _name_of(model, model.get_output_embeddings())
+    head = module_name(model, model.get_output_embeddings())
     return RotationRoles(
-        embeddings=(f"{_name_of(model, model.get_input_embeddings())}.weight",),
+        embeddings=(f"{module_name(model, model.get_input_embeddings())}.weight",),
         readers=(*params(readers, "weight"), f"{head}.weight"),
         writers=params(list(layout.residual_writers), "weight"),
         writer_biases=params(list(layout.residual_writers), "bias"),
@@ -115,7 +116,7 @@ def prepare(model: nn.Module, architecture: Architecture) -> None:
     pairs = [(f"{architecture.blocks}.{index}.{norm}", [f"{architecture.blocks}.{index}.{name}" for name in readers])
              for index in range(len(architecture.block_list(model)))
              for norm, readers in layout.norm_readers]
-    pairs.append((layout.final_norm, [_name_of(model, head)]))
+    pairs.append((layout.final_norm, [module_name(model, head)]))
     for norm_name, reader_names in pairs:
         norm = model.get_submodule(norm_name)
         if getattr(norm, "bias", None) is not None:

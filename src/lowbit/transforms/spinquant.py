@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -31,7 +31,7 @@ from lowbit.formats.base import quantize_matrix
 from lowbit.models.architectures import Architecture
 from lowbit.transforms import online
 from lowbit.transforms.model import LayerFormats, ModelTransform, register_model_transform
-from lowbit.transforms.rotate import RotationRoles, fold_rotation, initial_rotations, prepare, roles_of, rotated_weights
+from lowbit.transforms.rotate import fold_rotation, initial_rotations, module_name, prepare, roles_of, rotated_weights
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,16 @@ def straight_through_rtn(weight: torch.Tensor, fmt) -> torch.Tensor:
 
 
 @contextmanager
-def _online_rotations(model: nn.Module, roles: RotationRoles, matrix: torch.Tensor | None) -> Iterator[None]:
-    """x -> x·H on down_proj's input for the duration of a forward pass (training only: the folded
-    model gets persistent OnlineHadamard modules instead)."""
-    if matrix is None:
-        yield
-        return
-    handles = [
-        model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
-            lambda module, args: (args[0] @ matrix.to(args[0].dtype), *args[1:]))
-        for name in roles.mlp_outputs
-    ]
+def _rotated_activations(model: nn.Module, inputs: dict[str, torch.Tensor],
+                         outputs: dict[str, torch.Tensor]) -> Iterator[None]:
+    """x -> x·M on the inputs of the modules named in `inputs` and on the outputs of those in
+    `outputs`, for the duration of a forward pass. Training uses it for what is cheaper to rotate
+    as activations than as weights (the unquantized embeddings and lm_head: E[ids]·R1 and
+    x·R1ᵀ·Wᵀ) and for the online Hadamard (the folded model gets OnlineHadamard modules instead)."""
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, m=matrix: (args[0] @ m.to(args[0].dtype), *args[1:])) for name, matrix in inputs.items()]
+    handles += [model.get_submodule(name).register_forward_hook(
+        lambda module, args, out, m=matrix: out @ m.to(out.dtype)) for name, matrix in outputs.items()]
     try:
         yield
     finally:
@@ -76,10 +75,10 @@ class SpinQuant(ModelTransform):
     name: ClassVar[str] = "spinquant"
     needs_calibration: ClassVar[bool] = True
 
-    steps: int = 16
+    steps: int = 8
     lr: float = 1e-3
-    batch_size: int = 2
-    max_tokens: int = 256
+    batch_size: int = 1
+    max_tokens: int = 128
     """Tokens per calibration window used for training (windows are cut to this length: CPU cost)."""
     seed: int = 0
     heads: bool = True
@@ -107,10 +106,17 @@ class SpinQuant(ModelTransform):
         roles = roles_of(model, architecture)
         device = next(model.parameters()).device
         parameters = dict(model.named_parameters())
-        base = {name: parameters[name].detach().float() for name in roles.names()}
         quantized = {name: fmt for name in roles.readers + roles.writers + roles.values + roles.mlp_outputs
                      if (fmt := formats(name.removesuffix(".weight"),
                                         model.get_submodule(name.removesuffix(".weight")))) is not None}
+        # The embeddings (and lm_head where it stays unquantized) are the largest matrices: rotating
+        # their activations instead of their weights costs tokens x hidden² rather than vocab x hidden².
+        embedding = roles.embeddings[0].removesuffix(".weight")
+        head_name = module_name(model, model.get_output_embeddings())
+        head_in_weights = f"{head_name}.weight" in quantized
+        roles = replace(roles, embeddings=(),
+                        readers=tuple(r for r in roles.readers if head_in_weights or r != f"{head_name}.weight"))
+        base = {name: parameters[name].detach().float() for name in roles.names()}
         mlp = None
         if self.online:
             mlp = online.online_factors(base[roles.mlp_outputs[0]].shape[1]).matrix().float().to(device)
@@ -133,7 +139,10 @@ class SpinQuant(ModelTransform):
             weights = rotated_weights(base, roles, r1, r2, mlp)
             weights.update({name: straight_through_rtn(weights[name], fmt) for name, fmt in quantized.items()})
             weights = {name: value.to(parameters[name].dtype) for name, value in weights.items()}
-            with _online_rotations(model, roles, mlp):
+            inputs = {} if mlp is None else {name.removesuffix(".weight"): mlp for name in roles.mlp_outputs}
+            if not head_in_weights:
+                inputs[head_name] = r1.T
+            with _rotated_activations(model, inputs, {embedding: r1}):
                 logits = functional_call(model, weights, args=(), kwargs={"input_ids": ids}).logits
             loss = F.kl_div(F.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
             loss = loss / ids.shape[1]  # per token
