@@ -30,6 +30,7 @@ from lowbit.models.architectures import architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
+from lowbit.transforms.model import apply_model_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -39,10 +40,13 @@ METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
 (each GPTQ row takes many minutes on a shared CPU) still has the cheap rows of every setting."""
 
 
-def recipe_for(method: str, bits: int, group_size: int) -> Recipe:
-    """'a+b' is transform a before solver b; a plain name is a method (with what it implies)."""
+def recipe_for(method: str, bits: int, group_size: int, transform_options: dict | None = None) -> Recipe:
+    """'a+b' is transform a before solver b (a model transform such as hadamard too); a plain name is a
+    method (with what it implies). `transform_options` gives settings to the transforms it names."""
     *transforms, solver = method.split("+")
-    return Recipe(method=solver, transforms=transforms, bits=bits, symmetric=False, group_size=group_size)
+    options = {name: value for name, value in (transform_options or {}).items() if name in transforms}
+    return Recipe(method=solver, transforms=transforms, bits=bits, symmetric=False, group_size=group_size,
+                  transform_options=options)
 
 
 def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:
@@ -56,30 +60,43 @@ def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Modul
         count += qweight.weight_count
 
     start = time.perf_counter()
+    data = calibration if recipe.needs_calibration() else None
+    apply_model_transforms(recipe.model_transforms(), model, architecture_of(model), recipe.layer_formats(), data)
     SequentialQuantizer(
         model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms(),
         activations=recipe.activations,
-    ).run(calibration if recipe.needs_calibration() else None)
+    ).run(data)
     return model, time.perf_counter() - start, bits / count
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(description: str, settings: str, methods: str, out: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--settings", default=SETTINGS, help="comma-separated bits:group_size (-1 = per channel)")
-    parser.add_argument("--methods", default=METHODS, help="comma-separated; 'awq+gptq' = AWQ transform, then GPTQ")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "weight_only_methods")
+    parser.add_argument("--settings", default=settings, help="comma-separated bits:group_size (-1 = per channel)")
+    parser.add_argument("--methods", default=methods, help="comma-separated; 'awq+gptq' = AWQ transform, then GPTQ")
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="add the rows of other saved runs (same model, calibration and evaluation) to --out")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser(__doc__.splitlines()[0], SETTINGS, METHODS,
+                        ROOT / "benchmarks" / "results" / "weight_only_methods").parse_args()
+    run(args, METHODS.split(","), "weight_only_methods.py",
+        "awq, gptq and awq+gptq only; rtn, hqq and easyquant use no data")
+
+
+def run(args: argparse.Namespace, order: list[str], script: str, data_users: str) -> None:
+    """Quantize and score one row per (method, setting) of `args`; rows saved after each, in `order`."""
     if args.render or args.merge:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         for path in args.merge or []:
             saved = merged(saved, json.loads(path.read_text()), path)
-        save(args, saved["meta"], saved["rows"])
+        save(args, saved["meta"], saved["rows"], order)
         return
     torch.manual_seed(0)
 
@@ -94,20 +111,20 @@ def main() -> None:
     meta: dict = {}
     for method in args.methods.split(","):
         for bits, group_size in settings:
-            recipe = recipe_for(method, bits, group_size)
+            recipe = recipe_for(method, bits, group_size, getattr(args, "transform_options", None))
             model, seconds, bpw = quantize_copy(original, recipe, calibration)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             if not rows:  # the original's perplexity comes with the KL pass over its log-probabilities
                 rows.append({"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
                              "perplexity": result.reference_perplexity, "kl": 0.0, "seconds": 0.0})
-                meta = describe_run(args, loaded, result)
+                meta = describe_run(args, loaded, result, script, data_users)
             rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
                          "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
             print(f"{recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
                   f"{bpw:.3f} bits/weight, {seconds:.1f} s", flush=True)
             del model
-            save(args, meta, rows)  # after every row, so a long run that is cut short keeps its rows
-    print(markdown_table(meta, table_order(rows)))
+            save(args, meta, rows, order)  # after every row, so a long run that is cut short keeps its rows
+    print(markdown_table(meta, table_order(rows, order)))
 
 
 def merged(saved: dict, other: dict, path: Path) -> dict:
@@ -121,10 +138,10 @@ def merged(saved: dict, other: dict, path: Path) -> dict:
     return {"meta": meta, "rows": rows}
 
 
-def table_order(rows: list[dict]) -> list[dict]:
-    """The original first, then settings in order of appearance, methods in METHODS order."""
+def table_order(rows: list[dict], methods: list[str] | None = None) -> list[dict]:
+    """The original first, then settings in order of appearance, methods in `methods` order (default METHODS)."""
     settings = list(dict.fromkeys((row["bits"], row["group_size"]) for row in rows if row["method"] != "original"))
-    methods = METHODS.split(",")
+    methods = methods or METHODS.split(",")
 
     def order(row: dict) -> tuple[int, int]:
         if row["method"] == "original":
@@ -134,24 +151,24 @@ def table_order(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=order)
 
 
-def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+def save(args: argparse.Namespace, meta: dict, rows: list[dict], methods: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = table_order(rows)
+    rows = table_order(rows, methods)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
 
 
-def describe_run(args: argparse.Namespace, loaded, result) -> dict:
+def describe_run(args: argparse.Namespace, loaded, result, script: str, data_users: str) -> dict:
     return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0 "
-        "(awq, gptq and awq+gptq only; rtn, hqq and easyquant use no data)",
+        f"({data_users})",
         "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({result.tokens} tokens scored)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
-        "command": "python benchmarks/weight_only_methods.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge")),
+        "command": f"python benchmarks/{script} " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge", "transform_options")),
     }
 
 

@@ -35,6 +35,8 @@ from lowbit.pipeline.distributed import DistributedError, device_for, join_world
 from lowbit.pipeline.resume import RunCheckpoint, digest, model_identity, tensor_digest
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe, RecipeError
+from lowbit.transforms import online
+from lowbit.transforms.model import apply_model_transforms
 
 REFERENCE_BITS = 16
 """Bits per weight of the unquantized model as it is usually stored and served (bf16/fp16)."""
@@ -165,11 +167,17 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         # The calibrated maxima are neither reduced across processes nor saved with a block's commit.
         raise RecipeError("static activation scales work in a single process without --resume; "
                           "drop them or use dynamic activations")
+    model_transforms = recipe.model_transforms()
+    if model_transforms and settings.offload == "disk":
+        raise ValueError("rotations (--transform hadamard/quarot/spinquant) need the whole model in memory; "
+                         "drop --offload disk")
+    if settings.resume and any(t.needs_calibration for t in model_transforms):
+        raise ValueError("--resume cannot replay a learned rotation (spinquant); quantize without --resume")
     if not world.is_main:  # process 0 alone writes and evaluates
         out_dir, evaluate_result = None, False
     streamed = None
     with timer("load"):
-        if should_stream(source, settings.offload):
+        if should_stream(source, settings.offload) and not model_transforms:
             if settings.offload == "auto":
                 logging.getLogger(__name__).warning(
                     "the weights of %s exceed half of the free memory: streaming its blocks from disk "
@@ -225,6 +233,9 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                     settings.calib, model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
                 )
         reference = copy.deepcopy(model) if evaluate_result else None
+        if model_transforms:
+            with timer("rotate"):
+                apply_model_transforms(model_transforms, model, architecture, recipe.layer_formats(), calibration)
         plan = recipe.plan()
         hooks, keep_output, start_block, start_hidden, callback = [], None, 0, None, on_quantized
         if streamed is not None:
@@ -337,7 +348,9 @@ def _export(
 ) -> None:
     """Write the tensors the pipeline did not quantize (embeddings, norms, head), then finish.
 
-    `dense` streams them one by one (a model read from disk); by default they come from the model."""
+    `dense` streams them one by one (a model read from disk); by default they come from the model.
+    Online Hadamards (quarot, spinquant) have no tensors: the metadata lists them for the loader."""
+    rotations = online.describe(loaded.model)
     if dense is None:
         writer.add_tensors({
             name: tensor
@@ -355,6 +368,7 @@ def _export(
             "recipe": report.recipe.model_dump(),
             "source": loaded.name,
             "calibration": report.calibration,
+            **({online.METADATA_KEY: rotations} if rotations else {}),
         },
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+import yaml
 
 from lowbit import __version__
 from lowbit.budget import command as budget_command
@@ -24,7 +25,7 @@ from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
-from lowbit.transforms import TRANSFORMS
+from lowbit.transforms import MODEL_TRANSFORMS, TRANSFORMS
 
 console = Console(soft_wrap=True)
 
@@ -72,6 +73,18 @@ def _add_eval_options(parser: argparse.ArgumentParser, data_flag: str, seq_flag:
                         help=f"evaluate on the first N windows, or 'all' (default {windows_default})")
 
 
+def _transform_option(text: str) -> tuple[str, str, object]:
+    """NAME.KEY=VALUE -> (NAME, KEY, VALUE read as YAML: 32 is a number, false a boolean)."""
+    target, separator, value = text.partition("=")
+    name, dot, key = target.partition(".")
+    if not (separator and dot and name and key):
+        raise argparse.ArgumentTypeError(f"expected NAME.KEY=VALUE (e.g. spinquant.steps=32), got {text!r}")
+    try:
+        return name, key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of LLMs.")
     parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -87,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number format (default from the scheme: int); naming one also takes its default bits, "
                    "group size and symmetry unless --bits / --group-size / --asym say otherwise: "
                    + "; ".join(f"{name}: {family.help}" for name, family in FAMILIES.items()))
-    q.add_argument("--transform", dest="transforms", action="append", choices=sorted(TRANSFORMS),
-                   help="rewrite each block before solving it (repeatable), e.g. --transform awq --method gptq")
+    q.add_argument("--transform", dest="transforms", action="append",
+                   choices=sorted([*TRANSFORMS, *MODEL_TRANSFORMS]),
+                   help="function-preserving rewrite before solving (repeatable): awq rescales each block "
+                   "(--transform awq --method gptq); hadamard / quarot / spinquant rotate the whole model first")
+    q.add_argument("--transform-option", dest="transform_options", action="append", type=_transform_option,
+                   metavar="NAME.KEY=VALUE", help="a transform's setting (repeatable), e.g. spinquant.steps=32")
     q.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}", help="bits per weight code")
     q.add_argument("--activations", metavar="SPEC",
                    help="round every quantized layer's input at run time (default from the scheme: none): "
@@ -189,6 +206,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             updates["activations"] = parse_activations(activations)
         except ValidationError as err:
             raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    for name, key, value in getattr(args, "transform_options", None) or []:
+        options = updates.setdefault("transform_options", {k: dict(v) for k, v in recipe.transform_options.items()})
+        options.setdefault(name, {})[key] = value
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:

@@ -35,6 +35,7 @@ from lowbit.evaluate import ReferenceLogProbs, evaluate, windows_of
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
+from lowbit.transforms.model import apply_model_transforms
 
 CACHE_FOLDER = "cells"
 PEER_FOLDER = "peers"
@@ -175,13 +176,14 @@ def describe_cell(cell: Cell) -> dict[str, Any]:
 def _run_lowbit(context: _Context, cell: Cell) -> dict[str, Any]:
     model = copy.deepcopy(context.model)
     size = SizeReport()
-    needs_data = cell.recipe.needs_calibration()
+    calibration = context.calibration if cell.recipe.needs_calibration() else None
     start = time.perf_counter()
+    apply_model_transforms(cell.recipe.model_transforms(), model, context.architecture, cell.recipe.layer_formats(),
+                           calibration)
     SequentialQuantizer(model, context.architecture, cell.recipe.plan(), device=context.device,
                         batch_size=context.settings.batch_size, transforms=cell.recipe.block_transforms(),
                         activations=cell.recipe.activations,
-                        on_quantized=lambda name, qweight: size.add(qweight)).run(
-        context.calibration if needs_data else None)
+                        on_quantized=lambda name, qweight: size.add(qweight)).run(calibration)
     seconds = time.perf_counter() - start
     record = {"quantize_seconds": seconds, "version": f"lowbit {lowbit.__version__}",
               **context.sizes(size.parameters, size.bits)}

@@ -44,6 +44,7 @@ from lowbit.export.lowbit_load import load_lowbit_layout
 from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
+from lowbit.transforms import online
 
 RUN_MANIFEST = "lowbit-run.json"
 """The manifest of an interrupted run (lowbit.pipeline.resume)."""
@@ -118,6 +119,7 @@ def load_quantized(
         raise ExportError(problem)
     if _quant_method(folder) == LOWBIT_QUANT_METHOD:
         model = load_lowbit_layout(folder, device, dtype)
+        _restore_online_rotations(model, folder)
         return model, _tokenizer(folder)
     with _packed_zero_points_on_meta():
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -132,9 +134,18 @@ def load_quantized(
     for name, weight in exact.items():
         module = model.get_submodule(name)
         module.weight.data = weight.to(dtype=model_dtype, device=module.weight.device)
+    _restore_online_rotations(model, folder)  # first: inputs are rotated, then rounded (pre-hooks run in order)
     restore_input_quantization(model, folder)
     model.eval()
     return model, _tokenizer(folder)
+
+
+def _restore_online_rotations(model: PreTrainedModel, folder: Path) -> None:
+    """Re-attach the online Hadamards of a rotated export (quarot, spinquant), which the checkpoint's
+    tensors cannot express: its lowbit.json lists them."""
+    metadata = json.loads((folder / METADATA_FILE).read_text()).get("metadata", {}) if (
+        folder / METADATA_FILE).is_file() else {}
+    online.restore(model, metadata.get(online.METADATA_KEY, []))
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ input and can absorb the inverse scale, `input_sources` (parallel to `linear_gro
 absorbs it in its weight (y = w · x / rms(x) scales linearly with w); a linear in its output rows;
 v_proj feeds o_proj through attention, which mixes tokens but not channels, so it qualifies too
 when each o_proj input channel has its own v_proj row (no grouped-query sharing).
+
+Rotations of the residual stream (QuaRot, SpinQuant) need a fourth: `rotation`, which linears read
+the residual stream through which norm, which write to it, and where the value heads and the MLP's
+down projection are (transforms.rotate).
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
+class RotationLayout:
+    """Where the residual stream is read and written, by names relative to a block (except
+    `final_norm`, relative to the model). The embeddings and the output head are found through
+    transformers' get_input_embeddings / get_output_embeddings."""
+
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
+    """Each RMSNorm of a block and the linears that read its output."""
+    residual_writers: tuple[str, ...]
+    value: str
+    attention_output: str
+    mlp_output: str
+    final_norm: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     family: str
     model_types: tuple[str, ...]
@@ -31,6 +50,7 @@ class Architecture:
     linear_groups: tuple[tuple[str, ...], ...]
     input_sources: tuple[str | None, ...]
     """Per linear group, the module whose output is the group's input and can absorb a channel scale."""
+    rotation: RotationLayout | None = None
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -43,10 +63,18 @@ _LLAMA_LIKE_GROUPS = (
     ("mlp.down_proj",),
 )
 _LLAMA_LIKE_INPUT_SOURCES = ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")
+_LLAMA_LIKE_ROTATION = RotationLayout(
+    norm_readers=(("input_layernorm", _LLAMA_LIKE_GROUPS[0]), ("post_attention_layernorm", _LLAMA_LIKE_GROUPS[2])),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value="self_attn.v_proj",
+    attention_output="self_attn.o_proj",
+    mlp_output="mlp.down_proj",
+    final_norm="model.norm",
+)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_LIKE_GROUPS,
-                 _LLAMA_LIKE_INPUT_SOURCES),
+                 _LLAMA_LIKE_INPUT_SOURCES, _LLAMA_LIKE_ROTATION),
 )
 
 

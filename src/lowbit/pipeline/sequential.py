@@ -43,6 +43,7 @@ from lowbit.models.architectures import Architecture
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs
 from lowbit.solvers.base import Solver
 from lowbit.transforms.base import MAX_INPUT_SAMPLES, BlockTransform, SharedInput
+from lowbit.transforms.online import has_online_hadamard
 
 LayerPlan = Callable[[str, nn.Linear], "tuple[WeightFormat, Solver] | None"]
 """Maps a linear's full name to its format and solver, or None to leave it unquantized."""
@@ -240,7 +241,9 @@ class SequentialQuantizer:
                 names=names,
                 members=members[number],
                 formats=[None if choice is None else choice[0] for choice in choices],
-                source=None if source is None else block.get_submodule(source),
+                # An online Hadamard sits between the source and the group: no channel scale passes it.
+                source=None if source is None or any(map(has_online_hadamard, members[number]))
+                else block.get_submodule(source),
                 hessian=hessians[number].hessian,
                 mean_abs=magnitudes[number].mean,
                 max_abs=maxima[number].max_abs,

@@ -19,7 +19,7 @@ from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
 from lowbit.solvers.lowrank import LowRankCompensation
 from lowbit.solvers.outliers import MAX_OUTLIER_FRACTION, DenseAndSparse, OutlierCriterion
-from lowbit.transforms import TRANSFORMS, BlockTransform
+from lowbit.transforms import MODEL_TRANSFORMS, TRANSFORMS, BlockTransform, ModelTransform
 
 EXTRA_DEFAULTS: dict[str, Any] = {"outliers": 0.0, "outlier_criterion": "hessian", "eora_rank": 0}
 """Fields left out of a dump at their defaults: recipes without them save and hash as before they existed."""
@@ -80,7 +80,10 @@ class Recipe(BaseModel):
     `format` names a format family (formats.families: int, fp8_e4m3, nvfp4, nf4, ...) that builds
     each layer's format from these fields; families with a fixed width or block check them.
     `transforms` are applied to each block before its linears are solved (`[awq]` with
-    `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
+    `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies; model
+    transforms among them (rotations: `[hadamard]`, `[quarot]`, `[spinquant]`) rewrite the whole
+    model once before the first block. `transform_options` gives a transform its settings by name
+    (`{spinquant: {steps: 32}}`).
     `overrides` change these settings for some layers; the first override that matches a layer
     applies, and `ignore` wins over all of them. `format_options` are settings only some families
     take (vq: dim, residual_bits, row_scale); for `vq`, `bits` is log2 of the codebook size and
@@ -104,6 +107,7 @@ class Recipe(BaseModel):
     method_options: dict[str, Any] = Field(default_factory=dict)
     format_options: dict[str, Any] = Field(default_factory=dict)
     transforms: list[str] = Field(default_factory=list)
+    transform_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[LayerOverride] = Field(default_factory=list)
     outliers: float = Field(default=0.0, ge=0.0, le=MAX_OUTLIER_FRACTION)
@@ -144,22 +148,52 @@ class Recipe(BaseModel):
     @field_validator("transforms")
     @classmethod
     def _known_transforms(cls, names: list[str]) -> list[str]:
-        unknown = [name for name in names if name not in TRANSFORMS]
+        unknown = [name for name in names if name not in TRANSFORMS and name not in MODEL_TRANSFORMS]
         if unknown:
-            raise ValueError(f"unknown transform {unknown[0]!r}; available: {', '.join(sorted(TRANSFORMS))}")
+            available = ", ".join(sorted([*TRANSFORMS, *MODEL_TRANSFORMS]))
+            raise ValueError(f"unknown transform {unknown[0]!r}; available: {available}")
+        rotations = [name for name in names if name in MODEL_TRANSFORMS]
+        if len(rotations) > 1:
+            raise ValueError(f"choose one model transform, not {' and '.join(rotations)}: each rotates the original model")
         return names
+
+    @model_validator(mode="after")
+    def _options_name_transforms(self) -> "Recipe":
+        stray = sorted(set(self.transform_options) - set(self.transform_names()))
+        if stray:
+            raise ValueError(f"transform_options names {stray[0]!r}, which is not among the recipe's transforms")
+        for name in self.transform_names():
+            try:
+                self._transform(name)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"bad option for transform {name!r}: {err}") from None
+        return self
 
     def transform_names(self) -> list[str]:
         """The method's own transforms, then the recipe's, each once."""
         return list(dict.fromkeys([*SOLVERS[self.method].implied_transforms, *self.transforms]))
 
+    def _transform(self, name: str) -> BlockTransform | ModelTransform:
+        kind = TRANSFORMS.get(name) or MODEL_TRANSFORMS[name]
+        return kind(**self.transform_options.get(name, {}))
+
     def block_transforms(self) -> list[BlockTransform]:
-        return [TRANSFORMS[name]() for name in self.transform_names()]
+        """The transforms the pipeline runs on each block, in order."""
+        return [self._transform(name) for name in self.transform_names() if name in TRANSFORMS]
+
+    def model_transforms(self) -> list[ModelTransform]:
+        """The transforms that rewrite the whole model before the pipeline starts."""
+        return [self._transform(name) for name in self.transform_names() if name in MODEL_TRANSFORMS]
+
+    def layer_formats(self) -> Callable[[str, nn.Linear], WeightFormat | None]:
+        """The format each linear will be quantized to (None where ignored), for model transforms."""
+        return lambda name, linear: None if self.is_ignored(name) else self.for_layer(name).format_for(
+            linear.in_features)
 
     @model_serializer(mode="wrap")
     def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides, format options or activations dumps as before they existed
-        (same cache keys, same saved files)."""
+        """A recipe without overrides, format options, transform options or activations dumps as
+        before they existed (same cache keys, same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
@@ -170,6 +204,8 @@ class Recipe(BaseModel):
             data.pop("format_options", None)
         if self.activations is None:
             data.pop("activations", None)
+        if not self.transform_options:
+            data.pop("transform_options", None)
         return data
 
     def solver(self) -> Solver:
@@ -213,12 +249,13 @@ class Recipe(BaseModel):
         return [base] + [base.model_copy(update=o.settings()) for o in self.overrides]
 
     def needs_calibration(self) -> bool:
-        """True when a transform, static activation scales, or the solver of the recipe or of any
-        override, reads calibration data."""
-        static = self.activations is not None and not self.activations.dynamic
-        return bool(self.transform_names()) or static or any(
-            recipe.solver().needs_hessian for recipe in self.layer_recipes()
-        )
+        """True when a block transform, a model transform that trains, static activation scales, or
+        the solver of the recipe or of any override reads calibration data."""
+        if self.block_transforms() or any(t.needs_calibration for t in self.model_transforms()):
+            return True
+        if self.activations is not None and not self.activations.dynamic:
+            return True
+        return any(recipe.solver().needs_hessian for recipe in self.layer_recipes())
 
     def plan(self) -> Callable[[str, nn.Linear], tuple[WeightFormat, Solver] | None]:
         """The per-layer plan the pipeline executes.
