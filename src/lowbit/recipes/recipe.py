@@ -14,6 +14,7 @@ from torch import nn
 from lowbit.formats.base import FormatError, WeightFormat
 from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
+from lowbit.kv.spec import KVCacheSpec
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
 from lowbit.transforms import TRANSFORMS, BlockTransform
@@ -73,7 +74,8 @@ class Recipe(BaseModel):
     `transforms` are applied to each block before its linears are solved (`[awq]` with
     `method: gptq` is AWQ scaling followed by GPTQ), after any the method itself implies.
     `overrides` change these settings for some layers; the first override that matches a layer
-    applies, and `ignore` wins over all of them.
+    applies, and `ignore` wins over all of them. `kv_cache` (optional) is the quantized KV cache
+    the model is meant to run with (lowbit.kv); it is stored in the export and used by `lowbit eval`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,6 +90,7 @@ class Recipe(BaseModel):
     transforms: list[str] = Field(default_factory=list)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[LayerOverride] = Field(default_factory=list)
+    kv_cache: KVCacheSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -127,11 +130,14 @@ class Recipe(BaseModel):
         return [TRANSFORMS[name]() for name in self.transform_names()]
 
     @model_serializer(mode="wrap")
-    def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides dumps as before they existed (same cache keys, same saved files)."""
+    def _without_unused_fields(self, handler) -> dict[str, Any]:
+        """A recipe without overrides or KV cache dumps as before those fields existed (same cache
+        keys, same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
+        if self.kv_cache is None:
+            data.pop("kv_cache", None)
         return data
 
     def solver(self) -> Solver:
@@ -209,7 +215,8 @@ class Recipe(BaseModel):
             number = f"{self.format}{self.bits if self.format == 'lut' else ''}"
         parts = [method, number] + ([] if format_family(self.format).block else [layout])
         mixed = f" + {len(self.overrides)} layer override(s)" if self.overrides else ""
-        return " ".join(parts) + options + mixed
+        kv = f"; {self.kv_cache.describe()}" if self.kv_cache is not None else ""
+        return " ".join(parts) + options + mixed + kv
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))
