@@ -22,13 +22,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from lowbit.kv.memory import POSITION_DTYPE
 from lowbit.kv.quantizer import PackedGroups, dequantize_per_channel, quantize_groups, quantize_per_channel
 from lowbit.kv.rope import KeyRotation
 from lowbit.kv.spec import KVCacheSpec
-
-POSITION_DTYPE = torch.int32
-"""Stored positions of pre-RoPE keys (4 bytes per token and layer)."""
-
 
 class QuantizedKVLayer(DynamicLayer):
     """A transformers cache layer holding keys and values as packed integer codes."""

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowbit.kv.layer import POSITION_DTYPE
+import torch
+
 from lowbit.kv.quantizer import PARAM_DTYPE
 from lowbit.kv.spec import KVCacheSpec
+
+POSITION_DTYPE = torch.int32
+"""Stored positions of pre-RoPE keys (4 bytes per token and layer)."""
 
 FULL_PRECISION_BYTES = 2
 """Bytes per cached number in an fp16/bf16 cache."""

@@ -33,6 +33,9 @@ class KeyRotation:
 
     def __init__(self, rotary_embedding: nn.Module) -> None:
         self.rotary_embedding = rotary_embedding
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(positions, cos, sin) of the last call: every layer of one forward pass reads the same
+        positions, so one evaluation serves them all (a transient, like the dequantized keys)."""
 
     @classmethod
     def of_model(cls, model: nn.Module, head_dim: int) -> KeyRotation:
@@ -51,9 +54,13 @@ class KeyRotation:
 
     def _cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 cos and sin [B, 1, T, D] for positions [B, T]."""
+        positions = positions.to(device=device, dtype=torch.long)
+        if self._last is not None and self._last[0].shape == positions.shape and torch.equal(self._last[0], positions):
+            return self._last[1], self._last[2]
         probe = torch.empty(0, device=device, dtype=torch.float32)
-        cos, sin = self.rotary_embedding(probe, positions.to(device=device, dtype=torch.long))
-        return cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+        cos, sin = self.rotary_embedding(probe, positions)
+        self._last = (positions, cos.float().unsqueeze(1), sin.float().unsqueeze(1))
+        return self._last[1], self._last[2]
 
     def rotate(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self._cos_sin(positions, keys.device)
