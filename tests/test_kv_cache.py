@@ -209,3 +209,16 @@ def test_bad_settings_fail_with_a_clear_message(tiny_model):
         KVCacheSpec(bits=3)
     with pytest.raises(ValueError, match="does not divide the head dimension"):
         QuantizedKVCache(tiny_model, KVCacheSpec(bits=8, group_size=12))
+
+
+def test_left_padded_beam_search_matches_the_full_precision_cache(tiny_model):
+    """Beam search repeats and reorders the batch: every packed tensor and the stored positions must follow."""
+    ids = torch.randint(1, 256, (2, 20), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :6], ids[1, :6] = 0, 0
+    tiny_model.generation_config.pad_token_id = 0
+    settings = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
+    expected = tiny_model.generate(ids, cache=DynamicCache(config=tiny_model.config), **settings)
+    cache = QuantizedKVCache(tiny_model, KVCacheSpec(bits=8, group_size=8, residual=0, pre_rope=True))
+    assert torch.equal(tiny_model.generate(ids, cache=cache, **settings), expected)
+    assert cache.layers[0].positions.shape[0] == 6  # two prompts x three beams
