@@ -22,6 +22,7 @@ TABLES = {  # results file -> heading in the README
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
+    "kv_cache.md": "Quantized KV cache on SmolLM2-135M (`python benchmarks/kv_cache.py`)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 

@@ -15,16 +15,19 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from lowbit.calibrate.data import resolve_calibration, resolve_evaluation_text, tokenize_text
 from lowbit.evaluate import EvalResult, evaluate
+from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK, CacheScoring
 from lowbit.export import CompressedTensorsWriter, ExportError, check_exportable, load_quantized
 from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.export.layout import activation_export_problem
 from lowbit.formats.base import QuantizedWeight
+from lowbit.kv import KVCacheSpec
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
@@ -64,6 +67,11 @@ class Settings:
     """Continue the interrupted run that wrote the same output folder (lowbit.pipeline.resume)."""
     offload_activations: bool = False
     """Keep calibration activations in memory-mapped files instead of memory."""
+    kv_cache: KVCacheSpec | Literal["none"] | None = None
+    """Evaluate through this quantized KV cache; None: the recipe's or the export's own (if any);
+    "none": a full-precision single pass even where the export names a KV cache."""
+    kv_chunk: int = DEFAULT_CHUNK
+    """Tokens per forward pass when scoring through a KV cache (lowbit.evaluate.kv_protocol)."""
 
 
 @dataclass
@@ -299,7 +307,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
             tokens = tokenize_text(loaded.tokenizer, text)
             report.evaluation_result = evaluate(
                 model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
-                reference=reference, device=device,
+                reference=reference, device=device, kv_cache=kv_scoring(settings, recipe.kv_cache),
             )
     if out_dir is not None:
         report.checkpoint_megabytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file()) / 1e6
@@ -393,10 +401,30 @@ def open_model(source: str | None, dtype: str = "auto") -> tuple[nn.Module, obje
     return loaded.model, loaded.tokenizer
 
 
+def saved_kv_cache(source: str | None) -> KVCacheSpec | None:
+    """The KV cache a lowbit export's recipe names (`quantize --kv-cache`), if any."""
+    if source is None or not _is_lowbit_export(Path(source)):
+        return None
+    recipe = json.loads((Path(source) / METADATA_FILE).read_text()).get("metadata", {}).get("recipe", {})
+    saved = recipe.get("kv_cache")
+    return None if saved is None else KVCacheSpec.model_validate(saved)
+
+
+def kv_scoring(settings: Settings, default: KVCacheSpec | None) -> CacheScoring | None:
+    """How to score through a KV cache: the settings' cache, else `default`; None for a plain pass."""
+    spec = default if settings.kv_cache is None else settings.kv_cache
+    if spec is None or spec == "none":
+        return None
+    return CacheScoring(spec, settings.kv_chunk)
+
+
 def evaluate_model(source: str | None, data: str | None, reference: str | None, settings: Settings) -> tuple[
     EvalResult, str
 ]:
-    """Perplexity (and KL to `reference`) of a model or a lowbit export on an evaluation text."""
+    """Perplexity (and KL to `reference`) of a model or a lowbit export on an evaluation text.
+
+    A KV cache (from the settings, or the one the export's recipe names) scores the model chunk
+    by chunk through that cache and the reference through a full-precision one."""
     model, tokenizer = open_model(source, settings.dtype)
     reference_model = None if reference is None else open_model(reference, settings.dtype)[0]
     text, description = resolve_evaluation_text(data, reference_model or model, tokenizer, settings.seed)
@@ -404,6 +432,7 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
     result = evaluate(
         model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
         reference=reference_model, device=resolve_device(settings.device),
+        kv_cache=kv_scoring(settings, saved_kv_cache(source)),
     )
     return result, description
 

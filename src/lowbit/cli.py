@@ -23,6 +23,8 @@ from lowbit.compare import command as compare_command
 from lowbit.formats.activation import ACTIVATION_SPEC_HELP, parse_activations
 from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
+from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK as DEFAULT_KV_CHUNK
+from lowbit.kv.spec import KV_CACHE_NAMES, KVCacheSpec, bits_of_name
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
 from lowbit.transforms import MODEL_TRANSFORMS, TRANSFORMS
@@ -83,6 +85,40 @@ def _transform_option(text: str) -> tuple[str, str, object]:
         return name, key, yaml.safe_load(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}") from None
+def _add_kv_options(parser: argparse.ArgumentParser, evaluating: bool) -> None:
+    kv = parser.add_argument_group("quantized KV cache (lowbit.kv)")
+    width = kv.add_mutually_exclusive_group()
+    names = [*KV_CACHE_NAMES, "none"] if evaluating else list(KV_CACHE_NAMES)
+    stored = "evaluate through" if evaluating else "store in the export's recipe (and evaluate through)"
+    width.add_argument("--kv-cache", choices=names,
+                       help=f"{stored} an integer KV cache: keys per channel, values per token, asymmetric"
+                       + ("; none: ignore the cache an export names" if evaluating else ""))
+    width.add_argument("--kv-bits", type=int, choices=sorted(KV_CACHE_NAMES.values()), help="same as --kv-cache intN")
+    kv.add_argument("--kv-group", type=_positive, help="KV group size: tokens per key group, channels per value "
+                    "group (capped at the head dimension) (default 64)")
+    kv.add_argument("--kv-residual", type=int, help="most recent tokens kept in full precision (default 128)")
+    kv.add_argument("--kv-pre-rope", action="store_true", help="quantize keys before the rotary embedding (KVQuant)")
+    kv.add_argument("--kv-chunk", type=_positive, default=DEFAULT_KV_CHUNK,
+                    help=f"evaluation through the cache: tokens per forward pass, each attending to earlier "
+                    f"chunks through the cache (1 = token by token; default {DEFAULT_KV_CHUNK})")
+
+
+_KV_DETAIL_FLAGS = {"group_size": "--kv-group", "residual": "--kv-residual", "pre_rope": "--kv-pre-rope"}
+
+
+def kv_cache_from_args(args: argparse.Namespace) -> KVCacheSpec | str | None:
+    """The KVCacheSpec the flags ask for, "none", or None when no --kv-cache / --kv-bits was given."""
+    name = args.kv_cache or (f"int{args.kv_bits}" if args.kv_bits else None)
+    details = {"group_size": args.kv_group, "residual": args.kv_residual, "pre_rope": args.kv_pre_rope or None}
+    given = {key: value for key, value in details.items() if value is not None}
+    if name is None or name == "none":
+        if given:
+            raise RecipeError(f"{_KV_DETAIL_FLAGS[next(iter(given))]} needs --kv-cache intN (or --kv-bits N)")
+        return name
+    try:
+        return KVCacheSpec(bits=bits_of_name(name), **given)
+    except ValidationError as err:
+        raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-recipe", type=Path, help="also write the effective recipe to this YAML file")
     q.add_argument("--no-eval", action="store_true", help="skip perplexity / KL evaluation")
     _add_eval_options(q, "--eval-data", "--eval-seq-len", "16")
+    _add_kv_options(q, evaluating=False)
     _add_runtime_options(q)
     budget_command.add_budget_options(q)
     _add_runtime_options(budget_command.add_plan_parser(commands))
@@ -168,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model (id, folder, .gguf) or lowbit output folder; 'default' = embedded model")
     e.add_argument("--reference", help="original model for KL divergence ('default' = embedded model)")
     _add_eval_options(e, "--data", "--seq-len", "all")
+    _add_kv_options(e, evaluating=True)
     _add_runtime_options(e)
 
     b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
@@ -209,6 +247,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     for name, key, value in getattr(args, "transform_options", None) or []:
         options = updates.setdefault("transform_options", {k: dict(v) for k, v in recipe.transform_options.items()})
         options.setdefault(name, {})[key] = value
+    kv_cache = kv_cache_from_args(args) if hasattr(args, "kv_cache") else None
+    if kv_cache is not None:
+        updates["kv_cache"] = kv_cache.model_dump()
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:
@@ -281,6 +322,8 @@ def _settings(args: argparse.Namespace):
         offload=getattr(args, "offload", "auto"),
         resume=getattr(args, "resume", False),
         offload_activations=getattr(args, "offload_activations", False),
+        kv_cache=kv_cache_from_args(args) if args.command == "eval" else None,
+        kv_chunk=getattr(args, "kv_chunk", DEFAULT_KV_CHUNK),
     )
 
 
@@ -312,6 +355,9 @@ def print_quantize_report(report) -> None:
     if result is not None:
         table.add_row("perplexity", f"{result.reference_perplexity:.3f}", f"{result.perplexity:.3f}")
         table.add_row("KL to original (nats/token)", "0", f"{result.kl:.4f}")
+    if result is not None and result.cache_bytes_per_token is not None:
+        table.add_row(f"KV cache bytes/token ({result.seq_len}-token context)",
+                      f"{result.fp16_cache_bytes_per_token:.0f}", f"{result.cache_bytes_per_token:.0f}")
     size = report.linear_size
     table.add_row("quantized layers: bits/weight", "16", f"{size.bits_per_weight:.3f}")
     table.add_row("quantized layers: size (MB)", f"{size.parameters * 2 / 1e6:.1f}", f"{size.megabytes:.1f}")
@@ -325,7 +371,7 @@ def print_quantize_report(report) -> None:
     if result is not None:
         console.print(
             f"evaluation: {report.evaluation}; {result.windows} non-overlapping windows of {result.seq_len} "
-            f"tokens ({result.tokens} scored)"
+            f"tokens ({result.tokens} scored), {result.protocol}"
         )
     if report.out_dir is not None and report.export_max_abs_diff is None:
         console.print(
@@ -355,6 +401,13 @@ def run_eval(args: argparse.Namespace) -> None:
     kl = "-" if result.kl is None else f"{result.kl:.4f}"
     table.add_row(f"{result.perplexity:.3f}", kl, f"{result.windows} x {result.seq_len}", f"{result.seconds:.1f}")
     console.print(table)
+    console.print(f"scoring: {result.protocol}")
+    if result.cache_bytes_per_token is not None:
+        console.print(
+            f"KV cache at a {result.seq_len}-token context: {result.cache_bytes_per_token:.0f} bytes/token "
+            f"(fp16: {result.fp16_cache_bytes_per_token:.0f}, "
+            f"{result.fp16_cache_bytes_per_token / result.cache_bytes_per_token:.2f}x smaller)"
+        )
 
 
 def run_bench(args: argparse.Namespace) -> None:

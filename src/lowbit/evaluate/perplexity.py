@@ -15,6 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.evaluate.kv_protocol import CacheScoring
+from lowbit.kv.memory import AttentionShape, bytes_per_token
+
 POSITIONS_PER_CHUNK = 512
 """Positions whose full-vocabulary log-probabilities are held at once (bounds memory for big vocabs)."""
 
@@ -30,6 +33,10 @@ class EvalResult:
     windows: int
     seq_len: int
     seconds: float
+    protocol: str = "one forward pass per window"
+    cache_bytes_per_token: float | None = None
+    """With a KV cache: bytes it holds per token at a context of seq_len (lowbit.kv.memory)."""
+    fp16_cache_bytes_per_token: float | None = None
 
 
 def windows_of(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -46,6 +53,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _window_logits(model: nn.Module, ids: torch.Tensor, scoring: CacheScoring | None) -> torch.Tensor:
+    """Logits [tokens, vocab] of window `ids` [1, tokens]: one forward pass, or chunks through a cache."""
+    if scoring is None:
+        return model(input_ids=ids, use_cache=False).logits[0]
+    return scoring.logits(model, ids)
+
+
 class ReferenceLogProbs:
     """A reference model's log-probabilities on every evaluation window, computed once.
 
@@ -53,14 +67,18 @@ class ReferenceLogProbs:
     run the original again for every comparison. Holding its log-probabilities costs
     windows x seq_len x vocab floats (3.2 GB for 8 windows of 2048 tokens over a 49k vocabulary),
     so it suits a handful of windows; `evaluate` with a reference model streams instead.
+    With `kv_cache`, the windows are scored chunk by chunk through a full-precision cache, the
+    reference protocol for quantized KV caches scored with the same chunks.
     """
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, tokens: torch.Tensor, seq_len: int = 2048,
-                 max_windows: int | None = None, progress: bool = True) -> None:
+                 max_windows: int | None = None, kv_cache: CacheScoring | None = None,
+                 progress: bool = True) -> None:
         self.windows = windows_of(tokens, seq_len, max_windows)
+        self.scoring = None if kv_cache is None else kv_cache.full_precision()
         self.log_probs = [
-            torch.log_softmax(model(input_ids=w[None].to(_device_of(model)), use_cache=False).logits[0, :-1].float(),
+            torch.log_softmax(_window_logits(model, w[None].to(_device_of(model)), self.scoring)[:-1].float(),
                               dim=-1).cpu()
             for w in tqdm(self.windows, desc="reference log-probabilities", unit="window", disable=not progress)
         ]
@@ -74,20 +92,26 @@ def evaluate(
     max_windows: int | None = None,
     reference: nn.Module | ReferenceLogProbs | None = None,
     device: torch.device | str | None = None,
+    kv_cache: CacheScoring | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Perplexity of `model` on `tokens`, and mean per-token KL(P_reference || P_model) if given.
 
     `reference` is the original model, or its precomputed ReferenceLogProbs on the same windows.
     Models run where their parameters are unless `device` is given, in which case they are moved
-    there for the evaluation and back afterwards. `progress=False` hides the progress bar (callers
-    that evaluate many times in a loop show their own).
+    there for the evaluation and back afterwards. `kv_cache` scores the model through a cache
+    (lowbit.evaluate.kv_protocol) and the reference through a full-precision one, same chunks.
+    `progress=False` hides the progress bar (callers that evaluate many times in a loop show their own).
     """
     start = time.perf_counter()
     batches = windows_of(tokens, seq_len, max_windows)
     cached = reference if isinstance(reference, ReferenceLogProbs) else None
+    reference_scoring = None if kv_cache is None else kv_cache.full_precision()
     if cached is not None and not torch.equal(cached.windows, batches):
         raise ValueError("the reference log-probabilities were computed on other windows")
+    if cached is not None and cached.scoring != reference_scoring:
+        raise ValueError("the reference log-probabilities were scored with another protocol; build them with "
+                         "the same kv_cache scoring")
     models = [m for m in (model, reference) if isinstance(m, nn.Module)]
     homes = [_device_of(m) for m in models]
     if device is not None:
@@ -98,11 +122,11 @@ def evaluate(
     try:
         for index, window in enumerate(tqdm(batches, desc="evaluating", unit="window", disable=not progress)):
             ids = window.unsqueeze(0).to(_device_of(model))
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            logits = _window_logits(model, ids, kv_cache)[:-1]
             if cached is not None:
                 ref_logits = cached.log_probs[index]  # log_softmax of log-probabilities is the identity
             elif reference is not None:
-                ref_logits = reference(input_ids=ids.to(_device_of(reference)), use_cache=False).logits[0, :-1]
+                ref_logits = _window_logits(reference, ids.to(_device_of(reference)), reference_scoring)[:-1]
             else:
                 ref_logits = None
             targets = ids[0, 1:]
@@ -127,4 +151,14 @@ def evaluate(
         windows=batches.shape[0],
         seq_len=seq_len,
         seconds=time.perf_counter() - start,
+        **({} if kv_cache is None else _cache_fields(model, kv_cache, seq_len)),
     )
+
+
+def _cache_fields(model: nn.Module, kv_cache: CacheScoring, seq_len: int) -> dict:
+    shape = AttentionShape.of_config(model.config)
+    return {
+        "protocol": kv_cache.describe(),
+        "cache_bytes_per_token": bytes_per_token(shape, kv_cache.spec, seq_len),
+        "fp16_cache_bytes_per_token": bytes_per_token(shape, None, seq_len),
+    }

@@ -15,6 +15,7 @@ from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import FormatError, WeightFormat
 from lowbit.formats.families import FAMILIES, format_family
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
+from lowbit.kv.spec import KVCacheSpec
 from lowbit.solvers import SOLVERS
 from lowbit.solvers.base import Solver
 from lowbit.solvers.lowrank import LowRankCompensation
@@ -93,7 +94,8 @@ class Recipe(BaseModel):
     `eora_rank` > 0 adds a rank-r EoRA correction of the remaining error (solvers.lowrank). Both
     wrap any method, and their layers export in lowbit's own layout.
     `activations` (None: weight-only) is the format the input of every quantized layer is rounded
-    to at run time (W8A8, FP8 dynamic/static).
+    to at run time (W8A8, FP8 dynamic/static). `kv_cache` (optional) is the quantized KV cache the
+    model is meant to run with (lowbit.kv); it is stored in the export and used by `lowbit eval`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +116,7 @@ class Recipe(BaseModel):
     outlier_criterion: OutlierCriterion = "hessian"
     eora_rank: int = Field(default=0, ge=0)
     activations: ActivationFormat | None = None
+    kv_cache: KVCacheSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -191,9 +194,9 @@ class Recipe(BaseModel):
             linear.in_features)
 
     @model_serializer(mode="wrap")
-    def _without_empty_overrides(self, handler) -> dict[str, Any]:
-        """A recipe without overrides, format options, transform options or activations dumps as
-        before they existed (same cache keys, same saved files)."""
+    def _without_unused_fields(self, handler) -> dict[str, Any]:
+        """A recipe without overrides, format options, transform options, activations or KV cache
+        dumps as before those fields existed (same cache keys, same saved files)."""
         data = handler(self)
         if not self.overrides:
             data.pop("overrides", None)
@@ -206,6 +209,8 @@ class Recipe(BaseModel):
             data.pop("activations", None)
         if not self.transform_options:
             data.pop("transform_options", None)
+        if self.kv_cache is None:
+            data.pop("kv_cache", None)
         return data
 
     def solver(self) -> Solver:
@@ -300,7 +305,8 @@ class Recipe(BaseModel):
         extras = f" + {self.outliers:.2%} {self.outlier_criterion} outliers" if self.outliers else ""
         extras += f" + eora r{self.eora_rank}" if self.eora_rank else ""
         inputs = f" + {self.activations.describe()}" if self.activations is not None else ""
-        return " ".join(parts) + options + extras + mixed + inputs
+        kv = f"; {self.kv_cache.describe()}" if self.kv_cache is not None else ""
+        return " ".join(parts) + options + extras + mixed + inputs + kv
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False))
