@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the GPU benchmarks named in $STEPS, each under its own time limit,
+# results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
+# benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite, if wanted, must be importable.
+#   STEPS="tests kernels decode quant4 quant32" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s"
+    tail -n 25 "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+for s in ${STEPS:-tests kernels decode}; do
+    case $s in
+        tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider \
+                   "$here/tests/test_kernels.py" "$here/tests/test_kernels_gemlite.py" "$here/tests/test_gpu_solvers.py" ;;
+        kernels) step kernels "${T_KERNELS:-300}" python3 -m lowbit.cli bench kernels --out "$out/gpu_kernels" ;;
+        decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
+        quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
+                    --out "$out/gpu_quant_speed_4layers" ;;
+        quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
+                     --out "$out/gpu_quant_speed" ;;
+        *) echo "unknown step $s (tests kernels decode quant4 quant32)"; exit 2 ;;
+    esac
+done
