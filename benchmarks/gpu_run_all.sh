@@ -23,7 +23,8 @@ for s in ${STEPS:-tests kernels decode}; do
         # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
-                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels.py" "$here/tests/test_gpu_solvers.py" ;;
+                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_block_transfer.py" "$here/tests/test_gpu_solvers.py" \
+                   "$here/tests/test_kernels.py" ;;
         # The bench module directly: the device image may lack the CLI's own imports (pydantic).
         kernels) step kernels "${T_KERNELS:-300}" python3 -c "import json, pathlib; from lowbit.bench import kernels as k; \
 r = k.run(); out = pathlib.Path('$out/gpu_kernels'); out.with_suffix('.json').write_text(json.dumps(r, indent=1)); \
