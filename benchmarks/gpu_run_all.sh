@@ -25,10 +25,15 @@ for s in ${STEPS:-tests kernels decode}; do
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
                    "$here/tests/test_kernels_gemlite.py" "$here/tests/test_block_transfer.py" "$here/tests/test_gpu_solvers.py" \
                    "$here/tests/test_kernels.py" ;;
-        # The bench module directly: the device image may lack the CLI's own imports (pydantic).
-        kernels) step kernels "${T_KERNELS:-300}" python3 -c "import json, pathlib; from lowbit.bench import kernels as k; \
-r = k.run(); out = pathlib.Path('$out/gpu_kernels'); out.with_suffix('.json').write_text(json.dumps(r, indent=1)); \
-out.with_suffix('.md').write_text(k.markdown_table(r)); print(k.markdown_table(r))" ;;
+        # The bench module directly (the device image may lack the CLI's own imports, pydantic),
+        # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
+        kernels) step kernels "${T_KERNELS:-300}" python3 -c "import json, pathlib; from lowbit.bench import kernels as k
+out, r = pathlib.Path('$out/gpu_kernels'), None
+for name in k.SHAPES:
+    part = k.run([name])
+    r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
+    out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
+print(k.markdown_table(r))" ;;
         decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
         quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
                     --out "$out/gpu_quant_speed_4layers" ;;
