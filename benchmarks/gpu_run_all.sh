@@ -39,6 +39,8 @@ print(k.markdown_table(r))" ;;
                     --out "$out/gpu_quant_speed_4layers" ;;
         quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
                      --out "$out/gpu_quant_speed" ;;
-        *) echo "unknown step $s (tests kernels decode quant4 quant32)"; exit 2 ;;
+        quant32sync) step quant32sync "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
+                         --no-overlap --out "$out/gpu_quant_speed_sync" ;;
+        *) echo "unknown step $s (tests kernels decode quant4 quant32 quant32sync)"; exit 2 ;;
     esac
 done

@@ -110,13 +110,15 @@ class SequentialQuantizer:
         hooks: Sequence[BlockHooks] = (),
         keep_output: KeepOutput | None = None,
         reduce_stats: Callable[[HessianStats], None] | None = None,
+        overlap_transfers: bool = True,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
         `activations_on_device` keeps the calibration activations on `device` between blocks
         instead of in CPU memory: no host round trip per forward pass, at the cost of two copies
         of them (a block's inputs and outputs) in device memory. `transforms` rewrite each block,
-        in order, before its linears are solved.
+        in order, before its linears are solved. `overlap_transfers` lets a GPU run fetch the next
+        block and offload the last one during the work (BlockTransfer); hooks turn it off.
         """
         self.transforms = list(transforms)
         self.model = model
@@ -130,6 +132,7 @@ class SequentialQuantizer:
         self.hooks = tuple(hooks)
         self.keep_output = keep_output
         self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
+        self.overlap_transfers = overlap_transfers
 
     @torch.no_grad()
     def run(
@@ -150,7 +153,7 @@ class SequentialQuantizer:
         progress = tqdm(blocks, desc="quantizing blocks", unit="block", initial=start_block, total=len(blocks))
         # Hooks may load a block's weights (streaming) or save it (resume) around its turn, so with
         # hooks every copy waits for its turn; without, the next block is fetched during this one.
-        transfer = BlockTransfer(self.device, overlap=not self.hooks)
+        transfer = BlockTransfer(self.device, overlap=self.overlap_transfers and not self.hooks)
         try:
             for index in range(start_block, len(blocks)):
                 inputs = self._run_block(index, blocks, inputs, transfer)
