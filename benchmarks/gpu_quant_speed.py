@@ -95,7 +95,7 @@ class BlockClock:
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool, overlap: bool = True) -> dict:
+def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool) -> dict:
     model = random_model(llama3_8b_config(LlamaConfig, layers), LlamaForCausalLM)
     count, errors = 0, []
 
@@ -111,8 +111,7 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
             timed(owner, name, totals)
     quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()),
                                     device="cuda", batch_size=batch_size, activations_on_device=True,
-                                    on_quantized=on_quantized, hooks=[clock] if breakdown else (),
-                                    overlap_transfers=overlap)
+                                    on_quantized=on_quantized, hooks=[clock] if breakdown else ())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -124,8 +123,7 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     return {"tool": "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
             "breakdown_seconds": dict(totals) if breakdown else None,
-            "block_seconds": clock.seconds if breakdown else None,
-            "overlapped_transfers": overlap and not breakdown}
+            "block_seconds": clock.seconds if breakdown else None}
 
 
 def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int, timeout: float) -> dict:
@@ -153,14 +151,12 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"GPTQ int4 asym g128 of a random Llama-3-8B-shaped model, {meta['samples']}x{meta['seq_len']} "
              f"calibration tokens, on {meta['device']} (torch {meta['torch']}).", "",
-             "| tool | decoder layers | batch | block transfers | seconds | seconds / layer | peak GPU GB |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "| tool | decoder layers | batch | seconds | seconds / layer | peak GPU GB |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         if "error" in r:
-            lines.append(f"| {r['tool']} | failed: {' / '.join(r['error'])} | | | | | |")
+            lines.append(f"| {r['tool']} | failed: {' / '.join(r['error'])} | | | | |")
             continue
-        moves = {True: "overlapped", False: "synchronous"}.get(r.get("overlapped_transfers"), "")
-        lines.append(f"| {r['tool']} | {r['layers']} | {r['batch_size']} | {moves} | {r['seconds']:.1f} | "
+        lines.append(f"| {r['tool']} | {r['layers']} | {r['batch_size']} | {r['seconds']:.1f} | "
                      f"{r['seconds'] / r['layers']:.2f} | {r['peak_gpu_GB']:.1f} |")
     for r in result["runs"]:
         if r.get("breakdown_seconds"):
@@ -180,9 +176,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time every stage and block (adds syncs; block hooks turn the transfer overlap off)")
-    parser.add_argument("--no-overlap", action="store_true", help="move blocks synchronously (the pre-BlockTransfer way)")
+    parser.add_argument("--breakdown", action="store_true", help="also time every stage and each block (adds syncs)")
     parser.add_argument("--peer-layers", type=int, default=0, help="decoder layers for llm-compressor (0: skip)")
     parser.add_argument("--peer-path", default="", help="PYTHONPATH holding llm-compressor 0.14 and its deps")
     parser.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds before the peer is stopped")
@@ -194,7 +188,7 @@ def main() -> None:
         return
     tokens = torch.randint(0, 128256, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     # lowbit first: its result is in hand even if the (slower) peer is stopped by --peer-timeout.
-    runs = [run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown, overlap=not args.no_overlap)]
+    runs = [run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown)]
     print(json.dumps(runs[0]), flush=True)
     if args.peer_layers:
         if args.peer_layers != args.layers:

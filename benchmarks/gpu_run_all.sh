@@ -23,7 +23,7 @@ for s in ${STEPS:-tests kernels decode}; do
         # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
-                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_block_transfer.py" "$here/tests/test_gpu_solvers.py" \
+                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_gpu_solvers.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
@@ -39,8 +39,6 @@ print(k.markdown_table(r))" ;;
                     --out "$out/gpu_quant_speed_4layers" ;;
         quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
                      --out "$out/gpu_quant_speed" ;;
-        quant32sync) step quant32sync "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
-                         --no-overlap --out "$out/gpu_quant_speed_sync" ;;
-        *) echo "unknown step $s (tests kernels decode quant4 quant32 quant32sync)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode quant4 quant32)"; exit 2 ;;
     esac
 done

@@ -117,12 +117,10 @@ def _torch_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
 
 
 def _gemlite_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    """GemLite's version, also when its source is on PYTHONPATH without package metadata (as carried)."""
+    from lowbit.kernels import w4a16_gemlite
 
-    try:
-        return version("gemlite")
-    except PackageNotFoundError:
-        return None
+    return __import__("gemlite").__version__ if w4a16_gemlite.available() else None
 
 
 def _direct_paths(packed: PackedInt4, dtype: torch.dtype) -> dict:

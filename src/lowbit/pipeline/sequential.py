@@ -3,9 +3,8 @@
 Calibration inputs are embedded once and captured at the first block. Each block is then moved to
 the compute device, its linears are solved group by group while calibration activations flow
 through it, and its *quantized* outputs become the next block's inputs, so every block is
-calibrated on what the quantized model will really feed it. Only the activations and one block
-are on the device at a time, plus, on a GPU with no block hooks, the next block coming in and the
-previous one going out (block_transfer.py overlaps those copies with the work).
+calibrated on what the quantized model will really feed it. Only one block and the activations
+are on the device at a time.
 
 Within a block, groups of linears that read the same input (q/k/v; gate/up) share one Hessian,
 and are solved as one row-stacked matrix when their solver and format allow it.
@@ -35,7 +34,6 @@ from tqdm.auto import tqdm
 from lowbit.calibrate.stats import ChannelMagnitude, HessianStats
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.models.architectures import Architecture
-from lowbit.pipeline.block_transfer import BlockTransfer
 from lowbit.solvers.base import Solver
 from lowbit.transforms.base import BlockTransform, SharedInput
 
@@ -110,15 +108,13 @@ class SequentialQuantizer:
         hooks: Sequence[BlockHooks] = (),
         keep_output: KeepOutput | None = None,
         reduce_stats: Callable[[HessianStats], None] | None = None,
-        overlap_transfers: bool = True,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
         `activations_on_device` keeps the calibration activations on `device` between blocks
         instead of in CPU memory: no host round trip per forward pass, at the cost of two copies
         of them (a block's inputs and outputs) in device memory. `transforms` rewrite each block,
-        in order, before its linears are solved. `overlap_transfers` lets a GPU run fetch the next
-        block and offload the last one during the work (BlockTransfer); hooks turn it off.
+        in order, before its linears are solved.
         """
         self.transforms = list(transforms)
         self.model = model
@@ -132,7 +128,6 @@ class SequentialQuantizer:
         self.hooks = tuple(hooks)
         self.keep_output = keep_output
         self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
-        self.overlap_transfers = overlap_transfers
 
     @torch.no_grad()
     def run(
@@ -151,41 +146,27 @@ class SequentialQuantizer:
                 raise ValueError(f"saved inputs hold {len(start_hidden)} batches, the calibration has {len(inputs.hidden)}")
             inputs.hidden = list(start_hidden)
         progress = tqdm(blocks, desc="quantizing blocks", unit="block", initial=start_block, total=len(blocks))
-        # Hooks may load a block's weights (streaming) or save it (resume) around its turn, so with
-        # hooks every copy waits for its turn; without, the next block is fetched during this one.
-        transfer = BlockTransfer(self.device, overlap=self.overlap_transfers and not self.hooks)
-        try:
-            for index in range(start_block, len(blocks)):
-                inputs = self._run_block(index, blocks, inputs, transfer)
-                progress.update()
-            transfer.finish()
-        finally:
-            transfer.close()
+        for index in range(start_block, len(blocks)):
+            block = blocks[index]
+            for hook in self.hooks:
+                hook.before_block(index, block)
+            groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
+            needs_data = self.transforms or any(group.needs_hessian for group in groups)
+            if needs_data and inputs is None:
+                raise ValueError("the chosen method needs calibration data; pass --calib")
+            block.to(self.device)
+            if inputs is None:
+                for group in groups:
+                    self._solve(group)
+            else:
+                for transform in self.transforms:
+                    transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
+                inputs = self._quantize_block(block, groups, inputs)
+            block.to("cpu")
+            for hook in self.hooks:
+                hook.after_block(index, block, None if inputs is None else inputs.hidden)
+            progress.update()
         progress.close()
-
-    def _run_block(self, index: int, blocks: Sequence[nn.Module], inputs: _BlockInputs | None,
-                   transfer: BlockTransfer) -> _BlockInputs | None:
-        block = blocks[index]
-        for hook in self.hooks:
-            hook.before_block(index, block)
-        groups = self._groups_of(block, f"{self.architecture.blocks}.{index}")
-        needs_data = self.transforms or any(group.needs_hessian for group in groups)
-        if needs_data and inputs is None:
-            raise ValueError("the chosen method needs calibration data; pass --calib")
-        transfer.load(block)
-        if index + 1 < len(blocks):
-            transfer.prefetch(blocks[index + 1])
-        if inputs is None:
-            for group in groups:
-                self._solve(group)
-        else:
-            for transform in self.transforms:
-                transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
-            inputs = self._quantize_block(block, groups, inputs)
-        transfer.offload(block)
-        for hook in self.hooks:
-            hook.after_block(index, block, None if inputs is None else inputs.hidden)
-        return inputs
 
     def _groups_of(self, block: nn.Module, prefix: str) -> list[_Group]:
         groups = []
