@@ -19,6 +19,14 @@ def quantized(rows: int, columns: int, fmt: IntegerFormat, seed: int = 0) -> Qua
     return quantize_matrix(fmt, torch.randn(rows, columns, generator=generator))
 
 
+def act_order_quantized(rows: int, columns: int, seed: int) -> QuantizedWeight:
+    """An asymmetric g128 weight whose columns were processed in a shuffled (act-order) order."""
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    qweight = quantized(rows, columns, fmt, seed=seed)
+    perm = torch.randperm(columns, generator=torch.Generator().manual_seed(4))
+    return QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+
+
 def test_pack_round_trip_covers_every_code_and_position():
     generator = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (24, 64), generator=generator, dtype=torch.uint8)
@@ -117,10 +125,7 @@ def test_triton_kernel_matches_float32_dequantize_then_matmul(m, group_size, sym
 
 @gpu
 def test_triton_kernel_with_act_order_permutation_and_3d_input():
-    fmt = IntegerFormat(4, symmetric=False, group_size=128)
-    qweight = quantized(256, 512, fmt, seed=7)
-    perm = torch.randperm(512, generator=torch.Generator().manual_seed(4))
-    shuffled = QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+    shuffled = act_order_quantized(256, 512, seed=7)
     packed = pack_quantized_weight(shuffled).to("cuda")
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ shuffled.dequantize().double().cuda().T

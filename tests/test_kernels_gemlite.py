@@ -7,21 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.formats.base import QuantizedWeight, quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_gemlite
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.w4a16 import PATHS, path_table, use_paths, w4a16_matmul
+from test_kernels import act_order_quantized, quantized, relative_error
 
 needs_gemlite = pytest.mark.skipif(not w4a16_gemlite.available(), reason="needs CUDA and the gemlite package")
-
-
-def quantized(rows: int, columns: int, fmt: IntegerFormat, seed: int) -> QuantizedWeight:
-    return quantize_matrix(fmt, torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)))
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref).norm() / ref.norm())
 
 
 def test_use_paths_refuses_unknown_names_and_keeps_fused():
@@ -73,10 +65,7 @@ def test_gemlite_layout_follows_in_place_weight_changes():
 
 @needs_gemlite
 def test_dispatcher_with_gemlite_allowed_handles_act_order_and_records_its_choice():
-    fmt = IntegerFormat(4, symmetric=False, group_size=128)
-    qweight = quantized(320, 512, fmt, seed=3)
-    perm = torch.randperm(512, generator=torch.Generator().manual_seed(4))
-    shuffled = QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+    shuffled = act_order_quantized(320, 512, seed=3)
     packed = pack_quantized_weight(shuffled).to("cuda")
     use_paths("gemlite")
     try:
