@@ -140,7 +140,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
     import triton
 
@@ -150,23 +150,26 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
+    extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap,
+        **extra)
     return ws, counters
 
 
 @gpu
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(
-    "m, block_m, block_n, block_k, split, swap",
-    [(1, 1, 64, 128, 1, False), (1, 1, 128, 256, 2, False), (1, 1, 256, 128, 8, False),
-     (7, 16, 64, 128, 1, False), (7, 16, 64, 128, 4, False), (7, 16, 128, 128, 2, True), (16, 16, 64, 128, 8, True),
-     (50, 64, 64, 128, 2, False), (50, 64, 128, 128, 4, True)],
+    "m, block_m, block_n, block_k, split, swap, biased",
+    [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 256, 2, False, False), (1, 1, 256, 128, 8, False, False),
+     (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True), (1, 1, 256, 256, 1, False, True),
+     (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
+     (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
-        m, block_m, block_n, block_k, split, swap, symmetric):
+        m, block_m, block_n, block_k, split, swap, biased, symmetric):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards."""
     from lowbit.kernels import w4a16_triton as wt
@@ -178,7 +181,7 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
         ref = x.double() @ qweight.dequantize().double().cuda().T
