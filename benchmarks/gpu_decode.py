@@ -33,6 +33,7 @@ from gpu_model import llama3_8b_config  # noqa: E402
 from lowbit.formats.base import quantize_matrix  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
 from lowbit.generate import StaticDecoder  # noqa: E402
+from lowbit.kernels.w4a16 import path_table  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
 
 FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
@@ -110,6 +111,9 @@ def markdown(result: dict) -> str:
              "| batch | bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | int4 ms/step | "
              f"bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | same greedy tokens |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    if meta.get("paths"):
+        lines.insert(1, "Matmul paths the dispatcher chose (M bucket, N x K): " + "; ".join(meta["paths"]) + ".")
+        lines.insert(1, "")
     for row in result["rows"]:
         lines.append(f"| {row['batch']} | {row['bf16']['tokens_per_s']:.0f} | {row['int4']['tokens_per_s']:.0f} | "
                      f"{row['int4']['tokens_per_s'] / row['bf16']['tokens_per_s']:.2f}x | "
@@ -153,7 +157,8 @@ def main() -> None:
                      "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-                       "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M")},
+                       "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
+                       "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},
               "rows": rows}
     text = markdown(result)
     print(text)

@@ -52,9 +52,47 @@ def timed(owner, name: str, totals: dict) -> None:
             return original(*args, **kwargs)
         finally:
             torch.cuda.synchronize()
-            totals[name] += time.perf_counter() - start
+            totals[f"{getattr(owner, '__name__', owner)}.{name}"] += time.perf_counter() - start
 
     setattr(owner, name, wrapper)
+
+
+def _breakdown_targets() -> list[tuple[object, str]]:
+    """What --breakdown times, outermost first (the timers nest: a block forward includes its
+    Hessian products, a group's solve includes GPTQ.solve, which includes the factorisation)."""
+    from lowbit.formats.base import QuantizedWeight
+    from lowbit.kernels import gptq_block
+    from lowbit.pipeline import sequential
+    from lowbit.solvers import gptq
+
+    return [
+        (SequentialQuantizer, "_capture_first_block_inputs"),
+        (torch.nn.Module, "to"),  # in the run: each block to the GPU and back
+        (SequentialQuantizer, "_forward_all"),
+        (HessianStats, "add"),
+        (SequentialQuantizer, "_solve"),
+        (GPTQ, "solve"),
+        (gptq, "inverse_hessian_factor"),
+        (gptq_block, "gptq_block"),
+        (QuantizedWeight, "dequantize"),
+        (sequential, "_to_cpu"),
+    ]
+
+
+class BlockClock:
+    """Synchronised wall time of each block (hooks of SequentialQuantizer): the first includes compiles."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.start = 0.0
+
+    def before_block(self, index: int, block: torch.nn.Module) -> None:
+        torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def after_block(self, index: int, block: torch.nn.Module, hidden) -> None:
+        torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.start)
 
 
 def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool) -> dict:
@@ -67,12 +105,13 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
         errors.append(qweight.metadata["hessian_error"])
 
     totals: dict[str, float] = defaultdict(float)
+    clock = BlockClock()
     if breakdown:
-        timed(HessianStats, "add", totals)
-        timed(GPTQ, "solve", totals)
+        for owner, name in _breakdown_targets():
+            timed(owner, name, totals)
     quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()),
                                     device="cuda", batch_size=batch_size, activations_on_device=True,
-                                    on_quantized=on_quantized)
+                                    on_quantized=on_quantized, hooks=[clock] if breakdown else ())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -83,7 +122,8 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
         raise SystemExit(f"expected {7 * layers} finite GPTQ results, got {count}")
     return {"tool": "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
-            "breakdown_seconds": dict(totals) if breakdown else None}
+            "breakdown_seconds": dict(totals) if breakdown else None,
+            "block_seconds": clock.seconds if breakdown else None}
 
 
 def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int, timeout: float) -> dict:
@@ -121,8 +161,10 @@ def markdown(result: dict) -> str:
     for r in result["runs"]:
         if r.get("breakdown_seconds"):
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in r["breakdown_seconds"].items())
-            lines.append(f"\nlowbit ({r['layers']} layers), synchronised timers: {parts}; the rest is block "
-                         "forwards, block transfers and bookkeeping.")
+            blocks = ", ".join(f"{t:.2f}" for t in r["block_seconds"])
+            lines.append(f"\nlowbit ({r['layers']} layers), seconds per block: {blocks}.")
+            lines.append(f"\nlowbit ({r['layers']} layers), synchronised timers (nested: a forward includes its "
+                         f"Hessian adds, a group solve includes GPTQ.solve): {parts}.")
     if result.get("ratio_per_layer"):
         lines.append(f"\nllm-compressor / lowbit, seconds per layer on the same layers: {result['ratio_per_layer']:.1f}x")
     return "\n".join(lines) + "\n"
@@ -134,7 +176,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--breakdown", action="store_true", help="also time Hessians and solves (adds syncs)")
+    parser.add_argument("--breakdown", action="store_true", help="also time every stage and each block (adds syncs)")
     parser.add_argument("--peer-layers", type=int, default=0, help="decoder layers for llm-compressor (0: skip)")
     parser.add_argument("--peer-path", default="", help="PYTHONPATH holding llm-compressor 0.14 and its deps")
     parser.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds before the peer is stopped")

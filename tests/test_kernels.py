@@ -19,6 +19,14 @@ def quantized(rows: int, columns: int, fmt: IntegerFormat, seed: int = 0) -> Qua
     return quantize_matrix(fmt, torch.randn(rows, columns, generator=generator))
 
 
+def act_order_quantized(rows: int, columns: int, seed: int) -> QuantizedWeight:
+    """An asymmetric g128 weight whose columns were processed in a shuffled (act-order) order."""
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    qweight = quantized(rows, columns, fmt, seed=seed)
+    perm = torch.randperm(columns, generator=torch.Generator().manual_seed(4))
+    return QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+
+
 def test_pack_round_trip_covers_every_code_and_position():
     generator = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (24, 64), generator=generator, dtype=torch.uint8)
@@ -117,10 +125,7 @@ def test_triton_kernel_matches_float32_dequantize_then_matmul(m, group_size, sym
 
 @gpu
 def test_triton_kernel_with_act_order_permutation_and_3d_input():
-    fmt = IntegerFormat(4, symmetric=False, group_size=128)
-    qweight = quantized(256, 512, fmt, seed=7)
-    perm = torch.randperm(512, generator=torch.Generator().manual_seed(4))
-    shuffled = QuantizedWeight(fmt, qweight.codes[:, perm], qweight.scale, qweight.zero, qweight.group_index[perm])
+    shuffled = act_order_quantized(256, 512, seed=7)
     packed = pack_quantized_weight(shuffled).to("cuda")
     x = torch.randn(2, 3, 512, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ shuffled.dequantize().double().cuda().T
@@ -135,7 +140,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
     import triton
 
@@ -145,23 +150,26 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out):
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
+    extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap,
+        **extra)
     return ws, counters
 
 
 @gpu
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(
-    "m, block_m, block_n, block_k, split, swap",
-    [(1, 1, 64, 128, 1, False), (1, 1, 128, 256, 2, False), (1, 1, 256, 128, 8, False),
-     (7, 16, 64, 128, 1, False), (7, 16, 64, 128, 4, False), (7, 16, 128, 128, 2, True), (16, 16, 64, 128, 8, True),
-     (50, 64, 64, 128, 2, False), (50, 64, 128, 128, 4, True)],
+    "m, block_m, block_n, block_k, split, swap, biased",
+    [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 256, 2, False, False), (1, 1, 256, 128, 8, False, False),
+     (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True), (1, 1, 256, 256, 1, False, True),
+     (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
+     (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
-        m, block_m, block_n, block_k, split, swap, symmetric):
+        m, block_m, block_n, block_k, split, swap, biased, symmetric):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards."""
     from lowbit.kernels import w4a16_triton as wt
@@ -173,7 +181,7 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
         ref = x.double() @ qweight.dequantize().double().cuda().T
@@ -204,4 +212,4 @@ def test_large_m_records_a_measured_path_choice():
     out = w4a16_matmul(x, packed)
     assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
     chosen = [path for key, path in path_table().items() if key[2:5] == (256, 256, 512)]
-    assert chosen and chosen[0] in ("fused", "dequantize+cublas")
+    assert chosen and chosen[0] in ("fused", "dequantize+cublas", "gemlite")

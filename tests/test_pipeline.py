@@ -125,3 +125,25 @@ def test_unsupported_architecture_lists_supported_ones():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(UnsupportedModelError, match="llama"):
         architecture_of(model)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied-head", "own-head"])
+def test_capture_moves_only_what_runs_before_the_first_block_and_copies_nothing_back(tie):
+    """An untied output head stays put (calibration stops at the first block); a tied one moves with
+    the embedding; on exit every tensor has its original storage back (checked on a GPU if present)."""
+    from conftest import tiny_llama
+
+    from lowbit.pipeline.sequential import _outside_blocks_on
+
+    model = tiny_llama(tie=tie)
+    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    context = _outside_blocks_on(model, architecture_of(model), device)
+    moving = {id(t) for t in context.tensors}
+    assert id(embedding) in moving and id(model.model.norm.weight) in moving
+    assert (id(head) in moving) == tie
+    assert not moving & {id(p) for p in model.model.layers.parameters()}
+    before = {name: t.data_ptr() for name, t in model.named_parameters()}
+    with context:
+        assert embedding.device.type == device.type
+    assert {name: t.data_ptr() for name, t in model.named_parameters()} == before

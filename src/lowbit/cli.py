@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 64, 256], help="batch rows (default 1 16 64 256)")
     k.add_argument("--shapes", nargs="+", metavar="NAME", help="subset of shapes, e.g. '8B down_proj' (default all)")
     k.add_argument("--out", type=Path, help="also save PATH.json and PATH.md (e.g. benchmarks/results/gpu_kernels)")
+    k.add_argument("--paths", nargs="+", choices=["fused", "dequantize+cublas", "gemlite"],
+                   help="matmul paths the dispatcher may choose among (default all available; fused always)")
     compare_command.add_parser(commands)
     return parser
 
@@ -413,7 +415,7 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     from lowbit.bench import kernels
 
-    result = kernels.run(args.shapes, tuple(args.m))
+    result = kernels.run(args.shapes, tuple(args.m), paths=tuple(args.paths or ()))
     table = kernels.markdown_table(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

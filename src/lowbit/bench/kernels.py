@@ -3,8 +3,10 @@
 For each linear shape of Llama-3-8B / 70B and each batch M, on the same GPU in one process:
   * bf16: F.linear with the dequantized weight in bf16 (cuBLAS);
   * torch int4: `aten._weight_int4pack_mm` (tinygemm), group 128, on the same codes;
-  * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout (for M > 64 the dispatcher's
-    measured choice of fused kernel or dequantize-then-cuBLAS; the table names the path);
+  * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout, i.e. the dispatcher's measured
+    choice among lowbit's fused Triton kernels, dequantize-then-cuBLAS (M > 64) and GemLite's
+    kernels (when installed); the table names the path. For the asymmetric weight the fused
+    kernels and GemLite are also timed on their own, so the choice can be checked;
   * the int4 roofline: the bytes an asymmetric matmul must move (codes, scales, zero points, x, y)
     over the device-to-device copy bandwidth measured at the start of the run.
 Times come from CUDA graph replays of back-to-back calls, each call on its own copy of the weight
@@ -26,7 +28,7 @@ from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
-from lowbit.kernels.w4a16 import path_table
+from lowbit.kernels.w4a16 import path_table, use_paths
 
 SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
     "8B q/o_proj": (4096, 4096),
@@ -114,12 +116,33 @@ def _torch_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gr
         return None
 
 
+def _gemlite_version() -> str | None:
+    """GemLite's version, also when its source is on PYTHONPATH without package metadata (as carried)."""
+    from lowbit.kernels import w4a16_gemlite
+
+    return __import__("gemlite").__version__ if w4a16_gemlite.available() else None
+
+
+def _direct_paths(packed: PackedInt4, dtype: torch.dtype) -> dict:
+    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, and GemLite's if installed."""
+    from lowbit.kernels import w4a16_gemlite, w4a16_triton
+
+    paths = {"fused": w4a16_triton.matmul}
+    if w4a16_gemlite.supports(packed, dtype):
+        paths["gemlite"] = w4a16_gemlite.matmul
+    return paths
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, group_size: int = 128) -> dict:
-    """Time every shape at every M; returns {"meta": ..., "rows": [...]} (times in microseconds)."""
+def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, group_size: int = 128,
+        paths: tuple[str, ...] = ()) -> dict:
+    """Time every shape at every M; returns {"meta": ..., "rows": [...]} (times in microseconds).
+
+    `paths` narrows what the dispatcher may choose among (kernels.w4a16.use_paths; empty: all).
+    """
     if not triton_available():
         raise BenchError("lowbit bench kernels needs a CUDA GPU and Triton; neither was found here")
     names = shapes or list(SHAPES)
@@ -128,6 +151,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     from lowbit.kernels.w4a16_triton import bucket  # imports Triton: only once it is known to be there
 
+    use_paths(*paths)
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
     rows = []
@@ -150,14 +174,19 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
             row = {"shape": name, "N": n, "K": k, "M": m}
             for kind, weights in packed.items():
                 ref = x.double() @ weights.dequantize().double().T
-                row[f"rel_err_{kind}"] = _relative_error(w4a16_matmul(x, weights), ref)
-                if not row[f"rel_err_{kind}"] < MAX_RELATIVE_ERROR:
-                    raise BenchError(f"{name} M={m} {kind}: relative error {row[f'rel_err_{kind}']:.2e} "
-                                     f"exceeds {MAX_RELATIVE_ERROR}; the kernel is wrong on this shape")
+                calls = {"lowbit": w4a16_matmul}
+                if kind == "asym":
+                    calls.update(_direct_paths(weights, x.dtype))
+                for path, matmul in calls.items():
+                    label = f"{path}_{kind}"
+                    row[f"rel_err_{label}"] = _relative_error(matmul(x, weights), ref)
+                    if not row[f"rel_err_{label}"] < MAX_RELATIVE_ERROR:
+                        raise BenchError(f"{name} M={m} {path} {kind}: relative error {row[f'rel_err_{label}']:.2e} "
+                                         f"exceeds {MAX_RELATIVE_ERROR}; the kernel is wrong on this shape")
+                    copies = [weights] + [_clone(weights) for _ in range(_copies(weights.nbytes()) - 1)]
+                    row[f"{label}_us"] = _graph_us([lambda w=w, f=matmul: f(x, w) for w in copies])
+                    del copies
                 del ref
-                copies = [weights] + [_clone(weights) for _ in range(_copies(weights.nbytes()) - 1)]
-                row[f"lowbit_{kind}_us"] = _graph_us([lambda w=w: w4a16_matmul(x, w) for w in copies])
-                del copies
                 key = (x.device.index, x.dtype, bucket(m), n, k, group_size, kind == "sym")
                 row[f"path_{kind}"] = path_table().get(key, "fused")
             dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
@@ -179,6 +208,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
         "triton": __import__("triton").__version__,
         "python": platform.python_version(),
         "group_size": group_size,
+        "gemlite": _gemlite_version(),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -190,23 +220,25 @@ def markdown_table(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"W4A16 matmul, int4 group {meta['group_size']}, on {meta['device']} (torch {meta['torch']}, "
-        f"triton {meta['triton']}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
+        f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
         "from device memory).",
         "",
-        "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | int4 roofline | "
-        "bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gemlite asym | "
+        "int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    optional = lambda value: "n/a" if value is None else f"{value:.1f}"  # noqa: E731
     for r in rows:
         int4 = r.get("torch_int4_us")
         asym = r["lowbit_asym_us"]
-        int4_time = "n/a" if int4 is None else f"{int4:.1f}"
         int4_ratio = "n/a" if int4 is None else f"{int4 / asym:.2f}x"
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
-            f"{int4_time} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {r['roofline_us']:.1f} | "
-            f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | {r['rel_err_asym']:.1e} | "
+            f"{optional(int4)} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {optional(r.get('fused_asym_us'))} | "
+            f"{optional(r.get('gemlite_asym_us'))} | {r['roofline_us']:.1f} | "
+            f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | "
+            f"{r.get('rel_err_lowbit_asym', r.get('rel_err_asym')):.1e} | "
             f"{r.get('path_asym', 'fused')} |"
         )
     lines += ["", "Targets (issue 6), counted over the rows above for the asymmetric kernel:"]

@@ -1,15 +1,18 @@
 """y = x Wᵀ for an int4 weight in the PackedInt4 layout: the dispatcher and the torch reference.
 
-On GPU, M <= 64 rows always take the fused Triton kernels (they read a quarter of bf16's bytes,
-which is what decode time is made of). Above that the matmul turns compute-bound and cuBLAS's bf16
-GEMM may beat the fused kernel even after a separate dequantize pass, so the first call for each
-(shape, M bucket, dtype) times both paths and keeps the faster: `path_table()` shows the choices.
+On GPU there are up to three ways to run the product: lowbit's fused Triton kernels
+(w4a16_triton.py), dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound),
+and GemLite's kernels when that package is installed (w4a16_gemlite.py). Which is fastest depends
+on the shape, M and the GPU, so the first call for each (shape, M bucket, dtype) times every
+allowed path with a cold L2 and keeps the fastest; `path_table()` shows the choices and
+`use_paths()` narrows the candidates (`lowbit bench kernels --paths`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -23,30 +26,59 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-MatmulPath = Literal["fused", "dequantize+cublas"]
-_PATHS: dict[tuple, MatmulPath] = {}
+MatmulPath = Literal["fused", "dequantize+cublas", "gemlite"]
+PATHS: tuple[MatmulPath, ...] = ("fused", "dequantize+cublas", "gemlite")
+_CHOSEN: dict[tuple, MatmulPath] = {}
+_ALLOWED: set[str] = set(PATHS)
 
 
 def path_table() -> dict[tuple, MatmulPath]:
     """The measured choices so far: (device, dtype, M bucket, N, K, group, symmetric) -> path."""
-    return dict(_PATHS)
+    return dict(_CHOSEN)
 
 
-def _large_m_path(x: torch.Tensor, packed: PackedInt4) -> MatmulPath:
-    """The faster of the fused kernel and dequantize-then-cuBLAS for this shape, timed once."""
+def use_paths(*paths: str) -> None:
+    """Let the dispatcher choose only among `paths` (default: all of PATHS); forgets earlier choices.
+
+    "fused" always stays allowed: it is the path taken inside a CUDA graph capture before any
+    choice was measured, and the only one that handles every supported shape.
+    """
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown W4A16 path(s) {', '.join(sorted(unknown))}; choose from {', '.join(PATHS)}")
+    _ALLOWED.clear()
+    _ALLOWED.update(paths or PATHS)
+    _ALLOWED.add("fused")
+    _CHOSEN.clear()
+
+
+def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callable[[], torch.Tensor]]:
+    from lowbit.kernels import w4a16_gemlite, w4a16_triton
+
+    calls: dict[MatmulPath, Callable[[], torch.Tensor]] = {"fused": lambda: w4a16_triton.matmul(x, packed)}
+    if "dequantize+cublas" in _ALLOWED and x.shape[0] > w4a16_triton.DECODE_MAX_M:
+        calls["dequantize+cublas"] = lambda: w4a16_triton.dequantize_matmul(x, packed)
+    if "gemlite" in _ALLOWED and w4a16_gemlite.supports(packed, x.dtype):
+        calls["gemlite"] = lambda: w4a16_gemlite.matmul(x, packed)
+    return calls
+
+
+def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[], torch.Tensor]]:
+    """The fastest allowed path for this shape and M bucket, timed once (do_bench clears L2 per run)."""
     from lowbit.kernels import w4a16_triton
 
+    calls = _candidates(x, packed)
     key = (x.device.index, x.dtype, w4a16_triton.bucket(x.shape[0]), packed.out_features, packed.in_features,
            packed.group_size, packed.symmetric)
-    if key not in _PATHS:
-        if torch.cuda.is_current_stream_capturing():
-            return "fused"  # nothing can be timed inside a graph capture; warm up outside it
+    if key not in _CHOSEN:
+        if len(calls) == 1 or torch.cuda.is_current_stream_capturing():
+            return "fused", calls["fused"]  # nothing can be timed inside a graph capture; warm up outside it
         import triton
 
-        fused = triton.testing.do_bench(lambda: w4a16_triton.matmul(x, packed), warmup=5, rep=25)
-        cublas = triton.testing.do_bench(lambda: w4a16_triton.dequantize_matmul(x, packed), warmup=5, rep=25)
-        _PATHS[key] = "fused" if fused <= cublas else "dequantize+cublas"
-    return _PATHS[key]
+        times = {path: triton.testing.do_bench(call, warmup=5, rep=25) for path, call in calls.items()}
+        _CHOSEN[key] = min(times, key=times.get)
+    path = _CHOSEN[key]
+    return path, calls[path]
 
 
 def reference_w4a16_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
@@ -71,9 +103,6 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
             if packed.input_perm is not None:
                 x2 = x2.index_select(1, packed.input_perm)
             x2 = x2.contiguous()
-            if x2.shape[0] > w4a16_triton.DECODE_MAX_M and _large_m_path(x2, packed) == "dequantize+cublas":
-                y = w4a16_triton.dequantize_matmul(x2, packed)
-            else:
-                y = w4a16_triton.matmul(x2, packed)
+            y = _choose(x2, packed)[1]()
             return y.reshape(*leading, packed.out_features)
     return reference_w4a16_matmul(x, packed)

@@ -44,8 +44,20 @@ def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap
                          num_warps=warps, num_stages=stages)
 
 
-_GEMV_CONFIGS = [_config(1, bn, bk, s, 4, 3) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128), (256, 256))
-                 for s in (1, 2, 4, 8, 16)]
+def _gemv_config(bn: int, bk: int, split: int, biased: bool = False) -> triton.Config:
+    config = _config(1, bn, bk, split, 4, 3)
+    return triton.Config({**config.kwargs, "BIASED": biased}, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
+# sums) is shared by more codes: 8.4-8.8 SASS instructions per code in the main loop at BLOCK_N
+# 256 against 7.0-7.4 at 512-1024 (sm_90, counted from the compiled kernel). The biased unpack
+# (`_biased_code`) trades the per-code subtraction for per-row work, which pays only there
+# (7.0 -> 6.6 at 1024 x 32). Untimed on a GPU when added: the autotuner decides.
+_GEMV_CONFIGS = ([_gemv_config(bn, bk, s) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128), (256, 256))
+                  for s in (1, 2, 4, 8, 16)]
+                 + [_gemv_config(bn, bk, s, biased) for bn, bk in ((512, 64), (1024, 32), (1024, 64))
+                    for s in (1, 2, 4, 8, 16) for biased in (False, True)])
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap) for bm in (16, 64) for bn in (64, 128)
                    for s in (1, 2, 4, 8) for swap in (False, True)]
 _PREFILL_CONFIGS = [
@@ -106,6 +118,29 @@ def _nibble(words, J: tl.constexpr):
 
 
 @triton.jit
+def _biased_code(words, J: tl.constexpr):
+    """Code J of each int32 word as the exact float32 2^(23-P) + code, with the code moved to bits
+    P .. P+3 (P = 12 or 16) before the mask-and-or of `_nibble`.
+
+    The bias 2^(23-P) is then left in: Σ_j x_j·(2^(23-P_j) + q_j) = Σ_j x_j·q_j + Σ_j x_j·2^(23-P_j),
+    and the second sum depends on the row of words only, not on the column, so it is subtracted
+    once per row instead of once per code: per code one mask-and-or and one FMA, plus a shift
+    shared by two codes. The bias is at most 2^11 times a code step, so the float32 sums keep
+    about 13 bits below the codes (`_nibble`'s bias of up to 2^23 would leave none).
+    """
+    P: tl.constexpr = 16 if J == 1 or J == 4 or J == 6 else 12
+    SHIFT: tl.constexpr = P - 4 * J
+    if SHIFT > 0:
+        moved = words << SHIFT
+    elif SHIFT < 0:
+        moved = words >> (-SHIFT)
+    else:
+        moved = words
+    bits = (moved & (0xF << P)) | ((150 - P) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexpr):
     """Write float32 `result` to out (x's dtype); with SPLIT the last of the SPLIT_K programs of this tile does.
 
@@ -134,7 +169,7 @@ def _gemv_kernel(
     M_BUCKET,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False,
 ):
     """M = 1. Per word row r and column n, Σ_j (q_j - z)·s·x_j = s·(Σ_j q_j·x_j - z·Σ_j x_j): the
     zero point and scale are applied once per word, and the K reduction runs once, at the end."""
@@ -152,12 +187,19 @@ def _gemv_kernel(
                         other=0)
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
-            partial += _nibble(words, j) * xj[:, None]
+            if BIASED:
+                partial += _biased_code(words, j) * xj[:, None]
+                x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
+            else:
+                partial += _nibble(words, j) * xj[:, None]
             x_sum += xj
         rows = ((k + offs_w * 8) // GROUP)[:, None] * stride_sg + offs_n[None, :]
         scale = tl.load(s_ptr + rows, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        if BIASED:
+            partial -= x_bias[:, None]
         if SYMMETRIC:
             acc += scale * (partial - 8.0 * x_sum[:, None])
         else:

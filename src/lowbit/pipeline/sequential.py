@@ -420,25 +420,37 @@ def _batches(ids: torch.Tensor, batch_size: int | None) -> Iterator[torch.Tensor
 
 
 class _outside_blocks_on:
-    """Context manager: parameters outside the blocks (embeddings, rotary tables) on `device`."""
+    """Context manager: what runs before the first block (embeddings, rotary tables) on `device`.
+
+    Calibration stops at the first block, so an output head of its own (1 GB for Llama-3-8B's 128k
+    vocabulary) stays where it is; a head tied to the input embedding moves with it. The tensors are
+    for reading only: on exit each gets its original data back, without a copy back.
+    """
 
     def __init__(self, model: nn.Module, architecture: Architecture, device: torch.device) -> None:
         blocks = architecture.block_list(model)
-        inside = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+        skipped = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())}
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if head is not None:
+            shared = set() if inputs is None else {id(t) for t in inputs.parameters()}
+            skipped |= {id(t) for t in head.parameters() if id(t) not in shared}
         # Tensors still on the meta device (a streamed model's head) are not needed for calibration.
         self.tensors = [
-            t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in inside and not t.is_meta
+            t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in skipped and not t.is_meta
         ]
         self.device = device
-        self.original = [t.device for t in self.tensors]
+        self.original: list[torch.Tensor] = []
 
     def __enter__(self) -> None:
+        self.original = [tensor.data for tensor in self.tensors]
         for tensor in self.tensors:
             tensor.data = tensor.data.to(self.device)
 
     def __exit__(self, *exc: object) -> None:
-        for tensor, device in zip(self.tensors, self.original):
-            tensor.data = tensor.data.to(device)
+        for tensor, data in zip(self.tensors, self.original):
+            tensor.data = data
+        self.original = []
 
 
 def _to_device(value: Any, device: torch.device) -> Any:

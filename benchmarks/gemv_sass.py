@@ -1,0 +1,74 @@
+"""Static cost of lowbit's M=1 W4A16 kernel: SASS instructions per int4 code in its main loop, for sm_90.
+
+The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left its time unchanged),
+so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
+own ptxas, without a GPU, disassembles it with the cuobjdump that Triton's wheel carries, finds
+the longest loop and divides its instructions by the codes one thread handles per iteration. The
+budget at the copy roofline on an H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12
+codes/s), everything included.
+
+    python benchmarks/gemv_sass.py --configs 256x256 512x64 1024x32   (needs `pip install triton`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lowbit.kernels import w4a16_triton
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+             "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "SPLIT_K": "i32"}
+
+
+def loop_instructions(block_n: int, block_k: int, symmetric: bool, biased: bool, warps: int = 4) -> collections.Counter:
+    """Opcode counts of the GEMV's main loop (the longest backward branch) compiled for sm_90."""
+    constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased}
+    signature = {**SIGNATURE, **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(fn=w4a16_triton._gemv_kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "--dump-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    lines = [re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", line)
+             for line in sass.splitlines()]
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in lines if m]
+    loops = [(int(target.split("0x")[1], 16), address) for address, op, target in code
+             if op == "BRA" and "0x" in target and int(target.split("0x")[1], 16) < address]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["256x256", "256x128", "512x64", "1024x64", "1024x32"],
+                        help="BLOCK_NxBLOCK_K tiles (4 warps)")
+    parser.add_argument("--symmetric", action="store_true")
+    args = parser.parse_args()
+    print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code |")
+    print("|---|---|---:|---|")
+    for config in args.configs:
+        block_n, block_k = (int(v) for v in config.split("x"))
+        codes_per_thread = block_n * block_k / 128
+        for biased in (False, True):
+            ops = loop_instructions(block_n, block_k, args.symmetric, biased)
+            top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
+            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(ops.values()) / codes_per_thread:.2f} | {top} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, then the GPU benchmarks named in $STEPS, each under its own time limit,
+# results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
+# benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite, if wanted, must be importable.
+#   STEPS="tests kernels decode quant4 quant32" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+step() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s"
+    tail -n 25 "$out/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+for s in ${STEPS:-tests kernels decode}; do
+    case $s in
+        # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
+        # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
+        tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
+                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_gpu_solvers.py" \
+                   "$here/tests/test_kernels.py" ;;
+        # The bench module directly (the device image may lack the CLI's own imports, pydantic),
+        # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
+        # About a minute per shape on an H200 with GemLite: KERNEL_SHAPES (names separated by commas,
+        # e.g. "70B k/v_proj,70B down_proj") splits the eight over two calls.
+        kernels) step kernels "${T_KERNELS:-300}" python3 -c "import json, pathlib; from lowbit.bench import kernels as k
+out, r = pathlib.Path('$out/gpu_kernels'), None
+for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
+    part = k.run([name])
+    r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
+    out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
+print(k.markdown_table(r))" ;;
+        decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
+        quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
+                    --out "$out/gpu_quant_speed_4layers" ;;
+        quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
+                     --out "$out/gpu_quant_speed" ;;
+        *) echo "unknown step $s (tests kernels decode quant4 quant32)"; exit 2 ;;
+    esac
+done
