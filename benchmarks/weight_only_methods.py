@@ -40,13 +40,23 @@ METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
 (each GPTQ row takes many minutes on a shared CPU) still has the cheap rows of every setting."""
 
 
+SOLVER_VARIANTS = {
+    "gptq-static": ("gptq", {"static_groups": True}),
+    "gptq-static-mse": ("gptq", {"static_groups": True, "clip_search": True}),
+}
+"""Row names for solver options: plain `gptq` is the paper's (groups fitted when reached, min/max);
+the integer schemes (`--scheme w4a16`...) use gptq-static-mse."""
+
+
 def recipe_for(method: str, bits: int, group_size: int, transform_options: dict | None = None) -> Recipe:
     """'a+b' is transform a before solver b (a model transform such as hadamard too); a plain name is a
-    method (with what it implies). `transform_options` gives settings to the transforms it names."""
+    method (with what it implies) or a SOLVER_VARIANTS name. `transform_options` gives settings to the
+    transforms it names."""
     *transforms, solver = method.split("+")
+    solver, solver_options = SOLVER_VARIANTS.get(solver, (solver, {}))
     options = {name: value for name, value in (transform_options or {}).items() if name in transforms}
     return Recipe(method=solver, transforms=transforms, bits=bits, symmetric=False, group_size=group_size,
-                  transform_options=options)
+                  transform_options=options, method_options=solver_options)
 
 
 def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:

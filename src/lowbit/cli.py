@@ -162,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true",
                    help="GPTQ: quantize columns by decreasing Hessian diagonal (static groups, so it exports)")
     q.add_argument("--damp", type=float, help="GPTQ: relative Hessian damping (default 0.01)")
-    q.add_argument("--clip-search", action="store_true", help="MSE search of each group's clipping range")
+    clip = q.add_mutually_exclusive_group()
+    clip.add_argument("--clip-search", dest="clip_search", action="store_const", const=True,
+                      help="MSE search of each group's clipping range (GPTQ: on by default)")
+    clip.add_argument("--no-clip-search", dest="clip_search", action="store_const", const=False,
+                      help="GPTQ: plain min/max ranges")
+    q.add_argument("--dynamic-groups", action="store_true",
+                   help="GPTQ: fit each group's range when the column loop reaches it, on the error-updated "
+                   "weights, as the paper does (default: fitted up front on the original weights)")
     q.add_argument("--outliers", type=float, metavar="FRACTION",
                    help="keep this fraction of each matrix's weights (e.g. 0.005) in fp16 as a sparse matrix and "
                    "quantize the rest with --method (dense-and-sparse; exported in lowbit's layout)")
@@ -237,6 +244,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         }.items()
         if value is not None
     }
+    if args.method is not None and args.method != recipe.method:
+        updates["method_options"] = {}  # the scheme's solver options belong to the scheme's solver
     updates.update(_format_option_updates(args, recipe))
     if transforms:
         updates["transforms"] = list(dict.fromkeys([*recipe.transforms, *transforms]))
@@ -261,8 +270,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         options.update(act_order=True, static_groups=True)
     if args.damp is not None:
         options["damp"] = args.damp
-    if args.clip_search:
-        options["clip_search"] = True
+    if getattr(args, "clip_search", None) is not None:
+        options["clip_search"] = args.clip_search
+    if getattr(args, "dynamic_groups", False):
+        if args.act_order:
+            raise RecipeError("--act-order needs static groups (to export); drop --dynamic-groups")
+        options["static_groups"] = False
     if getattr(args, "salient", None) is not None:
         options["salient_fraction"] = args.salient
     extras = {key: value for key, value in {

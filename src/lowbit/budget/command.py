@@ -91,7 +91,7 @@ def add_plan_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--save-recipe", type=Path, metavar="FILE",
                    help="write the plan as a recipe; `lowbit quantize --recipe FILE` replays it")
-    p.set_defaults(bits=None, group_size=None, act_order=False, clip_search=False,
+    p.set_defaults(bits=None, group_size=None, act_order=False, clip_search=None,
                    eval_data=None, eval_seq_len=2048, eval_windows=None)
     add_budget_options(p)
     return p
