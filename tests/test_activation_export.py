@@ -107,3 +107,16 @@ def test_cli_w8a8_quantize_then_eval(capsys, tmp_path, tiny_model_dir, wikitext)
     code = main(["quantize", str(tiny_model_dir), "--format", "nf4", "--activations", "int8", "--out",
                  str(tmp_path / "nf4"), "--no-eval"])
     assert code == 2 and "not exportable with lowbit's own layout" in capsys.readouterr().out
+
+
+def test_cli_w4a4_scheme_rotates_rounds_inputs_and_stores_the_kv_cache(capsys, tmp_path, tiny_model_dir, wikitext):
+    out = tmp_path / "w4a4"
+    code = main(["quantize", str(tiny_model_dir), "--scheme", "w4a4", "--calib", str(wikitext / "valid.txt"),
+                 "--samples", "2", "--seq-len", "32", "--out", str(out), "--no-eval"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "quarot" in printed and "activations int4" in printed
+    saved = json.loads((out / "lowbit.json").read_text())
+    assert "kv_cache" in json.dumps(saved) and "online" in json.dumps(saved).lower()
+    code = main(["eval", str(out), "--data", str(wikitext / "test.txt"), "--seq-len", "64", "--windows", "1"])
+    assert code == 0, capsys.readouterr().out

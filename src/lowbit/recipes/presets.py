@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from lowbit.formats.activation import ActivationFormat
+from lowbit.kv.spec import KVCacheSpec
 from lowbit.recipes.recipe import Recipe, RecipeError
 
 INT8_PER_TOKEN = ActivationFormat(type="int", bits=8, granularity="token", dynamic=True)
 FP8_PER_TOKEN = ActivationFormat(type="fp8_e4m3", granularity="token", dynamic=True)
 FP8_STATIC = ActivationFormat(type="fp8_e4m3", granularity="tensor", dynamic=False)
+INT4_PER_TOKEN = ActivationFormat(type="int", bits=4, granularity="token", dynamic=True)
 
 GPTQ_RANGES = {"static_groups": True, "clip_search": True}
 """The integer schemes' GPTQ fits each group's range on the original weights with an MSE clipping
@@ -28,6 +30,10 @@ PRESETS: dict[str, Recipe] = {
                           activations=FP8_PER_TOKEN),
     "fp8-static": Recipe(method="rtn", format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32",
                          activations=FP8_STATIC),
+    # QuaRot's W4A4KV4: rotated residual stream and online Hadamard before down_proj, int4 GPTQ
+    # weights, int4 per-token inputs, int4 KV cache (keys per channel, values per token).
+    "w4a4": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto", method_options=GPTQ_RANGES,
+                   transforms=["quarot"], activations=INT4_PER_TOKEN, kv_cache=KVCacheSpec(bits=4)),
     "nvfp4": Recipe(method="gptq", format="nvfp4", bits=4, group_size=16),
     "mxfp4": Recipe(method="gptq", format="mxfp4", bits=4, group_size=32),
     "nf4": Recipe(method="gptq", format="nf4", bits=4, group_size=64),
