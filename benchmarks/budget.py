@@ -28,6 +28,7 @@ import torch
 
 from lowbit.api import Settings, quantize, resolve_device
 from lowbit.budget.candidates import candidate_grid
+from lowbit.budget.evolve import EvolutionOptions
 from lowbit.budget.plan import Budget
 from lowbit.budget.run import PlanOptions, plan_budget, sensitivity_for
 from lowbit.budget.size import saved_size
@@ -35,13 +36,14 @@ from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
 from lowbit.evaluate import ReferenceLogProbs, evaluate
 from lowbit.models.loading import load_model
 from lowbit.recipes import Recipe
+from lowbit.recipes.presets import GPTQ_RANGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 JOBS = ",".join([  # the proof's targets first (3.0, 3.5), each next to its uniform neighbours
-    "uniform=3:-1", "plan=fisher:3.0", "uniform=3:64", "plan=fisher:3.5", "uniform=3:32",
-    "uniform=2:32", "plan=fisher:2.5", "uniform=4:64", "plan=fisher:4.25", "uniform=4:-1",
-    "plan=hessian:3.0", "plan=hessian:3.5", "uniform=2:64", "uniform=4:32",
+    "uniform=3:-1", "plan=fisher:3.0", "plan=fisher+evo:3.0", "uniform=3:64", "plan=fisher:3.5",
+    "plan=fisher+evo:3.5", "uniform=3:32", "uniform=2:32", "plan=fisher:2.5", "plan=fisher+evo:2.5",
+    "uniform=4:64", "plan=fisher:4.25", "plan=fisher+evo:4.25", "uniform=4:-1", "uniform=2:64", "uniform=4:32",
 ])
 
 
@@ -51,10 +53,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--jobs", default=JOBS, help="rows in the order they run: uniform=BITS:GROUP "
-                        "(-1 = per channel) or plan=WEIGHTING:TARGET_BITS")
+                        "(-1 = per channel) or plan=WEIGHTING:TARGET_BITS (WEIGHTING+evo: refined by measured KL)")
     parser.add_argument("--bits", default="2,3,4,8", help="candidate bit widths of the plans")
     parser.add_argument("--groups", default="32,64,-1", help="candidate group sizes of the plans")
     parser.add_argument("--fisher-samples", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=EvolutionOptions.generations,
+                        help="generations of the evolutionary refinement (jobs plan=WEIGHTING+evo:TARGET)")
+    parser.add_argument("--paper-gptq", action="store_true",
+                        help="GPTQ as in the paper (ranges fitted when reached, min/max) instead of the schemes'")
     parser.add_argument("--method", default="gptq", help="solver of every row and candidate (gptq or rtn)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--model", help="model source (default: the embedded SmolLM2-135M-Instruct)")
@@ -109,9 +115,11 @@ def main() -> None:
             shutil.rmtree(out.parent)
         return row
 
+    # The integer schemes' GPTQ (ranges on the original weights, MSE clipping) unless --paper-gptq.
+    method_options = dict(GPTQ_RANGES) if args.method == "gptq" and not args.paper_gptq else {}
     candidates = candidate_grid((args.method,), tuple(map(int, args.bits.split(","))),
                                 tuple(map(int, args.groups.split(","))), symmetric=False)
-    base_recipe = Recipe(method=args.method, symmetric=False)
+    base_recipe = Recipe(method=args.method, symmetric=False, method_options=method_options)
     tables = {}
     for job in args.jobs.split(","):
         kind, _, spec = job.partition("=")
@@ -119,23 +127,29 @@ def main() -> None:
             bits, group = map(int, spec.split(":"))
             if (bits, group) in done_uniform:
                 continue
-            recipe = Recipe(method=args.method, bits=bits, symmetric=False, group_size=group)
+            recipe = Recipe(method=args.method, bits=bits, symmetric=False, group_size=group,
+                            method_options=method_options)
             row = {"bits": bits, "group_size": group, **run(recipe, export=False)}
             result["uniform"].append(row)
             print(f"uniform {recipe.describe()}: {row['bits_per_weight']:.3f} bits/weight, "
                   f"perplexity {row['perplexity']:.3f}", flush=True)
         else:
-            weighting, _, target_text = spec.partition(":")
+            label, _, target_text = spec.partition(":")
             target = float(target_text)
-            if (target, weighting) in done_plans:
+            if (target, label) in done_plans:
                 continue
-            options = PlanOptions(tuple(candidates), weighting, args.fisher_samples, args.cache)
+            weighting = label.removesuffix("+evo")  # "fisher+evo": the DP plan refined by measured KL
+            evolution = EvolutionOptions(generations=args.generations) if label.endswith("+evo") else None
+            options = PlanOptions(tuple(candidates), weighting, args.fisher_samples, args.cache, evolution=evolution)
             if weighting not in tables:
                 tables[weighting] = sensitivity_for(original, calibration, base_recipe, options, device)
                 result["sensitivity"][weighting] = {"seconds": tables[weighting].seconds}
-            plan, recipe = plan_budget(original, tables[weighting], base_recipe, Budget(target_bits=target), options)
-            row = {"target": target, "weighting": weighting, "predicted_bits_per_weight": plan.bits_per_weight,
+            start = time.perf_counter()
+            plan, recipe = plan_budget(original, tables[weighting], base_recipe, Budget(target_bits=target), options,
+                                       calibration, device)
+            row = {"target": target, "weighting": label, "predicted_bits_per_weight": plan.bits_per_weight,
                    "predicted_damage": plan.damage, "plan": {c.name: c.candidate.key for c in plan.layers},
+                   "plan_seconds": time.perf_counter() - start, "measured_kl": plan.measured_kl,
                    **run(recipe, export=True)}
             result["plans"].append(row)
             print(f"plan {target} ({weighting}): {row['saved_bits_per_weight']:.4f} bits/weight saved, "
@@ -180,7 +194,9 @@ def describe(args: argparse.Namespace, loaded, reference: ReferenceLogProbs, dev
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
         "evaluation": f"first {len(reference.windows)} non-overlapping windows of {args.eval_seq_len} tokens of "
         f"wikitext-2 test.txt ({sum(w.numel() - 1 for w in reference.windows)} tokens scored)",
-        "candidates": f"{args.method} int{{{args.bits}}} asym, groups {{{args.groups}}} (-1 = per channel), fp16 scales",
+        "candidates": f"{args.method} int{{{args.bits}}} asym, groups {{{args.groups}}} (-1 = per channel), fp16 scales"
+        + (" (GPTQ ranges fitted on the original weights with MSE clipping)" if args.method == "gptq"
+           and not args.paper_gptq else ""),
         "machine": f"{name}, torch {torch.__version__}",
         "command": "python benchmarks/budget.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge", "cache", "data", "model")),

@@ -15,8 +15,9 @@ GPTQ_RANGES = {"static_groups": True, "clip_search": True}
 """The integer schemes' GPTQ fits each group's range on the original weights with an MSE clipping
 search, instead of on the error-updated weights when the column loop reaches it (the paper's way,
 `--dynamic-groups --no-clip-search`): at low bits the updates widen later groups' ranges. On
-SmolLM2-135M, asymmetric g64, 32 x 512 calibration tokens (benchmarks/gptq_ranges.py), this lowered
-the perplexity at 2 and 3 bits several-fold and by tens of percent, at about a third more solve time."""
+SmolLM2-135M, asymmetric g64, 32 x 512 calibration tokens (benchmarks/results/gptq_ranges.md):
+perplexity 1983 -> 118 at 2 bits, 40.8 -> 32.9 at 3 bits, and at 4 bits KL 0.186 -> 0.180 with
+perplexity 20.35 -> 20.52; the quantize time grew from about 49 to 89 s on a busy 2-core CPU."""
 
 PRESETS: dict[str, Recipe] = {
     "w4a16": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto", method_options=GPTQ_RANGES),
