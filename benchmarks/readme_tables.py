@@ -14,10 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {  # results file -> heading in the README
     "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
+    "gptq_ranges.md": "GPTQ group ranges: the paper's vs fitted on the original weights, with MSE clipping "
+    "(`python benchmarks/gptq_ranges.py --samples 32`)",
+    "activations.md": "Weights and activations: W8A8, FP8, W4A8/W4A4 on SmolLM2-135M (`python benchmarks/activations.py`)",
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
     "gpu_quant_speed.md": "GPTQ on a Llama-3-8B-shaped model, one H100 (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
+    "gpu_kernels_h200_all.md": "W4A16 matmul on one H200, all shapes in one call (`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
