@@ -51,6 +51,14 @@ ROWS: dict[str, Recipe] = {
     "w4a16-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto"),
     "w4a8-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto", activations=INT8_TOKEN),
     "w4a4-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto", activations=INT4_TOKEN),
+    # W4A4 needs its activation outliers removed: rotations (QuaRot) or migration (SmoothQuant).
+    "w4a4-rtn": Recipe(method="rtn", bits=4, symmetric=True, group_size="auto", activations=INT4_TOKEN),
+    "w4a4-quarot-rtn": Recipe(method="rtn", bits=4, symmetric=True, group_size="auto", activations=INT4_TOKEN,
+                              transforms=["quarot"]),
+    "w4a4-quarot-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto", activations=INT4_TOKEN,
+                               transforms=["quarot"]),
+    "w4a4-smoothquant-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto",
+                                    activations=INT4_TOKEN, transforms=["smoothquant"]),
 }
 """Also the run order: cheap rows first, so a run cut short still has them."""
 
