@@ -22,15 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from weight_only_methods import DATA, ROOT, quantize_copy  # noqa: E402
+from common import embedded_model_protocol  # noqa: E402
+from weight_only_methods import ROOT, quantize_copy  # noqa: E402
 
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text  # noqa: E402
-from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
+from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.formats.activation import ActivationFormat  # noqa: E402
-from lowbit.models.loading import load_model  # noqa: E402
 from lowbit.recipes import Recipe, preset  # noqa: E402
 
 INT8_TOKEN = ActivationFormat(bits=8)
@@ -87,13 +84,9 @@ def main() -> None:
     unknown = sorted(set(args.rows.split(",")) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown row {unknown[0]!r}; available: {', '.join(ROWS)}")
-    torch.manual_seed(0)
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
     for label in args.rows.split(","):

@@ -23,18 +23,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
 from lowbit.compare.pareto import pareto_front
 from lowbit.compare.plot import plot_pareto
-from lowbit.evaluate import ReferenceLogProbs, evaluate
-from lowbit.models.loading import load_model
+from lowbit.evaluate import evaluate
 from lowbit.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from weight_only_methods import DATA, describe_run, quantize_copy  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from weight_only_methods import describe_run, quantize_copy  # noqa: E402
 
 VQ_RESULTS = ROOT / "benchmarks" / "results" / "vq.json"
 EORA_RANK = 4
@@ -59,7 +56,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--rows", default=",".join(CONFIGS), help=f"comma-separated among {', '.join(CONFIGS)}")
+    parser.add_argument("--rows", default=",".join(CONFIGS), help="comma-separated among " + ", ".join(CONFIGS).replace("%", "%%"))
     parser.add_argument("--eora-rank", type=int, default=EORA_RANK, help="rank of the +eora rows (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extreme_low_bits")
     parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the saved .json")
@@ -71,13 +68,9 @@ def main() -> None:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         save(args.out, saved["meta"], saved["rows"])
         return
-    torch.manual_seed(0)
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
     for name in args.rows.split(","):

@@ -22,14 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import quantize_copy  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from weight_only_methods import quantize_copy  # noqa: E402
 
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text  # noqa: E402
-from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
-from lowbit.models.loading import load_model  # noqa: E402
+from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 FORMATS = {  # label -> recipe fields (method added per row)
     "int4 asym g32": dict(format="int", bits=4, symmetric=False, group_size=32),
     "fp8 e4m3 per-channel": dict(format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32"),
@@ -55,12 +53,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
 
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
     rows = [{"format": "original (float32 weights)", "method": "original", "bits_per_weight": 16.0,
              "perplexity": base.perplexity, "kl": 0.0, "seconds": 0.0}]

@@ -10,23 +10,19 @@ quantized from the same original weights, so rows differ only by method and form
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
-from lowbit.evaluate import ReferenceLogProbs, evaluate
-from lowbit.models.architectures import architecture_of
-from lowbit.models.loading import load_model
-from lowbit.pipeline.sequential import SequentialQuantizer
+from lowbit.evaluate import evaluate
 from lowbit.recipes import Recipe
 
+from common import embedded_model_protocol
+from weight_only_methods import quantize_copy
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 SETTINGS = [  # (bits, group size); asymmetric, as in the issue's table
     (4, 64),
     (3, 64),
@@ -34,23 +30,6 @@ SETTINGS = [  # (bits, group size); asymmetric, as in the issue's table
     (4, -1),
     (2, 32),
 ]
-
-
-def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:
-    """A quantized copy of `original`; returns it with its seconds and average bits per weight."""
-    model = copy.deepcopy(original)
-    bits = count = 0
-
-    def on_quantized(name, qweight):
-        nonlocal bits, count
-        bits += qweight.bits_per_weight() * qweight.weight_count
-        count += qweight.weight_count
-
-    start = time.perf_counter()
-    SequentialQuantizer(model, architecture_of(model), recipe.plan(), on_quantized=on_quantized).run(
-        calibration if recipe.solver().needs_hessian else None
-    )
-    return model, time.perf_counter() - start, bits / count
 
 
 def main() -> None:
@@ -70,12 +49,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
 
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
     rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
              "perplexity": base.perplexity, "kl": base.kl, "seconds": 0.0}]

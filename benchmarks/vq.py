@@ -28,15 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from foundation import quantize_copy  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from weight_only_methods import quantize_copy  # noqa: E402
 
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text  # noqa: E402
-from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
+from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.kernels.vq_matmul import PackedVQ, vq_matmul  # noqa: E402
-from lowbit.models.loading import load_model  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
 def _vq(bits: int, dim: int, residual_bits: int = 0) -> Recipe:
@@ -79,13 +77,9 @@ def main() -> None:
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         return save(args.out, saved["meta"], saved["rows"])
-    torch.manual_seed(0)
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
     for label in args.rows.split(","):

@@ -24,16 +24,15 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
-from lowbit.evaluate import ReferenceLogProbs, evaluate
+from lowbit.evaluate import evaluate
 from lowbit.models.architectures import architecture_of
-from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
 from lowbit.transforms.model import apply_model_transforms
 
+from common import embedded_model_protocol
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 SETTINGS = "4:64,3:64,4:-1"
 METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
 """Also the run order: every setting of a method before the next method, so that a run cut short
@@ -110,12 +109,9 @@ def run(args: argparse.Namespace, order: list[str], script: str, data_users: str
         return
     torch.manual_seed(0)
 
-    loaded = load_model(None)
-    original, tokenizer = loaded.model, loaded.tokenizer
-    calibration = calibration_windows(tokenizer, load_text(str(DATA / "valid.txt")), args.samples, args.seq_len, seed=0)
-    test_tokens = tokenize_text(tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=2048, max_windows=args.eval_windows)
-    reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
+    test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     settings = [tuple(map(int, setting.split(":"))) for setting in args.settings.split(",")]
     rows: list[dict] = []
     meta: dict = {}
