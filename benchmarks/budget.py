@@ -152,7 +152,7 @@ def main() -> None:
                    "plan_seconds": time.perf_counter() - start, "measured_kl": plan.measured_kl,
                    **run(recipe, export=True)}
             result["plans"].append(row)
-            print(f"plan {target} ({weighting}): {row['saved_bits_per_weight']:.4f} bits/weight saved, "
+            print(f"plan {target} ({label}): {row['saved_bits_per_weight']:.4f} bits/weight saved, "
                   f"perplexity {row['perplexity']:.3f}", flush=True)
         save(args.out, result)  # after every row, so a run that is cut short keeps what it finished
     print(markdown(result))

@@ -28,6 +28,8 @@ TABLES = {  # results file -> heading in the README
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
+    "budget.md": "Mixed precision under a budget: knapsack plan (and + evolutionary refinement) vs uniform "
+    "(`python benchmarks/budget.py --samples 32 --eval-windows 4 --bits 2,3,4 --groups 64,-1 --generations 12 ...`)",
     "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
     "kv_cache.md": "Quantized KV cache on SmolLM2-135M (`python benchmarks/kv_cache.py`)",
 }
