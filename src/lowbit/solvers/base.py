@@ -51,6 +51,21 @@ class Solver(ABC):
         return keep_by_zeroing(self, weight, fmt, stats, keep)
 
 
+class WrappingSolver(Solver):
+    """A solver that adds to another (`self.base`): what can be exported and which transforms the
+    method implies are the wrapped solver's."""
+
+    base: Solver
+
+    @property
+    def export_problem(self) -> str | None:  # type: ignore[override]
+        return self.base.export_problem
+
+    @property
+    def implied_transforms(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.base.implied_transforms
+
+
 SOLVERS: dict[str, type[Solver]] = {}
 
 S = TypeVar("S", bound=type[Solver])

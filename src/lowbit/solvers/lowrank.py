@@ -20,7 +20,7 @@ import torch
 
 from lowbit.calibrate.stats import HessianStats
 from lowbit.formats.base import LowRankCorrection, QuantizedWeight, WeightFormat
-from lowbit.solvers.base import Solver
+from lowbit.solvers.base import Solver, WrappingSolver
 
 EIGEN_FLOOR = 1e-6
 """Smallest eigenvalue of H kept, relative to the largest."""
@@ -44,7 +44,7 @@ def eora_factors(error: torch.Tensor, hessian: torch.Tensor, rank: int) -> tuple
 
 
 @dataclass
-class LowRankCompensation(Solver):
+class LowRankCompensation(WrappingSolver):
     """Runs `base`, then fits an EoRA correction of rank `rank` to its error (stored fp16).
 
     Built by a recipe's `eora_rank` field around its method (including dense-and-sparse); not a
@@ -60,14 +60,6 @@ class LowRankCompensation(Solver):
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ValueError(f"eora rank must be at least 1, got {self.rank}")
-
-    @property
-    def export_problem(self) -> str | None:  # type: ignore[override]
-        return self.base.export_problem
-
-    @property
-    def implied_transforms(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.base.implied_transforms
 
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
         if stats is None:

@@ -28,7 +28,7 @@ import torch
 
 from lowbit.calibrate.stats import HessianStats
 from lowbit.formats.base import QuantizedWeight, SparseOutliers, WeightFormat, check_finite
-from lowbit.solvers.base import Solver
+from lowbit.solvers.base import Solver, WrappingSolver
 
 OutlierCriterion = Literal["magnitude", "hessian"]
 
@@ -79,7 +79,7 @@ def keep_by_zeroing(
 
 
 @dataclass
-class DenseAndSparse(Solver):
+class DenseAndSparse(WrappingSolver):
     """Keeps the `fraction` most sensitive weights in fp16 (sparse) and lets `base` quantize the rest.
 
     Built by a recipe's `outliers` field around its method; not a method of its own.
@@ -100,14 +100,6 @@ class DenseAndSparse(Solver):
     @property
     def needs_hessian(self) -> bool:  # type: ignore[override]
         return self.base.needs_hessian or self.criterion == "hessian"
-
-    @property
-    def export_problem(self) -> str | None:  # type: ignore[override]
-        return self.base.export_problem
-
-    @property
-    def implied_transforms(self) -> tuple[str, ...]:  # type: ignore[override]
-        return self.base.implied_transforms
 
     def solve(self, weight: torch.Tensor, fmt: WeightFormat, stats: HessianStats | None) -> QuantizedWeight:
         check_finite(weight)
