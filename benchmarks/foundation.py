@@ -86,7 +86,7 @@ def describe_run(args: argparse.Namespace, loaded, base) -> dict:
         f"({base.tokens} tokens scored)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": "python benchmarks/foundation.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
     }
 
 
