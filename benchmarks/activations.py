@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import embedded_model_protocol  # noqa: E402
+from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402
 from weight_only_methods import ROOT, quantize_copy  # noqa: E402
 
 from lowbit.evaluate import evaluate  # noqa: E402
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "activations")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
@@ -84,14 +85,14 @@ def main() -> None:
     unknown = sorted(set(args.rows.split(",")) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown row {unknown[0]!r}; available: {', '.join(ROWS)}")
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
     for label in args.rows.split(","):
         recipe = ROWS[label]
-        model, seconds, bpw = quantize_copy(original, recipe, calibration)
+        model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
         result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
         if not rows:
             rows.append({"label": "original", "recipe": "float32", "bits_per_weight": 16.0, "activations": "16 (none)",
@@ -114,6 +115,7 @@ def describe_run(args: argparse.Namespace, model_name: str, result) -> dict:
         "(GPTQ, SmoothQuant and static FP8 scales; RTN and dynamic rows use no data)",
         "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({result.tokens} tokens scored)",
+        "machine": machine_of(args.device),
         "command": "python benchmarks/activations.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
     }

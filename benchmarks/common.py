@@ -7,12 +7,15 @@ log-probabilities are computed once, so each row costs one forward pass of the q
 
 from __future__ import annotations
 
+import argparse
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lowbit.api import resolve_device
 from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
 from lowbit.evaluate import ReferenceLogProbs
 from lowbit.models.loading import LoadedModel, load_model
@@ -29,18 +32,38 @@ class Protocol:
     test_tokens: torch.Tensor
     eval_kwargs: dict
     reference: ReferenceLogProbs
+    device: torch.device
 
     @property
     def original(self) -> nn.Module:
         return self.loaded.model
 
 
-def embedded_model_protocol(samples: int, seq_len: int, eval_windows: int) -> Protocol:
-    """The embedded model, its calibration windows, the test tokens and the original's log-probabilities."""
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where blocks are quantized and models evaluated: auto (CUDA when present), cpu, cuda")
+
+
+def machine_of(device: str | torch.device) -> str:
+    """The processor that did the work, for a results table's header."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def embedded_model_protocol(samples: int, seq_len: int, eval_windows: int, device: str = "cpu") -> Protocol:
+    """The embedded model, its calibration windows, the test tokens and the original's log-probabilities.
+
+    The original stays on the CPU (each row quantizes a copy of it); `eval_kwargs` carries `device`,
+    so every `evaluate(..., **eval_kwargs)` runs there.
+    """
     torch.manual_seed(0)
+    where = resolve_device(device)
     loaded = load_model(None)
     calibration = calibration_windows(loaded.tokenizer, load_text(str(DATA / "valid.txt")), samples, seq_len, seed=0)
     test_tokens = tokenize_text(loaded.tokenizer, load_text(str(DATA / "test.txt")))
-    eval_kwargs = dict(seq_len=EVAL_SEQ_LEN, max_windows=eval_windows)
-    return Protocol(loaded, calibration, test_tokens, eval_kwargs,
-                    ReferenceLogProbs(loaded.model, test_tokens, **eval_kwargs))
+    windows = dict(seq_len=EVAL_SEQ_LEN, max_windows=eval_windows)
+    reference = ReferenceLogProbs(loaded.model.to(where), test_tokens, **windows)
+    loaded.model.to("cpu")
+    return Protocol(loaded, calibration, test_tokens, {**windows, "device": where}, reference, where)

@@ -27,24 +27,33 @@ from lowbit.compare.pareto import pareto_front
 from lowbit.compare.plot import plot_pareto
 from lowbit.evaluate import evaluate
 from lowbit.recipes import Recipe
+from lowbit.recipes.presets import GPTQ_RANGES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import add_device_argument, embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
 from weight_only_methods import describe_run, quantize_copy  # noqa: E402
 
 VQ_RESULTS = ROOT / "benchmarks" / "results" / "vq.json"
 EORA_RANK = 4
 """Rank of the EoRA rows: +0.15..0.22 bits per weight on SmolLM2's 576/1536-wide matrices."""
 
+
+
+def _gptq(bits: int, group_size: int, outliers: float = 0.0) -> Recipe:
+    """Scalar GPTQ as the integer schemes run it (ranges fitted on the original weights, MSE clipping)."""
+    return Recipe(method="gptq", bits=bits, symmetric=False, group_size=group_size, outliers=outliers,
+                  method_options=GPTQ_RANGES)
+
+
 CONFIGS: dict[str, tuple[str, Recipe]] = {
     # name: (family shown in the table, recipe). SmolLM2's widths (576, 1536) take groups of 64.
-    "gptq-w2-ch": ("gptq", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1)),
-    "gptq-w2-g64": ("gptq", Recipe(method="gptq", bits=2, symmetric=False, group_size=64)),
-    "gptq-w3-ch": ("gptq", Recipe(method="gptq", bits=3, symmetric=False, group_size=-1)),
-    "ds-w2-ch": ("gptq + outliers", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1, outliers=0.0025)),
-    "ds-w2-ch-1%": ("gptq + outliers", Recipe(method="gptq", bits=2, symmetric=False, group_size=-1, outliers=0.01)),
-    "ds-w3-ch": ("gptq + outliers", Recipe(method="gptq", bits=3, symmetric=False, group_size=-1, outliers=0.0025)),
+    "gptq-w2-ch": ("gptq", _gptq(2, -1)),
+    "gptq-w2-g64": ("gptq", _gptq(2, 64)),
+    "gptq-w3-ch": ("gptq", _gptq(3, -1)),
+    "ds-w2-ch": ("gptq + outliers", _gptq(2, -1, outliers=0.0025)),
+    "ds-w2-ch-1%": ("gptq + outliers", _gptq(2, -1, outliers=0.01)),
+    "ds-w3-ch": ("gptq + outliers", _gptq(3, -1, outliers=0.0025)),
     "binary-g64": ("binary + salient", Recipe(method="binary", format="binary", bits=1, group_size=64)),
     "binary-split-ch": ("binary + salient", Recipe(method="binary", format="binary", bits=2, group_size=-1)),
     "binary-split-g64": ("binary + salient", Recipe(method="binary", format="binary", bits=2, group_size=64)),
@@ -60,6 +69,7 @@ def main() -> None:
     parser.add_argument("--eora-rank", type=int, default=EORA_RANK, help="rank of the +eora rows (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extreme_low_bits")
     parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the saved .json")
+    add_device_argument(parser)
     args = parser.parse_args()
     unknown = set(args.rows.split(",")) - set(CONFIGS)
     if unknown:
@@ -68,7 +78,7 @@ def main() -> None:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         save(args.out, saved["meta"], saved["rows"])
         return
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
@@ -80,10 +90,10 @@ def main() -> None:
             variants.append((f"{family} + eora", f"{name}+eora{args.eora_rank}",
                              base.model_copy(update={"eora_rank": args.eora_rank})))
         for method, label, recipe in variants:
-            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             if not meta:
-                meta = describe_run(args, loaded, result)
+                meta = describe_run(args, loaded, result, "extreme_low_bits.py", "every row")
                 meta["calibration"] = f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0"
                 meta["command"] = "python benchmarks/extreme_low_bits.py " + " ".join(
                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render"))

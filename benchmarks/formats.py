@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402  (benchmarks/ is a folder of scripts)
 from weight_only_methods import quantize_copy  # noqa: E402
 
 from lowbit.evaluate import evaluate  # noqa: E402
@@ -46,6 +45,7 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "formats")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
@@ -53,7 +53,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
 
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
@@ -63,7 +63,7 @@ def main() -> None:
     for label in args.formats.split(","):
         for method in args.methods.split(","):
             recipe = Recipe(method=method, **FORMATS[label])
-            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             rows.append({"format": label, "method": method, "recipe": recipe.model_dump(), "bits_per_weight": bpw,
                          "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
@@ -87,8 +87,7 @@ def describe_run(args: argparse.Namespace, loaded, base) -> dict:
         "(GPTQ rows only; RTN uses no data)",
         "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({base.tokens} tokens scored)",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": machine_of(args.device),
         "command": "python benchmarks/formats.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
     }

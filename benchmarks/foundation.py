@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
 from lowbit.evaluate import evaluate
-from lowbit.recipes import Recipe
 
-from common import embedded_model_protocol
-from weight_only_methods import quantize_copy
+from common import add_device_argument, embedded_model_protocol, machine_of
+from weight_only_methods import SOLVER_VARIANTS, quantize_copy, recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [  # (bits, group size); asymmetric, as in the table
@@ -39,9 +37,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--settings", default=",".join(f"{b}:{g}" for b, g in SETTINGS),
                         help="comma-separated bits:group_size pairs (-1 = per channel)")
-    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--methods", default="rtn,gptq",
+                        help="comma-separated: rtn, gptq (the paper's) or " + ", ".join(SOLVER_VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "foundation")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
@@ -49,7 +49,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
 
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
@@ -60,8 +60,8 @@ def main() -> None:
     for setting in args.settings.split(","):
         bits, group_size = map(int, setting.split(":"))
         for method in args.methods.split(","):
-            recipe = Recipe(method=method, bits=bits, symmetric=False, group_size=group_size)
-            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            recipe = recipe_for(method, bits, group_size)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             rows.append({"method": method, "bits": bits, "group_size": group_size, "bits_per_weight": bpw,
                          "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
@@ -84,7 +84,7 @@ def describe_run(args: argparse.Namespace, loaded, base) -> dict:
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
         "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({base.tokens} tokens scored)",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine_of(args.device),
         "command": "python benchmarks/foundation.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
     }

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from budget import reference_perplexity  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import add_device_argument, machine_of  # noqa: E402
 
+from lowbit.api import resolve_device  # noqa: E402
 from lowbit.calibrate.data import load_text, tokenize_text  # noqa: E402
 from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
 from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK, CacheScoring  # noqa: E402
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--rows", default=ROWS, help="comma-separated bits:group:residual[:pre]")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_cache")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
@@ -76,7 +77,7 @@ def main() -> None:
     specs = [parse_row(text) for text in args.rows.split(",")]  # bad rows fail before the model loads
 
     loaded = load_model(None)
-    model = loaded.model
+    model = loaded.model.to(resolve_device(args.device))
     shape = AttentionShape.of_config(model.config)
     tokens = tokenize_text(loaded.tokenizer, load_text(str(DATA / "test.txt")))
     eval_kwargs = dict(seq_len=args.seq_len, max_windows=args.eval_windows)
@@ -118,8 +119,7 @@ def describe_run(args: argparse.Namespace, loaded, shape: AttentionShape) -> dic
         "evaluation": f"first {args.eval_windows} non-overlapping windows of {args.seq_len} tokens of wikitext-2 "
         f"test.txt, fed in chunks of {args.chunk} tokens through the cache; reference: the same chunks through "
         "a full-precision cache",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": machine_of(args.device),
         "command": "python benchmarks/kv_cache.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),
         "seq_len": args.seq_len,

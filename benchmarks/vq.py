@@ -28,12 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
+from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402  (benchmarks/ is a folder of scripts)
 from weight_only_methods import quantize_copy  # noqa: E402
 
 from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.kernels.vq_matmul import PackedVQ, vq_matmul  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
+from lowbit.recipes.presets import GPTQ_RANGES  # noqa: E402
 
 
 
@@ -43,7 +44,8 @@ def _vq(bits: int, dim: int, residual_bits: int = 0) -> Recipe:
 
 
 def _gptq(bits: int, group_size: int) -> Recipe:
-    return Recipe(method="gptq", bits=bits, symmetric=False, group_size=group_size)
+    """Scalar GPTQ as the integer schemes run it (ranges fitted on the original weights, MSE clipping)."""
+    return Recipe(method="gptq", bits=bits, symmetric=False, group_size=group_size, method_options=GPTQ_RANGES)
 
 
 ROWS: dict[str, tuple[str, Recipe]] = {  # label -> (target bits/weight, recipe)
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="time the CPU decode paths instead")
     parser.add_argument("--threads", type=int, default=1,
                         help="--decode: torch threads (default 1: on a shared CPU more threads wait on each other)")
+    add_device_argument(parser)
     args = parser.parse_args()
     if args.decode:
         torch.set_num_threads(args.threads)
@@ -77,14 +80,14 @@ def main() -> None:
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         return save(args.out, saved["meta"], saved["rows"])
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
     for label in args.rows.split(","):
         target, recipe = ROWS[label]
-        model, seconds, bpw = quantize_copy(original, recipe, calibration)
+        model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
         result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
         if not rows:
             rows.append({"method": "original", "target": "16", "bits_per_weight": 16.0,
@@ -105,8 +108,7 @@ def describe_run(args: argparse.Namespace, model_name: str, result) -> dict:
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
         "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({result.tokens} tokens scored)",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": machine_of(args.device),
         "command": f"python benchmarks/vq.py --samples {args.samples} --seq-len {args.seq_len} "
         f"--eval-windows {args.eval_windows}",
     }

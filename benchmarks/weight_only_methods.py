@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
 from lowbit.transforms.model import apply_model_transforms
 
-from common import embedded_model_protocol
+from common import add_device_argument, embedded_model_protocol, machine_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = "4:64,3:64,4:-1"
@@ -58,9 +57,10 @@ def recipe_for(method: str, bits: int, group_size: int, transform_options: dict 
                   transform_options=options, method_options=solver_options)
 
 
-def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Module, float, float]:
-    """A quantized copy of `original`; returns it with its seconds and average bits per weight."""
-    model = copy.deepcopy(original)
+def quantize_copy(original, recipe: Recipe, calibration,
+                  device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float, float]:
+    """A quantized copy of `original`, made on `device`; returns it with its seconds and average bits per weight."""
+    model = copy.deepcopy(original).to(device)
     bits = count = 0
 
     def on_quantized(name, qweight):
@@ -73,7 +73,7 @@ def quantize_copy(original, recipe: Recipe, calibration) -> tuple[torch.nn.Modul
     apply_model_transforms(recipe.model_transforms(), model, architecture_of(model), recipe.layer_formats(), data)
     SequentialQuantizer(
         model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms(),
-        activations=recipe.activations,
+        activations=recipe.activations, device=device, activations_on_device=device.type == "cuda",
     ).run(data)
     return model, time.perf_counter() - start, bits / count
 
@@ -87,6 +87,7 @@ def build_parser(description: str, settings: str, methods: str, out: Path) -> ar
     parser.add_argument("--methods", default=methods, help="comma-separated; 'awq+gptq' = AWQ transform, then GPTQ")
     parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
+    add_device_argument(parser)
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="add the rows of other saved runs (same model, calibration and evaluation) to --out")
     return parser
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace, order: list[str], script: str, data_users: str
         return
     torch.manual_seed(0)
 
-    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows)
+    protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     settings = [tuple(map(int, setting.split(":"))) for setting in args.settings.split(",")]
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace, order: list[str], script: str, data_users: str
     for method in args.methods.split(","):
         for bits, group_size in settings:
             recipe = recipe_for(method, bits, group_size, getattr(args, "transform_options", None))
-            model, seconds, bpw = quantize_copy(original, recipe, calibration)
+            model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             if not rows:  # the original's perplexity comes with the KL pass over its log-probabilities
                 rows.append({"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
@@ -171,8 +172,7 @@ def describe_run(args: argparse.Namespace, loaded, result, script: str, data_use
         f"({data_users})",
         "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({result.tokens} tokens scored)",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": machine_of(args.device),
         "command": f"python benchmarks/{script} " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render", "merge", "transform_options")),
     }
