@@ -104,6 +104,28 @@ def test_invalid_settings_are_rejected(kwargs):
         IntegerFormat(**kwargs)
 
 
+@pytest.mark.parametrize("batch_elements", [1, 3 * 48, 10**9])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_picks_each_rows_best_ratio(batch_elements, symmetric):
+    """Whatever the number of ratios scored per step, each row gets the first ratio (from 1.0 down)
+    of least lp error, as a one-ratio-at-a-time loop would choose."""
+    from lowbit.solvers.clipping import ClipSearch
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 16) ** 3
+    w[0] = 0.0  # a constant row: every ratio ties, the first (no shrink) is kept
+    fmt = IntegerFormat(bits=3, symmetric=symmetric, group_size=16)
+    search = ClipSearch(grid=20, max_shrink=0.5, batch_elements=batch_elements)
+    got = search.fit(fmt, w)
+    for row in range(w.shape[0]):
+        part = w[row : row + 1]
+        candidates = [fmt.fit(part, clip=1.0 - step / 20) for step in range(10)]
+        errors = [float((fmt.round_trip(part, c) - part).abs().pow(2.4).sum()) for c in candidates]
+        best = candidates[errors.index(min(errors))]
+        assert torch.equal(got.scale[row], best.scale[0])
+        if not symmetric:
+            assert torch.equal(got.zero[row], best.zero[0])
+
 def test_clip_search_never_increases_error():
     from lowbit.solvers.rtn import RTN
 
