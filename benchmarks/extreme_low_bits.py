@@ -32,9 +32,9 @@ from lowbit.recipes.presets import GPTQ_RANGES
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_device_argument, embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
-from weight_only_methods import describe_run, quantize_copy  # noqa: E402
+from weight_only_methods import describe_run, merged, quantize_copy  # noqa: E402
 
-VQ_RESULTS = ROOT / "benchmarks" / "results" / "vq.json"
+VQ_RESULTS = [ROOT / "benchmarks" / "results" / f"{name}.json" for name in ("vq", "vq_eora")]
 EORA_RANK = 4
 """Rank of the EoRA rows: +0.15..0.22 bits per weight on SmolLM2's 576/1536-wide matrices."""
 
@@ -69,13 +69,17 @@ def main() -> None:
     parser.add_argument("--eora-rank", type=int, default=EORA_RANK, help="rank of the +eora rows (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extreme_low_bits")
     parser.add_argument("--render", action="store_true", help="only rewrite the table and plot from the saved .json")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="add the rows of other saved runs (same model, calibration and evaluation) to --out")
     add_device_argument(parser)
     args = parser.parse_args()
     unknown = set(args.rows.split(",")) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown row(s) {', '.join(sorted(unknown))}; choose among {', '.join(CONFIGS)}")
-    if args.render:
+    if args.render or args.merge:
         saved = json.loads(args.out.with_suffix(".json").read_text())
+        for path in args.merge or []:
+            saved = merged(saved, json.loads(path.read_text()), path)
         save(args.out, saved["meta"], saved["rows"])
         return
     protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
@@ -107,14 +111,17 @@ def main() -> None:
 
 
 def with_vq_rows(rows: list[dict]) -> list[dict]:
-    """Our rows plus those of benchmarks/results/vq.json when the VQ benchmark has written it."""
-    if not VQ_RESULTS.is_file():
-        return rows
-    data = json.loads(VQ_RESULTS.read_text())
-    other = data["rows"] if isinstance(data, dict) else data
-    required = ("method", "bits_per_weight", "perplexity", "kl")
-    vq = [{**row, "label": row.get("label", row["method"]), "source": "vq.json"}
-          for row in other if all(key in row for key in required) and row["method"] != "original"]
+    """Our rows plus those of benchmarks/results/vq.json (and vq_eora.json) where the VQ benchmark wrote them."""
+    vq = []
+    for path in VQ_RESULTS:
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        other = data["rows"] if isinstance(data, dict) else data
+        machine = data["meta"]["machine"] if isinstance(data, dict) and "meta" in data else None
+        required = ("method", "bits_per_weight", "perplexity", "kl")
+        vq += [{**row, "label": row.get("label", row["method"]), "source": path.name, "machine": machine}
+               for row in other if all(key in row for key in required) and row["method"] != "original"]
     return rows + vq
 
 
@@ -136,16 +143,18 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
         f"Machine: {meta['machine']}. Command: `{meta['command']}`. Original perplexity: "
-        f"{meta['original_perplexity']:.3f}. Rows from vq.json (if any) come from benchmarks/vq.py.",
+        f"{meta['original_perplexity']:.3f}. Rows from vq.json and vq_eora.json (if any) come from benchmarks/vq.py.",
         "",
-        "| row | method | recipe | bits/weight | perplexity | KL to original | quantize time (s) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| row | method | recipe | bits/weight | perplexity | KL to original | quantize time (s) | machine |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         seconds = f"{row['seconds']:.1f}" if "seconds" in row else "-"
         best = " *" if row.get("pareto_perplexity") else ""
+        machine = (row.get("machine") or meta["machine"]).split(",")[0]
         lines.append(f"| {row['label']}{best} | {row['method']} | {row.get('recipe', row.get('source', ''))} | "
-                     f"{row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['kl']:.4f} | {seconds} |")
+                     f"{row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['kl']:.4f} | {seconds} | "
+                     f"{machine} |")
     lines.append("")
     lines.append("`*`: on the perplexity-vs-bits Pareto front.")
     return "\n".join(lines) + "\n"

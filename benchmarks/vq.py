@@ -11,6 +11,7 @@ perplexity increase over the original at most half of scalar GPTQ's.
 
     python benchmarks/vq.py                # writes benchmarks/results/vq.{json,md}
     python benchmarks/vq.py --render       # rewrites the .md from the saved .json
+    python benchmarks/vq.py --eora-rank 4 --out benchmarks/results/vq_eora   # every row with EoRA
     python benchmarks/vq.py --decode       # CPU decode paths (gather vs lookup table), writes vq_decode.{json,md}
 """
 
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--eora-rank", type=int, default=0,
+                        help="add a rank-r EoRA correction to every row (labels get +eoraR); 0: none")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vq")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     parser.add_argument("--decode", action="store_true", help="time the CPU decode paths instead")
@@ -87,6 +90,8 @@ def main() -> None:
     meta: dict = {}
     for label in args.rows.split(","):
         target, recipe = ROWS[label]
+        if args.eora_rank:
+            label, recipe = f"{label}+eora{args.eora_rank}", recipe.model_copy(update={"eora_rank": args.eora_rank})
         model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
         result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
         if not rows:
@@ -109,8 +114,9 @@ def describe_run(args: argparse.Namespace, model_name: str, result) -> dict:
         "evaluation": f"first {result.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({result.tokens} tokens scored)",
         "machine": machine_of(args.device),
-        "command": f"python benchmarks/vq.py --samples {args.samples} --seq-len {args.seq_len} "
-        f"--eval-windows {args.eval_windows}",
+        "command": "python benchmarks/vq.py " + " ".join(
+            f"--{k.replace('_', '-')} {v!r}" if k == "rows" else f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items() if k not in ("out", "render", "decode", "threads")),
     }
 
 

@@ -135,14 +135,21 @@ def run(args: argparse.Namespace, order: list[str], script: str, data_users: str
 
 
 def merged(saved: dict, other: dict, path: Path) -> dict:
-    """Rows of two runs of one protocol in one table: settings in order of appearance, methods in METHODS order."""
+    """Rows of two runs of one protocol in one table, each row tagged with its machine."""
     for key in ("model", "calibration", "evaluation"):
         if saved["meta"][key] != other["meta"][key]:
             raise SystemExit(f"{path}: its {key} differs from the saved run's; rows would not be comparable")
-    rows = saved["rows"] + [row for row in other["rows"] if row["method"] != "original"]
+    rows = tagged(saved) + [row for row in tagged(other) if row["method"] != "original"]
     commands = [*saved["meta"]["command"].split("`; `"), other["meta"]["command"]]
-    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands))}  # shown as `A`; `B`
+    machines = [*saved["meta"]["machine"].split("; "), other["meta"]["machine"]]
+    meta = {**saved["meta"], "command": "`; `".join(dict.fromkeys(commands)),  # shown as `A`; `B`
+            "machine": "; ".join(dict.fromkeys(machines))}
     return {"meta": meta, "rows": rows}
+
+
+def tagged(run: dict) -> list[dict]:
+    """The rows of a saved run, each naming the machine it was measured on (rows merged earlier keep theirs)."""
+    return [{"machine": run["meta"]["machine"], **row} for row in run["rows"]]
 
 
 def table_order(rows: list[dict], methods: list[str] | None = None) -> list[dict]:
