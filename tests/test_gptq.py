@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from lowbit.solvers import SOLVERS
 from lowbit.solvers.clipping import ClipSearch
 from lowbit.solvers.gptq import GPTQ, layer_output_error
 from lowbit.solvers.rtn import RTN
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROWS, COLUMNS, TOKENS = 32, 64, 256
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -389,3 +394,53 @@ def test_per_tensor_formats_refuse_to_split():
     qw = GPTQ().solve(w, IntegerFormat(bits=4, group_size=PER_TENSOR), stats)
     with pytest.raises(ValueError, match="cannot be split"):
         qw.split_rows([ROWS // 2, ROWS - ROWS // 2])
+
+
+def test_fused_block_kernel_in_the_interpreter():
+    """The GPU column-loop kernel, dynamic and given (static) groups, against the torch loop it
+    replaces, on CPU through TRITON_INTERPRET=1 (in a subprocess: the flag is read at import). The
+    interpreter has no libdevice, so its round-half-even is rebuilt from floor for this run."""
+    pytest.importorskip("triton")
+    script = """
+import torch, triton, triton.language as tl
+from lowbit.kernels import gptq_block as kernel
+from lowbit.formats.base import GroupParams
+from lowbit.formats.integer import IntegerFormat
+
+@triton.jit
+def rint(x):
+    r = tl.floor(x + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0
+    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+kernel._rint = rint
+torch.manual_seed(0)
+rows, columns = 21, 48
+x = torch.randn(256, columns) @ torch.randn(columns, columns)
+H = x.T @ x / 256 + 0.01 * torch.eye(columns)
+U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+W = torch.randn(rows, columns)
+for fmt in (IntegerFormat(4, symmetric=False, group_size=16), IntegerFormat(3, symmetric=True, group_size=48)):
+    g = fmt.group_size_for(columns)
+    static = [fmt.fit(W[:, s : s + g], clip=0.9) for s in range(0, columns, g)]
+    for given in (None, static):
+        work, codes, errors, fitted = W.clone(), torch.empty(rows, columns, dtype=torch.uint8), torch.empty(rows, columns), []
+        for i in range(columns):
+            if i % g == 0:
+                fitted.append(given[i // g] if given else fmt.fit(work[:, i : i + g]))
+            p = fitted[-1]
+            w = work[:, i : i + 1]
+            codes[:, i : i + 1] = fmt.encode(w, p)
+            errors[:, i : i + 1] = (w - fmt.decode(codes[:, i : i + 1], p)) / U[i, i]
+            work[:, i + 1 :] -= errors[:, i : i + 1] * U[i : i + 1, i + 1 :]
+        packed = None if given is None else GroupParams(torch.cat([p.scale for p in given], 1),
+                                                         None if given[0].zero is None else torch.cat([p.zero for p in given], 1))
+        got_codes, got_errors, scales, zeros = kernel.gptq_block(W, U, fmt, packed)
+        assert (got_codes == codes).float().mean() > 0.99, (fmt, given is None)
+        assert torch.allclose(got_errors, errors, atol=1e-3), (got_errors - errors).abs().max()
+        assert torch.equal(scales, torch.cat([p.scale for p in fitted], 1))
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -42,13 +42,14 @@ def test_bf16_hessian_on_gpu_equals_float32_products_of_the_same_inputs():
      (IntegerFormat(3, symmetric=False, group_size=32), True)],
     ids=["int4-asym-g128", "int4-sym-g64", "int3-asym-g32-act-order"],
 )
-def test_fused_gptq_kernel_matches_the_torch_column_loop(fmt, act_order, monkeypatch):
+@pytest.mark.parametrize("ranges", [{}, {"static_groups": True, "clip_search": True}], ids=["dynamic", "static-mse"])
+def test_fused_gptq_kernel_matches_the_torch_column_loop(fmt, act_order, ranges, monkeypatch):
     rows, columns = 300, 520  # a partial last block, rows not a multiple of the row tile
     weight = torch.randn(rows, columns, device="cuda")
     stats = correlated_stats(columns)
-    fused = GPTQ(act_order=act_order).solve(weight, fmt, stats)
+    fused = GPTQ(act_order=act_order, **ranges).solve(weight, fmt, stats)
     monkeypatch.setattr(gptq_module, "_fused_block_solver", lambda *args: None)
-    loop = GPTQ(act_order=act_order).solve(weight, fmt, stats)
+    loop = GPTQ(act_order=act_order, **ranges).solve(weight, fmt, stats)
     # Same float32 arithmetic in a different order: a rare code may round the other way.
     assert (fused.codes == loop.codes).float().mean() > 0.999
     assert torch.equal(fused.group_index, loop.group_index)

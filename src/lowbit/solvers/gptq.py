@@ -94,6 +94,13 @@ def prepare_problem(
     return W, H
 
 
+def _block_params(params: list[GroupParams | None], first: int, count: int) -> GroupParams:
+    """The static parameters of groups first..first+count-1 side by side, as the fused kernel reads them."""
+    chosen = params[first : first + count]
+    return GroupParams(scale=torch.cat([p.scale for p in chosen], dim=1),
+                       zero=None if chosen[0].zero is None else torch.cat([p.zero for p in chosen], dim=1))
+
+
 def _fused_block_solver(fmt: WeightFormat, W: torch.Tensor, block_size: int):
     """kernels.gptq_block.gptq_block when it can run this solve (CUDA, Triton, a supported format), else None."""
     from lowbit.kernels import triton_available
@@ -185,14 +192,20 @@ class GPTQ(Solver):
         U, damp = inverse_hessian_factor(H, self.damp)
         codes = torch.empty(rows, columns, dtype=torch.uint8, device=W.device)
         row_error = torch.zeros(rows, dtype=dtype, device=W.device)
-        plain = not (self.static_groups or self.clip_search or keep is not None)
-        fused = _fused_block_solver(fmt, W, self.block_size) if plain else None
+        # The fused kernel fits dynamic groups itself (min-max only) or takes static ones in their
+        # plain layout; act-order static groups and kept weights stay in the torch loop.
+        fusable = keep is None and (not (self.static_groups or self.clip_search)
+                                    or (self.static_groups and not self.act_order))
+        fused = _fused_block_solver(fmt, W, self.block_size) if fusable else None
         for i1 in range(0, columns, self.block_size):
             i2 = min(i1 + self.block_size, columns)
             W1 = W[:, i1:i2].clone()
             U1 = U[i1:i2, i1:i2]
             Err1 = torch.zeros_like(W1)
-            if fused is not None:  # the same column loop, one kernel per block (GPU)
+            if fused is not None and self.static_groups:  # the same column loop, one kernel per block (GPU)
+                codes[:, i1:i2], Err1, _, _ = fused(W1, U1, fmt, _block_params(params, i1 // group_size,
+                                                                               -(-(i2 - i1) // group_size)))
+            elif fused is not None:
                 codes[:, i1:i2], Err1, scales, zeros = fused(W1, U1, fmt)
                 for j, start in enumerate(range(i1, i2, group_size)):
                     zero = None if zeros is None else zeros[:, j : j + 1]
