@@ -14,12 +14,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TABLES = {  # results file -> heading in the README
     "foundation.md": "RTN vs GPTQ on SmolLM2-135M (`python benchmarks/foundation.py`)",
+    "foundation_2048.md": "RTN vs GPTQ with 128 x 2048 calibration tokens, one H200 "
+    "(`JOBS=foundation_2048 bash benchmarks/gpu_accuracy_all.sh`)",
     "gptq_ranges.md": "GPTQ group ranges: the paper's vs fitted on the original weights, with MSE clipping "
     "(`python benchmarks/gptq_ranges.py --samples 32`)",
     "activations.md": "Weights and activations: W8A8, FP8, W4A8/W4A4 on SmolLM2-135M (`python benchmarks/activations.py`)",
     "activations_w4a4.md": "W4A4 needs outliers removed: QuaRot rotation and SmoothQuant "
     "(`python benchmarks/activations.py --samples 32 --rows w4a4-rtn,w4a4-quarot-rtn,w4a4-quarot-gptq,"
     "w4a4-smoothquant-gptq --out benchmarks/results/activations_w4a4`)",
+    "extreme_low_bits.md": "Extreme low bits: scalar GPTQ, dense-and-sparse, binarization and VQ, each with and "
+    "without EoRA (`python benchmarks/extreme_low_bits.py`, `python benchmarks/vq.py`; "
+    "plot: benchmarks/results/extreme_low_bits.png)",
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
     "gpu_quant_speed.md": "GPTQ on a Llama-3-8B-shaped model, one H100 (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
