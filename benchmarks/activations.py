@@ -1,5 +1,5 @@
 """Weight-and-activation quantization on SmolLM2-135M: W8A8 int8 (RTN, GPTQ, SmoothQuant + each),
-FP8 dynamic and static, and W4A8 / W4A4 without rotations.
+FP8 dynamic and static, W4A8 / W4A4 with and without rotations, and W4A4 with an int4 KV cache.
 
 Same protocol as benchmarks/weight_only_methods.py (whose quantize_copy this reuses): calibration =
 random windows of ../shared/data/wikitext-2/valid.txt (for GPTQ, SmoothQuant and static FP8
@@ -8,10 +8,14 @@ perplexity and KL(original || quantized). Every row starts from the original wei
 evaluation runs the model with inputs rounded at run time (the hooks the pipeline attaches).
 W4 rows use int4 symmetric with group 128 where it divides the layer (1536-wide down_proj) and 64
 elsewhere (576 is not a multiple of 128). Without a rotation, W4A4's per-token int4 activations
-are wrecked by outlier channels: the row shows why rotations are needed.
+are wrecked by outlier channels: the row shows why rotations are needed. The w4a4kv4-* rows add
+QuaRot's int4 KV cache and are scored through it chunk by chunk (--kv-chunk tokens per step): on
+a 2-core CPU about 80 s per 2048-token window at chunks of 512, far longer at the default 16.
 
     python benchmarks/activations.py                 # writes benchmarks/results/activations.{json,md}
     python benchmarks/activations.py --rows w8a8-rtn,fp8-dynamic --samples 8 --eval-windows 1   # smoke
+    python benchmarks/activations.py --rows w4a4kv4-rtn,w4a4kv4-gptq,w4a4kv4-quarot-rtn,w4a4kv4-quarot-gptq \
+        --device cuda --out benchmarks/results/activations_w4a4kv4
     python benchmarks/activations.py --render
 """
 
@@ -26,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402
 from weight_only_methods import ROOT, quantize_copy  # noqa: E402
 
-from lowbit.evaluate import evaluate  # noqa: E402
+from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
+from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK, CacheScoring  # noqa: E402
 from lowbit.formats.activation import ActivationFormat  # noqa: E402
+from lowbit.kv import KVCacheSpec  # noqa: E402
 from lowbit.recipes import Recipe, preset  # noqa: E402
 
 INT8_TOKEN = ActivationFormat(bits=8)
@@ -57,6 +63,13 @@ ROWS: dict[str, Recipe] = {
     "w4a4-smoothquant-gptq": Recipe(method="gptq", bits=4, symmetric=True, group_size="auto",
                                     activations=INT4_TOKEN, transforms=["smoothquant"]),
 }
+# W4A4 with an int4 KV cache (QuaRot's W4A4KV4), RTN vs GPTQ, each with and without the rotation;
+# scored through the cache chunk by chunk (lowbit.evaluate.kv_protocol).
+for _method in ("rtn", "gptq"):
+    for _transforms in ([], ["quarot"]):
+        ROWS["w4a4kv4-" + "".join(t + "-" for t in _transforms) + _method] = Recipe(
+            method=_method, bits=4, symmetric=True, group_size="auto", activations=INT4_TOKEN,
+            transforms=_transforms, kv_cache=KVCacheSpec(bits=4))
 """Also the run order: cheap rows first, so a run cut short still has them."""
 
 
@@ -68,12 +81,21 @@ def activation_label(recipe: Recipe) -> str:
     return f"{fmt.bits} ({number} {'dynamic per-token' if fmt.dynamic else 'static per-tensor'})"
 
 
+def kv_label(recipe: Recipe, chunk: int) -> str:
+    spec = recipe.kv_cache
+    if spec is None:
+        return "16 (none)"
+    return f"int{spec.bits} g{spec.group_size}, {spec.residual} recent exact (chunks of {chunk})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--kv-chunk", type=int, default=DEFAULT_CHUNK,
+                        help="rows with a KV cache: tokens fed per step through the cache")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "activations")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     add_device_argument(parser)
@@ -90,17 +112,27 @@ def main() -> None:
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
+    cached_reference: dict[int, ReferenceLogProbs] = {}  # the original through a full-precision cache
     for label in args.rows.split(","):
         recipe = ROWS[label]
         model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
-        result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
+        if recipe.kv_cache is None:
+            result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
+        else:
+            scoring = CacheScoring(recipe.kv_cache, args.kv_chunk)
+            if not cached_reference:
+                windows = {k: v for k, v in eval_kwargs.items() if k != "device"}
+                cached_reference[0] = ReferenceLogProbs(original.to(protocol.device), test_tokens,
+                                                        kv_cache=scoring.full_precision(), **windows)
+                original.to("cpu")
+            result = evaluate(model, test_tokens, reference=cached_reference[0], kv_cache=scoring, **eval_kwargs)
         if not rows:
             rows.append({"label": "original", "recipe": "float32", "bits_per_weight": 16.0, "activations": "16 (none)",
                          "perplexity": result.reference_perplexity, "kl": 0.0, "seconds": 0.0})
             meta = describe_run(args, loaded.name, result)
         rows.append({"label": label, "recipe": recipe.describe(), "bits_per_weight": bpw,
-                     "activations": activation_label(recipe), "perplexity": result.perplexity, "kl": result.kl,
-                     "seconds": seconds})
+                     "activations": activation_label(recipe), "kv_cache": kv_label(recipe, args.kv_chunk),
+                     "perplexity": result.perplexity, "kl": result.kl, "seconds": seconds})
         print(f"{label}: {recipe.describe()}: perplexity {result.perplexity:.3f}, KL {result.kl:.4f}, "
               f"{bpw:.3f} bits/weight, {seconds:.1f} s", flush=True)
         del model
@@ -130,15 +162,17 @@ def save(out: Path, meta: dict, rows: list[dict]) -> None:
 def markdown_table(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"Model: {meta['model']}. Calibration: {meta['calibration']}. Evaluation: {meta['evaluation']}.",
-        f"Command: `{meta['command']}`. Activations are rounded at run time in evaluation (fake quantization).",
+        f"Machine: {meta.get('machine', 'not recorded')}. Command: `{meta['command']}`. Activations are rounded "
+        "at run time in evaluation (fake quantization); rows with a KV cache are scored chunk by chunk through "
+        "it, their KL against the original fed the same chunks through a full-precision cache.",
         "",
-        "| row | recipe | weight bits/weight | activation bits | perplexity | KL to original | quantize time (s) |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| row | recipe | weight bits/weight | activation bits | KV cache | perplexity | KL to original | quantize time (s) |",
+        "|---|---|---:|---|---|---:|---:|---:|",
     ]
     for row in rows:
         kl = "0 (itself)" if row["label"] == "original" else f"{row['kl']:.4f}"
         lines.append(f"| {row['label']} | {row['recipe']} | {row['bits_per_weight']:.3f} | {row['activations']} | "
-                     f"{row['perplexity']:.3f} | {kl} | {row['seconds']:.1f} |")
+                     f"{row.get('kv_cache', '16 (none)')} | {row['perplexity']:.3f} | {kl} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
