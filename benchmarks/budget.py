@@ -33,6 +33,8 @@ from lowbit.budget.plan import Budget
 from lowbit.budget.run import PlanOptions, plan_budget, sensitivity_for
 from lowbit.budget.size import saved_size
 from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
+from lowbit.compare.pareto import pareto_front
+from lowbit.compare.plot import plot_pareto
 from lowbit.evaluate import ReferenceLogProbs, evaluate
 from lowbit.models.loading import load_model
 from lowbit.recipes import Recipe
@@ -185,6 +187,22 @@ def save(out: Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
+    plot(out.with_suffix(".png"), result)
+
+
+def plot(path: Path, result: dict) -> None:
+    """Perplexity and KL against bits per weight: uniform settings, DP plans, DP + evolution."""
+    rows = [{"method": "uniform", "label": f"int{r['bits']} {_layout(r['group_size'])}", **r}
+            for r in result["uniform"]]
+    rows += [{"method": "DP + evolution" if r["weighting"].endswith("+evo") else "DP",
+              "label": f"{r['target']:g}", **r, "bits_per_weight": r["saved_bits_per_weight"]}
+             for r in result["plans"]]
+    for metric in ("perplexity", "kl"):
+        front = set(pareto_front([(r["bits_per_weight"], r[metric]) for r in rows]))
+        for index, row in enumerate(rows):
+            row[f"pareto_{metric}"] = index in front
+    plot_pareto([{**r, "status": "ok"} for r in rows], result["original"], path,
+                f"SmolLM2-135M under a budget ({result['meta']['evaluation']})")
 
 
 def describe(args: argparse.Namespace, loaded, reference: ReferenceLogProbs, device: torch.device) -> dict:
