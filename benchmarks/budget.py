@@ -257,7 +257,7 @@ def markdown(result: dict) -> str:
         "next uniform up (bits/weight: ppl) | reduction vs it | best uniform within budget | reduction vs it |",
         "|---:|---|---:|---:|---|---:|---:|---|---:|---|---:|",
     ]
-    for row in result["plans"]:
+    for row in sorted(result["plans"], key=lambda r: (r["target"], r["weighting"])):
         saved = row["saved_bits_per_weight"]
         up = [u for u in uniform if u["bits_per_weight"] >= saved]
         within_budget = [u for u in uniform if u["bits_per_weight"] <= row["target"]]
