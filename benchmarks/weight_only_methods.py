@@ -153,9 +153,12 @@ def tagged(run: dict) -> list[dict]:
 
 
 def table_order(rows: list[dict], methods: list[str] | None = None) -> list[dict]:
-    """The original first, then settings in order of appearance, methods in `methods` order (default METHODS)."""
+    """The original first, then settings in order of appearance, methods in `methods` order (default
+    METHODS; others, such as solver variants, after them in order of appearance)."""
     settings = list(dict.fromkeys((row["bits"], row["group_size"]) for row in rows if row["method"] != "original"))
     methods = methods or METHODS.split(",")
+
+    methods = methods + [m for m in dict.fromkeys(row["method"] for row in rows) if m not in methods and m != "original"]
 
     def order(row: dict) -> tuple[int, int]:
         if row["method"] == "original":
