@@ -18,6 +18,8 @@ TABLES = {  # results file -> heading in the README
     "(`JOBS=foundation_2048 bash benchmarks/gpu_accuracy_all.sh`)",
     "gptq_ranges.md": "GPTQ group ranges: the paper's vs fitted on the original weights, with MSE clipping "
     "(`python benchmarks/gptq_ranges.py --samples 32`)",
+    "weight_only_methods.md": "Weight-only methods: RTN, AWQ, HQQ, EasyQuant and GPTQ on SmolLM2-135M "
+    "(`python benchmarks/weight_only_methods.py`, runs merged with `--merge`)",
     "activations.md": "Weights and activations: W8A8, FP8, W4A8/W4A4 on SmolLM2-135M (`python benchmarks/activations.py`)",
     "activations_w4a4.md": "W4A4 needs outliers removed: QuaRot rotation and SmoothQuant "
     "(`python benchmarks/activations.py --samples 32 --rows w4a4-rtn,w4a4-quarot-rtn,w4a4-quarot-gptq,"
