@@ -112,7 +112,7 @@ def main() -> None:
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
     rows: list[dict] = []
     meta: dict = {}
-    cached_reference: dict[int, ReferenceLogProbs] = {}  # the original through a full-precision cache
+    cache_reference: ReferenceLogProbs | None = None  # the original through a full-precision cache
     for label in args.rows.split(","):
         recipe = ROWS[label]
         model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
@@ -120,12 +120,8 @@ def main() -> None:
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
         else:
             scoring = CacheScoring(recipe.kv_cache, args.kv_chunk)
-            if not cached_reference:
-                windows = {k: v for k, v in eval_kwargs.items() if k != "device"}
-                cached_reference[0] = ReferenceLogProbs(original.to(protocol.device), test_tokens,
-                                                        kv_cache=scoring.full_precision(), **windows)
-                original.to("cpu")
-            result = evaluate(model, test_tokens, reference=cached_reference[0], kv_cache=scoring, **eval_kwargs)
+            cache_reference = cache_reference or protocol.reference_through(scoring.full_precision())
+            result = evaluate(model, test_tokens, reference=cache_reference, kv_cache=scoring, **eval_kwargs)
         if not rows:
             rows.append({"label": "original", "recipe": "float32", "bits_per_weight": 16.0, "activations": "16 (none)",
                          "perplexity": result.reference_perplexity, "kl": 0.0, "seconds": 0.0})

@@ -18,6 +18,7 @@ from torch import nn
 from lowbit.api import resolve_device
 from lowbit.calibrate.data import calibration_windows, load_text, tokenize_text
 from lowbit.evaluate import ReferenceLogProbs
+from lowbit.evaluate.kv_protocol import CacheScoring
 from lowbit.models.loading import LoadedModel, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,14 @@ class Protocol:
     @property
     def original(self) -> nn.Module:
         return self.loaded.model
+
+    def reference_through(self, kv_cache: CacheScoring) -> ReferenceLogProbs:
+        """The original's log-probabilities on the same windows, scored through `kv_cache`'s chunks."""
+        return _reference(self.original, self.test_tokens, self.device, kv_cache=kv_cache, **self.windows)
+
+    @property
+    def windows(self) -> dict:
+        return {k: v for k, v in self.eval_kwargs.items() if k != "device"}
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +73,13 @@ def embedded_model_protocol(samples: int, seq_len: int, eval_windows: int, devic
     calibration = calibration_windows(loaded.tokenizer, load_text(str(DATA / "valid.txt")), samples, seq_len, seed=0)
     test_tokens = tokenize_text(loaded.tokenizer, load_text(str(DATA / "test.txt")))
     windows = dict(seq_len=EVAL_SEQ_LEN, max_windows=eval_windows)
-    reference = ReferenceLogProbs(loaded.model.to(where), test_tokens, **windows)
-    loaded.model.to("cpu")
+    reference = _reference(loaded.model, test_tokens, where, **windows)
     return Protocol(loaded, calibration, test_tokens, {**windows, "device": where}, reference, where)
+
+
+def _reference(original: nn.Module, tokens: torch.Tensor, device: torch.device, **kwargs) -> ReferenceLogProbs:
+    """The original's log-probabilities computed on `device`; the original goes back to the CPU."""
+    try:
+        return ReferenceLogProbs(original.to(device), tokens, **kwargs)
+    finally:
+        original.to("cpu")

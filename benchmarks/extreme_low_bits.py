@@ -27,23 +27,20 @@ from lowbit.compare.pareto import pareto_front
 from lowbit.compare.plot import plot_pareto
 from lowbit.evaluate import evaluate
 from lowbit.recipes import Recipe
-from lowbit.recipes.presets import GPTQ_RANGES
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_device_argument, embedded_model_protocol  # noqa: E402  (benchmarks/ is a folder of scripts)
-from weight_only_methods import describe_run, merged, quantize_copy  # noqa: E402
+from weight_only_methods import describe_run, merged, quantize_copy, recipe_for  # noqa: E402
 
 VQ_RESULTS = [ROOT / "benchmarks" / "results" / f"{name}.json" for name in ("vq", "vq_eora")]
 EORA_RANK = 4
 """Rank of the EoRA rows: +0.15..0.22 bits per weight on SmolLM2's 576/1536-wide matrices."""
 
 
-
 def _gptq(bits: int, group_size: int, outliers: float = 0.0) -> Recipe:
     """Scalar GPTQ as the integer schemes run it (ranges fitted on the original weights, MSE clipping)."""
-    return Recipe(method="gptq", bits=bits, symmetric=False, group_size=group_size, outliers=outliers,
-                  method_options=GPTQ_RANGES)
+    return recipe_for("gptq-static-mse", bits, group_size).model_copy(update={"outliers": outliers})
 
 
 CONFIGS: dict[str, tuple[str, Recipe]] = {

@@ -30,12 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402  (benchmarks/ is a folder of scripts)
-from weight_only_methods import quantize_copy  # noqa: E402
+from weight_only_methods import quantize_copy, recipe_for  # noqa: E402
 
 from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.kernels.vq_matmul import PackedVQ, vq_matmul  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
-from lowbit.recipes.presets import GPTQ_RANGES  # noqa: E402
 
 
 
@@ -46,7 +45,7 @@ def _vq(bits: int, dim: int, residual_bits: int = 0) -> Recipe:
 
 def _gptq(bits: int, group_size: int) -> Recipe:
     """Scalar GPTQ as the integer schemes run it (ranges fitted on the original weights, MSE clipping)."""
-    return Recipe(method="gptq", bits=bits, symmetric=False, group_size=group_size, method_options=GPTQ_RANGES)
+    return recipe_for("gptq-static-mse", bits, group_size)
 
 
 ROWS: dict[str, tuple[str, Recipe]] = {  # label -> (target bits/weight, recipe)

@@ -27,6 +27,7 @@ from lowbit.evaluate import evaluate
 from lowbit.models.architectures import architecture_of
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.recipes import Recipe
+from lowbit.recipes.presets import GPTQ_RANGES
 from lowbit.transforms.model import apply_model_transforms
 
 from common import add_device_argument, embedded_model_protocol, machine_of
@@ -40,7 +41,7 @@ METHODS = "rtn,awq,hqq,gptq,easyquant,awq+gptq"
 
 SOLVER_VARIANTS = {
     "gptq-static": ("gptq", {"static_groups": True}),
-    "gptq-static-mse": ("gptq", {"static_groups": True, "clip_search": True}),
+    "gptq-static-mse": ("gptq", GPTQ_RANGES),
 }
 """Row names for solver options: plain `gptq` is the paper's (groups fitted when reached, min/max);
 the integer schemes (`--scheme w4a16`...) use gptq-static-mse."""

@@ -34,17 +34,14 @@ class ClipSearch:
             raise FormatError(f"the clipping search does not apply to {fmt.name} weights (their parameters are "
                               "fitted in closed form); drop --clip-search")
         w = w.float()
-        ratios = torch.tensor([1.0 - step / self.grid for step in range(int(self.max_shrink * self.grid))],
+        ratios = torch.tensor([1.0 - step / self.grid for step in range(max(1, int(self.max_shrink * self.grid)))],
                               device=w.device)
         budget = self.batch_elements or (1 << 24 if w.device.type != "cpu" else 1)
         per_step = 1 if fmt.per_tensor else max(1, budget // max(w.numel(), 1))
-        best: GroupParams | None = None
-        best_err = torch.empty(0)
-        for chunk in ratios.split(per_step):
+        first, *rest = ratios.split(per_step)
+        best, best_err = self._best_of(fmt, w, first)
+        for chunk in rest:
             params, err = self._best_of(fmt, w, chunk)
-            if best is None:
-                best, best_err = params, err
-                continue
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = GroupParams(
