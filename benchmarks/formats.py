@@ -1,9 +1,11 @@
-"""Number formats on SmolLM2-135M: RTN and GPTQ for FP8, NVFP4, MXFP4, NF4 and int4 g32 (the anchor).
+"""Number formats on SmolLM2-135M: RTN and GPTQ for FP8, NVFP4, MXFP4, NF4, learned tables and int4 g32.
 
 Calibration: random windows of ../shared/data/wikitext-2/valid.txt; evaluation: the first
 --eval-windows non-overlapping 2048-token windows of test.txt. Every row starts from the same
 original weights, so rows differ only by format and method. Bits per weight count every scale,
-table and per-tensor scale of the quantized linears.
+table and per-tensor scale of the quantized linears. Learned per-row tables (`lut`) are fitted by
+plain k-means (rtn), by Hessian-diagonal-weighted k-means (squeezellm), or fitted plainly and then
+rounded with GPTQ's error feedback (gptq).
 
     python benchmarks/formats.py                  # writes benchmarks/results/formats.{json,md}
     python benchmarks/formats.py --render         # rewrites the .md from the saved .json
@@ -27,12 +29,18 @@ from weight_only_methods import quantize_copy  # noqa: E402
 from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
-FORMATS = {  # label -> recipe fields (method added per row)
-    "int4 asym g32": dict(format="int", bits=4, symmetric=False, group_size=32),
-    "fp8 e4m3 per-channel": dict(format="fp8_e4m3", bits=8, group_size=-1, scale_dtype="float32"),
-    "nvfp4": dict(format="nvfp4", bits=4, group_size=16),
-    "mxfp4": dict(format="mxfp4", bits=4, group_size=32),
-    "nf4 g64": dict(format="nf4", bits=4, group_size=64),
+PER_CHANNEL_FP32 = dict(group_size=-1, scale_dtype="float32")
+SCALAR_METHODS = ("rtn", "gptq")
+TABLE_METHODS = ("rtn", "squeezellm", "gptq")
+FORMATS: dict[str, tuple[dict, tuple[str, ...]]] = {  # label -> (recipe fields, methods that apply)
+    "int4 asym g32": (dict(format="int", bits=4, symmetric=False, group_size=32), SCALAR_METHODS),
+    "fp8 e4m3 per-channel": (dict(format="fp8_e4m3", bits=8, **PER_CHANNEL_FP32), SCALAR_METHODS),
+    "fp8 e5m2 per-channel": (dict(format="fp8_e5m2", bits=8, **PER_CHANNEL_FP32), SCALAR_METHODS),
+    "nvfp4": (dict(format="nvfp4", bits=4, group_size=16), SCALAR_METHODS),
+    "mxfp4": (dict(format="mxfp4", bits=4, group_size=32), SCALAR_METHODS),
+    "nf4 g64": (dict(format="nf4", bits=4, group_size=64), SCALAR_METHODS),
+    "lut4 per-row (learned)": (dict(format="lut", bits=4, group_size=-1), TABLE_METHODS),
+    "lut3 per-row (learned)": (dict(format="lut", bits=3, group_size=-1), TABLE_METHODS),
 }
 
 
@@ -42,11 +50,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of: {', '.join(FORMATS)}")
-    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--methods", default="rtn,gptq,squeezellm",
+                        help="comma-separated; each format runs those of them that apply to it")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "formats")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     add_device_argument(parser)
     args = parser.parse_args()
+    unknown = [label for label in args.formats.split(",") if label not in FORMATS]
+    if unknown:
+        parser.error(f"unknown format {unknown[0]!r}; choose among: {', '.join(FORMATS)}")
     if args.render:
         saved = json.loads(args.out.with_suffix(".json").read_text())
         args.out.with_suffix(".md").write_text(markdown_table(saved["meta"], saved["rows"]))
@@ -61,8 +73,9 @@ def main() -> None:
              "perplexity": base.perplexity, "kl": 0.0, "seconds": 0.0}]
     meta = describe_run(args, loaded, base)
     for label in args.formats.split(","):
-        for method in args.methods.split(","):
-            recipe = Recipe(method=method, **FORMATS[label])
+        fields, applicable = FORMATS[label]
+        for method in (m for m in args.methods.split(",") if m in applicable):
+            recipe = Recipe(method=method, **fields)
             model, seconds, bpw = quantize_copy(original, recipe, calibration, protocol.device)
             result = evaluate(model, test_tokens, reference=reference, **eval_kwargs)
             rows.append({"format": label, "method": method, "recipe": recipe.model_dump(), "bits_per_weight": bpw,
@@ -84,7 +97,7 @@ def describe_run(args: argparse.Namespace, loaded, base) -> dict:
     return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0 "
-        "(GPTQ rows only; RTN uses no data)",
+        "(GPTQ and SqueezeLLM rows only; RTN uses no data)",
         "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
         f"({base.tokens} tokens scored)",
         "machine": machine_of(args.device),

@@ -19,7 +19,7 @@ job() {  # name, command...
     echo "=== $name: exit $? after $((SECONDS - start)) s"
     grep -v "it/s]\|s/it]" "$logs/$name.log" | tail -n 8
 }
-all="foundation_2048 foundation vq extreme weight_only rotations formats activations kv_cache budget"
+all="foundation_2048 foundation vq vq_eora extreme weight_only rotations formats activations activations_kv4 kv_cache budget"
 for j in ${JOBS:-$all}; do
     case $j in
         foundation_2048) job $j python3 benchmarks/foundation.py --device cuda --samples 128 --seq-len 2048 \
@@ -27,12 +27,16 @@ for j in ${JOBS:-$all}; do
         foundation) job $j python3 benchmarks/foundation.py --device cuda --samples 128 --seq-len 512 \
             --methods rtn,gptq,gptq-static-mse ;;
         vq) job $j python3 benchmarks/vq.py --device cuda ;;
+        vq_eora) job $j python3 benchmarks/vq.py --device cuda --eora-rank 4 --out benchmarks/results/vq_eora ;;
         extreme) job $j python3 benchmarks/extreme_low_bits.py --device cuda ;;
         weight_only) job $j python3 benchmarks/weight_only_methods.py --device cuda \
             --methods rtn,awq,hqq,easyquant,gptq,gptq-static-mse,awq+gptq ;;
         rotations) job $j python3 benchmarks/rotations.py --device cuda ;;
         formats) job $j python3 benchmarks/formats.py --device cuda ;;
         activations) job $j python3 benchmarks/activations.py --device cuda ;;
+        activations_kv4) job $j python3 benchmarks/activations.py --device cuda --samples 32 --seq-len 512 \
+            --rows w4a4kv4-rtn,w4a4kv4-gptq,w4a4kv4-quarot-rtn,w4a4kv4-quarot-gptq \
+            --out benchmarks/results/activations_w4a4kv4 ;;
         kv_cache) job $j python3 benchmarks/kv_cache.py --device cuda ;;
         budget) job $j python3 benchmarks/budget.py --device cuda ;;
         *) echo "unknown job $j; choose among: $all" ;;

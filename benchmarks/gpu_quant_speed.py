@@ -10,6 +10,9 @@ kernel for GPTQ's column loop). Timed: `run` alone, synchronised. llm-compressor
 subprocess on the same tokens and the same model (--peer-layers decoder layers; it needs its
 wheels on --peer-path), timed around `oneshot`; the ratio is per decoder layer.
 
+`--ranges` times the integer schemes' GPTQ instead (static groups fitted with an MSE clipping
+search, recipes/presets.py GPTQ_RANGES): the same work plus the clipping search per group.
+
     python benchmarks/gpu_quant_speed.py --out benchmarks/results/gpu_quant_speed
 """
 
@@ -35,6 +38,7 @@ from lowbit.calibrate.stats import HessianStats  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
 from lowbit.models.architectures import architecture_of  # noqa: E402
 from lowbit.pipeline.sequential import SequentialQuantizer  # noqa: E402
+from lowbit.recipes.presets import GPTQ_RANGES  # noqa: E402
 from lowbit.solvers.gptq import GPTQ  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +99,7 @@ class BlockClock:
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool) -> dict:
+def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool, ranges: bool = False) -> dict:
     model = random_model(llama3_8b_config(LlamaConfig, layers), LlamaForCausalLM)
     count, errors = 0, []
 
@@ -109,7 +113,8 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     if breakdown:
         for owner, name in _breakdown_targets():
             timed(owner, name, totals)
-    quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()),
+    solver = GPTQ(**GPTQ_RANGES) if ranges else GPTQ()
+    quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, solver),
                                     device="cuda", batch_size=batch_size, activations_on_device=True,
                                     on_quantized=on_quantized, hooks=[clock] if breakdown else ())
     torch.cuda.synchronize()
@@ -120,7 +125,7 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     seconds = time.perf_counter() - start
     if count != 7 * layers or not all(torch.isfinite(torch.tensor(errors))):
         raise SystemExit(f"expected {7 * layers} finite GPTQ results, got {count}")
-    return {"tool": "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
+    return {"tool": "lowbit (static groups + clip search)" if ranges else "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
             "breakdown_seconds": dict(totals) if breakdown else None,
             "block_seconds": clock.seconds if breakdown else None}
@@ -180,6 +185,8 @@ def main() -> None:
     parser.add_argument("--peer-layers", type=int, default=0, help="decoder layers for llm-compressor (0: skip)")
     parser.add_argument("--peer-path", default="", help="PYTHONPATH holding llm-compressor 0.14 and its deps")
     parser.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds before the peer is stopped")
+    parser.add_argument("--ranges", action="store_true",
+                        help="also time the integer schemes' GPTQ (static groups + MSE clipping search)")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -190,6 +197,9 @@ def main() -> None:
     # lowbit first: its result is in hand even if the (slower) peer is stopped by --peer-timeout.
     runs = [run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown)]
     print(json.dumps(runs[0]), flush=True)
+    if args.ranges:
+        runs.append(run_lowbit(args.layers, tokens, args.batch_size, breakdown=False, ranges=True))
+        print(json.dumps(runs[-1]), flush=True)
     if args.peer_layers:
         if args.peer_layers != args.layers:
             runs.append(run_lowbit(args.peer_layers, tokens, args.batch_size, breakdown=False))
@@ -199,7 +209,7 @@ def main() -> None:
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "samples": args.samples,
                        "seq_len": args.seq_len, "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
     if args.peer_layers and "error" not in runs[0]:
-        same = next(r for r in runs[1:] if r["layers"] == args.peer_layers)
+        same = next(r for r in runs[1:] if r["layers"] == args.peer_layers and r["tool"] == "lowbit")
         result["ratio_per_layer"] = runs[0]["seconds"] / same["seconds"]
     text = markdown(result)
     print(text)

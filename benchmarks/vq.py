@@ -13,6 +13,7 @@ perplexity increase over the original at most half of scalar GPTQ's.
     python benchmarks/vq.py --render       # rewrites the .md from the saved .json
     python benchmarks/vq.py --eora-rank 4 --out benchmarks/results/vq_eora   # every row with EoRA
     python benchmarks/vq.py --decode       # CPU decode paths (gather vs lookup table), writes vq_decode.{json,md}
+    python benchmarks/vq.py --decode --device cuda   # Triton VQ kernel vs bf16 cuBLAS, writes vq_decode_gpu.*
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402  (benchmarks/ is a folder of scripts)
 from weight_only_methods import quantize_copy, recipe_for  # noqa: E402
 
+from lowbit.api import resolve_device  # noqa: E402
 from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.kernels.vq_matmul import PackedVQ, vq_matmul  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
@@ -71,11 +73,14 @@ def main() -> None:
                         help="add a rank-r EoRA correction to every row (labels get +eoraR); 0: none")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vq")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
-    parser.add_argument("--decode", action="store_true", help="time the CPU decode paths instead")
+    parser.add_argument("--decode", action="store_true",
+                        help="time the decode paths instead (CPU paths; on CUDA the Triton kernel vs bf16 cuBLAS)")
     parser.add_argument("--threads", type=int, default=1,
                         help="--decode: torch threads (default 1: on a shared CPU more threads wait on each other)")
     add_device_argument(parser)
     args = parser.parse_args()
+    if args.decode and resolve_device(args.device).type == "cuda":
+        return gpu_decode_benchmark(args.out.with_name(args.out.name + "_decode_gpu"))
     if args.decode:
         torch.set_num_threads(args.threads)
         return decode_benchmark(args.out.with_name(args.out.name + "_decode"))
@@ -163,6 +168,51 @@ def decode_benchmark(out: Path, shapes=((576, 576), (1536, 576), (576, 1536)), m
     table += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
     out.with_suffix(".md").write_text(f"CPU: {platform.processor() or platform.machine()}, "
                                       f"{torch.get_num_threads()} threads\n\n" + "\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+GPU_SHAPES = {"8B q/o_proj": (4096, 4096), "8B gate/up_proj": (14336, 4096), "8B down_proj": (4096, 14336),
+              "70B q/o_proj": (8192, 8192)}
+
+
+def gpu_decode_benchmark(out: Path, ms=(1, 16, 64), dim: int = 4, codebook_bits: int = 8) -> None:
+    """Median time of y = x Wᵀ on Llama-shaped layers (bf16 x): the Triton VQ kernel (2 bits per weight
+    of indices, stored as int32), decode-then-matmul, and bf16 cuBLAS on the dense weight; each checked
+    against float32 dequantize-then-matmul."""
+    import triton.testing
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name, (n, k) in GPU_SHAPES.items():
+        codes = torch.randint(0, 2 ** codebook_bits, (1, n, k // dim), generator=generator, device=device).int()
+        book = (torch.randn(1, 2 ** codebook_bits, dim, generator=generator, device=device) * 0.02).bfloat16()
+        packed = PackedVQ(codes, (book,), torch.rand(n, 1, generator=generator, device=device) + 0.5, dim)
+        dense = packed.dequantize().bfloat16()
+        for m in ms:
+            x = torch.randn(m, k, generator=generator, device=device).bfloat16()
+            exact = x.float() @ packed.dequantize().T
+            error = ((vq_matmul(x, packed, "triton").float() - exact).norm() / exact.norm()).item()
+            timings = {
+                "bf16 cuBLAS": triton.testing.do_bench(lambda: x @ dense.T, return_mode="median"),
+                "vq triton": triton.testing.do_bench(lambda: vq_matmul(x, packed, "triton"), return_mode="median"),
+                "decode+matmul": triton.testing.do_bench(lambda: vq_matmul(x, packed, "gather"),
+                                                         return_mode="median"),
+            }
+            rows.append({"shape": name, "n": n, "k": k, "m": m, **{f"{p} us": round(t * 1e3, 1) for p, t in
+                                                                     timings.items()},
+                         "bf16 / vq": round(timings["bf16 cuBLAS"] / timings["vq triton"], 2),
+                         "rel. err": f"{error:.1e}"})
+            print(rows[-1], flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    header = list(rows[0])
+    table = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    table += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
+    out.with_suffix(".md").write_text(
+        f"VQ matmul (d={dim}, K=2^{codebook_bits}, one codebook per layer, row scales; indices stored as int32) "
+        f"on {machine_of(device)}; median microseconds per call (triton.testing.do_bench). Command: "
+        f"`python benchmarks/vq.py --decode --device cuda`.\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 
 
