@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -13,6 +15,7 @@ from lowbit.kv.memory import AttentionShape, bytes_per_token, cache_bytes
 from lowbit.kv.packing import PackingError, pack_codes, unpack_codes
 from lowbit.kv.quantizer import dequantize_per_channel, quantize_groups, quantize_per_channel
 from lowbit.kv.rope import KeyRotation
+from lowbit.models.cache_argument import cache_argument, with_cache
 
 
 def random(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -112,7 +115,7 @@ def test_window_keeps_last_tokens_exact_and_the_rest_quantized_as_a_whole(residu
 
 
 def greedy(model, ids: torch.Tensor, cache, tokens: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model.generate(ids, cache=cache, max_new_tokens=tokens, do_sample=False,
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=tokens, do_sample=False,
                          output_logits=True, return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits)
 
@@ -150,7 +153,7 @@ def test_pre_rope_cache_stores_the_key_projection_before_rotation(tiny_model):
     hook = tiny_model.model.layers[0].self_attn.k_proj.register_forward_hook(
         lambda module, args, output: projected.setdefault("keys", output))
     cache = QuantizedKVCache(tiny_model, KVCacheSpec(bits=4, group_size=8, residual=4, pre_rope=True))
-    tiny_model(input_ids=ids, cache=cache, use_cache=True)
+    tiny_model(input_ids=ids, use_cache=True, **with_cache(tiny_model, cache))
     hook.remove()
     pre_rope = projected["keys"].view(1, 21, 2, 16).transpose(1, 2)  # [batch, kv heads, tokens, head_dim]
     stored = cache.layers[0].quantized_keys
@@ -170,7 +173,7 @@ def test_pre_rope_matches_post_rope_at_high_bits(tiny_model):
                        "pre": KVCacheSpec(bits=8, group_size=8, residual=4, pre_rope=True)}.items():
         cache = DynamicCache(config=tiny_model.config) if spec is None else QuantizedKVCache(tiny_model, spec)
         with torch.no_grad():
-            logits[name] = torch.cat([tiny_model(input_ids=ids[:, b : b + 4], cache=cache).logits
+            logits[name] = torch.cat([tiny_model(input_ids=ids[:, b : b + 4], **with_cache(tiny_model, cache)).logits
                                       for b in range(0, 40, 4)], dim=1)
     scale = logits["fp"].abs().max()
     assert (logits["pre"] - logits["post"]).abs().max() < 0.02 * scale
@@ -188,7 +191,7 @@ def test_bytes_per_token_formula_equals_what_the_cache_holds(spec):
     ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         for begin in range(0, 50, 7):
-            model(input_ids=ids[:, begin : begin + 7], cache=cache)
+            model(input_ids=ids[:, begin : begin + 7], **with_cache(model, cache))
             tokens = min(begin + 7, 50)
             assert cache.nbytes() == cache_bytes(shape, spec, tokens)
     fp16 = bytes_per_token(shape, None, 50)
@@ -218,7 +221,25 @@ def test_left_padded_beam_search_matches_the_full_precision_cache(tiny_model):
     mask[1, :6], ids[1, :6] = 0, 0
     tiny_model.generation_config.pad_token_id = 0
     settings = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
-    expected = tiny_model.generate(ids, cache=DynamicCache(config=tiny_model.config), **settings)
+    expected = tiny_model.generate(ids, **with_cache(tiny_model, DynamicCache(config=tiny_model.config)), **settings)
     cache = QuantizedKVCache(tiny_model, KVCacheSpec(bits=8, group_size=8, residual=0, pre_rope=True))
-    assert torch.equal(tiny_model.generate(ids, cache=cache, **settings), expected)
+    assert torch.equal(tiny_model.generate(ids, **with_cache(tiny_model, cache), **settings), expected)
     assert cache.layers[0].positions.shape[0] == 6  # two prompts x three beams
+
+
+def test_cache_keyword_follows_the_installed_forward_signature(tiny_model):
+    """An unknown keyword vanishes into **kwargs, so the name must match the installed transformers."""
+
+    class OlderSignature(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return past_key_values
+
+    class NewerSignature(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return cache
+
+    marker = object()
+    for model in (OlderSignature(), NewerSignature()):
+        assert model(**with_cache(model, marker)) is marker
+    assert cache_argument(OlderSignature()) == "past_key_values" and cache_argument(NewerSignature()) == "cache"
+    assert cache_argument(tiny_model) in inspect.signature(tiny_model.forward).parameters

@@ -9,10 +9,10 @@ model's distribution rather than only its modes.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from tqdm.auto import tqdm
+
+from lowbit.models.cache_argument import cache_argument
 
 
 def self_generated_windows(
@@ -71,7 +71,7 @@ def _sample_batch(
     bar: tqdm,
 ) -> torch.LongTensor:
     """Continue each token of `first` [rows] to a sequence of seq_len tokens, with a KV cache."""
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     tokens = torch.empty(first.shape[0], seq_len, dtype=torch.long, device=first.device)
     tokens[:, 0] = first
     bar.update(first.shape[0])
@@ -111,10 +111,3 @@ def _banned_mask(tokenizer, width: int, device: torch.device) -> torch.Tensor:
     if mask.all():
         raise ValueError("every token id is special or unknown to the tokenizer; nothing to sample")
     return mask
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """Name of the forward argument that carries the KV cache: `cache` since transformers 5.x,
-    `past_key_values` before. The output attribute has the same name."""
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"

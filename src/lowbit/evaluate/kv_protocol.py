@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.kv.spec import KVCacheSpec
+from lowbit.models.cache_argument import with_cache
 
 DEFAULT_CHUNK = 16
 """Tokens per forward pass when scoring through a cache: 128 passes per 2048-token window."""
@@ -51,7 +52,7 @@ class CacheScoring:
 
         cache = DynamicCache(config=model.config) if self.spec is None else QuantizedKVCache(model, self.spec)
         pieces = [
-            model(input_ids=ids[:, begin : begin + self.chunk], cache=cache, use_cache=True).logits[0]
+            model(input_ids=ids[:, begin : begin + self.chunk], use_cache=True, **with_cache(model, cache)).logits[0]
             for begin in range(0, ids.shape[1], self.chunk)
         ]
         return torch.cat(pieces)

@@ -15,7 +15,7 @@ class QuantizedKVCache(Cache):
     """One QuantizedKVLayer per attention layer of `model`.
 
         cache = QuantizedKVCache(model, KVCacheSpec(bits=4, group_size=64, residual=128))
-        model.generate(ids, past_key_values=cache, max_new_tokens=32)
+        model.generate(ids, **with_cache(model, cache), max_new_tokens=32)  # models/cache_argument.py
 
     Only models whose layers all use full attention are supported (sliding-window and linear
     attention layers keep their own caches).

@@ -168,12 +168,14 @@ def fold_rotation(
     and give down_proj its online Hadamard when `online_hadamard`."""
     roles = roles_of(model, architecture)
     parameters = dict(model.named_parameters(remove_duplicate=False))
+    weights = {name: parameters[name].detach().double() for name in roles.names()}
+    # The rotations are built on the CPU; the products run where the model lives.
+    device = next(iter(weights.values())).device
+    as_weights = lambda matrix: None if matrix is None else matrix.to(device, torch.float64)  # noqa: E731
     mlp = None
     if online_hadamard:
-        width = parameters[roles.mlp_outputs[0]].shape[1]
-        mlp = online.online_factors(width).matrix()
-    weights = {name: parameters[name].detach().double() for name in roles.names()}
-    rotated = rotated_weights(weights, roles, residual.double(), None if head is None else head.double(), mlp)
+        mlp = online.online_factors(parameters[roles.mlp_outputs[0]].shape[1]).matrix()
+    rotated = rotated_weights(weights, roles, as_weights(residual), as_weights(head), as_weights(mlp))
     for name, value in rotated.items():
         parameters[name].copy_(value.to(parameters[name].dtype))
     if online_hadamard:
