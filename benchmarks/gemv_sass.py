@@ -1,4 +1,4 @@
-"""Static cost of lowbit's M=1 W4A16 kernel: SASS instructions per int4 code in its main loop, for sm_90.
+"""Static cost of lowbit's W4A16 kernels: SASS instructions per int4 code in their main loop, for sm_90.
 
 The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left its time unchanged),
 so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
@@ -8,6 +8,10 @@ budget at the copy roofline on an H200 is about 3.9 (132 SMs x 128 lanes x 1.98 
 codes/s), everything included.
 
     python benchmarks/gemv_sass.py --configs 256x256 512x64 1024x32   (needs `pip install triton`)
+
+`--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
+4 stages, SWAP_AB), once with the reshaped [BLOCK_K, BLOCK_N] tile and once with STRIDED_DOTS,
+and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
 """
 
 from __future__ import annotations
@@ -35,9 +39,14 @@ def loop_instructions(block_n: int, block_k: int, symmetric: bool, biased: bool,
     """Opcode counts of the GEMV's main loop (the longest backward branch) compiled for sm_90."""
     constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "SPLIT": True, "SWAP_AB": False, "BIASED": biased}
+    return main_loop(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
+
+
+def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.Counter:
+    """Opcode counts of `kernel`'s longest backward branch, compiled for sm_90 with these constexprs."""
     signature = {**SIGNATURE, **{name: "constexpr" for name in constexprs}}
-    compiled = triton.compile(ASTSource(fn=w4a16_triton._gemv_kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -52,12 +61,37 @@ def loop_instructions(block_n: int, block_k: int, symmetric: bool, biased: bool,
     return collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end)
 
 
+def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
+    print("| BLOCK_M x BLOCK_N x BLOCK_K | weight tile | instructions / code | shared-memory ops / code | "
+          "MMA / code | largest opcodes / code |")
+    print("|---|---|---:|---:|---:|---|")
+    for config in configs:
+        block_m, block_n, block_k = (int(v) for v in config.split("x"))
+        codes_per_thread = block_n * block_k / 128
+        for strided in (False, True):
+            constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "STRIDED_DOTS": strided}
+            ops = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
+            shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))
+            mma = sum(n for op, n in ops.items() if "MMA" in op)
+            top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
+            print(f"| {config} | {'strided dots' if strided else 'reshaped'} | "
+                  f"{sum(ops.values()) / codes_per_thread:.2f} | {shared / codes_per_thread:.2f} | "
+                  f"{mma / codes_per_thread:.3f} | {top} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["256x256", "256x128", "512x64", "1024x64", "1024x32"],
-                        help="BLOCK_NxBLOCK_K tiles (4 warps)")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="BLOCK_NxBLOCK_K tiles (GEMV, 4 warps); with --mma BLOCK_MxBLOCK_NxBLOCK_K "
+                        "(default 16x64x128 16x128x128 64x128x128)")
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (M > 1) instead of the GEMV")
+    parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
     args = parser.parse_args()
+    if args.mma:
+        return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
+    args.configs = args.configs or ["256x256", "256x128", "512x64", "1024x64", "1024x32"]
     print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code |")
     print("|---|---|---:|---|")
     for config in args.configs:

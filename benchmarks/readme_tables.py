@@ -18,12 +18,9 @@ TABLES = {  # results file -> heading in the README
     "(`JOBS=foundation_2048 bash benchmarks/gpu_accuracy_all.sh`)",
     "gptq_ranges.md": "GPTQ group ranges: the paper's vs fitted on the original weights, with MSE clipping "
     "(`python benchmarks/gptq_ranges.py --samples 32`)",
-    "weight_only_methods.md": "Weight-only methods: RTN, AWQ, HQQ, EasyQuant and GPTQ on SmolLM2-135M "
-    "(`python benchmarks/weight_only_methods.py`, runs merged with `--merge`)",
-    "activations.md": "Weights and activations: W8A8, FP8, W4A8/W4A4 on SmolLM2-135M (`python benchmarks/activations.py`)",
-    "activations_w4a4.md": "W4A4 needs outliers removed: QuaRot rotation and SmoothQuant "
-    "(`python benchmarks/activations.py --samples 32 --rows w4a4-rtn,w4a4-quarot-rtn,w4a4-quarot-gptq,"
-    "w4a4-smoothquant-gptq --out benchmarks/results/activations_w4a4`)",
+    "method_library.md": "The method library: weight-only methods, number formats, rotations, weights and "
+    "activations, KV caches, each against RTN (`python benchmarks/method_library.py`, from the per-topic results of "
+    "weight_only_methods.py, formats.py, rotations.py, activations.py and kv_cache.py)",
     "extreme_low_bits.md": "Extreme low bits: scalar GPTQ, dense-and-sparse, binarization and VQ, each with and "
     "without EoRA (`python benchmarks/extreme_low_bits.py`, `python benchmarks/vq.py`; "
     "plot: benchmarks/results/extreme_low_bits.png)",
@@ -32,13 +29,15 @@ TABLES = {  # results file -> heading in the README
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
     "gpu_kernels_h200_all.md": "W4A16 matmul on one H200, all shapes in one call (`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
+    "gpu_quant_speed_ranges_h200.md": "The integer schemes' GPTQ (static groups + MSE clipping) vs the paper's, "
+    "one H200 (`python benchmarks/gpu_quant_speed.py --layers 4 --ranges`)",
+    "vq_decode_gpu.md": "VQ matmul (Triton kernel) vs bf16 cuBLAS, one H200 (`python benchmarks/vq.py --decode --device cuda`)",
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "budget.md": "Mixed precision under a budget: knapsack plan (and + evolutionary refinement) vs uniform "
     "(`python benchmarks/budget.py --samples 32 --eval-windows 4 --bits 2,3,4 --groups 64,-1 --generations 12 ...`)",
     "streaming.md": "A model larger than the memory cap, streamed from disk (`python benchmarks/streaming.py`)",
-    "kv_cache.md": "Quantized KV cache on SmolLM2-135M (`python benchmarks/kv_cache.py`)",
 }
 START, END = "<!-- benchmark-table -->", "<!-- /benchmark-table -->"
 

@@ -3,6 +3,11 @@ CUDA) the Triton kernel against float32 dequantize-then-matmul."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ from lowbit.kernels import pack_int4, reference_w4a16_matmul, triton_available, 
 from lowbit.kernels.int4_pack import pack_quantized_weight
 
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def quantized(rows: int, columns: int, fmt: IntegerFormat, seed: int = 0) -> QuantizedWeight:
@@ -140,7 +146,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False):
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, strided=False):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
     import triton
 
@@ -150,7 +156,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
-    extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {}
+    extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {"STRIDED_DOTS": strided}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
@@ -168,25 +174,78 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
      (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
      (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
+@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
-        m, block_m, block_n, block_k, split, swap, biased, symmetric):
+        m, block_m, block_n, block_k, split, swap, biased, symmetric, strided):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards."""
     from lowbit.kernels import w4a16_triton as wt
 
     n, k = 320, 1024
+    if strided and m == 1:
+        pytest.skip("STRIDED_DOTS is a switch of the tensor-core kernel")
     kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
     for call in range(3):
         qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=10 * m + call)
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, strided)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
         ref = x.double() @ qweight.dequantize().double().cuda().T
         assert relative_error(out, ref) < 1e-2
         assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])
+def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
+    """The interpreter runs Python semantics; compiling for sm_90 (no GPU needed: Triton's own ptxas)
+    catches what only the compiler refuses, such as mismatched shapes on a branch not taken."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowbit.kernels import w4a16_triton as wt
+
+    constexprs = {"GROUP": 128, "SYMMETRIC": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": True,
+                  "SWAP_AB": swap, "STRIDED_DOTS": strided}
+    signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "SPLIT_K": "i32",
+                 **{name: "constexpr" for name in constexprs}}
+    compiled = triton.compile(ASTSource(fn=wt._mma_kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
+    assert compiled.asm["cubin"]
+
+
+def test_tensor_core_kernel_in_the_interpreter():
+    """The M > 1 kernel, reshaped tile and STRIDED_DOTS, plain and swapped, on CPU through
+    TRITON_INTERPRET=1 (in a subprocess: the flag is read at import)."""
+    pytest.importorskip("triton")
+    script = (
+        "import torch\n"
+        "from tests.test_kernels import _run_config, quantized\n"
+        "from lowbit.formats.integer import IntegerFormat\n"
+        "from lowbit.kernels import w4a16_triton as wt\n"
+        "from lowbit.kernels.int4_pack import pack_quantized_weight\n"
+        "for symmetric in (True, False):\n"
+        "    qweight = quantized(48, 256, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=3)\n"
+        "    packed = pack_quantized_weight(qweight)\n"
+        "    x = torch.randn(5, 256)\n"
+        "    ref = x @ qweight.dequantize().T\n"
+        "    for strided in (False, True):\n"
+        "        for swap in (False, True):\n"
+        "            out = torch.full((5, 48), float('nan'))\n"
+        "            _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out, strided=strided)\n"
+        "            assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (strided, swap, (out - ref).abs().max())\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 @gpu

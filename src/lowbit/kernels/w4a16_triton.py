@@ -36,17 +36,17 @@ DECODE_MAX_M = 64
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False) -> triton.Config:
+def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False,
+            **flags: bool) -> triton.Config:
     # SPLIT_K is a run-time argument (one compiled variant serves every split count); SPLIT says
-    # whether the split-K reduction is compiled in at all.
+    # whether the split-K reduction is compiled in at all. `flags`: a kernel's other constexpr switches.
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SPLIT": split > 1,
-                          "SWAP_AB": swap},
+                          "SWAP_AB": swap, **flags},
                          num_warps=warps, num_stages=stages)
 
 
 def _gemv_config(bn: int, bk: int, split: int, biased: bool = False) -> triton.Config:
-    config = _config(1, bn, bk, split, 4, 3)
-    return triton.Config({**config.kwargs, "BIASED": biased}, num_warps=config.num_warps, num_stages=config.num_stages)
+    return _config(1, bn, bk, split, 4, 3, BIASED=biased)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
@@ -58,14 +58,17 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s) for bn, bk in ((64, 256), (128, 128), 
                   for s in (1, 2, 4, 8, 16)]
                  + [_gemv_config(bn, bk, s, biased) for bn, bk in ((512, 64), (1024, 32), (1024, 64))
                     for s in (1, 2, 4, 8, 16) for biased in (False, True)])
-_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap) for bm in (16, 64) for bn in (64, 128)
-                   for s in (1, 2, 4, 8) for swap in (False, True)]
+# STRIDED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: added untimed,
+# the tuner keeps whichever is faster per shape.
+_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, STRIDED_DOTS=strided) for bm in (16, 64) for bn in (64, 128)
+                   for s in (1, 2, 4, 8) for swap in (False, True) for strided in (False, True)]
 _PREFILL_CONFIGS = [
-    _config(64, 128, 128, 1, 4, 4),
-    _config(128, 128, 128, 1, 8, 3),
-    _config(128, 256, 128, 1, 8, 3),
-    _config(64, 256, 128, 1, 8, 3),
+    _config(bm, bn, 128, 1, warps, stages, STRIDED_DOTS=strided)
+    for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
+    for strided in (False, True)
 ]
+STRIDED_MIN_K = 128
+"""STRIDED_DOTS splits a K tile into eight dots of BLOCK_K / 8; tensor-core dots need K >= 16."""
 _K_TILES = (128, 64, 32)
 _MIN_PROGRAMS, _MAX_PROGRAMS = 96, 4096
 """Split-K configs are kept only where they give the grid this many programs (132 SMs on H100)."""
@@ -86,7 +89,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         bm, bn, split = kw["BLOCK_M"], kw["BLOCK_N"], kw["SPLIT_K"]
         if bm > 1 or k % kw["BLOCK_K"] or (kw["BLOCK_K"] % group and group % kw["BLOCK_K"]):
             kw["BLOCK_K"] = group_tile
-        if k % (kw["BLOCK_K"] * split):
+        if k % (kw["BLOCK_K"] * split) or (kw.get("STRIDED_DOTS") and kw["BLOCK_K"] < STRIDED_MIN_K):
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
@@ -209,6 +212,16 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _mma_add(acc, a, w, SWAP_AB: tl.constexpr):
+    """acc + a·w on tensor cores; SWAP_AB: acc is the transposed [BLOCK_N, BLOCK_M] product w_T·a_T."""
+    if SWAP_AB:
+        acc += tl.dot(tl.trans(w), tl.trans(a))
+    else:
+        acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
 def _mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
@@ -216,9 +229,15 @@ def _mma_kernel(
     M_BUCKET,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, STRIDED_DOTS: tl.constexpr = False,
 ):
-    """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP)."""
+    """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP).
+
+    Code j of word row r is weight row 8r + j, so the unpacked words are a [BLOCK_K / 8, 8, BLOCK_N]
+    tensor whose reshape to [BLOCK_K, BLOCK_N] may cost a layout conversion through shared memory.
+    STRIDED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
+    with x's columns j, j + 8, j + 16, ... (a strided load of x, which is small and cached).
+    """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Programs that share a weight column tile run close together (L2 reuse across M tiles).
@@ -239,7 +258,7 @@ def _mma_kernel(
     k_span = K // SPLIT_K
     k_begin = pid_k * k_span
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_begin
     q_ptrs = qw_ptr + (k_begin // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :]
     shifts = tl.arange(0, 8) * 4
     if SWAP_AB:
@@ -247,22 +266,26 @@ def _mma_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, k_span, BLOCK_K):
-        a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         words = tl.load(q_ptrs, mask=n_mask[None, :], other=0)
-        # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
-        bits = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
-        codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
         group = (k_begin + k) // GROUP
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            w = (codes - (8388608.0 + 8.0)) * scale[None, :]
+            offset = tl.full((BLOCK_N,), 8388608.0 + 8.0, tl.float32)
         else:
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-            w = (codes - (8388608.0 + zero[None, :])) * scale[None, :]
-        if SWAP_AB:
-            acc += tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a))
+            offset = 8388608.0 + tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        if STRIDED_DOTS:
+            for j in tl.static_range(8):
+                a = tl.load(x_ptrs + offs_w[None, :] * 8 + j, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 8]
+                codes = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
+                acc = _mma_add(acc, a, w, SWAP_AB)
         else:
-            acc += tl.dot(a, w.to(a.dtype))
+            a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
+            bits = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
+            codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
+            w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
+            acc = _mma_add(acc, a, w, SWAP_AB)
         x_ptrs += BLOCK_K
         q_ptrs += (BLOCK_K // 8) * stride_qk
 
