@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import tempfile
@@ -91,7 +90,7 @@ def main() -> None:
     original.to(device)
     reference = ReferenceLogProbs(original, test_tokens, **eval_kwargs)
     original.to("cpu")
-    base = reference_perplexity(reference)
+    base = reference.perplexity()
     settings = Settings(calib=calib_path, samples=args.samples, seq_len=args.seq_len, seed=0, device=args.device)
     result = {"meta": describe(args, loaded, reference, device), "original": {"perplexity": base},
               "uniform": [], "plans": [], "sensitivity": {}}
@@ -172,15 +171,6 @@ def merge(result: dict, other: dict) -> None:
     result["uniform"] += [r for r in other["uniform"] if (r["bits"], r["group_size"]) not in have_uniform]
     result["plans"] += [r for r in other["plans"] if (r["target"], r["weighting"]) not in have_plans]
     result["meta"].setdefault("other_commands", []).append(other["meta"]["command"])
-
-
-def reference_perplexity(reference: ReferenceLogProbs) -> float:
-    """The original's perplexity from its stored log-probabilities (every position but each window's first)."""
-    total, count = 0.0, 0
-    for window, log_probs in zip(reference.windows, reference.log_probs):
-        total -= float(log_probs.gather(1, window[1:, None]).sum())
-        count += window.numel() - 1
-    return math.exp(total / count)
 
 
 def save(out: Path, result: dict) -> None:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_device_argument, embedded_model_protocol, machine_of  # noqa: E402  (benchmarks/ is a folder of scripts)
 from weight_only_methods import quantize_copy  # noqa: E402
 
-from lowbit.evaluate import evaluate  # noqa: E402
+from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
 from lowbit.recipes import Recipe  # noqa: E402
 
 PER_CHANNEL_FP32 = dict(group_size=-1, scale_dtype="float32")
@@ -68,10 +68,9 @@ def main() -> None:
     protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
-    base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
     rows = [{"format": "original (float32 weights)", "method": "original", "bits_per_weight": 16.0,
-             "perplexity": base.perplexity, "kl": 0.0, "seconds": 0.0}]
-    meta = describe_run(args, loaded, base)
+             "perplexity": reference.perplexity(), "kl": 0.0, "seconds": 0.0}]
+    meta = describe_run(args, loaded, reference)
     for label in args.formats.split(","):
         fields, applicable = FORMATS[label]
         for method in (m for m in args.methods.split(",") if m in applicable):
@@ -93,13 +92,13 @@ def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
     args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
 
 
-def describe_run(args: argparse.Namespace, loaded, base) -> dict:
+def describe_run(args: argparse.Namespace, loaded, reference: ReferenceLogProbs) -> dict:
     return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0 "
         "(GPTQ and SqueezeLLM rows only; RTN uses no data)",
-        "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
-        f"({base.tokens} tokens scored)",
+        "evaluation": f"first {len(reference.windows)} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
+        f"({reference.scored_tokens} tokens scored)",
         "machine": machine_of(args.device),
         "command": "python benchmarks/formats.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.evaluate import evaluate
+from lowbit.evaluate import ReferenceLogProbs, evaluate
 
 from common import add_device_argument, embedded_model_protocol, machine_of
 from weight_only_methods import SOLVER_VARIANTS, quantize_copy, recipe_for
@@ -52,11 +52,10 @@ def main() -> None:
     protocol = embedded_model_protocol(args.samples, args.seq_len, args.eval_windows, args.device)
     loaded, original, calibration = protocol.loaded, protocol.original, protocol.calibration
     test_tokens, eval_kwargs, reference = protocol.test_tokens, protocol.eval_kwargs, protocol.reference
-    base = evaluate(original, test_tokens, reference=reference, **eval_kwargs)
     rows = [{"method": "original", "bits": 16, "group_size": None, "bits_per_weight": 16.0,
-             "perplexity": base.perplexity, "kl": base.kl, "seconds": 0.0}]
-    print(f"original: perplexity {base.perplexity:.3f}, KL to itself {base.kl:.2e}", flush=True)
-    meta = describe_run(args, loaded, base)
+             "perplexity": reference.perplexity(), "kl": 0.0, "seconds": 0.0}]
+    print(f"original: perplexity {rows[0]['perplexity']:.3f}", flush=True)
+    meta = describe_run(args, loaded, reference)
     for setting in args.settings.split(","):
         bits, group_size = map(int, setting.split(":"))
         for method in args.methods.split(","):
@@ -78,12 +77,12 @@ def save(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
     args.out.with_suffix(".md").write_text(markdown_table(meta, rows))
 
 
-def describe_run(args: argparse.Namespace, loaded, base) -> dict:
+def describe_run(args: argparse.Namespace, loaded, reference: ReferenceLogProbs) -> dict:
     return {
         "model": loaded.name,
         "calibration": f"{args.samples} x {args.seq_len} tokens, random windows of wikitext-2 valid.txt, seed 0",
-        "evaluation": f"first {base.windows} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
-        f"({base.tokens} tokens scored)",
+        "evaluation": f"first {len(reference.windows)} non-overlapping windows of 2048 tokens of wikitext-2 test.txt "
+        f"({reference.scored_tokens} tokens scored)",
         "machine": machine_of(args.device),
         "command": "python benchmarks/foundation.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "render")),

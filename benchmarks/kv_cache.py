@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from budget import reference_perplexity  # noqa: E402  (benchmarks/ is a folder of scripts)
 from common import add_device_argument, machine_of  # noqa: E402
 
 from lowbit.api import resolve_device  # noqa: E402
@@ -84,7 +83,7 @@ def main() -> None:
     start = time.perf_counter()
     reference = ReferenceLogProbs(model, tokens, kv_cache=CacheScoring(None, args.chunk), **eval_kwargs)
     meta = describe_run(args, loaded, shape)
-    rows = [row_of(shape, args.seq_len, None, reference_perplexity(reference), 0.0, time.perf_counter() - start)]
+    rows = [row_of(shape, args.seq_len, None, reference.perplexity(), 0.0, time.perf_counter() - start)]
     for spec in specs:
         start = time.perf_counter()
         result = evaluate(model, tokens, reference=reference, kv_cache=CacheScoring(spec, args.chunk), **eval_kwargs)

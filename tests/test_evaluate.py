@@ -123,6 +123,9 @@ def test_precomputed_reference_gives_the_same_scores(tokens):
     cached = evaluate(model, tokens, seq_len=SEQ_LEN, reference=ReferenceLogProbs(reference, tokens, SEQ_LEN))
     assert cached.kl == pytest.approx(streamed.kl, rel=1e-5, abs=1e-6)
     assert cached.perplexity == pytest.approx(streamed.perplexity, rel=1e-6)
+    stored = ReferenceLogProbs(reference, tokens, SEQ_LEN)
+    assert stored.perplexity() == pytest.approx(slow_scores(reference, tokens, SEQ_LEN)[0], rel=1e-5)
+    assert stored.scored_tokens == streamed.tokens
     with pytest.raises(ValueError, match="other windows"):
         evaluate(model, tokens, seq_len=SEQ_LEN, reference=ReferenceLogProbs(reference, tokens, SEQ_LEN, max_windows=2))
 

@@ -8,6 +8,7 @@ overlap give lower, slower numbers; they are not what published tables report.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -82,6 +83,18 @@ class ReferenceLogProbs:
                               dim=-1).cpu()
             for w in tqdm(self.windows, desc="reference log-probabilities", unit="window", disable=not progress)
         ]
+
+    @property
+    def scored_tokens(self) -> int:
+        """Positions scored: every position of each window but its first."""
+        return self.windows.shape[0] * (self.windows.shape[1] - 1)
+
+    def perplexity(self) -> float:
+        """The reference model's own perplexity on these windows, from the stored log-probabilities
+        (a benchmark's "original" row needs no second pass over the original)."""
+        nll = sum(-float(log_probs.gather(1, window[1:, None]).sum()) for window, log_probs in
+                  zip(self.windows, self.log_probs))
+        return math.exp(nll / self.scored_tokens)
 
 
 @torch.inference_mode()
