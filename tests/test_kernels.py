@@ -220,6 +220,34 @@ def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
     assert compiled.asm["cubin"]
 
 
+def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):
+    """The bench's "fused tile" column: the cached config whose key leads with this (M bucket, N, K,
+    group, symmetric), described; None where nothing was tuned for it yet."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import w4a16_triton as wt
+
+    packed = pack_quantized_weight(quantized(48, 256, IntegerFormat(4, symmetric=False, group_size=128)))
+    chosen = wt._config(16, 128, 128, 4, 4, 4, True, STRIDED_DOTS=True)
+    other = wt._config(64, 64, 128, 1, 4, 4)
+    monkeypatch.setattr(wt._decode, "cache", {(16, 96, 256, 128, False, "torch.bfloat16"): other,
+                                             (16, 48, 256, 128, False, "torch.bfloat16"): chosen})
+    monkeypatch.setattr(wt._gemv, "cache", {})
+    assert wt.tuned_config(9, packed) == "16x128x128 split 4 swap strided"
+    assert wt.tuned_config(40, packed) is None  # bucket 64: not tuned
+    assert wt.tuned_config(1, packed) is None
+
+
+@gpu
+def test_tuned_config_is_recorded_after_a_call():
+    from lowbit.kernels import w4a16_triton as wt
+
+    qweight = quantized(320, 1024, IntegerFormat(4, symmetric=False, group_size=128), seed=5)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    for m in (1, 16):
+        wt.matmul(torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16), packed)
+        assert wt.tuned_config(m, packed).startswith("1x" if m == 1 else "16x")
+
+
 def test_tensor_core_kernel_in_the_interpreter():
     """The M > 1 kernel, reshaped tile and STRIDED_DOTS, plain and swapped, on CPU through
     TRITON_INTERPRET=1 (in a subprocess: the flag is read at import)."""

@@ -149,7 +149,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    from lowbit.kernels.w4a16_triton import bucket  # imports Triton: only once it is known to be there
+    from lowbit.kernels.w4a16_triton import bucket, tuned_config  # imports Triton: only once it is known to be there
 
     use_paths(*paths)
     torch.manual_seed(0)
@@ -189,6 +189,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                 del ref
                 key = (x.device.index, x.dtype, bucket(m), n, k, group_size, kind == "sym")
                 row[f"path_{kind}"] = path_table().get(key, "fused")
+                row[f"config_{kind}"] = tuned_config(m, weights)
             dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
             row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])
             del dense_copies
@@ -225,8 +226,9 @@ def markdown_table(result: dict) -> str:
         "from device memory).",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gemlite asym | "
-        "int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) | "
+        "fused tile (asym) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     optional = lambda value: "n/a" if value is None else f"{value:.1f}"  # noqa: E731
     for r in rows:
@@ -239,7 +241,7 @@ def markdown_table(result: dict) -> str:
             f"{optional(r.get('gemlite_asym_us'))} | {r['roofline_us']:.1f} | "
             f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | "
             f"{r.get('rel_err_lowbit_asym', r.get('rel_err_asym')):.1e} | "
-            f"{r.get('path_asym', 'fused')} |"
+            f"{r.get('path_asym', 'fused')} | {r.get('config_asym') or 'n/a'} |"
         )
     lines += ["", "Targets (issue 6), counted over the rows above for the asymmetric kernel:"]
     for label, ok in _targets(rows):

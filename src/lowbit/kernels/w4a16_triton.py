@@ -343,6 +343,21 @@ def bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 
+def tuned_config(m: int, packed: PackedInt4) -> str | None:
+    """The tile config the autotuner chose for this shape and M bucket (None before the first call),
+    e.g. "16x128x128 split 4 swap strided": which candidate won is what a benchmark row must say."""
+    kernel = _gemv if m == 1 else _decode if m <= DECODE_MAX_M else _prefill
+    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
+    # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
+    config = next((c for key, c in kernel.cache.items() if tuple(key[: len(wanted)]) == wanted), None)
+    if config is None:
+        return None
+    kw = config.kwargs
+    flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("strided", kw.get("STRIDED_DOTS")),
+                                   ("biased", kw.get("BIASED"))) if on]
+    return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
+
+
 def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
