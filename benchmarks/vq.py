@@ -177,8 +177,9 @@ GPU_SHAPES = {"8B q/o_proj": (4096, 4096), "8B gate/up_proj": (14336, 4096), "8B
 
 def gpu_decode_benchmark(out: Path, ms=(1, 16, 64), dim: int = 4, codebook_bits: int = 8) -> None:
     """Median time of y = x Wᵀ on Llama-shaped layers (bf16 x): the Triton VQ kernel (2 bits per weight
-    of indices, stored as int32), decode-then-matmul, and bf16 cuBLAS on the dense weight; each checked
-    against float32 dequantize-then-matmul."""
+    of indices, stored as int32), the lookup-table and decode-then-matmul paths (torch ops, as on the
+    CPU), and bf16 cuBLAS on the dense weight; the Triton kernel checked against float32
+    dequantize-then-matmul."""
     import triton.testing
 
     device = torch.device("cuda")
@@ -196,6 +197,7 @@ def gpu_decode_benchmark(out: Path, ms=(1, 16, 64), dim: int = 4, codebook_bits:
             timings = {
                 "bf16 cuBLAS": triton.testing.do_bench(lambda: x @ dense.T, return_mode="median"),
                 "vq triton": triton.testing.do_bench(lambda: vq_matmul(x, packed, "triton"), return_mode="median"),
+                "lookup table": triton.testing.do_bench(lambda: vq_matmul(x, packed, "lut"), return_mode="median"),
                 "decode+matmul": triton.testing.do_bench(lambda: vq_matmul(x, packed, "gather"),
                                                          return_mode="median"),
             }
