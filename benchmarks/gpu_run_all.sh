@@ -2,7 +2,7 @@
 # One device call: GPU tests, then the GPU benchmarks named in $STEPS, each under its own time limit,
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite, if wanted, must be importable.
-#   STEPS="tests kernels decode quant4 quant32" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -41,6 +41,9 @@ print(k.markdown_table(r))" ;;
                     --out "$out/gpu_quant_speed_4layers" ;;
         quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
                      --out "$out/gpu_quant_speed" ;;
-        *) echo "unknown step $s (tests kernels decode quant4 quant32)"; exit 2 ;;
+        ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
+                    --out "$out/gpu_quant_speed_ranges" ;;
+        vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
+        *) echo "unknown step $s (tests kernels decode quant4 quant32 ranges vq)"; exit 2 ;;
     esac
 done
