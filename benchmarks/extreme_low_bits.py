@@ -109,6 +109,7 @@ def main() -> None:
 
 def with_vq_rows(rows: list[dict]) -> list[dict]:
     """Our rows plus those of benchmarks/results/vq.json (and vq_eora.json) where the VQ benchmark wrote them."""
+    required = ("method", "bits_per_weight", "perplexity", "kl")
     vq = []
     for path in VQ_RESULTS:
         if not path.is_file():
@@ -116,7 +117,6 @@ def with_vq_rows(rows: list[dict]) -> list[dict]:
         data = json.loads(path.read_text())
         other = data["rows"] if isinstance(data, dict) else data
         machine = data["meta"]["machine"] if isinstance(data, dict) and "meta" in data else None
-        required = ("method", "bits_per_weight", "perplexity", "kl")
         vq += [{**row, "label": row.get("label", row["method"]), "source": path.name, "machine": machine}
                for row in other if all(key in row for key in required) and row["method"] != "original"]
     return rows + vq

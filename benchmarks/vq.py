@@ -161,14 +161,7 @@ def decode_benchmark(out: Path, shapes=((576, 576), (1536, 576), (576, 1536)), m
             timings["dense float32 (reference)"] = _best_us(lambda: x @ dense.T)
             rows.append({"n": n, "k": k, "m": m, **{f"{p} us": round(t, 1) for p, t in timings.items()}})
             print(rows[-1], flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    header = list(rows[0])
-    table = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    table += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
-    out.with_suffix(".md").write_text(f"CPU: {platform.processor() or platform.machine()}, "
-                                      f"{torch.get_num_threads()} threads\n\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    save_timings(out, rows, f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
 
 
 GPU_SHAPES = {"8B q/o_proj": (4096, 4096), "8B gate/up_proj": (14336, 4096), "8B down_proj": (4096, 14336),
@@ -206,15 +199,19 @@ def gpu_decode_benchmark(out: Path, ms=(1, 16, 64), dim: int = 4, codebook_bits:
                          "bf16 / vq": round(timings["bf16 cuBLAS"] / timings["vq triton"], 2),
                          "rel. err": f"{error:.1e}"})
             print(rows[-1], flush=True)
+    save_timings(out, rows, f"VQ matmul (d={dim}, K=2^{codebook_bits}, one codebook per layer, row scales; indices "
+                 f"stored as int32) on {machine_of(device)}; median microseconds per call (triton.testing.do_bench). "
+                 "Command: `python benchmarks/vq.py --decode --device cuda`.")
+
+
+def save_timings(out: Path, rows: list[dict], caption: str) -> None:
+    """OUT.json with the rows, OUT.md with the caption and the rows as a table (columns: the first row's keys)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
     header = list(rows[0])
     table = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     table += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
-    out.with_suffix(".md").write_text(
-        f"VQ matmul (d={dim}, K=2^{codebook_bits}, one codebook per layer, row scales; indices stored as int32) "
-        f"on {machine_of(device)}; median microseconds per call (triton.testing.do_bench). Command: "
-        f"`python benchmarks/vq.py --decode --device cuda`.\n\n" + "\n".join(table) + "\n")
+    out.with_suffix(".md").write_text(caption + "\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
 
 
