@@ -2,12 +2,13 @@
 
 The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left its time unchanged),
 so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
-own ptxas, without a GPU, disassembles it with the cuobjdump that Triton's wheel carries, finds
-the longest loop and divides its instructions by the codes one thread handles per iteration. The
-budget at the copy roofline on an H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12
-codes/s), everything included.
+own ptxas, without a GPU, and disassembles it with the cuobjdump that Triton's wheel carries. The
+GEMV has two loops, over groups and over the K tiles of a group; a code costs the inner loop's
+instructions over the codes one thread handles per tile, plus the rest of the outer loop (the
+per-group scale and zero point) over the codes per group. The budget at the copy roofline on an
+H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everything included.
 
-    python benchmarks/gemv_sass.py --configs 256x256 512x64 1024x32   (needs `pip install triton`)
+    python benchmarks/gemv_sass.py --configs 1024x32 1024x64 2048x32   (needs `pip install triton`)
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
 4 stages, SWAP_AB), once with the reshaped [BLOCK_K, BLOCK_N] tile and once with STRIDED_DOTS,
@@ -32,18 +33,36 @@ from lowbit.kernels import w4a16_triton
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-             "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "SPLIT_K": "i32"}
+             "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
+             "SPLIT_K": "i32"}
 
 
-def loop_instructions(block_n: int, block_k: int, symmetric: bool, biased: bool, warps: int = 4) -> collections.Counter:
-    """Opcode counts of the GEMV's main loop (the longest backward branch) compiled for sm_90."""
-    constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+GROUP = 128
+
+
+def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: bool,
+                          warps: int = 4) -> collections.Counter:
+    """SASS opcodes per code of the GEMV compiled for sm_90: its K-tile loop per tile, plus the rest
+    of its group loop per group (a K tile that is the whole group is unrolled into the group loop)."""
+    constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "SPLIT": True, "SWAP_AB": False, "BIASED": biased}
-    return main_loop(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
+    loops = loop_opcodes(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
+    codes_per_tile = block_n * block_k / (32 * warps)
+    codes_per_group = codes_per_tile * GROUP / block_k
+    inner, outer = loops[0], loops[-1]
+    per_code = collections.Counter({op: n / codes_per_tile for op, n in inner.items()})
+    if len(loops) > 1:
+        per_code.update({op: n / codes_per_group for op, n in (outer - inner).items()})
+    return per_code
 
 
 def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.Counter:
-    """Opcode counts of `kernel`'s longest backward branch, compiled for sm_90 with these constexprs."""
+    """Opcode counts of `kernel`'s longest loop, compiled for sm_90 with these constexprs."""
+    return loop_opcodes(kernel, constexprs, warps, stages)[-1]
+
+
+def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[collections.Counter]:
+    """Opcode counts of each of `kernel`'s loops (backward branches), shortest first, compiled for sm_90."""
     signature = {**SIGNATURE, **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -57,8 +76,8 @@ def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in lines if m]
     loops = [(int(target.split("0x")[1], 16), address) for address, op, target in code
              if op == "BRA" and "0x" in target and int(target.split("0x")[1], 16) < address]
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end)
+    return [collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end)
+            for start, end in sorted(loops, key=lambda loop: loop[1] - loop[0])]
 
 
 def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
@@ -91,16 +110,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.mma:
         return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
-    args.configs = args.configs or ["256x256", "256x128", "512x64", "1024x64", "1024x32"]
+    args.configs = args.configs or ["128x128", "256x64", "512x64", "1024x32", "1024x64", "2048x32"]
     print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code |")
     print("|---|---|---:|---|")
     for config in args.configs:
         block_n, block_k = (int(v) for v in config.split("x"))
-        codes_per_thread = block_n * block_k / 128
         for biased in (False, True):
-            ops = loop_instructions(block_n, block_k, args.symmetric, biased)
-            top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
-            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(ops.values()) / codes_per_thread:.2f} | {top} |",
+            per_code = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased)
+            top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
+            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(per_code.values()):.2f} | {top} |",
                   flush=True)
 
 

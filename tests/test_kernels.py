@@ -159,7 +159,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {"STRIDED_DOTS": strided}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
-        packed.scales.stride(0), out.stride(0), wt.bucket(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
+        packed.scales.stride(0), out.stride(0), wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap,
         **extra)
     return ws, counters
@@ -169,8 +169,8 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(
     "m, block_m, block_n, block_k, split, swap, biased",
-    [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 256, 2, False, False), (1, 1, 256, 128, 8, False, False),
-     (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True), (1, 1, 256, 256, 1, False, True),
+    [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 128, 2, False, False), (1, 1, 256, 128, 8, False, False),
+     (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True), (1, 1, 2048, 32, 1, False, True),
      (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
      (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
@@ -213,7 +213,8 @@ def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
                   "SWAP_AB": swap, "STRIDED_DOTS": strided}
     signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                 "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "SPLIT_K": "i32",
+                 "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
+                 "SPLIT_K": "i32",
                  **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(fn=wt._mma_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
@@ -248,8 +249,9 @@ def test_tuned_config_is_recorded_after_a_call():
         assert wt.tuned_config(m, packed).startswith("1x" if m == 1 else "16x")
 
 
-def test_tensor_core_kernel_in_the_interpreter():
-    """The M > 1 kernel, reshaped tile and STRIDED_DOTS, plain and swapped, on CPU through
+def test_kernels_in_the_interpreter():
+    """The M > 1 kernel (reshaped tile and STRIDED_DOTS, plain and swapped) and the GEMV (both
+    unpacks, with and without split-K, K tiles smaller than the group) on CPU through
     TRITON_INTERPRET=1 (in a subprocess: the flag is read at import)."""
     pytest.importorskip("triton")
     script = (
@@ -268,6 +270,14 @@ def test_tensor_core_kernel_in_the_interpreter():
         "            out = torch.full((5, 48), float('nan'))\n"
         "            _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out, strided=strided)\n"
         "            assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (strided, swap, (out - ref).abs().max())\n"
+        "    for biased in (False, True):\n"
+        "        for block_n, block_k, split in ((16, 32, 1), (32, 64, 2)):\n"
+        "            out = torch.full((1, 48), float('nan'))\n"
+        "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased)\n"
+        "            error = float((out - ref[:1]).norm() / ref[:1].norm())\n"
+        "            # The biased unpack's sums carry up to 2^11 x the codes (see _biased_code): 1e-4 here,\n"
+        "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"
+        "            assert error < (5e-4 if biased else 1e-5), (biased, split, error)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}

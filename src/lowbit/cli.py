@@ -24,6 +24,7 @@ from lowbit.formats.activation import ACTIVATION_SPEC_HELP, parse_activations
 from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK as DEFAULT_KV_CHUNK
+from lowbit.kernels.w4a16 import PATHS as W4A16_PATHS
 from lowbit.kv.spec import KV_CACHE_NAMES, KVCacheSpec, bits_of_name
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 64, 256], help="batch rows (default 1 16 64 256)")
     k.add_argument("--shapes", nargs="+", metavar="NAME", help="subset of shapes, e.g. '8B down_proj' (default all)")
     k.add_argument("--out", type=Path, help="also save PATH.json and PATH.md (e.g. benchmarks/results/gpu_kernels)")
-    k.add_argument("--paths", nargs="+", choices=["fused", "dequantize+cublas", "gemlite"],
+    k.add_argument("--paths", nargs="+", choices=list(W4A16_PATHS),
                    help="matmul paths the dispatcher may choose among (default all available; fused always)")
     compare_command.add_parser(commands)
     return parser

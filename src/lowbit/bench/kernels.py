@@ -4,9 +4,10 @@ For each linear shape of Llama-3-8B / 70B and each batch M, on the same GPU in o
   * bf16: F.linear with the dequantized weight in bf16 (cuBLAS);
   * torch int4: `aten._weight_int4pack_mm` (tinygemm), group 128, on the same codes;
   * lowbit sym / asym: `w4a16_matmul` with the PackedInt4 layout, i.e. the dispatcher's measured
-    choice among lowbit's fused Triton kernels, dequantize-then-cuBLAS (M > 64) and GemLite's
-    kernels (when installed); the table names the path. For the asymmetric weight the fused
-    kernels and GemLite are also timed on their own, so the choice can be checked;
+    choice among lowbit's fused Triton kernels, dequantize-then-cuBLAS (M > 64), GemLite's kernels
+    and FBGEMM's CUTLASS kernel (each when installed); the table names the path. For the
+    asymmetric weight the fused kernels, GemLite and FBGEMM are also timed on their own, so the
+    choice can be checked;
   * the int4 roofline: the bytes an asymmetric matmul must move (codes, scales, zero points, x, y)
     over the device-to-device copy bandwidth measured at the start of the run.
 Times come from CUDA graph replays of back-to-back calls, each call on its own copy of the weight
@@ -123,13 +124,23 @@ def _gemlite_version() -> str | None:
     return __import__("gemlite").__version__ if w4a16_gemlite.available() else None
 
 
+def _fbgemm_version() -> str:
+    """fbgemm-gpu-genai's version, or why it cannot be used here (a wheel built for another torch)."""
+    from lowbit.kernels import w4a16_fbgemm
+
+    return w4a16_fbgemm.version() or f"not usable ({w4a16_fbgemm.import_error()})"
+
+
 def _direct_paths(packed: PackedInt4, dtype: torch.dtype) -> dict:
-    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, and GemLite's if installed."""
-    from lowbit.kernels import w4a16_gemlite, w4a16_triton
+    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, and GemLite's
+    and FBGEMM's where installed."""
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_triton
 
     paths = {"fused": w4a16_triton.matmul}
     if w4a16_gemlite.supports(packed, dtype):
         paths["gemlite"] = w4a16_gemlite.matmul
+    if w4a16_fbgemm.supports(packed, dtype):
+        paths["fbgemm"] = w4a16_fbgemm.matmul
     return paths
 
 
@@ -210,6 +221,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
         "python": platform.python_version(),
         "group_size": group_size,
         "gemlite": _gemlite_version(),
+        "fbgemm": _fbgemm_version(),
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -221,14 +233,15 @@ def markdown_table(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"W4A16 matmul, int4 group {meta['group_size']}, on {meta['device']} (torch {meta['torch']}, "
-        f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
+        f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}, "
+        f"fbgemm-gpu-genai {meta.get('fbgemm') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
         "from device memory).",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gemlite asym | "
-        "int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) | "
+        "fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) | "
         "fused tile (asym) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     optional = lambda value: "n/a" if value is None else f"{value:.1f}"  # noqa: E731
     for r in rows:
@@ -238,7 +251,7 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
             f"{optional(int4)} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {optional(r.get('fused_asym_us'))} | "
-            f"{optional(r.get('gemlite_asym_us'))} | {r['roofline_us']:.1f} | "
+            f"{optional(r.get('gemlite_asym_us'))} | {optional(r.get('fbgemm_asym_us'))} | {r['roofline_us']:.1f} | "
             f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | "
             f"{r.get('rel_err_lowbit_asym', r.get('rel_err_asym')):.1e} | "
             f"{r.get('path_asym', 'fused')} | {r.get('config_asym') or 'n/a'} |"

@@ -1,8 +1,9 @@
 """y = x Wᵀ for an int4 weight in the PackedInt4 layout: the dispatcher and the torch reference.
 
-On GPU there are up to three ways to run the product: lowbit's fused Triton kernels
+On GPU there are up to four ways to run the product: lowbit's fused Triton kernels
 (w4a16_triton.py), dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound),
-and GemLite's kernels when that package is installed (w4a16_gemlite.py). Which is fastest depends
+GemLite's kernels when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel
+when fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends
 on the shape, M and the GPU, so the first call for each (shape, M bucket, dtype) times every
 allowed path with a cold L2 and keeps the fastest; `path_table()` shows the choices and
 `use_paths()` narrows the candidates (`lowbit bench kernels --paths`).
@@ -26,8 +27,8 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-MatmulPath = Literal["fused", "dequantize+cublas", "gemlite"]
-PATHS: tuple[MatmulPath, ...] = ("fused", "dequantize+cublas", "gemlite")
+MatmulPath = Literal["fused", "dequantize+cublas", "gemlite", "fbgemm"]
+PATHS: tuple[MatmulPath, ...] = ("fused", "dequantize+cublas", "gemlite", "fbgemm")
 _CHOSEN: dict[tuple, MatmulPath] = {}
 _ALLOWED: set[str] = set(PATHS)
 
@@ -53,13 +54,15 @@ def use_paths(*paths: str) -> None:
 
 
 def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callable[[], torch.Tensor]]:
-    from lowbit.kernels import w4a16_gemlite, w4a16_triton
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_triton
 
     calls: dict[MatmulPath, Callable[[], torch.Tensor]] = {"fused": lambda: w4a16_triton.matmul(x, packed)}
     if "dequantize+cublas" in _ALLOWED and x.shape[0] > w4a16_triton.DECODE_MAX_M:
         calls["dequantize+cublas"] = lambda: w4a16_triton.dequantize_matmul(x, packed)
     if "gemlite" in _ALLOWED and w4a16_gemlite.supports(packed, x.dtype):
         calls["gemlite"] = lambda: w4a16_gemlite.matmul(x, packed)
+    if "fbgemm" in _ALLOWED and w4a16_fbgemm.supports(packed, x.dtype):
+        calls["fbgemm"] = lambda: w4a16_fbgemm.matmul(x, packed)
     return calls
 
 

@@ -33,6 +33,11 @@ from lowbit.kernels.int4_pack import PackedInt4
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
 
+CODE_MASK = 0xF
+"""Passed to the kernels as a run-time argument, not written as a literal: a LOP3 takes one
+immediate (the float exponent bits), and ptxas rematerialised a literal mask into a register
+before nearly every unpack, 0.8 extra SASS instructions per code in the GEMV (gemv_sass.py)."""
+
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -50,14 +55,13 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False) -> triton.C
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
-# sums) is shared by more codes: 8.4-8.8 SASS instructions per code in the main loop at BLOCK_N
-# 256 against 7.0-7.4 at 512-1024 (sm_90, counted from the compiled kernel). The biased unpack
-# (`_biased_code`) trades the per-code subtraction for per-row work, which pays only there
-# (7.0 -> 6.6 at 1024 x 32). Untimed on a GPU when added: the autotuner decides.
-_GEMV_CONFIGS = ([_gemv_config(bn, bk, s) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 128), (256, 256))
-                  for s in (1, 2, 4, 8, 16)]
-                 + [_gemv_config(bn, bk, s, biased) for bn, bk in ((512, 64), (1024, 32), (1024, 64))
-                    for s in (1, 2, 4, 8, 16) for biased in (False, True)])
+# conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.3-3.5 SASS
+# instructions per code in the main loop at 1024 x 32/64 and 2048 x 32 (biased unpack) against
+# 4.4-4.6 at 256 x 64/128 (sm_90, gemv_sass.py). Narrow tiles stay for small N, where only
+# they (with split-K) give every SM work. The autotuner decides.
+_GEMV_CONFIGS = [_gemv_config(bn, bk, s, biased)
+                 for bn, bk in ((64, 128), (128, 128), (256, 64), (512, 64), (1024, 32), (1024, 64), (2048, 32))
+                 for s in (1, 2, 4, 8, 16) for biased in (False, True)]
 # STRIDED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: added untimed,
 # the tuner keeps whichever is faster per shape.
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, STRIDED_DOTS=strided) for bm in (16, 64) for bn in (64, 128)
@@ -78,7 +82,8 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     """Fit the configs to this shape; drop split-K configs that leave the GPU idle or flood it with atomics.
 
     Tensor-core tiles take the largest K tile (128, 64, 32) that divides the group, so a tile needs
-    one row of scales; the GEMV's K tiles may span groups but must still divide K.
+    one row of scales; the GEMV's K tiles may be smaller but must divide the group too, and its
+    split-K spans whole groups (it applies scales once per group).
     """
     args = {**named_args, **kwargs}
     m, n, k, group = args["M_BUCKET"], args["N"], args["K"], args["GROUP"]
@@ -87,9 +92,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     for config in configs:
         kw = dict(config.kwargs)
         bm, bn, split = kw["BLOCK_M"], kw["BLOCK_N"], kw["SPLIT_K"]
-        if bm > 1 or k % kw["BLOCK_K"] or (kw["BLOCK_K"] % group and group % kw["BLOCK_K"]):
+        if bm > 1 or group % kw["BLOCK_K"]:
             kw["BLOCK_K"] = group_tile
-        if k % (kw["BLOCK_K"] * split) or (kw.get("STRIDED_DOTS") and kw["BLOCK_K"] < STRIDED_MIN_K):
+        span = group if bm == 1 else kw["BLOCK_K"]
+        if k % (span * split) or (kw.get("STRIDED_DOTS") and kw["BLOCK_K"] < STRIDED_MIN_K):
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
@@ -104,7 +110,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 @triton.jit
-def _nibble(words, J: tl.constexpr):
+def _nibble(words, J: tl.constexpr, code_mask):
     """Code J (bits 4J..4J+3) of each int32 word as an exact float32, without int-to-float conversion.
 
     OR-ing a value v < 2^23 into the mantissa of 2^E gives the float 2^E + v·2^(E-23). For J < 5 the
@@ -112,16 +118,16 @@ def _nibble(words, J: tl.constexpr):
     J >= 5 the code is shifted down first and E = 23. Subtracting 2^E leaves the code.
     """
     if J < 5:
-        bits = (words & (0xF << (4 * J))) | ((150 - 4 * J) << 23)
+        bits = (words & (code_mask << (4 * J))) | ((150 - 4 * J) << 23)
         base = tl.full([], (150 - 4 * J) << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^(23 - 4J)
     else:
-        bits = ((words >> (4 * J)) & 0xF) | (150 << 23)
+        bits = ((words >> (4 * J)) & code_mask) | (150 << 23)
         base = tl.full([], 150 << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^23
     return bits.to(tl.float32, bitcast=True) - base
 
 
 @triton.jit
-def _biased_code(words, J: tl.constexpr):
+def _biased_code(words, J: tl.constexpr, code_mask):
     """Code J of each int32 word as the exact float32 2^(23-P) + code, with the code moved to bits
     P .. P+3 (P = 12 or 16) before the mask-and-or of `_nibble`.
 
@@ -139,7 +145,7 @@ def _biased_code(words, J: tl.constexpr):
         moved = words >> (-SHIFT)
     else:
         moved = words
-    bits = (moved & (0xF << P)) | ((150 - P) << 23)
+    bits = (moved & (code_mask << P)) | ((150 - P) << 23)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -169,13 +175,14 @@ def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
-    M_BUCKET,
+    M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False,
 ):
-    """M = 1. Per word row r and column n, Σ_j (q_j - z)·s·x_j = s·(Σ_j q_j·x_j - z·Σ_j x_j): the
-    zero point and scale are applied once per word, and the K reduction runs once, at the end."""
+    """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
+    sums over a whole group are taken first and the scale and zero point applied once per group and
+    column, so the main loop holds only the unpack and one FMA per code (BLOCK_K divides GROUP)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,32 +190,33 @@ def _gemv_kernel(
     n_mask = offs_n < N
     k_span = K // SPLIT_K
     k_begin = pid_k * k_span
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for step in range(0, k_span, BLOCK_K):
-        k = k_begin + step
-        words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :],
-                        other=0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for group_begin in range(k_begin, k_begin + k_span, GROUP):
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
-        for j in tl.static_range(8):
-            xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
-            if BIASED:
-                partial += _biased_code(words, j) * xj[:, None]
-                x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
-            else:
-                partial += _nibble(words, j) * xj[:, None]
-            x_sum += xj
-        rows = ((k + offs_w * 8) // GROUP)[:, None] * stride_sg + offs_n[None, :]
-        scale = tl.load(s_ptr + rows, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        for k in range(group_begin, group_begin + GROUP, BLOCK_K):
+            words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :],
+                            mask=n_mask[None, :], other=0)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
+                if BIASED:
+                    partial += _biased_code(words, j, code_mask) * xj[:, None]
+                    x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
+                else:
+                    partial += _nibble(words, j, code_mask) * xj[:, None]
+                x_sum += xj
+        column = tl.sum(partial, axis=0)
         if BIASED:
-            partial -= x_bias[:, None]
+            column -= tl.sum(x_bias, axis=0)
+        row = (group_begin // GROUP) * stride_sg + offs_n
+        scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            acc += scale * (partial - 8.0 * x_sum[:, None])
+            acc += scale * (column - 8.0 * tl.sum(x_sum, axis=0))
         else:
-            zero = tl.load(z_ptr + rows, mask=n_mask[None, :], other=0).to(tl.float32)
-            acc += scale * (partial - zero * x_sum[:, None])
-    _store(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
+            zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
+            acc += scale * (column - zero * tl.sum(x_sum, axis=0))
+    _store(acc, out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
 
 
 @triton.jit
@@ -226,7 +234,7 @@ def _mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
-    M_BUCKET,
+    M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, STRIDED_DOTS: tl.constexpr = False,
@@ -276,13 +284,15 @@ def _mma_kernel(
         if STRIDED_DOTS:
             for j in tl.static_range(8):
                 a = tl.load(x_ptrs + offs_w[None, :] * 8 + j, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 8]
+                # A literal mask here: with code_mask the compiler gave this path a layout that goes
+                # through shared memory (0.44 -> 1.43 shared-memory ops per code at 16x128x128).
                 codes = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
                 w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
                 acc = _mma_add(acc, a, w, SWAP_AB)
         else:
             a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
-            bits = ((words[:, None, :] >> shifts[None, :, None]) & 0xF) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
+            bits = ((words[:, None, :] >> shifts[None, :, None]) & code_mask) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
             codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
             w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
             acc = _mma_add(acc, a, w, SWAP_AB)
@@ -379,7 +389,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
     args = (x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k,
-            x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m))
+            x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m), CODE_MASK)
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, **common)

@@ -1,0 +1,97 @@
+"""The FBGEMM path of the W4A16 dispatcher: the operands built from PackedInt4 encode the same
+weight under FBGEMM's w = q·scale + zero convention (checked on CPU, by decoding them the way the
+library documents), and on a GPU with fbgemm-gpu-genai its kernel computes the same product as
+float64 dequantize-then-matmul. GPU tests skip without CUDA or without a usable fbgemm-gpu-genai."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import w4a16_fbgemm
+from lowbit.kernels.int4_pack import pack_quantized_weight
+from lowbit.kernels.w4a16 import path_table, use_paths, w4a16_matmul
+from test_kernels import act_order_quantized, quantized, relative_error
+
+needs_fbgemm = pytest.mark.skipif(not w4a16_fbgemm.available(),
+                                  reason=f"needs a usable fbgemm-gpu-genai ({w4a16_fbgemm.import_error()})")
+
+
+def decode_fbgemm_operands(pairs: torch.Tensor, scales: torch.Tensor, zero_terms: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """float32 [N, K] from FBGEMM's unshuffled operands: low nibble first, signed, q·scale + zero."""
+    low = (pairs.to(torch.int16) << 12) >> 12  # sign-extend bits 0..3
+    high = pairs.to(torch.int16) >> 4  # the arithmetic shift keeps the sign of bits 4..7
+    signed = torch.stack([low, high], dim=-1).flatten(1).float()  # [N, K]
+    per_column = lambda t: t.float().T.repeat_interleave(group_size, dim=1)  # noqa: E731  [N, K]
+    return signed * per_column(scales) + per_column(zero_terms)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_operands_encode_the_packed_weight(symmetric):
+    qweight = quantized(64, 512, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=5)
+    packed = pack_quantized_weight(qweight)
+    pairs = w4a16_fbgemm.signed_code_pairs(packed)
+    scales, zero_terms = w4a16_fbgemm.group_terms(packed)
+    assert pairs.dtype == torch.int8 and pairs.shape == (64, 256)
+    assert scales.shape == zero_terms.shape == (4, 64) and scales.dtype == zero_terms.dtype == torch.bfloat16
+    if symmetric:
+        assert not zero_terms.any()
+    decoded = decode_fbgemm_operands(pairs, scales, zero_terms, 128)
+    expected = packed.dequantize()
+    # The scales and zero terms are rounded to bf16 (8 significant bits): per weight at most about
+    # 2^-9 of |q·scale| + |zero term|, both at most 16 scales.
+    bound = 2 * 16 * 2.0 ** -9 * packed.scales.float().T.repeat_interleave(128, dim=1)
+    assert ((decoded - expected).abs() <= bound).all()
+    # ... and on average far below that bound.
+    assert relative_error(decoded, expected.double()) < 4e-3
+
+
+def test_unsupported_weights_are_left_to_the_other_paths():
+    packed = pack_quantized_weight(quantized(64, 256, IntegerFormat(4, symmetric=False, group_size=64), seed=1))
+    assert not w4a16_fbgemm.supports(packed, torch.bfloat16)  # groups below 128, and on CPU
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("m, symmetric", [(m, sym) for m in (1, 3, 16, 64, 100, 256) for sym in (True, False)])
+def test_fbgemm_matches_float64_dequantize_then_matmul(m, symmetric):
+    n, k = 384, 1024
+    qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=m)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    for call in range(2):  # fresh inputs each time: the result must not depend on what ran before
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ qweight.dequantize().double().cuda().T
+        out = w4a16_fbgemm.matmul(x, packed)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n) and torch.isfinite(out).all()
+        assert relative_error(out, ref) < 1e-2
+
+
+@needs_fbgemm
+def test_fbgemm_layout_follows_in_place_weight_changes():
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    first, second = quantized(256, 512, fmt, seed=1), quantized(256, 512, fmt, seed=2)
+    packed = pack_quantized_weight(first).to("cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    w4a16_fbgemm.matmul(x, packed)
+    replacement = pack_quantized_weight(second).to("cuda")
+    packed.qweight.copy_(replacement.qweight)  # what load_state_dict does to a QuantLinear's buffers
+    packed.scales.copy_(replacement.scales)
+    packed.zeros.copy_(replacement.zeros)
+    ref = x.double() @ second.dequantize().double().cuda().T
+    assert relative_error(w4a16_fbgemm.matmul(x, packed), ref) < 1e-2
+
+
+@needs_fbgemm
+def test_dispatcher_with_fbgemm_allowed_handles_act_order_and_records_its_choice():
+    shuffled = act_order_quantized(384, 512, seed=3)
+    packed = pack_quantized_weight(shuffled).to("cuda")
+    use_paths("fbgemm")
+    try:
+        x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ shuffled.dequantize().double().cuda().T
+        assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
+        chosen = [path for key, path in path_table().items() if key[3:5] == (384, 512)]
+        assert chosen and chosen[0] in ("fused", "fbgemm")
+    finally:
+        use_paths()
