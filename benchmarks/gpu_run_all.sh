@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then the GPU benchmarks named in $STEPS, each under its own time limit,
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
-# benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite, if wanted, must be importable.
+# benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
+# must be importable.
 #   STEPS="tests kernels decode quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +24,7 @@ for s in ${STEPS:-tests kernels decode}; do
         # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
-                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_gpu_solvers.py" \
+                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_gpu_solvers.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
