@@ -33,7 +33,7 @@ from gpu_model import llama3_8b_config  # noqa: E402
 from lowbit.formats.base import quantize_matrix  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
 from lowbit.generate import StaticDecoder  # noqa: E402
-from lowbit.kernels.w4a16 import path_table  # noqa: E402
+from lowbit.kernels.w4a16 import PATHS, path_table, use_paths  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
 
 FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
@@ -130,12 +130,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=[],
+                        help="W4A16 matmul paths the dispatcher may choose among (default all available)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
     if args.render:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return
+    use_paths(*args.paths)
     model = build(args.layers)
     packed = quantize_in_place(model)
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",

@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -24,7 +24,8 @@ for s in ${STEPS:-tests kernels decode}; do
         # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
-                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_gpu_solvers.py" \
+                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_kernel_timing.py" \
+                   "$here/tests/test_gpu_solvers.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
@@ -38,6 +39,9 @@ for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
     out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
 print(k.markdown_table(r))" ;;
         decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
+        # The same with lowbit's own kernels alone (no GemLite/FBGEMM): what lowbit adds by itself.
+        decode_fused) step decode_fused "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --paths fused \
+                          dequantize+cublas --out "$out/gpu_decode_fused" ;;
         quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
                     --out "$out/gpu_quant_speed_4layers" ;;
         quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
@@ -45,6 +49,6 @@ print(k.markdown_table(r))" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode quant4 quant32 ranges vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused quant4 quant32 ranges vq)"; exit 2 ;;
     esac
 done

@@ -3,10 +3,11 @@
 On GPU there are up to four ways to run the product: lowbit's fused Triton kernels
 (w4a16_triton.py), dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound),
 GemLite's kernels when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel
-when fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends
-on the shape, M and the GPU, so the first call for each (shape, M bucket, dtype) times every
-allowed path with a cold L2 and keeps the fastest; `path_table()` shows the choices and
-`use_paths()` narrows the candidates (`lowbit bench kernels --paths`).
+when fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M
+and the GPU, so the first call for each (shape, M bucket, dtype) times every allowed path as a
+graph-captured decode loop runs it (no launch cost, cold L2: timing.py) and keeps the fastest;
+`path_table()` shows the choices and `use_paths()` narrows the candidates
+(`lowbit bench kernels --paths`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callabl
 
 
 def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[], torch.Tensor]]:
-    """The fastest allowed path for this shape and M bucket, timed once (do_bench clears L2 per run)."""
+    """The fastest allowed path for this shape and M bucket, timed once (graph replays, cold L2: timing.py)."""
     from lowbit.kernels import w4a16_triton
 
     calls = _candidates(x, packed)
@@ -76,9 +77,9 @@ def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[
     if key not in _CHOSEN:
         if len(calls) == 1 or torch.cuda.is_current_stream_capturing():
             return "fused", calls["fused"]  # nothing can be timed inside a graph capture; warm up outside it
-        import triton
+        from lowbit.kernels.timing import graph_time_ms
 
-        times = {path: triton.testing.do_bench(call, warmup=5, rep=25) for path, call in calls.items()}
+        times = {path: graph_time_ms(call, x.device) for path, call in calls.items()}
         _CHOSEN[key] = min(times, key=times.get)
     path = _CHOSEN[key]
     return path, calls[path]

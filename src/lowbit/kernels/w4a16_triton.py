@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.int4_pack import PackedInt4
+from lowbit.kernels.timing import autotune_bench
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -329,18 +330,13 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-def _bench(kernel_call, quantiles):
-    # Short autotuning runs: a few ms per config is enough to rank them, and keeps first calls fast.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
-
-
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
 _gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                        do_bench=_bench)(_gemv_kernel)
+                        do_bench=autotune_bench)(_gemv_kernel)
 _decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                          do_bench=_bench)(_mma_kernel)
+                          do_bench=autotune_bench)(_mma_kernel)
 _prefill = triton.autotune(_PREFILL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                           do_bench=_bench)(_mma_kernel)
+                           do_bench=autotune_bench)(_mma_kernel)
 
 
 def supports(packed: PackedInt4) -> bool:
