@@ -115,3 +115,45 @@ def test_fbgemm_replayed_from_a_cuda_graph_follows_its_input(m):
         graph.replay()
         torch.cuda.synchronize()
         assert relative_error(out, x.double() @ weight.T) < 1e-2
+
+
+@needs_fbgemm
+def test_layouts_built_in_a_decode_loops_warm_up_stay_correct():
+    """StaticDecoder.capture() runs its warm-up step on a side stream, where the dispatcher times
+    its paths and builds each weight's FBGEMM layout: on an H200, 125 of 128 such layouts once came
+    back corrupted (the decode diverged) while the same weights built on the main stream were right."""
+    from torch import nn
+
+    from lowbit.formats.base import quantize_matrix
+    from lowbit.generate import StaticDecoder
+    from lowbit.modules import QuantLinear
+    from tests.conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    # Llama-3-8B's widths, where FBGEMM wins gate/up_proj at M = 16 (30 vs 40 us on an H200).
+    config = tiny_llama_config(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                               num_attention_heads=32, num_key_value_heads=8)
+    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    modules = {}
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, nn.Linear):
+            modules[name] = QuantLinear.from_quantized(quantize_matrix(fmt, module.weight.float())).to("cuda")
+            parent, _, child = name.rpartition(".")
+            setattr(model.model.layers.get_submodule(parent), child, modules[name])
+    use_paths("fbgemm")
+    try:
+        decoder = StaticDecoder(model, batch=16, max_len=8)
+        decoder.capture()
+        decoder.prefill(torch.randint(0, 256, (16, 4), device="cuda"))
+        torch.cuda.synchronize()
+        built = {name: m for name, m in modules.items() if m.qweight in w4a16_fbgemm._LAYOUTS}
+        if not built:
+            pytest.skip("the dispatcher chose no FBGEMM path on this GPU")
+        for name, module in built.items():
+            x = torch.randn(16, module.in_features, device="cuda", dtype=torch.bfloat16)
+            ref = x.double() @ module.packed.dequantize().double().T
+            assert relative_error(w4a16_fbgemm.matmul(x, module.packed), ref) < 1e-2, name
+    finally:
+        use_paths()

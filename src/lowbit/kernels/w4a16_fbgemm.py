@@ -89,8 +89,14 @@ def layout(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     held = _LAYOUTS.get(packed.qweight)
     if held is None or held[0] != packed.qweight._version:
         scales, zero_terms = group_terms(packed)
-        codes, scales = torch.ops.fbgemm.preshuffle_i4(signed_code_pairs(packed), scales)
-        held = (packed.qweight._version, (codes, scales, zero_terms))
+        pairs = signed_code_pairs(packed)
+        # preshuffle_i4 returns its inputs' memory, shuffled; built on a side stream (a decode loop's
+        # warm-up before graph capture) that came back corrupted on an H200 (125 of 128 layouts),
+        # so the build runs between device-wide synchronisations and keeps copies it owns.
+        torch.cuda.synchronize(pairs.device)
+        shuffled_codes, shuffled_scales = torch.ops.fbgemm.preshuffle_i4(pairs, scales)
+        torch.cuda.synchronize(pairs.device)
+        held = (packed.qweight._version, (shuffled_codes.clone(), shuffled_scales.clone(), zero_terms))
         _LAYOUTS[packed.qweight] = held
     return held[1]
 

@@ -182,8 +182,9 @@ def _gemv_kernel(
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
-    sums over a whole group are taken first and the scale and zero point applied once per group and
-    column, so the main loop holds only the unpack and one FMA per code (BLOCK_K divides GROUP)."""
+    sums over a whole group are taken first and the scale and zero point applied once per group
+    (per word row and column), so the main loop holds only the unpack and one FMA per code
+    (BLOCK_K divides GROUP)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -191,7 +192,9 @@ def _gemv_kernel(
     n_mask = offs_n < N
     k_span = K // SPLIT_K
     k_begin = pid_k * k_span
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Sums per word row and column: the rows of a narrow tile lie in different warps, so summing
+    # them per group would cost a shared-memory reduction each time; they are summed once, at the end.
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     for group_begin in range(k_begin, k_begin + k_span, GROUP):
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
@@ -207,17 +210,14 @@ def _gemv_kernel(
                 else:
                     partial += _nibble(words, j, code_mask) * xj[:, None]
                 x_sum += xj
-        column = tl.sum(partial, axis=0)
-        if BIASED:
-            column -= tl.sum(x_bias, axis=0)
         row = (group_begin // GROUP) * stride_sg + offs_n
         scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            acc += scale * (column - 8.0 * tl.sum(x_sum, axis=0))
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
         else:
             zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
-            acc += scale * (column - zero * tl.sum(x_sum, axis=0))
-    _store(acc, out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
+        acc += scale[None, :] * (partial - (zero[None, :] * x_sum[:, None] + x_bias[:, None]))
+    _store(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
 
 
 @triton.jit
