@@ -28,11 +28,14 @@ TABLES = {  # results file -> heading in the README
     "gpu_quant_speed.md": "GPTQ on a Llama-3-8B-shaped model, one H100 (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
-    "gpu_kernels_h200_all.md": "W4A16 matmul on one H200, all shapes in one call (`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
+    "gpu_kernels_h200.md": "W4A16 matmul on one H200, all shapes in one call, FBGEMM installed "
+    "(`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
     "gpu_quant_speed_ranges_h200.md": "The integer schemes' GPTQ (static groups + MSE clipping) vs the paper's, "
     "one H200 (`python benchmarks/gpu_quant_speed.py --layers 4 --ranges`)",
     "vq_decode_gpu.md": "VQ matmul (Triton kernel) vs bf16 cuBLAS, one H200 (`python benchmarks/vq.py --decode --device cuda`)",
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
+    "gpu_decode_h200.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, FBGEMM installed "
+    "(`python benchmarks/gpu_decode.py`; lowbit's kernels alone: gpu_decode_fused_h200.md)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "budget.md": "Mixed precision under a budget: knapsack plan (and + evolutionary refinement) vs uniform "

@@ -272,7 +272,7 @@ def test_kernels_in_the_interpreter():
         "            _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out, strided=strided)\n"
         "            assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (strided, swap, (out - ref).abs().max())\n"
         "    for biased in (False, True):\n"
-        "        for block_n, block_k, split in ((16, 32, 1), (32, 64, 2)):\n"
+        "        for block_n, block_k, split in ((16, 32, 1), (32, 64, 2), (128, 32, 2)):  # rows across and within threads\n"
         "            out = torch.full((1, 48), float('nan'))\n"
         "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased)\n"
         "            error = float((out - ref[:1]).norm() / ref[:1].norm())\n"
