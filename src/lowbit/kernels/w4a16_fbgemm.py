@@ -16,6 +16,7 @@ library has no fp16 variant of this kernel.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,7 +36,7 @@ def import_error() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm.*)
+        importlib.import_module("fbgemm_gpu.experimental.gen_ai")  # registers torch.ops.fbgemm.*
     except (ImportError, OSError) as error:  # missing package, or built against another torch
         return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if not hasattr(torch.ops.fbgemm, "bf16i4bf16_shuffled"):
