@@ -40,12 +40,12 @@ SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8
 GROUP = 128
 
 
-def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: bool,
+def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: bool, prefetch: bool = False,
                           warps: int = 4) -> collections.Counter:
     """SASS opcodes per code of the GEMV compiled for sm_90: its K-tile loop per tile, plus the rest
     of its group loop per group (a K tile that is the whole group is unrolled into the group loop)."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased}
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased, "PREFETCH": prefetch}
     loops = loop_opcodes(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
     codes_per_tile = block_n * block_k / (32 * warps)
     codes_per_group = codes_per_tile * GROUP / block_k
@@ -105,6 +105,7 @@ def main() -> None:
                         help="BLOCK_NxBLOCK_K tiles (GEMV, 4 warps); with --mma BLOCK_MxBLOCK_NxBLOCK_K "
                         "(default 16x64x128 16x128x128 64x128x128)")
     parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--prefetch", action="store_true", help="GEMV: the PREFETCH variant")
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (M > 1) instead of the GEMV")
     parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
     args = parser.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
     for config in args.configs:
         block_n, block_k = (int(v) for v in config.split("x"))
         for biased in (False, True):
-            per_code = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased)
+            per_code = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased, args.prefetch)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
             print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(per_code.values()):.2f} | {top} |",
                   flush=True)

@@ -147,7 +147,8 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, strided=False):
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, strided=False,
+                prefetch=False):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
     import triton
 
@@ -157,7 +158,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
-    extra = {"BIASED": biased} if kernel is wt._gemv_kernel else {"STRIDED_DOTS": strided}
+    extra = {"BIASED": biased, "PREFETCH": prefetch} if kernel is wt._gemv_kernel else {"STRIDED_DOTS": strided}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
@@ -175,23 +176,24 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
      (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
      (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
-@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
+@pytest.mark.parametrize("variant", [False, True], ids=["plain", "strided-dots-or-prefetch"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
-        m, block_m, block_n, block_k, split, swap, biased, symmetric, strided):
+        m, block_m, block_n, block_k, split, swap, biased, symmetric, variant):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
-    element written, right each time (the self-resetting workspace), workspace zero afterwards."""
+    element written, right each time (the self-resetting workspace), workspace zero afterwards.
+    `variant`: STRIDED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
     from lowbit.kernels import w4a16_triton as wt
 
     n, k = 320, 1024
-    if strided and m == 1:
-        pytest.skip("STRIDED_DOTS is a switch of the tensor-core kernel")
     kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
+    strided, prefetch = (False, variant) if m == 1 else (variant, False)
     for call in range(3):
         qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=10 * m + call)
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, strided)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, strided,
+                                   prefetch)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
         ref = x.double() @ qweight.dequantize().double().cuda().T
@@ -272,9 +274,11 @@ def test_kernels_in_the_interpreter():
         "            _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out, strided=strided)\n"
         "            assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (strided, swap, (out - ref).abs().max())\n"
         "    for biased in (False, True):\n"
-        "        for block_n, block_k, split in ((16, 32, 1), (32, 64, 2), (128, 32, 2)):  # rows across and within threads\n"
+        "        for block_n, block_k, split, prefetch in ((16, 32, 1, False), (32, 64, 2, True), (128, 32, 2, False),\n"
+        "                                                  (128, 32, 1, True)):  # rows across and within threads\n"
         "            out = torch.full((1, 48), float('nan'))\n"
-        "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased)\n"
+        "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased,\n"
+        "                        prefetch=prefetch)\n"
         "            error = float((out - ref[:1]).norm() / ref[:1].norm())\n"
         "            # The biased unpack's sums carry up to 2^11 x the codes (see _biased_code): 1e-4 here,\n"
         "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"

@@ -54,18 +54,22 @@ def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap
 GEMV_WARPS = tl.constexpr(4)
 
 
-def _gemv_config(bn: int, bk: int, split: int, biased: bool = False) -> triton.Config:
-    return _config(1, bn, bk, split, GEMV_WARPS, 3, BIASED=biased)
+def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False) -> triton.Config:
+    return _config(1, bn, bk, split, GEMV_WARPS, 3, BIASED=biased, PREFETCH=prefetch)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
 # conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.3-3.5 SASS
-# instructions per code in the main loop at 1024 x 32/64 and 2048 x 32 (biased unpack) against
-# 4.4-4.6 at 256 x 64/128 (sm_90, gemv_sass.py). Narrow tiles stay for small N, where only
-# they (with split-K) give every SM work. The autotuner decides.
-_GEMV_CONFIGS = [_gemv_config(bn, bk, s, biased)
-                 for bn, bk in ((64, 128), (128, 128), (256, 64), (512, 64), (1024, 32), (1024, 64), (2048, 32))
-                 for s in (1, 2, 4, 8, 16) for biased in (False, True)]
+# instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.5-6.7 at
+# 64-256 columns (sm_90, gemv_sass.py). Narrow tiles stay for small N, where only they (with
+# split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there);
+# their PREFETCH variant (+0.2 instructions per code, no spills) and split 32 (more warps per SM
+# to hide load latency) are untimed candidates: the autotuner decides.
+_GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
+_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
+                  for s in _GEMV_SPLITS for biased in (False, True)]
+                 + [_gemv_config(bn, bk, s, True, prefetch) for bn, bk in ((512, 64), (1024, 32), (1024, 64), (2048, 32))
+                    for s in _GEMV_SPLITS for prefetch in (False, True)])
 # STRIDED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: added untimed,
 # the tuner keeps whichever is faster per shape.
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, STRIDED_DOTS=strided) for bm in (16, 64) for bn in (64, 128)
@@ -182,7 +186,7 @@ def _gemv_kernel(
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
@@ -205,13 +209,26 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for group_begin in range(k_begin, k_begin + k_span, GROUP):
+    word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
+    k_end = k_begin + k_span
+    # PREFETCH: the next tile's words are loaded before this tile's codes are unpacked, so each
+    # warp has a load in flight while it computes (the loop is not software-pipelined for it).
+    if PREFETCH:
+        next_words = tl.load(word_ptrs + (k_begin // 8) * stride_qk, mask=n_mask[None, :], other=0)
+    else:
+        next_words = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
+    for group_begin in range(k_begin, k_end, GROUP):
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
         for k in range(group_begin, group_begin + GROUP, BLOCK_K):
-            words = tl.load(qw_ptr + (k // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :],
-                            mask=n_mask[None, :], other=0)
+            if PREFETCH:
+                words = next_words
+                in_span = k + BLOCK_K + offs_w * 8 < k_end  # all or none of the next tile's rows
+                next_words = tl.load(word_ptrs + ((k + BLOCK_K) // 8) * stride_qk,
+                                     mask=in_span[:, None] & n_mask[None, :], other=0)
+            else:
+                words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
             for j in tl.static_range(8):
                 xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
                 if BIASED:
