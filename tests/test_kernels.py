@@ -201,27 +201,45 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
 
 
-@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
-@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])
-def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
-    """The interpreter runs Python semantics; compiling for sm_90 (no GPU needed: Triton's own ptxas)
-    catches what only the compiler refuses, such as mismatched shapes on a branch not taken."""
+_HOPPER_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
+                     "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                     "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
+                     "code_mask": "i32", "SPLIT_K": "i32"}
+
+
+def _compile_for_hopper(kernel, constexprs: dict, warps: int, stages: int):
+    """Compile for sm_90 with Triton's own ptxas (no GPU needed)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature = {**_HOPPER_SIGNATURE, **{name: "constexpr" for name in constexprs}}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])
+def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
+    """The interpreter runs Python semantics; compiling for sm_90 catches what only the compiler
+    refuses, such as mismatched shapes on a branch not taken."""
     from lowbit.kernels import w4a16_triton as wt
 
     constexprs = {"GROUP": 128, "SYMMETRIC": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": True,
                   "SWAP_AB": swap, "STRIDED_DOTS": strided}
-    signature = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
-                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                 "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
-                 "SPLIT_K": "i32",
-                 **{name: "constexpr" for name in constexprs}}
-    compiled = triton.compile(ASTSource(fn=wt._mma_kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
-    assert compiled.asm["cubin"]
+    assert _compile_for_hopper(wt._mma_kernel, constexprs, warps=4, stages=4).asm["cubin"]
+
+
+@pytest.mark.parametrize("block_n, block_k, biased, prefetch, symmetric",
+                         [(64, 128, False, False, False), (64, 128, True, True, True),
+                          (1024, 32, True, False, False), (1024, 32, True, True, True)])
+def test_gemv_compiles_for_hopper(block_n, block_k, biased, prefetch, symmetric):
+    """Both row-sum layouts (tiles narrower than 128 columns and not), both unpacks, PREFETCH."""
+    from lowbit.kernels import w4a16_triton as wt
+
+    constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased, "PREFETCH": prefetch}
+    assert _compile_for_hopper(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3).asm["cubin"]
 
 
 def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):

@@ -55,7 +55,7 @@ GEMV_WARPS = tl.constexpr(4)
 
 
 def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False) -> triton.Config:
-    return _config(1, bn, bk, split, GEMV_WARPS, 3, BIASED=biased, PREFETCH=prefetch)
+    return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased, PREFETCH=prefetch)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
