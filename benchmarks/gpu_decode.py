@@ -86,8 +86,8 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     return logits
 
 
-def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int) -> dict:
-    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8)
+def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False) -> dict:
+    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge)
     decoder.capture()
     decoder.prefill(prompt[:batch])
     logits = decoder.logits.clone()
@@ -107,7 +107,9 @@ def markdown(result: dict) -> str:
     lines = [f"Greedy decode of a random Llama-3-8B-shaped model ({meta['layers']} layers), prompt {meta['prompt']} "
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
-             "embedding and lm_head bf16 in both.", "",
+             "embedding and lm_head bf16 in both."
+             + (" q/k/v and gate/up merged into one matmul each, in both." if meta.get("merged_projections") else ""),
+             "",
              "| batch | bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | int4 ms/step | "
              f"bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | same greedy tokens |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -132,6 +134,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=[],
                         help="W4A16 matmul paths the dispatcher may choose among (default all available)")
+    parser.add_argument("--merge", action="store_true",
+                        help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -144,11 +148,11 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
     reference = float32_logits(model, prompt, args.batches)
-    bf16 = {b: time_decode(model, b, prompt, args.new) for b in args.batches}
+    bf16 = {b: time_decode(model, b, prompt, args.new, args.merge) for b in args.batches}
     swap(model, packed)
     rows = []
     for b in args.batches:
-        int4 = time_decode(model, b, prompt, args.new)
+        int4 = time_decode(model, b, prompt, args.new, args.merge)
         errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
                   for kind, run in (("bf16", bf16[b]), ("int4", int4))}
         if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
@@ -160,6 +164,7 @@ def main() -> None:
                      "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+                       "merged_projections": args.merge,
                        "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},
               "rows": rows}

@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -40,6 +40,9 @@ for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
 print(k.markdown_table(r))" ;;
         decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
         # The same with lowbit's own kernels alone (no GemLite/FBGEMM): what lowbit adds by itself.
+        # q/k/v and gate/up merged into one matmul each (StaticDecoder(merge_projections=True)).
+        decode_merged) step decode_merged "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --merge \
+                           --out "$out/gpu_decode_merged" ;;
         decode_fused) step decode_fused "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --paths fused \
                           dequantize+cublas --out "$out/gpu_decode_fused" ;;
         quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
@@ -49,6 +52,6 @@ print(k.markdown_table(r))" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused quant4 quant32 ranges vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges vq)"; exit 2 ;;
     esac
 done

@@ -41,3 +41,53 @@ def test_static_decoder_refuses_what_does_not_fit():
         StaticDecoder(nn.Linear(2, 2), batch=1, max_len=4)
     with pytest.raises(DecodeError, match="CUDA"):
         decoder.capture()
+
+
+def _quantized_copy(model: nn.Module, fmt) -> nn.Module:
+    """`model` with every decoder linear swapped for a QuantLinear of its `fmt` rounding."""
+    from lowbit.formats.base import quantize_matrix
+    from lowbit.modules import replace_linears
+
+    names = [name for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
+    quantized = {f"model.layers.{name}": quantize_matrix(fmt, model.model.layers.get_submodule(name).weight.float())
+                 for name in names}
+    return replace_linears(model, quantized)
+
+
+@pytest.mark.parametrize("kind", ["linear", "int4-sym", "int4-asym"])
+def test_merged_projections_give_the_same_logits_and_tokens(kind):
+    """q/k/v and gate/up run as one matmul each: same logits (float32 sums in another order) and
+    the same greedy tokens, for float and int4 layers."""
+    from lowbit.formats.integer import IntegerFormat
+
+    model = tiny_llama(seed=3, tie=False)
+    if kind != "linear":
+        model = _quantized_copy(model, IntegerFormat(4, symmetric=kind == "int4-sym", group_size=32))
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    plain, merged = (StaticDecoder(model, batch=2, max_len=16, merge_projections=m) for m in (False, True))
+    assert all(qkv is not None and gate_up is not None for qkv, gate_up in merged._merged)
+    for decoder in (plain, merged):
+        decoder.prefill(prompt)
+    torch.testing.assert_close(merged.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.decode(4), plain.decode(4))
+
+
+def test_merge_linears_refuses_what_cannot_share_one_matmul():
+    from lowbit.formats.integer import IntegerFormat
+    from lowbit.modules.merge import merge_linears
+    from lowbit.modules.quant_linear import QuantLinear
+    from tests.test_kernels import act_order_quantized, quantized
+
+    assert merge_linears([nn.Linear(8, 4), nn.Linear(16, 4)]) is None  # different inputs
+    assert merge_linears([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)]) is None
+    fmt = IntegerFormat(4, symmetric=False, group_size=32)
+    q = QuantLinear.from_quantized(quantized(16, 64, fmt))
+    assert merge_linears([nn.Linear(64, 16), q]) is None  # a float and an int4 layer
+    assert merge_linears([q, QuantLinear.from_quantized(quantized(16, 64, IntegerFormat(4, group_size=64)))]) is None
+    plain_order = QuantLinear.from_quantized(quantized(16, 256, IntegerFormat(4, symmetric=False, group_size=128)))
+    act_order = QuantLinear.from_quantized(act_order_quantized(16, 256, seed=1))  # its own gather of x
+    assert merge_linears([plain_order, plain_order]) is not None
+    assert merge_linears([plain_order, act_order]) is None
+    merged = merge_linears([q, QuantLinear.from_quantized(quantized(8, 64, fmt, seed=1))])
+    x = torch.randn(3, 64)
+    assert merged.out_features == 24 and torch.allclose(merged(x)[:, :16], q(x), atol=1e-5)

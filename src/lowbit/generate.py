@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lowbit.modules.merge import merge_linears
+
 
 class DecodeError(ValueError):
     """The model or the request does not fit the static decoder; the message says what to change."""
@@ -24,7 +26,9 @@ class DecodeError(ValueError):
 class StaticDecoder:
     """Greedy decoder for a `LlamaForCausalLM`-shaped model with a [batch, max_len] static KV cache."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = False) -> None:
+        """`merge_projections`: run each layer's q/k/v and gate/up projections as one matmul each
+        (modules/merge.py), holding merged copies of those weights beside the model's own."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
@@ -43,6 +47,16 @@ class StaticDecoder:
         self.logits = torch.zeros(batch, config.vocab_size, device=weight.device, dtype=torch.float32)
         self._positions = torch.arange(max_len, device=weight.device)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._qkv_sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self._merged = [self._merge(layer) if merge_projections else (None, None) for layer in inner.layers]
+
+    @staticmethod
+    def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        gate_up = merge_linears([mlp.gate_proj, mlp.up_proj]) if gated else None
+        return qkv, gate_up
 
     @torch.no_grad()
     def step(self) -> None:
@@ -51,18 +65,27 @@ class StaticDecoder:
         hidden = self.inner.embed_tokens(self.ids)  # [B, 1, H]
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
         visible = (self._positions <= self.pos).view(1, 1, 1, self.max_len)
-        for layer, keys, values in zip(self.inner.layers, self.keys, self.values):
+        for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(self.batch, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            if qkv is not None:
+                q, k, v = qkv(x).split(self._qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.reshape(self.batch, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys.index_copy_(2, self.pos, k)
             values.index_copy_(2, self.pos, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            x = layer.post_attention_layernorm(hidden)
+            if gate_up is not None:
+                gate, up = gate_up(x).split([layer.mlp.gate_proj.out_features, layer.mlp.up_proj.out_features], dim=-1)
+                hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                hidden = hidden + layer.mlp(x)
         self.logits.copy_(self.model.lm_head(self.inner.norm(hidden))[:, 0].float())
         self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
         self.pos += 1

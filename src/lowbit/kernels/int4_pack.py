@@ -66,6 +66,30 @@ class PackedInt4:
         return weight
 
 
+def concat_outputs(parts: list[PackedInt4]) -> PackedInt4 | None:
+    """One PackedInt4 whose outputs are `parts`' outputs side by side (e.g. q, k and v projections
+    that read the same input), or None where they cannot share one layout: different input sizes,
+    group sizes, symmetry, scale dtypes or devices, or an act-order permutation (each part would
+    need its own gather of x)."""
+    first = parts[0]
+    compatible = all(
+        p.in_features == first.in_features and p.group_size == first.group_size
+        and (p.zeros is None) == (first.zeros is None) and p.scales.dtype == first.scales.dtype
+        and p.qweight.device == first.qweight.device and p.input_perm is None
+        for p in parts
+    )
+    if not compatible:
+        return None
+    return PackedInt4(
+        qweight=torch.cat([p.qweight for p in parts], dim=1),
+        scales=torch.cat([p.scales for p in parts], dim=1),
+        zeros=None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=1),
+        group_size=first.group_size,
+        in_features=first.in_features,
+        out_features=sum(p.out_features for p in parts),
+    )
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] (values 0..15, K a multiple of 8) -> int32 words [K / 8, N]."""
     rows, columns = codes.shape
