@@ -31,12 +31,6 @@ from triton.compiler import ASTSource
 from lowbit.kernels import w4a16_triton
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
-             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-             "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
-             "SPLIT_K": "i32"}
-
-
 GROUP = 128
 
 
@@ -63,7 +57,7 @@ def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.
 
 def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[collections.Counter]:
     """Opcode counts of each of `kernel`'s loops (backward branches), shortest first, compiled for sm_90."""
-    signature = {**SIGNATURE, **{name: "constexpr" for name in constexprs}}
+    signature = {**w4a16_triton.ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:

@@ -201,19 +201,15 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
 
 
-_HOPPER_SIGNATURE = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
-                     "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                     "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
-                     "code_mask": "i32", "SPLIT_K": "i32"}
-
-
 def _compile_for_hopper(kernel, constexprs: dict, warps: int, stages: int):
     """Compile for sm_90 with Triton's own ptxas (no GPU needed)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {**_HOPPER_SIGNATURE, **{name: "constexpr" for name in constexprs}}
+    from lowbit.kernels.w4a16_triton import ARGUMENT_TYPES
+
+    signature = {**ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 

@@ -39,6 +39,13 @@ CODE_MASK = 0xF
 immediate (the float exponent bits), and ptxas rematerialised a literal mask into a register
 before nearly every unpack, 0.8 extra SASS instructions per code in the GEMV (gemv_sass.py)."""
 
+ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
+                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                  "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
+                  "SPLIT_K": "i32"}
+"""The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
+scales), for compiling them ahead of time without a GPU: the sm_90 compile tests and gemv_sass.py."""
+
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
