@@ -134,7 +134,13 @@ def test_layouts_built_in_a_decode_loops_warm_up_stay_correct():
     # Llama-3-8B's widths, where FBGEMM wins gate/up_proj at M = 16 (30 vs 40 us on an H200).
     config = tiny_llama_config(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                                num_attention_heads=32, num_key_value_heads=8)
-    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):  # built in place: a 4096-wide model initialised on the CPU takes long
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     fmt = IntegerFormat(4, symmetric=False, group_size=128)
     modules = {}
     for name, module in list(model.model.layers.named_modules()):
