@@ -29,6 +29,7 @@ from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
+from lowbit.kernels.timing import graph_replay_ms
 from lowbit.kernels.w4a16 import path_table, use_paths
 
 SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
@@ -63,22 +64,7 @@ def _graph_us(calls: list) -> float:
     for call in calls:
         call()  # warm up: compile and autotune outside the graph
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    del graph
-    return 1e3 * sorted(times)[len(times) // 2] / len(calls)
+    return 1e3 * graph_replay_ms(calls, replays=15) / len(calls)
 
 
 def _copies(nbytes: int) -> int:

@@ -11,7 +11,7 @@ layers' weights passed through L2; the flushes alone are timed the same way and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,15 +30,16 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _FLUSH[index]
 
 
-def _replay_ms(work: Callable[[], None]) -> float:
-    """Median milliseconds of one replay of a graph running `work` CALLS_PER_GRAPH times."""
+def graph_replay_ms(calls: Sequence[Callable[[], object]], replays: int = REPLAYS) -> float:
+    """Median milliseconds of one replay of a CUDA graph that runs `calls` in order (each already
+    called once eagerly: nothing can compile or autotune inside a capture)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            work()
+        for call in calls:
+            call()
     graph.replay()
     times = []
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -63,8 +64,8 @@ def graph_time_ms(call: Callable[[], object], device: torch.device | None = None
         flush.zero_()
         call()
 
-    with_call = _replay_ms(flushed_call)
-    flush_only = _replay_ms(flush.zero_)
+    with_call = graph_replay_ms([flushed_call] * CALLS_PER_GRAPH)
+    flush_only = graph_replay_ms([flush.zero_] * CALLS_PER_GRAPH)
     return max(with_call - flush_only, 0.0) / CALLS_PER_GRAPH
 
 
