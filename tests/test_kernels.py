@@ -110,6 +110,40 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
+def check_layout_follows_in_place_weight_changes(matmul) -> None:
+    """A path that keeps its own layout of a weight (GemLite, FBGEMM) rebuilds it when the packed
+    buffers are overwritten in place, as load_state_dict does to a QuantLinear's."""
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    first, second = quantized(256, 512, fmt, seed=1), quantized(256, 512, fmt, seed=2)
+    packed = pack_quantized_weight(first).to("cuda")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    matmul(x, packed)
+    replacement = pack_quantized_weight(second).to("cuda")
+    packed.qweight.copy_(replacement.qweight)
+    packed.scales.copy_(replacement.scales)
+    packed.zeros.copy_(replacement.zeros)
+    ref = x.double() @ second.dequantize().double().cuda().T
+    assert relative_error(matmul(x, packed), ref) < 1e-2
+
+
+def check_dispatcher_allowing(path: str, out_features: int) -> None:
+    """With `path` allowed, the dispatcher gives the right product for an act-order weight (a
+    gather of x first) and records its choice, `path` or the fused kernels."""
+    from lowbit.kernels.w4a16 import path_table, use_paths
+
+    shuffled = act_order_quantized(out_features, 512, seed=3)
+    packed = pack_quantized_weight(shuffled).to("cuda")
+    use_paths(path)
+    try:
+        x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ shuffled.dequantize().double().cuda().T
+        assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
+        chosen = [chosen for key, chosen in path_table().items() if key[3:5] == (out_features, 512)]
+        assert chosen and chosen[0] in ("fused", path)
+    finally:
+        use_paths()
+
+
 @gpu
 @pytest.mark.parametrize(
     "m, group_size, symmetric, dtype",

@@ -11,8 +11,9 @@ import torch
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_fbgemm
 from lowbit.kernels.int4_pack import pack_quantized_weight
-from lowbit.kernels.w4a16 import path_table, use_paths, w4a16_matmul
-from test_kernels import act_order_quantized, quantized, relative_error
+from lowbit.kernels.w4a16 import use_paths
+from test_kernels import (check_dispatcher_allowing, check_layout_follows_in_place_weight_changes, quantized,
+                          relative_error)
 
 needs_fbgemm = pytest.mark.skipif(not w4a16_fbgemm.available(),
                                   reason=f"needs a usable fbgemm-gpu-genai ({w4a16_fbgemm.import_error()})")
@@ -69,32 +70,12 @@ def test_fbgemm_matches_float64_dequantize_then_matmul(m, symmetric):
 
 @needs_fbgemm
 def test_fbgemm_layout_follows_in_place_weight_changes():
-    fmt = IntegerFormat(4, symmetric=False, group_size=128)
-    first, second = quantized(256, 512, fmt, seed=1), quantized(256, 512, fmt, seed=2)
-    packed = pack_quantized_weight(first).to("cuda")
-    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    w4a16_fbgemm.matmul(x, packed)
-    replacement = pack_quantized_weight(second).to("cuda")
-    packed.qweight.copy_(replacement.qweight)  # what load_state_dict does to a QuantLinear's buffers
-    packed.scales.copy_(replacement.scales)
-    packed.zeros.copy_(replacement.zeros)
-    ref = x.double() @ second.dequantize().double().cuda().T
-    assert relative_error(w4a16_fbgemm.matmul(x, packed), ref) < 1e-2
+    check_layout_follows_in_place_weight_changes(w4a16_fbgemm.matmul)
 
 
 @needs_fbgemm
 def test_dispatcher_with_fbgemm_allowed_handles_act_order_and_records_its_choice():
-    shuffled = act_order_quantized(384, 512, seed=3)
-    packed = pack_quantized_weight(shuffled).to("cuda")
-    use_paths("fbgemm")
-    try:
-        x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ shuffled.dequantize().double().cuda().T
-        assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
-        chosen = [path for key, path in path_table().items() if key[3:5] == (384, 512)]
-        assert chosen and chosen[0] in ("fused", "fbgemm")
-    finally:
-        use_paths()
+    check_dispatcher_allowing("fbgemm", 384)
 
 
 @needs_fbgemm

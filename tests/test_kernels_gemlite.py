@@ -10,8 +10,9 @@ import torch
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_gemlite
 from lowbit.kernels.int4_pack import pack_quantized_weight
-from lowbit.kernels.w4a16 import PATHS, path_table, use_paths, w4a16_matmul
-from test_kernels import act_order_quantized, quantized, relative_error
+from lowbit.kernels.w4a16 import PATHS, use_paths
+from test_kernels import (check_dispatcher_allowing, check_layout_follows_in_place_weight_changes, quantized,
+                          relative_error)
 
 needs_gemlite = pytest.mark.skipif(not w4a16_gemlite.available(), reason="needs CUDA and the gemlite package")
 
@@ -50,29 +51,9 @@ def test_gemlite_matches_float64_dequantize_then_matmul(m, group_size, symmetric
 
 @needs_gemlite
 def test_gemlite_layout_follows_in_place_weight_changes():
-    fmt = IntegerFormat(4, symmetric=False, group_size=128)
-    first, second = quantized(256, 512, fmt, seed=1), quantized(256, 512, fmt, seed=2)
-    packed = pack_quantized_weight(first).to("cuda")
-    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
-    w4a16_gemlite.matmul(x, packed)
-    replacement = pack_quantized_weight(second).to("cuda")
-    packed.qweight.copy_(replacement.qweight)  # what load_state_dict does to a QuantLinear's buffers
-    packed.scales.copy_(replacement.scales)
-    packed.zeros.copy_(replacement.zeros)
-    ref = x.double() @ second.dequantize().double().cuda().T
-    assert relative_error(w4a16_gemlite.matmul(x, packed), ref) < 1e-2
+    check_layout_follows_in_place_weight_changes(w4a16_gemlite.matmul)
 
 
 @needs_gemlite
 def test_dispatcher_with_gemlite_allowed_handles_act_order_and_records_its_choice():
-    shuffled = act_order_quantized(320, 512, seed=3)
-    packed = pack_quantized_weight(shuffled).to("cuda")
-    use_paths("gemlite")
-    try:
-        x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
-        ref = x.double() @ shuffled.dequantize().double().cuda().T
-        assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
-        chosen = [path for key, path in path_table().items() if key[3:5] == (320, 512)]
-        assert chosen and chosen[0] in ("fused", "gemlite")
-    finally:
-        use_paths()
+    check_dispatcher_allowing("gemlite", 320)
