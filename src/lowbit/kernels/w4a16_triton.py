@@ -37,7 +37,7 @@ DECODE_MAX_M = 64
 CODE_MASK = 0xF
 """Passed to the kernels as a run-time argument, not written as a literal: a LOP3 takes one
 immediate (the float exponent bits), and ptxas rematerialised a literal mask into a register
-before nearly every unpack, 0.8 extra SASS instructions per code in the GEMV (gemv_sass.py)."""
+before nearly every unpack: one extra SASS instruction for most codes in the GEMV (gemv_sass.py)."""
 
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
                   "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
@@ -70,7 +70,7 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.5-6.7 at
 # 64-256 columns (sm_90, gemv_sass.py). Narrow tiles stay for small N, where only they (with
 # split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there);
-# their PREFETCH variant (+0.2 instructions per code, no spills) and split 32 (more warps per SM
+# their PREFETCH variant (+0.15 to 0.33 instructions per code) and split 32 (more warps per SM
 # to hide load latency) are untimed candidates: the autotuner decides.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
@@ -328,7 +328,7 @@ def _mma_kernel(
             for j in tl.static_range(8):
                 a = tl.load(x_ptrs + offs_w[None, :] * 8 + j, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 8]
                 # A literal mask here: with code_mask the compiler gave this path a layout that goes
-                # through shared memory (0.44 -> 1.43 shared-memory ops per code at 16x128x128).
+                # through shared memory (about three times the shared-memory operations per code).
                 codes = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
                 w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
                 acc = _mma_add(acc, a, w, SWAP_AB)
