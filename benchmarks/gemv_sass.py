@@ -11,7 +11,7 @@ H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everythi
     python benchmarks/gemv_sass.py --configs 1024x32 1024x64 2048x32   (needs `pip install triton`)
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
-4 stages, SWAP_AB), once with the reshaped [BLOCK_K, BLOCK_N] tile and once with STRIDED_DOTS,
+4 stages, SWAP_AB), once with the reshaped [BLOCK_K, BLOCK_N] tile and once with PAIRED_DOTS,
 and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
 """
 
@@ -81,14 +81,14 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
     for config in configs:
         block_m, block_n, block_k = (int(v) for v in config.split("x"))
         codes_per_thread = block_n * block_k / 128
-        for strided in (False, True):
+        for paired in (False, True):
             constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "STRIDED_DOTS": strided}
+                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "PAIRED_DOTS": paired}
             ops = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
             shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))
             mma = sum(n for op, n in ops.items() if "MMA" in op)
             top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
-            print(f"| {config} | {'strided dots' if strided else 'reshaped'} | "
+            print(f"| {config} | {'paired dots' if paired else 'reshaped'} | "
                   f"{sum(ops.values()) / codes_per_thread:.2f} | {shared / codes_per_thread:.2f} | "
                   f"{mma / codes_per_thread:.3f} | {top} |", flush=True)
 

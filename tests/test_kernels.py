@@ -181,7 +181,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
 
 
-def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, strided=False,
+def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, paired=False,
                 prefetch=False):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
     import triton
@@ -192,7 +192,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
-    extra = {"BIASED": biased, "PREFETCH": prefetch} if kernel is wt._gemv_kernel else {"STRIDED_DOTS": strided}
+    extra = {"BIASED": biased, "PREFETCH": prefetch} if kernel is wt._gemv_kernel else {"PAIRED_DOTS": paired}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
         packed.scales.stride(0), out.stride(0), wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
@@ -210,23 +210,23 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
      (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
      (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )
-@pytest.mark.parametrize("variant", [False, True], ids=["plain", "strided-dots-or-prefetch"])
+@pytest.mark.parametrize("variant", [False, True], ids=["plain", "paired-dots-or-prefetch"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
         m, block_m, block_n, block_k, split, swap, biased, symmetric, variant):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards.
-    `variant`: STRIDED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
+    `variant`: PAIRED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
     from lowbit.kernels import w4a16_triton as wt
 
     n, k = 320, 1024
     kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
-    strided, prefetch = (False, variant) if m == 1 else (variant, False)
+    paired, prefetch = (False, variant) if m == 1 else (variant, False)
     for call in range(3):
         qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=10 * m + call)
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, strided,
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, paired,
                                    prefetch)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
@@ -235,29 +235,31 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
 
 
-def _compile_for_hopper(kernel, constexprs: dict, warps: int, stages: int):
-    """Compile for sm_90 with Triton's own ptxas (no GPU needed)."""
+def _compile_for_hopper(kernel, constexprs: dict, warps: int, stages: int, x_type: str = "*bf16"):
+    """Compile for sm_90 with Triton's own ptxas (no GPU needed); `x_type`: the activations' pointer type."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lowbit.kernels.w4a16_triton import ARGUMENT_TYPES
 
-    signature = {**ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
+    signature = {**ARGUMENT_TYPES, "x_ptr": x_type, "out_ptr": x_type, **{name: "constexpr" for name in constexprs}}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-@pytest.mark.parametrize("strided", [False, True], ids=["tile", "strided-dots"])
+@pytest.mark.parametrize("paired", [False, True], ids=["tile", "paired-dots"])
 @pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])
-def test_tensor_core_kernel_compiles_for_hopper(strided, swap):
+@pytest.mark.parametrize("dtype", ["*bf16", "*fp16"])
+def test_tensor_core_kernel_compiles_for_hopper(paired, swap, dtype):
     """The interpreter runs Python semantics; compiling for sm_90 catches what only the compiler
     refuses, such as mismatched shapes on a branch not taken."""
     from lowbit.kernels import w4a16_triton as wt
 
     constexprs = {"GROUP": 128, "SYMMETRIC": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": True,
-                  "SWAP_AB": swap, "STRIDED_DOTS": strided}
-    assert _compile_for_hopper(wt._mma_kernel, constexprs, warps=4, stages=4).asm["cubin"]
+                  "SWAP_AB": swap, "PAIRED_DOTS": paired}
+    compiled = _compile_for_hopper(wt._mma_kernel, constexprs, warps=4, stages=4, x_type=dtype)
+    assert compiled.asm["cubin"]
 
 
 @pytest.mark.parametrize("block_n, block_k, biased, prefetch, symmetric",
@@ -279,12 +281,12 @@ def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):
     from lowbit.kernels import w4a16_triton as wt
 
     packed = pack_quantized_weight(quantized(48, 256, IntegerFormat(4, symmetric=False, group_size=128)))
-    chosen = wt._config(16, 128, 128, 4, 4, 4, True, STRIDED_DOTS=True)
+    chosen = wt._config(16, 128, 128, 4, 4, 4, True, PAIRED_DOTS=True)
     other = wt._config(64, 64, 128, 1, 4, 4)
     monkeypatch.setattr(wt._decode, "cache", {(16, 96, 256, 128, False, "torch.bfloat16"): other,
                                              (16, 48, 256, 128, False, "torch.bfloat16"): chosen})
     monkeypatch.setattr(wt._gemv, "cache", {})
-    assert wt.tuned_config(9, packed) == "16x128x128 split 4 swap strided"
+    assert wt.tuned_config(9, packed) == "16x128x128 split 4 swap paired"
     assert wt.tuned_config(40, packed) is None  # bucket 64: not tuned
     assert wt.tuned_config(1, packed) is None
 
@@ -301,7 +303,7 @@ def test_tuned_config_is_recorded_after_a_call():
 
 
 def test_kernels_in_the_interpreter():
-    """The M > 1 kernel (reshaped tile and STRIDED_DOTS, plain and swapped) and the GEMV (both
+    """The M > 1 kernel (reshaped tile and PAIRED_DOTS in bf16 and fp16, plain and swapped) and the GEMV (both
     unpacks, with and without split-K, K tiles smaller than the group) on CPU through
     TRITON_INTERPRET=1 (in a subprocess: the flag is read at import)."""
     pytest.importorskip("triton")
@@ -316,11 +318,20 @@ def test_kernels_in_the_interpreter():
         "    packed = pack_quantized_weight(qweight)\n"
         "    x = torch.randn(5, 256)\n"
         "    ref = x @ qweight.dequantize().T\n"
-        "    for strided in (False, True):\n"
-        "        for swap in (False, True):\n"
-        "            out = torch.full((5, 48), float('nan'))\n"
-        "            _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out, strided=strided)\n"
-        "            assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (strided, swap, (out - ref).abs().max())\n"
+        "    for swap in (False, True):\n"
+        "        out = torch.full((5, 48), float('nan'))\n"
+        "        _run_config(wt._mma_kernel, x, packed, 16, 16, 128, 1, swap, out)\n"
+        "        assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (swap, (out - ref).abs().max())\n"
+        # PAIRED_DOTS unpacks into x's 16-bit type. The interpreter gets bf16 arithmetic and loads
+        # wrong (the reshaped tile fails the same way), so the whole kernel runs in fp16 here; the
+        # bf16 unpack is checked value by value below, the rest on the GPU and in the sm_90 compiles.
+        "        for dtype in (torch.float16,):\n"
+        "            x16 = x.to(dtype)\n"
+        "            out = torch.full((5, 48), float('nan'), dtype=dtype)\n"
+        "            _run_config(wt._mma_kernel, x16, packed, 16, 16, 128, 1, swap, out, paired=True)\n"
+        "            exact = x16.double() @ qweight.dequantize().double().T\n"
+        "            error = float((out.double() - exact).norm() / exact.norm())\n"
+        "            assert error < 4e-3, (dtype, swap, error)  # the output's own rounding\n"
         "    for biased in (False, True):\n"
         "        for block_n, block_k, split, prefetch in ((16, 32, 1, False), (32, 64, 2, True), (128, 32, 2, False),\n"
         "                                                  (128, 32, 1, True)):  # rows across and within threads\n"
@@ -331,6 +342,16 @@ def test_kernels_in_the_interpreter():
         "            # The biased unpack's sums carry up to 2^11 x the codes (see _biased_code): 1e-4 here,\n"
         "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"
         "            assert error < (5e-4 if biased else 1e-5), (biased, split, error)\n"
+        "import triton.language as tl\n"
+        "from tests.triton_probes import paired_codes_probe\n"
+        "codes = torch.randint(0, 16, (64, 8))\n"
+        "words = sum(codes[:, j].long() << (4 * j) for j in range(8))\n"
+        "words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)\n"
+        "for dtype, base in ((tl.bfloat16, 128), (tl.float16, 1024)):\n"
+        "    for j in range(4):\n"
+        "        out = torch.empty(2, 64)\n"
+        "        paired_codes_probe[(1,)](words, out, N=64, J=j, DTYPE=dtype)\n"
+        "        assert torch.equal(out, base + codes[:, [j, j + 4]].T.float()), (dtype, j)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}

@@ -77,17 +77,17 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128
                   for s in _GEMV_SPLITS for biased in (False, True)]
                  + [_gemv_config(bn, bk, s, True, prefetch) for bn, bk in ((512, 64), (1024, 32), (1024, 64), (2048, 32))
                     for s in _GEMV_SPLITS for prefetch in (False, True)])
-# STRIDED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: added untimed,
-# the tuner keeps whichever is faster per shape.
-_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, STRIDED_DOTS=strided) for bm in (16, 64) for bn in (64, 128)
-                   for s in (1, 2, 4, 8) for swap in (False, True) for strided in (False, True)]
+# PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
+# whichever is faster per shape.
+_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired) for bm in (16, 64) for bn in (64, 128)
+                   for s in (1, 2, 4, 8) for swap in (False, True) for paired in (False, True)]
 _PREFILL_CONFIGS = [
-    _config(bm, bn, 128, 1, warps, stages, STRIDED_DOTS=strided)
+    _config(bm, bn, 128, 1, warps, stages, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
-    for strided in (False, True)
+    for paired in (False, True)
 ]
-STRIDED_MIN_K = 128
-"""STRIDED_DOTS splits a K tile into eight dots of BLOCK_K / 8; tensor-core dots need K >= 16."""
+PAIRED_MIN_K = 128
+"""PAIRED_DOTS splits a K tile into eight dots of BLOCK_K / 8; tensor-core dots need K >= 16."""
 _K_TILES = (128, 64, 32)
 _MIN_PROGRAMS, _MAX_PROGRAMS = 96, 4096
 """Split-K configs are kept only where they give the grid this many programs (132 SMs on H100)."""
@@ -110,7 +110,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         if bm > 1 or group % kw["BLOCK_K"]:
             kw["BLOCK_K"] = group_tile
         span = group if bm == 1 else kw["BLOCK_K"]
-        if k % (span * split) or (kw.get("STRIDED_DOTS") and kw["BLOCK_K"] < STRIDED_MIN_K):
+        if k % (span * split) or (kw.get("PAIRED_DOTS") and kw["BLOCK_K"] < PAIRED_MIN_K):
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
@@ -280,14 +280,15 @@ def _mma_kernel(
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, STRIDED_DOTS: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False,
 ):
     """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP).
 
     Code j of word row r is weight row 8r + j, so the unpacked words are a [BLOCK_K / 8, 8, BLOCK_N]
-    tensor whose reshape to [BLOCK_K, BLOCK_N] may cost a layout conversion through shared memory.
-    STRIDED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
-    with x's columns j, j + 8, j + 16, ... (a strided load of x, which is small and cached).
+    tensor whose reshape to [BLOCK_K, BLOCK_N] costs a layout conversion through shared memory.
+    PAIRED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
+    with x's columns j, j + 8, j + 16, ... (a strided load of x, which is small and cached), and
+    the codes unpacked two at a time in 16-bit halves (`_paired_codes`).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -321,23 +322,29 @@ def _mma_kernel(
         group = (k_begin + k) // GROUP
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            offset = tl.full((BLOCK_N,), 8388608.0 + 8.0, tl.float32)
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
         else:
-            offset = 8388608.0 + tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
-        if STRIDED_DOTS:
-            for j in tl.static_range(8):
-                a = tl.load(x_ptrs + offs_w[None, :] * 8 + j, mask=m_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K / 8]
-                # A literal mask here: with code_mask the compiler gave this path a layout that goes
-                # through shared memory (about three times the shared-memory operations per code).
-                codes = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-                w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
-                acc = _mma_add(acc, a, w, SWAP_AB)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        if PAIRED_DOTS:
+            tile = tl.zeros(acc.shape, dtype=tl.float32)
+            offset = _paired_offset(zero, x_ptr.dtype.element_ty)[None, :]
+            for j in tl.static_range(4):
+                low, high = _paired_codes(words, j, x_ptr.dtype.element_ty)
+                low, high = low - offset, high - offset
+                a_low = tl.load(x_ptrs + offs_w[None, :] * 8 + j, mask=m_mask[:, None], other=0.0)
+                a_high = tl.load(x_ptrs + offs_w[None, :] * 8 + j + 4, mask=m_mask[:, None], other=0.0)
+                tile = _mma_add(tile, a_low, low, SWAP_AB)
+                tile = _mma_add(tile, a_high, high, SWAP_AB)
+            if SWAP_AB:
+                acc += scale[:, None] * tile
+            else:
+                acc += scale[None, :] * tile
         else:
             a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
             bits = ((words[:, None, :] >> shifts[None, :, None]) & code_mask) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
             codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
-            w = ((codes - offset[None, :]) * scale[None, :]).to(a.dtype)
+            w = ((codes - (8388608.0 + zero)[None, :]) * scale[None, :]).to(a.dtype)
             acc = _mma_add(acc, a, w, SWAP_AB)
         x_ptrs += BLOCK_K
         q_ptrs += (BLOCK_K // 8) * stride_qk
@@ -349,6 +356,34 @@ def _mma_kernel(
     index = offs_m[:, None] * N + offs_n[None, :]
     _store(result, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr + index, cnt_ptr + pid,
            m_mask[:, None] & n_mask[None, :], SPLIT_K, SPLIT)
+
+
+@triton.jit
+def _paired_codes(words, J: tl.constexpr, dtype: tl.constexpr):
+    """Codes J and J + 4 of each word as exact bf16/fp16 `dtype` values 2^E + code (E = 7 for bf16,
+    10 for fp16: the code is the low mantissa bits; `_paired_offset` gives 2^E + zero point).
+
+    The two codes sit 16 bits apart, so one shift and one mask-and-or fill both halves of a 32-bit
+    register: a pair per operation, where the float32 unpack of `_nibble` spends one per code and a
+    conversion to 16 bits after it. Subtracting 2^E + z is exact in the 16-bit type (small
+    integers), so the tensor cores sum x·(q - z) with no rounding of the weight, and the scale
+    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.8 SASS
+    instructions per code against 7.3 for the float32 unpack of each code (gemv_sass.py --mma).
+    """
+    if dtype == tl.float16:
+        pair = ((words >> (4 * J)) & 0x000F000F) | 0x64006400  # 1024.0 in both halves
+    else:
+        pair = ((words >> (4 * J)) & 0x000F000F) | 0x43004300  # 128.0 in both halves
+    return pair.to(tl.int16).to(dtype, bitcast=True), (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _paired_offset(zero, dtype: tl.constexpr):
+    """2^E + zero in `dtype`, exact: what `_paired_codes`'s values minus give q - z."""
+    if dtype == tl.float16:
+        return (1024.0 + zero).to(dtype)
+    else:
+        return (128.0 + zero).to(dtype)
 
 
 @triton.jit
@@ -393,7 +428,7 @@ def bucket(m: int) -> int:
 
 def tuned_config(m: int, packed: PackedInt4) -> str | None:
     """The tile config the autotuner chose for this shape and M bucket (None before the first call),
-    e.g. "16x128x128 split 4 swap strided": which candidate won is what a benchmark row must say."""
+    e.g. "16x128x128 split 4 swap paired": which candidate won is what a benchmark row must say."""
     kernel = _gemv if m == 1 else _decode if m <= DECODE_MAX_M else _prefill
     wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
     # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
@@ -401,8 +436,8 @@ def tuned_config(m: int, packed: PackedInt4) -> str | None:
     if config is None:
         return None
     kw = config.kwargs
-    flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("strided", kw.get("STRIDED_DOTS")),
-                                   ("biased", kw.get("BIASED"))) if on]
+    flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("paired", kw.get("PAIRED_DOTS")),
+                                   ("biased", kw.get("BIASED")), ("prefetch", kw.get("PREFETCH"))) if on]
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
 
 
