@@ -74,7 +74,7 @@ def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[coll
             for start, end in sorted(loops, key=lambda loop: loop[1] - loop[0])]
 
 
-def mma_table(configs: list[str], symmetric: bool, swap: bool, prefetch: bool) -> None:
+def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
     print("| BLOCK_M x BLOCK_N x BLOCK_K | weight tile | instructions / code | shared-memory ops / code | "
           "MMA / code | largest opcodes / code |")
     print("|---|---|---:|---:|---:|---|")
@@ -83,8 +83,7 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool, prefetch: bool) -
         codes_per_thread = block_n * block_k / 128
         for paired in (False, True):
             constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "PAIRED_DOTS": paired,
-                          "PREFETCH": prefetch}
+                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "PAIRED_DOTS": paired}
             ops = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
             shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))
             mma = sum(n for op, n in ops.items() if "MMA" in op)
@@ -100,13 +99,12 @@ def main() -> None:
                         help="BLOCK_NxBLOCK_K tiles (GEMV, 4 warps); with --mma BLOCK_MxBLOCK_NxBLOCK_K "
                         "(default 16x64x128 16x128x128 64x128x128)")
     parser.add_argument("--symmetric", action="store_true")
-    parser.add_argument("--prefetch", action="store_true", help="the PREFETCH variant")
+    parser.add_argument("--prefetch", action="store_true", help="GEMV: the PREFETCH variant")
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (M > 1) instead of the GEMV")
     parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
     args = parser.parse_args()
     if args.mma:
-        return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap,
-                         args.prefetch)
+        return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
     args.configs = args.configs or ["128x128", "256x64", "512x64", "1024x32", "1024x64", "2048x32"]
     print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code |")
     print("|---|---|---:|---|")

@@ -77,11 +77,10 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128
                   for s in _GEMV_SPLITS for biased in (False, True)]
                  + [_gemv_config(bn, bk, s, True, prefetch) for bn, bk in ((512, 64), (1024, 32), (1024, 64), (2048, 32))
                     for s in _GEMV_SPLITS for prefetch in (False, True)])
-# PAIRED_DOTS and PREFETCH (see _mma_kernel) are autotuning candidates beside the reshaped tile: the
-# tuner keeps whichever is faster per shape.
-_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired, PREFETCH=prefetch)
-                   for bm in (16, 64) for bn in (64, 128) for s in (1, 2, 4, 8) for swap in (False, True)
-                   for paired, prefetch in ((False, False), (True, False), (True, True))]
+# PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
+# whichever is faster per shape.
+_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired) for bm in (16, 64) for bn in (64, 128)
+                   for s in (1, 2, 4, 8) for swap in (False, True) for paired in (False, True)]
 _PREFILL_CONFIGS = [
     _config(bm, bn, 128, 1, warps, stages, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
@@ -281,7 +280,7 @@ def _mma_kernel(
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False,
 ):
     """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP).
 
@@ -290,11 +289,6 @@ def _mma_kernel(
     PAIRED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
     with x's columns j, j + 8, j + 16, ... (a strided load of x, which is small and cached), and
     the codes unpacked two at a time in 16-bit halves (`_paired_codes`).
-
-    Triton's pipeliner stages x's tiles through shared memory (they feed the dots directly) but
-    not the packed words, which are unpacked in registers first: without PREFETCH a program waits
-    for each tile's words before it unpacks them. PREFETCH loads the next tile's words before this
-    tile is unpacked (two tiles in flight per program, at the cost of their registers).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -323,17 +317,8 @@ def _mma_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:
-        next_words = tl.load(q_ptrs, mask=n_mask[None, :], other=0)
-    else:
-        next_words = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     for k in range(0, k_span, BLOCK_K):
-        if PREFETCH:
-            words = next_words
-            in_span = k + BLOCK_K + offs_w * 8 < k_span  # all or none of the next tile's rows
-            next_words = tl.load(q_ptrs + (BLOCK_K // 8) * stride_qk, mask=in_span[:, None] & n_mask[None, :], other=0)
-        else:
-            words = tl.load(q_ptrs, mask=n_mask[None, :], other=0)
+        words = tl.load(q_ptrs, mask=n_mask[None, :], other=0)
         group = (k_begin + k) // GROUP
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
