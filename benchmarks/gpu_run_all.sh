@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -51,7 +51,12 @@ print(k.markdown_table(r))" ;;
                      --out "$out/gpu_quant_speed" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
+        # Nsight Compute's stall reasons, occupancy and throughput for a few kernels (gpu_profile.py).
+        profile) step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \
+                     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                     --section SchedulerStats python3 "$here/benchmarks/gpu_profile.py" --cases "70B gate/up_proj:1" \
+                     "70B gate/up_proj:16" "8B gate/up_proj:16" "8B k/v_proj:1" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile vq)"; exit 2 ;;
     esac
 done
