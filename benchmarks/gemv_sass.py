@@ -2,7 +2,9 @@
 
 The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left its time unchanged),
 so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
-own ptxas, without a GPU, and disassembles it with the cuobjdump that Triton's wheel carries. The
+own ptxas, without a GPU, and disassembles it with the cuobjdump that Triton's wheel carries. It
+declares the arguments the JIT finds aligned on model shapes (w4a16_triton.ALIGNED_ARGUMENTS), so
+the loads are vectorised as in the kernel that runs. The
 GEMV has two loops, over groups and over the K tiles of a group; a code costs the inner loop's
 instructions over the codes one thread handles per tile, plus the rest of the outer loop (the
 per-group scale and zero point) over the codes per group. The budget at the copy roofline on an
@@ -58,7 +60,8 @@ def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.
 def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[collections.Counter]:
     """Opcode counts of each of `kernel`'s loops (backward branches), shortest first, compiled for sm_90."""
     signature = {**w4a16_triton.ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in w4a16_triton.ALIGNED_ARGUMENTS}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

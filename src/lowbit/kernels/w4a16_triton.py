@@ -46,6 +46,11 @@ ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr":
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for compiling them ahead of time without a GPU: the sm_90 compile tests and gemv_sass.py."""
 
+ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "stride_xm",
+                     "stride_qk", "stride_sg", "stride_om")
+"""The arguments Triton's JIT finds to be multiples of 16 on model shapes (it specialises each call on
+that): a compile ahead of time must say so too, or it builds the kernel with unvectorised loads."""
+
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -66,12 +71,13 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
-# conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.3-3.5 SASS
-# instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.5-6.7 at
-# 64-256 columns (sm_90, gemv_sass.py). Narrow tiles stay for small N, where only they (with
-# split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there);
-# their PREFETCH variant (+0.15 to 0.33 instructions per code) and split 32 (more warps per SM
-# to hide load latency) are untimed candidates: the autotuner decides.
+# conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.0-3.2 SASS
+# instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.0-5.7 at
+# 64-256 columns (sm_90, gemv_sass_sm90.md). Narrow tiles stay for small N, where only they (with
+# split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there)
+# and have a PREFETCH variant (+0.19 to 0.28 instructions per code); split 32 gives more warps
+# per SM to hide load latency. On the H200 the autotuner kept split 32 on seven of the eight M = 1
+# shapes and PREFETCH on 70B gate/up and down (gpu_kernels_h200.md).
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
                   for s in _GEMV_SPLITS for biased in (False, True)]
@@ -326,12 +332,13 @@ def _mma_kernel(
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
         else:
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+        a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if PAIRED_DOTS:
             tile = tl.zeros(acc.shape, dtype=tl.float32)
             offset = _paired_offset(zero, x_ptr.dtype.element_ty)[None, :]
-            # x's tile is loaded whole (contiguous, vectorised) and split in registers into the eight
-            # [BLOCK_M, BLOCK_K / 8] column sets: eight strided 2-byte gathers kept L1 90% busy.
-            a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            # x's tile, loaded whole (contiguous, vectorised), is split in registers into the eight
+            # [BLOCK_M, BLOCK_K / 8] column sets: eight strided 2-byte loads instead kept L1 90% busy
+            # (gpu_profile_h200.log, 8B gate/up_proj M = 16).
             a0246, a1357 = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))  # by bit 0 of j
             a04, a26 = tl.split(a0246)
             a15, a37 = tl.split(a1357)
@@ -345,7 +352,6 @@ def _mma_kernel(
             else:
                 acc += scale[None, :] * tile
         else:
-            a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
             bits = ((words[:, None, :] >> shifts[None, :, None]) & code_mask) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
             codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
@@ -372,8 +378,8 @@ def _paired_codes(words, J: tl.constexpr, dtype: tl.constexpr):
     register: a pair per operation, where the float32 unpack of `_nibble` spends one per code and a
     conversion to 16 bits after it. Subtracting 2^E + z is exact in the 16-bit type (small
     integers), so the tensor cores sum x·(q - z) with no rounding of the weight, and the scale
-    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.8 SASS
-    instructions per code against 7.3 for the float32 unpack of each code (gemv_sass.py --mma).
+    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.5 SASS
+    instructions per code against 6.4 for the reshaped tile's float32 unpack (mma_sass_sm90.md).
     """
     if dtype == tl.float16:
         pair = ((words >> (4 * J)) & 0x000F000F) | 0x64006400  # 1024.0 in both halves
