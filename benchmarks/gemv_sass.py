@@ -37,28 +37,25 @@ GROUP = 128
 
 
 def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: bool, prefetch: bool = False,
-                          warps: int = 4) -> collections.Counter:
+                          warps: int = 4) -> tuple[collections.Counter, str]:
     """SASS opcodes per code of the GEMV compiled for sm_90: its K-tile loop per tile, plus the rest
-    of its group loop per group (a K tile that is the whole group is unrolled into the group loop)."""
+    of its group loop per group (a K tile that is the whole group is unrolled into the group loop);
+    and its occupancy (`occupancy`)."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "SPLIT": True, "SWAP_AB": False, "BIASED": biased, "PREFETCH": prefetch}
-    loops = loop_opcodes(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
+    sass, registers, shared = compile_sm90(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
+    loops = loop_opcodes(sass)
     codes_per_tile = block_n * block_k / (32 * warps)
     codes_per_group = codes_per_tile * GROUP / block_k
     inner, outer = loops[0], loops[-1]
     per_code = collections.Counter({op: n / codes_per_tile for op, n in inner.items()})
     if len(loops) > 1:
         per_code.update({op: n / codes_per_group for op, n in (outer - inner).items()})
-    return per_code
+    return per_code, occupancy(registers, shared, warps)
 
 
-def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> collections.Counter:
-    """Opcode counts of `kernel`'s longest loop, compiled for sm_90 with these constexprs."""
-    return loop_opcodes(kernel, constexprs, warps, stages)[-1]
-
-
-def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[collections.Counter]:
-    """Opcode counts of each of `kernel`'s loops (backward branches), shortest first, compiled for sm_90."""
+def compile_sm90(kernel, constexprs: dict, warps: int, stages: int) -> tuple[str, int, int]:
+    """`kernel` compiled for sm_90 with these constexprs: its SASS, registers per thread, shared bytes."""
     signature = {**w4a16_triton.ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in w4a16_triton.ALIGNED_ARGUMENTS}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
@@ -66,8 +63,29 @@ def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[coll
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        sass = subprocess.run([str(CUOBJDUMP), "--dump-sass", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
+        dump = [subprocess.run([str(CUOBJDUMP), flag, cubin.name], capture_output=True, text=True, check=True).stdout
+                for flag in ("--dump-sass", "--dump-resource-usage")]
+    registers = int(re.search(r"REG:(\d+)", dump[1]).group(1))
+    return dump[0], registers, compiled.metadata.shared
+
+
+def occupancy(registers: int, shared: int, warps: int) -> str:
+    """Blocks (and warps) one sm_90 SM holds at once: 64K registers, allocated per warp in units of
+    256; 228 KB of shared memory, 1 KB of it reserved per block; 64 warps; 32 blocks. The profile
+    (gpu_profile_h200.log) found the kernels short of warps, so this is printed beside the counts."""
+    by_registers = 65536 // (-(-registers * 32 // 256) * 256 * warps)
+    blocks = min(by_registers, 233472 // (shared + 1024), 64 // warps, 32)
+    return f"{registers} reg, {blocks} blocks ({blocks * warps} warps)"
+
+
+def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> tuple[collections.Counter, str]:
+    """Opcode counts of `kernel`'s longest loop compiled for sm_90 with these constexprs, and its occupancy."""
+    sass, registers, shared = compile_sm90(kernel, constexprs, warps, stages)
+    return loop_opcodes(sass)[-1], occupancy(registers, shared, warps)
+
+
+def loop_opcodes(sass: str) -> list[collections.Counter]:
+    """Opcode counts of each loop (backward branch) of a SASS listing, shortest first."""
     lines = [re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", line)
              for line in sass.splitlines()]
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in lines if m]
@@ -79,21 +97,21 @@ def loop_opcodes(kernel, constexprs: dict, warps: int, stages: int) -> list[coll
 
 def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
     print("| BLOCK_M x BLOCK_N x BLOCK_K | weight tile | instructions / code | shared-memory ops / code | "
-          "MMA / code | largest opcodes / code |")
-    print("|---|---|---:|---:|---:|---|")
+          "MMA / code | largest opcodes / code | per SM |")
+    print("|---|---|---:|---:|---:|---|---|")
     for config in configs:
         block_m, block_n, block_k = (int(v) for v in config.split("x"))
         codes_per_thread = block_n * block_k / 128
         for paired in (False, True):
             constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                          "BLOCK_K": block_k, "SPLIT": False, "SWAP_AB": swap, "PAIRED_DOTS": paired}
-            ops = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
+                          "BLOCK_K": block_k, "SPLIT": True, "SWAP_AB": swap, "PAIRED_DOTS": paired}
+            ops, per_sm = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
             shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))
             mma = sum(n for op, n in ops.items() if "MMA" in op)
             top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
             print(f"| {config} | {'paired dots' if paired else 'reshaped'} | "
                   f"{sum(ops.values()) / codes_per_thread:.2f} | {shared / codes_per_thread:.2f} | "
-                  f"{mma / codes_per_thread:.3f} | {top} |", flush=True)
+                  f"{mma / codes_per_thread:.3f} | {top} | {per_sm} |", flush=True)
 
 
 def main() -> None:
@@ -109,15 +127,15 @@ def main() -> None:
     if args.mma:
         return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
     args.configs = args.configs or ["128x128", "256x64", "512x64", "1024x32", "1024x64", "2048x32"]
-    print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code |")
-    print("|---|---|---:|---|")
+    print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code | per SM |")
+    print("|---|---|---:|---|---|")
     for config in args.configs:
         block_n, block_k = (int(v) for v in config.split("x"))
         for biased in (False, True):
-            per_code = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased, args.prefetch)
+            per_code, per_sm = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased, args.prefetch)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
-            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(per_code.values()):.2f} | {top} |",
-                  flush=True)
+            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(per_code.values()):.2f} | {top} | "
+                  f"{per_sm} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,13 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128
                  + [_gemv_config(bn, bk, s, True, prefetch) for bn, bk in ((512, 64), (1024, 32), (1024, 64), (2048, 32))
                     for s in _GEMV_SPLITS for prefetch in (False, True)])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
-# whichever is faster per shape.
+# whichever is faster per shape. Once x's loads were vectorised the tuner took the largest split
+# on offer (8) at five of the eight M = 16 rows (gpu_kernels_h200.md), and the profile found every
+# kernel short of warps in flight (gpu_profile_h200.log): split 16 is offered too (untimed; the
+# split count is a run-time argument, so it compiles nothing new).
+_DECODE_SPLITS = (1, 2, 4, 8, 16)
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired) for bm in (16, 64) for bn in (64, 128)
-                   for s in (1, 2, 4, 8) for swap in (False, True) for paired in (False, True)]
+                   for s in _DECODE_SPLITS for swap in (False, True) for paired in (False, True)]
 _PREFILL_CONFIGS = [
     _config(bm, bn, 128, 1, warps, stages, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
