@@ -382,7 +382,7 @@ def _paired_codes(words, J: tl.constexpr, dtype: tl.constexpr):
     register: a pair per operation, where the float32 unpack of `_nibble` spends one per code and a
     conversion to 16 bits after it. Subtracting 2^E + z is exact in the 16-bit type (small
     integers), so the tensor cores sum x·(q - z) with no rounding of the weight, and the scale
-    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.5 SASS
+    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.4 SASS
     instructions per code against 6.4 for the reshaped tile's float32 unpack (mma_sass_sm90.md).
     """
     if dtype == tl.float16:
