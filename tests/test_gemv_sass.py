@@ -1,0 +1,39 @@
+"""benchmarks/gemv_sass.py: the static cost and occupancy of the W4A16 kernels, compiled for sm_90
+without a GPU. Its occupancy model is checked against what Nsight Compute reported on an H200
+(benchmarks/results/gpu_profile_h200.log: "Block Limit Registers" and "Block Limit Shared Mem")."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gemv_sass.py"
+
+
+@pytest.fixture(scope="module")
+def gemv_sass():
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("gemv_sass", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("registers, shared, blocks", [
+    (128, 4_100, 4),    # the GEMV, 1x1024x32: limited by registers
+    (168, 69_630, 3),   # the tensor-core kernel, 16x128x128: registers and shared memory both allow 3
+    (80, 13_500, 6),    # the tensor-core kernel, 16x64x128: registers
+])
+def test_occupancy_matches_the_profilers_block_limits(gemv_sass, registers, shared, blocks):
+    assert gemv_sass.occupancy(registers, shared, warps=4) == f"{registers} reg, {blocks} blocks ({4 * blocks} warps)"
+
+
+def test_gemv_counts_come_from_its_loops(gemv_sass):
+    """One small config compiled for sm_90: every code needs at least its unpack and its FMA, and
+    the occupancy line names the registers the compile used."""
+    per_code, per_sm = gemv_sass.gemv_opcodes_per_code(256, 64, symmetric=False, biased=True)
+    assert per_code["FFMA"] >= 1 and per_code["LOP3"] >= 1
+    assert 2 < sum(per_code.values()) < 20
+    assert per_sm.endswith("warps)") and int(per_sm.split()[0]) <= 255
