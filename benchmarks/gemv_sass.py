@@ -126,7 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mma:
         return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
-    args.configs = args.configs or ["128x128", "256x64", "512x64", "1024x32", "1024x64", "2048x32"]
+    args.configs = args.configs or ["64x128", "128x128", "256x64", "512x32", "512x64", "1024x32", "1024x64",
+                                    "2048x32"]
     print("| BLOCK_N x BLOCK_K | unpack | instructions / code | largest opcodes / code | per SM |")
     print("|---|---|---:|---|---|")
     for config in args.configs:

@@ -206,7 +206,8 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
 @pytest.mark.parametrize(
     "m, block_m, block_n, block_k, split, swap, biased",
     [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 128, 2, False, False), (1, 1, 256, 128, 8, False, False),
-     (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True), (1, 1, 2048, 32, 1, False, True),
+     (1, 1, 512, 32, 8, False, True), (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True),
+     (1, 1, 2048, 32, 1, False, True),
      (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
      (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
 )

@@ -75,13 +75,16 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.0-5.7 at
 # 64-256 columns (sm_90, gemv_sass_sm90.md). Narrow tiles stay for small N, where only they (with
 # split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there)
-# and have a PREFETCH variant (+0.19 to 0.28 instructions per code); split 32 gives more warps
+# and have a PREFETCH variant (+0.10 to 0.28 instructions per code); split 32 gives more warps
 # per SM to hide load latency. On the H200 the autotuner kept split 32 on seven of the eight M = 1
-# shapes and PREFETCH on 70B gate/up and down (gpu_kernels_h200.md).
+# shapes and PREFETCH on 70B gate/up and down (gpu_kernels_h200.md). The profile found the GEMV
+# short of warps (gpu_profile_h200.log), and the wide tiles' registers allow 2-4 blocks per SM: the
+# 512 x 32 tile (untimed) keeps 3.7 instructions per code at 71 registers, 7 blocks (gemv_sass_sm90.md).
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
                   for s in _GEMV_SPLITS for biased in (False, True)]
-                 + [_gemv_config(bn, bk, s, True, prefetch) for bn, bk in ((512, 64), (1024, 32), (1024, 64), (2048, 32))
+                 + [_gemv_config(bn, bk, s, True, prefetch)
+                    for bn, bk in ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
                     for s in _GEMV_SPLITS for prefetch in (False, True)])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Once x's loads were vectorised the tuner took the largest split
