@@ -3,7 +3,7 @@
 The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left its time unchanged),
 so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
 own ptxas, without a GPU, and disassembles it with the cuobjdump that Triton's wheel carries. It
-declares the arguments the JIT finds aligned on model shapes (w4a16_triton.ALIGNED_ARGUMENTS), so
+declares the arguments the JIT finds aligned on model shapes (w4a16_triton.compile_for_sm90), so
 the loads are vectorised as in the kernel that runs. The
 GEMV has two loops, over groups and over the K tiles of a group; a code costs the inner loop's
 instructions over the codes one thread handles per tile, plus the rest of the outer loop (the
@@ -27,8 +27,6 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from lowbit.kernels import w4a16_triton
 
@@ -56,10 +54,7 @@ def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: b
 
 def compile_sm90(kernel, constexprs: dict, warps: int, stages: int) -> tuple[str, int, int]:
     """`kernel` compiled for sm_90 with these constexprs: its SASS, registers per thread, shared bytes."""
-    signature = {**w4a16_triton.ARGUMENT_TYPES, **{name: "constexpr" for name in constexprs}}
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in w4a16_triton.ALIGNED_ARGUMENTS}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    compiled = w4a16_triton.compile_for_sm90(kernel, constexprs, warps, stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -103,7 +98,7 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
         block_m, block_n, block_k = (int(v) for v in config.split("x"))
         codes_per_thread = block_n * block_k / 128
         for paired in (False, True):
-            constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
+            constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
                           "BLOCK_K": block_k, "SPLIT": True, "SWAP_AB": swap, "PAIRED_DOTS": paired}
             ops, per_sm = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
             shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))

@@ -44,7 +44,7 @@ ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr":
                   "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
                   "SPLIT_K": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
-scales), for compiling them ahead of time without a GPU: the sm_90 compile tests and gemv_sass.py."""
+scales), for `compile_for_sm90`."""
 
 ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "stride_xm",
                      "stride_qk", "stride_sg", "stride_om")
@@ -300,8 +300,8 @@ def _mma_kernel(
     Code j of word row r is weight row 8r + j, so the unpacked words are a [BLOCK_K / 8, 8, BLOCK_N]
     tensor whose reshape to [BLOCK_K, BLOCK_N] costs a layout conversion through shared memory.
     PAIRED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
-    with x's columns j, j + 8, j + 16, ... (a strided load of x, which is small and cached), and
-    the codes unpacked two at a time in 16-bit halves (`_paired_codes`).
+    with x's columns j, j + 8, j + 16, ... (split from x's tile in registers), and the codes
+    unpacked two at a time in 16-bit halves (`_paired_codes`).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -432,6 +432,20 @@ _decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_co
                           do_bench=autotune_bench)(_mma_kernel)
 _prefill = triton.autotune(_PREFILL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                            do_bench=autotune_bench)(_mma_kernel)
+
+
+def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activations: str = "bf16"):
+    """`_gemv_kernel` or `_mma_kernel` compiled ahead of time for sm_90 with Triton's own ptxas, no
+    GPU needed: for the compile tests and gemv_sass.py. Activations and output are `activations`
+    ("bf16" or "fp16"); ALIGNED_ARGUMENTS are declared as the JIT finds them on model shapes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {**ARGUMENT_TYPES, "x_ptr": f"*{activations}", "out_ptr": f"*{activations}"}
+    signature = {**types, **{name: "constexpr" for name in constexprs}}
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED_ARGUMENTS}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def supports(packed: PackedInt4) -> bool:
