@@ -30,11 +30,12 @@ for s in ${STEPS:-tests kernels decode}; do
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
         # About a minute per shape on an H200 with GemLite: KERNEL_SHAPES (names separated by commas,
-        # e.g. "70B k/v_proj,70B down_proj") splits the eight over two calls.
+        # e.g. "70B k/v_proj,70B down_proj") splits the eight over two calls; KERNEL_M (e.g. "1")
+        # times fewer batch sizes.
         kernels) step kernels "${T_KERNELS:-300}" python3 -c "import json, pathlib; from lowbit.bench import kernels as k
 out, r = pathlib.Path('$out/gpu_kernels'), None
 for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
-    part = k.run([name])
+    part = k.run([name], m_values=tuple(int(m) for m in '${KERNEL_M:-1,16,64,256}'.split(',')))
     r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
     out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
 print(k.markdown_table(r))" ;;

@@ -182,8 +182,9 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
 
 
 def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, paired=False,
-                prefetch=False):
-    """One launch of a W4A16 Triton kernel with a fixed config (no autotuning)."""
+                prefetch=False, f16=False):
+    """One launch of a W4A16 Triton kernel with a fixed config (no autotuning); the split-K sums and
+    counters it used come back."""
     import triton
 
     from lowbit.kernels import w4a16_triton as wt
@@ -191,29 +192,35 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     m, n, k = x.shape[0], packed.out_features, packed.in_features
     ws, counters = wt._workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
-    rows = 1 if kernel is wt._gemv_kernel else triton.cdiv(m, block_m)
-    extra = {"BIASED": biased, "PREFETCH": prefetch} if kernel is wt._gemv_kernel else {"PAIRED_DOTS": paired}
+    buffers = [x, packed.qweight, packed.scales, zeros, out, ws, counters]
+    if kernel is wt._gemv_kernel:
+        rows, extra = 1, {"BIASED": biased, "PREFETCH": prefetch, "F16_PAIRS": f16}
+        buffers.append(wt.staging(x.device, n, k))
+    else:
+        rows, extra = triton.cdiv(m, block_m), {"PAIRED_DOTS": paired}
     kernel[(rows * triton.cdiv(n, block_n), split)](
-        x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.qweight.stride(0),
-        packed.scales.stride(0), out.stride(0), wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
+        *buffers, m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0),
+        wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap,
         **extra)
-    return ws, counters
+    return ws[: m * n], counters[: m * n]
 
 
 @gpu
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize(
-    "m, block_m, block_n, block_k, split, swap, biased",
-    [(1, 1, 64, 128, 1, False, False), (1, 1, 128, 128, 2, False, False), (1, 1, 256, 128, 8, False, False),
-     (1, 1, 512, 32, 8, False, True), (1, 1, 512, 64, 4, False, True), (1, 1, 1024, 32, 2, False, True),
-     (1, 1, 2048, 32, 1, False, True),
-     (7, 16, 64, 128, 1, False, False), (7, 16, 64, 128, 4, False, False), (7, 16, 128, 128, 2, True, False),
-     (16, 16, 64, 128, 8, True, False), (50, 64, 64, 128, 2, False, False), (50, 64, 128, 128, 4, True, False)],
+    "m, block_m, block_n, block_k, split, swap, unpack",
+    [(1, 1, 64, 128, 1, False, "nibble"), (1, 1, 128, 128, 2, False, "nibble"), (1, 1, 256, 128, 8, False, "nibble"),
+     (1, 1, 512, 32, 8, False, "biased"), (1, 1, 512, 64, 4, False, "biased"), (1, 1, 1024, 32, 2, False, "biased"),
+     (1, 1, 2048, 32, 1, False, "biased"),
+     (1, 1, 512, 32, 8, False, "f16"), (1, 1, 512, 64, 1, False, "f16"), (1, 1, 1024, 32, 2, False, "f16"),
+     (1, 1, 1024, 64, 4, False, "f16"), (1, 1, 2048, 32, 1, False, "f16"),
+     (7, 16, 64, 128, 1, False, None), (7, 16, 64, 128, 4, False, None), (7, 16, 128, 128, 2, True, None),
+     (16, 16, 64, 128, 8, True, None), (50, 64, 64, 128, 2, False, None), (50, 64, 128, 128, 4, True, None)],
 )
 @pytest.mark.parametrize("variant", [False, True], ids=["plain", "paired-dots-or-prefetch"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
-        m, block_m, block_n, block_k, split, swap, biased, symmetric, variant):
+        m, block_m, block_n, block_k, split, swap, unpack, symmetric, variant):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards.
     `variant`: PAIRED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
@@ -227,8 +234,8 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         packed = pack_quantized_weight(qweight).to("cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased, paired,
-                                   prefetch)
+        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out,
+                                   biased=unpack == "biased", paired=paired, prefetch=prefetch, f16=unpack == "f16")
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), "some outputs were never written"
         ref = x.double() @ qweight.dequantize().double().cuda().T
@@ -236,6 +243,46 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
         assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
 
 
+
+
+def _f16_pairs_inputs(dtype: torch.dtype, k: int) -> dict[str, torch.Tensor]:
+    """x rows (eight values: one fp16 factor each in F16_PAIRS) far outside fp16's comfortable range."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(1, k, generator=generator)
+    if dtype == torch.bfloat16:
+        row_scales = 10.0 ** torch.randint(-6, 7, (k // 8, 1), generator=generator).float()
+        cases = {"huge": x * 1e30, "tiny": x * 1e-30, "rows 1e-6..1e6": (x.view(-1, 8) * row_scales).view(1, k)}
+    else:  # fp16 in, fp16 out: a few entries whose products with codes overflow fp16 unscaled
+        spikes = torch.zeros(1, k)
+        spikes[0, torch.randperm(k, generator=generator)[:3]] = 1e4
+        cases = {"spikes 1e4": x + spikes, "small": x * 1e-3}
+    cases["half the rows zero"] = torch.where(torch.arange(k) % 16 < 8, x, 0.0)
+    return {name: value.to(dtype) for name, value in cases.items()}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("block_n, block_k, split", [(512, 32, 4), (1024, 64, 1)])
+def test_f16_pairs_gemv_is_as_accurate_as_float32_over_any_activation_range(dtype, block_n, block_k, split):
+    """F16_PAIRS sums products in fp16 after scaling each row of eight x values by a power of two:
+    inputs of any magnitude (bf16 up to 1e30 and down to 1e-30, rows 12 decades apart, zeros,
+    fp16 spikes whose products overflow fp16 unscaled) must come out as close to the float64
+    reference as the output's own rounding allows, within a factor of two."""
+    from lowbit.kernels import w4a16_triton as wt
+
+    n, k = 1024, 2048
+    qweight = quantized(n, k, IntegerFormat(4, symmetric=False, group_size=128), seed=21)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    weight = qweight.dequantize().double().cuda()
+    for name, x in _f16_pairs_inputs(dtype, k).items():
+        x = x.cuda()
+        out = torch.full((1, n), float("nan"), device="cuda", dtype=dtype)
+        _run_config(wt._gemv_kernel, x, packed, 1, block_n, block_k, split, False, out, f16=True)
+        ref = x.double() @ weight.T
+        rounding = relative_error(ref.to(dtype), ref)
+        assert torch.isfinite(out).all(), name
+        # fp16 products add about 3e-4 (simulated), under bf16's rounding, beside fp16's.
+        assert relative_error(out, ref) < 2 * rounding, (name, relative_error(out, ref), rounding)
 @pytest.mark.parametrize("paired", [False, True], ids=["tile", "paired-dots"])
 @pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -251,17 +298,22 @@ def test_tensor_core_kernel_compiles_for_hopper(paired, swap, dtype):
     assert compiled.asm["cubin"]
 
 
-@pytest.mark.parametrize("block_n, block_k, biased, prefetch, symmetric",
-                         [(64, 128, False, False, False), (64, 128, True, True, True),
-                          (1024, 32, True, False, False), (1024, 32, True, True, True)])
-def test_gemv_compiles_for_hopper(block_n, block_k, biased, prefetch, symmetric):
-    """Both row-sum layouts (tiles narrower than 128 columns and not), both unpacks, PREFETCH."""
+@pytest.mark.parametrize("block_n, block_k, unpack, prefetch, symmetric, activations",
+                         [(64, 128, "nibble", False, False, "bf16"), (64, 128, "biased", True, True, "bf16"),
+                          (1024, 32, "biased", False, False, "bf16"), (1024, 32, "biased", True, True, "bf16"),
+                          (512, 32, "f16", False, False, "bf16"), (1024, 64, "f16", True, True, "fp16")])
+def test_gemv_compiles_for_hopper(block_n, block_k, unpack, prefetch, symmetric, activations):
+    """Both row-sum layouts (tiles narrower than 128 columns and not), the three unpacks, PREFETCH;
+    F16_PAIRS's inline PTX is assembled only here and on a GPU (the interpreter cannot run it)."""
     pytest.importorskip("triton")
     from lowbit.kernels import w4a16_triton as wt
 
     constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased, "PREFETCH": prefetch}
-    assert wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3).asm["cubin"]
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
+                  "F16_PAIRS": unpack == "f16"}
+    compiled = wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3,
+                                   activations=activations)
+    assert compiled.asm["cubin"]
 
 
 def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):

@@ -40,18 +40,19 @@ immediate (the float exponent bits), and ptxas rematerialised a literal mask int
 before nearly every unpack: one extra SASS instruction for most codes in the GEMV (gemv_sass.py)."""
 
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
-                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                   "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
                   "SPLIT_K": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for `compile_for_sm90`."""
 
-ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "N", "K", "stride_xm",
+ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "stage_ptr", "N", "K", "stride_xm",
                      "stride_qk", "stride_sg", "stride_om")
 """The arguments Triton's JIT finds to be multiples of 16 on model shapes (it specialises each call on
 that): a compile ahead of time must say so too, or it builds the kernel with unvectorised loads."""
 
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_STAGING: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False,
@@ -66,8 +67,10 @@ def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap
 GEMV_WARPS = tl.constexpr(4)
 
 
-def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False) -> triton.Config:
-    return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased, PREFETCH=prefetch)
+def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False,
+                 f16: bool = False) -> triton.Config:
+    return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased and not f16, PREFETCH=prefetch,
+                   F16_PAIRS=f16)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
@@ -80,12 +83,15 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # shapes and PREFETCH on 70B gate/up and down (gpu_kernels_h200.md). The profile found the GEMV
 # short of warps (gpu_profile_h200.log), and the wide tiles' registers allow 2-4 blocks per SM: the
 # 512 x 32 tile (untimed) keeps 3.7 instructions per code at 71 registers, 7 blocks (gemv_sass_sm90.md).
+# F16_PAIRS (`_f16_word_dot`, untimed) is offered on the wide tiles beside the biased unpack: 2.3
+# instructions per code against 3.2 at 1024 x 32 (gemv_sass_sm90.md), and half the integer-pipe work.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
+F16_MIN_BLOCK_N = 512
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
                   for s in _GEMV_SPLITS for biased in (False, True)]
-                 + [_gemv_config(bn, bk, s, True, prefetch)
+                 + [_gemv_config(bn, bk, s, True, prefetch, f16)
                     for bn, bk in ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
-                    for s in _GEMV_SPLITS for prefetch in (False, True)])
+                    for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Once x's loads were vectorised the tuner took the largest split
 # on offer (8) at five of the eight M = 16 rows (gpu_kernels_h200.md), and the profile found every
@@ -177,6 +183,97 @@ def _biased_code(words, J: tl.constexpr, code_mask):
     return bits.to(tl.float32, bitcast=True)
 
 
+F16_DOT_ASM = tl.constexpr("""
+{
+.reg .b32 magic, low_mask, high_mask, sixteenth, word_hi, c0, c1, c2, c3, acc;
+.reg .b16 low, high;
+mov.b32 magic, 0x64006400;
+mov.b32 low_mask, 0x000F000F;
+mov.b32 high_mask, 0x00F000F0;
+mov.b32 sixteenth, 0x2C002C00;
+lop3.b32 c0, $1, low_mask, magic, 0xEA;
+lop3.b32 c1, $1, high_mask, magic, 0xEA;
+shr.u32 word_hi, $1, 8;
+lop3.b32 c2, word_hi, low_mask, magic, 0xEA;
+lop3.b32 c3, word_hi, high_mask, magic, 0xEA;
+sub.rn.f16x2 c0, c0, $6;
+fma.rn.f16x2 c1, c1, sixteenth, $7;
+sub.rn.f16x2 c2, c2, $6;
+fma.rn.f16x2 c3, c3, sixteenth, $7;
+mul.rn.f16x2 acc, c0, $2;
+fma.rn.f16x2 acc, c1, $3, acc;
+fma.rn.f16x2 acc, c2, $4, acc;
+fma.rn.f16x2 acc, c3, $5, acc;
+mov.b32 {low, high}, acc;
+add.rn.f16 low, low, high;
+cvt.f32.f16 $0, low;
+}
+""")
+"""PTX for `_f16_word_dot`. Codes j and j + 4 of a word sit 16 bits apart: one mask-and-or (LOP3,
+immLut 0xEA = (a & b) | c) puts a pair into the mantissas of two fp16 1024.0s, one shift by 8
+serves codes 2, 3, 6 and 7. Codes 1, 3, 5 and 7 are masked in place, 16 times too high, and the
+FMA that scales them by 1/16 also subtracts 64 + z; codes 0, 2, 4, 6 subtract 1024 + z: either way
+q - z exactly. Four packed FMAs then sum x·(q - z) in two fp16 lanes, which are added and widened."""
+
+
+@triton.jit
+def _f16x2(high, low):
+    """Two float32 tensors as one int32 tensor of fp16 pairs (round to nearest), `high` in bits 16-31."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _f16_word_dot(words, x04, x15, x26, x37, plus_1024_z, minus_64_z):
+    """Σ_j x_j·(q_j - z) over the eight codes of each word, as float32, in packed fp16 arithmetic:
+    13 SASS instructions for eight codes where the float32 unpack needs about 25. `x04` holds
+    the scaled x_0 (bits 0-15) and x_4 (bits 16-31) of the word's row as fp16, and so on; the zero
+    point comes as fp16 pairs of 1024 + z and -(64 + z) (F16_DOT_ASM)."""
+    return tl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
+                                     [words, x04, x15, x26, x37, plus_1024_z, minus_64_z],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+F16_ROWS = tl.constexpr(128)
+"""Rows of x (eight values each) one pass of `_stage_f16_rows` converts: one per thread of 4 warps."""
+
+
+@triton.jit
+def _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span):
+    """Write x[k_begin : k_begin + k_span] as fp16 pairs for `_f16_word_dot`, a row of eight at a time.
+
+    Each row is scaled by a power of two that brings its largest |x| into [64, 128): sums of four
+    products with codes (|q - z| <= 15), and of the two lanes, stay below fp16's 65504; every x
+    keeps fp16's 11 bits unless it is 2^20 times below its row's largest; bf16 inputs of any range
+    are taken. The inverse, which multiplies the row's sums, goes to `inv_ptr`. Staged once per
+    program, the conversion costs nothing per code; in the main loop, every thread would convert
+    every row it holds (about 20 instructions per row: 0.3 to 0.6 per code).
+    """
+    rows = tl.arange(0, F16_ROWS)
+    n_rows = k_span // 8
+    for first in range(0, n_rows, F16_ROWS):
+        row = first + rows
+        in_span = row < n_rows
+        x = tl.load(x_ptr + k_begin + row[:, None] * 8 + tl.arange(0, 8)[None, :], mask=in_span[:, None],
+                    other=0.0).to(tl.float32)
+        # E, the largest |x|'s float32 exponent field: |x| < 2^(E - 126), and 2^(133 - E) brings it under 128.
+        exponent = tl.maximum(tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23, 6)
+        scaled = x * ((260 - exponent) << 23).to(tl.float32, bitcast=True)[:, None]
+        even, odd = tl.split(tl.reshape(scaled, (F16_ROWS, 2, 2, 2)))  # by bit 0 of j
+        x04, x26 = tl.split(even)
+        x15, x37 = tl.split(odd)
+        x0, x4 = tl.split(x04)
+        x1, x5 = tl.split(x15)
+        x2, x6 = tl.split(x26)
+        x3, x7 = tl.split(x37)
+        pairs = pairs_ptr + row * 4
+        tl.store(pairs, _f16x2(x4, x0), mask=in_span)
+        tl.store(pairs + 1, _f16x2(x5, x1), mask=in_span)
+        tl.store(pairs + 2, _f16x2(x6, x2), mask=in_span)
+        tl.store(pairs + 3, _f16x2(x7, x3), mask=in_span)
+        tl.store(inv_ptr + row, ((exponent - 6) << 23).to(tl.float32, bitcast=True), mask=in_span)
+
+
 @triton.jit
 def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexpr):
     """Write float32 `result` to out (x's dtype); with SPLIT the last of the SPLIT_K programs of this tile does.
@@ -200,13 +297,14 @@ def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexp
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, stage_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    F16_PAIRS: tl.constexpr = False,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
@@ -231,6 +329,13 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
     k_end = k_begin + k_span
+    if F16_PAIRS:
+        # This program's x as fp16 pairs and row factors, in its own part of the staging buffer.
+        n_rows = k_span // 8
+        pairs_ptr = stage_ptr + (pid_n * SPLIT_K + pid_k) * n_rows * 5
+        inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
+        _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
+        tl.debug_barrier()  # the rows are read back by other threads of this program
     # PREFETCH: the next tile's words are loaded before this tile's codes are unpacked, so each
     # warp has a load in flight while it computes (the loop is not software-pipelined for it).
     if PREFETCH:
@@ -241,6 +346,14 @@ def _gemv_kernel(
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
+        row = (group_begin // GROUP) * stride_sg + offs_n
+        if SYMMETRIC:
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        else:
+            zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
+        if F16_PAIRS:
+            plus_1024_z = _f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
+            minus_64_z = _f16x2(-64.0 - zero, -64.0 - zero)[None, :]
         for k in range(group_begin, group_begin + GROUP, BLOCK_K):
             if PREFETCH:
                 words = next_words
@@ -249,21 +362,28 @@ def _gemv_kernel(
                                      mask=in_span[:, None] & n_mask[None, :], other=0)
             else:
                 words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
-            for j in tl.static_range(8):
-                xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
-                if BIASED:
-                    partial += _biased_code(words, j, code_mask) * xj[:, None]
-                    x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
-                else:
-                    partial += _nibble(words, j, code_mask) * xj[:, None]
-                x_sum += xj
-        row = (group_begin // GROUP) * stride_sg + offs_n
+            if F16_PAIRS:
+                rows = (k - k_begin) // 8 + offs_w
+                pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
+                even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
+                x04, x26 = tl.split(even)
+                x15, x37 = tl.split(odd)
+                dots = _f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
+                                     plus_1024_z, minus_64_z)
+                partial += dots * tl.load(inv_ptr + rows)[:, None]
+            else:
+                for j in tl.static_range(8):
+                    xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
+                    if BIASED:
+                        partial += _biased_code(words, j, code_mask) * xj[:, None]
+                        x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
+                    else:
+                        partial += _nibble(words, j, code_mask) * xj[:, None]
+                    x_sum += xj
         scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        else:
-            zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
-        if ROWS_IN_THREAD:
+        if F16_PAIRS:  # the codes came zero-subtracted
+            acc += scale * tl.sum(partial, axis=0)
+        elif ROWS_IN_THREAD:
             column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
             acc += scale * (column - zero * tl.sum(x_sum, axis=0))
         else:
@@ -442,8 +562,10 @@ def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activati
     from triton.compiler import ASTSource
 
     types = {**ARGUMENT_TYPES, "x_ptr": f"*{activations}", "out_ptr": f"*{activations}"}
-    signature = {**types, **{name: "constexpr" for name in constexprs}}
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED_ARGUMENTS}
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names
+                 if name in constexprs or name in types}
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED_ARGUMENTS
+               if name in kernel.arg_names}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -469,8 +591,22 @@ def tuned_config(m: int, packed: PackedInt4) -> str | None:
         return None
     kw = config.kwargs
     flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("paired", kw.get("PAIRED_DOTS")),
-                                   ("biased", kw.get("BIASED")), ("prefetch", kw.get("PREFETCH"))) if on]
+                                   ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS")),
+                                   ("prefetch", kw.get("PREFETCH"))) if on]
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
+
+
+def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
+    """The GEMV's buffer for x staged as fp16 pairs (F16_PAIRS): five int32 per eight of K for each
+    column tile, per (device, stream) like the workspace; nothing in it outlives a call."""
+    size = triton.cdiv(n, F16_MIN_BLOCK_N) * k * 5 // 8
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    held = _STAGING.get(key)
+    if held is None or held.numel() < size:
+        held = torch.empty(size, device=device, dtype=torch.int32)
+        _STAGING[key] = held
+    return held
 
 
 def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,15 +629,17 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
-    args = (x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k,
-            x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m), CODE_MASK)
+    buffers = (x, packed.qweight, packed.scales, zeros, out, ws, counters)
+    sizes = (m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m),
+             CODE_MASK)
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
-        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](*args, **common)
+        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+            *buffers, staging(x.device, n, k), *sizes, **common)
     else:
         kernel = _decode if m <= DECODE_MAX_M else _prefill
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        kernel[grid](*args, **common)
+        kernel[grid](*buffers, *sizes, **common)
     return out
 
 
