@@ -34,20 +34,27 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 GROUP = 128
 
 
-def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, biased: bool, prefetch: bool = False,
+UNPACKS = ("nibble", "biased", "f16")
+
+
+def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: str, prefetch: bool = False,
                           warps: int = 4) -> tuple[collections.Counter, str]:
     """SASS opcodes per code of the GEMV compiled for sm_90: its K-tile loop per tile, plus the rest
     of its group loop per group (a K tile that is the whole group is unrolled into the group loop);
-    and its occupancy (`occupancy`)."""
+    and its occupancy (`occupancy`). `unpack`: one of UNPACKS. F16_PAIRS's staging of x, once per
+    program before the group loop, is not counted."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "BIASED": biased, "PREFETCH": prefetch}
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
+                  "F16_PAIRS": unpack == "f16"}
     sass, registers, shared = compile_sm90(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
     loops = loop_opcodes(sass)
     codes_per_tile = block_n * block_k / (32 * warps)
     codes_per_group = codes_per_tile * GROUP / block_k
-    inner, outer = loops[0], loops[-1]
+    outer_start, outer_end, outer = loops[-1]
+    nested = [ops for start, end, ops in loops[:-1] if outer_start <= start and end <= outer_end]
+    inner = nested[-1] if nested else outer
     per_code = collections.Counter({op: n / codes_per_tile for op, n in inner.items()})
-    if len(loops) > 1:
+    if nested:
         per_code.update({op: n / codes_per_group for op, n in (outer - inner).items()})
     return per_code, occupancy(registers, shared, warps)
 
@@ -76,17 +83,18 @@ def occupancy(registers: int, shared: int, warps: int) -> str:
 def main_loop(kernel, constexprs: dict, warps: int, stages: int) -> tuple[collections.Counter, str]:
     """Opcode counts of `kernel`'s longest loop compiled for sm_90 with these constexprs, and its occupancy."""
     sass, registers, shared = compile_sm90(kernel, constexprs, warps, stages)
-    return loop_opcodes(sass)[-1], occupancy(registers, shared, warps)
+    return loop_opcodes(sass)[-1][2], occupancy(registers, shared, warps)
 
 
-def loop_opcodes(sass: str) -> list[collections.Counter]:
-    """Opcode counts of each loop (backward branch) of a SASS listing, shortest first."""
+def loop_opcodes(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """Each loop (backward branch) of a SASS listing, shortest first: its first and last address and
+    opcode counts."""
     lines = [re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", line)
              for line in sass.splitlines()]
     code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in lines if m]
     loops = [(int(target.split("0x")[1], 16), address) for address, op, target in code
              if op == "BRA" and "0x" in target and int(target.split("0x")[1], 16) < address]
-    return [collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end)
+    return [(start, end, collections.Counter(op.split(".")[0] for address, op, _ in code if start <= address <= end))
             for start, end in sorted(loops, key=lambda loop: loop[1] - loop[0])]
 
 
@@ -127,11 +135,10 @@ def main() -> None:
     print("|---|---|---:|---|---|")
     for config in args.configs:
         block_n, block_k = (int(v) for v in config.split("x"))
-        for biased in (False, True):
-            per_code, per_sm = gemv_opcodes_per_code(block_n, block_k, args.symmetric, biased, args.prefetch)
+        for unpack in UNPACKS if block_n >= w4a16_triton.F16_MIN_BLOCK_N else UNPACKS[:2]:
+            per_code, per_sm = gemv_opcodes_per_code(block_n, block_k, args.symmetric, unpack, args.prefetch)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
-            print(f"| {config} | {'biased' if biased else 'nibble'} | {sum(per_code.values()):.2f} | {top} | "
-                  f"{per_sm} |", flush=True)
+            print(f"| {config} | {unpack} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_occupancy_matches_the_profilers_block_limits(gemv_sass, registers, shar
 def test_gemv_counts_come_from_its_loops(gemv_sass):
     """One small config compiled for sm_90: every code needs at least its unpack and its FMA, and
     the occupancy line names the registers the compile used."""
-    per_code, per_sm = gemv_sass.gemv_opcodes_per_code(256, 64, symmetric=False, biased=True)
+    per_code, per_sm = gemv_sass.gemv_opcodes_per_code(256, 64, symmetric=False, unpack="biased")
     assert per_code["FFMA"] >= 1 and per_code["LOP3"] >= 1
     assert 2 < sum(per_code.values()) < 20
     assert per_sm.endswith("warps)") and int(per_sm.split()[0]) <= 255

@@ -316,7 +316,7 @@ def _gemv_kernel(
     offs_w = tl.arange(0, BLOCK_K // 8)
     n_mask = offs_n < N
     k_span = K // SPLIT_K
-    k_begin = pid_k * k_span
+    k_begin = tl.multiple_of(pid_k * k_span, GROUP)  # whole groups (_prune)
     # Where a thread holds every word row of its columns (BLOCK_N >= 32 x warps), the rows are
     # summed per group, in registers. Narrower tiles spread rows over warps, where summing them
     # per group costs a shared-memory reduction each time: their sums stay per row and column and
@@ -329,24 +329,27 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
     word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
     k_end = k_begin + k_span
-    if F16_PAIRS:
-        # This program's x as fp16 pairs and row factors, in its own part of the staging buffer.
-        n_rows = k_span // 8
-        pairs_ptr = stage_ptr + (pid_n * SPLIT_K + pid_k) * n_rows * 5
-        inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
-        _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
-        tl.debug_barrier()  # the rows are read back by other threads of this program
     # PREFETCH: the next tile's words are loaded before this tile's codes are unpacked, so each
     # warp has a load in flight while it computes (the loop is not software-pipelined for it).
     if PREFETCH:
         next_words = tl.load(word_ptrs + (k_begin // 8) * stride_qk, mask=n_mask[None, :], other=0)
     else:
         next_words = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
+    if F16_PAIRS:
+        # This program's x as fp16 pairs and row factors, in its own part of the staging buffer
+        # (after the first words' load is issued, so the two latencies overlap).
+        n_rows = k_span // 8
+        pairs_ptr = stage_ptr + tl.multiple_of((pid_n * SPLIT_K + pid_k) * n_rows * 5, 4)  # 16-byte rows
+        inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
+        _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
+        tl.debug_barrier()  # the rows are read back by other threads of this program
     for group_begin in range(k_begin, k_end, GROUP):
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
+        # The group's scale and zero point, loaded together (one wait, not two, where they are used).
         row = (group_begin // GROUP) * stride_sg + offs_n
+        scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
             zero = tl.full((BLOCK_N,), 8.0, tl.float32)
         else:
@@ -363,7 +366,7 @@ def _gemv_kernel(
             else:
                 words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
             if F16_PAIRS:
-                rows = (k - k_begin) // 8 + offs_w
+                rows = tl.multiple_of((k - k_begin) // 8, BLOCK_K // 8) + offs_w
                 pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
                 even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
                 x04, x26 = tl.split(even)
@@ -380,7 +383,6 @@ def _gemv_kernel(
                     else:
                         partial += _nibble(words, j, code_mask) * xj[:, None]
                     x_sum += xj
-        scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
         if F16_PAIRS:  # the codes came zero-subtracted
             acc += scale * tl.sum(partial, axis=0)
         elif ROWS_IN_THREAD:
