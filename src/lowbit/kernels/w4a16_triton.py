@@ -86,9 +86,12 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # F16_PAIRS (`_f16_word_dot`, untimed) is offered on the wide tiles beside the biased unpack: 2.3
 # instructions per code against 3.2 at 1024 x 32 (gemv_sass_sm90.md), and half the integer-pipe work.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
-F16_MIN_BLOCK_N = 512
+F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
+"""F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
                   for s in _GEMV_SPLITS for biased in (False, True)]
+                 + [_gemv_config(bn, bk, s, True, prefetch, True)
+                    for bn, bk in ((128, 128), (256, 64)) for s in _GEMV_SPLITS for prefetch in (False, True)]
                  + [_gemv_config(bn, bk, s, True, prefetch, f16)
                     for bn, bk in ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
                     for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)])
@@ -275,6 +278,17 @@ def _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span):
 
 
 @triton.jit
+def _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC: tl.constexpr):
+    """One group's scales and zero points for the tile's columns, as float32 (zero 8 when symmetric)."""
+    scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        zero = tl.full(scale.shape, 8.0, tl.float32)
+    else:
+        zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
 def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexpr):
     """Write float32 `result` to out (x's dtype); with SPLIT the last of the SPLIT_K programs of this tile does.
 
@@ -347,14 +361,9 @@ def _gemv_kernel(
         partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
-        # The group's scale and zero point, loaded together (one wait, not two, where they are used).
         row = (group_begin // GROUP) * stride_sg + offs_n
-        scale = tl.load(s_ptr + row, mask=n_mask, other=0.0).to(tl.float32)
-        if SYMMETRIC:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        else:
-            zero = tl.load(z_ptr + row, mask=n_mask, other=0).to(tl.float32)
-        if F16_PAIRS:
+        if F16_PAIRS:  # the zero point goes into the unpack: it and the scale are needed first (one wait)
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
             plus_1024_z = _f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
             minus_64_z = _f16x2(-64.0 - zero, -64.0 - zero)[None, :]
         for k in range(group_begin, group_begin + GROUP, BLOCK_K):
@@ -385,11 +394,13 @@ def _gemv_kernel(
                     x_sum += xj
         if F16_PAIRS:  # the codes came zero-subtracted
             acc += scale * tl.sum(partial, axis=0)
-        elif ROWS_IN_THREAD:
-            column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
-            acc += scale * (column - zero * tl.sum(x_sum, axis=0))
-        else:
-            acc += scale[None, :] * (partial - (zero[None, :] * x_sum[:, None] + x_bias[:, None]))
+        else:  # loaded after the tiles: fewer registers live through them
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
+            if ROWS_IN_THREAD:
+                column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
+                acc += scale * (column - zero * tl.sum(x_sum, axis=0))
+            else:
+                acc += scale[None, :] * (partial - (zero[None, :] * x_sum[:, None] + x_bias[:, None]))
     if ROWS_IN_THREAD:
         result = acc
     else:
