@@ -77,29 +77,30 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.0-3.2 SASS
 # instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.0-5.7 at
 # 64-256 columns (sm_90, gemv_sass_sm90.md). Narrow tiles stay for small N, where only they (with
-# split-K) give every SM work. Wide tiles take only the biased unpack (it won every count there)
-# and have a PREFETCH variant (+0.10 to 0.28 instructions per code); split 32 gives more warps
-# per SM to hide load latency. On the H200 the autotuner kept split 32 on seven of the eight M = 1
-# shapes and PREFETCH on 70B gate/up and down (gpu_kernels_h200.md). The profile found the GEMV
-# short of warps (gpu_profile_h200.log), and the wide tiles' registers allow 2-4 blocks per SM: the
-# 512 x 32 tile (untimed) keeps 3.7 instructions per code at 71 registers, 7 blocks (gemv_sass_sm90.md).
-# F16_PAIRS (`_f16_word_dot`, untimed) is offered on the wide tiles beside the biased unpack: 2.3
-# instructions per code against 3.2 at 1024 x 32 (gemv_sass_sm90.md), and half the integer-pipe work.
+# split-K) give every SM work. PREFETCH costs 0.10 to 0.28 instructions per code; split 32 gives
+# more warps per SM to hide load latency. The 512 x 32 tile holds 7 blocks per SM (72 registers)
+# where the wider ones hold 2 to 4: it won 70B gate/up with the biased unpack, 49.5 -> 47.4 us
+# (H200, gpu_kernels_h200_512x32.md).
+# F16_PAIRS (`_f16_word_dot`) offers every tile that holds its word rows in one thread: 2.3-2.5
+# instructions per code at 512 and 1024 columns against 3.2-3.7 biased, a third of the
+# integer-pipe work (gemv_sass_sm90.md). The H200 tuner took it, at 512 columns with PREFETCH, on
+# five of the eight M = 1 shapes: 70B gate/up 49.5 -> 41.8 us, 70B q/o 16.1 -> 14.7, 8B q/o 7.6
+# -> 6.6 (gpu_kernels_h200.md against the file of commit e181056); the k/v shapes and 8B down,
+# with few column tiles, kept the narrow ones.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 """F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
-_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in ((64, 128), (128, 128), (256, 64))
+_NARROW_TILES = ((64, 128), (128, 128), (256, 64))
+_WIDE_TILES = ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
+_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
                   for s in _GEMV_SPLITS for biased in (False, True)]
-                 + [_gemv_config(bn, bk, s, True, prefetch, True)
-                    for bn, bk in ((128, 128), (256, 64)) for s in _GEMV_SPLITS for prefetch in (False, True)]
-                 + [_gemv_config(bn, bk, s, True, prefetch, f16)
-                    for bn, bk in ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
-                    for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)])
+                 + [_gemv_config(bn, bk, s, True, prefetch, f16) for bn, bk in _WIDE_TILES
+                    for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)]
+                 + [_gemv_config(bn, bk, s, prefetch=prefetch, f16=True) for bn, bk in _NARROW_TILES
+                    if bn >= F16_MIN_BLOCK_N for s in _GEMV_SPLITS for prefetch in (False, True)])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
-# whichever is faster per shape. Once x's loads were vectorised the tuner took the largest split
-# on offer (8) at five of the eight M = 16 rows (gpu_kernels_h200.md), and the profile found every
-# kernel short of warps in flight (gpu_profile_h200.log): split 16 is offered too (untimed; the
-# split count is a run-time argument, so it compiles nothing new).
+# whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
+# M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
 _DECODE_SPLITS = (1, 2, 4, 8, 16)
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired) for bm in (16, 64) for bn in (64, 128)
                    for s in _DECODE_SPLITS for swap in (False, True) for paired in (False, True)]
