@@ -3,7 +3,8 @@
 Three kernels, chosen by M (rows of x):
   * M = 1, `_gemv_kernel`: no tensor cores; per weight only a mask, an add and one FMA (see
     `_nibble`: int-to-float conversions, at an eighth of the FMA rate on Hopper, held the first
-    version to about half the memory bandwidth);
+    version to about half the memory bandwidth), or with F16_PAIRS half of each, two weights per
+    packed fp16 operation (`_f16_word_dot`);
   * 2 <= M <= 64, `_mma_kernel` with split-K: the work is reading the weight, K·N/2 bytes, so
     splitting K gives enough programs to keep every SM's loads in flight even where N / BLOCK_N
     alone is below the SM count. `SWAP_AB` computes (W xᵀ)ᵀ instead of x Wᵀ, putting the
@@ -230,7 +231,7 @@ def _f16x2(high, low):
 @triton.jit
 def _f16_word_dot(words, x04, x15, x26, x37, plus_1024_z, minus_64_z):
     """Σ_j x_j·(q_j - z) over the eight codes of each word, as float32, in packed fp16 arithmetic:
-    13 SASS instructions for eight codes where the float32 unpack needs about 25. `x04` holds
+    15 SASS instructions for eight codes where the float32 unpack needs about 25. `x04` holds
     the scaled x_0 (bits 0-15) and x_4 (bits 16-31) of the word's row as fp16, and so on; the zero
     point comes as fp16 pairs of 1024 + z and -(64 + z) (F16_DOT_ASM)."""
     return tl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
