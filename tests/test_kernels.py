@@ -335,6 +335,25 @@ def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):
     assert wt.tuned_config(1, packed) is None
 
 
+def test_pinned_config_leaves_one_named_candidate_and_restores_the_rest():
+    """gpu_profile.py profiles the config a benchmark chose: every candidate's name is unique, so
+    a name selects exactly it; the full list comes back after the block, a wrong name is refused."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import w4a16_triton as wt
+
+    for m in (1, 16, 256):
+        kernel = wt._autotuned(m)
+        names = [wt._describe(config) for config in kernel.configs]
+        assert len(set(names)) == len(names)
+        before = list(kernel.configs)
+        with wt.pinned_config(m, names[-1]):
+            assert [wt._describe(config) for config in kernel.configs] == [names[-1]]
+        assert kernel.configs == before
+    with pytest.raises(ValueError, match="no W4A16 kernel config for M=1"):
+        with wt.pinned_config(1, "1x3x3 split 5"):
+            pass
+
+
 @gpu
 def test_tuned_config_is_recorded_after_a_call():
     from lowbit.kernels import w4a16_triton as wt

@@ -25,6 +25,8 @@ launch into an uninitialised output: no zero fill before, no cast after. The wor
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -595,20 +597,42 @@ def bucket(m: int) -> int:
     return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 
-def tuned_config(m: int, packed: PackedInt4) -> str | None:
-    """The tile config the autotuner chose for this shape and M bucket (None before the first call),
-    e.g. "16x128x128 split 4 swap paired": which candidate won is what a benchmark row must say."""
-    kernel = _gemv if m == 1 else _decode if m <= DECODE_MAX_M else _prefill
-    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
-    # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
-    config = next((c for key, c in kernel.cache.items() if tuple(key[: len(wanted)]) == wanted), None)
-    if config is None:
-        return None
+def _autotuned(m: int):
+    return _gemv if m == 1 else _decode if m <= DECODE_MAX_M else _prefill
+
+
+def _describe(config: triton.Config) -> str:
+    """A config as the benchmark tables name it, e.g. "16x128x128 split 4 swap paired"."""
     kw = config.kwargs
     flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("paired", kw.get("PAIRED_DOTS")),
                                    ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS")),
                                    ("prefetch", kw.get("PREFETCH"))) if on]
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
+
+
+def tuned_config(m: int, packed: PackedInt4) -> str | None:
+    """The tile config the autotuner chose for this shape and M bucket (None before the first call),
+    e.g. "16x128x128 split 4 swap paired": which candidate won is what a benchmark row must say."""
+    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
+    # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
+    config = next((c for key, c in _autotuned(m).cache.items() if tuple(key[: len(wanted)]) == wanted), None)
+    return None if config is None else _describe(config)
+
+
+@contextlib.contextmanager
+def pinned_config(m: int, name: str):
+    """Within the block, M's kernel has one candidate, the one `tuned_config` would call `name`: a
+    profiler can then look at the config a benchmark chose without re-tuning under the profiler,
+    whose timings differ. Shapes tuned before the block keep their choice."""
+    kernel = _autotuned(m)
+    matches = [config for config in kernel.configs if _describe(config) == name]
+    if not matches:
+        raise ValueError(f"no W4A16 kernel config for M={m} is named {name!r}; tuned_config() gives the names")
+    saved, kernel.configs = kernel.configs, matches[:1]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
 
 
 def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
