@@ -52,12 +52,14 @@ print(k.markdown_table(r))" ;;
                      --out "$out/gpu_quant_speed" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
-        # Nsight Compute's stall reasons, occupancy and throughput for a few kernels (gpu_profile.py);
+        # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
+        # throughput for a few kernels (gpu_profile.py: the configs the saved kernel table chose);
         # PROFILE_CASES (SHAPE:M, separated by "|") replaces the default cases.
         profile) IFS='|' read -r -a cases <<< "${PROFILE_CASES:-70B gate/up_proj:1|70B gate/up_proj:16|8B gate/up_proj:16|8B k/v_proj:1}"
                  step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-                     --section SchedulerStats python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
+                     --section SchedulerStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+                     python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
         *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile vq)"; exit 2 ;;
     esac
