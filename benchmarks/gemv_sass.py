@@ -45,7 +45,7 @@ def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: s
     program before the group loop, is not counted."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
-                  "F16_PAIRS": unpack == "f16"}
+                  "F16_PAIRS": unpack == "f16", "TILES": 1}  # the JIT specialises an int of 1 to a constant
     sass, registers, shared = compile_sm90(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
     loops = loop_opcodes(sass)
     codes_per_tile = block_n * block_k / (32 * warps)
