@@ -149,7 +149,8 @@ def check_dispatcher_allowing(path: str, out_features: int) -> None:
     "m, group_size, symmetric, dtype",
     [(m, 128, sym, torch.bfloat16) for m in (1, 16, 33, 64, 100, 256) for sym in (True, False)]
     + [(5, 64, False, torch.bfloat16), (16, 32, True, torch.bfloat16), (1, 128, False, torch.float16),
-       (100, 128, True, torch.float16)],
+       (100, 128, True, torch.float16), (1, 64, False, torch.bfloat16), (1, 32, True, torch.bfloat16),
+       (1, 1024, False, torch.bfloat16)],
 )
 def test_triton_kernel_matches_float32_dequantize_then_matmul(m, group_size, symmetric, dtype):
     n, k = 320, 1024  # N not a multiple of any N tile: the masked edge is exercised
