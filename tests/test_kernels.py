@@ -309,8 +309,8 @@ def test_f16_pairs_gemv_is_as_accurate_as_float32_over_any_activation_range(dtyp
         ref = x.double() @ weight.T
         rounding = relative_error(ref.to(dtype), ref)
         assert torch.isfinite(out).all(), name
-        # fp16 products and sums add about 3e-4 (simulated; 4.4e-4 beside fp16's 2e-4 on an H200,
-        # gpu_tests_h200_f16_first.log): far under bf16's rounding, the size of fp16's.
+        # fp16 products and sums add 3-4e-4 (tests/test_f16_pairs.py; 4.4e-4 beside fp16's 2e-4 on an
+        # H200, gpu_tests_h200_f16_first.log): far under bf16's rounding, the size of fp16's.
         assert relative_error(out, ref) < rounding + 5e-4, (name, relative_error(out, ref), rounding)
 @pytest.mark.parametrize("paired", [False, True], ids=["tile", "paired-dots"])
 @pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-ab"])

@@ -1,0 +1,85 @@
+"""The GEMV's F16_PAIRS arithmetic (fp16 products of row-scaled x and exact q - z, summed four to a
+lane): its error and range on CPU through tests/f16_pairs_emulation.py, and on a GPU the kernel
+against that emulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.formats.base import quantize_matrix
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import triton_available
+from lowbit.kernels.int4_pack import pack_quantized_weight
+from tests.f16_pairs_emulation import f16_pairs_matmul, row_factors
+
+N, K = 256, 1024
+
+
+def _packed(symmetric: bool = False, seed: int = 0):
+    weight = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    qweight = quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight)
+    return qweight, pack_quantized_weight(qweight)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def test_row_factors_put_each_rows_largest_value_in_64_to_128():
+    x = torch.randn(K, generator=torch.Generator().manual_seed(1)) * 10.0 ** torch.arange(-4, 4).repeat(K // 8)
+    x[:8] = 0.0
+    factor, inverse = row_factors(x.to(torch.bfloat16))
+    largest = x.to(torch.bfloat16).double().view(-1, 8).abs().amax(dim=1) * factor
+    assert ((largest[1:] >= 64) & (largest[1:] < 128)).all()
+    assert inverse[0] == 0 and torch.equal((factor * inverse)[1:], torch.ones(K // 8 - 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [1.0, 1e-3, 1e3])
+def test_fp16_pair_arithmetic_stays_within_a_few_1e4_of_float64(dtype, magnitude):
+    """3.1-3.8e-4 relative here: under bf16's output rounding (2^-9), near fp16's (2^-11)."""
+    qweight, packed = _packed()
+    x = (torch.randn(K, generator=torch.Generator().manual_seed(2)) * magnitude).to(dtype)
+    ref = qweight.dequantize().double() @ x.double()
+    assert _relative_error(f16_pairs_matmul(x, packed), ref) < 5e-4
+
+
+def test_rows_of_any_range_stay_accurate():
+    """bf16 rows from 1e-30 to 1e30, each scaled on its own: 2.6-4.1e-4 over five draws."""
+    qweight, packed = _packed(symmetric=True)
+    magnitudes = 10.0 ** torch.randint(-30, 31, (K // 8,), generator=torch.Generator().manual_seed(3))
+    x = (torch.randn(K, generator=torch.Generator().manual_seed(3)) * magnitudes.repeat_interleave(8)).to(torch.bfloat16)
+    ref = qweight.dequantize().double() @ x.double()
+    out = f16_pairs_matmul(x, packed)
+    assert torch.isfinite(out).all() and _relative_error(out, ref) < 5e-4
+
+
+@pytest.mark.parametrize("code, zero", [(15, 0), (0, 15)])
+def test_the_largest_sums_stay_below_fp16s_range(code, zero):
+    """Every x' just under 128 and every q - z = +-15: a lane reaches 4 x 15 x 127.5 = 7650 and the
+    two lanes' sum 15300, far under 65504 (rounded to fp16's steps of 4 and 8 there)."""
+    _, packed = _packed()
+    packed.qweight[:] = sum(code << (4 * j) for j in range(8)) - (1 << 32 if code >= 8 else 0)
+    packed.zeros[:] = zero
+    out = f16_pairs_matmul(torch.full((K,), 127.5).to(torch.bfloat16), packed)
+    exact = (code - zero) * 127.5 * 128 * packed.scales.double().sum(dim=0)
+    assert torch.isfinite(out).all() and _relative_error(out, exact) < 1e-3
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_kernel_computes_what_the_emulation_says(symmetric):
+    """The F16_PAIRS GEMV in fp16 against the emulation rounded to fp16: the same operations in
+    the same order up to the float32 sums, so outputs agree to one fp16 step, nearly all exactly."""
+    from tests.test_kernels import _run_config
+    from lowbit.kernels import w4a16_triton as wt
+
+    _, packed = _packed(symmetric, seed=5)
+    x = torch.randn(K, generator=torch.Generator().manual_seed(6)).half()
+    expected = f16_pairs_matmul(x, packed).half()
+    out = torch.full((1, N), float("nan"), device="cuda", dtype=torch.float16)
+    _run_config(wt._gemv_kernel, x[None].cuda(), packed.to("cuda"), 1, 128, 128, 2, False, out, f16=True)
+    out = out[0].cpu()
+    steps = (out.double() - expected.double()).abs() / torch.finfo(torch.float16).eps / expected.double().abs().clamp_min(1e-3)
+    assert (out == expected).float().mean() > 0.9 and (steps <= 1.01).all()
