@@ -1,6 +1,7 @@
 """The arithmetic of the GEMV's F16_PAIRS path, operation by operation in torch on CPU: a slow,
-obvious model of what `_stage_f16_rows` and `_f16_word_dot` compute, so its error and range can be
-checked without a GPU, and the kernel checked against it (to the output's last bit, nearly) on one.
+obvious model of what int4_unpack.stage_f16_rows and int4_unpack.f16_word_dot compute, so its
+error and range can be checked without a GPU, and the kernel checked against it (to the output's
+last bit, nearly) on one.
 
 Every fp16 operation is done exactly in float64 and rounded once to fp16, as the PTX `.rn`
 instructions do: products of fp16 values and sums of a product and an fp16 fit float64 exactly.
@@ -19,7 +20,7 @@ def _fp16(value: torch.Tensor) -> torch.Tensor:
 
 
 def row_factors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of eight x values: the power of two `_stage_f16_rows` scales it by, and its inverse.
+    """Per row of eight x values: the power of two stage_f16_rows scales it by, and its inverse.
 
     E is the float32 exponent field of the row's largest |x|, at least 6; the factor 2^(133 - E)
     brings that value into [64, 128), and the inverse 2^(E - 133) is zero where E = 6 (a row of

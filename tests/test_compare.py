@@ -19,7 +19,6 @@ from lowbit.compare.grid import GridError, Scheme, build_cells, build_recipes, p
 from lowbit.compare.pareto import pareto_front
 from lowbit.compare.peers import expand_peer_names
 from lowbit.compare.peers.base import integer_bits_per_weight
-from lowbit.recipes import Recipe
 from tests.conftest import tiny_llama
 
 # ---- Pareto front ---------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def slow_round(element: Minifloat, value: float) -> float:
     beyond ±max, ±max. Written from the definition, sharing nothing with Minifloat.round."""
     if abs(value) >= element.max:
         return math.copysign(element.max, value)
-    best_code, best_distance = None, math.inf
+    best_distance = math.inf
     for code in range(1 << (element.bits - 1)):  # non-negative codes
         exponent, mantissa = code >> element.mantissa_bits, code & ((1 << element.mantissa_bits) - 1)
         if exponent == 0:
@@ -52,7 +52,7 @@ def slow_round(element: Minifloat, value: float) -> float:
             continue
         distance = abs(abs(value) - grid)
         if distance < best_distance or (distance == best_distance and code % 2 == 0):
-            best_code, best_distance, best = code, distance, grid
+            best_distance, best = distance, grid
     return math.copysign(best, value)
 
 

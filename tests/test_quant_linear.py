@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from lowbit.formats.base import FormatError
 from lowbit.formats.integer import IntegerFormat

@@ -4,13 +4,13 @@ check it value by value (in Triton's interpreter on CPU). Imported only where Tr
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a16_triton import _paired_codes
+from lowbit.kernels.int4_unpack import paired_codes
 
 
 @triton.jit
 def paired_codes_probe(words_ptr, out_ptr, N: tl.constexpr, J: tl.constexpr, DTYPE: tl.constexpr):
-    """out[0, n], out[1, n] = `_paired_codes`'s two values for words[n], as float32."""
+    """out[0, n], out[1, n] = `paired_codes`'s two values for words[n], as float32."""
     offs = tl.arange(0, N)
-    low, high = _paired_codes(tl.load(words_ptr + offs)[None, :], J, DTYPE)
+    low, high = paired_codes(tl.load(words_ptr + offs)[None, :], J, DTYPE)
     tl.store(out_ptr + offs, tl.reshape(low, (N,)).to(tl.float32))
     tl.store(out_ptr + N + offs, tl.reshape(high, (N,)).to(tl.float32))

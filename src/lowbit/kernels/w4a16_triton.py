@@ -1,10 +1,10 @@
 """Triton W4A16 matmul: y = x Wᵀ with W in the PackedInt4 layout, dequantized on the fly.
 
 Three kernels, chosen by M (rows of x):
-  * M = 1, `_gemv_kernel`: no tensor cores; per weight only a mask, an add and one FMA (see
-    `_nibble`: int-to-float conversions, at an eighth of the FMA rate on Hopper, held the first
-    version to about half the memory bandwidth), or with F16_PAIRS half of each, two weights per
-    packed fp16 operation (`_f16_word_dot`);
+  * M = 1, `_gemv_kernel`: no tensor cores; per weight only a mask, an add and one FMA
+    (int4_unpack.nibble: int-to-float conversions, at an eighth of the FMA rate on Hopper, held
+    the first version to about half the memory bandwidth), or with F16_PAIRS half of each, two
+    weights per packed fp16 operation (int4_unpack.f16_word_dot);
   * 2 <= M <= 64, `_mma_kernel` with split-K: the work is reading the weight, K·N/2 bytes, so
     splitting K gives enough programs to keep every SM's loads in flight even where N / BLOCK_N
     alone is below the SM count. `SWAP_AB` computes (W xᵀ)ᵀ instead of x Wᵀ, putting the
@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.int4_pack import PackedInt4
+from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
+                                        stage_f16_rows)
 from lowbit.kernels.timing import autotune_bench
 
 DECODE_MAX_M = 64
@@ -43,14 +45,14 @@ immediate (the float exponent bits), and ptxas rematerialised a literal mask int
 before nearly every unpack: one extra SASS instruction for most codes in the GEMV (gemv_sass.py)."""
 
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
-                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                  "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32", "code_mask": "i32",
-                  "SPLIT_K": "i32", "TILES": "i32"}
+                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                  "stride_xm": "i32", "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
+                  "code_mask": "i32", "SPLIT_K": "i32", "TILES": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for `compile_for_sm90`."""
 
-ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "stage_ptr", "N", "K", "stride_xm",
-                     "stride_qk", "stride_sg", "stride_om")
+ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "stage_ptr", "N", "K",
+                     "stride_xm", "stride_qk", "stride_sg", "stride_om")
 """The arguments Triton's JIT finds to be multiples of 16 on model shapes (it specialises each call on
 that): a compile ahead of time must say so too, or it builds the kernel with unvectorised loads."""
 
@@ -85,7 +87,7 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # more warps per SM to hide load latency. The 512 x 32 tile holds 7 blocks per SM (72 registers)
 # where the wider ones hold 2 to 4: it won 70B gate/up with the biased unpack, 49.5 -> 47.4 us
 # (H200, gpu_kernels_h200_512x32.md).
-# F16_PAIRS (`_f16_word_dot`) offers every tile that holds its word rows in one thread: 2.3-2.5
+# F16_PAIRS (`int4_unpack.f16_word_dot`) offers every tile that holds its word rows in one thread: 2.3-2.5
 # instructions per code at 512 and 1024 columns against 3.2-3.7 biased, a third of the
 # integer-pipe work (gemv_sass_sm90.md). The H200 tuner took it, at 512 columns with PREFETCH, on
 # five of the eight M = 1 shapes: 70B gate/up 49.5 -> 41.8 us, 70B q/o 16.1 -> 14.7, 8B q/o 7.6
@@ -157,137 +159,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             seen.add(ident)
             kept.append(triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages))
     return kept
-
-
-@triton.jit
-def _nibble(words, J: tl.constexpr, code_mask):
-    """Code J (bits 4J..4J+3) of each int32 word as an exact float32, without int-to-float conversion.
-
-    OR-ing a value v < 2^23 into the mantissa of 2^E gives the float 2^E + v·2^(E-23). For J < 5 the
-    masked field is code·16^J (< 2^23), so E = 23 - 4J gives 2^E + code and no shift is needed; for
-    J >= 5 the code is shifted down first and E = 23. Subtracting 2^E leaves the code.
-    """
-    if J < 5:
-        bits = (words & (code_mask << (4 * J))) | ((150 - 4 * J) << 23)
-        base = tl.full([], (150 - 4 * J) << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^(23 - 4J)
-    else:
-        bits = ((words >> (4 * J)) & code_mask) | (150 << 23)
-        base = tl.full([], 150 << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^23
-    return bits.to(tl.float32, bitcast=True) - base
-
-
-@triton.jit
-def _biased_code(words, J: tl.constexpr, code_mask):
-    """Code J of each int32 word as the exact float32 2^(23-P) + code, with the code moved to bits
-    P .. P+3 (P = 12 or 16) before the mask-and-or of `_nibble`.
-
-    The bias 2^(23-P) is then left in: Σ_j x_j·(2^(23-P_j) + q_j) = Σ_j x_j·q_j + Σ_j x_j·2^(23-P_j),
-    and the second sum depends on the row of words only, not on the column, so it is subtracted
-    once per row instead of once per code: per code one mask-and-or and one FMA, plus a shift
-    shared by two codes. The bias is at most 2^11 times a code step, so the float32 sums keep
-    about 13 bits below the codes (`_nibble`'s bias of up to 2^23 would leave none).
-    """
-    P: tl.constexpr = 16 if J == 1 or J == 4 or J == 6 else 12
-    SHIFT: tl.constexpr = P - 4 * J
-    if SHIFT > 0:
-        moved = words << SHIFT
-    elif SHIFT < 0:
-        moved = words >> (-SHIFT)
-    else:
-        moved = words
-    bits = (moved & (code_mask << P)) | ((150 - P) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-F16_DOT_ASM = tl.constexpr("""
-{
-.reg .b32 magic, low_mask, high_mask, sixteenth, word_hi, c0, c1, c2, c3, acc;
-.reg .b16 low, high;
-mov.b32 magic, 0x64006400;
-mov.b32 low_mask, 0x000F000F;
-mov.b32 high_mask, 0x00F000F0;
-mov.b32 sixteenth, 0x2C002C00;
-lop3.b32 c0, $1, low_mask, magic, 0xEA;
-lop3.b32 c1, $1, high_mask, magic, 0xEA;
-shr.u32 word_hi, $1, 8;
-lop3.b32 c2, word_hi, low_mask, magic, 0xEA;
-lop3.b32 c3, word_hi, high_mask, magic, 0xEA;
-sub.rn.f16x2 c0, c0, $6;
-fma.rn.f16x2 c1, c1, sixteenth, $7;
-sub.rn.f16x2 c2, c2, $6;
-fma.rn.f16x2 c3, c3, sixteenth, $7;
-mul.rn.f16x2 acc, c0, $2;
-fma.rn.f16x2 acc, c1, $3, acc;
-fma.rn.f16x2 acc, c2, $4, acc;
-fma.rn.f16x2 acc, c3, $5, acc;
-mov.b32 {low, high}, acc;
-add.rn.f16 low, low, high;
-cvt.f32.f16 $0, low;
-}
-""")
-"""PTX for `_f16_word_dot`. Codes j and j + 4 of a word sit 16 bits apart: one mask-and-or (LOP3,
-immLut 0xEA = (a & b) | c) puts a pair into the mantissas of two fp16 1024.0s, one shift by 8
-serves codes 2, 3, 6 and 7. Codes 1, 3, 5 and 7 are masked in place, 16 times too high, and the
-FMA that scales them by 1/16 also subtracts 64 + z; codes 0, 2, 4, 6 subtract 1024 + z: either way
-q - z exactly. Four packed FMAs then sum x·(q - z) in two fp16 lanes, which are added and widened."""
-
-
-@triton.jit
-def _f16x2(high, low):
-    """Two float32 tensors as one int32 tensor of fp16 pairs (round to nearest), `high` in bits 16-31."""
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=tl.int32,
-                                     is_pure=True, pack=1)
-
-
-@triton.jit
-def _f16_word_dot(words, x04, x15, x26, x37, plus_1024_z, minus_64_z):
-    """Σ_j x_j·(q_j - z) over the eight codes of each word, as float32, in packed fp16 arithmetic:
-    15 SASS instructions for eight codes where the float32 unpack needs about 25. `x04` holds
-    the scaled x_0 (bits 0-15) and x_4 (bits 16-31) of the word's row as fp16, and so on; the zero
-    point comes as fp16 pairs of 1024 + z and -(64 + z) (F16_DOT_ASM)."""
-    return tl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
-                                     [words, x04, x15, x26, x37, plus_1024_z, minus_64_z],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-F16_ROWS = tl.constexpr(128)
-"""Rows of x (eight values each) one pass of `_stage_f16_rows` converts: one per thread of 4 warps."""
-
-
-@triton.jit
-def _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span):
-    """Write x[k_begin : k_begin + k_span] as fp16 pairs for `_f16_word_dot`, a row of eight at a time.
-
-    Each row is scaled by a power of two that brings its largest |x| into [64, 128): sums of four
-    products with codes (|q - z| <= 15), and of the two lanes, stay below fp16's 65504; every x
-    keeps fp16's 11 bits unless it is 2^20 times below its row's largest; bf16 inputs of any range
-    are taken. The inverse, which multiplies the row's sums, goes to `inv_ptr`. Staged once per
-    program, the conversion costs nothing per code; in the main loop, every thread would convert
-    every row it holds (about 20 instructions per row: 0.3 to 0.6 per code).
-    """
-    rows = tl.arange(0, F16_ROWS)
-    n_rows = k_span // 8
-    for first in range(0, n_rows, F16_ROWS):
-        row = first + rows
-        in_span = row < n_rows
-        x = tl.load(x_ptr + k_begin + row[:, None] * 8 + tl.arange(0, 8)[None, :], mask=in_span[:, None],
-                    other=0.0).to(tl.float32)
-        # E, the largest |x|'s float32 exponent field: |x| < 2^(E - 126), and 2^(133 - E) brings it under 128.
-        exponent = tl.maximum(tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23, 6)
-        scaled = x * ((260 - exponent) << 23).to(tl.float32, bitcast=True)[:, None]
-        even, odd = tl.split(tl.reshape(scaled, (F16_ROWS, 2, 2, 2)))  # by bit 0 of j
-        x04, x26 = tl.split(even)
-        x15, x37 = tl.split(odd)
-        x0, x4 = tl.split(x04)
-        x1, x5 = tl.split(x15)
-        x2, x6 = tl.split(x26)
-        x3, x7 = tl.split(x37)
-        pairs = pairs_ptr + row * 4
-        tl.store(pairs, _f16x2(x4, x0), mask=in_span)
-        tl.store(pairs + 1, _f16x2(x5, x1), mask=in_span)
-        tl.store(pairs + 2, _f16x2(x6, x2), mask=in_span)
-        tl.store(pairs + 3, _f16x2(x7, x3), mask=in_span)
-        tl.store(inv_ptr + row, ((exponent - 6) << 23).to(tl.float32, bitcast=True), mask=in_span)
 
 
 @triton.jit
@@ -370,7 +241,7 @@ def _gemv_kernel(
         n_rows = k_span // 8
         pairs_ptr = stage_ptr + tl.multiple_of((pid_n * SPLIT_K + pid_k) * n_rows * 5, 4)  # 16-byte rows
         inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
-        _stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
+        stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
         tl.debug_barrier()  # the rows are read back by other threads of this program
     for t in range(TILES):
         tile = pid_n + t * tile_step
@@ -388,8 +259,8 @@ def _gemv_kernel(
             row = (group_begin // GROUP) * stride_sg + offs_n
             if F16_PAIRS:  # the zero point goes into the unpack: it and the scale are needed first (one wait)
                 scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
-                plus_1024_z = _f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
-                minus_64_z = _f16x2(-64.0 - zero, -64.0 - zero)[None, :]
+                plus_1024_z = f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
+                minus_64_z = f16x2(-64.0 - zero, -64.0 - zero)[None, :]
             for k in range(group_begin, group_begin + GROUP, BLOCK_K):
                 if PREFETCH:
                     words = next_words
@@ -404,17 +275,17 @@ def _gemv_kernel(
                     even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
                     x04, x26 = tl.split(even)
                     x15, x37 = tl.split(odd)
-                    dots = _f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
+                    dots = f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
                                          plus_1024_z, minus_64_z)
                     partial += dots * tl.load(inv_ptr + rows)[:, None]
                 else:
                     for j in tl.static_range(8):
                         xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
                         if BIASED:
-                            partial += _biased_code(words, j, code_mask) * xj[:, None]
+                            partial += biased_code(words, j, code_mask) * xj[:, None]
                             x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
                         else:
-                            partial += _nibble(words, j, code_mask) * xj[:, None]
+                            partial += nibble(words, j, code_mask) * xj[:, None]
                         x_sum += xj
             if F16_PAIRS:  # the codes came zero-subtracted
                 acc += scale * tl.sum(partial, axis=0)
@@ -463,7 +334,7 @@ def _mma_kernel(
     tensor whose reshape to [BLOCK_K, BLOCK_N] costs a layout conversion through shared memory.
     PAIRED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
     with x's columns j, j + 8, j + 16, ... (split from x's tile in registers), and the codes
-    unpacked two at a time in 16-bit halves (`_paired_codes`).
+    unpacked two at a time in 16-bit halves (`int4_unpack.paired_codes`).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -504,7 +375,7 @@ def _mma_kernel(
         a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if PAIRED_DOTS:
             tile = tl.zeros(acc.shape, dtype=tl.float32)
-            offset = _paired_offset(zero, x_ptr.dtype.element_ty)[None, :]
+            offset = paired_offset(zero, x_ptr.dtype.element_ty)[None, :]
             # x's tile, loaded whole (contiguous, vectorised), is split in registers into the eight
             # [BLOCK_M, BLOCK_K / 8] column sets: eight strided 2-byte loads instead kept L1 90% busy
             # (gpu_profile_h200.log, 8B gate/up_proj M = 16).
@@ -513,7 +384,7 @@ def _mma_kernel(
             a15, a37 = tl.split(a1357)
             x_cols = (tl.split(a04), tl.split(a15), tl.split(a26), tl.split(a37))  # j = 0..3: (x_j, x_j+4)
             for j in tl.static_range(4):
-                low, high = _paired_codes(words, j, x_ptr.dtype.element_ty)
+                low, high = paired_codes(words, j, x_ptr.dtype.element_ty)
                 tile = _mma_add(tile, x_cols[j][0], low - offset, SWAP_AB)
                 tile = _mma_add(tile, x_cols[j][1], high - offset, SWAP_AB)
             if SWAP_AB:
@@ -521,7 +392,7 @@ def _mma_kernel(
             else:
                 acc += scale[None, :] * tile
         else:
-            # 2^23 + code, exactly (see _nibble): shift, mask-and-or, no int-to-float conversion.
+            # 2^23 + code, exactly (see int4_unpack.nibble): shift, mask-and-or, no int-to-float conversion.
             bits = ((words[:, None, :] >> shifts[None, :, None]) & code_mask) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
             codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
             w = ((codes - (8388608.0 + zero)[None, :]) * scale[None, :]).to(a.dtype)
@@ -536,34 +407,6 @@ def _mma_kernel(
     index = offs_m[:, None] * N + offs_n[None, :]
     _store(result, out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], ws_ptr + index, cnt_ptr + pid,
            m_mask[:, None] & n_mask[None, :], SPLIT_K, SPLIT)
-
-
-@triton.jit
-def _paired_codes(words, J: tl.constexpr, dtype: tl.constexpr):
-    """Codes J and J + 4 of each word as exact bf16/fp16 `dtype` values 2^E + code (E = 7 for bf16,
-    10 for fp16: the code is the low mantissa bits; `_paired_offset` gives 2^E + zero point).
-
-    The two codes sit 16 bits apart, so one shift and one mask-and-or fill both halves of a 32-bit
-    register: a pair per operation, where the float32 unpack of `_nibble` spends one per code and a
-    conversion to 16 bits after it. Subtracting 2^E + z is exact in the 16-bit type (small
-    integers), so the tensor cores sum x·(q - z) with no rounding of the weight, and the scale
-    multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.4 SASS
-    instructions per code against 6.4 for the reshaped tile's float32 unpack (mma_sass_sm90.md).
-    """
-    if dtype == tl.float16:
-        pair = ((words >> (4 * J)) & 0x000F000F) | 0x64006400  # 1024.0 in both halves
-    else:
-        pair = ((words >> (4 * J)) & 0x000F000F) | 0x43004300  # 128.0 in both halves
-    return pair.to(tl.int16).to(dtype, bitcast=True), (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
-
-
-@triton.jit
-def _paired_offset(zero, dtype: tl.constexpr):
-    """2^E + zero in `dtype`, exact: what `_paired_codes`'s values minus give q - z."""
-    if dtype == tl.float16:
-        return (1024.0 + zero).to(dtype)
-    else:
-        return (128.0 + zero).to(dtype)
 
 
 @triton.jit
