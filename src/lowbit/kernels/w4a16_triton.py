@@ -207,7 +207,8 @@ def _gemv_kernel(
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
     (per word row and column), so the main loop holds only the unpack and one FMA per code
-    (BLOCK_K divides GROUP).
+    (BLOCK_K divides GROUP). F16_PAIRS subtracts the zero point in the unpack instead and sums a
+    word's eight products in packed fp16 (int4_unpack.f16_word_dot): the scale alone is left.
 
     A program covers one K span (of SPLIT_K) for TILES column tiles, the grid's width apart: what
     it does once per program (F16_PAIRS's staging of x, its barrier) is shared by TILES tiles.
