@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from lowbit.api import Settings, quantize
@@ -28,6 +29,9 @@ def test_default_recipe_on_the_embedded_model(tmp_path, wikitext, has_default_mo
     assert result.perplexity < 1.5 * result.reference_perplexity
     assert 0 < result.kl < 0.5
     assert report.export_max_abs_diff == 0.0
+    # SmolLM2 ties lm_head to the embeddings: the export stores the matrix once, as transformers would.
+    with safe_open(out / "model.safetensors", "pt") as shard:
+        assert "model.embed_tokens.weight" in shard.keys() and "lm_head.weight" not in shard.keys()
 
     # Plain transformers (compressed-tensors installed) loads the export and gives the same logits.
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -360,10 +360,14 @@ def _export(
     Online Hadamards (quarot, spinquant) have no tensors: the metadata lists them for the loader."""
     rotations = online.describe(loaded.model)
     if dense is None:
+        # A tied weight (lm_head under tie_word_embeddings) once, under the name its module
+        # registered first, as transformers saves it: loaders tie it again from the config.
+        model = loaded.model
+        owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
         writer.add_tensors({
             name: tensor
-            for name, tensor in loaded.model.state_dict().items()
-            if name.removesuffix(".weight") not in quantized_names
+            for name, tensor in model.state_dict().items()
+            if name in owned and name.removesuffix(".weight") not in quantized_names
         })
     else:
         for name, tensor in dense:
