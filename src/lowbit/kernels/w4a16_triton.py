@@ -505,12 +505,16 @@ def pinned_config(m: int, name: str):
         kernel.configs = saved
 
 
+def _stream_key(device: torch.device) -> tuple[str, int]:
+    """Buffers a launch writes are kept per (device, stream): two streams never share one."""
+    return str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
     """The GEMV's buffer for x staged as fp16 pairs (F16_PAIRS): five int32 per eight of K for each
     column tile, per (device, stream) like the workspace; nothing in it outlives a call."""
     size = triton.cdiv(n, F16_MIN_BLOCK_N) * k * 5 // 8
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = _stream_key(device)
     held = _STAGING.get(key)
     if held is None or held.numel() < size:
         held = torch.empty(size, device=device, dtype=torch.int32)
@@ -520,8 +524,7 @@ def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
 
 def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    key = _stream_key(device)
     held = _WORKSPACE.get(key)
     if held is None or held[0].numel() < size:
         held = (torch.zeros(size, device=device, dtype=torch.float32),
