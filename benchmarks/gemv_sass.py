@@ -105,14 +105,15 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
     for config in configs:
         block_m, block_n, block_k = (int(v) for v in config.split("x"))
         codes_per_thread = block_n * block_k / 128
-        for paired in (False, True):
+        for tile, flags in (("reshaped", {}), ("paired dots", {"PAIRED_DOTS": True}),
+                            ("paired dots, folded zero", {"PAIRED_DOTS": True, "FOLDED_ZERO": True})):
             constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                          "BLOCK_K": block_k, "SPLIT": True, "SWAP_AB": swap, "PAIRED_DOTS": paired}
+                          "BLOCK_K": block_k, "SPLIT": True, "SWAP_AB": swap, **flags}
             ops, per_sm = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)
             shared = sum(n for op, n in ops.items() if op in ("STS", "LDS", "LDSM", "STSM"))
             mma = sum(n for op, n in ops.items() if "MMA" in op)
             top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
-            print(f"| {config} | {'paired dots' if paired else 'reshaped'} | "
+            print(f"| {config} | {tile} | "
                   f"{sum(ops.values()) / codes_per_thread:.2f} | {shared / codes_per_thread:.2f} | "
                   f"{mma / codes_per_thread:.3f} | {top} | {per_sm} |", flush=True)
 

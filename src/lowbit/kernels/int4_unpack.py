@@ -171,3 +171,37 @@ def paired_offset(zero, dtype: tl.constexpr):
         return (1024.0 + zero).to(dtype)
     else:
         return (128.0 + zero).to(dtype)
+
+
+@triton.jit
+def top_code_unit(dtype: tl.constexpr):
+    """What one step of a code is worth in `paired_codes_on_top`'s values: 8 (bf16), 64 (fp16)."""
+    if dtype == tl.float16:
+        return 64.0
+    else:
+        return 8.0
+
+
+@triton.jit
+def paired_codes_on_top(words, J: tl.constexpr, dtype: tl.constexpr):
+    """Codes J and J + 4 of each word as exact bf16/fp16 `dtype` values u·(16 + code), the code in
+    the top four mantissa bits (u = `top_code_unit`: 8 for bf16, 64 for fp16).
+
+    For dots whose zero point is taken away after the sum (`w4a16_triton._paired_dots_folded`): the
+    sums then carry u·(16 + z)·Σx beside the u·Σx·(q - z) wanted, about 5 times as large, where the
+    low-bit placement of `paired_codes` (2^E + code) makes it 30 (bf16) to 220 (fp16) times: float32's
+    rounding of the sums grows by that factor. One shift and one mask-and-or per pair, as there.
+    """
+    if dtype == tl.float16:
+        TOP: tl.constexpr = 6
+        EXPONENT: tl.constexpr = 0x64006400  # 1024.0 in both halves
+    else:
+        TOP: tl.constexpr = 3
+        EXPONENT: tl.constexpr = 0x43004300  # 128.0 in both halves
+    if TOP >= 4 * J:
+        moved = words << (TOP - 4 * J)
+    else:
+        moved = words >> (4 * J - TOP)  # arithmetic: the sign fills bits above the mask
+    pair = (moved & (0x000F000F << TOP)) | EXPONENT
+    return pair.to(tl.int16).to(dtype, bitcast=True), (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+
