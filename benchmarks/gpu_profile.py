@@ -4,7 +4,7 @@ Instruction counts (gemv_sass.py) stopped predicting the kernels' times: the ten
 M = 16 ran 35% fewer instructions per code for 2-6% less time, and prefetching its packed words
 changed nothing. Nsight Compute's stall reasons, occupancy and DRAM throughput say what bounds
 them. Each (shape, M) runs the fused-kernel config a kernel benchmark chose for it (`--bench`,
-its "config_asym"; the autotuner's own picks under the profiler differed from the benchmark's),
+its "config_asym" or "config_sym", or the one a case names; the autotuner's own picks under the profiler differed from the benchmark's),
 or is autotuned where the file has no such row, outside the profiled range; then one call of
 lowbit's Triton kernel and one bf16 cuBLAS matmul of the same shape run inside
 cudaProfilerStart/Stop.
@@ -33,19 +33,28 @@ from lowbit.kernels.int4_pack import pack_quantized_weight
 BENCH = Path(__file__).resolve().parent / "results" / "gpu_kernels_h200.json"
 
 
-def chosen_configs(bench: Path) -> dict[tuple[str, int], str]:
-    """(shape, M) -> the fused kernel's config a `lowbit bench kernels` JSON recorded (asymmetric)."""
+def chosen_configs(bench: Path) -> dict[tuple[str, int, bool], str]:
+    """(shape, M, symmetric) -> the fused kernel's config a `lowbit bench kernels` JSON recorded."""
     if not bench.is_file():
         return {}
-    return {(row["shape"], row["M"]): row["config_asym"] for row in json.loads(bench.read_text())["rows"]
-            if row.get("config_asym")}
+    return {(row["shape"], row["M"], symmetric): row[f"config_{scheme}"] for row in json.loads(bench.read_text())["rows"]
+            for symmetric, scheme in ((True, "sym"), (False, "asym")) if row.get(f"config_{scheme}")}
 
 
-def profile_case(name: str, m: int, config: str | None) -> None:
+def parse_case(case: str) -> tuple[str, int, bool, str | None]:
+    """"SHAPE:M[:sym][@CONFIG]" -> shape, M, symmetric, the config asked for (None: the bench's)."""
+    case, _, config = case.partition("@")
+    name, m, *scheme = case.split(":")
+    if scheme not in ([], ["sym"], ["asym"]):
+        raise SystemExit(f"error: {case!r}: the scheme after SHAPE:M is sym or asym")
+    return name, int(m), scheme == ["sym"], config or None
+
+
+def profile_case(name: str, m: int, symmetric: bool, config: str | None) -> None:
     n, k = SHAPES[name]
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda")
-    packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), weight))
+    packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight))
     dense = weight.to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     with w4a16_triton.pinned_config(m, config) if config else contextlib.nullcontext():
@@ -53,7 +62,7 @@ def profile_case(name: str, m: int, config: str | None) -> None:
         torch.mm(x, dense.T)
         torch.cuda.synchronize()
         chose = config or w4a16_triton.tuned_config(m, packed)
-        print(f"profiled: {name} M={m}: lowbit {chose}, then bf16 cuBLAS", flush=True)
+        print(f"profiled: {name} M={m} {'sym' if symmetric else 'asym'}: lowbit {chose}, then bf16 cuBLAS", flush=True)
         torch.cuda.cudart().cudaProfilerStart()
         w4a16_triton.matmul(x, packed)
         torch.mm(x, dense.T)
@@ -64,14 +73,15 @@ def profile_case(name: str, m: int, config: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["70B gate/up_proj:1", "70B gate/up_proj:16"],
-                        help="SHAPE:M, shapes as in lowbit bench kernels")
+                        help="SHAPE:M[:sym][@CONFIG], shapes as in lowbit bench kernels, CONFIG as its tables "
+                        "name one (e.g. '70B gate/up_proj:16:sym@16x64x128 split 2 paired')")
     parser.add_argument("--bench", type=Path, default=BENCH,
                         help="a `lowbit bench kernels` JSON whose chosen configs to profile (default: %(default)s)")
     args = parser.parse_args()
     chosen = chosen_configs(args.bench)
     for case in args.cases:
-        name, m = case.rsplit(":", 1)
-        profile_case(name, int(m), chosen.get((name, int(m))))
+        name, m, symmetric, config = parse_case(case)
+        profile_case(name, m, symmetric, config or chosen.get((name, m, symmetric)))
 
 
 if __name__ == "__main__":

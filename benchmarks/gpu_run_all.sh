@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile zero_points vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -60,7 +60,9 @@ print(k.markdown_table(r))" ;;
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                      --section SchedulerStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
                      python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
+        # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
+        zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile zero_points vq)"; exit 2 ;;
     esac
 done
