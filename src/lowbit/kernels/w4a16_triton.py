@@ -324,19 +324,12 @@ def _mma_add(acc, a, w, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _paired_dots(a, words, zero, acc, SYMMETRIC: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
+def _paired_dots(a, words, zero, acc, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """Σ x·(q - z) over one K tile in eight dots: dot j pairs code j of every word row with x's
-    columns j, j + 8, j + 16, ....
-
-    The dots sum x·(q - 8), q - 8 exact in x's 16-bit type; an asymmetric zero point's part,
-    (z - 8)·Σx, is taken away after, once per row and column. Subtracting z from each code
-    instead costs a conversion of every zero point to 16 bits and a per-column operand in every
-    subtraction: 102.9 against 74.2 us for the symmetric kernel at 70B gate/up_proj M = 16
-    (16x64x128 split 2 paired, gpu_zero_points_h200.md).
-    """
+    columns j, j + 8, j + 16, ...; q - z is exact in x's 16-bit type."""
     tile = tl.zeros_like(acc)
-    offset = paired_offset(tl.full((1, 1), 8.0, tl.float32), a.dtype)
+    offset = paired_offset(zero, a.dtype)[None, :]
     # x's tile, loaded whole (contiguous, vectorised), is split in registers into the eight
     # [BLOCK_M, BLOCK_K / 8] column sets: eight strided 2-byte loads instead kept L1 90% busy
     # (gpu_profile_h200.log, 8B gate/up_proj M = 16).
@@ -348,12 +341,6 @@ def _paired_dots(a, words, zero, acc, SYMMETRIC: tl.constexpr, SWAP_AB: tl.const
         low, high = paired_codes(words, j, a.dtype)
         tile = _mma_add(tile, x_cols[j][0], low - offset, SWAP_AB)
         tile = _mma_add(tile, x_cols[j][1], high - offset, SWAP_AB)
-    if not SYMMETRIC:
-        x_sums = tl.sum(a.to(tl.float32), axis=1)
-        if SWAP_AB:
-            tile -= (zero - 8.0)[:, None] * x_sums[None, :]
-        else:
-            tile -= x_sums[:, None] * (zero - 8.0)[None, :]
     return tile
 
 
@@ -448,7 +435,7 @@ def _mma_kernel(
                 tile = _paired_dots_folded(a, words, zero, acc, SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K)
                 scale = scale * (1.0 / top_code_unit(x_ptr.dtype.element_ty))  # a power of two: exact
             else:
-                tile = _paired_dots(a, words, zero, acc, SYMMETRIC, SWAP_AB, BLOCK_M, BLOCK_K)
+                tile = _paired_dots(a, words, zero, acc, SWAP_AB, BLOCK_M, BLOCK_K)
             if SWAP_AB:
                 acc += scale[:, None] * tile
             else:
