@@ -13,8 +13,8 @@ H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everythi
     python benchmarks/gemv_sass.py --configs 1024x32 1024x64 2048x32   (needs `pip install triton`)
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
-4 stages, SWAP_AB), once with the reshaped [BLOCK_K, BLOCK_N] tile and once with PAIRED_DOTS,
-and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
+4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile, with PAIRED_DOTS and with
+PAIRED_DOTS plus FOLDED_ZERO, and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: s
     program before the group loop, is not counted."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
                   "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
-                  "F16_PAIRS": unpack == "f16", "TILES": 1}  # the JIT specialises an int of 1 to a constant
+                  "F16_PAIRS": unpack == "f16"}
     sass, registers, shared = compile_sm90(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
     loops = loop_opcodes(sass)
     codes_per_tile = block_n * block_k / (32 * warps)

@@ -49,7 +49,7 @@ before nearly every unpack: one extra SASS instruction for most codes in the GEM
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
                   "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
-                  "code_mask": "i32", "SPLIT_K": "i32", "TILES": "i32"}
+                  "code_mask": "i32", "SPLIT_K": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for `compile_for_sm90`."""
 
@@ -63,9 +63,9 @@ _STAGING: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False,
-            **flags: bool | int) -> triton.Config:
+            **flags: bool) -> triton.Config:
     # SPLIT_K is a run-time argument (one compiled variant serves every split count); SPLIT says
-    # whether the split-K reduction is compiled in at all. `flags`: a kernel's other switches.
+    # whether the split-K reduction is compiled in at all. `flags`: a kernel's other constexpr switches.
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "SPLIT": split > 1,
                           "SWAP_AB": swap, **flags},
                          num_warps=warps, num_stages=stages)
@@ -75,10 +75,9 @@ GEMV_WARPS = tl.constexpr(4)
 
 
 def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False,
-                 f16: bool = False, tiles: int = 1) -> triton.Config:
-    # TILES, like SPLIT_K, is a run-time argument (the JIT makes a constant of it at 1).
+                 f16: bool = False) -> triton.Config:
     return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased and not f16, PREFETCH=prefetch,
-                   F16_PAIRS=f16, TILES=tiles)
+                   F16_PAIRS=f16)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
@@ -94,9 +93,7 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # integer-pipe work (gemv_sass_sm90.md). The H200 tuner took it, at 512 columns with PREFETCH, on
 # five of the eight M = 1 shapes: 70B gate/up 49.5 -> 41.8 us, 70B q/o 16.1 -> 14.7, 8B q/o 7.6
 # -> 6.6 (gpu_kernels_h200.md against the file of commit e181056); the k/v shapes and 8B down,
-# with few column tiles, kept the narrow ones. Its profile (gpu_profile_h200_f16.log) has warps
-# waiting at the staging's barrier 0.95 cycles per issued instruction at 70B gate/up, 1.75 at 8B
-# q/o: programs of 2 or 4 column tiles (TILES, untimed) stage x once for all of them.
+# with few column tiles, kept the narrow ones.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 """F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
@@ -107,10 +104,7 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
                  + [_gemv_config(bn, bk, s, True, prefetch, f16) for bn, bk in _WIDE_TILES
                     for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)]
                  + [_gemv_config(bn, bk, s, prefetch=prefetch, f16=True) for bn, bk in _NARROW_TILES
-                    if bn >= F16_MIN_BLOCK_N for s in _GEMV_SPLITS for prefetch in (False, True)]
-                 + [_gemv_config(bn, bk, s, prefetch=prefetch, f16=True, tiles=tiles)
-                    for bn, bk in ((256, 64), (512, 32), (512, 64)) for s in (8, 16, 32)
-                    for prefetch in (False, True) for tiles in (2, 4)])
+                    if bn >= F16_MIN_BLOCK_N for s in _GEMV_SPLITS for prefetch in (False, True)])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
@@ -152,10 +146,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
-        tiles = kw.get("TILES", 1)
-        if tiles > triton.cdiv(n, bn):
-            continue  # programs with nothing to do in some of their tile slots
-        programs = triton.cdiv(triton.cdiv(n, bn), tiles) * (1 if m == 1 else triton.cdiv(m, bm)) * split
+        programs = triton.cdiv(n, bn) * (1 if m == 1 else triton.cdiv(m, bm)) * split
         if split > 1 and not _MIN_PROGRAMS <= programs <= _MAX_PROGRAMS:
             continue
         ident = (tuple(sorted(kw.items())), config.num_warps, config.num_stages)
@@ -206,38 +197,37 @@ def _gemv_kernel(
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    F16_PAIRS: tl.constexpr = False, TILES=1,
+    F16_PAIRS: tl.constexpr = False,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
     (per word row and column), so the main loop holds only the unpack and one FMA per code
     (BLOCK_K divides GROUP). F16_PAIRS subtracts the zero point in the unpack instead and sums a
     word's eight products in packed fp16 (int4_unpack.f16_word_dot): the scale alone is left.
-
-    A program covers one K span (of SPLIT_K) for TILES column tiles, the grid's width apart: what
-    it does once per program (F16_PAIRS's staging of x, its barrier) is shared by TILES tiles.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    tile_step = tl.num_programs(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
+    n_mask = offs_n < N
     k_span = K // SPLIT_K
     k_begin = tl.multiple_of(pid_k * k_span, GROUP)  # whole groups (_prune)
-    k_end = k_begin + k_span
     # Where a thread holds every word row of its columns (BLOCK_N >= 32 x warps), the rows are
     # summed per group, in registers. Narrower tiles spread rows over warps, where summing them
     # per group costs a shared-memory reduction each time: their sums stay per row and column and
     # are reduced once, at the end. (H200, M = 1: per-group sums for every tile left 70B k/v_proj
     # at 10.4 us, per-row sums for every tile slowed 70B gate/up_proj from 50 to 55 us.)
     ROWS_IN_THREAD: tl.constexpr = BLOCK_N >= 32 * GEMV_WARPS
-    # PREFETCH: the next K tile's words are loaded before this tile's codes are unpacked, so each
-    # warp has a load in flight while it computes (the loop is not software-pipelined for it); after
-    # a column tile's last K tile, the next column tile's first (TILES > 1).
+    if ROWS_IN_THREAD:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
+    k_end = k_begin + k_span
+    # PREFETCH: the next tile's words are loaded before this tile's codes are unpacked, so each
+    # warp has a load in flight while it computes (the loop is not software-pipelined for it).
     if PREFETCH:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        next_words = tl.load(qw_ptr + (k_begin // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :],
-                             mask=(offs_n < N)[None, :], other=0)
+        next_words = tl.load(word_ptrs + (k_begin // 8) * stride_qk, mask=n_mask[None, :], other=0)
     else:
         next_words = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     if F16_PAIRS:
@@ -248,69 +238,55 @@ def _gemv_kernel(
         inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
         stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
         tl.debug_barrier()  # the rows are read back by other threads of this program
-    for t in range(TILES):
-        tile = pid_n + t * tile_step
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N  # all false past the last tile: nothing read, nothing written
-        if ROWS_IN_THREAD:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
-        for group_begin in range(k_begin, k_end, GROUP):
-            partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-            x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
-            row = (group_begin // GROUP) * stride_sg + offs_n
-            if F16_PAIRS:  # the zero point goes into the unpack: it and the scale are needed first (one wait)
-                scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
-                plus_1024_z = f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
-                minus_64_z = f16x2(-64.0 - zero, -64.0 - zero)[None, :]
-            for k in range(group_begin, group_begin + GROUP, BLOCK_K):
-                if PREFETCH:
-                    words = next_words
-                    in_span = k + BLOCK_K + offs_w * 8 < k_end  # all or none of the next tile's rows
-                    next_words = tl.load(word_ptrs + ((k + BLOCK_K) // 8) * stride_qk,
-                                         mask=in_span[:, None] & n_mask[None, :], other=0)
-                else:
-                    words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
-                if F16_PAIRS:
-                    rows = tl.multiple_of((k - k_begin) // 8, BLOCK_K // 8) + offs_w
-                    pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
-                    even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
-                    x04, x26 = tl.split(even)
-                    x15, x37 = tl.split(odd)
-                    dots = f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
-                                         plus_1024_z, minus_64_z)
-                    partial += dots * tl.load(inv_ptr + rows)[:, None]
-                else:
-                    for j in tl.static_range(8):
-                        xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
-                        if BIASED:
-                            partial += biased_code(words, j, code_mask) * xj[:, None]
-                            x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
-                        else:
-                            partial += nibble(words, j, code_mask) * xj[:, None]
-                        x_sum += xj
-            if F16_PAIRS:  # the codes came zero-subtracted
-                acc += scale * tl.sum(partial, axis=0)
-            else:  # loaded after the tiles: fewer registers live through them
-                scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
-                if ROWS_IN_THREAD:
-                    column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
-                    acc += scale * (column - zero * tl.sum(x_sum, axis=0))
-                else:
-                    acc += scale[None, :] * (partial - (zero[None, :] * x_sum[:, None] + x_bias[:, None]))
-        if PREFETCH:
-            if t + 1 < TILES:  # the next column tile's first words, in flight during the store
-                next_words = tl.load(word_ptrs + tile_step * BLOCK_N + (k_begin // 8) * stride_qk,
-                                     mask=(offs_n + tile_step * BLOCK_N < N)[None, :], other=0)
-        if ROWS_IN_THREAD:
-            result = acc
-        else:
-            result = tl.sum(acc, axis=0)
-        if tile < n_tiles:
-            _store(result, out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + tile, n_mask, SPLIT_K, SPLIT)
+    for group_begin in range(k_begin, k_end, GROUP):
+        partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
+        row = (group_begin // GROUP) * stride_sg + offs_n
+        if F16_PAIRS:  # the zero point goes into the unpack: it and the scale are needed first (one wait)
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
+            plus_1024_z = f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
+            minus_64_z = f16x2(-64.0 - zero, -64.0 - zero)[None, :]
+        for k in range(group_begin, group_begin + GROUP, BLOCK_K):
+            if PREFETCH:
+                words = next_words
+                in_span = k + BLOCK_K + offs_w * 8 < k_end  # all or none of the next tile's rows
+                next_words = tl.load(word_ptrs + ((k + BLOCK_K) // 8) * stride_qk,
+                                     mask=in_span[:, None] & n_mask[None, :], other=0)
+            else:
+                words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
+            if F16_PAIRS:
+                rows = tl.multiple_of((k - k_begin) // 8, BLOCK_K // 8) + offs_w
+                pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
+                even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
+                x04, x26 = tl.split(even)
+                x15, x37 = tl.split(odd)
+                dots = f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
+                                     plus_1024_z, minus_64_z)
+                partial += dots * tl.load(inv_ptr + rows)[:, None]
+            else:
+                for j in tl.static_range(8):
+                    xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
+                    if BIASED:
+                        partial += biased_code(words, j, code_mask) * xj[:, None]
+                        x_bias += xj * (2048.0 if j != 1 and j != 4 and j != 6 else 128.0)
+                    else:
+                        partial += nibble(words, j, code_mask) * xj[:, None]
+                    x_sum += xj
+        if F16_PAIRS:  # the codes came zero-subtracted
+            acc += scale * tl.sum(partial, axis=0)
+        else:  # loaded after the tiles: fewer registers live through them
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
+            if ROWS_IN_THREAD:
+                column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
+                acc += scale * (column - zero * tl.sum(x_sum, axis=0))
+            else:
+                acc += scale[None, :] * (partial - (zero[None, :] * x_sum[:, None] + x_bias[:, None]))
+    if ROWS_IN_THREAD:
+        result = acc
+    else:
+        result = tl.sum(acc, axis=0)
+    _store(result, out_ptr + offs_n, ws_ptr + offs_n, cnt_ptr + pid_n, n_mask, SPLIT_K, SPLIT)
 
 
 @triton.jit
@@ -528,8 +504,7 @@ def _describe(config: triton.Config) -> str:
                                    ("folded", kw.get("FOLDED_ZERO")),
                                    ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS")),
                                    ("prefetch", kw.get("PREFETCH"))) if on]
-    tiles = [f"{kw['TILES']} tiles"] if kw.get("TILES", 1) > 1 else []
-    return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *tiles, *flags])
+    return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
 
 
 def tuned_config(m: int, packed: PackedInt4) -> str | None:
@@ -598,7 +573,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
              CODE_MASK)
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
-        _gemv[lambda meta: (triton.cdiv(triton.cdiv(n, meta["BLOCK_N"]), meta["TILES"]), meta["SPLIT_K"])](
+        _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *buffers, staging(x.device, n, k), *sizes, **common)
     else:
         kernel = _decode if m <= DECODE_MAX_M else _prefill
