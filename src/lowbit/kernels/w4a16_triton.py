@@ -341,7 +341,7 @@ def _paired_dots_folded(a, words, zero, acc, SWAP_AB: tl.constexpr, BLOCK_M: tl.
         low, high = paired_codes_on_top(words, j, a.dtype)
         w = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
         tile = _mma_add(tile, tl.reshape(x_cols[j], (BLOCK_M, BLOCK_K // 4)), w, SWAP_AB)
-    offset = 16.0 + zero
+    offset = 16.0 + zero.to(tl.float32)
     x_sums = tl.sum(a.to(tl.float32), axis=1) * top_code_unit(a.dtype)
     if SWAP_AB:
         tile -= offset[:, None] * x_sums[None, :]
@@ -402,9 +402,9 @@ def _mma_kernel(
         group = (k_begin + k) // GROUP
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        else:
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+            zero = tl.full((BLOCK_N,), 8, tl.int32)
+        else:  # the code as an integer: the unpacks below take it into floats by their bit patterns
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.int32)
         a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if PAIRED_DOTS:
             if FOLDED_ZERO:
@@ -420,7 +420,8 @@ def _mma_kernel(
             # 2^23 + code, exactly (see int4_unpack.nibble): shift, mask-and-or, no int-to-float conversion.
             bits = ((words[:, None, :] >> shifts[None, :, None]) & code_mask) | 0x4B000000  # [BLOCK_K / 8, 8, BLOCK_N]
             codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
-            w = ((codes - (8388608.0 + zero)[None, :]) * scale[None, :]).to(a.dtype)
+            big_zero = (zero | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + z, as the codes
+            w = ((codes - big_zero[None, :]) * scale[None, :]).to(a.dtype)
             acc = _mma_add(acc, a, w, SWAP_AB)
         x_ptrs += BLOCK_K
         q_ptrs += (BLOCK_K // 8) * stride_qk
