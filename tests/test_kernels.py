@@ -3,6 +3,7 @@ CUDA) the Triton kernel against float32 dequantize-then-matmul."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -98,6 +99,10 @@ def test_formats_the_kernel_cannot_hold_are_refused_with_advice():
         pack_quantized_weight(quantized(8, 64, IntegerFormat(3, group_size=32)))
     with pytest.raises(FormatError, match="multiple of the group size"):
         pack_quantized_weight(quantized(8, 96, IntegerFormat(4, group_size=64)))
+    asymmetric = quantized(8, 64, IntegerFormat(4, symmetric=False, group_size=32))
+    for zero in (asymmetric.zero + 0.5, asymmetric.zero + 16):  # fractional; beyond a 4-bit code
+        with pytest.raises(FormatError, match="whole numbers 0..15"):
+            pack_quantized_weight(dataclasses.replace(asymmetric, zero=zero))
     packed = pack_quantized_weight(quantized(8, 64, IntegerFormat(4, group_size=32)))
     with pytest.raises(ValueError, match="expects 64"):
         w4a16_matmul(torch.randn(2, 32), packed)

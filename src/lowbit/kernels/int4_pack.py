@@ -133,6 +133,10 @@ def pack_quantized_weight(qweight: QuantizedWeight) -> PackedInt4:
     n_groups = in_features // group_size
     scale = qweight.scale.expand(out_features, n_groups)  # per-tensor scales broadcast to every row
     zero = None if qweight.zero is None else qweight.zero.expand(out_features, n_groups)
+    if zero is not None and not (torch.equal(zero, zero.round()) and 0 <= zero.min() and zero.max() <= 15):
+        # The kernels take a zero point into floats by its bits (int4_unpack.paired_offset).
+        raise FormatError("the W4A16 layout holds zero points as whole numbers 0..15; these are not: "
+                          "keep the layer as dequantized nn.Linear or re-quantize it with an integer format")
     codes, perm = qweight.codes, None
     if not qweight.has_trivial_group_index:
         # Group g's columns become columns g·G .. g·G + G - 1; act-order groups all have G members
