@@ -92,7 +92,7 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: b
 # instructions per code at 512 and 1024 columns against 3.2-3.7 biased, a third of the
 # integer-pipe work (gemv_sass_sm90.md). The H200 tuner took it, at 512 columns with PREFETCH, on
 # five of the eight M = 1 shapes: 70B gate/up 49.5 -> 41.8 us, 70B q/o 16.1 -> 14.7, 8B q/o 7.6
-# -> 6.6 (gpu_kernels_h200.md against the file of commit e181056); the k/v shapes and 8B down,
+# -> 6.6 (gpu_kernels_h200.md of commit e572a97 against that of e181056); the k/v shapes and 8B down,
 # with few column tiles, kept the narrow ones.
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
@@ -109,7 +109,9 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
 _DECODE_SPLITS = (1, 2, 4, 8, 16)
-# FOLDED_ZERO only on 16-row tiles, where it saves instructions (see _paired_dots_folded).
+# FOLDED_ZERO only on 16-row tiles, where it saves instructions (see _paired_dots_folded). The H200
+# tuner took it on every asymmetric M = 16 row (8B down 29.8 -> 26.4 us, gpu_kernels_h200.md), the
+# symmetric kernel on none.
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired, FOLDED_ZERO=folded)
                    for bm in (16, 64) for bn in (64, 128) for s in _DECODE_SPLITS for swap in (False, True)
                    for paired, folded in ((False, False), (True, False), (True, True)) if bm == 16 or not folded]
