@@ -28,7 +28,7 @@ are calibrated on those same inputs (max |x| over every calibration token that r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +41,7 @@ from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.models.architectures import Architecture
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs
+from lowbit.pipeline.shortcuts import ParentShortcut, free_memory_bytes, shortcuts_for
 from lowbit.solvers.base import Solver
 from lowbit.transforms.base import MAX_INPUT_SAMPLES, BlockTransform, SharedInput
 from lowbit.transforms.online import has_online_hadamard
@@ -119,6 +120,7 @@ class SequentialQuantizer:
         keep_output: KeepOutput | None = None,
         reduce_stats: Callable[[HessianStats], None] | None = None,
         activations: ActivationFormat | None = None,
+        use_shortcuts: bool = True,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
@@ -127,6 +129,9 @@ class SequentialQuantizer:
         of them (a block's inputs and outputs) in device memory. `transforms` rewrite each block,
         in order, before its linears are solved. `activations` is the format every quantized
         linear's input is rounded to once its weights are solved (None: weight-only).
+        `use_shortcuts` lets true-sequential passes over several batches answer a sub-module that
+        ends in an already solved linear from that linear's recorded inputs (pipeline/shortcuts.py);
+        off, every pass runs the whole block (the same results, for timing the difference).
         """
         self.transforms = list(transforms)
         self.model = model
@@ -141,6 +146,7 @@ class SequentialQuantizer:
         self.keep_output = keep_output
         self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
         self.activations = activations
+        self.use_shortcuts = use_shortcuts
 
     @torch.no_grad()
     def run(
@@ -261,15 +267,32 @@ class SequentialQuantizer:
                 group.input_range = ChannelMaximum(group.jobs[0].linear.in_features, device=self.device)
         if len(inputs.hidden) == 1 and self.true_sequential:
             return self._forward_all(block, inputs, groups, solve_in_hook=True)
-        if self.true_sequential:
-            for group in groups:
-                self._forward_all(block, inputs, [group], stop_after_input=True)
-                self._solve(group)
-        else:
+        if not self.true_sequential:
             self._forward_all(block, inputs, groups)
             for group in groups:
                 self._solve(group)
-        return self._forward_all(block, inputs, [])
+            return self._forward_all(block, inputs, [])
+        shortcuts = self._shortcuts(block, inputs)
+        for group in groups:
+            recording = [shortcut for shortcut in shortcuts if any(job.linear is shortcut.linear for job in group.jobs)]
+            for shortcut in recording:
+                shortcut.start_recording()
+            self._forward_all(block, inputs, [group], stop_after_input=True, shortcuts=shortcuts)
+            self._solve(group)
+            for shortcut in recording:
+                shortcut.stop_recording(len(inputs.hidden))
+        return self._forward_all(block, inputs, [], shortcuts=shortcuts)
+
+    def _shortcuts(self, block: nn.Module, inputs: _BlockInputs) -> list[ParentShortcut]:
+        """Shortcuts through o_proj's and down_proj's parents (pipeline/shortcuts.py), kept where
+        the block's inputs are when that is the compute device (no copies) and activations are not
+        spilled to disk; at most a quarter of the free memory each."""
+        store = inputs.hidden[0].device
+        if not self.use_shortcuts or self.keep_output is not None or store != self.device:
+            return []
+        budget = free_memory_bytes(store)
+        return list(shortcuts_for(block, [list(names) for names in self.architecture.linear_groups], store,
+                                  None if budget is None else budget // 4).values())
 
     def _forward_all(
         self,
@@ -278,6 +301,7 @@ class SequentialQuantizer:
         groups: list[_Group],
         solve_in_hook: bool = False,
         stop_after_input: bool = False,
+        shortcuts: Sequence[ParentShortcut] = (),
     ) -> _BlockInputs:
         """Run every calibration batch through `block` with statistics hooks on `groups`' inputs.
 
@@ -312,11 +336,14 @@ class SequentialQuantizer:
         ]
         outputs = _BlockInputs(hidden=[], kwargs=inputs.kwargs)
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            for number, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
                 for group in groups:
                     group.seen_this_batch = False
                 try:
-                    out = block(hidden.to(self.device), **_to_device(kwargs, self.device))
+                    with ExitStack() as stack:
+                        for shortcut in shortcuts:
+                            stack.enter_context(shortcut.for_batch(number))
+                        out = block(hidden.to(self.device), **_to_device(kwargs, self.device))
                 except _StopForward:
                     continue
                 out = out[0] if isinstance(out, tuple) else out
