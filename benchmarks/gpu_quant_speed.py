@@ -99,7 +99,8 @@ class BlockClock:
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool, ranges: bool = False) -> dict:
+def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool, ranges: bool = False,
+               use_shortcuts: bool = True) -> dict:
     model = random_model(llama3_8b_config(LlamaConfig, layers), LlamaForCausalLM)
     count, errors = 0, []
 
@@ -116,7 +117,8 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     solver = GPTQ(**GPTQ_RANGES) if ranges else GPTQ()
     quantizer = SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, solver),
                                     device="cuda", batch_size=batch_size, activations_on_device=True,
-                                    on_quantized=on_quantized, hooks=[clock] if breakdown else ())
+                                    on_quantized=on_quantized, hooks=[clock] if breakdown else (),
+                                    use_shortcuts=use_shortcuts)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -125,7 +127,8 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     seconds = time.perf_counter() - start
     if count != 7 * layers or not all(torch.isfinite(torch.tensor(errors))):
         raise SystemExit(f"expected {7 * layers} finite GPTQ results, got {count}")
-    return {"tool": "lowbit (static groups + clip search)" if ranges else "lowbit", "seconds": seconds, "layers": layers, "quantized_linears": count,
+    tool = "lowbit (static groups + clip search)" if ranges else "lowbit" if use_shortcuts else "lowbit (no shortcuts)"
+    return {"tool": tool, "seconds": seconds, "layers": layers, "quantized_linears": count,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
             "breakdown_seconds": dict(totals) if breakdown else None,
             "block_seconds": clock.seconds if breakdown else None}
@@ -187,6 +190,8 @@ def main() -> None:
     parser.add_argument("--peer-timeout", type=float, default=3600.0, help="seconds before the peer is stopped")
     parser.add_argument("--ranges", action="store_true",
                         help="also time the integer schemes' GPTQ (static groups + MSE clipping search)")
+    parser.add_argument("--without-shortcuts", action="store_true",
+                        help="also time lowbit with every pass running the whole block (pipeline/shortcuts.py)")
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -197,6 +202,9 @@ def main() -> None:
     # lowbit first: its result is in hand even if the (slower) peer is stopped by --peer-timeout.
     runs = [run_lowbit(args.layers, tokens, args.batch_size, breakdown=args.breakdown)]
     print(json.dumps(runs[0]), flush=True)
+    if args.without_shortcuts:
+        runs.append(run_lowbit(args.layers, tokens, args.batch_size, breakdown=False, use_shortcuts=False))
+        print(json.dumps(runs[-1]), flush=True)
     if args.ranges:
         runs.append(run_lowbit(args.layers, tokens, args.batch_size, breakdown=False, ranges=True))
         print(json.dumps(runs[-1]), flush=True)

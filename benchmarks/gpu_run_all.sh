@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile zero_points vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -50,6 +50,9 @@ print(k.markdown_table(r))" ;;
                     --out "$out/gpu_quant_speed_4layers" ;;
         quant32) step quant32 "${T_QUANT32:-200}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
                      --out "$out/gpu_quant_speed" ;;
+        # The 32 layers with and without the pipeline's shortcuts (pipeline/shortcuts.py), same call.
+        quant_shortcuts) step quant_shortcuts "${T_QUANT32:-300}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
+                             --without-shortcuts --out "$out/gpu_quant_speed_shortcuts" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
@@ -63,6 +66,6 @@ print(k.markdown_table(r))" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 ranges profile zero_points vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points vq)"; exit 2 ;;
     esac
 done
