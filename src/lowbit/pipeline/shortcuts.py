@@ -156,9 +156,10 @@ def shortcuts_for(block: nn.Module, linear_groups: list[list[str]], store: torch
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory on `device` (None where it cannot be read)."""
+    """Free memory on `device`, counting what torch's CUDA allocator holds unused (None where it
+    cannot be read)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
         try:
             import psutil  # installed with accelerate
