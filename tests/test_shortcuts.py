@@ -17,7 +17,7 @@ from tests.conftest import tiny_llama
 FMT = IntegerFormat(bits=3, symmetric=False, group_size=32)
 
 
-def quantize_counting_calls(use_shortcuts: bool, watched: tuple[str, ...], activations=None):
+def quantize_counting_calls(use_shortcuts: bool, watched: tuple[str, ...], activations=None, device="cpu"):
     """GPTQ over a tiny Llama in three calibration batches; the quantized weights, the block
     outputs handed to the second block, and how often each watched module of block 0 ran."""
     model = tiny_llama()
@@ -37,7 +37,8 @@ def quantize_counting_calls(use_shortcuts: bool, watched: tuple[str, ...], activ
             outputs.append([h.clone() for h in hidden])
 
     results = {}
-    SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()), batch_size=2,
+    SequentialQuantizer(model, architecture_of(model), lambda name, linear: (FMT, GPTQ()), batch_size=2, device=device,
+                        activations_on_device=device != "cpu",
                         on_quantized=lambda name, qweight: results.setdefault(name, qweight),
                         hooks=[KeepOutputs()], use_shortcuts=use_shortcuts, activations=activations).run(calibration)
     return results, outputs, calls
@@ -66,6 +67,15 @@ def test_shortcuts_give_the_same_weights_and_outputs_and_skip_the_recomputation(
     assert plain_calls["mlp.gate_proj"] == 2 * batches and short_calls["mlp.gate_proj"] == batches + 1
     # The sub-modules are still called (answered from the recorded inputs), as often as before.
     assert short_calls["self_attn"] == plain_calls["self_attn"] and short_calls["mlp"] == plain_calls["mlp"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shortcuts_on_the_gpu_give_the_same_weights():
+    """On the GPU, with the activations kept there (where the shortcuts keep their inputs)."""
+    plain, _, _ = quantize_counting_calls(False, (), device="cuda")
+    short, _, calls = quantize_counting_calls(True, ("self_attn.q_proj",), device="cuda")
+    assert all(torch.equal(plain[name].codes, short[name].codes) for name in plain)
+    assert calls["self_attn.q_proj"] == 4  # three batches in o_proj's pass, one check after
 
 
 class _Returns(nn.Module):
