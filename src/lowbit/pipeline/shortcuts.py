@@ -29,7 +29,7 @@ class _State(Enum):
     RECORDING = auto()  # the linear's own pass: keep its input per batch
     UNVERIFIED = auto()  # inputs kept; the next real call of the parent checks its output
     ACTIVE = auto()  # the parent's calls are answered from the kept inputs
-    OFF = auto()  # the parent returns more than the linear's output: always run it
+    OFF = auto()  # the parent returns more than the linear's output, or the inputs exceed the budget: run it
 
 
 class ParentShortcut:
