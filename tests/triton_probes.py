@@ -4,19 +4,14 @@ check it value by value (in Triton's interpreter on CPU). Imported only where Tr
 import triton
 import triton.language as tl
 
-from lowbit.kernels.int4_unpack import paired_codes, paired_codes_on_top
+from lowbit.kernels.int4_unpack import paired_codes
 
 
 @triton.jit
 def paired_codes_probe(words_ptr, out_ptr, N: tl.constexpr, J: tl.constexpr, DTYPE: tl.constexpr,
                        ON_TOP: tl.constexpr = False):
-    """out[0, n], out[1, n] = `paired_codes`'s (ON_TOP: `paired_codes_on_top`'s) two values for
-    words[n], as float32."""
+    """out[0, n], out[1, n] = `paired_codes`'s two values for words[n], as float32."""
     offs = tl.arange(0, N)
-    words = tl.load(words_ptr + offs)[None, :]
-    if ON_TOP:
-        low, high = paired_codes_on_top(words, J, DTYPE)
-    else:
-        low, high = paired_codes(words, J, DTYPE)
+    low, high = paired_codes(tl.load(words_ptr + offs)[None, :], J, DTYPE, ON_TOP)
     tl.store(out_ptr + offs, tl.reshape(low, (N,)).to(tl.float32))
     tl.store(out_ptr + N + offs, tl.reshape(high, (N,)).to(tl.float32))

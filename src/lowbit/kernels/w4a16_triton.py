@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.int4_pack import PackedInt4
-from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_codes_on_top,
-                                        paired_offset, top_code_unit,
-                                        stage_f16_rows)
+from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
+                                        stage_f16_rows, top_code_unit)
 from lowbit.kernels.timing import autotune_bench
 
 DECODE_MAX_M = 64
@@ -340,7 +339,7 @@ def _paired_dots_folded(a, words, zero, acc, SWAP_AB: tl.constexpr, BLOCK_M: tl.
     x_cols = (a0, a1, a2, a3)  # j = 0..3: [BLOCK_M, BLOCK_K / 8, 2], columns j and j + 4 of each word row
     tile = tl.zeros_like(acc)
     for j in tl.static_range(4):
-        low, high = paired_codes_on_top(words, j, a.dtype)
+        low, high = paired_codes(words, j, a.dtype, ON_TOP=True)
         w = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
         tile = _mma_add(tile, tl.reshape(x_cols[j], (BLOCK_M, BLOCK_K // 4)), w, SWAP_AB)
     offset = 16.0 + zero.to(tl.float32)
