@@ -301,12 +301,12 @@ def _mma_add(acc, a, w, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _paired_dots(a, words, zero, acc, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
+def _paired_dots(a, words, zero, acc, SYMMETRIC: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     """Σ x·(q - z) over one K tile in eight dots: dot j pairs code j of every word row with x's
     columns j, j + 8, j + 16, ...; q - z is exact in x's 16-bit type."""
     tile = tl.zeros_like(acc)
-    offset = paired_offset(zero, a.dtype)[None, :]
+    offset = paired_offset(zero, a.dtype, SYMMETRIC)[None, :]
     # x's tile, loaded whole (contiguous, vectorised), is split in registers into the eight
     # [BLOCK_M, BLOCK_K / 8] column sets: eight strided 2-byte loads instead kept L1 90% busy
     # (gpu_profile_h200.log, 8B gate/up_proj M = 16).
@@ -412,7 +412,7 @@ def _mma_kernel(
                 tile = _paired_dots_folded(a, words, zero, acc, SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K)
                 scale = scale * (1.0 / top_code_unit(x_ptr.dtype.element_ty))  # a power of two: exact
             else:
-                tile = _paired_dots(a, words, zero, acc, SWAP_AB, BLOCK_M, BLOCK_K)
+                tile = _paired_dots(a, words, zero, acc, SYMMETRIC, SWAP_AB, BLOCK_M, BLOCK_K)
             if SWAP_AB:
                 acc += scale[:, None] * tile
             else:
