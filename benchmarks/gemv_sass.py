@@ -14,7 +14,8 @@ H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everythi
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
 4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile, with PAIRED_DOTS and with
-PAIRED_DOTS plus FOLDED_ZERO, and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
+PAIRED_DOTS plus FOLDED_ZERO, and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA
+instructions per code.
 """
 
 from __future__ import annotations

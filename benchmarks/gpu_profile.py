@@ -3,9 +3,10 @@
 Instruction counts (gemv_sass.py) stopped predicting the kernels' times: the tensor-core kernel at
 M = 16 ran 35% fewer instructions per code for 2-6% less time, and prefetching its packed words
 changed nothing. Nsight Compute's stall reasons, occupancy and DRAM throughput say what bounds
-them. Each (shape, M) runs the fused-kernel config a kernel benchmark chose for it (`--bench`,
-its "config_asym" or "config_sym", or the one a case names; the autotuner's own picks under the profiler differed from the benchmark's),
-or is autotuned where the file has no such row, outside the profiled range; then one call of
+them. Each (shape, M) runs the config a case names or else the fused-kernel config a kernel
+benchmark chose for it (`--bench`, its "config_asym" or "config_sym"; the autotuner's own picks
+under the profiler differed from the benchmark's), or is autotuned where the file has no such
+row, outside the profiled range; then one call of
 lowbit's Triton kernel and one bf16 cuBLAS matmul of the same shape run inside
 cudaProfilerStart/Stop.
 

@@ -1,12 +1,12 @@
 """What the zero point costs lowbit's W4A16 Triton kernel, config by config.
 
-The kernel table has the asymmetric kernel 25-45% slower than the symmetric one at M = 16 (70B
+The kernel table has the asymmetric kernel slower than the symmetric one at M = 16 (70B
 gate/up_proj: 92.6 against 73.4 us, gpu_kernels_h200_folded.md), and its profile (same config,
 gpu_profile_h200_zero.log) more registers and more time waiting on shared memory. This times one
 config at a time (`w4a16_triton.pinned_config`, no autotuning) on the same weight three ways:
 symmetric, asymmetric with the packed format's uint8 zero points, and asymmetric with the zero
-points stored in the scales' dtype (float16; the kernel loads either and converts to float32), so
-the cost of the zero points' conversion shows apart from that of their use.
+points stored in the scales' dtype (float16; the kernels load either), so the cost of converting
+the zero points shows apart from that of using them.
 
     python benchmarks/gpu_zero_points.py --out benchmarks/results/gpu_zero_points_h200
 """

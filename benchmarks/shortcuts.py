@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, add_device_argument, machine_of  # noqa: E402  (benchmarks/ is the script's folder)
 from lowbit.api import resolve_device
 from lowbit.calibrate.data import calibration_windows, load_text
 from lowbit.formats import IntegerFormat
@@ -29,6 +28,8 @@ from lowbit.models.architectures import architecture_of
 from lowbit.models.loading import load_model
 from lowbit.pipeline.sequential import SequentialQuantizer
 from lowbit.solvers.gptq import GPTQ
+
+from common import DATA, add_device_argument, machine_of
 
 FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
 

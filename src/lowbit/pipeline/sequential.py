@@ -291,7 +291,7 @@ class SequentialQuantizer:
         if not self.use_shortcuts or self.keep_output is not None or store != self.device:
             return []
         budget = free_memory_bytes(store)
-        return list(shortcuts_for(block, [list(names) for names in self.architecture.linear_groups], store,
+        return list(shortcuts_for(block, self.architecture.linear_groups, store,
                                   None if budget is None else budget // 4).values())
 
     def _forward_all(

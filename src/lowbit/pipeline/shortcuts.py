@@ -16,7 +16,7 @@ parent keeps being run for real. The shortcut then computes exactly what the par
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from enum import Enum, auto
 
@@ -137,7 +137,7 @@ class ParentShortcut:
                 self.parent.forward = replaced
 
 
-def shortcuts_for(block: nn.Module, linear_groups: list[list[str]], store: torch.device,
+def shortcuts_for(block: nn.Module, linear_groups: Sequence[Sequence[str]], store: torch.device,
                   budget_bytes: int | None = None) -> dict[str, ParentShortcut]:
     """Name of a linear -> its shortcut, for every linear that is alone in its group, lives in a
     sub-module of the block, and is solved last of the groups inside that sub-module (so the
