@@ -288,7 +288,8 @@ class SequentialQuantizer:
         the block's inputs are when that is the compute device (no copies) and activations are not
         spilled to disk; at most a quarter of the free memory each."""
         store = inputs.hidden[0].device
-        if not self.use_shortcuts or self.keep_output is not None or store != self.device:
+        compute = torch.empty(0, device=self.device).device  # "cuda" names the current index, as store does
+        if not self.use_shortcuts or self.keep_output is not None or store != compute:
             return []
         budget = free_memory_bytes(store)
         return list(shortcuts_for(block, self.architecture.linear_groups, store,
