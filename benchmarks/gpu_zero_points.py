@@ -4,9 +4,10 @@ The kernel table has the asymmetric kernel slower than the symmetric one at M = 
 gate/up_proj: 92.6 against 73.4 us, gpu_kernels_h200_folded.md), and its profile (same config,
 gpu_profile_h200_zero.log) more registers and more time waiting on shared memory. This times one
 config at a time (`w4a16_triton.pinned_config`, no autotuning) on the same weight three ways:
-symmetric, asymmetric with the packed format's uint8 zero points, and asymmetric with the zero
-points stored in the scales' dtype (float16; the kernels load either), so the cost of converting
-the zero points shows apart from that of using them.
+symmetric, asymmetric with uint8 zero points, and asymmetric with the zero points in the scales'
+dtype (float16; the kernels load either), so the cost of loading and converting the zero points
+shows apart from that of using them. The packed layout keeps float16 since these figures
+(gpu_zero_points_h200_bits.md).
 
     python benchmarks/gpu_zero_points.py --out benchmarks/results/gpu_zero_points_h200
 """
@@ -41,8 +42,10 @@ def time_case(name: str, m: int, config: str) -> dict:
     variants = {}
     for symmetric in (True, False):
         packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight))
-        variants["sym" if symmetric else "asym uint8 zeros"] = packed
-        if not symmetric:
+        if symmetric:
+            variants["sym"] = packed
+        else:
+            variants["asym uint8 zeros"] = dataclasses.replace(packed, zeros=packed.zeros.to(torch.uint8))
             variants["asym float16 zeros"] = dataclasses.replace(packed, zeros=packed.zeros.to(packed.scales.dtype))
     row, outputs = {"shape": name, "M": m, "config": config}, {}
     with w4a16_triton.pinned_config(m, config):

@@ -181,9 +181,11 @@ def paired_codes(words, J: tl.constexpr, dtype: tl.constexpr, ON_TOP: tl.constex
 def paired_offset(zero, dtype: tl.constexpr, SYMMETRIC: tl.constexpr = False):
     """2^E + zero in `dtype`, exact, from the integer zero point by its bits (the exponent of 2^E,
     z in the low mantissa bits, as `paired_codes` builds the codes): what their values minus give
-    q - z. No int-to-float conversion sits between the zero point's load and the unpack that
-    waits for it: 102.9 against 74.2 us for the symmetric kernel, whose offset is a constant, with
-    the conversions (70B gate/up_proj M = 16, 16x64x128 split 2 paired, gpu_zero_points_h200.md).
+    q - z, with no int-to-float conversion between the zero point's load and the unpack that
+    waits for it. With the packed layout's zero points in float16 (int4_pack.py) this tile then
+    runs as fast as the symmetric one: 75.8 against 75.7 us (70B gate/up_proj M = 16, 16x64x128
+    split 2 paired, gpu_zero_points_h200_bits.md; 85.5 against 74.2 with the conversions,
+    gpu_zero_points_h200.md).
     SYMMETRIC: the constant 2^E + 8, which the compiler folds into the subtractions; the bit
     pattern of a constant zero it does not (sm_90, 16x64x128 paired: 4.97 SASS instructions per
     code against 4.55, half of them through shared memory).

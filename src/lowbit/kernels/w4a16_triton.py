@@ -404,7 +404,7 @@ def _mma_kernel(
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SYMMETRIC:
             zero = tl.full((BLOCK_N,), 8, tl.int32)
-        else:  # the code as an integer: the unpacks below take it into floats by their bit patterns
+        else:  # as an integer: the unpacks below take it into floats by its bit pattern
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.int32)
         a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if PAIRED_DOTS:
