@@ -13,9 +13,8 @@ H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everythi
     python benchmarks/gemv_sass.py --configs 1024x32 1024x64 2048x32   (needs `pip install triton`)
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
-4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile, with PAIRED_DOTS and with
-PAIRED_DOTS plus FOLDED_ZERO, and also counts its shared-memory traffic (STS/LDS/LDSM) and MMA
-instructions per code.
+4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile and with PAIRED_DOTS, and also
+counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
 """
 
 from __future__ import annotations
@@ -106,8 +105,7 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
     for config in configs:
         block_m, block_n, block_k = (int(v) for v in config.split("x"))
         codes_per_thread = block_n * block_k / 128
-        for tile, flags in (("reshaped", {}), ("paired dots", {"PAIRED_DOTS": True}),
-                            ("paired dots, folded zero", {"PAIRED_DOTS": True, "FOLDED_ZERO": True})):
+        for tile, flags in (("reshaped", {}), ("paired dots", {"PAIRED_DOTS": True})):
             constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": block_m, "BLOCK_N": block_n,
                           "BLOCK_K": block_k, "SPLIT": True, "SWAP_AB": swap, **flags}
             ops, per_sm = main_loop(w4a16_triton._mma_kernel, constexprs, warps=4, stages=4)

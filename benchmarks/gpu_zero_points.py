@@ -1,6 +1,6 @@
 """What the zero point costs lowbit's W4A16 Triton kernel, config by config.
 
-The kernel table has the asymmetric kernel slower than the symmetric one at M = 16 (70B
+The kernel table had the asymmetric kernel slower than the symmetric one at M = 16 (70B
 gate/up_proj: 92.6 against 73.4 us, gpu_kernels_h200_folded.md), and its profile (same config,
 gpu_profile_h200_zero.log) more registers and more time waiting on shared memory. This times one
 config at a time (`w4a16_triton.pinned_config`, no autotuning) on the same weight three ways:
@@ -28,9 +28,7 @@ from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 
 CASES = [("70B gate/up_proj", 16, "16x64x128 split 2 paired"),
-         ("70B gate/up_proj", 16, "16x64x128 split 4 swap paired folded"),
          ("8B gate/up_proj", 16, "16x64x128 split 4 paired"),
-         ("8B gate/up_proj", 16, "16x64x128 split 2 swap paired folded"),
          ("70B gate/up_proj", 1, "1x512x32 split 32 f16 prefetch")]
 
 

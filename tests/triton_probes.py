@@ -8,10 +8,9 @@ from lowbit.kernels.int4_unpack import paired_codes
 
 
 @triton.jit
-def paired_codes_probe(words_ptr, out_ptr, N: tl.constexpr, J: tl.constexpr, DTYPE: tl.constexpr,
-                       ON_TOP: tl.constexpr = False):
+def paired_codes_probe(words_ptr, out_ptr, N: tl.constexpr, J: tl.constexpr, DTYPE: tl.constexpr):
     """out[0, n], out[1, n] = `paired_codes`'s two values for words[n], as float32."""
     offs = tl.arange(0, N)
-    low, high = paired_codes(tl.load(words_ptr + offs)[None, :], J, DTYPE, ON_TOP)
+    low, high = paired_codes(tl.load(words_ptr + offs)[None, :], J, DTYPE)
     tl.store(out_ptr + offs, tl.reshape(low, (N,)).to(tl.float32))
     tl.store(out_ptr + N + offs, tl.reshape(high, (N,)).to(tl.float32))

@@ -146,10 +146,9 @@ def stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span):
 
 
 @triton.jit
-def paired_codes(words, J: tl.constexpr, dtype: tl.constexpr, ON_TOP: tl.constexpr = False):
+def paired_codes(words, J: tl.constexpr, dtype: tl.constexpr):
     """Codes J and J + 4 of each word as exact bf16/fp16 `dtype` values: 2^E + code (E = 7 for
-    bf16, 10 for fp16: the code is the low mantissa bits; `paired_offset` gives 2^E + zero point),
-    or with ON_TOP u·(16 + code), the code in the top four mantissa bits (u = `top_code_unit`).
+    bf16, 10 for fp16: the code is the low mantissa bits; `paired_offset` gives 2^E + zero point).
 
     The two codes sit 16 bits apart, so one shift and one mask-and-or fill both halves of a 32-bit
     register: a pair per operation, where the float32 unpack of `nibble` spends one per code and a
@@ -157,23 +156,11 @@ def paired_codes(words, J: tl.constexpr, dtype: tl.constexpr, ON_TOP: tl.constex
     integers), so the tensor cores sum x·(q - z) with no rounding of the weight, and the scale
     multiplies their float32 sums once per K tile. sm_90, SWAP_AB, 16x128x128: 4.4 SASS
     instructions per code against 6.4 for the reshaped tile's float32 unpack (mma_sass_sm90.md).
-
-    ON_TOP is for dots whose zero point is taken away after the sum (`w4a16_triton._paired_dots_folded`):
-    the sums then carry u·(16 + z)·Σx beside the u·Σx·(q - z) wanted, about 5 times as large, where
-    the low-bit placement makes it 30 (bf16) to 220 (fp16) times: float32's rounding of the sums
-    grows by that factor.
     """
     if dtype == tl.float16:
-        EXPONENT: tl.constexpr = 0x64006400  # 1024.0 in both halves
-        TOP: tl.constexpr = 6 if ON_TOP else 0
+        pair = ((words >> (4 * J)) & 0x000F000F) | 0x64006400  # 1024.0 in both halves
     else:
-        EXPONENT: tl.constexpr = 0x43004300  # 128.0 in both halves
-        TOP: tl.constexpr = 3 if ON_TOP else 0
-    if TOP >= 4 * J:
-        moved = words << (TOP - 4 * J)
-    else:
-        moved = words >> (4 * J - TOP)  # arithmetic: the sign fills bits above the mask
-    pair = (moved & (0x000F000F << TOP)) | EXPONENT
+        pair = ((words >> (4 * J)) & 0x000F000F) | 0x43004300  # 128.0 in both halves
     return pair.to(tl.int16).to(dtype, bitcast=True), (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
 
 
@@ -197,12 +184,3 @@ def paired_offset(zero, dtype: tl.constexpr, SYMMETRIC: tl.constexpr = False):
     else:
         bits = zero | 0x4300  # 128.0
     return bits.to(tl.int16).to(dtype, bitcast=True)
-
-
-@triton.jit
-def top_code_unit(dtype: tl.constexpr):
-    """What one step of a code is worth in `paired_codes`'s values with ON_TOP: 8 (bf16), 64 (fp16)."""
-    if dtype == tl.float16:
-        return 64.0
-    else:
-        return 8.0

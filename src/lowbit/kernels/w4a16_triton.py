@@ -34,7 +34,7 @@ import triton.language as tl
 
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
-                                        stage_f16_rows, top_code_unit)
+                                        stage_f16_rows)
 from lowbit.kernels.timing import autotune_bench
 
 DECODE_MAX_M = 64
@@ -45,7 +45,7 @@ CODE_MASK = 0xF
 immediate (the float exponent bits), and ptxas rematerialised a literal mask into a register
 before nearly every unpack: one extra SASS instruction for most codes in the GEMV (gemv_sass.py)."""
 
-ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*bf16",
+ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
                   "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
                   "code_mask": "i32", "SPLIT_K": "i32"}
@@ -108,12 +108,9 @@ _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
 _DECODE_SPLITS = (1, 2, 4, 8, 16)
-# FOLDED_ZERO only on 16-row tiles, where it saves instructions (see _paired_dots_folded). The H200
-# tuner took it on every asymmetric M = 16 row (8B down 29.8 -> 26.4 us, gpu_kernels_h200.md), the
-# symmetric kernel on none.
-_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired, FOLDED_ZERO=folded)
+_DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired)
                    for bm in (16, 64) for bn in (64, 128) for s in _DECODE_SPLITS for swap in (False, True)
-                   for paired, folded in ((False, False), (True, False), (True, True)) if bm == 16 or not folded]
+                   for paired in (False, True)]
 _PREFILL_CONFIGS = [
     _config(bm, bn, 128, 1, warps, stages, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
@@ -322,36 +319,6 @@ def _paired_dots(a, words, zero, acc, SYMMETRIC: tl.constexpr, SWAP_AB: tl.const
 
 
 @triton.jit
-def _paired_dots_folded(a, words, zero, acc, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """u·Σ x·(q - z) over one K tile (u = `top_code_unit`) in four dots of the codes as unpacked,
-    u·(16 + q), less u·(16 + z)·Σx once per row and column.
-
-    Dot j takes x's columns 8r + j, 8r + j + 4 (r = 0, 1, ...) in that order: the two codes one
-    mask-and-or puts in a 32-bit register are then neighbours in K, as the MMA operand holds them,
-    and no subtraction sits between: the compiler hands the unpacked register to the tensor cores.
-    sm_90, 16-row tiles: 3.6 SASS instructions per code against 4.4 (16x128x128 swapped;
-    mma_sass_sm90.md); with 64 rows the correction's float32 work outweighs what it saves.
-    """
-    a_even_j, a_odd_j = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 8, 2, 2, 2)))  # k = 8r + 4h + 2b + c
-    a0, a2 = tl.split(a_even_j)
-    a1, a3 = tl.split(a_odd_j)
-    x_cols = (a0, a1, a2, a3)  # j = 0..3: [BLOCK_M, BLOCK_K / 8, 2], columns j and j + 4 of each word row
-    tile = tl.zeros_like(acc)
-    for j in tl.static_range(4):
-        low, high = paired_codes(words, j, a.dtype, ON_TOP=True)
-        w = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
-        tile = _mma_add(tile, tl.reshape(x_cols[j], (BLOCK_M, BLOCK_K // 4)), w, SWAP_AB)
-    offset = 16.0 + zero.to(tl.float32)
-    x_sums = tl.sum(a.to(tl.float32), axis=1) * top_code_unit(a.dtype)
-    if SWAP_AB:
-        tile -= offset[:, None] * x_sums[None, :]
-    else:
-        tile -= x_sums[:, None] * offset[None, :]
-    return tile
-
-
-@triton.jit
 def _mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
@@ -359,7 +326,7 @@ def _mma_kernel(
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False, FOLDED_ZERO: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False,
 ):
     """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP).
 
@@ -367,8 +334,7 @@ def _mma_kernel(
     tensor whose reshape to [BLOCK_K, BLOCK_N] costs a layout conversion through shared memory.
     PAIRED_DOTS skips the reshape: eight dots per K tile, dot j pairing code j of every word row
     with x's columns j, j + 8, j + 16, ... (split from x's tile in registers), and the codes
-    unpacked two at a time in 16-bit halves (`int4_unpack.paired_codes`). FOLDED_ZERO (with
-    PAIRED_DOTS) moves the zero point out of the dots: see `_paired_dots_folded`.
+    unpacked two at a time in 16-bit halves (`int4_unpack.paired_codes`).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -408,11 +374,7 @@ def _mma_kernel(
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_mask, other=0).to(tl.int32)
         a = tl.load(x_ptrs + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         if PAIRED_DOTS:
-            if FOLDED_ZERO:
-                tile = _paired_dots_folded(a, words, zero, acc, SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K)
-                scale = scale * (1.0 / top_code_unit(x_ptr.dtype.element_ty))  # a power of two: exact
-            else:
-                tile = _paired_dots(a, words, zero, acc, SYMMETRIC, SWAP_AB, BLOCK_M, BLOCK_K)
+            tile = _paired_dots(a, words, zero, acc, SYMMETRIC, SWAP_AB, BLOCK_M, BLOCK_K)
             if SWAP_AB:
                 acc += scale[:, None] * tile
             else:
@@ -503,7 +465,6 @@ def _describe(config: triton.Config) -> str:
     """A config as the benchmark tables name it, e.g. "16x128x128 split 4 swap paired"."""
     kw = config.kwargs
     flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("paired", kw.get("PAIRED_DOTS")),
-                                   ("folded", kw.get("FOLDED_ZERO")),
                                    ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS")),
                                    ("prefetch", kw.get("PREFETCH"))) if on]
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
