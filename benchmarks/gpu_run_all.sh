@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -65,7 +65,10 @@ print(k.markdown_table(r))" ;;
                      python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
+        # One decoder block between CPU and GPU memory, by method (gpu_block_transfer.py).
+        transfer) step transfer "${T_TRANSFER:-120}" python3 "$here/benchmarks/gpu_block_transfer.py" \
+                      --out "$out/gpu_block_transfer" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points transfer vq)"; exit 2 ;;
     esac
 done
