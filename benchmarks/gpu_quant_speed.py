@@ -71,7 +71,7 @@ def _breakdown_targets() -> list[tuple[object, str]]:
 
     return [
         (SequentialQuantizer, "_capture_first_block_inputs"),
-        (torch.nn.Module, "to"),  # in the run: each block to the GPU and back
+        (torch.nn.Module, "to"),  # in the run: each block to the GPU (the copies back, block_memory.py, untimed)
         (SequentialQuantizer, "_forward_all"),
         (HessianStats, "add"),
         (SequentialQuantizer, "_solve"),

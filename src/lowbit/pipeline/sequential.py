@@ -41,6 +41,7 @@ from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.models.architectures import Architecture
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs
+from lowbit.pipeline.block_memory import on_device
 from lowbit.pipeline.shortcuts import ParentShortcut, free_memory_bytes, shortcuts_for
 from lowbit.solvers.base import Solver
 from lowbit.transforms.base import MAX_INPUT_SAMPLES, BlockTransform, SharedInput
@@ -174,15 +175,14 @@ class SequentialQuantizer:
             needs_data = self.transforms or static or any(group.needs_hessian for group in groups)
             if needs_data and inputs is None:
                 raise ValueError("the chosen method needs calibration data; pass --calib")
-            block.to(self.device)
-            if inputs is None:
-                for group in groups:
-                    self._solve(group)
-            else:
-                for transform in self.transforms:
-                    transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
-                inputs = self._quantize_block(block, groups, inputs)
-            block.to("cpu")
+            with on_device(block, self.device):
+                if inputs is None:
+                    for group in groups:
+                        self._solve(group)
+                else:
+                    for transform in self.transforms:
+                        transform.apply(self._shared_inputs(block, f"{self.architecture.blocks}.{index}", inputs))
+                    inputs = self._quantize_block(block, groups, inputs)
             for hook in self.hooks:
                 hook.after_block(index, block, None if inputs is None else inputs.hidden)
             progress.update()
