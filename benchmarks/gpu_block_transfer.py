@@ -12,12 +12,16 @@ run, for 436 MB each way. This times, on one random bf16 block (medians of --rep
     alone, to see whether the copy hides behind the compute.
 
     python benchmarks/gpu_block_transfer.py --out benchmarks/results/gpu_block_transfer_h200
+
+With THP_MEM_ALLOC_ENABLE=1 in the environment torch's CPU allocator asks for transparent huge
+pages for large tensors, which the table header records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -99,7 +103,8 @@ def main() -> None:
     }
     device = torch.cuda.get_device_name()
     lines = [f"Moving one random bf16 Llama-3-8B-shaped decoder block ({megabytes:.0f} MB) on {device} "
-             f"(torch {torch.__version__}); median seconds of {args.repeats}.", "",
+             f"(torch {torch.__version__}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}); "
+             f"median seconds of {args.repeats}.", "",
              "| what | seconds | GB/s |", "|---|---:|---:|"]
     for name, value in rows.items():
         rate = "" if "alone" in name or "while" in name else f"{megabytes / 1e3 / value:.1f}"

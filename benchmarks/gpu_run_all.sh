@@ -65,9 +65,12 @@ print(k.markdown_table(r))" ;;
                      python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
-        # One decoder block between CPU and GPU memory, by method (gpu_block_transfer.py).
+        # One decoder block between CPU and GPU memory, by method (gpu_block_transfer.py); again with
+        # torch's CPU allocator asking for transparent huge pages (fewer page faults in new memory).
         transfer) step transfer "${T_TRANSFER:-120}" python3 "$here/benchmarks/gpu_block_transfer.py" \
-                      --out "$out/gpu_block_transfer" ;;
+                      --out "$out/gpu_block_transfer"
+                  step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
+                      python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
         *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points transfer vq)"; exit 2 ;;
     esac
