@@ -27,6 +27,8 @@ TABLES = {  # results file -> heading in the README
     "speed_vs_llmcompressor.md": "Quantization time vs llm-compressor (`python benchmarks/speed_vs_llmcompressor.py`)",
     "gpu_quant_speed.md": "GPTQ on a Llama-3-8B-shaped model, one H100 (`python benchmarks/gpu_quant_speed.py`)",
     "gpu_quant_speed_vs_llmcompressor.md": "GPU GPTQ time vs llm-compressor (`python benchmarks/gpu_quant_speed.py`)",
+    "gpu_quant_speed_h200_block_memory.md": "GPTQ on a Llama-3-8B-shaped model, one H200, with and without the "
+    "pipeline's shortcuts (`python benchmarks/gpu_quant_speed.py --without-shortcuts`)",
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
     "gpu_kernels_h200.md": "W4A16 matmul on one H200, all shapes in one call, FBGEMM installed "
     "(`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
