@@ -332,6 +332,23 @@ def test_tuned_config_is_recorded_after_a_call():
         assert wt.tuned_config(m, packed).startswith("1x" if m == 1 else "16x")
 
 
+def test_split_counts_that_do_not_divide_k_become_the_nearest_that_do():
+    """Split-K spans whole groups: at 112 groups (K = 14336) split 32 becomes 28, at 148 (K = 18944)
+    it becomes 37 and 8 and 16 fall back to 4; every kept config divides K's groups."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import w4a16_triton as wt
+
+    def splits(k: int) -> list[int]:
+        kept = wt._prune(wt._GEMV_CONFIGS, {"M_BUCKET": 1, "N": 4096, "K": k, "GROUP": 128})
+        assert all((k // 128) % config.kwargs["SPLIT_K"] == 0 for config in kept)
+        assert all(config.kwargs["SPLIT"] == (config.kwargs["SPLIT_K"] > 1) for config in kept)
+        return sorted({config.kwargs["SPLIT_K"] for config in kept})
+
+    assert splits(4096) == [1, 2, 4, 8, 16, 32]
+    assert splits(14336) == [1, 2, 4, 8, 16, 28]
+    assert splits(18944) == [1, 2, 4, 37]
+
+
 def test_kernels_in_the_interpreter():
     """The M > 1 kernel (reshaped tile and PAIRED_DOTS in bf16 and fp16, plain and swapped) and the GEMV (both
     unpacks, with and without split-K, K tiles smaller than the group) on CPU through
@@ -371,6 +388,16 @@ def test_kernels_in_the_interpreter():
         "            # The biased unpack's sums carry up to 2^11 x the codes (see _biased_code): 1e-4 here,\n"
         "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"
         "            assert error < (5e-4 if biased else 1e-5), (biased, split, error)\n"
+        # A split count that is no power of two (what _prune makes of one that does not divide K).
+        "qweight = quantized(48, 384, IntegerFormat(4, symmetric=False, group_size=128), seed=4)\n"
+        "packed, x = pack_quantized_weight(qweight), torch.randn(5, 384)\n"
+        "ref = x @ qweight.dequantize().T\n"
+        "out = torch.full((1, 48), float('nan'))\n"
+        "_run_config(wt._gemv_kernel, x[:1], packed, 1, 16, 32, 3, False, out)\n"
+        "assert float((out - ref[:1]).norm() / ref[:1].norm()) < 1e-5\n"
+        "out = torch.full((5, 48), float('nan'))\n"
+        "_run_config(wt._mma_kernel, x, packed, 16, 16, 128, 3, False, out)\n"
+        "assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3), (out - ref).abs().max()\n"
         "import triton.language as tl\n"
         "from tests.triton_probes import paired_codes_probe\n"
         "codes = torch.randint(0, 16, (64, 8))\n"

@@ -128,7 +128,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
     Tensor-core tiles take the largest K tile (128, 64, 32) that divides the group, so a tile needs
     one row of scales; the GEMV's K tiles may be smaller but must divide the group too, and its
-    split-K spans whole groups (it applies scales once per group).
+    split-K spans whole groups (it applies scales once per group). A split count that does not
+    divide K's spans becomes the nearest one that does: an MLP's K often has an odd factor (14336
+    = 112 groups of 128, 18944 = 148), where the powers of two above 16 (or 4) would otherwise all
+    drop out, and with them the wide GEMV tiles' only way to fill the GPU on a narrow N.
     """
     args = {**named_args, **kwargs}
     m, n, k, group = args["M_BUCKET"], args["N"], args["K"], args["GROUP"]
@@ -140,6 +143,9 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
         if bm > 1 or group % kw["BLOCK_K"]:
             kw["BLOCK_K"] = group_tile
         span = group if bm == 1 else kw["BLOCK_K"]
+        if k % span == 0 and (k // span) % split:
+            split = _nearest_divisor(k // span, split)
+            kw["SPLIT_K"], kw["SPLIT"] = split, split > 1
         if k % (span * split) or (kw.get("PAIRED_DOTS") and kw["BLOCK_K"] < PAIRED_MIN_K):
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
@@ -152,6 +158,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             seen.add(ident)
             kept.append(triton.Config(kw, num_warps=config.num_warps, num_stages=config.num_stages))
     return kept
+
+
+def _nearest_divisor(count: int, wanted: int) -> int:
+    """The divisor of `count` closest to `wanted` (the smaller of two as close)."""
+    return min((d for d in range(1, count + 1) if count % d == 0), key=lambda d: (abs(d - wanted), d))
 
 
 @triton.jit
