@@ -8,8 +8,10 @@ For each linear shape of Llama-3-8B / 70B and each batch M, on the same GPU in o
     and FBGEMM's CUTLASS kernel (each when installed); the table names the path. For the
     asymmetric weight the fused kernels, GemLite and FBGEMM are also timed on their own, so the
     choice can be checked;
-  * the int4 roofline: the bytes an asymmetric matmul must move (codes, scales, zero points, x, y)
-    over the device-to-device copy bandwidth measured at the start of the run.
+  * the int4 roofline: the bytes an asymmetric matmul must move (4-bit codes, scales, zero points
+    at one byte each, x, y) over the device-to-device copy bandwidth measured at the start of the
+    run. The zero points count one byte whatever the layout holds (it keeps them in the scales'
+    dtype, int4_pack.py), so a layout's choice does not move the bar it is measured against.
 Times come from CUDA graph replays of back-to-back calls, each call on its own copy of the weight
 (the copies together at least ROTATE_BYTES, five times an H100's L2): launch overhead stays out, as
 in a graph-captured decode loop, and every call reads its weight from device memory. Every
@@ -195,7 +197,9 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                 row["torch_int4_us"] = _graph_us([
                     lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], group_size, w[1]) for w in int4_copies])
                 del int4_copies
-            moved = packed["asym"].nbytes() + 2 * (x.numel() + m * n)
+            layout = packed["asym"]
+            moved = (layout.qweight.numel() * 4 + layout.scales.numel() * layout.scales.element_size()
+                     + layout.zeros.numel() + 2 * (x.numel() + m * n))
             row["roofline_us"] = 1e6 * moved / bandwidth
             rows.append(row)
         del packed, dense, int4
