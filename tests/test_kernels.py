@@ -332,6 +332,26 @@ def test_tuned_config_is_recorded_after_a_call():
         assert wt.tuned_config(m, packed).startswith("1x" if m == 1 else "16x")
 
 
+@gpu
+@pytest.mark.parametrize("m, block_m, block_n, block_k, unpack", [(1, 1, 512, 32, "f16"), (1, 1, 64, 128, "biased"),
+                                                                  (16, 16, 64, 128, "paired")])
+def test_a_split_count_that_is_no_power_of_two_matches_the_reference(m, block_m, block_n, block_k, unpack):
+    """What _prune makes of a split that does not divide K's groups (three groups, split 3)."""
+    from lowbit.kernels import w4a16_triton as wt
+
+    n, k = 320, 384
+    qweight = quantized(n, k, IntegerFormat(4, symmetric=False, group_size=128), seed=70 + m)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
+    ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, 3, False, out,
+                               biased=unpack == "biased", paired=unpack == "paired", f16=unpack == "f16")
+    torch.cuda.synchronize()
+    assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
+    assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
+
+
 def test_split_counts_that_do_not_divide_k_become_the_nearest_that_do():
     """Split-K spans whole groups: at 112 groups (K = 14336) split 32 becomes 28, at 148 (K = 18944)
     it becomes 37 and 8 and 16 fall back to 4; every kept config divides K's groups."""
