@@ -158,7 +158,8 @@ def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int,
 def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"GPTQ int4 asym g128 of a random Llama-3-8B-shaped model, {meta['samples']}x{meta['seq_len']} "
-             f"calibration tokens, on {meta['device']} (torch {meta['torch']}).", "",
+             f"calibration tokens, on {meta['device']} (torch {meta['torch']}"
+             + (f", THP_MEM_ALLOC_ENABLE={meta['thp']}" if meta.get("thp") else "") + ").", "",
              "| tool | decoder layers | batch | seconds | seconds / layer | peak GPU GB |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         if "error" in r:
@@ -215,7 +216,8 @@ def main() -> None:
         runs.insert(0, run_peer(args.peer_layers, tokens, args.peer_path, 1, args.peer_timeout))
     print(json.dumps(runs[0]))
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "samples": args.samples,
-                       "seq_len": args.seq_len, "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
+                       "seq_len": args.seq_len, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+                       "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
     if args.peer_layers and "error" not in runs[0]:
         same = next(r for r in runs[1:] if r["layers"] == args.peer_layers and r["tool"] == "lowbit")
         result["ratio_per_layer"] = runs[0]["seconds"] / same["seconds"]

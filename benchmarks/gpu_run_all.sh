@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_thp ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -53,6 +53,10 @@ print(k.markdown_table(r))" ;;
         # The 32 layers with and without the pipeline's shortcuts (pipeline/shortcuts.py), same call.
         quant_shortcuts) step quant_shortcuts "${T_QUANT32:-300}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 \
                              --without-shortcuts --out "$out/gpu_quant_speed_shortcuts" ;;
+        # The same 32 layers with torch's CPU allocator asking for transparent huge pages: the codes'
+        # copies to new host memory fault less (gpu_block_transfer_thp_h200_round7.md).
+        quant_thp) step quant_thp "${T_QUANT32:-200}" env THP_MEM_ALLOC_ENABLE=1 python3 "$here/benchmarks/gpu_quant_speed.py" \
+                       --layers 32 --out "$out/gpu_quant_speed_thp" ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
@@ -72,6 +76,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts ranges profile zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_thp ranges profile zero_points transfer vq)"; exit 2 ;;
     esac
 done
