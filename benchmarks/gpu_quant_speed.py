@@ -84,11 +84,14 @@ def _breakdown_targets() -> list[tuple[object, str]]:
 
 
 class BlockClock:
-    """Synchronised wall time of each block (hooks of SequentialQuantizer): the first includes compiles."""
+    """Synchronised wall time of each block (hooks of SequentialQuantizer): the first includes compiles,
+    so the stage timers' `totals` are also kept as they stood after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, totals: dict[str, float]) -> None:
         self.seconds: list[float] = []
         self.start = 0.0
+        self.totals = totals
+        self.after_first: dict[str, float] = {}
 
     def before_block(self, index: int, block: torch.nn.Module) -> None:
         torch.cuda.synchronize()
@@ -97,6 +100,8 @@ class BlockClock:
     def after_block(self, index: int, block: torch.nn.Module, hidden) -> None:
         torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self.start)
+        if index == 0:
+            self.after_first = dict(self.totals)
 
 
 def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bool, ranges: bool = False,
@@ -110,7 +115,7 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
         errors.append(qweight.metadata["hessian_error"])
 
     totals: dict[str, float] = defaultdict(float)
-    clock = BlockClock()
+    clock = BlockClock(totals)
     if breakdown:
         for owner, name in _breakdown_targets():
             timed(owner, name, totals)
@@ -131,6 +136,8 @@ def run_lowbit(layers: int, tokens: torch.Tensor, batch_size: int, breakdown: bo
     return {"tool": tool, "seconds": seconds, "layers": layers, "quantized_linears": count,
             "peak_gpu_GB": torch.cuda.max_memory_allocated() / 1e9, "batch_size": batch_size,
             "breakdown_seconds": dict(totals) if breakdown else None,
+            "breakdown_seconds_after_first_block": {k: v - clock.after_first.get(k, 0.0) for k, v in totals.items()}
+            if breakdown else None,
             "block_seconds": clock.seconds if breakdown else None}
 
 
@@ -174,6 +181,9 @@ def markdown(result: dict) -> str:
             lines.append(f"\nlowbit ({r['layers']} layers), seconds per block: {blocks}.")
             lines.append(f"\nlowbit ({r['layers']} layers), synchronised timers (nested: a forward includes its "
                          f"Hessian adds, a group solve includes GPTQ.solve): {parts}.")
+            if r.get("breakdown_seconds_after_first_block"):
+                steady = ", ".join(f"{k} {v:.1f} s" for k, v in r["breakdown_seconds_after_first_block"].items())
+                lines.append(f"\nThe same timers over the blocks after the first (no compiles): {steady}.")
     if result.get("ratio_per_layer"):
         lines.append(f"\nllm-compressor / lowbit, seconds per layer on the same layers: {result['ratio_per_layer']:.1f}x")
     return "\n".join(lines) + "\n"
