@@ -231,25 +231,28 @@ def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards.
     `variant`: PAIRED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
-    from lowbit.kernels import w4a16_triton as wt
-
-    n, k = 320, 1024
-    kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
     paired, prefetch = (False, variant) if m == 1 else (variant, False)
     for call in range(3):
-        qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=10 * m + call)
-        packed = pack_quantized_weight(qweight).to("cuda")
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out,
-                                   biased=unpack == "biased", paired=paired, prefetch=prefetch, f16=unpack == "f16")
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all(), "some outputs were never written"
-        ref = x.double() @ qweight.dequantize().double().cuda().T
-        assert relative_error(out, ref) < 1e-2
-        assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
+        _check_one_launch(m, 1024, block_m, block_n, block_k, split, swap, symmetric, seed=10 * m + call,
+                          biased=unpack == "biased", paired=paired, prefetch=prefetch, f16=unpack == "f16")
 
 
+def _check_one_launch(m, k, block_m, block_n, block_k, split, swap, symmetric, seed, **switches):
+    """One launch of a fixed config on a fresh [320, k] weight into a NaN-poisoned bf16 output: every
+    element written, within bf16's bound of float64, and the split-K workspace left zero."""
+    from lowbit.kernels import w4a16_triton as wt
+
+    n = 320  # not a multiple of any N tile: the masked edge is exercised
+    qweight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=seed)
+    packed = pack_quantized_weight(qweight).to("cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
+    ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, **switches)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
+    assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
 
 
 @pytest.mark.parametrize("paired", [False, True], ids=["tile", "paired-dots"])
@@ -337,19 +340,8 @@ def test_tuned_config_is_recorded_after_a_call():
                                                                   (16, 16, 64, 128, "paired")])
 def test_a_split_count_that_is_no_power_of_two_matches_the_reference(m, block_m, block_n, block_k, unpack):
     """What _prune makes of a split that does not divide K's groups (three groups, split 3)."""
-    from lowbit.kernels import w4a16_triton as wt
-
-    n, k = 320, 384
-    qweight = quantized(n, k, IntegerFormat(4, symmetric=False, group_size=128), seed=70 + m)
-    packed = pack_quantized_weight(qweight).to("cuda")
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-    kernel = wt._gemv_kernel if m == 1 else wt._mma_kernel
-    ws, counters = _run_config(kernel, x, packed, block_m, block_n, block_k, 3, False, out,
-                               biased=unpack == "biased", paired=unpack == "paired", f16=unpack == "f16")
-    torch.cuda.synchronize()
-    assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
-    assert not ws.any() and not counters.any(), "split-K workspace not reset to zero"
+    _check_one_launch(m, 384, block_m, block_n, block_k, 3, False, symmetric=False, seed=70 + m,
+                      biased=unpack == "biased", paired=unpack == "paired", f16=unpack == "f16")
 
 
 def test_split_counts_that_do_not_divide_k_become_the_nearest_that_do():
@@ -405,7 +397,7 @@ def test_kernels_in_the_interpreter():
         "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased,\n"
         "                        prefetch=prefetch)\n"
         "            error = float((out - ref[:1]).norm() / ref[:1].norm())\n"
-        "            # The biased unpack's sums carry up to 2^11 x the codes (see _biased_code): 1e-4 here,\n"
+        "            # The biased unpack's sums carry up to 2^11 x the codes (see int4_unpack.biased_code): 1e-4 here,\n"
         "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"
         "            assert error < (5e-4 if biased else 1e-5), (biased, split, error)\n"
         # A split count that is no power of two (what _prune makes of one that does not divide K).

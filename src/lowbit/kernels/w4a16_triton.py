@@ -550,7 +550,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *buffers, staging(x.device, n, k), *sizes, **common)
     else:
-        kernel = _decode if m <= DECODE_MAX_M else _prefill
+        kernel = _autotuned(m)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         kernel[grid](*buffers, *sizes, **common)
     return out
