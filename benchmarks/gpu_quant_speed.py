@@ -28,8 +28,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# What the user exported, before lowbit's import adds its default: the peer runs under this.
+USER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
+import lowbit  # noqa: E402  (first, as in the CLI: it asks torch's CPU allocator for huge pages)
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_model import llama3_8b_config, random_model  # noqa: E402
@@ -147,6 +150,9 @@ def run_peer(layers: int, tokens: torch.Tensor, peer_path: str, batch_size: int,
         path = os.path.join(tmp, "tokens.pt")
         torch.save(tokens, path)
         env = {**os.environ, "PYTHONPATH": peer_path, "PYTHONUNBUFFERED": "1"}
+        env.pop("THP_MEM_ALLOC_ENABLE")
+        if USER_THP is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = USER_THP
         command = [sys.executable, str(ROOT / "benchmarks" / "peers" / "llmcompressor_gpu.py"),
                    "--layers", str(layers), "--tokens", path, "--batch-size", str(batch_size)]
         start = time.perf_counter()
@@ -166,7 +172,10 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [f"GPTQ int4 asym g128 of a random Llama-3-8B-shaped model, {meta['samples']}x{meta['seq_len']} "
              f"calibration tokens, on {meta['device']} (torch {meta['torch']}"
-             + (f", THP_MEM_ALLOC_ENABLE={meta['thp']}" if meta.get("thp") else "") + ").", "",
+             + (f", THP_MEM_ALLOC_ENABLE={meta['thp']}" if meta.get("thp") else "")
+             + (f" for lowbit, {meta['peer_thp'] or 'unset'} for llm-compressor"
+                if "peer_thp" in meta and any(r["tool"] == "llm-compressor" for r in result["runs"]) else "")
+             + ").", "",
              "| tool | decoder layers | batch | seconds | seconds / layer | peak GPU GB |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         if "error" in r:
@@ -225,8 +234,9 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         runs.insert(0, run_peer(args.peer_layers, tokens, args.peer_path, 1, args.peer_timeout))
     print(json.dumps(runs[0]))
-    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "samples": args.samples,
-                       "seq_len": args.seq_len, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "lowbit": lowbit.__version__,
+                       "samples": args.samples,
+                       "seq_len": args.seq_len, "thp": os.environ.get("THP_MEM_ALLOC_ENABLE"), "peer_thp": USER_THP,
                        "date": time.strftime("%Y-%m-%d %H:%M")}, "runs": runs}
     if args.peer_layers and "error" not in runs[0]:
         same = next(r for r in runs[1:] if r["layers"] == args.peer_layers and r["tool"] == "lowbit")
