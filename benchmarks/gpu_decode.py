@@ -5,7 +5,9 @@ Every decoder Linear is rounded to int4 asymmetric group 128 (RTN) and, for the 
 by its dequantized value, so both models compute the same function; the int4 run swaps those
 Linears for QuantLinear (packed codes, W4A16 Triton kernels). Embedding and lm_head stay bf16 in
 both. Decoding is lowbit.generate.StaticDecoder: a static KV cache and one CUDA graph per token
-step; a prompt of --prompt random tokens, then --new greedy tokens timed (synchronised wall clock).
+step, with the element-wise work between matmuls fused (decode_ops) or run as the modules
+(--steps, both by default); a prompt of --prompt random tokens, then --new greedy tokens timed
+(synchronised wall clock).
 Accuracy check: the logits at the end of the prompt from a float32 copy of the same (dequantized)
 model are the reference; the int4 model's relative error must stay within 1.5x the bf16 model's
 (random weights amplify rounding through 32 layers, so both errors are percent-level and only
@@ -78,7 +80,7 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     reference = copy.deepcopy(model).float()
     logits = {}
     for b in batches:
-        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1)
+        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1, fuse=False)  # transformers' arithmetic
         decoder.prefill(prompt[:b])
         logits[b] = decoder.logits.double()
     del reference, decoder
@@ -86,8 +88,10 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     return logits
 
 
-def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False) -> dict:
-    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge)
+def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
+                fuse: bool = True) -> dict:
+    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse)
+    assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
     decoder.prefill(prompt[:batch])
     logits = decoder.logits.clone()
@@ -104,20 +108,26 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
 
 def markdown(result: dict) -> str:
     meta = result["meta"]
+    steps = any("step" in row for row in result["rows"])  # files from before the fused step have one kind
     lines = [f"Greedy decode of a random Llama-3-8B-shaped model ({meta['layers']} layers), prompt {meta['prompt']} "
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
              "embedding and lm_head bf16 in both."
-             + (" q/k/v and gate/up merged into one matmul each, in both." if meta.get("merged_projections") else ""),
+             + (" q/k/v and gate/up merged into one matmul each, in both." if meta.get("merged_projections") else "")
+             + (" Step: `modules` runs the model's norms, rotary embedding and MLP activation as transformers does; "
+                "`fused` runs them through lowbit.kernels.decode_ops (each residual add with the norm after it, "
+                "rotary embedding with the cache write, SiLU with the product, one launch each)." if steps else ""),
              "",
-             "| batch | bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | int4 ms/step | "
-             f"bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | same greedy tokens |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| batch |" + (" step |" if steps else "") + " bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | "
+             f"int4 ms/step | bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | "
+             "same greedy tokens |",
+             "|---:|" + ("---|" if steps else "") + "---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     if meta.get("paths"):
         lines.insert(1, "Matmul paths the dispatcher chose (M bucket, N x K): " + "; ".join(meta["paths"]) + ".")
         lines.insert(1, "")
     for row in result["rows"]:
-        lines.append(f"| {row['batch']} | {row['bf16']['tokens_per_s']:.0f} | {row['int4']['tokens_per_s']:.0f} | "
+        lines.append(f"| {row['batch']} | " + (f"{row['step']} | " if steps else "")
+                     + f"{row['bf16']['tokens_per_s']:.0f} | {row['int4']['tokens_per_s']:.0f} | "
                      f"{row['int4']['tokens_per_s'] / row['bf16']['tokens_per_s']:.2f}x | "
                      f"{row['bf16']['ms_per_step']:.2f} | {row['int4']['ms_per_step']:.2f} | "
                      f"{row['bf16_logits_err']:.1e} | {row['int4_logits_err']:.1e} | "
@@ -136,6 +146,8 @@ def main() -> None:
                         help="W4A16 matmul paths the dispatcher may choose among (default all available)")
     parser.add_argument("--merge", action="store_true",
                         help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run")
+    parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
+                        help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)); each in the same call")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -148,20 +160,21 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
     reference = float32_logits(model, prompt, args.batches)
-    bf16 = {b: time_decode(model, b, prompt, args.new, args.merge) for b in args.batches}
+    cases = [(b, step) for b in args.batches for step in args.steps]
+    bf16 = {case: time_decode(model, case[0], prompt, args.new, args.merge, case[1] == "fused") for case in cases}
     swap(model, packed)
     rows = []
-    for b in args.batches:
-        int4 = time_decode(model, b, prompt, args.new, args.merge)
+    for b, step in cases:
+        int4 = time_decode(model, b, prompt, args.new, args.merge, step == "fused")
         errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
-                  for kind, run in (("bf16", bf16[b]), ("int4", int4))}
+                  for kind, run in (("bf16", bf16[b, step]), ("int4", int4))}
         if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
-            print(f"batch {b}: int4 logits error {errors['int4']:.2e} exceeds {MAX_ERROR_RATIO} x bf16's "
-                  f"{errors['bf16']:.2e}", flush=True)
-        same = float((int4["tokens"] == bf16[b]["tokens"]).float().mean())
+            print(f"batch {b}, {step} step: int4 logits error {errors['int4']:.2e} exceeds {MAX_ERROR_RATIO} x "
+                  f"bf16's {errors['bf16']:.2e}", flush=True)
+        same = float((int4["tokens"] == bf16[b, step]["tokens"]).float().mean())
         strip = lambda r: {k: v for k, v in r.items() if k not in ("logits", "tokens")}  # noqa: E731
-        rows.append({"batch": b, "bf16": strip(bf16[b]), "int4": strip(int4), "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"],
-                     "same_tokens": same})
+        rows.append({"batch": b, "step": step, "bf16": strip(bf16[b, step]), "int4": strip(int4),
+                     "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"], "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
                        "merged_projections": args.merge,

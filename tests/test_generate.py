@@ -91,3 +91,46 @@ def test_merge_linears_refuses_what_cannot_share_one_matmul():
     merged = merge_linears([q, QuantLinear.from_quantized(quantized(8, 64, fmt, seed=1))])
     x = torch.randn(3, 64)
     assert merged.out_features == 24 and torch.allclose(merged(x)[:, :16], q(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge", [False, True])
+def test_fused_step_is_the_module_step_bit_for_bit_off_gpu(dtype, merge):
+    """Off CUDA, decode_ops runs the modules' own torch arithmetic: the fused step (adds fused with
+    the next norm, the rotary products and cache writes in one call) gives the same bits."""
+    model = tiny_llama(seed=4, tie=False).to(dtype)
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    fused, modules = (StaticDecoder(model, batch=2, max_len=12, merge_projections=merge, fuse=f) for f in (True, False))
+    assert fused.fused and not modules.fused
+    for decoder in (fused, modules):
+        decoder.prefill(prompt)
+    assert torch.equal(fused.logits, modules.logits)
+    assert all(torch.equal(a, b) for a, b in zip(fused.keys + fused.values, modules.keys + modules.values))
+    assert torch.equal(fused.decode(4), modules.decode(4))
+
+
+def test_models_whose_norms_decode_ops_does_not_reproduce_run_through_their_modules():
+    class ScaledNorm(nn.Module):  # not LlamaRMSNorm's arithmetic
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(size)), 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x * self.weight
+
+    model = tiny_llama(seed=5, tie=False)
+    model.model.norm = ScaledNorm(64)
+    decoder = StaticDecoder(model, batch=1, max_len=8)
+    assert not decoder.fused
+    prompt = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3))
+    decoder.prefill(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.logits, model(prompt).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_with_per_head_norms_is_refused():
+    model = tiny_llama(seed=5, tie=False)
+    for layer in model.model.layers:
+        layer.self_attn.q_norm = nn.Identity()
+    with pytest.raises(DecodeError, match="Qwen3-style"):
+        StaticDecoder(model, batch=1, max_len=8)

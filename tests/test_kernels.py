@@ -223,7 +223,8 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
      (1, 1, 512, 32, 8, False, "f16"), (1, 1, 512, 64, 1, False, "f16"), (1, 1, 1024, 32, 2, False, "f16"),
      (1, 1, 1024, 64, 4, False, "f16"), (1, 1, 2048, 32, 1, False, "f16"),
      (7, 16, 64, 128, 1, False, None), (7, 16, 64, 128, 4, False, None), (7, 16, 128, 128, 2, True, None),
-     (16, 16, 64, 128, 8, True, None), (50, 64, 64, 128, 2, False, None), (50, 64, 128, 128, 4, True, None)],
+     (16, 16, 64, 128, 8, True, None), (50, 64, 64, 128, 2, False, None), (50, 64, 128, 128, 4, True, None),
+     (100, 64, 256, 128, 1, True, None), (300, 128, 128, 128, 1, True, None)],  # large-M tiles, swapped
 )
 @pytest.mark.parametrize("variant", [False, True], ids=["plain", "paired-dots-or-prefetch"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(

@@ -5,8 +5,10 @@ model's step is ~5 ms of GPU work but several times that of Python and kernel la
 mode. Every tensor here has a fixed shape (the cache holds `max_len` positions; attention masks
 the unwritten ones), and the step reads its token ids and position from device buffers and writes
 the next ones back, so a whole step can be captured once as a CUDA graph and replayed per token.
-It drives the model's own modules (embedding, norms, rotary embedding, projections, MLP), so
-QuantLinear or nn.Linear layers run unchanged; it works on CPU too (without the graph).
+It drives the model's own modules (embedding, rotary embedding, projections), so QuantLinear or
+nn.Linear layers run unchanged; the residual adds, norms, rotary products, cache writes and SiLU·up
+between them run as one launch each (kernels/decode_ops.py) where the model's norms and activation
+are the ones those reproduce, and as the modules otherwise. It works on CPU too (without the graph).
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lowbit.kernels import decode_ops
 from lowbit.modules.merge import merge_linears
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+"""Norm classes computing LlamaRMSNorm's arithmetic, which `decode_ops` reproduces."""
+SILUS = frozenset({"SiLU", "SiLUActivation"})
 
 
 class DecodeError(ValueError):
@@ -26,12 +33,18 @@ class DecodeError(ValueError):
 class StaticDecoder:
     """Greedy decoder for a `LlamaForCausalLM`-shaped model with a [batch, max_len] static KV cache."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = False) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = False,
+                 fuse: bool = True) -> None:
         """`merge_projections`: run each layer's q/k/v and gate/up projections as one matmul each
-        (modules/merge.py), holding merged copies of those weights beside the model's own."""
+        (modules/merge.py), holding merged copies of those weights beside the model's own.
+        `fuse`: the element-wise work between matmuls through decode_ops where the model allows
+        (`fused` says whether it does); False runs every module as transformers would."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
+        if any(hasattr(layer.self_attn, "q_norm") for layer in inner.layers):
+            raise DecodeError(f"{type(model).__name__} normalises q and k per head (Qwen3-style); this decoder "
+                              "runs Llama-style attention only: use model.generate")
         config = model.config
         self.model, self.inner = model, inner
         self.heads = config.num_attention_heads
@@ -49,6 +62,7 @@ class StaticDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._qkv_sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self._merged = [self._merge(layer) if merge_projections else (None, None) for layer in inner.layers]
+        self.fused = fuse and _fusable(inner)
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -65,30 +79,64 @@ class StaticDecoder:
         hidden = self.inner.embed_tokens(self.ids)  # [B, 1, H]
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
         visible = (self._positions <= self.pos).view(1, 1, 1, self.max_len)
+        normed = (self._fused_layers if self.fused else self._module_layers)(hidden, cos, sin, visible)
+        self.logits.copy_(self.model.lm_head(normed)[:, 0].float())
+        self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
+        self.pos += 1
+
+    def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if qkv is not None:
+            return qkv(x).split(self._qkv_sizes, dim=-1)
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """q [B, heads, 1, D] over the cache's visible positions -> [B, 1, heads·D]."""
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+        return out.transpose(1, 2).reshape(self.batch, 1, -1)
+
+    def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+
+    def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       visible: torch.Tensor) -> torch.Tensor:
+        """The decoder layers through the model's own modules; returns the final norm of the last hidden state."""
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            if qkv is not None:
-                q, k, v = qkv(x).split(self._qkv_sizes, dim=-1)
-            else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = self._projections(attn, qkv, layer.input_layernorm(hidden))
             q = q.reshape(self.batch, 1, self.heads, self.head_dim).transpose(1, 2)
             k = k.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys.index_copy_(2, self.pos, k)
             values.index_copy_(2, self.pos, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(self.batch, 1, -1))
+            hidden = hidden + attn.o_proj(self._attend(q, keys, values, visible))
             x = layer.post_attention_layernorm(hidden)
             if gate_up is not None:
-                gate, up = gate_up(x).split([layer.mlp.gate_proj.out_features, layer.mlp.up_proj.out_features], dim=-1)
+                gate, up = self._gate_up(layer.mlp, gate_up, x)
                 hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
             else:
                 hidden = hidden + layer.mlp(x)
-        self.logits.copy_(self.model.lm_head(self.inner.norm(hidden))[:, 0].float())
-        self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
-        self.pos += 1
+        return self.inner.norm(hidden)
+
+    def _fused_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      visible: torch.Tensor) -> torch.Tensor:
+        """The same layers with decode_ops between the matmuls: each residual add fused with the
+        norm after it (the last one with the model's final norm)."""
+        layers = self.inner.layers
+        first = layers[0].input_layernorm
+        x = decode_ops.rms_norm(hidden, first.weight, first.variance_epsilon)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.inner.norm]
+        for layer, keys, values, (qkv, gate_up), next_norm in zip(layers, self.keys, self.values, self._merged,
+                                                                  next_norms):
+            attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
+            q, k, v = self._projections(attn, qkv, x)
+            q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
+            hidden, x = decode_ops.add_rms_norm(hidden, attn.o_proj(self._attend(q, keys, values, visible)),
+                                                norm.weight, norm.variance_epsilon)
+            gate, up = self._gate_up(mlp, gate_up, x) if gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+            hidden, x = decode_ops.add_rms_norm(hidden, mlp.down_proj(decode_ops.silu_mul(gate, up)),
+                                                next_norm.weight, next_norm.variance_epsilon)
+        return x
 
     def capture(self) -> None:
         """Record one step as a CUDA graph (after a warm-up step, so kernels are compiled and tuned).
@@ -133,3 +181,11 @@ class StaticDecoder:
             tokens[:, t : t + 1].copy_(self.ids)
             self._run_step()
         return tokens
+
+
+def _fusable(inner: nn.Module) -> bool:
+    """Whether every norm and MLP is one whose arithmetic decode_ops reproduces (RMS_NORMS, SiLU gating)."""
+    norms = [inner.norm] + [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    gated = all(hasattr(layer.mlp, name) for layer in inner.layers for name in ("gate_proj", "up_proj", "down_proj"))
+    return (gated and all(type(n).__name__ in RMS_NORMS for n in norms)
+            and all(type(layer.mlp.act_fn).__name__ in SILUS for layer in inner.layers))

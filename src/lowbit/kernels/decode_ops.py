@@ -1,0 +1,206 @@
+"""The element-wise parts of a Llama decode step, one launch each (generate.StaticDecoder).
+
+Between its matmuls a decode step does little arithmetic: a residual add and an RMSNorm, the
+rotary embedding of q and k and their write into the KV cache, SiLU(gate)·up. Run through
+transformers' modules that is many tiny kernels per layer (an RMSNorm alone is seven: cast,
+square, mean, add, rsqrt, multiply, cast and scale), and at batch 1 each costs a launch slot of a
+few microseconds even inside a CUDA graph, next to int4 matmuls that take tens. Each function here
+is one Triton launch on CUDA and, elsewhere, the modules' own torch arithmetic. The kernels round
+to the activations' dtype where the modules do (after the norm, after each rotary product, after
+the SiLU), so the two differ only in the order of the norm's sum and the last bit of rsqrt and exp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch paths below serve every call
+    triton = None
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Under Triton's interpreter the kernels also take CPU tensors: how the tests check them without a GPU."""
+
+
+def _on_triton(*tensors: torch.Tensor) -> bool:
+    """The Triton path runs on CUDA tensors of one 16/32-bit float dtype, rows laid out contiguously."""
+    first = tensors[0]
+    return (triton is not None and (first.is_cuda or INTERPRETED) and first.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] as [rows, C] without a copy (the decode step's tensors are [batch, 1, C] slices)."""
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------- residual add + RMSNorm
+
+def _rms_norm_torch(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm.forward, operation for operation."""
+    h = hidden.to(torch.float32)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(hidden.dtype)
+
+
+def _add_rms_norm_torch(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total = hidden if delta is None else hidden + delta
+    return total, _rms_norm_torch(total, weight, eps)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of `hidden` [..., H] scaled by `weight` [H], as LlamaRMSNorm computes it."""
+    return add_rms_norm(hidden, None, weight, eps)[1]
+
+
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, RMSNorm(hidden + delta)): a layer's residual add and the norm after it.
+
+    Without `delta`, (hidden, RMSNorm(hidden))."""
+    operands = [hidden, weight] + ([delta] if delta is not None else [])
+    if not _on_triton(*operands):
+        return _add_rms_norm_torch(hidden, delta, weight, eps)
+    rows = _rows(hidden)
+    size = rows.shape[1]
+    total = hidden if delta is None else torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+    normed = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+    deltas = rows if delta is None else _rows(delta)
+    block = triton.next_power_of_2(size)
+    _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, normed, size, rows.stride(0),
+                                           deltas.stride(0), eps, ADD=delta is not None, BLOCK=block,
+                                           num_warps=min(16, max(4, block // 512)))
+    return total, normed
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, total_ptr, out_ptr, size, stride_h, stride_d, eps,
+                             ADD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < size
+        dtype = out_ptr.dtype.element_ty
+        h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
+        if ADD:  # the sum rounded to the activations' dtype, as `hidden + delta` is
+            d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + d.to(tl.float32)).to(dtype)
+            tl.store(total_ptr + row * size + offs, h, mask=mask)
+        h = h.to(tl.float32)
+        normed = (h * tl.rsqrt(tl.sum(h * h, axis=0) / size + eps)).to(dtype)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * size + offs, (w * normed.to(tl.float32)).to(dtype), mask=mask)
+
+
+# ---------------------------------------------------------------- rotary embedding + KV cache write
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             pos: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb and two index_copy_ calls, as the module path runs them."""
+    batch, kv_heads, _, dim = keys.shape
+    q = q.reshape(batch, 1, -1, dim).transpose(1, 2)
+    k = k.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
+    v = v.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    keys.index_copy_(2, pos, k)
+    values.index_copy_(2, pos, v)
+    return q
+
+
+def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One decode position: rotate q and k by (cos, sin) as transformers' apply_rotary_pos_emb does,
+    write the rotated k and v into the caches at `pos`, return q as [batch, heads, 1, head_dim].
+
+    q [batch, 1, heads·D], k and v [batch, 1, kv_heads·D] (row slices of one merged projection are
+    fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D]; pos a 1-element
+    long tensor on the device (read there, so a captured step serves every position)."""
+    batch, kv_heads, _, dim = keys.shape
+    heads = q.shape[-1] // dim
+    if not _on_triton(q, k, v, cos, sin, keys, values) or not (keys.is_contiguous() and values.is_contiguous()):
+        return _rotate_into_cache_torch(q, k, v, cos, sin, keys, values, pos)
+    q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)
+    out = torch.empty(batch, heads, 1, dim, device=q.device, dtype=q.dtype)
+    _rotate_into_cache_kernel[(batch, heads + kv_heads)](
+        q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos,
+        q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+        HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), num_warps=1)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
+                                  stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct,
+                                  HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < DIM
+        first_half = offs < DIM // 2
+        partner = tl.where(first_half, offs + DIM // 2, offs - DIM // 2)  # rotate_half: (-x2, x1)
+        dtype = out_ptr.dtype.element_ty
+        if h < HEADS:
+            src = q_ptr + b * stride_q + h * DIM
+            dst = out_ptr + (b * HEADS + h) * DIM
+        else:
+            cached = b * stride_cb + (h - HEADS) * stride_ch + tl.load(pos_ptr) * stride_ct
+            src = k_ptr + b * stride_k + (h - HEADS) * DIM
+            dst = keys_ptr + cached
+            v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask)
+            tl.store(values_ptr + cached + offs, v, mask=mask)
+        x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+        rotated = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+        rotated = tl.where(first_half, -rotated, rotated)
+        cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # x·cos and rotate_half(x)·sin are each rounded before their sum, as in the module.
+        out = (x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)
+        tl.store(dst + offs, out.to(dtype), mask=mask)
+
+
+# ---------------------------------------------------------------- SiLU(gate) · up
+
+def _silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate)·up for [..., I] tensors (row slices of one merged projection are fine)."""
+    if not _on_triton(gate, up):
+        return _silu_mul_torch(gate, up)
+    gate_rows, up_rows = _rows(gate), _rows(up)
+    rows, size = gate_rows.shape
+    out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(size, block))](gate_rows, up_rows, out, size, gate_rows.stride(0),
+                                                      up_rows.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, size, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        dtype = out_ptr.dtype.element_ty
+        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(dtype)  # rounded, as F.silu's output is
+        tl.store(out_ptr + row * size + offs, (silu.to(tl.float32) * u).to(dtype), mask=mask)

@@ -1,0 +1,108 @@
+"""decode_ops: each Triton kernel against the torch arithmetic it stands in for (the modules' own).
+
+The kernels round where the modules round, so they may differ only by the order of the norm's sum
+and the last bit of rsqrt and exp: one or two units in the last place of the output's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.generate import StaticDecoder
+from lowbit.kernels import decode_ops
+from lowbit.kernels.w4a16 import triton_available
+from tests.conftest import tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, units: int) -> None:
+    """Within `units` units in the last place of the dtype (float32: of a rounding to 1e-6)."""
+    eps = 1e-6 if expected.dtype == torch.float32 else torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=units * eps, atol=units * eps * 1e-3)
+
+
+def check_against_torch(device: str, dtype: torch.dtype) -> None:
+    """Every op on odd sizes (no power of two), with row slices of one merged projection as inputs."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
+
+    hidden, delta, weight = rand(3, 1, 96), rand(3, 1, 96), rand(96) + 1
+    for d in (None, delta):
+        total, normed = decode_ops.add_rms_norm(hidden, d, weight, 1e-5)
+        expected_total, expected = decode_ops._add_rms_norm_torch(hidden, d, weight, 1e-5)
+        assert torch.equal(total, expected_total)  # one rounding of the sum in both
+        _close(normed, expected, 2)
+
+    heads, kv_heads, dim, max_len = 4, 2, 24, 10
+    merged = rand(2, 1, (heads + 2 * kv_heads) * dim, scale=3.0)
+    q, k, v = merged.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    angles = torch.arange(dim // 2) * 0.37
+    cos = torch.cat([angles.cos(), angles.cos()]).view(1, 1, dim).to(device, dtype)
+    sin = torch.cat([angles.sin(), angles.sin()]).view(1, 1, dim).to(device, dtype)
+    caches = [rand(2, kv_heads, max_len, dim) for _ in range(2)]
+    pos = torch.tensor([6], device=device)
+    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+    rotated = decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos)
+    expected = decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos)
+    assert rotated.shape == expected.shape == (2, heads, 1, dim)
+    _close(rotated, expected, 1)
+    _close(mine[0], theirs[0], 1)
+    assert torch.equal(mine[1], theirs[1])  # values are copied as they are
+    untouched = torch.arange(max_len, device=device) != 6
+    assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
+
+    gate_up = rand(2, 1, 2 * 1500, scale=4.0)
+    gate, up = gate_up.split([1500, 1500], dim=-1)
+    _close(decode_ops.silu_mul(gate, up), decode_ops._silu_mul_torch(gate, up), 1)
+
+
+def test_kernels_in_the_interpreter():
+    """The three kernels on CPU through TRITON_INTERPRET=1 (float32 and float16: the interpreter's
+    bf16 arithmetic is not the GPU's), in a subprocess since the flag is read at import."""
+    pytest.importorskip("triton")
+    script = ("import torch\n"
+              "from lowbit.kernels import decode_ops\n"
+              "from tests.test_decode_ops import check_against_torch\n"
+              "assert decode_ops.INTERPRETED\n"
+              "for dtype in (torch.float32, torch.float16):\n"
+              "    check_against_torch('cpu', dtype)\n"
+              "print('ok')\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kernels_match_the_torch_arithmetic_on_gpu(dtype):
+    check_against_torch("cuda", dtype)
+
+
+@gpu
+@pytest.mark.parametrize("merge", [False, True])
+def test_fused_decoder_on_gpu_gives_the_module_decoders_tokens(merge):
+    """A captured fused step against the modules' step: float32 logits to rounding, same tokens; bf16
+    logits within a few of bf16's units (a norm's last bit moves every later layer a little)."""
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        model = tiny_llama(seed=6, tie=False).to("cuda", dtype)
+        fused, modules = (StaticDecoder(model, batch=2, max_len=16, merge_projections=merge, fuse=f)
+                          for f in (True, False))
+        assert fused.fused
+        for decoder in (fused, modules):
+            decoder.capture()
+            decoder.prefill(prompt)
+        torch.testing.assert_close(fused.logits, modules.logits, rtol=tolerance, atol=tolerance)
+        if dtype == torch.float32:
+            assert torch.equal(fused.decode(5), modules.decode(5))
