@@ -83,6 +83,23 @@ def test_kernels_in_the_interpreter():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
+def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
+    """What the interpreter cannot show: with the compiler's FP fusion on, x·cos was folded into a
+    bf16 FMA with the other product, skipping the rounding the module does between them."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = decode_ops._rotate_into_cache_kernel
+    constexprs = {"HEADS": 4, "DIM": 128, "BLOCK": 128}
+    types = {"pos_ptr": "*i64", **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=decode_ops.ROTATE_OPTIONS)
+    assert "fma.rn.bf16" not in compiled.asm["ptx"] and "add.rn.bf16" in compiled.asm["ptx"]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernels_match_the_torch_arithmetic_on_gpu(dtype):
