@@ -106,6 +106,33 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
             "ms_per_step": 1e3 * seconds / new, "logits": logits, "tokens": tokens.cpu()}
 
 
+@torch.no_grad()
+def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bool) -> list[dict]:
+    """The GPU kernels of one batch-1 step run eagerly (a graph replays the same ones): per kernel
+    name, launches and GPU microseconds, most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse)
+    decoder.prefill(prompt[:1])  # warm-up: kernels compiled and tuned
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.step()
+        torch.cuda.synchronize()
+    kernels = [{"kernel": e.key, "calls": e.count, "us": e.device_time_total}
+               for e in prof.key_averages() if e.device_time_total > 0 and e.count]
+    return sorted(kernels, key=lambda k: -k["us"])
+
+
+def profile_markdown(profile: dict) -> list[str]:
+    lines = []
+    for step, kernels in profile.items():
+        calls, total = sum(k["calls"] for k in kernels), sum(k["us"] for k in kernels)
+        lines += ["", f"Kernels of one batch-1 int4 step, {step} (eager; {calls} launches, {total:.0f} us of GPU time):",
+                  "", "| kernel | launches | GPU us |", "|---|---:|---:|"]
+        lines += [f"| {k['kernel'][:90].replace('|', '/')} | {k['calls']} | {k['us']:.0f} |" for k in kernels[:15]]
+    return lines
+
+
 def markdown(result: dict) -> str:
     meta = result["meta"]
     steps = any("step" in row for row in result["rows"])  # files from before the fused step have one kind
@@ -133,6 +160,7 @@ def markdown(result: dict) -> str:
                      f"{row['bf16_logits_err']:.1e} | {row['int4_logits_err']:.1e} | "
                      f"{'pass' if row['int4_logits_err'] <= MAX_ERROR_RATIO * row['bf16_logits_err'] else 'FAIL'} | "
                      f"{row['same_tokens']:.0%} |")
+    lines += profile_markdown(result.get("profile", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +176,8 @@ def main() -> None:
                         help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run")
     parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
                         help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)); each in the same call")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list the GPU kernels of one batch-1 int4 step per --steps kind (torch.profiler)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = parser.parse_args()
@@ -176,11 +206,13 @@ def main() -> None:
         rows.append({"batch": b, "step": step, "bf16": strip(bf16[b, step]), "int4": strip(int4),
                      "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"], "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
+    profiles = {step: kernel_profile(model, prompt, args.merge, step == "fused") for step in args.steps} \
+        if args.profile else {}
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
                        "merged_projections": args.merge,
                        "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},
-              "rows": rows}
+              "rows": rows, **({"profile": profiles} if profiles else {})}
     text = markdown(result)
     print(text)
     if args.out:

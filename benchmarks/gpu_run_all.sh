@@ -39,10 +39,10 @@ for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
     r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
     out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
 print(k.markdown_table(r))" ;;
-        decode) step decode "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --out "$out/gpu_decode" ;;
+        decode) step decode "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --profile --out "$out/gpu_decode" ;;
         # The same with lowbit's own kernels alone (no GemLite/FBGEMM): what lowbit adds by itself.
         # q/k/v and gate/up merged into one matmul each (StaticDecoder(merge_projections=True)).
-        decode_merged) step decode_merged "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --merge \
+        decode_merged) step decode_merged "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --merge \
                            --out "$out/gpu_decode_merged" ;;
         decode_fused) step decode_fused "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --paths fused \
                           dequantize+cublas --out "$out/gpu_decode_fused" ;;
