@@ -78,7 +78,10 @@ class StaticDecoder:
         `ids` to the greedy next token and advances `pos` (all in place, on the device)."""
         hidden = self.inner.embed_tokens(self.ids)  # [B, 1, H]
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
-        visible = (self._positions <= self.pos).view(1, 1, 1, self.max_len)
+        # Additive (0 / -inf) in the activations' dtype, made once per step: a boolean mask is
+        # converted inside every layer's attention call, which costs launches of its own.
+        visible = torch.zeros(1, 1, 1, self.max_len, device=hidden.device, dtype=hidden.dtype).masked_fill_(
+            self._positions > self.pos, float("-inf"))
         normed = (self._fused_layers if self.fused else self._module_layers)(hidden, cos, sin, visible)
         self.logits.copy_(self.model.lm_head(normed)[:, 0].float())
         self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
