@@ -127,7 +127,8 @@ def profile_markdown(profile: dict) -> list[str]:
     lines = []
     for step, kernels in profile.items():
         calls, total = sum(k["calls"] for k in kernels), sum(k["us"] for k in kernels)
-        lines += ["", f"Kernels of one batch-1 int4 step, {step} (eager; {calls} launches, {total:.0f} us of GPU time):",
+        lines += ["", f"Kernels of one batch-1 int4 step, {step} (eager; {calls} launches, "
+                  f"{total:.0f} us of GPU time):",
                   "", "| kernel | launches | GPU us |", "|---|---:|---:|"]
         lines += [f"| {k['kernel'][:90].replace('|', '/')} | {k['calls']} | {k['us']:.0f} |" for k in kernels[:15]]
     return lines
@@ -175,7 +176,8 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true",
                         help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run")
     parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
-                        help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)); each in the same call")
+                        help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)), "
+                        "each in the same call")
     parser.add_argument("--profile", action="store_true",
                         help="also list the GPU kernels of one batch-1 int4 step per --steps kind (torch.profiler)")
     parser.add_argument("--out", type=Path)

@@ -24,6 +24,7 @@ from lowbit.modules.merge import merge_linears
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 """Norm classes computing LlamaRMSNorm's arithmetic, which `decode_ops` reproduces."""
 SILUS = frozenset({"SiLU", "SiLUActivation"})
+"""Activation classes computing F.silu (torch's and transformers' names), which `decode_ops.silu_mul` reproduces."""
 
 
 class DecodeError(ValueError):
@@ -188,7 +189,9 @@ class StaticDecoder:
 
 def _fusable(inner: nn.Module) -> bool:
     """Whether every norm and MLP is one whose arithmetic decode_ops reproduces (RMS_NORMS, SiLU gating)."""
-    norms = [inner.norm] + [n for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    gated = all(hasattr(layer.mlp, name) for layer in inner.layers for name in ("gate_proj", "up_proj", "down_proj"))
+    norms = [inner.norm] + [norm for layer in inner.layers
+                            for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    gated = all(hasattr(layer.mlp, name) for layer in inner.layers
+                for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
     return (gated and all(type(n).__name__ in RMS_NORMS for n in norms)
             and all(type(layer.mlp.act_fn).__name__ in SILUS for layer in inner.layers))

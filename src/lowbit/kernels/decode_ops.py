@@ -2,10 +2,11 @@
 
 Between its matmuls a decode step does little arithmetic: a residual add and an RMSNorm, the
 rotary embedding of q and k and their write into the KV cache, SiLU(gate)·up. Run through
-transformers' modules that is many tiny kernels per layer (an RMSNorm alone is seven: cast,
-square, mean, add, rsqrt, multiply, cast and scale), and at batch 1 each costs a launch slot of a
-few microseconds even inside a CUDA graph, next to int4 matmuls that take tens. Each function here
-is one Triton launch on CUDA and, elsewhere, the modules' own torch arithmetic. The kernels round
+transformers' modules that is many tiny kernels per layer (an RMSNorm alone is eight: cast,
+square, mean, add, rsqrt, multiply, cast, scale), each a launch of its own even inside a CUDA
+graph: a batch-1 step of an 8B-shaped model ran 1308 kernels that way and 405 this way
+(benchmarks/results/gpu_decode_h200.md). Each function here is one Triton launch on CUDA and,
+elsewhere, the modules' own torch arithmetic. The kernels round
 to the activations' dtype where the modules do (after the norm, after each rotary product, after
 the SiLU), so the two differ only in the order of the norm's sum and the last bit of rsqrt and exp.
 """
@@ -31,13 +32,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 def _on_triton(*tensors: torch.Tensor) -> bool:
     """The Triton path runs on CUDA tensors of one 16/32-bit float dtype, rows laid out contiguously."""
     first = tensors[0]
-    return (triton is not None and (first.is_cuda or INTERPRETED) and first.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    return (triton is not None and (first.is_cuda or INTERPRETED)
+            and first.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] as [rows, C] without a copy (the decode step's tensors are [batch, 1, C] slices)."""
-    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
+    """[..., C] as [rows, C]: a view for the decode step's [batch, 1, C] tensors and row slices."""
+    return t.reshape(-1, t.shape[-1])
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
