@@ -134,3 +134,39 @@ def test_attention_with_per_head_norms_is_refused():
         layer.self_attn.q_norm = nn.Identity()
     with pytest.raises(DecodeError, match="Qwen3-style"):
         StaticDecoder(model, batch=1, max_len=8)
+
+
+def _tiny(family: str, seed: int) -> nn.Module:
+    """A two-block model of a Llama-style family: its norm classes and biases are what differ."""
+    import transformers
+
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                                 "mistral": ("MistralConfig", "MistralForCausalLM")}[family]
+    config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                 max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_llama_style_families_decode_fused_as_their_full_forward(family):
+    """Qwen2 (biased q/k/v) and Mistral share Llama's norm arithmetic: fused, and equal to the full forward."""
+    model = _tiny(family, seed=7)
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    fused, modules = (StaticDecoder(model, batch=2, max_len=12, fuse=f) for f in (True, False))
+    assert fused.fused
+    for decoder in (fused, modules):
+        decoder.prefill(prompt)
+    assert torch.equal(fused.logits, modules.logits)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.logits, model(prompt).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_longer_than_the_sliding_window_is_refused():
+    model = _tiny("mistral", seed=7)
+    model.config.sliding_window = 8
+    with pytest.raises(DecodeError, match="sliding window of 8"):
+        StaticDecoder(model, batch=1, max_len=16)
+    assert StaticDecoder(model, batch=1, max_len=8).max_len == 8

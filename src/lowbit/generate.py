@@ -47,6 +47,10 @@ class StaticDecoder:
             raise DecodeError(f"{type(model).__name__} normalises q and k per head (Qwen3-style); this decoder "
                               "runs Llama-style attention only: use model.generate")
         config = model.config
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and max_len > window:
+            raise DecodeError(f"{type(model).__name__} attends over a sliding window of {window} positions and this "
+                              f"decoder over all of them: use max_len <= {window}")
         self.model, self.inner = model, inner
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
