@@ -59,7 +59,7 @@ print(k.markdown_table(r))" ;;
         quant_no_thp) step quant_no_thp "${T_QUANT32:-200}" env THP_MEM_ALLOC_ENABLE=0 python3 "$here/benchmarks/gpu_quant_speed.py" \
                           --layers 32 --out "$out/gpu_quant_speed_no_thp" ;;
         # llm-compressor 0.14 beside lowbit on all 32 layers, same call (the issue's 5x): PEER_PATH is a
-        # folder holding llm-compressor and the packages the image lacks (pip install --target).
+        # folder holding llm-compressor and the packages the image lacks (benchmarks/peer_wheels.sh).
         peer) step peer "${T_PEER:-560}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 --peer-layers 32 \
                   --peer-path "${PEER_PATH:?PEER_PATH: a folder holding llm-compressor 0.14 and its needs}" \
                   --peer-timeout "${T_PEER_RUN:-480}" --out "$out/gpu_quant_speed_vs_llmcompressor" ;;
