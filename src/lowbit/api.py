@@ -1,4 +1,4 @@
-"""The Python entry points behind `lowbit quantize` and `lowbit eval`.
+"""The Python entry points behind `lowbit quantize`, `lowbit eval` and `lowbit generate`.
 
 Each step (load, calibrate, quantize, export, check, evaluate) lives in its own package; this module
 only puts them in order, times them and returns the numbers the report prints.
@@ -439,6 +439,68 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
         kv_cache=kv_scoring(settings, saved_kv_cache(source)),
     )
     return result, description
+
+
+@dataclass
+class GenerateReport:
+    """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone."""
+
+    text: str
+    new_tokens: int
+    batch: int
+    seconds: float
+    packed_layers: int
+    fused_step: bool
+    graph: bool
+    device: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch * self.new_tokens / self.seconds
+
+
+@torch.no_grad()
+def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int = 1, device: str = "auto",
+                  dtype: str = "auto") -> GenerateReport:
+    """Greedy continuation of `prompt` by a model or a lowbit export, in lowbit's static decoder.
+
+    An export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold a layer
+    (export/packed_load.py); on a GPU each token step is one CUDA graph. The prompt is fed `batch`
+    times, so the timing is of that batch size; the text is the first row's, up to its end token."""
+    from lowbit.export.packed_load import load_packed
+    from lowbit.generate import StaticDecoder
+
+    target = resolve_device(device)
+    if source is not None and _is_lowbit_export(Path(source)):
+        model, tokenizer, packed = load_packed(Path(source), target, None if dtype == "auto" else getattr(torch, dtype))
+    else:
+        model, tokenizer = open_model(source, dtype)
+        model, packed = model.to(target), 0
+    if tokenizer is None:
+        raise ValueError(f"{source} has no tokenizer to read the prompt with; export the model with its tokenizer")
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=target).expand(batch, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty; give --prompt some text")
+    decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
+    graph = target.type == "cuda"
+    if graph:
+        decoder.capture()
+    decoder.prefill(ids)
+    _synchronize(target)
+    start = time.perf_counter()
+    tokens = decoder.decode(new_tokens)
+    _synchronize(target)
+    seconds = time.perf_counter() - start
+    first = tokens[0].tolist()
+    if tokenizer.eos_token_id in first:
+        first = first[: first.index(tokenizer.eos_token_id)]
+    return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), new_tokens, batch, seconds, packed,
+                          decoder.fused, graph, str(target))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Timer:

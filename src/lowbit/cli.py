@@ -1,4 +1,4 @@
-"""`lowbit quantize | plan | eval | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
+"""`lowbit quantize | plan | eval | generate | compare | bench`: the command line. Parsing and printing only; the work is in lowbit.api."""
 
 from __future__ import annotations
 
@@ -216,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_options(e, evaluating=True)
     _add_runtime_options(e)
 
+    g = commands.add_parser("generate", help="greedy text from a model or a lowbit export, run on its codes, "
+                            "with its speed")
+    g.add_argument("model", help="lowbit output folder, or model (id, folder, .gguf); 'default' = embedded model")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--batch", type=_positive, default=1,
+                   help="decode the prompt this many times at once, to time that batch size (default 1)")
+    _add_runtime_options(g)
+
     b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
     k = b.add_parser("kernels", help="W4A16 matmul vs bf16 cuBLAS and torch int4 on Llama-3 8B/70B shapes")
     k.add_argument("--m", type=_positive, nargs="+", default=[1, 16, 64, 256], help="batch rows (default 1 16 64 256)")
@@ -426,6 +435,20 @@ def run_eval(args: argparse.Namespace) -> None:
         )
 
 
+def run_generate(args: argparse.Namespace) -> None:
+    from lowbit.api import generate_text
+
+    report = generate_text(None if args.model == "default" else args.model, args.prompt, args.new_tokens,
+                           args.batch, args.device, args.dtype)
+    table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
+    for column in ("tokens/s", "ms/step", "layers on their codes", "step", "CUDA graph"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{report.tokens_per_second:.1f}", f"{1e3 * report.seconds / report.new_tokens:.2f}",
+                  str(report.packed_layers), "fused" if report.fused_step else "modules", "yes" if report.graph else "no")
+    console.print(table)
+    console.print(args.prompt + report.text, highlight=False, markup=False)
+
+
 def run_bench(args: argparse.Namespace) -> None:
     from lowbit.bench import kernels
 
@@ -458,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             compare_command.run(args, console, argv)
         else:
-            {"quantize": run_quantize, "eval": run_eval, "bench": run_bench,
+            {"quantize": run_quantize, "eval": run_eval, "generate": run_generate, "bench": run_bench,
              "plan": lambda args: budget_command.run_plan(args, console)}[args.command](args)
     except (ValueError, OSError, MemoryError) as err:
         if os.environ.get("LOWBIT_DEBUG"):

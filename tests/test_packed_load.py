@@ -1,0 +1,118 @@
+"""load_packed and `lowbit generate`: an export runs on its codes and computes what its dense reload does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from lowbit.cli import main
+from lowbit.export import load_quantized
+from lowbit.export.packed_load import load_packed, packed_layers
+from lowbit.formats.integer import IntegerFormat
+from lowbit.modules import QuantLinear
+from lowbit.modules.vq_linear import VQLinear
+from tests.test_export import export, logits, per_layer, quantize, tiny_llama
+
+
+def _int4_or_3(name: str) -> IntegerFormat:
+    return IntegerFormat(bits=3 if "mlp" in name else 4, symmetric=False, group_size=32)
+
+
+@pytest.mark.parametrize("fmt_for, swapped", [
+    (per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)), 14),
+    (per_layer(IntegerFormat(bits=4, symmetric=True, group_size=-1)), 14),
+    (_int4_or_3, 8),  # 3-bit MLPs keep dense weights
+])
+def test_int4_layers_run_on_their_codes_and_give_the_dense_reloads_logits(tmp_path, fmt_for, swapped):
+    model = tiny_llama()
+    qweights = quantize(model, fmt_for)
+    out = export(model, qweights, tmp_path / "out")
+    dense, _ = load_quantized(out)
+    packed, _, count = load_packed(out)
+    modules = {name: module for name, module in packed.named_modules() if isinstance(module, QuantLinear)}
+    assert count == len(modules) == swapped
+    for name, module in modules.items():
+        assert torch.equal(module.dequantized_weight(), qweights[name].dequantize())
+    torch.testing.assert_close(logits(packed), logits(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_group_targeting_a_class_reads_every_packed_layer(tmp_path):
+    """llm-compressor writes targets: ["Linear"] (a class) where lowbit writes module names."""
+    model = tiny_llama()
+    qweights = quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)))
+    out = export(model, qweights, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    [group] = config["quantization_config"]["config_groups"].values()
+    group["targets"] = ["Linear"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert set(packed_layers(out)) == set(qweights)
+
+
+def test_a_layer_with_an_online_rotation_stays_dense(tmp_path, monkeypatch):
+    """A pre-hook (an online Hadamard, export/load.py) would be lost with the module it sits on."""
+    from lowbit.export import packed_load
+
+    model = tiny_llama()
+    qweights = quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)))
+    out = export(model, qweights, tmp_path / "out")
+
+    def hooked_load(path, device, dtype):
+        loaded, tokenizer = load_quantized(path, device, dtype)
+        loaded.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(lambda module, args: None)
+        return loaded, tokenizer
+
+    monkeypatch.setattr(packed_load, "load_quantized", hooked_load)
+    packed, _, count = load_packed(out)
+    assert count == 13 and isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+
+
+def test_vector_quantized_layers_of_a_lowbit_layout_export_run_as_vq_linear(tmp_path):
+    from tests.test_vq import VQ_RECIPE, quantized_tiny_llama
+
+    model, qweights = quantized_tiny_llama(VQ_RECIPE)
+    out = export(model, qweights, tmp_path / "out")
+    packed, _, count = load_packed(out)
+    assert count == len(qweights)
+    assert isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), VQLinear)
+    torch.testing.assert_close(logits(packed), logits(model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def tiny_int4_export(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A tiny random Llama with the embedded model's tokenizer, exported as int4 g32."""
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    qweights = quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)))
+    return export(model, qweights, tmp_path / "int4", AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
+    assert main(["generate", str(tiny_int4_export), "--prompt", "The capital of France is", "--new-tokens", "6",
+                 "--batch", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "2 x 6 greedy tokens on cpu" in out
+    assert "14" in out and "fused" in out  # every linear on its codes, the fused step (its torch path on CPU)
+
+
+def test_generate_gives_the_tokens_the_dense_model_gives(tiny_int4_export):
+    from lowbit.api import generate_text
+    from lowbit.generate import StaticDecoder
+
+    report = generate_text(str(tiny_int4_export), "Hello there", new_tokens=5, device="cpu")
+    dense, tokenizer = load_quantized(tiny_int4_export)
+    ids = torch.tensor([tokenizer("Hello there")["input_ids"]])
+    decoder = StaticDecoder(dense, batch=1, max_len=ids.shape[1] + 5)
+    decoder.prefill(ids)
+    tokens = decoder.decode(5)[0].tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    assert report.packed_layers == 14 and report.text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_generate_refuses_an_empty_prompt_in_one_line(tiny_int4_export, capsys):
+    assert main(["generate", str(tiny_int4_export), "--prompt", "", "--device", "cpu"]) == 2
+    err = capsys.readouterr().out
+    assert "error:" in err and "prompt is empty" in err and "Traceback" not in err
