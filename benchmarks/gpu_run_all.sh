@@ -25,7 +25,7 @@ for s in ${STEPS:-tests kernels decode}; do
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
                    "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_kernel_timing.py" \
-                   "$here/tests/test_gpu_solvers.py" "$here/tests/test_f16_pairs.py" "$here/tests/test_shortcuts.py" "$here/tests/test_block_memory.py" "$here/tests/test_decode_ops.py" "$here/tests/test_generate.py" \
+                   "$here/tests/test_gpu_solvers.py" "$here/tests/test_f16_pairs.py" "$here/tests/test_shortcuts.py" "$here/tests/test_block_memory.py" "$here/tests/test_decode_ops.py" "$here/tests/test_generate.py" "$here/tests/test_packed_load.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.

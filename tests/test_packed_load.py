@@ -109,10 +109,34 @@ def test_generate_gives_the_tokens_the_dense_model_gives(tiny_int4_export):
     tokens = decoder.decode(5)[0].tolist()
     if tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-    assert report.packed_layers == 14 and report.text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert report.packed_layers == 14 and report.tokens == tokens
+    assert report.text == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_generate_refuses_an_empty_prompt_in_one_line(tiny_int4_export, capsys):
     assert main(["generate", str(tiny_int4_export), "--prompt", "", "--device", "cpu"]) == 2
     err = capsys.readouterr().out
     assert "error:" in err and "prompt is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_gpu_runs_the_int4_kernels_in_a_graph_and_gives_the_dense_tokens(tmp_path):
+    """On CUDA: QuantLinear's Triton kernels inside a captured step give the greedy tokens of the
+    dense reload run without a graph (float32 model: the paths differ only in the order of sums)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.api import generate_text
+    from lowbit.generate import StaticDecoder
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = tiny_llama()
+    qweights = quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)))
+    out = export(model, qweights, tmp_path / "out", PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>"))
+    report = generate_text(str(out), "hello world", new_tokens=6, device="cuda")
+    assert report.graph and report.fused_step and report.packed_layers == 14
+    dense, tokenizer = load_quantized(out, device="cuda")
+    decoder = StaticDecoder(dense, batch=1, max_len=8)
+    decoder.prefill(torch.tensor([[1, 2]], device="cuda"))
+    assert report.tokens == decoder.decode(6)[0].tolist()

@@ -443,9 +443,11 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
 
 @dataclass
 class GenerateReport:
-    """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone."""
+    """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone; `text`
+    and `tokens` are the first row's, up to its end token."""
 
     text: str
+    tokens: list[int]
     new_tokens: int
     batch: int
     seconds: float
@@ -494,8 +496,8 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     first = tokens[0].tolist()
     if tokenizer.eos_token_id in first:
         first = first[: first.index(tokenizer.eos_token_id)]
-    return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), new_tokens, batch, seconds, packed,
-                          decoder.fused, graph, str(target))
+    return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
+                          packed, decoder.fused, graph, str(target))
 
 
 def _synchronize(device: torch.device) -> None:
