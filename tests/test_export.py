@@ -290,3 +290,14 @@ def test_loader_refuses_incomplete_folders(tmp_path: Path) -> None:
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     refused(folder, "model-00002-of-00002.safetensors")
+
+
+def test_the_reloaded_model_moves_as_a_whole(tmp_path: Path) -> None:
+    """compressed-tensors loads every module's tensors into an offload cache that copies them back
+    where they came from, so model.to(cuda) kept them on the CPU; the loader hands back plain modules."""
+    model = tiny_llama()
+    out = export(model, quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32))),
+                 tmp_path / "out")
+    loaded, _ = load_quantized(out)
+    loaded.to("meta")
+    assert {tensor.device.type for tensor in [*loaded.parameters(), *loaded.buffers()]} == {"meta"}

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.offload import remove_dispatch
 from compressed_tensors.quantization import QuantizationScheme
 from compressed_tensors.utils import TensorStateDict
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -134,6 +135,9 @@ def load_quantized(
     for name, weight in exact.items():
         module = model.get_submodule(name)
         module.weight.data = weight.to(dtype=model_dtype, device=module.weight.device)
+    # compressed-tensors leaves every module's tensors in an offload cache that copies them back to
+    # where they were loaded: model.to(cuda) would then leave them on the CPU. Plain modules here.
+    remove_dispatch(model, onload_tensors=True)
     _restore_online_rotations(model, folder)  # first: inputs are rotated, then rounded (pre-hooks run in order)
     restore_input_quantization(model, folder)
     model.eval()
