@@ -27,7 +27,6 @@ from lowbit.formats.base import FormatError, QuantizedWeight
 from lowbit.formats.integer import IntegerFormat
 
 CODES_PER_WORD = 8
-_SHIFTS = torch.arange(CODES_PER_WORD, dtype=torch.int64) * 4
 SYMMETRIC_ZERO = 8
 """Implied zero point of symmetric int4 (2^(bits-1)), as in formats/integer.py."""
 
@@ -94,6 +93,12 @@ def concat_outputs(parts: list[PackedInt4]) -> PackedInt4 | None:
     )
 
 
+def _shifts(device: torch.device) -> torch.Tensor:
+    """Bit offsets of a word's eight codes, [1, 8, 1] int64, made on `device`: no host-to-device copy,
+    which a CUDA graph capture (the reference matmul inside a captured decode step) refuses."""
+    return torch.arange(0, 4 * CODES_PER_WORD, 4, device=device).view(1, -1, 1)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] (values 0..15, K a multiple of 8) -> int32 words [K / 8, N]."""
     rows, columns = codes.shape
@@ -102,7 +107,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     if codes.numel() and int(codes.max()) > 15:
         raise FormatError("int4 packing got codes above 15; the weight was not quantized to 4 bits")
     nibbles = codes.T.to(torch.int64).reshape(columns // CODES_PER_WORD, CODES_PER_WORD, rows)
-    words = (nibbles << _SHIFTS.to(codes.device).view(1, -1, 1)).sum(dim=1)
+    words = (nibbles << _shifts(codes.device)).sum(dim=1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
     return words.to(torch.int32).contiguous()
 
@@ -110,7 +115,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     """int32 words [K / 8, N] -> uint8 codes [N, K]; the inverse of pack_int4."""
     words = qweight.to(torch.int64).unsqueeze(1)
-    nibbles = (words >> _SHIFTS.to(qweight.device).view(1, -1, 1)) & 0xF  # [K/8, 8, N]
+    nibbles = (words >> _shifts(qweight.device)) & 0xF  # [K/8, 8, N]
     return nibbles.reshape(in_features, -1).T.to(torch.uint8).contiguous()
 
 
