@@ -93,11 +93,11 @@ def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
     assert main(["generate", str(tiny_int4_export), "--prompt", "The capital of France is", "--new-tokens", "6",
                  "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "2 x 6 greedy tokens on cpu" in out
-    assert "14" in out and "fused" in out  # every linear on its codes, the fused step (its torch path on CPU)
+    assert "tokens/s" in out and "2 x 6 greedy tokens on cpu" in out and "fused" in out
 
 
-def test_generate_gives_the_tokens_the_dense_model_gives(tiny_int4_export):
+def test_generate_on_cpu_runs_the_dense_reload_and_gives_its_tokens(tiny_int4_export):
+    """On a CPU the int4 matmul is the reference one (it decodes the weight every call): dense is faster."""
     from lowbit.api import generate_text
     from lowbit.generate import StaticDecoder
 
@@ -109,7 +109,7 @@ def test_generate_gives_the_tokens_the_dense_model_gives(tiny_int4_export):
     tokens = decoder.decode(5)[0].tolist()
     if tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-    assert report.packed_layers == 14 and report.tokens == tokens
+    assert report.packed_layers == 0 and report.tokens == tokens
     assert report.text == tokenizer.decode(tokens, skip_special_tokens=True)
 
 

@@ -466,14 +466,16 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
                   dtype: str = "auto") -> GenerateReport:
     """Greedy continuation of `prompt` by a model or a lowbit export, in lowbit's static decoder.
 
-    An export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold a layer
-    (export/packed_load.py); on a GPU each token step is one CUDA graph. The prompt is fed `batch`
+    On a GPU an export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold
+    a layer (export/packed_load.py), and each token step is one CUDA graph. On a CPU it runs on its
+    dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
+    call. The prompt is fed `batch`
     times, so the timing is of that batch size; the text is the first row's, up to its end token."""
     from lowbit.export.packed_load import load_packed
     from lowbit.generate import StaticDecoder
 
     target = resolve_device(device)
-    if source is not None and _is_lowbit_export(Path(source)):
+    if source is not None and _is_lowbit_export(Path(source)) and target.type == "cuda":
         model, tokenizer, packed = load_packed(Path(source), target, None if dtype == "auto" else getattr(torch, dtype))
     else:
         model, tokenizer = open_model(source, dtype)
