@@ -469,11 +469,12 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     On a GPU an export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold
     a layer (export/packed_load.py), and each token step is one CUDA graph. On a CPU it runs on its
     dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
-    call. The prompt is fed `batch`
-    times, so the timing is of that batch size; the text is the first row's, up to its end token."""
+    call. The prompt is fed `batch` times, so the timing is of that batch size."""
     from lowbit.export.packed_load import load_packed
     from lowbit.generate import StaticDecoder
 
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; give --prompt some text")
     target = resolve_device(device)
     if source is not None and _is_lowbit_export(Path(source)) and target.type == "cuda":
         model, tokenizer, packed = load_packed(Path(source), target, None if dtype == "auto" else getattr(torch, dtype))
@@ -483,8 +484,6 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer to read the prompt with; export the model with its tokenizer")
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=target).expand(batch, -1)
-    if ids.shape[1] == 0:
-        raise ValueError("the prompt is empty; give --prompt some text")
     decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
     graph = target.type == "cuda"
     if graph:

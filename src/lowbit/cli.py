@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv_options(e, evaluating=True)
     _add_runtime_options(e)
 
-    g = commands.add_parser("generate", help="greedy text from a model or a lowbit export, run on its codes, "
-                            "with its speed")
+    g = commands.add_parser("generate", help="greedy text and its speed from a model or a lowbit export (on a "
+                            "GPU, run on its codes)")
     g.add_argument("model", help="lowbit output folder, or model (id, folder, .gguf); 'default' = embedded model")
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
@@ -444,7 +444,8 @@ def run_generate(args: argparse.Namespace) -> None:
     for column in ("tokens/s", "ms/step", "layers on their codes", "step", "CUDA graph"):
         table.add_column(column, justify="right")
     table.add_row(f"{report.tokens_per_second:.1f}", f"{1e3 * report.seconds / report.new_tokens:.2f}",
-                  str(report.packed_layers), "fused" if report.fused_step else "modules", "yes" if report.graph else "no")
+                  str(report.packed_layers), "fused" if report.fused_step else "modules",
+                  "yes" if report.graph else "no")
     console.print(table)
     console.print(args.prompt + report.text, highlight=False, markup=False)
 
