@@ -111,13 +111,16 @@ _DECODE_SPLITS = (1, 2, 4, 8, 16)
 _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired)
                    for bm in (16, 64) for bn in (64, 128) for s in _DECODE_SPLITS for swap in (False, True)
                    for paired in (False, True)]
-# SWAP_AB at large M puts the unpacked weight on the MMA's A side, which Hopper's wgmma can read from
-# registers; unswapped, the weight is B, which wgmma reads from shared memory only, so each tile is
-# stored there after its unpack and read back.
+# Large M swaps A and B: the unpacked weight becomes wgmma's A operand, which it reads from
+# registers, where as B it would be stored to shared memory after its unpack and read back (sm_90
+# PTX at 128x128: 8 shared stores per K tile against 72). Offered both ways on an H200, the swapped
+# tile won all eight M = 256 rows, the fused kernel 10-25% faster
+# (gpu_kernels_h200_m256_swap.md), so only it is offered: the autotuner's first call per shape costs
+# no more than before.
 _PREFILL_CONFIGS = [
-    _config(bm, bn, 128, 1, warps, stages, swap, PAIRED_DOTS=paired)
+    _config(bm, bn, 128, 1, warps, stages, True, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
-    for swap in (False, True) for paired in (False, True)
+    for paired in (False, True)
 ]
 PAIRED_MIN_K = 128
 """PAIRED_DOTS splits a K tile into eight dots of BLOCK_K / 8; tensor-core dots need K >= 16."""
