@@ -444,13 +444,15 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
 @dataclass
 class GenerateReport:
     """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone; `text`
-    and `tokens` are the first row's, up to its end token."""
+    and `tokens` are the first row's, up to its end token. `warmup_seconds`: the graph capture (on
+    a GPU the first step tunes the kernels for each weight shape) and the prompt."""
 
     text: str
     tokens: list[int]
     new_tokens: int
     batch: int
     seconds: float
+    warmup_seconds: float
     packed_layers: int
     fused_step: bool
     graph: bool
@@ -486,10 +488,12 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=target).expand(batch, -1)
     decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
     graph = target.type == "cuda"
+    start = time.perf_counter()
     if graph:
         decoder.capture()
     decoder.prefill(ids)
     _synchronize(target)
+    warmup = time.perf_counter() - start
     start = time.perf_counter()
     tokens = decoder.decode(new_tokens)
     _synchronize(target)
@@ -498,7 +502,7 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if tokenizer.eos_token_id in first:
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
-                          packed, decoder.fused, graph, str(target))
+                          warmup, packed, decoder.fused, graph, str(target))
 
 
 def _synchronize(device: torch.device) -> None:
