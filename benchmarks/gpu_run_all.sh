@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -63,6 +63,13 @@ print(k.markdown_table(r))" ;;
         peer) step peer "${T_PEER:-560}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 32 --peer-layers 32 \
                   --peer-path "${PEER_PATH:?PEER_PATH: a folder holding llm-compressor 0.14 and its needs}" \
                   --peer-timeout "${T_PEER_RUN:-480}" --out "$out/gpu_quant_speed_vs_llmcompressor" ;;
+        # `lowbit generate` on an int4 export of the 8B-shaped model (written by gpu_export.py, read
+        # back onto its codes), batch 1 and 16: the path a user's export takes.
+        generate) step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
+                  for b in 1 16; do
+                      step "generate_b$b" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
+                          --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch "$b"
+                  done ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
@@ -82,6 +89,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer ranges profile zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate ranges profile zero_points transfer vq)"; exit 2 ;;
     esac
 done

@@ -1,0 +1,74 @@
+"""An int4 export of a random Llama-3-8B-shaped model, to time `lowbit generate` on a real export.
+
+gpu_decode.py times decode on QuantLinear layers built in memory; this writes the same kind of
+model as a user's export (every decoder Linear RTN int4 asymmetric group 128, compressed-tensors
+pack-quantized, embedding and lm_head bf16) with a word-level tokenizer over the whole vocabulary
+(word i is id i), so `lowbit generate OUT --prompt ...` reads it back onto its codes
+(export/packed_load.py) as it would a real model. Built on the GPU where there is one.
+
+    python benchmarks/gpu_export.py --out /tmp/int4-8b
+    lowbit generate /tmp/int4-8b --prompt "w1 w2 w3" --new-tokens 128 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_model import llama3_8b_config  # noqa: E402
+
+from lowbit.export import CompressedTensorsWriter  # noqa: E402
+from lowbit.formats.base import quantize_matrix  # noqa: E402
+from lowbit.formats.integer import IntegerFormat  # noqa: E402
+
+FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
+"""float16 scales, as gpu_decode.py and the kernel table use them: QuantLinear reads them as stored
+(the writer warns that a bf16 model's dense reload rounds them, which a speed run does not mind)."""
+
+
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Word `w{i}` is token i; anything else is w0."""
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0")
+
+
+@torch.no_grad()
+def write_export(config: LlamaConfig, out: Path, device: torch.device) -> Path:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.startswith("model.layers.")]
+    with CompressedTensorsWriter(out) as writer:
+        for name, module in tqdm(linears, desc="RTN int4", unit="linear"):
+            writer.add_quantized(name, quantize_matrix(FMT, module.weight.float()))
+        quantized = {f"{name}.weight" for name, _ in linears}
+        writer.add_tensors({key: value for key, value in model.state_dict().items() if key not in quantized})
+        return writer.finish(config, word_tokenizer(config.vocab_size), extra_metadata={"recipe": {"method": "rtn"}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(write_export(llama3_8b_config(LlamaConfig, args.layers), args.out, device))
+
+
+if __name__ == "__main__":
+    main()
