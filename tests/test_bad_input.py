@@ -166,3 +166,12 @@ def test_gpu_out_of_memory_suggests_offloading(capsys, tiny_model_dir, tmp_path,
     code, out = quantize(capsys, tiny_model_dir, tmp_path / "out")
     assert_refused(code, out, "out of GPU memory", "--offload-activations", "--batch-size")
     assert_nothing_complete(tmp_path / "out")
+
+
+@pytest.mark.parametrize("command", [["eval", "default"], ["generate", "default", "--prompt", "hi"]])
+def test_a_device_this_machine_lacks_is_refused_in_one_line(capsys, command):
+    code, out = run_cli(capsys, *command, "--device", "gpu0")
+    assert_refused(code, out, "'gpu0' is not a device", "cpu, cuda, cuda:N or auto")
+    if not torch.cuda.is_available():
+        code, out = run_cli(capsys, *command, "--device", "cuda")
+        assert_refused(code, out, "no CUDA device is available here", "--device cpu")

@@ -114,9 +114,19 @@ class QuantizeReport:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device as a torch device; a CUDA device this machine lacks is a one-line error, not torch's assertion."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return device
 
 
 def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exporting: bool) -> int:
@@ -429,13 +439,14 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
 
     A KV cache (from the settings, or the one the export's recipe names) scores the model chunk
     by chunk through that cache and the reference through a full-precision one."""
+    device = resolve_device(settings.device)  # before the model loads: a wrong --device fails at once
     model, tokenizer = open_model(source, settings.dtype)
     reference_model = None if reference is None else open_model(reference, settings.dtype)[0]
     text, description = resolve_evaluation_text(data, reference_model or model, tokenizer, settings.seed)
     tokens = tokenize_text(tokenizer, text)
     result = evaluate(
         model, tokens, seq_len=settings.eval_seq_len, max_windows=settings.eval_windows,
-        reference=reference_model, device=resolve_device(settings.device),
+        reference=reference_model, device=device,
         kv_cache=kv_scoring(settings, saved_kv_cache(source)),
     )
     return result, description
