@@ -168,7 +168,8 @@ def test_gpu_out_of_memory_suggests_offloading(capsys, tiny_model_dir, tmp_path,
     assert_nothing_complete(tmp_path / "out")
 
 
-@pytest.mark.parametrize("command", [["eval", "default"], ["generate", "default", "--prompt", "hi"]])
+@pytest.mark.parametrize("command", [["eval", "default"], ["generate", "default", "--prompt", "hi"],
+                                     ["plan", "--target-bits", "4"], ["quantize", "--no-export", "--no-eval"]])
 def test_a_device_this_machine_lacks_is_refused_in_one_line(capsys, command):
     code, out = run_cli(capsys, *command, "--device", "gpu0")
     assert_refused(code, out, "'gpu0' is not a device", "cpu, cuda, cuda:N or auto")

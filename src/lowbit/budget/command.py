@@ -129,11 +129,11 @@ def choose(args: argparse.Namespace, base: Recipe, budget: Budget, settings, con
     from lowbit.models.loading import load_model
 
     options = options_from_args(args, base)
+    device = resolve_device(settings.device)  # before the model loads: a wrong --device fails at once
     loaded = load_model(args.model, settings.dtype)
     calibration, description = resolve_calibration(
         settings.calib, loaded.model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
     )
-    device = resolve_device(settings.device)
     table = sensitivity_for(loaded.model, calibration, base, options, device)
     plan, recipe = plan_budget(loaded.model, table, base, budget, options, calibration, device)
     print_plan(plan, console, title=f"{loaded.name}: plan for {budget.describe()}")

@@ -74,10 +74,10 @@ class _Context:
 
     def __init__(self, source: str | None, settings: CompareSettings, out_dir: Path) -> None:
         self.settings = settings
+        self.device = resolve_device(settings.device)  # before the model loads: a wrong --device fails at once
         self.loaded = load_model(source, settings.dtype)
         self.model: nn.Module = self.loaded.model
         self.architecture: Architecture = architecture_of(self.model)
-        self.device = resolve_device(settings.device)
         self.fingerprint = model_fingerprint(self.model)
         self.linear_names = [
             f"{self.architecture.blocks}.{index}.{name}"
