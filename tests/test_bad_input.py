@@ -176,3 +176,9 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line(capsys, command):
     if not torch.cuda.is_available():
         code, out = run_cli(capsys, *command, "--device", "cuda")
         assert_refused(code, out, "no CUDA device is available here", "--device cpu")
+
+
+def test_compare_with_a_wrong_device_leaves_no_folder(capsys, tmp_path):
+    code, out = run_cli(capsys, "compare", "--device", "gpu0", "--out", str(tmp_path / "cmp"))
+    assert_refused(code, out, "'gpu0' is not a device")
+    assert not (tmp_path / "cmp").exists()

@@ -225,8 +225,8 @@ def run_compare(source: str | None, cells: list[Cell], settings: CompareSettings
     """Run (or read back) every cell; returns the original's row, the cells' rows and run metadata."""
     on_cell = on_cell or (lambda record: None)
     on_note = on_note or (lambda note: None)
+    context = _Context(source, settings, out_dir)  # first: a wrong device or model leaves no folder behind
     out_dir.mkdir(parents=True, exist_ok=True)
-    context = _Context(source, settings, out_dir)
     notes: list[str] = []
 
     def note(text: str) -> None:
