@@ -148,3 +148,33 @@ def test_generate_on_gpu_runs_the_codes_in_a_graph_as_the_dense_reload_does(tmp_
         packed.capture()
         packed.prefill(prompt)
         torch.testing.assert_close(packed.logits, dense.logits, rtol=5e-2, atol=5e-2)
+
+
+def test_generate_chat_feeds_the_prompt_through_the_chat_template(tiny_int4_export):
+    from lowbit.api import generate_text
+    from lowbit.generate import StaticDecoder
+
+    report = generate_text(str(tiny_int4_export), "Hi", new_tokens=4, device="cpu", chat=True)
+    dense, tokenizer = load_quantized(tiny_int4_export)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                        return_dict=True, return_tensors="pt")["input_ids"]
+    decoder = StaticDecoder(dense, batch=1, max_len=ids.shape[1] + 4)
+    decoder.prefill(ids)
+    tokens = decoder.decode(4)[0].tolist()
+    if tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+    assert report.tokens == tokens
+
+
+def test_generate_chat_without_a_template_is_refused_in_one_line(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = tiny_llama()
+    out = export(model, quantize(model, per_layer(IntegerFormat(bits=4, group_size=32))), tmp_path / "out",
+                 PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>"))
+    assert main(["generate", str(out), "--chat", "--prompt", "hello", "--device", "cpu"]) == 2
+    printed = capsys.readouterr().out
+    assert "error:" in printed and "no chat template; drop --chat" in printed and "Traceback" not in printed

@@ -476,13 +476,14 @@ class GenerateReport:
 
 @torch.no_grad()
 def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int = 1, device: str = "auto",
-                  dtype: str = "auto") -> GenerateReport:
+                  dtype: str = "auto", chat: bool = False) -> GenerateReport:
     """Greedy continuation of `prompt` by a model or a lowbit export, in lowbit's static decoder.
 
     On a GPU an export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold
     a layer (export/packed_load.py), and each token step is one CUDA graph. On a CPU it runs on its
     dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
-    call. The prompt is fed `batch` times, so the timing is of that batch size."""
+    call. The prompt is fed `batch` times, so the timing is of that batch size. `chat`: the prompt
+    is a user's message, wrapped in the tokenizer's chat template (instruction-tuned models)."""
     from lowbit.export.packed_load import load_packed
     from lowbit.generate import StaticDecoder
 
@@ -496,7 +497,11 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
         model, packed = model.to(target), 0
     if tokenizer is None:
         raise ValueError(f"{source} has no tokenizer to read the prompt with; export the model with its tokenizer")
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=target).expand(batch, -1)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{source or 'the model'}'s tokenizer has no chat template; drop --chat")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False) if chat else prompt
+    ids = torch.tensor([tokenizer(text, add_special_tokens=not chat)["input_ids"]], device=target).expand(batch, -1)
     decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
     graph = target.type == "cuda"
     start = time.perf_counter()

@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     g.add_argument("--batch", type=_positive, default=1,
                    help="decode the prompt this many times at once, to time that batch size (default 1)")
+    g.add_argument("--chat", action="store_true",
+                   help="the prompt is a user's message: wrap it in the tokenizer's chat template")
     _add_runtime_options(g)
 
     b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
@@ -439,7 +441,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from lowbit.api import generate_text
 
     report = generate_text(None if args.model == "default" else args.model, args.prompt, args.new_tokens,
-                           args.batch, args.device, args.dtype)
+                           args.batch, args.device, args.dtype, args.chat)
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
     for column in ("tokens/s", "ms/step", "warm-up s", "layers on their codes", "step", "CUDA graph"):
         table.add_column(column, justify="right")
@@ -448,7 +450,7 @@ def run_generate(args: argparse.Namespace) -> None:
                   str(report.packed_layers), "fused" if report.fused_step else "modules",
                   "yes" if report.graph else "no")
     console.print(table)
-    console.print(args.prompt + report.text, highlight=False, markup=False)
+    console.print(report.text if args.chat else args.prompt + report.text, highlight=False, markup=False)
 
 
 def run_bench(args: argparse.Namespace) -> None:
