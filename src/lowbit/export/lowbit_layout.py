@@ -121,8 +121,7 @@ def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> 
     if isinstance(fmt, VectorFormat):
         return unpack_extras(unpack_vector_layer(fmt, tensors), tensors)
     rows, columns = (int(v) for v in tensors["weight_shape"])
-    codes = unpack_from_int32(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
-    codes = (codes.to(torch.int16) + (1 << (fmt.bits - 1))).to(torch.uint8)
+    codes = unpack_signed(tensors["weight_codes"], fmt.bits, torch.Size([rows, columns]))
     if isinstance(fmt, LookupFormat):
         table = tensors.get("weight_table")
         if fmt.learned and table is None:
@@ -132,10 +131,17 @@ def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> 
     scale = tensors["weight_scale"]
     zero = None
     if "weight_zero_point" in tensors:
-        packed = unpack_from_int32(tensors["weight_zero_point"], fmt.bits, torch.Size(scale.shape), packed_dim=0)
-        zero = (packed.to(torch.int16) + (1 << (fmt.bits - 1))).to(scale.dtype)
+        zero = unpack_signed(tensors["weight_zero_point"], fmt.bits, scale.shape, packed_dim=0, dtype=scale.dtype)
     qweight = QuantizedWeight(fmt, codes, scale, zero, torch.arange(columns) // group_size)
     return unpack_extras(qweight, tensors)
+
+
+def unpack_signed(packed: torch.Tensor, bits: int, shape: torch.Size, packed_dim: int = 1,
+                  dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Codes or zero points stored signed (value - 2^(bits-1)) and packed into int32 words, as both
+    this layout and compressed-tensors' pack-quantized one write them: the unsigned values, in `dtype`."""
+    values = unpack_from_int32(packed, bits, torch.Size(shape), packed_dim=packed_dim)
+    return (values.to(torch.int16) + (1 << (bits - 1))).to(dtype)
 
 
 def lowbit_scheme(fmt: WeightFormat) -> dict[str, Any]:

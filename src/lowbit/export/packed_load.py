@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.export.layout import PACK_FORMAT
 from lowbit.export.load import load_quantized
-from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD
+from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD, unpack_signed
 from lowbit.export.lowbit_load import load_lowbit_weights
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
 from lowbit.formats.base import QuantizedWeight
@@ -55,45 +55,51 @@ def packed_layers(folder: Path) -> dict[str, QuantizedWeight]:
         return {name: qweight for name, qweight in load_lowbit_weights(folder).items()
                 if isinstance(qweight.format, VectorFormat) and qweight.lowrank is None and qweight.sparse is None}
     layers = {}
-    tensors = _TensorFiles(folder)
     groups = list((config.get("config_groups") or {}).values())
-    for group in groups:
-        weights = group.get("weights") or {}
-        if (group.get("format") != PACK_FORMAT or group.get("input_activations") or weights.get("type") != "int"
-                or weights.get("num_bits") != 4 or weights.get("strategy") not in ("group", "channel")):
-            continue
-        names = [name for name in group.get("targets", []) if f"{name}.weight_packed" in tensors]
-        if not names and len(groups) == 1:  # a class target ("Linear", as llm-compressor writes): every packed layer
-            names = [key.removesuffix(".weight_packed") for key in tensors.names() if key.endswith(".weight_packed")]
-        layers.update({name: _packed_layer(name, weights, tensors) for name in names})
+    with _TensorFiles(folder) as tensors:
+        for group in groups:
+            weights = group.get("weights") or {}
+            if (group.get("format") != PACK_FORMAT or group.get("input_activations") or weights.get("type") != "int"
+                    or weights.get("num_bits") != 4 or weights.get("strategy") not in ("group", "channel")):
+                continue
+            names = [name for name in group.get("targets", []) if f"{name}.weight_packed" in tensors]
+            if not names and len(groups) == 1:  # a class target ("Linear", llm-compressor's): every packed layer
+                names = [key.removesuffix(".weight_packed") for key in tensors.names()
+                         if key.endswith(".weight_packed")]
+            layers.update({name: _packed_layer(name, weights, tensors) for name in names})
     return layers
 
 
 def _packed_layer(name: str, weights: dict, tensors: "_TensorFiles") -> QuantizedWeight:
-    """One pack-quantized layer (export/layout.py: signed codes and zero points, shifted back here)."""
+    """One pack-quantized layer (export/layout.py writes its codes and zero points signed)."""
     rows, columns = (int(v) for v in tensors[f"{name}.weight_shape"])
     scale = tensors[f"{name}.weight_scale"]
     group_size = weights.get("group_size") if weights["strategy"] == "group" else PER_CHANNEL
     fmt = IntegerFormat(4, symmetric=bool(weights.get("symmetric")), group_size=group_size)
-    codes = unpack_from_int32(tensors[f"{name}.weight_packed"], 4, torch.Size([rows, columns]))
-    codes = (codes.to(torch.int16) + 8).to(torch.uint8)
+    codes = unpack_signed(tensors[f"{name}.weight_packed"], 4, torch.Size([rows, columns]))
     zero = None
     if f"{name}.weight_zero_point" in tensors:
-        packed = unpack_from_int32(tensors[f"{name}.weight_zero_point"], 4, torch.Size(scale.shape), packed_dim=0)
-        zero = (packed.to(torch.int16) + 8).to(scale.dtype)
+        zero = unpack_signed(tensors[f"{name}.weight_zero_point"], 4, scale.shape, packed_dim=0, dtype=scale.dtype)
     return QuantizedWeight(fmt, codes, scale, zero, torch.arange(columns) // fmt.group_size_for(columns))
 
 
 class _TensorFiles:
-    """The export's tensors by name, each read from its shard when asked for."""
+    """The export's tensors by name, read from shards opened once (a context manager: they close at its end)."""
 
     def __init__(self, folder: Path) -> None:
         index = folder / INDEX_FILE
-        if index.is_file():
-            self._file = {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            with safe_open(str(folder / SINGLE_FILE), "pt") as handle:
-                self._file = {name: folder / SINGLE_FILE for name in handle.keys()}
+        self._handles = ExitStack()
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_FILE]
+        self._file = {}
+        for file in files:
+            handle = self._handles.enter_context(safe_open(str(folder / file), "pt"))
+            self._file.update({name: handle for name in handle.keys()})
+
+    def __enter__(self) -> "_TensorFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.close()
 
     def names(self) -> list[str]:
         return list(self._file)
@@ -102,5 +108,4 @@ class _TensorFiles:
         return name in self._file
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(str(self._file[name]), "pt") as handle:
-            return handle.get_tensor(name)
+        return self._file[name].get_tensor(name)
