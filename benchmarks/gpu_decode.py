@@ -42,12 +42,13 @@ FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
 MAX_ERROR_RATIO = 1.5
 
 
-def build(layers: int) -> LlamaForCausalLM:
+def build(layers: int, device: str | torch.device = "cuda") -> LlamaForCausalLM:
+    """The random Llama-3-8B-shaped model in bf16, built on `device`."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(llama3_8b_config(LlamaConfig, layers))
     finally:
         torch.set_default_dtype(default)

@@ -20,18 +20,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_model import llama3_8b_config  # noqa: E402
+from gpu_decode import FMT, build  # noqa: E402
 
 from lowbit.export import CompressedTensorsWriter  # noqa: E402
 from lowbit.formats.base import quantize_matrix  # noqa: E402
-from lowbit.formats.integer import IntegerFormat  # noqa: E402
 
-FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
-"""float16 scales, as gpu_decode.py and the kernel table use them: QuantLinear reads them as stored
-(the writer warns that a bf16 model's dense reload rounds them, which a speed run does not mind)."""
+# FMT (gpu_decode.py's) keeps float16 scales, as the kernel table uses them: QuantLinear reads them as
+# stored (the writer warns that a bf16 model's dense reload rounds them, which a speed run does not mind).
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -42,15 +40,8 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 @torch.no_grad()
-def write_export(config: LlamaConfig, out: Path, device: torch.device) -> Path:
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+def write_export(layers: int, out: Path, device: torch.device) -> Path:
+    model = build(layers, device)  # gpu_decode.py's model: same seed, shapes and dtype
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.startswith("model.layers.")]
     with CompressedTensorsWriter(out) as writer:
@@ -58,7 +49,8 @@ def write_export(config: LlamaConfig, out: Path, device: torch.device) -> Path:
             writer.add_quantized(name, quantize_matrix(FMT, module.weight.float()))
         quantized = {f"{name}.weight" for name, _ in linears}
         writer.add_tensors({key: value for key, value in model.state_dict().items() if key not in quantized})
-        return writer.finish(config, word_tokenizer(config.vocab_size), extra_metadata={"recipe": {"method": "rtn"}})
+        return writer.finish(model.config, word_tokenizer(model.config.vocab_size),
+                             extra_metadata={"recipe": {"method": "rtn"}})
 
 
 def main() -> None:
@@ -67,7 +59,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(write_export(llama3_8b_config(LlamaConfig, args.layers), args.out, device))
+    print(write_export(args.layers, args.out, device))
 
 
 if __name__ == "__main__":
