@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -70,6 +70,15 @@ print(k.markdown_table(r))" ;;
                       step "generate_b$b" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
                           --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch "$b"
                   done ;;
+        # The batch-1 generate again, twice: first with the kernels' tunings the generate step left in
+        # Triton's cache (a user's second run), then with only the compiled kernels kept, every shape
+        # timed again (what a second run paid before tunings were kept). Needs the generate step's export.
+        warmup) cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+                for run in cached retuned; do
+                    [ "$run" = retuned ] && find "$cache" -name '*.autotune.json' -delete
+                    step "generate_b1_$run" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
+                        --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch 1
+                done ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \
                     --out "$out/gpu_quant_speed_ranges" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
@@ -89,6 +98,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate ranges profile zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_merged quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile zero_points transfer vq)"; exit 2 ;;
     esac
 done

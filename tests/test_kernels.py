@@ -4,6 +4,7 @@ CUDA) the Triton kernel against float32 dequantize-then-matmul."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import subprocess
 import sys
@@ -334,6 +335,43 @@ def test_tuned_config_is_recorded_after_a_call():
     for m in (1, 16):
         wt.matmul(torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16), packed)
         assert wt.tuned_config(m, packed).startswith("1x" if m == 1 else "16x")
+
+
+_TUNE_ONCE = """
+import sys, torch
+from lowbit.formats.integer import IntegerFormat
+from lowbit.formats.base import quantize_matrix
+from lowbit.kernels import w4a16_triton as wt
+from lowbit.kernels.int4_pack import pack_quantized_weight
+
+weight = torch.randn(320, 1024, generator=torch.Generator().manual_seed(8))
+packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), weight)).to("cuda")
+if sys.argv[1] == "again":
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a shape tuned by an earlier process was timed again")
+    wt._gemv._bench = wt._decode._bench = timed_again
+for m in (1, 16):
+    wt.matmul(torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16), packed)
+    print(wt.tuned_config(m, packed))
+"""
+
+
+@gpu
+def test_a_later_process_loads_the_tuned_config_instead_of_timing_every_candidate(tmp_path):
+    """The first call per shape compiles and times every candidate (most of `lowbit generate`'s
+    warm-up); Triton's cache directory keeps the outcome, so the next process only loads it."""
+    import triton
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("Triton before 3.4 keeps no tuning on disk")
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": path}
+    first, again = (subprocess.run([sys.executable, "-c", _TUNE_ONCE, run], env=env, capture_output=True, text=True)
+                    for run in ("first", "again"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(first.stdout.splitlines()) == 2 and "None" not in first.stdout
+    assert again.stdout == first.stdout
 
 
 @gpu

@@ -438,12 +438,24 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
 
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
-_gemv = triton.autotune(_GEMV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                        do_bench=autotune_bench)(_gemv_kernel)
-_decode = triton.autotune(_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                          do_bench=autotune_bench)(_mma_kernel)
-_prefill = triton.autotune(_PREFILL_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                           do_bench=autotune_bench)(_mma_kernel)
+
+
+def _autotune(configs: list[triton.Config], kernel):
+    """`kernel` tuned per _KEY over `configs` (pruned to the shape by `_prune`, timed by `autotune_bench`).
+
+    Where Triton can (3.4 and later), each shape's timings are kept in Triton's cache directory,
+    keyed by the kernel's source, the GPU architecture and the candidate list: a later process
+    (the next `lowbit generate` or `eval` of a model with these shapes) loads the winner instead
+    of compiling and timing every candidate again, which is most of a first call's minute.
+    """
+    disk_cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                           do_bench=autotune_bench, **disk_cache)(kernel)
+
+
+_gemv = _autotune(_GEMV_CONFIGS, _gemv_kernel)
+_decode = _autotune(_DECODE_CONFIGS, _mma_kernel)
+_prefill = _autotune(_PREFILL_CONFIGS, _mma_kernel)
 
 
 def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activations: str = "bf16"):
