@@ -93,7 +93,7 @@ def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
     assert main(["generate", str(tiny_int4_export), "--prompt", "The capital of France is", "--new-tokens", "6",
                  "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "tokens/s" in out and "warm-up s" in out and "2 x 6 greedy tokens on cpu" in out and "fused" in out
+    assert "tokens/s" in out and "load s" in out and "warm-up s" in out and "2 x 6 greedy tokens on cpu" in out and "fused" in out
 
 
 def test_generate_on_cpu_runs_the_dense_reload_and_gives_its_tokens(tiny_int4_export):

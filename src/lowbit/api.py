@@ -455,14 +455,16 @@ def evaluate_model(source: str | None, data: str | None, reference: str | None, 
 @dataclass
 class GenerateReport:
     """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone; `text`
-    and `tokens` are the first row's, up to its end token. `warmup_seconds`: the graph capture (on
-    a GPU the first step tunes the kernels for each weight shape) and the prompt."""
+    and `tokens` are the first row's, up to its end token. `load_seconds`: reading the model onto
+    the device; `warmup_seconds`: the graph capture (on a GPU the first step tunes the kernels for
+    each weight shape, or loads the tuning an earlier run kept) and the prompt."""
 
     text: str
     tokens: list[int]
     new_tokens: int
     batch: int
     seconds: float
+    load_seconds: float
     warmup_seconds: float
     packed_layers: int
     fused_step: bool
@@ -490,6 +492,7 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if not prompt.strip():
         raise ValueError("the prompt is empty; give --prompt some text")
     target = resolve_device(device)
+    start = time.perf_counter()
     if source is not None and _is_lowbit_export(Path(source)) and target.type == "cuda":
         model, tokenizer, packed = load_packed(Path(source), target, None if dtype == "auto" else getattr(torch, dtype))
     else:
@@ -503,6 +506,8 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
                                          tokenize=False) if chat else prompt
     ids = torch.tensor([tokenizer(text, add_special_tokens=not chat)["input_ids"]], device=target).expand(batch, -1)
     decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
+    _synchronize(target)
+    loaded = time.perf_counter() - start
     graph = target.type == "cuda"
     start = time.perf_counter()
     if graph:
@@ -518,7 +523,7 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if tokenizer.eos_token_id in first:
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
-                          warmup, packed, decoder.fused, graph, str(target))
+                          loaded, warmup, packed, decoder.fused, graph, str(target))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -443,10 +443,10 @@ def run_generate(args: argparse.Namespace) -> None:
     report = generate_text(None if args.model == "default" else args.model, args.prompt, args.new_tokens,
                            args.batch, args.device, args.dtype, args.chat)
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
-    for column in ("tokens/s", "ms/step", "warm-up s", "layers on their codes", "step", "CUDA graph"):
+    for column in ("tokens/s", "ms/step", "load s", "warm-up s", "layers on their codes", "step", "CUDA graph"):
         table.add_column(column, justify="right")
     table.add_row(f"{report.tokens_per_second:.1f}", f"{1e3 * report.seconds / report.new_tokens:.2f}",
-                  f"{report.warmup_seconds:.1f}",
+                  f"{report.load_seconds:.1f}", f"{report.warmup_seconds:.1f}",
                   str(report.packed_layers), "fused" if report.fused_step else "modules",
                   "yes" if report.graph else "no")
     console.print(table)
