@@ -70,13 +70,15 @@ print(k.markdown_table(r))" ;;
                       step "generate_b$b" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
                           --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch "$b"
                   done ;;
-        # The batch-1 generate again, twice: first with the kernels' tunings the generate step left in
-        # Triton's cache (a user's second run), then with only the compiled kernels kept, every shape
-        # timed again (what a second run paid before tunings were kept). Needs the generate step's export.
-        warmup) cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
-                for run in cached retuned; do
-                    [ "$run" = retuned ] && find "$cache" -name '*.autotune.json' -delete
-                    step "generate_b1_$run" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
+        # lowbit generate's warm-up (batch 1, the generate step's export, written first if missing),
+        # each run with its own Triton cache: cold with candidates compiled one by one
+        # (LOWBIT_COMPILE_THREADS=1) and on the thread pool (default), then the latter's cache again
+        # (tunings kept on disk: a user's second run).
+        warmup) [ -d /tmp/int4-8b ] || step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
+                for run in cold_serial:serial:1 cold_parallel:parallel: cached:parallel:; do
+                    IFS=: read -r name cache threads <<< "$run"
+                    step "generate_b1_$name" "${T_GENERATE:-300}" env TRITON_CACHE_DIR="/tmp/triton_$cache" \
+                        LOWBIT_COMPILE_THREADS="$threads" python3 -m lowbit.cli generate /tmp/int4-8b \
                         --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch 1
                 done ;;
         ranges) step ranges "${T_RANGES:-180}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --ranges \

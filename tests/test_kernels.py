@@ -374,6 +374,58 @@ def test_a_later_process_loads_the_tuned_config_instead_of_timing_every_candidat
     assert again.stdout == first.stdout
 
 
+_COMPILE_ON_THREADS = """
+import threading, torch
+from lowbit.formats.integer import IntegerFormat
+from lowbit.formats.base import quantize_matrix
+from lowbit.kernels import reference_w4a16_matmul, w4a16_triton as wt
+from lowbit.kernels.int4_pack import pack_quantized_weight
+
+weight = torch.randn(192, 512, generator=torch.Generator().manual_seed(9))
+packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), weight)).to("cuda")
+on_main_thread = []
+compile_one = wt._decode.fn.compile
+def recording(*args, **kwargs):
+    on_main_thread.append(threading.current_thread() is threading.main_thread())
+    return compile_one(*args, **kwargs)
+wt._decode.fn.compile = recording
+x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+expected = reference_w4a16_matmul(x.float(), packed)
+error = ((wt.matmul(x, packed).float() - expected).norm() / expected.norm()).item()
+print(len(on_main_thread), sum(on_main_thread), error)
+"""
+
+
+@gpu
+@pytest.mark.parametrize("threads", ["", "1"])
+def test_a_shapes_candidates_compile_on_worker_threads_before_timing(tmp_path, threads):
+    """Timing would compile each candidate at its first launch, one after another; they are
+    compiled on a thread pool first (LOWBIT_COMPILE_THREADS=1: on the caller's thread, as before)."""
+    import triton
+
+    if not hasattr(triton, "AsyncCompileMode"):
+        pytest.skip("Triton before 3.5 compiles on the caller's thread only")
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": path, "LOWBIT_COMPILE_THREADS": threads}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_ON_THREADS], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    compiles, on_main_thread, error = run.stdout.split()
+    assert int(compiles) > 1 and float(error) < 1e-2
+    assert int(on_main_thread) == (int(compiles) if threads == "1" else 0)
+
+
+def test_compile_threads_refuses_a_count_that_is_not_a_whole_number(monkeypatch):
+    pytest.importorskip("triton")
+    from lowbit.kernels import w4a16_triton as wt
+
+    monkeypatch.setenv("LOWBIT_COMPILE_THREADS", "4")
+    assert wt.compile_threads() == 4
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("LOWBIT_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="LOWBIT_COMPILE_THREADS"):
+            wt.compile_threads()
+
+
 @gpu
 @pytest.mark.parametrize("m, block_m, block_n, block_k, unpack", [(1, 1, 512, 32, "f16"), (1, 1, 64, 128, "biased"),
                                                                   (16, 16, 64, 128, "paired")])
