@@ -30,6 +30,8 @@ TABLES = {  # results file -> heading in the README
     "gpu_quant_speed_vs_llmcompressor_h200.md": "GPU GPTQ time vs llm-compressor, one H200, 32 layers in one call "
     "(`STEPS=peer bash benchmarks/gpu_run_all.sh`; in this run lowbit ran without transparent huge pages, "
     "llm-compressor with them)",
+    "gpu_quant_speed_vs_llmcompressor_h200_own_defaults.md": "GPU GPTQ time vs llm-compressor, one H200, 32 layers "
+    "in one call, each tool with its own defaults (`STEPS=peer bash benchmarks/gpu_run_all.sh`)",
     "gpu_quant_speed_h200_thp.md": "GPTQ on a Llama-3-8B-shaped model, one H200, with transparent huge pages "
     "as the CLI runs it (`THP_MEM_ALLOC_ENABLE=1 python benchmarks/gpu_quant_speed.py --layers 32`)",
     "gpu_quant_speed_h200_block_memory.md": "GPTQ on a Llama-3-8B-shaped model, one H200, with and without the "
