@@ -47,6 +47,16 @@ def test_pack_round_trip_covers_every_code_and_position():
     assert int(words[0, 0]) & 0xF == int(codes[0, 0]) and (int(words[0, 0]) >> 4) & 0xF == int(codes[0, 1])
 
 
+def test_pack_matches_the_word_by_word_definition():
+    """Every word against the layout as documented, summed one code at a time in Python integers."""
+    codes = torch.randint(0, 16, (5, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    words = pack_int4(codes)
+    for k8 in range(4):
+        for n in range(5):
+            word = sum(int(codes[n, 8 * k8 + j]) << (4 * j) for j in range(8))
+            assert int(words[k8, n]) == (word - (1 << 32) if word >= 1 << 31 else word)
+
+
 def test_pack_refuses_codes_or_widths_it_cannot_hold():
     with pytest.raises(FormatError, match="divisible by 8"):
         pack_int4(torch.zeros(2, 12, dtype=torch.uint8))

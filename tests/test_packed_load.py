@@ -11,8 +11,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lowbit.cli import main
 from lowbit.export import load_quantized
+from lowbit.export.errors import ExportError
 from lowbit.export.packed_load import load_packed, packed_layers
 from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.modules import QuantLinear
 from lowbit.modules.vq_linear import VQLinear
 from tests.test_export import export, logits, per_layer, quantize, tiny_llama
@@ -37,6 +39,7 @@ def test_int4_layers_run_on_their_codes_and_give_the_dense_reloads_logits(tmp_pa
     assert count == len(modules) == swapped
     for name, module in modules.items():
         assert torch.equal(module.dequantized_weight(), qweights[name].dequantize())
+        assert torch.equal(module.qweight, pack_quantized_weight(qweights[name]).qweight)  # the words, read off as is
     torch.testing.assert_close(logits(packed), logits(dense), rtol=1e-5, atol=1e-5)
 
 
@@ -52,22 +55,38 @@ def test_a_single_group_targeting_a_class_reads_every_packed_layer(tmp_path):
     assert set(packed_layers(out)) == set(qweights)
 
 
-def test_a_layer_with_an_online_rotation_stays_dense(tmp_path, monkeypatch):
-    """A pre-hook (an online Hadamard, export/load.py) would be lost with the module it sits on."""
-    from lowbit.export import packed_load
+def test_codes_of_the_wrong_shape_are_a_one_line_error(tmp_path):
+    from safetensors.torch import load_file, save_file
 
     model = tiny_llama()
-    qweights = quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32)))
-    out = export(model, qweights, tmp_path / "out")
+    out = export(model, quantize(model, per_layer(IntegerFormat(bits=4, symmetric=False, group_size=32))),
+                 tmp_path / "out")
+    [file] = out.glob("*.safetensors")
+    tensors = load_file(file)
+    name = "model.layers.0.self_attn.q_proj.weight_packed"
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="q_proj.weight_packed has shape .* the export is damaged"):
+        packed_layers(out)
 
-    def hooked_load(path, device, dtype):
-        loaded, tokenizer = load_quantized(path, device, dtype)
-        loaded.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(lambda module, args: None)
-        return loaded, tokenizer
 
-    monkeypatch.setattr(packed_load, "load_quantized", hooked_load)
-    packed, _, count = load_packed(out)
-    assert count == 13 and isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+def test_layers_with_an_online_rotation_stay_dense_and_keep_it(tmp_path, tiny_model_dir, wikitext):
+    """QuaRot's down projections carry an online Hadamard on their input (restored on load from the
+    export's metadata): they stay dense modules with it; every other int4 layer runs on its codes."""
+    from lowbit.api import Settings, quantize as quantize_model
+    from lowbit.recipes import Recipe
+    from lowbit.transforms.online import has_online_hadamard
+
+    recipe = Recipe(method="rtn", bits=4, group_size=32, transforms=["quarot"])
+    settings = Settings(calib=str(wikitext / "valid.txt"), samples=2, seq_len=32)
+    quantize_model(str(tiny_model_dir), recipe, tmp_path / "out", settings, evaluate_result=False)
+    dense, _ = load_quantized(tmp_path / "out")
+    packed, _, count = load_packed(tmp_path / "out")
+    layers = len(packed.model.layers)
+    down = [layer.mlp.down_proj for layer in packed.model.layers]
+    assert count == 6 * layers and all(isinstance(m, torch.nn.Linear) and has_online_hadamard(m) for m in down)
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, QuantLinear)
+    torch.testing.assert_close(logits(packed), logits(dense), rtol=1e-5, atol=1e-5)
 
 
 def test_vector_quantized_layers_of_a_lowbit_layout_export_run_as_vq_linear(tmp_path):

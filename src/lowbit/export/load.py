@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.offload import remove_dispatch
 from compressed_tensors.quantization import QuantizationScheme
@@ -110,15 +111,22 @@ def _unfinished_run(folder: Path) -> str | None:
 
 
 def load_quantized(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    replacements: Mapping[str, nn.Module] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The exported model with dense weights on `device` (in `dtype`, default the export's), in eval
-    mode, and its tokenizer (None if the export has none)."""
+    mode, and its tokenizer (None if the export has none).
+
+    `replacements` (compressed-tensors exports only): modules that take the named layers' places
+    before the weights are decompressed, so those layers' codes are never decoded to dense weights
+    (export/packed_load.py runs them on their codes)."""
     folder = Path(path)
     problem = check_export_folder(folder)
     if problem:
         raise ExportError(problem)
     if _quant_method(folder) == LOWBIT_QUANT_METHOD:
+        if replacements:
+            raise ValueError("a lowbit-layout export loads dense; swap its layers after loading")
         model = load_lowbit_layout(folder, device, dtype)
         _restore_online_rotations(model, folder)
         return model, _tokenizer(folder)
@@ -129,6 +137,9 @@ def load_quantized(
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ExportError(f"{folder} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}")
+    for name, module in (replacements or {}).items():  # before decompression, which skips them
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module.to(device))
     exact = _fp4_weights(model)
     model.hf_quantizer.compressor.decompress_model(model)
     model_dtype = model.get_input_embeddings().weight.dtype  # the decompressor leaves FP4 layers in bfloat16
@@ -147,9 +158,18 @@ def load_quantized(
 def _restore_online_rotations(model: PreTrainedModel, folder: Path) -> None:
     """Re-attach the online Hadamards of a rotated export (quarot, spinquant), which the checkpoint's
     tensors cannot express: its lowbit.json lists them."""
+    online.restore(model, _online_rotations(folder))
+
+
+def _online_rotations(folder: Path) -> list[dict]:
     metadata = json.loads((folder / METADATA_FILE).read_text()).get("metadata", {}) if (
         folder / METADATA_FILE).is_file() else {}
-    online.restore(model, metadata.get(online.METADATA_KEY, []))
+    return metadata.get(online.METADATA_KEY, [])
+
+
+def online_rotation_layers(path: str | os.PathLike[str]) -> set[str]:
+    """Names of the layers of an export that carry an online Hadamard on their input (restored on load)."""
+    return {layer["module"] for layer in _online_rotations(Path(path))}
 
 
 @torch.no_grad()

@@ -21,35 +21,41 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.export.layout import PACK_FORMAT
-from lowbit.export.load import load_quantized
+from lowbit.export.errors import ExportError
+from lowbit.export.load import load_quantized, online_rotation_layers
 from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD, unpack_signed
 from lowbit.export.lowbit_load import load_lowbit_weights
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
 from lowbit.formats.base import QuantizedWeight
-from lowbit.formats.integer import PER_CHANNEL, IntegerFormat
 from lowbit.formats.vector import VectorFormat
-from lowbit.modules import replace_linears
+from lowbit.kernels.int4_pack import CODES_PER_WORD, PackedInt4
+from lowbit.modules import QuantLinear, replace_linears
 
 
 def load_packed(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, int]:
     """The export as `load_quantized` gives it, with every layer QuantLinear or VQLinear can hold
-    swapped for it, on `device`; and the tokenizer and the number of layers swapped."""
-    model, tokenizer = load_quantized(path, device="cpu", dtype=dtype)
-    swapped = 0
-    for name, qweight in packed_layers(Path(path)).items():
-        linear = model.get_submodule(name)
-        if linear._forward_pre_hooks or linear._forward_hooks:
-            continue  # an online rotation rides on this layer: it stays dense
-        replace_linears(model, {name: qweight})
-        swapped += 1
-    return model.to(device), tokenizer, swapped
+    swapped for it, on `device`; and the tokenizer and the number of layers swapped.
+
+    int4 layers take their places before the export's weights are decompressed, so their codes
+    are read once, as words, and never decoded to dense weights; VQ layers (lowbit-layout exports,
+    which load dense) are swapped after loading. A layer with an online rotation on its input stays
+    dense: the rotation is restored onto the dense module."""
+    folder = Path(path)
+    rotated = online_rotation_layers(folder)
+    layers = {name: layer for name, layer in packed_layers(folder).items() if name not in rotated}
+    with _TensorFiles(folder) as tensors:
+        int4 = {name: QuantLinear(layer, tensors.get(f"{name}.bias")) for name, layer in layers.items()
+                if isinstance(layer, PackedInt4)}
+    model, tokenizer = load_quantized(folder, device="cpu", dtype=dtype, replacements=int4)
+    replace_linears(model, {name: layer for name, layer in layers.items() if name not in int4})
+    return model.to(device), tokenizer, len(layers)
 
 
-def packed_layers(folder: Path) -> dict[str, QuantizedWeight]:
-    """The layers of an export that run on their codes, by module name, as they were quantized:
-    4-bit weight-only integer layers of a compressed-tensors export; the vector-quantized layers
-    of a lowbit-layout one (whose int4 layers all carry outliers or corrections)."""
+def packed_layers(folder: Path) -> dict[str, PackedInt4 | QuantizedWeight]:
+    """The layers of an export that run on their codes, by module name: 4-bit weight-only integer
+    layers of a compressed-tensors export, in the W4A16 kernel's layout; the vector-quantized layers
+    of a lowbit-layout one (whose int4 layers all carry outliers or corrections), as quantized."""
     config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     if config.get("quant_method") == LOWBIT_QUANT_METHOD:
         return {name: qweight for name, qweight in load_lowbit_weights(folder).items()
@@ -70,17 +76,28 @@ def packed_layers(folder: Path) -> dict[str, QuantizedWeight]:
     return layers
 
 
-def _packed_layer(name: str, weights: dict, tensors: "_TensorFiles") -> QuantizedWeight:
-    """One pack-quantized layer (export/layout.py writes its codes and zero points signed)."""
+def _packed_layer(name: str, weights: dict, tensors: "_TensorFiles") -> PackedInt4:
+    """One pack-quantized layer in the kernel's layout, read off its words.
+
+    compressed-tensors stores the codes offset by 8 (export/layout.py writes them signed), so the
+    nibbles of `weight_packed` [N, K / 8] are the unsigned codes, code j of a word in bits 4j ..
+    4j + 3: the kernel's words [K / 8, N] are its transpose, and no code is unpacked. Zero points
+    are packed along the output dimension instead and are few: they are unpacked.
+    """
     rows, columns = (int(v) for v in tensors[f"{name}.weight_shape"])
-    scale = tensors[f"{name}.weight_scale"]
-    group_size = weights.get("group_size") if weights["strategy"] == "group" else PER_CHANNEL
-    fmt = IntegerFormat(4, symmetric=bool(weights.get("symmetric")), group_size=group_size)
-    codes = unpack_signed(tensors[f"{name}.weight_packed"], 4, torch.Size([rows, columns]))
+    scale = tensors[f"{name}.weight_scale"]  # [N, groups]
+    words = tensors[f"{name}.weight_packed"]
+    if columns % CODES_PER_WORD or tuple(words.shape) != (rows, columns // CODES_PER_WORD):
+        raise ExportError(f"{name}.weight_packed has shape {tuple(words.shape)}, not the "
+                          f"({rows}, {columns} / {CODES_PER_WORD}) of a {rows}x{columns} int4 weight; "
+                          "the export is damaged or not lowbit's")
     zero = None
     if f"{name}.weight_zero_point" in tensors:
         zero = unpack_signed(tensors[f"{name}.weight_zero_point"], 4, scale.shape, packed_dim=0, dtype=scale.dtype)
-    return QuantizedWeight(fmt, codes, scale, zero, torch.arange(columns) // fmt.group_size_for(columns))
+    group_size = weights.get("group_size") if weights["strategy"] == "group" else columns
+    return PackedInt4(qweight=words.T.contiguous(), scales=scale.T.contiguous(),
+                      zeros=None if zero is None else zero.T.contiguous(), group_size=group_size,
+                      in_features=columns, out_features=rows)
 
 
 class _TensorFiles:
@@ -109,3 +126,6 @@ class _TensorFiles:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._file[name].get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self[name] if name in self else None
