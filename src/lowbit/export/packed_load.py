@@ -1,12 +1,13 @@
 """Running an export on its codes: 4-bit integer layers as QuantLinear, vector-quantized ones as VQLinear.
 
 `load_quantized` gives every layer a dense weight, which is what evaluation wants. To use the
-speed and memory a quantized export buys, its layers are read back as the QuantizedWeight they
-were written from (codes, scales, zero points, codebooks) and swapped for the modules whose
-matmuls read those codes (modules.replace_linears). Layers neither module holds (other widths,
-sparse outliers or low-rank corrections, quantized inputs, an online rotation hooked onto the
-layer) keep their dense weight, so the model computes the same function either way (up to the
-order of each product's sums).
+speed and memory a quantized export buys, its layers are read back as the modules whose matmuls
+read the codes: an int4 layer's stored words are already the W4A16 kernel's (transposed), so it
+becomes a QuantLinear before the export is decompressed and is never decoded; a VQ layer is read
+back as the QuantizedWeight it was written from and swapped for a VQLinear. Layers neither module
+holds (other widths, sparse outliers or low-rank corrections, quantized inputs, an online rotation
+on the layer's input) keep their dense weight, so the model computes the same function either
+way (up to the order of each product's sums).
 """
 
 from __future__ import annotations
