@@ -426,14 +426,14 @@ def test_a_shapes_candidates_compile_on_worker_threads_before_timing(tmp_path, t
 
 def test_compile_threads_refuses_a_count_that_is_not_a_whole_number(monkeypatch):
     pytest.importorskip("triton")
-    from lowbit.kernels import w4a16_triton as wt
+    from lowbit.kernels.autotune import compile_threads
 
     monkeypatch.setenv("LOWBIT_COMPILE_THREADS", "4")
-    assert wt.compile_threads() == 4
+    assert compile_threads() == 4
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("LOWBIT_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match="LOWBIT_COMPILE_THREADS"):
-            wt.compile_threads()
+            compile_threads()
 
 
 @gpu

@@ -27,18 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.autotuner import Autotuner
 
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels.timing import autotune_bench
+from lowbit.kernels.autotune import autotune
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -441,70 +438,10 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
 
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
-
-
-def compile_threads() -> int:
-    """Threads that compile a shape's candidates (LOWBIT_COMPILE_THREADS, default: the CPU count up to 16)."""
-    value = os.environ.get("LOWBIT_COMPILE_THREADS", "")
-    if not value:
-        return min(16, os.cpu_count() or 1)
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"LOWBIT_COMPILE_THREADS={value!r}: give a whole number of threads, 1 or more")
-    return int(value)
-
-
-class _ParallelCompileAutotuner(Autotuner):
-    """Triton's autotuner, compiling a shape's candidates on a thread pool before it times them.
-
-    Timing compiles each candidate at its first launch, one after another: most of the first
-    minute of `lowbit generate` on an 8B-shaped export. Where the shape's tuning is not on disk yet
-    (`check_disk_cache` is about to time every candidate), they are compiled in parallel first
-    (Triton's AsyncCompileMode), and timing then finds them built. A candidate that fails to
-    compile is left to the timing, which scores it as never winning.
-    """
-
-    _launch: tuple[tuple, dict] | None = None
-
-    def run(self, *args, **kwargs):
-        self._launch = args, kwargs
-        try:
-            return super().run(*args, **kwargs)
-        finally:
-            self._launch = None
-
-    def check_disk_cache(self, tuning_key, configs, bench_fn):
-        def compile_then_time():
-            threads = compile_threads()
-            if threads > 1:
-                args, kwargs = self._launch  # kwargs: the launch's grid and constexprs
-                with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
-                    for config in configs:
-                        self.fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
-            bench_fn()
-
-        return super().check_disk_cache(tuning_key, configs, compile_then_time)
-
-
-def _autotune(configs: list[triton.Config], kernel):
-    """`kernel` tuned per _KEY over `configs` (pruned to the shape by `_prune`, timed by `autotune_bench`).
-
-    Where Triton can (3.4 and later), each shape's timings are kept in Triton's cache directory,
-    keyed by the kernel's source, the GPU architecture and the candidate list: a later process
-    (the next `lowbit generate` of a model with these shapes) loads the winner instead of
-    compiling and timing every candidate again; where it has AsyncCompileMode too (3.5), a
-    shape's first tuning compiles its candidates in parallel.
-    """
-    prune = {"early_config_prune": _prune}
-    if hasattr(triton, "AsyncCompileMode") and hasattr(Autotuner, "check_disk_cache"):
-        return _ParallelCompileAutotuner(kernel, kernel.arg_names, configs, _KEY, None, None, prune_configs_by=prune,
-                                         do_bench=autotune_bench, cache_results=True)
-    disk_cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs, key=_KEY, prune_configs_by=prune, do_bench=autotune_bench, **disk_cache)(kernel)
-
-
-_gemv = _autotune(_GEMV_CONFIGS, _gemv_kernel)
-_decode = _autotune(_DECODE_CONFIGS, _mma_kernel)
-_prefill = _autotune(_PREFILL_CONFIGS, _mma_kernel)
+# Compiled on a thread pool at a shape's first call, each choice kept on disk (kernels/autotune.py).
+_gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel)
+_decode = autotune(_DECODE_CONFIGS, _KEY, _prune, _mma_kernel)
+_prefill = autotune(_PREFILL_CONFIGS, _KEY, _prune, _mma_kernel)
 
 
 def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activations: str = "bf16"):
