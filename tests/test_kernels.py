@@ -424,6 +424,44 @@ def test_a_shapes_candidates_compile_on_worker_threads_before_timing(tmp_path, t
     assert int(on_main_thread) == (int(compiles) if threads == "1" else 0)
 
 
+@pytest.mark.parametrize("threads", ["3", "1"])
+def test_the_autotuner_builds_every_candidate_before_timing_where_its_choice_is_not_on_disk(monkeypatch, threads):
+    """The override's part, on CPU: Triton's disk check (replaced here: it needs a GPU) is told to
+    time; before it does, every candidate is built with the launch's own arguments (warmup=True)."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from lowbit.kernels.autotune import ParallelCompileAutotuner
+
+    if not hasattr(triton, "AsyncCompileMode"):
+        pytest.skip("Triton before 3.5 compiles on the caller's thread only")
+    events = []
+
+    class Kernel:
+        arg_names = ["x", "N"]
+        fn = staticmethod(lambda x, N: None)  # what the autotuner names the kernel by
+
+        def run(self, *args, **kwargs):
+            events.append(("build" if kwargs.get("warmup") else "launch", args, kwargs.get("BLOCK")))
+
+    def timed_on_a_miss(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        return False
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", timed_on_a_miss)
+    monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **meta: events.append(("time", args,
+                                                                                                config.kwargs["BLOCK"])) or 1.0)
+    monkeypatch.setenv("LOWBIT_COMPILE_THREADS", threads)
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
+    tuner = ParallelCompileAutotuner(Kernel(), Kernel.arg_names, configs, ["N"], None, None,
+                                     do_bench=lambda *a, **k: 1.0, cache_results=True)
+    tuner.run("x", 7, grid=(1,), warmup=False)
+    built = [(args, block) for kind, args, block in events if kind == "build"]
+    assert built == ([] if threads == "1" else [(("x", 7), b) for b in (16, 32, 64)])
+    assert [kind for kind, _, _ in events][len(built):] == ["time"] * 3 + ["launch"]
+
+
 def test_compile_threads_refuses_a_count_that_is_not_a_whole_number(monkeypatch):
     pytest.importorskip("triton")
     from lowbit.kernels.autotune import compile_threads
