@@ -3,7 +3,7 @@
 Writes an int4 export of a random Llama-3-8B-shaped model with --layers decoder layers
 (gpu_export.py), then loads it in a fresh process per run, alternating between this checkout and
 a git worktree of --against, so both see the same page cache; reports the median seconds and peak
-resident memory of each.
+resident memory of each (Linux: VmHWM).
 
     python benchmarks/load_packed.py --layers 4 --runs 3 --against HEAD~1 --out benchmarks/results/load_packed_cpu
 """
@@ -26,15 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_export import write_export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Peak memory from VmHWM, which starts afresh with the process's own address space: ru_maxrss would
+# carry over the driver's resident size at the fork (the model it built to write the export).
 MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 import lowbit
 from lowbit.export.packed_load import load_packed
 start = time.perf_counter()
 model, _, swapped = load_packed(sys.argv[1], "cpu")
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                  "swapped": swapped}))
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_kb / 2**20, "swapped": swapped}))
 """
 
 
