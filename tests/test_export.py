@@ -301,3 +301,20 @@ def test_the_reloaded_model_moves_as_a_whole(tmp_path: Path) -> None:
     loaded, _ = load_quantized(out)
     loaded.to("meta")
     assert {tensor.device.type for tensor in [*loaded.parameters(), *loaded.buffers()]} == {"meta"}
+
+
+@pytest.mark.parametrize("columns", [64, 36])
+def test_int4_words_are_compressed_tensors_own(columns: int) -> None:
+    """4-bit codes are packed by lowbit's byte-wise packer where in_features is a multiple of 8, by
+    compressed-tensors' otherwise: the words must be the ones compressed-tensors writes either way."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from lowbit.export.layout import pack_layer
+
+    codes = torch.randint(0, 16, (24, columns), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    codes[0, :16] = torch.arange(16, dtype=torch.uint8)
+    fmt = IntegerFormat(4, symmetric=True, group_size=-1)
+    qweight = QuantizedWeight(fmt, codes, torch.rand(24, 1) + 0.5, None, torch.zeros(columns, dtype=torch.long))
+    _, tensors = pack_layer("layer", qweight)
+    expected = pack_to_int32((codes.to(torch.int16) - 8).to(torch.int8), 4)
+    assert torch.equal(tensors["layer.weight_packed"], expected)
