@@ -36,17 +36,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 
 from lowbit.export.errors import ExportError
 from lowbit.formats.activation import ActivationFormat
 from lowbit.export.float_layout import float_scheme, has_float_layout, pack_float_layer
-from lowbit.export.lowbit_layout import has_lowbit_layout, lowbit_scheme, needs_lowbit_layout, pack_lowbit_layer
+from lowbit.export.lowbit_layout import (has_lowbit_layout, lowbit_scheme, needs_lowbit_layout, pack_lowbit_layer,
+                                         pack_unsigned)
 from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
-from lowbit.kernels.int4_pack import CODES_PER_WORD, pack_int4
 
 PACK_FORMAT = "pack-quantized"
 """compressed-tensors' name for bit-packed integer weights (any of 2..8 bits in 0.20)."""
@@ -195,32 +194,21 @@ def pack_layer(
                    "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key)}
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     tensors = {
-        "weight_packed": _pack_codes(qweight.codes.cpu(), fmt.bits),
+        "weight_packed": pack_unsigned(qweight.codes.cpu(), fmt.bits),
         "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key),
         "weight_shape": torch.tensor([rows, columns], dtype=torch.int64),
     }
     if qweight.zero is not None:
-        zero = _signed(qweight.zero.cpu(), offset)
         if key.strategy == "tensor":
-            tensors["weight_zero_point"] = _per_tensor_as_1d(zero, key)
+            tensors["weight_zero_point"] = _per_tensor_as_1d(_signed(qweight.zero.cpu(), offset), key)
         else:
-            tensors["weight_zero_point"] = pack_to_int32(zero, fmt.bits, packed_dim=0)
+            tensors["weight_zero_point"] = pack_unsigned(qweight.zero.cpu(), fmt.bits, packed_dim=0)
     return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
 
 
 def _signed(values: torch.Tensor, offset: int) -> torch.Tensor:
-    """Unsigned codes or zero points as compressed-tensors stores them: int8, less 2^(bits-1)."""
+    """Unsigned codes or zero points as compressed-tensors stores them unpacked: int8, less 2^(bits-1)."""
     return (values.to(torch.int16) - offset).to(torch.int8)
-
-
-def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """`weight_packed` for unsigned codes [out, in]. 4-bit words are the W4A16 kernel's layout
-    transposed (int4_pack.pack_int4, a byte at a time): the words compressed-tensors' `pack_to_int32`
-    writes, in less time, which every quantized layer of an export spends while the pipeline waits
-    (benchmarks/results/export_pack.md)."""
-    if bits == 4 and codes.shape[1] % CODES_PER_WORD == 0:
-        return pack_int4(codes).T
-    return pack_to_int32(_signed(codes, 1 << (bits - 1)), bits)
 
 
 def _per_tensor_as_1d(param: torch.Tensor, key: SchemeKey) -> torch.Tensor:

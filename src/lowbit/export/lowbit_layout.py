@@ -33,6 +33,7 @@ from lowbit.formats.integer import PER_CHANNEL, IntegerFormat, scale_dtype_from_
 from lowbit.formats.lookup import TABLE_DTYPE, LookupFormat
 from lowbit.formats.minifloat import E5M2, ELEMENTS
 from lowbit.formats.vector import VectorFormat
+from lowbit.kernels.int4_pack import CODES_PER_WORD, pack_int4
 
 LOWBIT_FORMAT = "lowbit-packed"
 LOWBIT_QUANT_METHOD = "lowbit"
@@ -100,17 +101,15 @@ def _pack_grid(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     bits = fmt.bits
     if not qweight.has_trivial_group_index:
         raise ExportError("the lowbit layout stores groups of consecutive columns; use static act-order")
-    signed = (qweight.codes.cpu().to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
     tensors = {
-        "weight_codes": pack_to_int32(signed, bits),
+        "weight_codes": pack_unsigned(qweight.codes.cpu(), bits),
         "weight_scale": qweight.scale.cpu(),
         "weight_shape": torch.tensor([rows, columns], dtype=torch.int64),
     }
     if isinstance(fmt, LookupFormat) and fmt.learned:
         tensors["weight_table"] = fmt.table.cpu().to(TABLE_DTYPE)
     if qweight.zero is not None:  # asymmetric integers: zero points packed along the output axis
-        zero = (qweight.zero.cpu().to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-        tensors["weight_zero_point"] = pack_to_int32(zero, bits, packed_dim=0)
+        tensors["weight_zero_point"] = pack_unsigned(qweight.zero.cpu(), bits, packed_dim=0)
     return tensors
 
 
@@ -134,6 +133,18 @@ def unpack_lowbit_layer(fmt: WeightFormat, tensors: dict[str, torch.Tensor]) -> 
         zero = unpack_signed(tensors["weight_zero_point"], fmt.bits, scale.shape, packed_dim=0, dtype=scale.dtype)
     qweight = QuantizedWeight(fmt, codes, scale, zero, torch.arange(columns) // group_size)
     return unpack_extras(qweight, tensors)
+
+
+def pack_unsigned(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.Tensor:
+    """Codes or zero points packed into int32 words stored signed (value - 2^(bits-1)), as both this
+    layout and compressed-tensors' pack-quantized one write them; the inverse of `unpack_signed`.
+    4-bit codes along the input axis go through int4_pack.pack_int4, a byte at a time: the words
+    compressed-tensors' `pack_to_int32` writes, in less time, which every quantized layer of an
+    export spends while the pipeline waits (benchmarks/results/export_pack.md)."""
+    if bits == 4 and packed_dim == 1 and values.shape[1] % CODES_PER_WORD == 0:
+        return pack_int4(values).T.contiguous()
+    signed = (values.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    return pack_to_int32(signed, bits, packed_dim=packed_dim)
 
 
 def unpack_signed(packed: torch.Tensor, bits: int, shape: torch.Size, packed_dim: int = 1,
