@@ -113,6 +113,9 @@ def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
                  "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "tokens/s" in out and "load s" in out and "warm-up s" in out and "2 x 6 greedy tokens on cpu" in out and "fused" in out
+    # Each phase is announced as it starts: the warm-up can take a minute on a GPU.
+    phases = [out.index(f"{phase}") for phase in ("loading ", "warming up: reading the prompt", "generating 2 x 6 tokens")]
+    assert phases == sorted(phases) and phases[-1] < out.index("tokens/s")
 
 
 def test_generate_on_cpu_runs_the_dense_reload_and_gives_its_tokens(tiny_int4_export):

@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,20 +478,25 @@ class GenerateReport:
 
 @torch.no_grad()
 def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int = 1, device: str = "auto",
-                  dtype: str = "auto", chat: bool = False) -> GenerateReport:
+                  dtype: str = "auto", chat: bool = False,
+                  progress: Callable[[str], None] | None = None) -> GenerateReport:
     """Greedy continuation of `prompt` by a model or a lowbit export, in lowbit's static decoder.
 
     On a GPU an export runs on its codes (QuantLinear's W4A16 kernels, VQLinear) wherever they hold
     a layer (export/packed_load.py), and each token step is one CUDA graph. On a CPU it runs on its
     dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
     call. The prompt is fed `batch` times, so the timing is of that batch size. `chat`: the prompt
-    is a user's message, wrapped in the tokenizer's chat template (instruction-tuned models)."""
+    is a user's message, wrapped in the tokenizer's chat template (instruction-tuned models).
+    `progress` is told each phase as it starts: loading, warming up (on a GPU a new weight shape's
+    kernels are compiled and timed first, which can take a minute), generating."""
     from lowbit.export.packed_load import load_packed
     from lowbit.generate import StaticDecoder
 
     if not prompt.strip():
         raise ValueError("the prompt is empty; give --prompt some text")
     target = resolve_device(device)
+    say = progress or (lambda message: None)
+    say(f"loading {source or 'the default model'} onto {target}")
     start = time.perf_counter()
     if source is not None and _is_lowbit_export(Path(source)) and target.type == "cuda":
         model, tokenizer, packed = load_packed(Path(source), target, None if dtype == "auto" else getattr(torch, dtype))
@@ -509,12 +514,15 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     _synchronize(target)
     loaded = time.perf_counter() - start
     graph = target.type == "cuda"
+    say("warming up: capturing the step as a CUDA graph (a weight shape's first run compiles and times its "
+        "kernels; later runs load the choice)" if graph else "warming up: reading the prompt")
     start = time.perf_counter()
     if graph:
         decoder.capture()
     decoder.prefill(ids)
     _synchronize(target)
     warmup = time.perf_counter() - start
+    say(f"generating {batch} x {new_tokens} tokens")
     start = time.perf_counter()
     tokens = decoder.decode(new_tokens)
     _synchronize(target)

@@ -441,7 +441,8 @@ def run_generate(args: argparse.Namespace) -> None:
     from lowbit.api import generate_text
 
     report = generate_text(None if args.model == "default" else args.model, args.prompt, args.new_tokens,
-                           args.batch, args.device, args.dtype, args.chat)
+                           args.batch, args.device, args.dtype, args.chat,
+                           progress=lambda message: console.print(message, style="dim", highlight=False))
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
     for column in ("tokens/s", "ms/step", "load s", "warm-up s", "layers on their codes", "step", "CUDA graph"):
         table.add_column(column, justify="right")
