@@ -42,7 +42,7 @@ from lowbit.export.errors import ExportError
 from lowbit.formats.activation import ActivationFormat
 from lowbit.export.float_layout import float_scheme, has_float_layout, pack_float_layer
 from lowbit.export.lowbit_layout import (has_lowbit_layout, lowbit_scheme, needs_lowbit_layout, pack_lowbit_layer,
-                                         pack_unsigned)
+                                         pack_unsigned, to_signed)
 from lowbit.formats.binary import BinaryFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR, IntegerFormat
@@ -187,10 +187,9 @@ def pack_layer(
     key = dataclasses.replace(scheme_key(fmt), input_activations=activations)
     _check_params(name, qweight, fmt, key)
 
-    offset = 1 << (fmt.bits - 1)
     if activations is not None and fmt.bits == 8 and fmt.symmetric:
         key = dataclasses.replace(key, compression=INT8_FORMAT)
-        tensors = {"weight": _signed(qweight.codes.cpu(), offset),
+        tensors = {"weight": to_signed(qweight.codes.cpu(), fmt.bits),
                    "weight_scale": _per_tensor_as_1d(qweight.scale.cpu(), key)}
         return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
     tensors = {
@@ -200,15 +199,10 @@ def pack_layer(
     }
     if qweight.zero is not None:
         if key.strategy == "tensor":
-            tensors["weight_zero_point"] = _per_tensor_as_1d(_signed(qweight.zero.cpu(), offset), key)
+            tensors["weight_zero_point"] = _per_tensor_as_1d(to_signed(qweight.zero.cpu(), fmt.bits), key)
         else:
             tensors["weight_zero_point"] = pack_unsigned(qweight.zero.cpu(), fmt.bits, packed_dim=0)
     return key, {f"{name}.{suffix}": tensor.contiguous() for suffix, tensor in tensors.items()}
-
-
-def _signed(values: torch.Tensor, offset: int) -> torch.Tensor:
-    """Unsigned codes or zero points as compressed-tensors stores them unpacked: int8, less 2^(bits-1)."""
-    return (values.to(torch.int16) - offset).to(torch.int8)
 
 
 def _per_tensor_as_1d(param: torch.Tensor, key: SchemeKey) -> torch.Tensor:

@@ -138,8 +138,7 @@ def load_quantized(
         missing = sorted(info["missing_keys"])
         raise ExportError(f"{folder} lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}")
     for name, module in (replacements or {}).items():  # before decompression, which skips them
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module.to(device))
+        model.set_submodule(name, module.to(device))
     exact = _fp4_weights(model)
     model.hf_quantizer.compressor.decompress_model(model)
     model_dtype = model.get_input_embeddings().weight.dtype  # the decompressor leaves FP4 layers in bfloat16

@@ -143,8 +143,12 @@ def pack_unsigned(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch
     export spends while the pipeline waits (benchmarks/results/export_pack.md)."""
     if bits == 4 and packed_dim == 1 and values.shape[1] % CODES_PER_WORD == 0:
         return pack_int4(values).T.contiguous()
-    signed = (values.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
-    return pack_to_int32(signed, bits, packed_dim=packed_dim)
+    return pack_to_int32(to_signed(values, bits), bits, packed_dim=packed_dim)
+
+
+def to_signed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes or zero points as both layouts store them: int8, less 2^(bits-1)."""
+    return (values.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
 def unpack_signed(packed: torch.Tensor, bits: int, shape: torch.Size, packed_dim: int = 1,

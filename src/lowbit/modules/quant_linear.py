@@ -59,17 +59,15 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 {kind} g{self.group_size}"
 
 
-def _module_for(qweight: QuantizedWeight | PackedInt4, bias: torch.Tensor | None) -> nn.Module:
-    if isinstance(qweight, PackedInt4):
-        return QuantLinear(qweight, bias)
+def _module_for(qweight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
     if isinstance(qweight.format, VectorFormat):
         return VQLinear(qweight, bias)
     return QuantLinear.from_quantized(qweight, bias)
 
 
-def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | PackedInt4]) -> nn.Module:
-    """Swap every nn.Linear named in `quantized` (full module names) for a QuantLinear (int4, from a
-    QuantizedWeight or already packed) or a VQLinear (vector-quantized), in place.
+def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> nn.Module:
+    """Swap every nn.Linear named in `quantized` (full module names) for a QuantLinear (int4) or a
+    VQLinear (vector-quantized), in place.
 
     The QuantLinear lands on the device of the linear it replaces. Returns the model.
     """
@@ -79,9 +77,8 @@ def replace_linears(model: nn.Module, quantized: Mapping[str, QuantizedWeight | 
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} is a {type(linear).__name__}, not an nn.Linear; nothing to replace")
-        shape = (qweight.out_features, qweight.in_features) if isinstance(qweight, PackedInt4) else tuple(qweight.shape)
-        if shape != (linear.out_features, linear.in_features):
-            raise ValueError(f"{name}: quantized weight {shape} does not fit the linear's "
+        if tuple(qweight.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"{name}: quantized weight {tuple(qweight.shape)} does not fit the linear's "
                              f"({linear.out_features}, {linear.in_features})")
         module = _module_for(qweight, linear.bias).to(linear.weight.device)
         setattr(parent, child, module)
