@@ -4,11 +4,13 @@ The GEMV is issue-bound on Hopper (an H200's 1.4x bandwidth over an H100 left it
 so instructions per code predict its speed. This compiles `_gemv_kernel` for sm_90 with Triton's
 own ptxas, without a GPU, and disassembles it with the cuobjdump that Triton's wheel carries. It
 declares the arguments the JIT finds aligned on model shapes (w4a16_triton.compile_for_sm90), so
-the loads are vectorised as in the kernel that runs. The
-GEMV has two loops, over groups and over the K tiles of a group; a code costs the inner loop's
-instructions over the codes one thread handles per tile, plus the rest of the outer loop (the
-per-group scale and zero point) over the codes per group. The budget at the copy roofline on an
-H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12 codes/s), everything included.
+the loads are vectorised as in the kernel that runs. With
+the float32 unpacks the GEMV has two loops, over groups and over the K tiles of a group; a code
+costs the inner loop's instructions over the codes one thread handles per tile, plus the rest of
+the outer loop (the per-group scale and zero point) over the codes per group. The f16 unpack
+(F16_PAIRS) has one loop, over K tiles, with the scale and zero point counted per tile. The
+budget at the copy roofline on an H200 is about 3.9 (132 SMs x 128 lanes x 1.98 GHz over 8.5e12
+codes/s), everything included.
 
     python benchmarks/gemv_sass.py --configs 1024x32 1024x64 2048x32   (needs `pip install triton`)
 
@@ -37,15 +39,16 @@ GROUP = 128
 UNPACKS = ("nibble", "biased", "f16")
 
 
-def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: str, prefetch: bool = False,
+def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: str, pipeline: int = 2,
                           warps: int = 4) -> tuple[collections.Counter, str]:
     """SASS opcodes per code of the GEMV compiled for sm_90: its K-tile loop per tile, plus the rest
     of its group loop per group (a K tile that is the whole group is unrolled into the group loop);
     and its occupancy (`occupancy`). `unpack`: one of UNPACKS. F16_PAIRS's staging of x, once per
-    program before the group loop, is not counted."""
+    program before its loop, is not counted. The f16 unpack has one loop, over K tiles, software-
+    pipelined `pipeline` tiles deep; its count per tile includes the scale and zero point."""
     constexprs = {"GROUP": GROUP, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
-                  "F16_PAIRS": unpack == "f16"}
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "F16_PAIRS": unpack == "f16",
+                  "PIPELINE": pipeline}
     sass, registers, shared = compile_sm90(w4a16_triton._gemv_kernel, constexprs, warps, stages=3)
     loops = loop_opcodes(sass)
     codes_per_tile = block_n * block_k / (32 * warps)
@@ -123,7 +126,8 @@ def main() -> None:
                         help="BLOCK_NxBLOCK_K tiles (GEMV, 4 warps); with --mma BLOCK_MxBLOCK_NxBLOCK_K "
                         "(default 16x64x128 16x128x128 64x128x128)")
     parser.add_argument("--symmetric", action="store_true")
-    parser.add_argument("--prefetch", action="store_true", help="GEMV: the PREFETCH variant")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4],
+                        help="GEMV, f16 unpack: software-pipeline depths (PIPELINE)")
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (M > 1) instead of the GEMV")
     parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
     args = parser.parse_args()
@@ -135,10 +139,14 @@ def main() -> None:
     print("|---|---|---:|---|---|")
     for config in args.configs:
         block_n, block_k = (int(v) for v in config.split("x"))
-        for unpack in UNPACKS if block_n >= w4a16_triton.F16_MIN_BLOCK_N else UNPACKS[:2]:
-            per_code, per_sm = gemv_opcodes_per_code(block_n, block_k, args.symmetric, unpack, args.prefetch)
+        variants = [(unpack, 2) for unpack in UNPACKS[:2]]
+        if block_n >= w4a16_triton.F16_MIN_BLOCK_N:
+            variants += [("f16", stages) for stages in args.stages]
+        for unpack, stages in variants:
+            per_code, per_sm = gemv_opcodes_per_code(block_n, block_k, args.symmetric, unpack, stages)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
-            print(f"| {config} | {unpack} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
+            name = f"f16, {stages} stages" if unpack == "f16" else unpack
+            print(f"| {config} | {name} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
 
 
 if __name__ == "__main__":

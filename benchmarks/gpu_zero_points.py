@@ -29,7 +29,7 @@ from lowbit.kernels.timing import graph_time_ms
 
 CASES = [("70B gate/up_proj", 16, "16x64x128 split 2 paired"),
          ("8B gate/up_proj", 16, "16x64x128 split 4 paired"),
-         ("70B gate/up_proj", 1, "1x512x32 split 32 f16 prefetch")]
+         ("70B gate/up_proj", 1, "1x512x32 split 16 f16 pipeline 2")]
 
 
 def time_case(name: str, m: int, config: str) -> dict:

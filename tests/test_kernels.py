@@ -199,7 +199,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
 
 
 def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, paired=False,
-                prefetch=False, f16=False):
+                f16=False, pipeline=2):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning); the split-K sums and
     counters it used come back."""
     import triton
@@ -211,7 +211,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     buffers = [x, packed.qweight, packed.scales, zeros, out, ws, counters]
     if kernel is wt._gemv_kernel:
-        rows, extra = 1, {"BIASED": biased, "PREFETCH": prefetch, "F16_PAIRS": f16}
+        rows, extra = 1, {"BIASED": biased, "F16_PAIRS": f16, "PIPELINE": pipeline}
         buffers.append(wt.staging(x.device, n, k))
     else:
         rows, extra = triton.cdiv(m, block_m), {"PAIRED_DOTS": paired}
@@ -237,16 +237,31 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
      (16, 16, 64, 128, 8, True, None), (50, 64, 64, 128, 2, False, None), (50, 64, 128, 128, 4, True, None),
      (100, 64, 256, 128, 1, True, None), (300, 128, 128, 128, 1, True, None)],  # large-M tiles, swapped
 )
-@pytest.mark.parametrize("variant", [False, True], ids=["plain", "paired-dots-or-prefetch"])
+@pytest.mark.parametrize("variant", [False, True], ids=["plain", "paired-dots-or-pipeline-4"])
 def test_every_kernel_config_matches_the_reference_and_leaves_the_workspace_zero(
         m, block_m, block_n, block_k, split, swap, unpack, symmetric, variant):
     """Each split-K config, called three times on fresh inputs into a NaN-poisoned output: every
     element written, right each time (the self-resetting workspace), workspace zero afterwards.
-    `variant`: PAIRED_DOTS for the tensor-core kernel, PREFETCH for the GEMV."""
-    paired, prefetch = (False, variant) if m == 1 else (variant, False)
+    `variant`: PAIRED_DOTS for the tensor-core kernel, four pipeline stages (not two) for F16_PAIRS."""
+    if m == 1 and unpack != "f16" and variant:
+        pytest.skip("the GEMV's float32 unpacks have no variant")
+    switches = {"paired": variant} if m > 1 else {"biased": unpack == "biased", "f16": unpack == "f16",
+                                                  "pipeline": 4 if variant else 2}
     for call in range(3):
-        _check_one_launch(m, 1024, block_m, block_n, block_k, split, swap, symmetric, seed=10 * m + call,
-                          biased=unpack == "biased", paired=paired, prefetch=prefetch, f16=unpack == "f16")
+        _check_one_launch(m, 1024, block_m, block_n, block_k, split, swap, symmetric, seed=10 * m + call, **switches)
+
+
+@gpu
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("block_n, block_k", [(128, 128), (256, 64), (512, 32), (512, 64), (1024, 32)])
+@pytest.mark.parametrize("split, stages", [(1, 2), (2, 3), (8, 4), (32, 4)])
+def test_f16_gemv_pipelines_match_the_reference_and_leave_the_workspace_zero(block_n, block_k, split, stages,
+                                                                            symmetric):
+    """F16_PAIRS's pipelined loop over K tiles, from more tiles than stages (K = 4096, split 1: 32
+    to 128 tiles) to fewer (split 32: one group, 1 to 4 tiles), three calls each."""
+    for call in range(3):
+        _check_one_launch(1, 4096, 1, block_n, block_k, split, False, symmetric, seed=call, f16=True,
+                          pipeline=stages)
 
 
 def _check_one_launch(m, k, block_m, block_n, block_k, split, swap, symmetric, seed, **switches):
@@ -282,22 +297,38 @@ def test_tensor_core_kernel_compiles_for_hopper(paired, swap, dtype):
     assert compiled.asm["cubin"]
 
 
-@pytest.mark.parametrize("block_n, block_k, unpack, prefetch, symmetric, activations",
-                         [(64, 128, "nibble", False, False, "bf16"), (64, 128, "biased", True, True, "bf16"),
-                          (1024, 32, "biased", False, False, "bf16"), (1024, 32, "biased", True, True, "bf16"),
-                          (512, 32, "f16", False, False, "bf16"), (1024, 64, "f16", True, True, "fp16")])
-def test_gemv_compiles_for_hopper(block_n, block_k, unpack, prefetch, symmetric, activations):
-    """Both row-sum layouts (tiles narrower than 128 columns and not), the three unpacks, PREFETCH;
+@pytest.mark.parametrize("block_n, block_k, unpack, symmetric, activations",
+                         [(64, 128, "nibble", False, "bf16"), (64, 128, "biased", True, "bf16"),
+                          (1024, 32, "biased", False, "bf16"), (1024, 32, "nibble", True, "bf16"),
+                          (512, 32, "f16", False, "bf16"), (1024, 32, "f16", True, "fp16")])
+def test_gemv_compiles_for_hopper(block_n, block_k, unpack, symmetric, activations):
+    """Both row-sum layouts (tiles narrower than 128 columns and not), the three unpacks;
     F16_PAIRS's inline PTX is assembled only here and on a GPU (the interpreter cannot run it)."""
     pytest.importorskip("triton")
     from lowbit.kernels import w4a16_triton as wt
 
     constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "PREFETCH": prefetch,
-                  "F16_PAIRS": unpack == "f16"}
+                  "SPLIT": True, "SWAP_AB": False, "BIASED": unpack == "biased", "F16_PAIRS": unpack == "f16"}
     compiled = wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3,
                                    activations=activations)
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize("block_n, block_k, stages", [(128, 128, 2), (512, 32, 3), (1024, 32, 4)])
+def test_f16_gemv_loads_its_words_asynchronously_for_hopper(block_n, block_k, stages):
+    """F16_PAIRS's loop is software-pipelined: Triton turns its loads into cp.async copies to
+    shared memory, and more stages hold more of them (one shared buffer per stage)."""
+    pytest.importorskip("triton")
+    from lowbit.kernels import w4a16_triton as wt
+
+    def compiled(pipeline):
+        constexprs = {"GROUP": 128, "SYMMETRIC": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                      "SPLIT": True, "SWAP_AB": False, "F16_PAIRS": True, "PIPELINE": pipeline}
+        return wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3)
+
+    deep, shallow = compiled(stages), compiled(stages - 1)
+    assert "cp.async" in deep.asm["ptx"]
+    assert deep.metadata.shared > shallow.metadata.shared
 
 
 def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):
@@ -530,11 +561,9 @@ def test_kernels_in_the_interpreter():
         "        error = float((out.double() - exact).norm() / exact.norm())\n"
         "        assert error < 4e-3, (swap, error)  # the output's own rounding\n"
         "    for biased in (False, True):\n"
-        "        for block_n, block_k, split, prefetch in ((16, 32, 1, False), (32, 64, 2, True), (128, 32, 2, False),\n"
-        "                                                  (128, 32, 1, True)):  # rows across and within threads\n"
+        "        for block_n, block_k, split in ((16, 32, 1), (32, 64, 2), (128, 32, 2)):  # rows across threads, within\n"
         "            out = torch.full((1, 48), float('nan'))\n"
-        "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased,\n"
-        "                        prefetch=prefetch)\n"
+        "            _run_config(wt._gemv_kernel, x[:1], packed, 1, block_n, block_k, split, False, out, biased)\n"
         "            error = float((out - ref[:1]).norm() / ref[:1].norm())\n"
         "            # The biased unpack's sums carry up to 2^11 x the codes (see int4_unpack.biased_code): 1e-4 here,\n"
         "            # well below the 2^-9 a bf16 output is rounded to; the plain unpack is exact up to float32.\n"

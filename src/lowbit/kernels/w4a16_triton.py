@@ -73,37 +73,39 @@ def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap
 GEMV_WARPS = tl.constexpr(4)
 
 
-def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, prefetch: bool = False,
-                 f16: bool = False) -> triton.Config:
-    return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased and not f16, PREFETCH=prefetch,
-                   F16_PAIRS=f16)
+def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, pipeline: int = 0) -> triton.Config:
+    """A GEMV candidate: float32 unpack (biased or not), or with `pipeline` stages the F16_PAIRS one."""
+    if pipeline:
+        return _config(1, bn, bk, split, GEMV_WARPS.value, 3, F16_PAIRS=True, PIPELINE=pipeline)
+    return _config(1, bn, bk, split, GEMV_WARPS.value, 3, BIASED=biased)
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
 # conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.0-3.2 SASS
 # instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.0-5.7 at
 # 64-256 columns (sm_90, gemv_sass_sm90.md). Narrow tiles stay for small N, where only they (with
-# split-K) give every SM work. PREFETCH costs 0.10 to 0.28 instructions per code; split 32 gives
-# more warps per SM to hide load latency. The 512 x 32 tile holds 7 blocks per SM (72 registers)
-# where the wider ones hold 2 to 4: it won 70B gate/up with the biased unpack, 49.5 -> 47.4 us
-# (H200, gpu_kernels_h200_512x32.md).
+# split-K) give every SM work; split 32 gives more warps per SM to hide load latency.
 # F16_PAIRS (`int4_unpack.f16_word_dot`) offers every tile that holds its word rows in one thread: 2.3-2.5
 # instructions per code at 512 and 1024 columns against 3.2-3.7 biased, a third of the
-# integer-pipe work (gemv_sass_sm90.md). The H200 tuner took it, at 512 columns with PREFETCH, on
-# five of the eight M = 1 shapes: 70B gate/up 49.5 -> 41.8 us, 70B q/o 16.1 -> 14.7, 8B q/o 7.6
-# -> 6.6 (gpu_kernels_h200.md of commit e572a97 against that of e181056); the k/v shapes and 8B down,
-# with few column tiles, kept the narrow ones.
+# integer-pipe work (gemv_sass_sm90.md). Its loop is software-pipelined (see _gemv_kernel): in the
+# sm_90 compile, with the words in shared memory rather than registers, the 512 x 32 tile at 3
+# stages needs 56 registers and holds 9 blocks per SM, against 80 and 6 where the next tile's
+# words were prefetched into registers, 512 x 64 72 and 6 against 167 and 3 (gemv_sass_sm90.md,
+# and the same file of commit 6b9e585 for the prefetching loop, since removed). On an H200 the
+# tuner took it on seven of the eight M = 1 shapes: 70B down 43.4 -> 36.6 us, 70B gate/up 41.9 ->
+# 38.8, 8B gate/up 15.3 -> 13.5 (gpu_kernels_h200_m1_pipeline.md against gpu_kernels_h200.md of
+# commit 6b9e585, whose best F16_PAIRS tiles prefetched into registers).
 _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 """F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
 _NARROW_TILES = ((64, 128), (128, 128), (256, 64))
 _WIDE_TILES = ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
-_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
-                  for s in _GEMV_SPLITS for biased in (False, True)]
-                 + [_gemv_config(bn, bk, s, True, prefetch, f16) for bn, bk in _WIDE_TILES
-                    for s in _GEMV_SPLITS for prefetch in (False, True) for f16 in (False, True)]
-                 + [_gemv_config(bn, bk, s, prefetch=prefetch, f16=True) for bn, bk in _NARROW_TILES
-                    if bn >= F16_MIN_BLOCK_N for s in _GEMV_SPLITS for prefetch in (False, True)])
+_F16_TILES = ((128, 128), (256, 64), (512, 32), (512, 64), (1024, 32))
+_PIPELINE_STAGES = (2, 3, 4)
+_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES + _WIDE_TILES
+                  for s in _GEMV_SPLITS for biased in (False, True) if biased or (bn, bk) in _NARROW_TILES]
+                 + [_gemv_config(bn, bk, s, pipeline=stages) for bn, bk in _F16_TILES
+                    for s in _GEMV_SPLITS for stages in _PIPELINE_STAGES])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
@@ -205,6 +207,19 @@ def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexp
 
 
 @triton.jit
+def _f16_tile(words, zero, pairs_ptr, inv_ptr, rows, BLOCK_K: tl.constexpr):
+    """Σ x·(q - z) per word row and column of one K tile, from x's staged fp16 pairs (F16_PAIRS)."""
+    pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
+    even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
+    x04, x26 = tl.split(even)
+    x15, x37 = tl.split(odd)
+    plus_1024_z = f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
+    minus_64_z = f16x2(-64.0 - zero, -64.0 - zero)[None, :]
+    dots = f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None], plus_1024_z, minus_64_z)
+    return dots * tl.load(inv_ptr + rows)[:, None]
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, stage_ptr,
     M, N, K,
@@ -212,14 +227,18 @@ def _gemv_kernel(
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    F16_PAIRS: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, F16_PAIRS: tl.constexpr = False,
+    PIPELINE: tl.constexpr = 2,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
     (per word row and column), so the main loop holds only the unpack and one FMA per code
     (BLOCK_K divides GROUP). F16_PAIRS subtracts the zero point in the unpack instead and sums a
     word's eight products in packed fp16 (int4_unpack.f16_word_dot): the scale alone is left.
+
+    F16_PAIRS walks the span's K tiles in one loop that Triton software-pipelines, PIPELINE tiles'
+    words in flight through shared memory (cp.async), loading the scale and zero point per tile.
+    A loop per group would pipeline nothing: a group holds only GROUP / BLOCK_K tiles.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,6 +247,8 @@ def _gemv_kernel(
     n_mask = offs_n < N
     k_span = K // SPLIT_K
     k_begin = tl.multiple_of(pid_k * k_span, GROUP)  # whole groups (_prune)
+    k_end = k_begin + k_span
+    word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
     # Where a thread holds every word row of its columns (BLOCK_N >= 32 x warps), the rows are
     # summed per group, in registers. Narrower tiles spread rows over warps, where summing them
     # per group costs a shared-memory reduction each time: their sums stay per row and column and
@@ -238,49 +259,26 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
-    k_end = k_begin + k_span
-    # PREFETCH: the next tile's words are loaded before this tile's codes are unpacked, so each
-    # warp has a load in flight while it computes (the loop is not software-pipelined for it).
-    if PREFETCH:
-        next_words = tl.load(word_ptrs + (k_begin // 8) * stride_qk, mask=n_mask[None, :], other=0)
-    else:
-        next_words = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.int32)
     if F16_PAIRS:
-        # This program's x as fp16 pairs and row factors, in its own part of the staging buffer
-        # (after the first words' load is issued, so the two latencies overlap).
+        tl.static_assert(ROWS_IN_THREAD, "F16_PAIRS needs BLOCK_N >= F16_MIN_BLOCK_N")
+        # This program's x as fp16 pairs and row factors, in its own part of the staging buffer.
         n_rows = k_span // 8
         pairs_ptr = stage_ptr + tl.multiple_of((pid_n * SPLIT_K + pid_k) * n_rows * 5, 4)  # 16-byte rows
         inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
         stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
         tl.debug_barrier()  # the rows are read back by other threads of this program
-    for group_begin in range(k_begin, k_end, GROUP):
-        partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-        x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
-        row = (group_begin // GROUP) * stride_sg + offs_n
-        if F16_PAIRS:  # the zero point goes into the unpack: it and the scale are needed first (one wait)
-            scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
-            plus_1024_z = f16x2(1024.0 + zero, 1024.0 + zero)[None, :]
-            minus_64_z = f16x2(-64.0 - zero, -64.0 - zero)[None, :]
-        for k in range(group_begin, group_begin + GROUP, BLOCK_K):
-            if PREFETCH:
-                words = next_words
-                in_span = k + BLOCK_K + offs_w * 8 < k_end  # all or none of the next tile's rows
-                next_words = tl.load(word_ptrs + ((k + BLOCK_K) // 8) * stride_qk,
-                                     mask=in_span[:, None] & n_mask[None, :], other=0)
-            else:
+        for k in tl.range(k_begin, k_end, BLOCK_K, num_stages=PIPELINE):
+            words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
+            scale, zero = _group_scale_zero(s_ptr, z_ptr, (k // GROUP) * stride_sg + offs_n, n_mask, SYMMETRIC)
+            rows = tl.multiple_of((k - k_begin) // 8, BLOCK_K // 8) + offs_w
+            acc += scale * tl.sum(_f16_tile(words, zero, pairs_ptr, inv_ptr, rows, BLOCK_K), axis=0)
+    else:
+        for group_begin in range(k_begin, k_end, GROUP):
+            partial = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+            x_bias = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)  # Σ_j x_j·2^(23-P_j), BIASED only
+            for k in range(group_begin, group_begin + GROUP, BLOCK_K):
                 words = tl.load(word_ptrs + (k // 8) * stride_qk, mask=n_mask[None, :], other=0)
-            if F16_PAIRS:
-                rows = tl.multiple_of((k - k_begin) // 8, BLOCK_K // 8) + offs_w
-                pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
-                even, odd = tl.split(tl.reshape(pairs, (BLOCK_K // 8, 2, 2)))  # pairs 0, 2 | 1, 3
-                x04, x26 = tl.split(even)
-                x15, x37 = tl.split(odd)
-                dots = f16_word_dot(words, x04[:, None], x15[:, None], x26[:, None], x37[:, None],
-                                     plus_1024_z, minus_64_z)
-                partial += dots * tl.load(inv_ptr + rows)[:, None]
-            else:
                 for j in tl.static_range(8):
                     xj = tl.load(x_ptr + k + offs_w * 8 + j).to(tl.float32)
                     if BIASED:
@@ -289,9 +287,8 @@ def _gemv_kernel(
                     else:
                         partial += nibble(words, j, code_mask) * xj[:, None]
                     x_sum += xj
-        if F16_PAIRS:  # the codes came zero-subtracted
-            acc += scale * tl.sum(partial, axis=0)
-        else:  # loaded after the tiles: fewer registers live through them
+            # Loaded after the tiles: fewer registers live through them.
+            row = (group_begin // GROUP) * stride_sg + offs_n
             scale, zero = _group_scale_zero(s_ptr, z_ptr, row, n_mask, SYMMETRIC)
             if ROWS_IN_THREAD:
                 column = tl.sum(partial, axis=0) - tl.sum(x_bias, axis=0)
@@ -481,8 +478,9 @@ def _describe(config: triton.Config) -> str:
     """A config as the benchmark tables name it, e.g. "16x128x128 split 4 swap paired"."""
     kw = config.kwargs
     flags = [name for name, on in (("swap", kw.get("SWAP_AB")), ("paired", kw.get("PAIRED_DOTS")),
-                                   ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS")),
-                                   ("prefetch", kw.get("PREFETCH"))) if on]
+                                   ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS"))) if on]
+    if kw.get("F16_PAIRS"):
+        flags.append(f"pipeline {kw['PIPELINE']}")
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
 
 
