@@ -481,8 +481,11 @@ def test_the_autotuner_builds_every_candidate_before_timing_where_its_choice_is_
         return False
 
     monkeypatch.setattr(Autotuner, "check_disk_cache", timed_on_a_miss)
-    monkeypatch.setattr(Autotuner, "_bench", lambda self, *args, config, **meta: events.append(("time", args,
-                                                                                                config.kwargs["BLOCK"])) or 1.0)
+    def timed(self, *args, config, **meta):
+        events.append(("time", args, config.kwargs["BLOCK"]))
+        return float(config.kwargs["BLOCK"])  # far apart: no finalists to time again
+
+    monkeypatch.setattr(Autotuner, "_bench", timed)
     monkeypatch.setenv("LOWBIT_COMPILE_THREADS", threads)
     configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
     tuner = ParallelCompileAutotuner(Kernel(), Kernel.arg_names, configs, ["N"], None, None,
@@ -491,6 +494,54 @@ def test_the_autotuner_builds_every_candidate_before_timing_where_its_choice_is_
     built = [(args, block) for kind, args, block in events if kind == "build"]
     assert built == ([] if threads == "1" else [(("x", 7), b) for b in (16, 32, 64)])
     assert [kind for kind, _, _ in events][len(built):] == ["time"] * 3 + ["launch"]
+
+
+def test_the_autotuner_times_its_finalists_again_and_keeps_their_medians(monkeypatch):
+    """One noisy timing must not choose: candidates within FINALIST_MARGIN of the fastest are timed
+    REFINE_ROUNDS more times, in turns, and the choice (and what goes to disk) follows the medians."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from lowbit.kernels import autotune
+
+    if not hasattr(triton, "AsyncCompileMode"):
+        pytest.skip("Triton before 3.5 uses triton.autotune as it is")
+    first_round = {16: 1.00, 32: 1.05, 64: 1.10, 128: 2.0}  # 16 lucky once; 128 no finalist
+    later_rounds = {16: [1.3, 1.2, 0.9, 1.3, 1.25], 32: [1.0] * 5, 64: [1.1] * 5}
+    timed = []
+
+    class Kernel:
+        arg_names = ["x", "N"]
+        fn = staticmethod(lambda x, N: None)
+
+        def run(self, *args, **kwargs):
+            pass
+
+    def bench(self, *args, config, **meta):
+        block = config.kwargs["BLOCK"]
+        timed.append(block)
+        rounds_before = timed.count(block) - 1
+        return first_round[block] if rounds_before == 0 else later_rounds[block][rounds_before - 1]
+
+    stored = {}
+
+    def timed_on_a_miss(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        stored.update(self.configs_timings)
+        return False
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", timed_on_a_miss)
+    monkeypatch.setattr(Autotuner, "_bench", bench)
+    monkeypatch.setenv("LOWBIT_COMPILE_THREADS", "1")
+    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64, 128)]
+    tuner = autotune.ParallelCompileAutotuner(Kernel(), Kernel.arg_names, configs, ["N"], None, None,
+                                              do_bench=lambda *a, **k: 1.0, cache_results=True)
+    tuner.run("x", 7, grid=(1,), warmup=False)
+    assert timed[:4] == [16, 32, 64, 128]
+    assert timed[4:] == [16, 32, 64] * autotune.REFINE_ROUNDS
+    assert tuner.best_config.kwargs["BLOCK"] == 32
+    assert {c.kwargs["BLOCK"]: t for c, t in stored.items()} == {16: 1.25, 32: 1.0, 64: 1.1, 128: 2.0}
 
 
 def test_compile_threads_refuses_a_count_that_is_not_a_whole_number(monkeypatch):
