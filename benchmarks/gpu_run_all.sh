@@ -65,17 +65,18 @@ print(k.markdown_table(r))" ;;
                   --peer-timeout "${T_PEER_RUN:-480}" --out "$out/gpu_quant_speed_vs_llmcompressor" ;;
         # `lowbit generate` on an int4 export of the 8B-shaped model (written by gpu_export.py, read
         # back onto its codes), batch 1 and 16: the path a user's export takes.
-        generate) step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
+        generate) [ -d /tmp/int4-8b ] || step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
                   for b in 1 16; do
-                      step "generate_b$b" "${T_GENERATE:-300}" python3 -m lowbit.cli generate /tmp/int4-8b \
+                      step "generate_b$b" "${T_GENERATE:-300}" env TRITON_CACHE_DIR=/tmp/triton_parallel \
+                          python3 -m lowbit.cli generate /tmp/int4-8b \
                           --prompt "w1 w2 w3 w4 w5 w6 w7 w8" --new-tokens 128 --batch "$b"
                   done ;;
         # lowbit generate's warm-up (batch 1, the generate step's export, written first if missing),
         # each run with its own Triton cache: cold with candidates compiled one by one
         # (LOWBIT_COMPILE_THREADS=1) and on the thread pool (default), then the latter's cache again
-        # (tunings kept on disk: a user's second run).
+        # (tunings kept on disk: a user's second run). WARMUP_RUNS (NAME:CACHE:THREADS ...) picks runs.
         warmup) [ -d /tmp/int4-8b ] || step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
-                for run in cold_serial:serial:1 cold_parallel:parallel: cached:parallel:; do
+                for run in ${WARMUP_RUNS:-cold_serial:serial:1 cold_parallel:parallel: cached:parallel:}; do
                     IFS=: read -r name cache threads <<< "$run"
                     step "generate_b1_$name" "${T_GENERATE:-300}" env TRITON_CACHE_DIR="/tmp/triton_$cache" \
                         LOWBIT_COMPILE_THREADS="$threads" python3 -m lowbit.cli generate /tmp/int4-8b \
