@@ -89,12 +89,19 @@ def test_layers_with_an_online_rotation_stay_dense_and_keep_it(tmp_path, tiny_mo
     torch.testing.assert_close(logits(packed), logits(dense), rtol=1e-5, atol=1e-5)
 
 
-def test_vector_quantized_layers_of_a_lowbit_layout_export_run_as_vq_linear(tmp_path):
+def test_vector_quantized_layers_of_a_lowbit_layout_export_run_as_vq_linear(tmp_path, monkeypatch):
+    """The VQ layers take their places before the rest loads: their codes are never decoded."""
+    from lowbit.formats.base import QuantizedWeight
     from tests.test_vq import VQ_RECIPE, quantized_tiny_llama
 
     model, qweights = quantized_tiny_llama(VQ_RECIPE)
     out = export(model, qweights, tmp_path / "out")
+    decoded = []
+    dequantize = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self: decoded.append(self) or dequantize(self))
     packed, _, count = load_packed(out)
+    assert not decoded
+    monkeypatch.undo()
     assert count == len(qweights)
     assert isinstance(packed.get_submodule("model.layers.0.mlp.down_proj"), VQLinear)
     torch.testing.assert_close(logits(packed), logits(model), rtol=1e-4, atol=1e-4)

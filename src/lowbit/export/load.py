@@ -117,17 +117,15 @@ def load_quantized(
     """The exported model with dense weights on `device` (in `dtype`, default the export's), in eval
     mode, and its tokenizer (None if the export has none).
 
-    `replacements` (compressed-tensors exports only): modules that take the named layers' places
-    before the weights are decompressed, so those layers' codes are never decoded to dense weights
-    (export/packed_load.py runs them on their codes)."""
+    `replacements`: modules that take the named layers' places before the weights are decompressed
+    or decoded, so those layers' codes are never decoded to dense weights (export/packed_load.py
+    runs them on their codes)."""
     folder = Path(path)
     problem = check_export_folder(folder)
     if problem:
         raise ExportError(problem)
     if _quant_method(folder) == LOWBIT_QUANT_METHOD:
-        if replacements:
-            raise ValueError("a lowbit-layout export loads dense; swap its layers after loading")
-        model = load_lowbit_layout(folder, device, dtype)
+        model = load_lowbit_layout(folder, device, dtype, replacements)
         _restore_online_rotations(model, folder)
         return model, _tokenizer(folder)
     with _packed_zero_points_on_meta():

@@ -30,7 +30,7 @@ from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
 from lowbit.formats.base import QuantizedWeight
 from lowbit.formats.vector import VectorFormat
 from lowbit.kernels.int4_pack import CODES_PER_WORD, PackedInt4
-from lowbit.modules import QuantLinear, replace_linears
+from lowbit.modules import QuantLinear, VQLinear
 
 
 def load_packed(path: str | os.PathLike[str], device: str | torch.device = "cpu",
@@ -38,19 +38,20 @@ def load_packed(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     """The export as `load_quantized` gives it, with every layer QuantLinear or VQLinear can hold
     swapped for it, on `device`; and the tokenizer and the number of layers swapped.
 
-    int4 layers take their places before the export's weights are decompressed, so their codes
-    are read once, as words, and never decoded to dense weights; VQ layers (lowbit-layout exports,
-    which load dense) are swapped after loading. A layer with an online rotation on its input stays
-    dense: the rotation is restored onto the dense module."""
+    Both take their places before the rest of the export loads, so their codes are read once and
+    never decoded to dense weights. A layer with an online rotation on its input stays dense: the
+    rotation is restored onto the dense module."""
     folder = Path(path)
     rotated = online_rotation_layers(folder)
     layers = {name: layer for name, layer in packed_layers(folder).items() if name not in rotated}
     with _TensorFiles(folder) as tensors:
-        int4 = {name: QuantLinear(layer, tensors.get(f"{name}.bias")) for name, layer in layers.items()
-                if isinstance(layer, PackedInt4)}
-    model, tokenizer = load_quantized(folder, device="cpu", dtype=dtype, replacements=int4)
-    replace_linears(model, {name: layer for name, layer in layers.items() if name not in int4})
+        modules = {name: _on_codes(layer, tensors.get(f"{name}.bias")) for name, layer in layers.items()}
+    model, tokenizer = load_quantized(folder, device="cpu", dtype=dtype, replacements=modules)
     return model.to(device), tokenizer, len(layers)
+
+
+def _on_codes(layer: PackedInt4 | QuantizedWeight, bias: torch.Tensor | None) -> QuantLinear | VQLinear:
+    return QuantLinear(layer, bias) if isinstance(layer, PackedInt4) else VQLinear(layer, bias)
 
 
 def packed_layers(folder: Path) -> dict[str, PackedInt4 | QuantizedWeight]:
@@ -59,8 +60,8 @@ def packed_layers(folder: Path) -> dict[str, PackedInt4 | QuantizedWeight]:
     of a lowbit-layout one (whose int4 layers all carry outliers or corrections), as quantized."""
     config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
     if config.get("quant_method") == LOWBIT_QUANT_METHOD:
-        return {name: qweight for name, qweight in load_lowbit_weights(folder).items()
-                if isinstance(qweight.format, VectorFormat) and qweight.lowrank is None and qweight.sparse is None}
+        vq = load_lowbit_weights(folder, lambda fmt: isinstance(fmt, VectorFormat))
+        return {name: qweight for name, qweight in vq.items() if qweight.lowrank is None and qweight.sparse is None}
     layers = {}
     groups = list((config.get("config_groups") or {}).values())
     with _TensorFiles(folder) as tensors:
