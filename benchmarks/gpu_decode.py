@@ -81,7 +81,8 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     reference = copy.deepcopy(model).float()
     logits = {}
     for b in batches:
-        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1, fuse=False)  # transformers' arithmetic
+        decoder = StaticDecoder(reference, batch=b, max_len=prompt.shape[1] + 1, merge_projections=False,
+                                fuse=False)  # transformers' arithmetic
         decoder.prefill(prompt[:b])
         logits[b] = decoder.logits.double()
     del reference, decoder
@@ -142,7 +143,8 @@ def markdown(result: dict) -> str:
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
              "embedding and lm_head bf16 in both."
-             + (" q/k/v and gate/up merged into one matmul each, in both." if meta.get("merged_projections") else "")
+             + {True: " q/k/v and gate/up merged into one matmul each, in both.",
+                False: " q/k/v and gate/up as separate matmuls, in both."}.get(meta.get("merged_projections"), "")
              + (" Step: `modules` runs the model's norms, rotary embedding and MLP activation as transformers does; "
                 "`fused` runs them through lowbit.kernels.decode_ops (each residual add with the norm after it, "
                 "rotary embedding with the cache write, SiLU with the product, one launch each)." if steps else ""),
@@ -174,8 +176,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=[],
                         help="W4A16 matmul paths the dispatcher may choose among (default all available)")
-    parser.add_argument("--merge", action="store_true",
-                        help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run")
+    parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
+                        help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run "
+                        "(StaticDecoder's default; --no-merge runs them separately)")
     parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
                         help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)), "
                         "each in the same call")

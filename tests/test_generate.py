@@ -72,6 +72,29 @@ def test_merged_projections_give_the_same_logits_and_tokens(kind):
     assert torch.equal(merged.decode(4), plain.decode(4))
 
 
+@pytest.mark.parametrize("kind", ["linear", "int4-asym"])
+def test_merged_linears_keep_their_outputs_as_views_of_the_merged_weights(kind):
+    """Merging costs no memory: each linear reads its slice of the merged module's tensors, and
+    still computes what it did."""
+    from lowbit.formats.integer import IntegerFormat
+    from lowbit.modules.merge import merge_linears
+
+    model = tiny_llama(seed=4, tie=False)
+    if kind != "linear":
+        model = _quantized_copy(model, IntegerFormat(4, symmetric=False, group_size=32))
+    attn = model.model.layers[0].self_attn
+    parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(3, parts[0].in_features, generator=torch.Generator().manual_seed(5))
+    before = [part(x) for part in parts]
+    merged = merge_linears(parts)
+    torch.testing.assert_close(merged(x), torch.cat(before, dim=-1), rtol=1e-5, atol=1e-5)
+    owners = [merged.weight] if kind == "linear" else [merged.qweight, merged.scales, merged.zeros]
+    for part, expected in zip(parts, before):
+        torch.testing.assert_close(part(x), expected, rtol=0, atol=0)
+        held = [part.weight] if kind == "linear" else [part.qweight, part.scales, part.zeros]
+        assert [t.untyped_storage().data_ptr() for t in held] == [t.untyped_storage().data_ptr() for t in owners]
+
+
 def test_merge_linears_refuses_what_cannot_share_one_matmul():
     from lowbit.formats.integer import IntegerFormat
     from lowbit.modules.merge import merge_linears
