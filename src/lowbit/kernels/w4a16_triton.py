@@ -81,13 +81,13 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, pipeline: i
 
 
 # Wide N tiles give each thread more columns per row of words, so the per-row work on x (loads,
-# conversions, sums) is shared by more codes: with the run-time CODE_MASK, 3.0-3.2 SASS
-# instructions per code at 1024 x 32/64 and 2048 x 32 (biased unpack) against 4.0-5.7 at
-# 64-256 columns (sm_90, gemv_sass_sm90.md). Narrow tiles stay for small N, where only they (with
-# split-K) give every SM work; split 32 gives more warps per SM to hide load latency.
-# F16_PAIRS (`int4_unpack.f16_word_dot`) offers every tile that holds its word rows in one thread: 2.3-2.5
-# instructions per code at 512 and 1024 columns against 3.2-3.7 biased, a third of the
-# integer-pipe work (gemv_sass_sm90.md). Its loop is software-pipelined (see _gemv_kernel): in the
+# conversions, sums) is shared by more codes. F16_PAIRS (`int4_unpack.f16_word_dot`) needs a
+# thread to hold its word rows: 2.3-2.5 SASS instructions per code at 512 and 1024 columns against
+# 3.2-3.7 for the biased float32 unpack, a third of the integer-pipe work (gemv_sass_sm90.md), so
+# the float32 unpacks keep only the narrow tiles, for small N, where only they (with split-K) give
+# every SM work: in the H200 tables of this change and the one before (gpu_kernels_h200.md,
+# gpu_kernels_h200_m1_pipeline.md) they took the k/v rows and the wide biased tiles no row.
+# F16_PAIRS's loop is software-pipelined (see _gemv_kernel): in the
 # sm_90 compile, with the words in shared memory rather than registers, the 512 x 32 tile at 3
 # stages needs 56 registers and holds 9 blocks per SM, against 80 and 6 where the next tile's
 # words were prefetched into registers, 512 x 64 72 and 6 against 167 and 3 (gemv_sass_sm90.md,
@@ -99,11 +99,10 @@ _GEMV_SPLITS = (1, 2, 4, 8, 16, 32)
 F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 """F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
 _NARROW_TILES = ((64, 128), (128, 128), (256, 64))
-_WIDE_TILES = ((512, 32), (512, 64), (1024, 32), (1024, 64), (2048, 32))
 _F16_TILES = ((128, 128), (256, 64), (512, 32), (512, 64), (1024, 32))
 _PIPELINE_STAGES = (2, 3, 4)
-_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES + _WIDE_TILES
-                  for s in _GEMV_SPLITS for biased in (False, True) if biased or (bn, bk) in _NARROW_TILES]
+_GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
+                  for s in _GEMV_SPLITS for biased in (False, True)]
                  + [_gemv_config(bn, bk, s, pipeline=stages) for bn, bk in _F16_TILES
                     for s in _GEMV_SPLITS for stages in _PIPELINE_STAGES])
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
