@@ -95,6 +95,25 @@ def test_merged_linears_keep_their_outputs_as_views_of_the_merged_weights(kind):
         assert [t.untyped_storage().data_ptr() for t in held] == [t.untyped_storage().data_ptr() for t in owners]
 
 
+def test_the_decoder_leaves_projections_with_quantized_inputs_separate():
+    """An input quantizer is a forward pre-hook (W8A8 exports load so): a merged matmul would
+    skip it, so q/k/v and gate/up stay separate, and the default decoder rounds as the model does."""
+    from lowbit.formats.activation import ActivationFormat
+    from lowbit.modules.input_quant import quantize_inputs
+
+    model = tiny_llama(seed=6, tie=False)
+    for layer in model.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj):
+            quantize_inputs(linear, ActivationFormat(bits=4))
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    decoder = StaticDecoder(model, batch=1, max_len=8, fuse=False)
+    assert all(qkv is None and gate_up is None for qkv, gate_up in decoder._merged)
+    decoder.prefill(prompt)
+    expected = model(prompt).logits[:, -1].float()
+    torch.testing.assert_close(decoder.logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_merge_linears_refuses_what_cannot_share_one_matmul():
     from lowbit.formats.integer import IntegerFormat
     from lowbit.modules.merge import merge_linears
@@ -103,6 +122,9 @@ def test_merge_linears_refuses_what_cannot_share_one_matmul():
 
     assert merge_linears([nn.Linear(8, 4), nn.Linear(16, 4)]) is None  # different inputs
     assert merge_linears([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)]) is None
+    hooked = nn.Linear(8, 4)
+    hooked.register_forward_pre_hook(lambda module, args: (args[0].round(),))  # as an input quantizer is
+    assert merge_linears([nn.Linear(8, 4), hooked]) is None
     fmt = IntegerFormat(4, symmetric=False, group_size=32)
     q = QuantLinear.from_quantized(quantized(16, 64, fmt))
     assert merge_linears([nn.Linear(64, 16), q]) is None  # a float and an int4 layer

@@ -21,9 +21,13 @@ from lowbit.modules.quant_linear import QuantLinear
 def merge_linears(modules: Sequence[nn.Module]) -> nn.Module | None:
     """One module computing every module's output, concatenated along the last dimension, or None
     where they do not share a form: all nn.Linear (same input size, dtype, device, bias or none)
-    or all QuantLinear whose packed layouts concatenate (int4_pack.concat_outputs). Each module's
-    tensors become views of the merged module's (module.weight = merged.weight[rows], and the
-    packed words, scales and zero points' columns): their old storage is freed."""
+    or all QuantLinear whose packed layouts concatenate (int4_pack.concat_outputs), none with hooks
+    (an input quantizer or an online rotation runs as a forward pre-hook, which the merged module
+    would skip). Each module's tensors become views of the merged module's (module.weight =
+    merged.weight[rows], and the packed words, scales and zero points' columns): their old storage
+    is freed."""
+    if any(m._forward_pre_hooks or m._forward_hooks for m in modules):
+        return None
     if all(type(m) is nn.Linear for m in modules):
         first = modules[0]
         if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype
