@@ -37,8 +37,8 @@ REFINE_ROUNDS = 5
 fastest are timed REFINE_ROUNDS more times, in turns, and ranked by their medians. One timing of a
 few-microsecond kernel is the difference of two graph replays of about forty times its length
 (timing.py flushes L2 between calls), and varies by about a tenth: an H200 run took a GEMV tile
-at 7.5 us for 8B q/o_proj where another run's choice took 6.7 (gpu_kernels_h200.md against
-gpu_kernels_h200_m1_pipeline.md)."""
+at 7.5 us for 8B q/o_proj where another run's choice took 6.7 (gpu_kernels_h200_before_finalists.md
+against gpu_kernels_h200_m1_pipeline.md)."""
 
 
 def _first(timing) -> float:
@@ -100,7 +100,8 @@ def autotune(configs: list[triton.Config], key: list[str], prune: Callable, kern
 
     Where Triton can (3.4 and later), each shape's timings are kept in Triton's cache directory,
     keyed by the kernel's source, the GPU architecture and the candidate list; where it has
-    AsyncCompileMode too (3.5), a shape's first tuning compiles its candidates in parallel.
+    AsyncCompileMode too (3.5), a shape's first tuning compiles its candidates in parallel and
+    times its finalists again (ParallelCompileAutotuner).
     """
     prune_by = {"early_config_prune": prune}
     if hasattr(triton, "AsyncCompileMode") and hasattr(Autotuner, "check_disk_cache"):

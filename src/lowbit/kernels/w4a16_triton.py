@@ -85,8 +85,8 @@ def _gemv_config(bn: int, bk: int, split: int, biased: bool = False, pipeline: i
 # thread to hold its word rows: 2.3-2.5 SASS instructions per code at 512 and 1024 columns against
 # 3.2-3.7 for the biased float32 unpack, a third of the integer-pipe work (gemv_sass_sm90.md), so
 # the float32 unpacks keep only the narrow tiles, for small N, where only they (with split-K) give
-# every SM work: in the H200 tables of this change and the one before (gpu_kernels_h200.md,
-# gpu_kernels_h200_m1_pipeline.md) they took the k/v rows and the wide biased tiles no row.
+# every SM work (in gpu_kernels_h200.md and gpu_kernels_h200_m1_pipeline.md, with the wide biased
+# tiles still on offer, the narrow ones took the k/v rows and the wide ones no row).
 # F16_PAIRS's loop is software-pipelined (see _gemv_kernel): in the
 # sm_90 compile, with the words in shared memory rather than registers, the 512 x 32 tile at 3
 # stages needs 56 registers and holds 9 blocks per SM, against 80 and 6 where the next tile's
