@@ -13,6 +13,7 @@ pack-quantized, embedding and lm_head bf16) with a word-level tokenizer over the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,10 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import FMT, build  # noqa: E402
 
 from lowbit.export import CompressedTensorsWriter  # noqa: E402
-from lowbit.formats.base import quantize_matrix  # noqa: E402
+from lowbit.formats.base import QuantizedWeight, quantize_matrix  # noqa: E402
+from lowbit.formats.vector import VectorFormat  # noqa: E402
 
 # FMT (gpu_decode.py's) keeps float16 scales, as the kernel table uses them: QuantLinear reads them as
 # stored (the writer warns that a bf16 model's dense reload rounds them, which a speed run does not mind).
+
+
+VQ_FMT = VectorFormat(dim=4, bits=8, row_scale=True)
+
+
+def random_vq_weight(fmt: VectorFormat, weight: torch.Tensor) -> QuantizedWeight:
+    """`weight`'s shape in `fmt`, with random codes and codebook: what a load reads, not a fit."""
+    rows, columns = weight.shape
+    generator = torch.Generator(device=weight.device).manual_seed(rows * 7 + columns)
+    book = torch.randn(1, 1 << fmt.bits, fmt.dim, generator=generator, device=weight.device).half().float()
+    codes = torch.randint(0, 1 << fmt.bits, (1, rows, columns // fmt.dim), generator=generator,
+                          device=weight.device, dtype=torch.int32)
+    return QuantizedWeight(format=dataclasses.replace(fmt, codebooks=(book,)), codes=codes,
+                           scale=fmt.fit(weight).scale, zero=None,
+                           group_index=torch.zeros(columns, dtype=torch.long, device=weight.device))
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -40,13 +57,16 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 @torch.no_grad()
-def write_export(layers: int, out: Path, device: torch.device) -> Path:
+def write_export(layers: int, out: Path, device: torch.device, kind: str = "int4") -> Path:
+    """`kind` "int4": every decoder Linear RTN int4 (compressed-tensors); "vq": 8-bit codes of
+    4-vectors (lowbit's layout), from one random codebook, for load timings only."""
     model = build(layers, device)  # gpu_decode.py's model: same seed, shapes and dtype
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.startswith("model.layers.")]
+    quantized = quantize_matrix if kind == "int4" else random_vq_weight
     with CompressedTensorsWriter(out) as writer:
-        for name, module in tqdm(linears, desc="RTN int4", unit="linear"):
-            writer.add_quantized(name, quantize_matrix(FMT, module.weight.float()))
+        for name, module in tqdm(linears, desc=f"{kind} codes", unit="linear"):
+            writer.add_quantized(name, quantized(FMT if kind == "int4" else VQ_FMT, module.weight.float()))
         quantized = {f"{name}.weight" for name, _ in linears}
         writer.add_tensors({key: value for key, value in model.state_dict().items() if key not in quantized})
         return writer.finish(model.config, word_tokenizer(model.config.vocab_size),
