@@ -14,6 +14,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4
+    from transformers.modeling_utils import no_init_weights
+
 from lowbit.export.errors import ExportError
 from lowbit.export.lowbit_layout import format_from_description, unpack_lowbit_layer
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
@@ -72,7 +77,8 @@ def load_lowbit_layout(folder: Path, device: str | torch.device, dtype: torch.dt
     quantization = config.quantization_config
     del config.quantization_config
     dtype = dtype or config.dtype or torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every tensor is loaded below (or reported missing): no random fill first
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replaced = set(replacements or {})
     for name, module in (replacements or {}).items():
         model.set_submodule(name, module)
