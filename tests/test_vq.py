@@ -188,6 +188,19 @@ VQ_RECIPE = Recipe(method="vq", format="vq", bits=6, group_size=-1,
                    format_options={"dim": 4, "residual_bits": 4, "row_scale": True})
 
 
+def test_export_of_a_bfloat16_model_does_not_warn_of_rounded_scales(tmp_path):
+    """lowbit's layout decodes with the stored scales in float32 whatever the model's dtype, so the
+    writer's warning about scales rounded to the model dtype (true of compressed-tensors layers)
+    does not apply."""
+    import warnings
+
+    model, qweights = quantized_tiny_llama(VQ_RECIPE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(model.to(torch.bfloat16), qweights, tmp_path / "out")
+    assert not [w for w in caught if "rounds them" in str(w.message)]
+
+
 def test_export_reloads_exactly_and_stores_the_counted_bits(tmp_path):
     model, qweights = quantized_tiny_llama(VQ_RECIPE)
     out = export(model, qweights, tmp_path / "out")

@@ -37,7 +37,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizer
 import lowbit
 from lowbit.export.errors import ExportError
 from lowbit.export.layout import SchemeKey, pack_layer
-from lowbit.export.lowbit_layout import LOWBIT_FORMAT, LOWBIT_QUANT_METHOD
+from lowbit.export.lowbit_layout import LOWBIT_FORMAT, LOWBIT_QUANT_METHOD, needs_lowbit_layout
 from lowbit.export.shards import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensors
 from lowbit.export.skeleton import ModelSkeleton
 from lowbit.export.staging import StagingDir
@@ -109,7 +109,8 @@ class CompressedTensorsWriter:
         self._packed_names.update(tensors)
         self._schemes[module_name] = key
         self._shapes[module_name] = (int(qweight.shape[0]), int(qweight.shape[1]))
-        self._scale_dtypes.add(qweight.scale.dtype)
+        if not needs_lowbit_layout(qweight):  # lowbit's own layout decodes in float32, whatever the model's dtype
+            self._scale_dtypes.add(qweight.scale.dtype)
 
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store unquantized tensors (embeddings, norms, lm_head, biases) under their state-dict names.
