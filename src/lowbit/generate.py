@@ -76,8 +76,7 @@ class StaticDecoder:
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        gated = all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        gate_up = merge_linears([mlp.gate_proj, mlp.up_proj]) if gated else None
+        gate_up = merge_linears([mlp.gate_proj, mlp.up_proj]) if _gated(mlp) else None
         return qkv, gate_up
 
     @torch.no_grad()
@@ -198,7 +197,10 @@ def _fusable(inner: nn.Module) -> bool:
     """Whether every norm and MLP is one whose arithmetic decode_ops reproduces (RMS_NORMS, SiLU gating)."""
     norms = [inner.norm] + [norm for layer in inner.layers
                             for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-    gated = all(hasattr(layer.mlp, name) for layer in inner.layers
-                for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-    return (gated and all(type(n).__name__ in RMS_NORMS for n in norms)
+    return (all(_gated(layer.mlp) for layer in inner.layers) and all(type(n).__name__ in RMS_NORMS for n in norms)
             and all(type(layer.mlp.act_fn).__name__ in SILUS for layer in inner.layers))
+
+
+def _gated(mlp: nn.Module) -> bool:
+    """Whether the MLP is Llama's down(act(gate(x)) · up(x)), with those modules by those names."""
+    return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))

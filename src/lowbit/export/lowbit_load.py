@@ -5,12 +5,10 @@ low-rank correction runs it as a side branch (modules.lowrank_linear) instead of
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -21,20 +19,15 @@ except ImportError:  # transformers 4
 
 from lowbit.export.errors import ExportError
 from lowbit.export.lowbit_layout import format_from_description, unpack_lowbit_layer
-from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
+from lowbit.export.shards import ShardedTensors
 from lowbit.formats.base import LowRankCorrection, WeightFormat, QuantizedWeight
 from lowbit.modules.lowrank_linear import attach_lowrank
 
 
 def _read_tensors(folder: Path, wanted: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
     """The export's tensors whose names `wanted` accepts (the others are never read)."""
-    index = folder / INDEX_FILE
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_FILE]
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(folder / file), "pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys() if wanted(name)})
-    return tensors
+    with ShardedTensors(folder) as tensors:
+        return {name: tensors[name] for name in tensors.names() if wanted(name)}
 
 
 def _targets(quantization: dict, kept: Callable[[WeightFormat], bool]) -> dict[str, WeightFormat]:

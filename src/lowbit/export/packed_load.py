@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lowbit.export.layout import PACK_FORMAT
@@ -26,7 +24,7 @@ from lowbit.export.errors import ExportError
 from lowbit.export.load import load_quantized, online_rotation_layers
 from lowbit.export.lowbit_layout import LOWBIT_QUANT_METHOD, unpack_signed
 from lowbit.export.lowbit_load import load_lowbit_weights
-from lowbit.export.shards import INDEX_FILE, SINGLE_FILE
+from lowbit.export.shards import ShardedTensors
 from lowbit.formats.base import QuantizedWeight
 from lowbit.formats.vector import VectorFormat
 from lowbit.kernels.int4_pack import CODES_PER_WORD, PackedInt4
@@ -44,7 +42,7 @@ def load_packed(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     folder = Path(path)
     rotated = online_rotation_layers(folder)
     layers = {name: layer for name, layer in packed_layers(folder).items() if name not in rotated}
-    with _TensorFiles(folder) as tensors:
+    with ShardedTensors(folder) as tensors:
         modules = {name: _on_codes(layer, tensors.get(f"{name}.bias")) for name, layer in layers.items()}
     model, tokenizer = load_quantized(folder, device="cpu", dtype=dtype, replacements=modules)
     return model.to(device), tokenizer, len(layers)
@@ -64,7 +62,7 @@ def packed_layers(folder: Path) -> dict[str, PackedInt4 | QuantizedWeight]:
         return {name: qweight for name, qweight in vq.items() if qweight.lowrank is None and qweight.sparse is None}
     layers = {}
     groups = list((config.get("config_groups") or {}).values())
-    with _TensorFiles(folder) as tensors:
+    with ShardedTensors(folder) as tensors:
         for group in groups:
             weights = group.get("weights") or {}
             if (group.get("format") != PACK_FORMAT or group.get("input_activations") or weights.get("type") != "int"
@@ -78,7 +76,7 @@ def packed_layers(folder: Path) -> dict[str, PackedInt4 | QuantizedWeight]:
     return layers
 
 
-def _packed_layer(name: str, weights: dict, tensors: "_TensorFiles") -> PackedInt4:
+def _packed_layer(name: str, weights: dict, tensors: ShardedTensors) -> PackedInt4:
     """One pack-quantized layer in the kernel's layout, read off its words.
 
     compressed-tensors stores the codes offset by 8 (export/layout.py writes them signed), so the
@@ -100,34 +98,3 @@ def _packed_layer(name: str, weights: dict, tensors: "_TensorFiles") -> PackedIn
     return PackedInt4(qweight=words.T.contiguous(), scales=scale.T.contiguous(),
                       zeros=None if zero is None else zero.T.contiguous(), group_size=group_size,
                       in_features=columns, out_features=rows)
-
-
-class _TensorFiles:
-    """The export's tensors by name, read from shards opened once (a context manager: they close at its end)."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / INDEX_FILE
-        self._handles = ExitStack()
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_FILE]
-        self._file = {}
-        for file in files:
-            handle = self._handles.enter_context(safe_open(str(folder / file), "pt"))
-            self._file.update({name: handle for name in handle.keys()})
-
-    def __enter__(self) -> "_TensorFiles":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handles.close()
-
-    def names(self) -> list[str]:
-        return list(self._file)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._file[name].get_tensor(name)
-
-    def get(self, name: str) -> torch.Tensor | None:
-        return self[name] if name in self else None

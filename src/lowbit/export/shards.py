@@ -4,7 +4,7 @@ Tensors are buffered until the next one would push the buffer past the shard lim
 so memory holds at most about one shard. The final names (`model-00001-of-00003.safetensors`)
 need the shard count, which is only known at the end: shards are written under provisional names
 and renamed by `finish`, which also writes `model.safetensors.index.json` (or leaves a single
-`model.safetensors` when everything fit in one shard).
+`model.safetensors` when everything fit in one shard). `ShardedTensors` reads them back by name.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lowbit.export.errors import ExportError
@@ -88,3 +89,35 @@ class ShardedSafetensors:
         self._written.append((path, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0
+
+
+class ShardedTensors:
+    """An export's tensors by name, each read when asked for, from shards opened once (a context
+    manager: they close at its end)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / INDEX_FILE
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_FILE]
+        self._handles = ExitStack()
+        self._file = {}
+        for file in files:
+            handle = self._handles.enter_context(safe_open(str(folder / file), "pt"))
+            self._file.update({name: handle for name in handle.keys()})
+
+    def __enter__(self) -> "ShardedTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handles.close()
+
+    def names(self) -> list[str]:
+        return list(self._file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file[name].get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self[name] if name in self else None

@@ -5,7 +5,7 @@ rotary embedding of q and k and their write into the KV cache, SiLU(gate)·up. R
 transformers' modules that is many tiny kernels per layer (an RMSNorm alone is eight: cast,
 square, mean, add, rsqrt, multiply, cast, scale), each a launch of its own even inside a CUDA
 graph: a batch-1 step of an 8B-shaped model ran 1308 kernels that way and 405 this way
-(benchmarks/results/gpu_decode_h200.md). Each function here is one Triton launch on CUDA and,
+(benchmarks/results/gpu_decode_h200_separate.md). Each function here is one Triton launch on CUDA and,
 elsewhere, the modules' own torch arithmetic. The kernels round
 to the activations' dtype where the modules do (after the norm, after each rotary product, after
 the SiLU), so the two differ only in the order of the norm's sum and the last bit of rsqrt and exp.
@@ -17,6 +17,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 try:
     import triton
@@ -109,11 +110,6 @@ product into one unrounded bf16 FMA: 4 units in the last place apart from the mo
 products nearly cancel (seen on an H200)."""
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                              pos: torch.Tensor) -> torch.Tensor:
@@ -122,8 +118,7 @@ def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q = q.reshape(batch, 1, -1, dim).transpose(1, 2)
     k = k.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
     v = v.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys.index_copy_(2, pos, k)
     values.index_copy_(2, pos, v)
     return q
