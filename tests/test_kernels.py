@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -377,6 +378,11 @@ def test_f16_gemv_loads_its_words_asynchronously_for_hopper(block_n, block_k, st
     deep, shallow = compiled(stages), compiled(stages - 1)
     assert "cp.async" in deep.asm["ptx"]
     assert deep.metadata.shared > shallow.metadata.shared
+    # The words travel 16 bytes a copy: where Triton lost their alignment (column-tile addressing,
+    # Triton 3.6), each of a thread's words per tile was a 4-byte copy of its own, in every stage.
+    words_per_thread = block_k // 8 * block_n // (32 * wt.GEMV_WARPS.value)
+    four_byte = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (?:0x4|4),", deep.asm["ptx"])
+    assert len(four_byte) < words_per_thread
 
 
 def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):

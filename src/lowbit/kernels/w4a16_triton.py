@@ -228,9 +228,12 @@ def _column_words(qw_ptr, n0, stride_qk, stride_qt, BLOCK_N: tl.constexpr):
     The words lie in column tiles of T = stride_qk columns, tile t at t·stride_qt: word (r, n) at
     (n // T)·stride_qt + r·T + n % T (int4_pack.tile_columns). The plain [K / 8, N] layout is one
     tile, T = N. A program's columns lie in one tile (BLOCK_N divides T, _prune), so the split is
-    two scalar operations per program and the columns stay contiguous for vectorised loads.
+    two scalar operations per program. Their result is a multiple of 16 words (BLOCK_N divides
+    n0 % T; stride_qt is (K / 8)·T), said outright: Triton 3.6 infers no divisibility through a
+    division by a run-time value, and loaded the words 4 bytes at a time (sm_90 compile).
     """
-    return qw_ptr + (n0 // stride_qk) * stride_qt + n0 % stride_qk + tl.arange(0, BLOCK_N)
+    first = tl.multiple_of((n0 // stride_qk) * stride_qt + n0 % stride_qk, 16)
+    return qw_ptr + first + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
