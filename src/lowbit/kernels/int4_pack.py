@@ -12,9 +12,6 @@ Layout, for a weight of `out_features` N rows and `in_features` K columns (y = x
     16-row tile takes 109.1 us with uint8 zero points against 75.8 with float16 ones and 75.7
     without any (symmetric; 70B gate/up_proj, M = 16, one pinned config,
     gpu_zero_points_h200_bits.md), and at M = 1 the two are as fast (46.4 against 46.7 us);
-  * or `qweight` int32 [N / T, K / 8, T], the same words in column tiles of T (`tile_columns`): a
-    kernel program that reads T columns (or a divisor of T) then streams one contiguous run of
-    memory instead of K / 8 runs of 4·T bytes, N·4 bytes apart;
   * `input_perm` int64 [K] or None: GPTQ act-order stores groups in processing order (a non-trivial
     `group_index`); sorting the columns by group makes every group contiguous again, so
     x Wᵀ = x[:, perm] W[:, perm]ᵀ runs the same kernel after one gather of x's columns.
@@ -51,17 +48,6 @@ class PackedInt4:
     def symmetric(self) -> bool:
         return self.zeros is None
 
-    @property
-    def column_tile(self) -> int | None:
-        """T where the words lie in column tiles ([N / T, K / 8, T]), None for the plain [K / 8, N]."""
-        return self.qweight.shape[-1] if self.qweight.dim() == 3 else None
-
-    def plain_qweight(self) -> torch.Tensor:
-        """The words as [K / 8, N] whatever the layout: what the reference paths unpack."""
-        if self.column_tile is None:
-            return self.qweight
-        return self.qweight.permute(1, 0, 2).reshape(self.in_features // CODES_PER_WORD, self.out_features)
-
     def to(self, device: torch.device | str) -> "PackedInt4":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedInt4(move(self.qweight), move(self.scales), move(self.zeros), self.group_size,
@@ -74,7 +60,7 @@ class PackedInt4:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] weight in the original column order."""
-        codes = unpack_int4(self.plain_qweight(), self.in_features).float()  # [N, K], permuted columns
+        codes = unpack_int4(self.qweight, self.in_features).float()  # [N, K], permuted columns
         group = torch.arange(self.in_features, device=codes.device) // self.group_size
         scales = self.scales.float()[group].T
         zeros = SYMMETRIC_ZERO if self.zeros is None else self.zeros.float()[group].T
@@ -84,33 +70,22 @@ class PackedInt4:
         return weight
 
 
-def tile_columns(packed: PackedInt4, tile: int) -> PackedInt4:
-    """`packed` with its words in column tiles of `tile` (see the module docstring); scales and
-    zero points stay [K / G, N]: a program reads one row of them per group, not per word row."""
-    if tile % 128 or packed.out_features % tile:
-        raise FormatError(f"column tiles of {tile} need out_features ({packed.out_features}) divisible by the tile, "
-                          "and the tile a multiple of 128")
-    words = packed.plain_qweight().reshape(packed.in_features // CODES_PER_WORD, packed.out_features // tile, tile)
-    return PackedInt4(words.permute(1, 0, 2).contiguous(), packed.scales, packed.zeros, packed.group_size,
-                      packed.in_features, packed.out_features, packed.input_perm)
-
-
 def concat_outputs(parts: list[PackedInt4]) -> PackedInt4 | None:
     """One PackedInt4 whose outputs are `parts`' outputs side by side (e.g. q, k and v projections
     that read the same input), or None where they cannot share one layout: different input sizes,
     group sizes, symmetry, scale dtypes or devices, or an act-order permutation (each part would
-    need its own gather of x), or column tiles of different widths."""
+    need its own gather of x)."""
     first = parts[0]
     compatible = all(
         p.in_features == first.in_features and p.group_size == first.group_size
         and (p.zeros is None) == (first.zeros is None) and p.scales.dtype == first.scales.dtype
-        and p.qweight.device == first.qweight.device and p.input_perm is None and p.column_tile == first.column_tile
+        and p.qweight.device == first.qweight.device and p.input_perm is None
         for p in parts
     )
     if not compatible:
         return None
     return PackedInt4(
-        qweight=torch.cat([p.qweight for p in parts], dim=0 if first.column_tile else 1),  # tiles follow tiles
+        qweight=torch.cat([p.qweight for p in parts], dim=1),
         scales=torch.cat([p.scales for p in parts], dim=1),
         zeros=None if first.zeros is None else torch.cat([p.zeros for p in parts], dim=1),
         group_size=first.group_size,

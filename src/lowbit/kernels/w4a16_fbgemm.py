@@ -70,7 +70,7 @@ def supports(packed: PackedInt4, dtype: torch.dtype) -> bool:
 
 def signed_code_pairs(packed: PackedInt4) -> torch.Tensor:
     """int8 [N, K / 2]: codes - 8 in [-8, 7], two per byte, column 2i in the low nibble (FBGEMM's order)."""
-    signed = unpack_int4(packed.plain_qweight(), packed.in_features).to(torch.int16) - SYMMETRIC_ZERO
+    signed = unpack_int4(packed.qweight, packed.in_features).to(torch.int16) - SYMMETRIC_ZERO
     pairs = (signed[:, 0::2] & 0xF) | ((signed[:, 1::2] & 0xF) << 4)
     return pairs.to(torch.uint8).view(torch.int8)
 

@@ -75,7 +75,7 @@ def _build(packed: PackedInt4, dtype: torch.dtype):
     n, k = packed.out_features, packed.in_features
     module = gemlite.GemLiteLinearTriton(W_nbits=4, group_size=packed.group_size, in_features=k, out_features=n,
                                          input_dtype=kind, output_dtype=kind)
-    codes = unpack_int4(packed.plain_qweight(), k)  # [N, K] uint8, columns in the packed (sorted) order
+    codes = unpack_int4(packed.qweight, k)  # [N, K] uint8, columns in the packed (sorted) order
     scales = packed.scales.T.to(dtype).contiguous()  # [N, K / G]
     # Asymmetric: GemLite's fma mode stores -zero·scale and computes code·scale + that, one FMA per weight.
     zeros = SYMMETRIC_ZERO if packed.zeros is None else packed.zeros.T.to(dtype).contiguous()

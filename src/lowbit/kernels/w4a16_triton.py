@@ -47,13 +47,13 @@ before nearly every unpack: one extra SASS instruction for most codes in the GEM
 
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
                   "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_qk": "i32", "stride_qt": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
+                  "stride_xm": "i32", "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
                   "code_mask": "i32", "SPLIT_K": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for `compile_for_sm90`."""
 
 ALIGNED_ARGUMENTS = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "ws_ptr", "cnt_ptr", "stage_ptr", "N", "K",
-                     "stride_xm", "stride_qk", "stride_qt", "stride_sg", "stride_om")
+                     "stride_xm", "stride_qk", "stride_sg", "stride_om")
 """The arguments Triton's JIT finds to be multiples of 16 on model shapes (it specialises each call on
 that): a compile ahead of time must say so too, or it builds the kernel with unvectorised loads."""
 
@@ -143,7 +143,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     """
     args = {**named_args, **kwargs}
     m, n, k, group = args["M_BUCKET"], args["N"], args["K"], args["GROUP"]
-    column_tile = args["stride_qk"] if args["stride_qt"] else None  # words in column tiles (_column_words)
     group_tile = next(t for t in _K_TILES if group % t == 0)
     kept, seen = [], set()
     for config in configs:
@@ -157,8 +156,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             kw["SPLIT_K"], kw["SPLIT"] = split, split > 1
         if k % (span * split) or (kw.get("PAIRED_DOTS") and kw["BLOCK_K"] < PAIRED_MIN_K):
             continue
-        if column_tile and column_tile % bn:
-            continue  # a program's columns must lie in one tile
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
         programs = triton.cdiv(n, bn) * (1 if m == 1 else triton.cdiv(m, bm)) * split
@@ -222,25 +219,10 @@ def _f16_tile(words, zero, pairs_ptr, inv_ptr, rows, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _column_words(qw_ptr, n0, stride_qk, stride_qt, BLOCK_N: tl.constexpr):
-    """Pointers to word row 0 of columns n0 .. n0 + BLOCK_N - 1 (rows follow at stride_qk).
-
-    The words lie in column tiles of T = stride_qk columns, tile t at t·stride_qt: word (r, n) at
-    (n // T)·stride_qt + r·T + n % T (int4_pack.tile_columns). The plain [K / 8, N] layout is one
-    tile, T = N. A program's columns lie in one tile (BLOCK_N divides T, _prune), so the split is
-    two scalar operations per program. Their result is a multiple of 16 words (BLOCK_N divides
-    n0 % T; stride_qt is (K / 8)·T), said outright: Triton 3.6 infers no divisibility through a
-    division by a run-time value, and loaded the words 4 bytes at a time (sm_90 compile).
-    """
-    first = tl.multiple_of((n0 // stride_qk) * stride_qt + n0 % stride_qk, 16)
-    return qw_ptr + first + tl.arange(0, BLOCK_N)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, stage_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_qt, stride_sg, stride_om,
+    stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
@@ -265,7 +247,7 @@ def _gemv_kernel(
     k_span = K // SPLIT_K
     k_begin = tl.multiple_of(pid_k * k_span, GROUP)  # whole groups (_prune)
     k_end = k_begin + k_span
-    word_ptrs = _column_words(qw_ptr, pid_n * BLOCK_N, stride_qk, stride_qt, BLOCK_N)[None, :] + offs_w[:, None] * stride_qk
+    word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
     # Where a thread holds every word row of its columns (BLOCK_N >= 32 x warps), the rows are
     # summed per group, in registers. Narrower tiles spread rows over warps, where summing them
     # per group costs a shared-memory reduction each time: their sums stay per row and column and
@@ -354,7 +336,7 @@ def _paired_dots(a, words, zero, acc, SYMMETRIC: tl.constexpr, SWAP_AB: tl.const
 def _mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_qt, stride_sg, stride_om,
+    stride_xm, stride_qk, stride_sg, stride_om,
     M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
@@ -390,8 +372,7 @@ def _mma_kernel(
     k_begin = tl.multiple_of(pid_k * k_span, BLOCK_K)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_begin
-    q_ptrs = (_column_words(qw_ptr, pid_n * BLOCK_N, stride_qk, stride_qt, BLOCK_N)[None, :]
-              + (k_begin // 8 + offs_w)[:, None] * stride_qk)
+    q_ptrs = qw_ptr + (k_begin // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :]
     shifts = tl.arange(0, 8) * 4
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -432,15 +413,14 @@ def _mma_kernel(
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_qt, stride_sg,
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
                     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Wᵀ [K, N] in w's dtype, one [BLOCK_K, BLOCK_N] tile per program (BLOCK_K divides the group)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_w = tl.arange(0, BLOCK_K // 8)
     n_mask = offs_n < N
-    word_ptrs = _column_words(qw_ptr, tl.program_id(0) * BLOCK_N, stride_qk, stride_qt, BLOCK_N)
-    words = tl.load(word_ptrs[None, :] + (k0 // 8 + offs_w)[:, None] * stride_qk, mask=n_mask[None, :], other=0)
+    words = tl.load(qw_ptr + (k0 // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :], mask=n_mask[None, :], other=0)
     bits = ((words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF) | 0x4B000000
     codes = tl.reshape(bits, (BLOCK_K, BLOCK_N)).to(tl.float32, bitcast=True)
     scale = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -453,7 +433,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_qt, stride
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-_KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC", "stride_qt"]
+_KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
 # Compiled on a thread pool at a shape's first call, each choice kept on disk (kernels/autotune.py).
 _gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel)
 _decode = autotune(_DECODE_CONFIGS, _KEY, _prune, _mma_kernel)
@@ -506,8 +486,7 @@ def _describe(config: triton.Config) -> str:
 def tuned_config(m: int, packed: PackedInt4) -> str | None:
     """The tile config the autotuner chose for this shape and M bucket (None before the first call),
     e.g. "16x128x128 split 4 swap paired": which candidate won is what a benchmark row must say."""
-    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None,
-              _tile_stride(packed))
+    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
     # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
     config = next((c for key, c in _autotuned(m).cache.items() if tuple(key[: len(wanted)]) == wanted), None)
     return None if config is None else _describe(config)
@@ -527,11 +506,6 @@ def pinned_config(m: int, name: str):
         yield
     finally:
         kernel.configs = saved
-
-
-def _tile_stride(packed: PackedInt4) -> int:
-    """stride_qt: elements from one column tile's words to the next's, 0 for the plain layout."""
-    return packed.qweight.stride(0) if packed.column_tile else 0
 
 
 def _stream_key(device: torch.device) -> tuple[str, int]:
@@ -571,8 +545,8 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
     buffers = (x, packed.qweight, packed.scales, zeros, out, ws, counters)
-    sizes = (m, n, k, x.stride(0), packed.qweight.stride(-2), _tile_stride(packed), packed.scales.stride(0),
-             out.stride(0), bucket(m), CODE_MASK)
+    sizes = (m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m),
+             CODE_MASK)
     common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
@@ -591,8 +565,7 @@ def dequantize_transposed(packed: PackedInt4, dtype: torch.dtype) -> torch.Tenso
     out = torch.empty(k, n, device=packed.qweight.device, dtype=dtype)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     _dequant_kernel[(triton.cdiv(n, 128), k // block_k)](
-        packed.qweight, packed.scales, zeros, out, n, packed.qweight.stride(-2), _tile_stride(packed),
-        packed.scales.stride(0),
+        packed.qweight, packed.scales, zeros, out, n, packed.qweight.stride(0), packed.scales.stride(0),
         GROUP=packed.group_size, SYMMETRIC=packed.zeros is None, BLOCK_N=128, BLOCK_K=block_k)
     return out
 

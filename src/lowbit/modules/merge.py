@@ -56,10 +56,8 @@ def merge_linears(modules: Sequence[nn.Module]) -> nn.Module | None:
                       for m, b in zip(modules, biases)]
         bias = None if all(b is None for b in biases) else torch.cat([b.float() for b in biases])
         merged = QuantLinear(packed, bias)
-        tile = packed.column_tile
         for module, columns in zip(modules, _slices([m.out_features for m in modules])):
-            words = merged.qweight[:, columns] if tile is None else merged.qweight[columns.start // tile:columns.stop // tile]
-            module.qweight, module.scales = words, merged.scales[:, columns]
+            module.qweight, module.scales = merged.qweight[:, columns], merged.scales[:, columns]
             if merged.zeros is not None:
                 module.zeros = merged.zeros[:, columns]
         return merged
