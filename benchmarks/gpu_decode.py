@@ -19,7 +19,6 @@ their ratio says whether the int4 path is as exact as bf16 cuBLAS).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -36,7 +35,6 @@ from gpu_model import llama3_8b_config  # noqa: E402
 from lowbit.formats.base import quantize_matrix  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
 from lowbit.generate import StaticDecoder  # noqa: E402
-from lowbit.kernels import pdl  # noqa: E402
 from lowbit.kernels.w4a16 import PATHS, path_table, use_paths  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
 
@@ -92,17 +90,8 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     return logits
 
 
-STEPS = ("fused", "fused-no-pdl", "modules")
-
-
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
-                step: str = "fused") -> dict:
-    """One StaticDecoder run; `step` "fused-no-pdl" captures its graph with plain launches (kernels.pdl)."""
-    with contextlib.nullcontext() if step != "fused-no-pdl" else pdl.disabled():
-        return _time_decode(model, batch, prompt, new, merge, fuse=step != "modules")
-
-
-def _time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool, fuse: bool) -> dict:
+                fuse: bool = True) -> dict:
     decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
@@ -158,9 +147,7 @@ def markdown(result: dict) -> str:
                 False: " q/k/v and gate/up as separate matmuls, in both."}.get(meta.get("merged_projections"), "")
              + (" Step: `modules` runs the model's norms, rotary embedding and MLP activation as transformers does; "
                 "`fused` runs them through lowbit.kernels.decode_ops (each residual add with the norm after it, "
-                "rotary embedding with the cache write, SiLU with the product, one launch each), on GPUs that "
-                "have it with programmatic dependent launch (kernels/pdl.py: a kernel's programs start while the "
-                "one before it ends); `fused-no-pdl` the same with plain launches." if steps else ""),
+                "rotary embedding with the cache write, SiLU with the product, one launch each)." if steps else ""),
              "",
              "| batch |" + (" step |" if steps else "") + " bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | "
              f"int4 ms/step | bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | "
@@ -192,7 +179,7 @@ def main() -> None:
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                         help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run "
                         "(StaticDecoder's default; --no-merge runs them separately)")
-    parser.add_argument("--steps", nargs="+", choices=STEPS, default=["fused", "modules"],
+    parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
                         help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)), "
                         "each in the same call")
     parser.add_argument("--profile", action="store_true",
@@ -210,11 +197,11 @@ def main() -> None:
                            generator=torch.Generator("cuda").manual_seed(1))
     reference = float32_logits(model, prompt, args.batches)
     cases = [(b, step) for b in args.batches for step in args.steps]
-    bf16 = {case: time_decode(model, case[0], prompt, args.new, args.merge, case[1]) for case in cases}
+    bf16 = {case: time_decode(model, case[0], prompt, args.new, args.merge, case[1] == "fused") for case in cases}
     swap(model, packed)
     rows = []
     for b, step in cases:
-        int4 = time_decode(model, b, prompt, args.new, args.merge, step)
+        int4 = time_decode(model, b, prompt, args.new, args.merge, step == "fused")
         errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
                   for kind, run in (("bf16", bf16[b, step]), ("int4", int4))}
         if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
@@ -225,7 +212,7 @@ def main() -> None:
         rows.append({"batch": b, "step": step, "bf16": strip(bf16[b, step]), "int4": strip(int4),
                      "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"], "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
-    profiles = {step: kernel_profile(model, prompt, args.merge, step != "modules") for step in args.steps} \
+    profiles = {step: kernel_profile(model, prompt, args.merge, step == "fused") for step in args.steps} \
         if args.profile else {}
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
                        "merged_projections": args.merge,

@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_pdl decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -44,10 +44,6 @@ print(k.markdown_table(r))" ;;
         # q/k/v and gate/up as separate matmuls (StaticDecoder(merge_projections=False); `decode` merges them).
         decode_separate) step decode_separate "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --no-merge \
                              --out "$out/gpu_decode_separate" ;;
-        # The fused step with plain launches, then with programmatic dependent launch (the default on Hopper);
-        # in this order the kernels are tuned with plain launches, as the kernel table tunes them.
-        decode_pdl) step decode_pdl "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --steps fused-no-pdl fused \
-                        --profile --out "$out/gpu_decode_pdl" ;;
         decode_fused) step decode_fused "${T_DECODE:-180}" python3 "$here/benchmarks/gpu_decode.py" --paths fused \
                           dequantize+cublas --out "$out/gpu_decode_fused" ;;
         quant4) step quant4 "${T_QUANT4:-120}" python3 "$here/benchmarks/gpu_quant_speed.py" --layers 4 --breakdown \
@@ -107,6 +103,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_pdl decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits zero_points transfer vq)"; exit 2 ;;
     esac
 done

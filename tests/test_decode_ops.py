@@ -6,7 +6,6 @@ and the last bit of rsqrt and exp: one or two units in the last place of the out
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -101,50 +100,6 @@ def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
     assert "fma.rn.bf16" not in compiled.asm["ptx"] and "add.rn.bf16" in compiled.asm["ptx"]
 
 
-@pytest.mark.parametrize("name, constexprs", [("_add_rms_norm_kernel", {"ADD": True, "BLOCK": 1024}),
-                                              ("_rotate_into_cache_kernel", {"HEADS": 4, "DIM": 128, "BLOCK": 128}),
-                                              ("_silu_mul_kernel", {"BLOCK": 1024})])
-def test_kernels_wait_for_the_previous_kernel_before_their_first_load_under_pdl(name, constexprs):
-    """Launched with programmatic dependent launch, a kernel may start before the previous one
-    has written its inputs: in the sm_90 compile, griddepcontrol.wait comes before every global
-    load, then launch_dependents; without PDL neither is compiled in."""
-    pytest.importorskip("triton")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = getattr(decode_ops, name)
-    types = {"pos_ptr": "*i64", "size": "i32", "eps": "fp32",
-             **{arg: "i32" for arg in kernel.arg_names if arg.startswith("stride")}}
-
-    def ptx(programmatic: bool) -> str:
-        wanted = {**constexprs, "PDL": programmatic}
-        signature = {arg: "constexpr" if arg in wanted else types.get(arg, "*bf16") for arg in kernel.arg_names}
-        return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=wanted),
-                              target=GPUTarget("cuda", 90, 32), options=decode_ops.ROTATE_OPTIONS).asm["ptx"]
-
-    with_pdl = ptx(True)
-    wait = with_pdl.index("griddepcontrol.wait")
-    assert wait < with_pdl.index("ld.global") and wait < with_pdl.index("griddepcontrol.launch_dependents")
-    assert "griddepcontrol" not in ptx(False)
-
-
-def test_pdl_is_used_on_hopper_gpus_only_and_can_be_switched_off(monkeypatch):
-    from lowbit.kernels import pdl
-
-    assert not pdl.enabled(torch.device("cpu"))
-    if pdl.triton is None or not torch.cuda.is_available():
-        return
-    device = torch.device("cuda", 0)
-    hopper = torch.cuda.get_device_capability(0)[0] >= 9
-    assert pdl.enabled(device) == hopper
-    with pdl.disabled():
-        assert not pdl.enabled(device)
-    assert pdl.enabled(device) == hopper
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not pdl.enabled(device)
-
-
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_kernels_match_the_torch_arithmetic_on_gpu(dtype):
@@ -168,26 +123,3 @@ def test_fused_decoder_on_gpu_gives_the_module_decoders_tokens(merge):
         torch.testing.assert_close(fused.logits, modules.logits, rtol=tolerance, atol=tolerance)
         if dtype == torch.float32:
             assert torch.equal(fused.decode(5), modules.decode(5))
-
-
-@gpu
-def test_a_captured_step_gives_the_same_tokens_with_and_without_pdl():
-    """The fused int4 step captured with programmatic dependent launch (the default on Hopper)
-    and with plain launches: every kernel waits for its inputs, so the logits agree to float32
-    rounding (split-K sums add in any order) and the greedy tokens are the same."""
-    from lowbit.formats.integer import IntegerFormat
-    from lowbit.kernels import pdl
-    from tests.test_generate import _quantized_copy
-
-    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2)).cuda()
-    model = _quantized_copy(tiny_llama(seed=7, tie=False), IntegerFormat(4, symmetric=False, group_size=32))
-    model = model.to("cuda", torch.float32)
-    results = []
-    for context in (contextlib.nullcontext(), pdl.disabled()):
-        with context:
-            decoder = StaticDecoder(model, batch=2, max_len=16)
-            decoder.capture()
-            decoder.prefill(prompt)
-            results.append((decoder.logits.clone(), decoder.decode(5)))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
-    assert torch.equal(results[0][1], results[1][1])

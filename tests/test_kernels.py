@@ -218,7 +218,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
         rows, extra = triton.cdiv(m, block_m), {"PAIRED_DOTS": paired}
     kernel[(rows * triton.cdiv(n, block_n), split)](
         *buffers, m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0),
-        wt.bucket(m), wt.CODE_MASK, 1 << 24, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
+        wt.bucket(m), wt.CODE_MASK, GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SPLIT=split > 1, SWAP_AB=swap,
         **extra)
     return ws[: m * n], counters[: m * n]
@@ -337,31 +337,6 @@ def test_f16_gemv_loads_its_words_asynchronously_for_hopper(block_n, block_k, st
     words_per_thread = block_k // 8 * block_n // (32 * wt.GEMV_WARPS.value)
     four_byte = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (?:0x4|4),", deep.asm["ptx"])
     assert len(four_byte) < words_per_thread
-
-
-@pytest.mark.parametrize("kernel_name", ["_gemv_kernel", "_mma_kernel"])
-def test_under_pdl_the_words_are_prefetched_before_the_wait_and_nothing_is_loaded_before_it(kernel_name):
-    """Programmatic dependent launch (kernels/pdl.py): before griddepcontrol.wait a program may
-    only prefetch its weight rows into L2 (the weights are no earlier kernel's output); x, the
-    scales and the split-K workspace are read after it. Without PDL none of it is compiled in."""
-    pytest.importorskip("triton")
-    from lowbit.kernels import w4a16_triton as wt
-
-    kernel = getattr(wt, kernel_name)
-    gemv = kernel is wt._gemv_kernel
-    tile = {"BLOCK_M": 1, "BLOCK_N": 512, "BLOCK_K": 64, "F16_PAIRS": True, "PIPELINE": 3} if gemv else \
-        {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "PAIRED_DOTS": True}
-
-    def ptx(programmatic: bool) -> str:
-        constexprs = {"GROUP": 128, "SYMMETRIC": False, "SPLIT": True, "SWAP_AB": False, **tile, "PDL": programmatic}
-        return wt.compile_for_sm90(kernel, constexprs, warps=4, stages=3).asm["ptx"]
-
-    with_pdl = ptx(True)
-    wait = with_pdl.index("griddepcontrol.wait")
-    assert with_pdl.index("cp.async.bulk.prefetch.L2") < wait < with_pdl.index("griddepcontrol.launch_dependents")
-    loads = [with_pdl.find(op) for op in ("ld.global", "cp.async.cg", "cp.async.ca", "atom.global")]
-    assert all(at == -1 or at > wait for at in loads)
-    assert "griddepcontrol" not in ptx(False) and "bulk.prefetch" not in ptx(False)
 
 
 def test_tuned_config_names_the_autotuners_choice_for_this_shape(monkeypatch):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
-from lowbit.kernels import pdl, triton_available, w4a16_matmul
+from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
 from lowbit.kernels.timing import graph_replay_ms
 from lowbit.kernels.w4a16 import path_table, use_paths
@@ -148,11 +148,6 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    with pdl.disabled():  # each call timed on its own: no overlap with the call before it
-        return _run(names, m_values, group_size, paths)
-
-
-def _run(names: list[str], m_values: tuple[int, ...], group_size: int, paths: tuple[str, ...]) -> dict:
     from lowbit.kernels.w4a16_triton import bucket, tuned_config  # imports Triton: only once it is known to be there
 
     use_paths(*paths)
@@ -231,7 +226,7 @@ def markdown_table(result: dict) -> str:
         f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}, "
         f"fbgemm-gpu-genai {meta.get('fbgemm') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
-        "from device memory; plain launches, without the programmatic dependent launch a decode step uses).",
+        "from device memory).",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gemlite asym | "
         "fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) | "

@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lowbit.kernels import pdl
-
 try:
     import triton
     import triton.language as tl
-
-    from lowbit.kernels.pdl import wait_then_release
 except ImportError:  # CPU-only installs: the torch paths below serve every call
     triton = None
 
@@ -81,10 +77,8 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
     normed = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
     deltas = rows if delta is None else _rows(delta)
     block = triton.next_power_of_2(size)
-    programmatic = pdl.enabled(hidden.device)
     _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, normed, size, rows.stride(0),
                                            deltas.stride(0), eps, ADD=delta is not None, BLOCK=block,
-                                           PDL=programmatic, launch_pdl=programmatic,
                                            num_warps=min(16, max(4, block // 512)))
     return total, normed
 
@@ -92,8 +86,7 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, total_ptr, out_ptr, size, stride_h, stride_d, eps,
-                             ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        wait_then_release(PDL)
+                             ADD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < size
@@ -145,12 +138,10 @@ def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
         return _rotate_into_cache_torch(q, k, v, cos, sin, keys, values, pos)
     q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)
     out = torch.empty(batch, heads, 1, dim, device=q.device, dtype=q.dtype)
-    programmatic = pdl.enabled(q.device)
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
         q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos,
         q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), PDL=programmatic, launch_pdl=programmatic,
-        **ROTATE_OPTIONS)
+        HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
     return out
 
 
@@ -158,10 +149,8 @@ if triton is not None:
     @triton.jit
     def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
                                   stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct,
-                                  HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                                  PDL: tl.constexpr = False):
+                                  HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
         """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS."""
-        wait_then_release(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -202,18 +191,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     rows, size = gate_rows.shape
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
-    programmatic = pdl.enabled(gate.device)
     _silu_mul_kernel[(rows, triton.cdiv(size, block))](gate_rows, up_rows, out, size, gate_rows.stride(0),
-                                                      up_rows.stride(0), BLOCK=block, PDL=programmatic,
-                                                      launch_pdl=programmatic, num_warps=4)
+                                                      up_rows.stride(0), BLOCK=block, num_warps=4)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, size, stride_g, stride_u, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False):
-        wait_then_release(PDL)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, size, stride_g, stride_u, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < size

@@ -35,9 +35,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels import pdl
 from lowbit.kernels.autotune import autotune
-from lowbit.kernels.pdl import prefetch_l2, wait_then_release
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -50,7 +48,7 @@ before nearly every unpack: one extra SASS instruction for most codes in the GEM
 ARGUMENT_TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
                   "ws_ptr": "*fp32", "cnt_ptr": "*i32", "stage_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_qk": "i32", "stride_sg": "i32", "stride_om": "i32", "M_BUCKET": "i32",
-                  "code_mask": "i32", "l2_budget": "i32", "SPLIT_K": "i32"}
+                  "code_mask": "i32", "SPLIT_K": "i32"}
 """The run-time arguments of `_gemv_kernel` and `_mma_kernel` as Triton types (bf16 activations, fp16
 scales), for `compile_for_sm90`."""
 
@@ -61,7 +59,6 @@ that): a compile ahead of time must say so too, or it builds the kernel with unv
 
 _WORKSPACE: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _STAGING: dict[tuple[str, int], torch.Tensor] = {}
-_L2_BUDGET: dict[int, int] = {}
 
 
 def _config(bm: int, bn: int, bk: int, split: int, warps: int, stages: int, swap: bool = False,
@@ -222,30 +219,15 @@ def _f16_tile(words, zero, pairs_ptr, inv_ptr, rows, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_words(qw_ptr, first_row, span_rows, n0, N, stride_qk, l2_budget, BLOCK_N: tl.constexpr,
-                    THREADS: tl.constexpr):
-    """Under PDL, before waiting for the previous kernel: this program's first word rows into L2,
-    one bulk prefetch per row (columns n0 .. n0 + BLOCK_N - 1), up to its share of l2_budget
-    bytes (the programs' shares together fit in half the L2, so none evicts another's)."""
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    rows_wanted = tl.minimum(span_rows, l2_budget // (programs * BLOCK_N * 4))
-    row_bytes = tl.minimum(N - n0, BLOCK_N) * 4 // 16 * 16
-    aligned = stride_qk % 4 == 0  # bulk copies take 16-byte-aligned addresses
-    for r0 in range(0, rows_wanted, THREADS):
-        rows = r0 + tl.arange(0, THREADS)
-        prefetch_l2(qw_ptr + (first_row + rows) * stride_qk + n0, row_bytes, (rows < rows_wanted) & aligned)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, stage_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
-    M_BUCKET, code_mask, l2_budget,
+    M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, F16_PAIRS: tl.constexpr = False,
-    PIPELINE: tl.constexpr = 2, PDL: tl.constexpr = False,
+    PIPELINE: tl.constexpr = 2,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
@@ -266,10 +248,6 @@ def _gemv_kernel(
     k_begin = tl.multiple_of(pid_k * k_span, GROUP)  # whole groups (_prune)
     k_end = k_begin + k_span
     word_ptrs = qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :]
-    if PDL:
-        _prefetch_words(qw_ptr, k_begin // 8, k_span // 8, pid_n * BLOCK_N, N, stride_qk, l2_budget, BLOCK_N,
-                        32 * GEMV_WARPS)
-    wait_then_release(PDL)
     # Where a thread holds every word row of its columns (BLOCK_N >= 32 x warps), the rows are
     # summed per group, in registers. Narrower tiles spread rows over warps, where summing them
     # per group costs a shared-memory reduction each time: their sums stay per row and column and
@@ -359,10 +337,10 @@ def _mma_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_om,
-    M_BUCKET, code_mask, l2_budget,
+    M_BUCKET, code_mask,
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
-    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False, PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr, PAIRED_DOTS: tl.constexpr = False,
 ):
     """M > 1: tensor cores on bf16/fp16 tiles; every K tile lies inside one group (BLOCK_K <= GROUP).
 
@@ -392,10 +370,6 @@ def _mma_kernel(
     k_span = K // SPLIT_K
     # A whole number of K tiles (_prune): said, so x's and the words' loads can be vectorised.
     k_begin = tl.multiple_of(pid_k * k_span, BLOCK_K)
-
-    if PDL:
-        _prefetch_words(qw_ptr, k_begin // 8, k_span // 8, pid_n * BLOCK_N, N, stride_qk, l2_budget, BLOCK_N, 128)
-    wait_then_release(PDL)
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_begin
     q_ptrs = qw_ptr + (k_begin // 8 + offs_w)[:, None] * stride_qk + offs_n[None, :]
@@ -551,14 +525,6 @@ def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
     return held
 
 
-def _l2_budget(device: torch.device) -> int:
-    """Bytes of weight rows the programs of one call may prefetch into L2 under PDL: half the L2."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _L2_BUDGET:
-        _L2_BUDGET[index] = (getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or (32 << 20)) // 2
-    return _L2_BUDGET[index]
-
-
 def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels)."""
     key = _stream_key(device)
@@ -580,9 +546,8 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
     buffers = (x, packed.qweight, packed.scales, zeros, out, ws, counters)
     sizes = (m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m),
-             CODE_MASK, _l2_budget(x.device))
-    programmatic = pdl.enabled(x.device)
-    common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None, PDL=programmatic, launch_pdl=programmatic)
+             CODE_MASK)
+    common = dict(GROUP=packed.group_size, SYMMETRIC=packed.zeros is None)
     if m == 1:
         _gemv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
             *buffers, staging(x.device, n, k), *sizes, **common)
