@@ -38,12 +38,7 @@ from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble
 from lowbit.kernels.autotune import autotune
 
 DECODE_MAX_M = 64
-"""Largest M of the decode family (16- and 64-row tiles, split-K); above it, the prefill tiles."""
-
-SPLIT_K_MAX_M = 256
-"""Largest M whose kernels may split K: the split-K workspace holds M·N float32 sums (and as many
-counters), 29 MB each for a 28672-wide layer at M = 256. Above it every output tile is written
-once, directly: from 512 rows on even the narrowest layers give the GPU enough output tiles."""
+"""Largest M the split-K family handles; above it every output tile is written once, directly."""
 
 CODE_MASK = 0xF
 """Passed to the kernels as a run-time argument, not written as a literal: a LOP3 takes one
@@ -123,13 +118,11 @@ _DECODE_CONFIGS = [_config(bm, bn, 128, s, 4, 4, swap, PAIRED_DOTS=paired)
 # mma_sass_sm90_large_m.md). Offered both ways on an H200, the swapped
 # tile won all eight M = 256 rows, the fused kernel 10-25% faster
 # (gpu_kernels_h200_m256_swap.md), so only it is offered: the autotuner's first call per shape costs
-# no more than before. Split-K (up to SPLIT_K_MAX_M rows) is for the narrow layers: at M = 256 a
-# 4096-wide layer in 128 x 128 tiles is 64 programs on 132 SMs, a 1024-wide one in 64 x 128 tiles 32.
-_PREFILL_SPLITS = (1, 2, 4)
+# no more than before.
 _PREFILL_CONFIGS = [
-    _config(bm, bn, 128, split, warps, stages, True, PAIRED_DOTS=paired)
+    _config(bm, bn, 128, 1, warps, stages, True, PAIRED_DOTS=paired)
     for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3))
-    for split in _PREFILL_SPLITS for paired in (False, True)
+    for paired in (False, True)
 ]
 PAIRED_MIN_K = 128
 """PAIRED_DOTS splits a K tile into eight dots of BLOCK_K / 8; tensor-core dots need K >= 16."""
@@ -165,8 +158,6 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
             continue
         if 1 < m <= DECODE_MAX_M and bm != (16 if m <= 16 else 64):
             continue  # 16-row tiles serve M = 2..16, 64-row tiles M = 17..64
-        if split > 1 and m > SPLIT_K_MAX_M:
-            continue
         programs = triton.cdiv(n, bn) * (1 if m == 1 else triton.cdiv(m, bm)) * split
         if split > 1 and not _MIN_PROGRAMS <= programs <= _MAX_PROGRAMS:
             continue
@@ -552,7 +543,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    ws, counters = _workspace(x.device, m * n if m <= SPLIT_K_MAX_M else 1)
+    ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
     buffers = (x, packed.qweight, packed.scales, zeros, out, ws, counters)
     sizes = (m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m),
              CODE_MASK)
