@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits tuner_stability zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits tuner_stability gluon_m16 zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -99,6 +99,8 @@ print(k.markdown_table(r))" ;;
         # slower config, without finalists, with the autotuner's own setting and with a wider one.
         tuner_stability) step tuner_stability "${T_TUNER:-420}" python3 "$here/benchmarks/gpu_tuner_stability.py" \
                              --settings 1:1.0 4:1.15 8:1.3 --out "$out/gpu_tuner_stability" ;;
+        # A Gluon kernel for M <= 16 on pre-shuffled words beside lowbit's (gpu_gluon_m16.py).
+        gluon_m16) step gluon_m16 "${T_GLUON:-300}" python3 "$here/benchmarks/gpu_gluon_m16.py" --out "$out/gpu_gluon_m16" ;;
         zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
         # One decoder block between CPU and GPU memory, by method (gpu_block_transfer.py); again with
         # torch's CPU allocator asking for transparent huge pages (fewer page faults in new memory).
@@ -107,6 +109,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits tuner_stability zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits tuner_stability gluon_m16 zero_points transfer vq)"; exit 2 ;;
     esac
 done
