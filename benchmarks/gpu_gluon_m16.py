@@ -7,10 +7,11 @@ with Gluon's explicit layouts, the words are shuffled once (`shuffle_words`) so 
 loads exactly the words whose codes fill its mma.m16n8k16 B-operand registers: one lop3 and one
 sub.bf16x2 turn a word's nibbles j and j + 4 into the (k, k + 1) pair of one register, and the
 conversion to the operand layout is checked to be a no-op (`assert_trivial`). x's span is staged in
-shared memory once per program (every warp reads its A fragments there, not from L2), the next two
-groups' words are loaded into registers ahead, and split-K programs meet through the same
-self-resetting workspace as lowbit's kernels. About 2.5-2.9 SASS instructions per code in the sm_90
-compile (BLOCK_N 64-256).
+shared memory once per program (every warp reads its A fragments there, not from L2); the words of
+the groups ahead are either loaded into registers two groups ahead (STAGES 0) or copied by cp.async
+into a ring of shared-memory stages, each thread copying the words it reads back (no barrier); and
+split-K programs meet through the same self-resetting workspace as lowbit's kernels. About 2.8-3.1
+SASS instructions per code in the sm_90 compile (BLOCK_N 64-128), against the paired dots' 4.9.
 
 Times the kernel at M = 16 over BLOCK_N (64, 128, 256) and every split whose span is a power of two
 up to 2048, beside lowbit's autotuned kernel and bf16 cuBLAS, each checked against float64.
@@ -39,20 +40,24 @@ from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 
 WARPS = 4
+STAGES = (0, 4, 8)
+"""0: the next two groups' words loaded into registers ahead; n: n groups in flight through shared
+memory by cp.async."""
 MAX_SPAN = 2048
 """x's span in shared memory: 16 rows x 2048 x 2 bytes = 64 KB at most."""
 
 
 @gluon.constexpr_function
 def _word_layout(chunks, block_n):
-    """Words [chunks, 4, block_n] held by the threads whose B-operand registers their codes fill
-    (the linear layout of DotOperandLayout(1, mma v2 [1, 4] warps, k_width 2) for [32·chunks, block_n],
-    with K's bits 1-2 and 5-6 as the t and chunk dimensions)."""
-    regs = [[1 << i, 0, 0] for i in range(chunks.bit_length() - 1)]
-    regs += [[0, 0, 32 << i] for i in range((block_n // 32).bit_length() - 1)]
+    """Words [chunks, block_n / 8, 8, 4] (their order in memory: chunk, block of 8 columns, column,
+    t) held by the threads whose B-operand registers their codes fill: the linear layout of
+    DotOperandLayout(1, mma v2 [1, 4] warps, k_width 2) for [32·chunks, block_n], K's bits 1-2 as t,
+    5-6 as the chunk, N's bits 0-2 as the column in its block of 8 and 3 and up as the block."""
+    regs = [[1 << i, 0, 0, 0] for i in range(chunks.bit_length() - 1)]
+    regs += [[0, 4 << i, 0, 0] for i in range((block_n // 32).bit_length() - 1)]
     return ttgl.DistributedLinearLayout(
-        reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
-        warp_bases=[[0, 0, 8], [0, 0, 16]], block_bases=[], shape=[chunks, 4, block_n])
+        reg_bases=regs, lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]],
+        warp_bases=[[0, 1, 0, 0], [0, 2, 0, 0]], block_bases=[], shape=[chunks, block_n // 8, 8, 4])
 
 
 @gluon.jit
@@ -78,9 +83,23 @@ def _halves(r):
 
 
 @gluon.jit
+def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP: ttgl.constexpr,
+                   BLOCK_N: ttgl.constexpr):
+    """Σ x·(q - z) over one group: its words unpacked into the B operand in place, one MMA chain."""
+    zb = z | 0x4300  # bf16 bits of 128 + z
+    offset = ttgl.expand_dims(ttgl.expand_dims(zb | (zb << 16), 0), 3)  # [1, nb, ni, 1]
+    r0, r1, r2, r3 = _unpack(words, offset)
+    q0 = ttgl.join(_halves(r0), _halves(r1))  # [C, nb, ni, t, h, j0]
+    q1 = ttgl.join(_halves(r2), _halves(r3))
+    full = ttgl.permute(ttgl.join(q0, q1), (0, 6, 5, 3, 4, 1, 2))  # [C, j1, j0, t, h, nb, ni]: K, N in order
+    b = ttgl.convert_layout(ttgl.reshape(full, [GROUP, BLOCK_N]), B_L, assert_trivial=True)
+    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA))
+
+
+@gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                SPLIT_K, GROUP: ttgl.constexpr, BLOCK_N: ttgl.constexpr, SPLIT: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr):
+               K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr):
     CHUNKS: ttgl.constexpr = GROUP // 32
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -89,16 +108,20 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     pid_n = ttgl.program_id(0)
     pid_k = ttgl.program_id(1)
     n0 = pid_n * BLOCK_N
-    # One group's words, shuffled [K / 32, N / 8, 8, 4] in memory (shuffle_words), as [CHUNKS, 4, BLOCK_N].
-    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L)))
-    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, W_L)))
-    n = ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, W_L)))
-    c3 = ttgl.expand_dims(ttgl.expand_dims(c, 1), 2)
-    t3 = ttgl.expand_dims(ttgl.expand_dims(t, 0), 2)
-    n3 = ttgl.expand_dims(ttgl.expand_dims(n0 + n, 0), 1)
-    word_offs = (c3 * (N // 8) + n3 // 8) * 32 + (n3 % 8) * 4 + t3
+    # One group's words, shuffled [K / 32, N / 8, 8, 4] in memory (shuffle_words), as [CHUNKS, BLOCK_N / 8, 8, 4].
+    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    nb = ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    ni = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(3, W_L))))
+    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L))))
+    c4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(c, 1), 2), 3)
+    nb4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(nb, 0), 2), 3)
+    ni4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(ni, 0), 1), 3)
+    t4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(t, 0), 1), 2)
+    word_offs = ((c4 * (N // 8) + n0 // 8 + nb4) * 8 + ni4) * 4 + t4
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA))
-    zcols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, W_L)))
+    Z_L: ttgl.constexpr = ttgl.SliceLayout(0, ttgl.SliceLayout(3, W_L))  # [nb, ni]
+    zcols = (n0 + ttgl.expand_dims(ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, Z_L)), 1) * 8
+             + ttgl.expand_dims(ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, Z_L)), 0))
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
     first = pid_k * SPAN_GROUPS
@@ -115,29 +138,45 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         x_smem.index(i).store(ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0))
     ttgl.thread_barrier()
     group_words = CHUNKS * (N // 8) * 32
-    # The next two groups' words in flight while one is multiplied (registers, carried by the loop).
-    w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
-    w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
     z_next = ttgl.load(z_ptr + first * stride_sg + zcols)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
-    for g in range(0, SPAN_GROUPS):
-        w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
-        z = z_next.to(ttgl.float32).to(ttgl.int32)
-        scale = s_next.to(ttgl.float32)
-        g_next = ttgl.minimum(first + g + 1, last)
-        z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols)
-        s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
-        zb = z | 0x4300  # bf16 bits of 128 + z
-        offset = ttgl.expand_dims(ttgl.expand_dims(zb | (zb << 16), 0), 1)
-        r0, r1, r2, r3 = _unpack(w_a, offset)
-        q0 = ttgl.join(_halves(r0), _halves(r1))  # [C, 4, BLOCK_N, h, j0]
-        q1 = ttgl.join(_halves(r2), _halves(r3))
-        full = ttgl.permute(ttgl.join(q0, q1), (0, 5, 4, 1, 3, 2))  # [C, j1, j0, t, h, BLOCK_N]: K in order
-        b = ttgl.convert_layout(ttgl.reshape(full, [GROUP, BLOCK_N]), B_L, assert_trivial=True)
-        a = x_smem.index(g).load(A_L)
-        part = ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA))
-        acc += part * ttgl.expand_dims(scale, 0)
-        w_a, w_b = w_b, w_c
+    if STAGES == 0:
+        # The next two groups' words in flight while one is multiplied (registers, carried by the loop).
+        w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
+        w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
+        for g in range(0, SPAN_GROUPS):
+            w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
+            z = z_next.to(ttgl.float32).to(ttgl.int32)
+            scale = s_next.to(ttgl.float32)
+            g_next = ttgl.minimum(first + g + 1, last)
+            z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols)
+            s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+            part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
+            acc += part * ttgl.expand_dims(scale, 0)
+            w_a, w_b = w_b, w_c
+    else:
+        # STAGES groups' words in flight through shared memory (cp.async, no registers held). Each
+        # thread copies exactly the words it reads back, so waiting for its own copies is enough.
+        W_SMEM: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
+        w_smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES, CHUNKS, BLOCK_N // 8, 8, 4], W_SMEM)
+        for i in ttgl.static_range(STAGES - 1):
+            ttgl.nvidia.ampere.async_copy.async_copy_global_to_shared(
+                w_smem.index(i), qw_ptr + ttgl.minimum(first + i, last) * group_words + word_offs)
+            ttgl.nvidia.ampere.async_copy.commit_group()
+        for g in range(0, SPAN_GROUPS):
+            ahead = g + STAGES - 1
+            ttgl.nvidia.ampere.async_copy.async_copy_global_to_shared(
+                w_smem.index(ahead % STAGES), qw_ptr + ttgl.minimum(first + ahead, last) * group_words + word_offs)
+            ttgl.nvidia.ampere.async_copy.commit_group()
+            z = z_next.to(ttgl.float32).to(ttgl.int32)
+            scale = s_next.to(ttgl.float32)
+            g_next = ttgl.minimum(first + g + 1, last)
+            z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols)
+            s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+            ttgl.nvidia.ampere.async_copy.wait_group(STAGES - 1)
+            words = w_smem.index(g % STAGES).load(W_L)
+            part = _group_product(words, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
+            acc += part * ttgl.expand_dims(scale, 0)
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     mask = ttgl.expand_dims(rows < M, 1)
     out_offs = ttgl.expand_dims(rows, 1) * stride_om + ttgl.expand_dims(cols, 0)
@@ -170,7 +209,7 @@ _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, n: int, k: int,
-           block_n: int, split: int, group: int = 128) -> torch.Tensor:
+           block_n: int, split: int, stages: int, group: int = 128) -> torch.Tensor:
     """x [M <= 16, K] bf16 @ Wᵀ with W's codes from `shuffle_words`, asymmetric (zeros [K / G, N])."""
     m = x.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
@@ -181,7 +220,8 @@ def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
     ws, counters = _WORKSPACE[key]
     m16_kernel[(n // block_n, split)](x, words, scales, zeros, out, ws, counters, m, n, k, x.stride(0),
                                       scales.stride(0), out.stride(0), split, GROUP=group, BLOCK_N=block_n,
-                                      SPLIT=split > 1, K_SPAN=k // split, num_warps=WARPS)
+                                      SPLIT=split > 1, K_SPAN=k // split, STAGES=stages,
+                                      num_warps=WARPS)
     return out
 
 
@@ -211,15 +251,16 @@ def run_shape(name: str) -> dict:
     row["lowbit_config"] = w4a16_triton.tuned_config(16, packed)
     five = x[:5]
     row["gluon"] = []
-    for block_n in (64, 128, 256):
-        for split in splits(k):
-            if n % block_n or (n // block_n) * split > 4096:
-                continue
-            call = lambda: matmul(x, words, packed.scales, packed.zeros, n, k, block_n, split)  # noqa: E731
-            error = max(relative_error(call(), ref),
-                        relative_error(matmul(five, words, packed.scales, packed.zeros, n, k, block_n, split), ref[:5]))
-            row["gluon"].append({"block_n": block_n, "split": split, "us": 1000 * graph_time_ms(call),
-                                 "error": error})
+    for stages in STAGES:
+        for block_n in (64, 128, 256):
+            for split in splits(k):
+                if n % block_n or (n // block_n) * split > 4096:
+                    continue
+                args = (words, packed.scales, packed.zeros, n, k, block_n, split, stages)
+                call = lambda: matmul(x, *args)  # noqa: E731
+                error = max(relative_error(call(), ref), relative_error(matmul(five, *args), ref[:5]))
+                row["gluon"].append({"block_n": block_n, "split": split, "stages": stages,
+                                     "us": 1000 * graph_time_ms(call), "error": error})
     print(json.dumps(row), flush=True)
     return row
 
@@ -232,10 +273,13 @@ def markdown(rows: list[dict], device: str) -> str:
              "| shape | bf16 | lowbit | lowbit config | gluon best | gluon config | lowbit / gluon | error |",
              "|---|---:|---:|---|---:|---|---:|---:|"]
     for r in rows:
-        best = min((g for g in r["gluon"] if g["error"] < 1e-2), key=lambda g: g["us"])
-        lines.append(f"| {r['shape']} | {r['bf16_us']:.1f} | {r['lowbit_us']:.1f} | {r['lowbit_config']} | "
-                     f"{best['us']:.1f} | {best['block_n']} split {best['split']} | "
-                     f"{r['lowbit_us'] / best['us']:.2f}x | {best['error']:.1e} |")
+        for stages in sorted({g.get("stages", 0) for g in r["gluon"]}):
+            best = min((g for g in r["gluon"] if g["error"] < 1e-2 and g.get("stages", 0) == stages),
+                       key=lambda g: g["us"])
+            words = "registers, 2 groups ahead" if not stages else f"cp.async, {stages} stages"
+            lines.append(f"| {r['shape']} | {r['bf16_us']:.1f} | {r['lowbit_us']:.1f} | {r['lowbit_config']} | "
+                         f"{best['us']:.1f} | {best['block_n']} split {best['split']}, {words} | "
+                         f"{r['lowbit_us'] / best['us']:.2f}x | {best['error']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
