@@ -15,7 +15,7 @@ SASS instructions per code in the sm_90 compile (BLOCK_N 64-128), against the pa
 
 Times the kernel at M = 16 over BLOCK_N (64, 128, 256) and every split whose span is a power of two
 up to 2048, beside lowbit's autotuned kernel and bf16 cuBLAS, each checked against float64.
-Needs Triton with Gluon (3.6 on the device) and an sm_90 GPU (sub.bf16x2).
+Needs Triton with Gluon (3.6 on the device; it compiles under 3.9 too) and an sm_90 GPU (sub.bf16x2).
 
     python benchmarks/gpu_gluon_m16.py --out benchmarks/results/gpu_gluon_m16_h200
 """
@@ -40,6 +40,10 @@ from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 
 WARPS = 4
+# Gluon is experimental and renames operations between Triton releases: 3.6's names, else 3.9's.
+_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
+_async_copy = ttgl.nvidia.ampere.async_copy
+_copy_to_shared = getattr(_async_copy, "async_load", None) or _async_copy.async_copy_global_to_shared
 STAGES = (0, 4, 8)
 """0: the next two groups' words loaded into registers ahead; n: n groups in flight through shared
 memory by cp.async."""
@@ -136,7 +140,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, 16, GROUP], SMEM_L)
     for i in ttgl.static_range(SPAN_GROUPS):
         x_smem.index(i).store(ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0))
-    ttgl.thread_barrier()
+    _barrier()
     group_words = CHUNKS * (N // 8) * 32
     z_next = ttgl.load(z_ptr + first * stride_sg + zcols)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
@@ -160,20 +164,20 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         W_SMEM: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
         w_smem = ttgl.allocate_shared_memory(ttgl.int32, [STAGES, CHUNKS, BLOCK_N // 8, 8, 4], W_SMEM)
         for i in ttgl.static_range(STAGES - 1):
-            ttgl.nvidia.ampere.async_copy.async_copy_global_to_shared(
+            _copy_to_shared(
                 w_smem.index(i), qw_ptr + ttgl.minimum(first + i, last) * group_words + word_offs)
-            ttgl.nvidia.ampere.async_copy.commit_group()
+            _async_copy.commit_group()
         for g in range(0, SPAN_GROUPS):
             ahead = g + STAGES - 1
-            ttgl.nvidia.ampere.async_copy.async_copy_global_to_shared(
+            _copy_to_shared(
                 w_smem.index(ahead % STAGES), qw_ptr + ttgl.minimum(first + ahead, last) * group_words + word_offs)
-            ttgl.nvidia.ampere.async_copy.commit_group()
+            _async_copy.commit_group()
             z = z_next.to(ttgl.float32).to(ttgl.int32)
             scale = s_next.to(ttgl.float32)
             g_next = ttgl.minimum(first + g + 1, last)
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols)
             s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
-            ttgl.nvidia.ampere.async_copy.wait_group(STAGES - 1)
+            _async_copy.wait_group(STAGES - 1)
             words = w_smem.index(g % STAGES).load(W_L)
             part = _group_product(words, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
             acc += part * ttgl.expand_dims(scale, 0)
@@ -183,7 +187,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     if SPLIT:  # as w4a16_triton._store: the last of a tile's programs writes it and resets the workspace
         ws_offs = ttgl.expand_dims(rows, 1) * N + ttgl.expand_dims(cols, 0)
         ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        ttgl.thread_barrier()
+        _barrier()
         count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if count == SPLIT_K - 1:
             total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
@@ -192,6 +196,22 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
             ttgl.store(cnt_ptr + pid_n, 0)
     else:
         ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
+
+
+def compile_for_sm90(block_n: int, stages: int, k_span: int = 1024, group: int = 128):
+    """`m16_kernel` compiled for sm_90 without a GPU (its operand-layout conversion is asserted
+    trivial while it compiles): for the tests and for counting its SASS instructions."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    constexprs = {"GROUP": group, "BLOCK_N": block_n, "SPLIT": True, "K_SPAN": k_span, "STAGES": stages}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
+    aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
+    return triton.compile(GluonASTSource(fn=m16_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
 
 
 def shuffle_words(codes: torch.Tensor) -> torch.Tensor:
