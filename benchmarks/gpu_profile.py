@@ -13,6 +13,11 @@ cudaProfilerStart/Stop.
     ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/gpu_profile.py --cases "70B gate/up_proj:1" "70B gate/up_proj:16"
+
+`--gluon "70B gate/up_proj@64:8"` also profiles the Gluon prototype of gpu_gluon_m16.py at M = 16
+with that BLOCK_N and split (and ":STAGES" for its cp.async variant): with a Triton tile at half
+its instructions per code yet within 17% of its time, what bounds the 16-row tile is a question
+for the counters (add --section MemoryWorkloadAnalysis for L1, L2 and DRAM traffic).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -71,6 +77,35 @@ def profile_case(name: str, m: int, symmetric: bool, config: str | None) -> None
         torch.cuda.cudart().cudaProfilerStop()
 
 
+def parse_gluon_case(case: str) -> tuple[str, int, int, int]:
+    """"SHAPE@BLOCK_N:SPLIT[:STAGES]" -> shape, BLOCK_N, split, stages (0: the register prefetch)."""
+    name, _, config = case.partition("@")
+    values = config.split(":")
+    if name not in SHAPES or len(values) not in (2, 3) or not all(v.isdigit() for v in values):
+        raise SystemExit(f"error: {case!r}: give SHAPE@BLOCK_N:SPLIT[:STAGES], SHAPE one of {', '.join(SHAPES)}")
+    block_n, split, stages = (int(v) for v in values + ["0"] * (3 - len(values)))
+    return name, block_n, split, stages
+
+
+def profile_gluon_case(name: str, block_n: int, split: int, stages: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_gluon_m16 as gluon
+
+    n, k = SHAPES[name]
+    torch.manual_seed(0)
+    qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), torch.randn(n, k, device="cuda"))
+    packed = pack_quantized_weight(qweight)
+    words = gluon.shuffle_words(qweight.codes)
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    gluon.matmul(x, words, packed.scales, packed.zeros, n, k, block_n, split, stages)  # compiles, unprofiled
+    torch.cuda.synchronize()
+    print(f"profiled: {name} M=16 asym: Gluon prototype BLOCK_N {block_n} split {split} stages {stages}", flush=True)
+    torch.cuda.cudart().cudaProfilerStart()
+    gluon.matmul(x, words, packed.scales, packed.zeros, n, k, block_n, split, stages)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["70B gate/up_proj:1", "70B gate/up_proj:16"],
@@ -78,11 +113,17 @@ def main() -> None:
                         "name one (e.g. '70B gate/up_proj:16:sym@16x64x128 split 2 paired')")
     parser.add_argument("--bench", type=Path, default=BENCH,
                         help="a `lowbit bench kernels` JSON whose chosen configs to profile (default: %(default)s)")
+    parser.add_argument("--gluon", nargs="*", default=[],
+                        help="SHAPE@BLOCK_N:SPLIT[:STAGES]: also profile the Gluon prototype of "
+                        "gpu_gluon_m16.py at M = 16 with this config")
     args = parser.parse_args()
+    gluon_cases = [parse_gluon_case(case) for case in args.gluon]
     chosen = chosen_configs(args.bench)
     for case in args.cases:
         name, m, symmetric, config = parse_case(case)
         profile_case(name, m, symmetric, config or chosen.get((name, m, symmetric)))
+    for case in gluon_cases:
+        profile_gluon_case(*case)
 
 
 if __name__ == "__main__":

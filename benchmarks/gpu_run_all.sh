@@ -87,11 +87,14 @@ print(k.markdown_table(r))" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
         # throughput for a few kernels (gpu_profile.py: the configs the saved kernel table chose);
         # PROFILE_CASES (SHAPE:M, separated by "|") replaces the default cases.
+        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@64:8"): also the Gluon prototype (gpu_gluon_m16.py).
         profile) IFS='|' read -r -a cases <<< "${PROFILE_CASES:-70B gate/up_proj:1|70B gate/up_proj:16|8B gate/up_proj:16|8B k/v_proj:1}"
+                 IFS='|' read -r -a gluon_cases <<< "${PROFILE_GLUON:-}"
                  step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-                     --section SchedulerStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-                     python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
+                     --section SchedulerStats --section MemoryWorkloadAnalysis \
+                     --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+                     python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" --gluon "${gluon_cases[@]}" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         # One GEMV tile at every split count (gpu_gemv_splits.py): a program's fixed cost.
         gemv_splits) step gemv_splits "${T_SPLITS:-180}" python3 "$here/benchmarks/gpu_gemv_splits.py" --out "$out/gpu_gemv_splits" ;;

@@ -38,3 +38,14 @@ def test_the_kernel_compiles_with_its_operands_in_place(gluon_m16, block_n, stag
     # One group of 128 per loop step: 8 k16 steps x BLOCK_N / 8 n8 tiles over 4 warps.
     assert ptx.count("mma.sync.aligned.m16n8k16") == 8 * block_n // 8 // 4
     assert "sub.rn.bf16x2" in ptx and ("cp.async" in ptx) == bool(stages)
+
+
+def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
+    spec = importlib.util.spec_from_file_location("gpu_profile", SCRIPT.parent / "gpu_profile.py")
+    gpu_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_profile)
+    assert gpu_profile.parse_gluon_case("70B gate/up_proj@64:8") == ("70B gate/up_proj", 64, 8, 0)
+    assert gpu_profile.parse_gluon_case("8B q/o_proj@128:4:4") == ("8B q/o_proj", 128, 4, 4)
+    for wrong in ("70B gate/up_proj@64", "70B up@64:8", "8B q/o_proj@64:x"):
+        with pytest.raises(SystemExit, match="give SHAPE@BLOCK_N:SPLIT"):
+            gpu_profile.parse_gluon_case(wrong)
