@@ -18,7 +18,7 @@ the kernel table does (CUDA-graph replays after an L2 flush, the flush's own tim
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +31,9 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import save  # noqa: E402
 
 SMALL = (1024, 4096)  # 8B k/v_proj
 SPLIT_TILE = "1x64x128 split {split}"
@@ -91,8 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = run()
     text = markdown(rows, torch.cuda.get_device_name())
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    save(args.out, text, rows)
     print(text)
 
 

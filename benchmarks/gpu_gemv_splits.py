@@ -13,7 +13,7 @@ call against the number of programs shows that fixed cost beside the streaming o
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
 
 CASE_SHAPES = ("70B gate/up_proj", "70B down_proj", "8B gate/up_proj")
 TILES = ((512, 64, 3), (512, 32, 3))
@@ -74,13 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
     args = parser.parse_args()
-    rows = []
-    for name in CASE_SHAPES:
-        rows += time_shape(name)
-        text = markdown(rows, torch.cuda.get_device_name())
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    run_cases(args.out, CASE_SHAPES, time_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

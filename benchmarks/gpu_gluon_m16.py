@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
 
 WARPS = 4
 # Gluon is experimental and renames operations between Triton releases: 3.6's names, else 3.9's.
@@ -308,13 +312,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = parser.parse_args()
-    rows = []
-    for name in args.shapes:
-        rows.append(run_shape(name))
-        text = markdown(rows, torch.cuda.get_device_name())
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    run_cases(args.out, args.shapes, lambda name: [run_shape(name)],
+              lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

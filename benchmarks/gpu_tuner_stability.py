@@ -14,7 +14,7 @@ its choice's time over the best choice's.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +29,9 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import autotune, w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
 
 CASE_SHAPES = ("8B q/o_proj", "8B k/v_proj", "70B k/v_proj", "8B gate/up_proj")
 ROUNDS = 7
@@ -120,13 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = [(int(f), float(m)) for f, m in (s.split(":") for s in args.settings)]
     triton_autotuner.get_cache_manager = lambda key: _NoDiskCache()
-    tunings = []
-    for name in args.shapes:
-        tunings += run_shape(name, settings, args.repeats)
-        text = markdown(tunings, torch.cuda.get_device_name(), args.repeats)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(tunings, indent=1))
-    print(text)
+    run_cases(args.out, args.shapes, lambda name: run_shape(name, settings, args.repeats),
+              lambda tunings: markdown(tunings, torch.cuda.get_device_name(), args.repeats))
 
 
 if __name__ == "__main__":

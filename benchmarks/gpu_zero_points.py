@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +26,9 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
 
 CASES = [("70B gate/up_proj", 16, "16x64x128 split 2 paired"),
          ("8B gate/up_proj", 16, "16x64x128 split 4 paired"),
@@ -71,14 +74,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
     args = parser.parse_args()
-    rows = []
-    for name, m, config in CASES:
-        rows.append(time_case(name, m, config))
-        print(rows[-1], flush=True)
-        text = markdown(rows, torch.cuda.get_device_name())
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+
+    def case_rows(case: tuple) -> list[dict]:
+        row = time_case(*case)
+        print(row, flush=True)
+        return [row]
+
+    run_cases(args.out, CASES, case_rows, lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

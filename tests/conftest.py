@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
+def benchmark_script(name: str):
+    """benchmarks/NAME.py loaded as a module (the scripts are not a package), for testing its parts."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     """A two-block Llama small enough for unit tests; keyword arguments replace its settings."""
     settings = dict(

@@ -4,21 +4,15 @@ without a GPU. Its occupancy model is checked against what Nsight Compute report
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gemv_sass.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def gemv_sass():
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location("gemv_sass", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gemv_sass")
 
 
 @pytest.mark.parametrize("registers, shared, blocks", [

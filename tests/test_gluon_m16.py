@@ -4,22 +4,16 @@ compiler asserts the conversion trivial), on whichever Triton is installed."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_gluon_m16.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def gluon_m16():
     pytest.importorskip("triton.experimental.gluon")
-    spec = importlib.util.spec_from_file_location("gpu_gluon_m16", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_gluon_m16")
 
 
 def test_each_word_holds_the_codes_of_one_threads_operand_registers(gluon_m16):
@@ -41,9 +35,7 @@ def test_the_kernel_compiles_with_its_operands_in_place(gluon_m16, block_n, stag
 
 
 def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
-    spec = importlib.util.spec_from_file_location("gpu_profile", SCRIPT.parent / "gpu_profile.py")
-    gpu_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_profile)
+    gpu_profile = benchmark_script("gpu_profile")
     assert gpu_profile.parse_gluon_case("70B gate/up_proj@64:8") == ("70B gate/up_proj", 64, 8, 0)
     assert gpu_profile.parse_gluon_case("8B q/o_proj@128:4:4") == ("8B q/o_proj", 128, 4, 4)
     for wrong in ("70B gate/up_proj@64", "70B up@64:8", "8B q/o_proj@64:x"):
