@@ -14,10 +14,9 @@ cudaProfilerStart/Stop.
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/gpu_profile.py --cases "70B gate/up_proj:1" "70B gate/up_proj:16"
 
-`--gluon "70B gate/up_proj@64:8"` also profiles the Gluon prototype of gpu_gluon_m16.py at M = 16
-with that BLOCK_N and split (and ":STAGES" for its cp.async variant): with a Triton tile at half
-its instructions per code yet within 17% of its time, what bounds the 16-row tile is a question
-for the counters (add --section MemoryWorkloadAnalysis for L1, L2 and DRAM traffic).
+`--gluon "70B gate/up_proj@16x128 span 1024"` also profiles lowbit's Gluon kernel for M <= 16
+(kernels/w4a16_gluon.py) at M = 16 with that config, as its tuned_config() names it (add
+--section MemoryWorkloadAnalysis for L1, L2 and DRAM traffic).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -36,8 +34,6 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_triton
 from lowbit.kernels.int4_pack import pack_quantized_weight
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the Gluon cases import gpu_gluon_m16 from here
 BENCH = Path(__file__).resolve().parent / "results" / "gpu_kernels_h200.json"
 
 
@@ -78,32 +74,31 @@ def profile_case(name: str, m: int, symmetric: bool, config: str | None) -> None
         torch.cuda.cudart().cudaProfilerStop()
 
 
-def parse_gluon_case(case: str) -> tuple[str, int, int, int]:
-    """"SHAPE@BLOCK_N:SPLIT[:STAGES]" -> shape, BLOCK_N, split, stages (0: the register prefetch)."""
+def parse_gluon_case(case: str) -> tuple[str, str]:
+    """"SHAPE@CONFIG" -> shape, the Gluon kernel's config as its tuned_config() names it."""
     name, _, config = case.partition("@")
-    values = config.split(":")
-    if name not in SHAPES or len(values) not in (2, 3) or not all(v.isdigit() for v in values):
-        raise SystemExit(f"error: {case!r}: give SHAPE@BLOCK_N:SPLIT[:STAGES], SHAPE one of {', '.join(SHAPES)}")
-    block_n, split, stages = (int(v) for v in values + ["0"] * (3 - len(values)))
-    return name, block_n, split, stages
+    if name not in SHAPES or not config:
+        raise SystemExit(f"error: {case!r}: give SHAPE@CONFIG, e.g. '70B gate/up_proj@16x128 span 1024', "
+                         f"SHAPE one of {', '.join(SHAPES)}")
+    return name, config
 
 
-def profile_gluon_case(name: str, block_n: int, split: int, stages: int) -> None:
-    import gpu_gluon_m16 as gluon  # needs Triton's Gluon: imported only when a Gluon case is asked for
+def profile_gluon_case(name: str, config: str) -> None:
+    from lowbit.kernels import w4a16_gluon
 
     n, k = SHAPES[name]
     torch.manual_seed(0)
-    qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), torch.randn(n, k, device="cuda"))
-    packed = pack_quantized_weight(qweight)
-    words = gluon.shuffle_words(qweight.codes)
+    packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128),
+                                                   torch.randn(n, k, device="cuda")))
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
-    gluon.matmul(x, words, packed.scales, packed.zeros, n, k, block_n, split, stages)  # compiles, unprofiled
-    torch.cuda.synchronize()
-    print(f"profiled: {name} M=16 asym: Gluon prototype BLOCK_N {block_n} split {split} stages {stages}", flush=True)
-    torch.cuda.cudart().cudaProfilerStart()
-    gluon.matmul(x, words, packed.scales, packed.zeros, n, k, block_n, split, stages)
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+    with w4a16_gluon.pinned_config(config):
+        w4a16_gluon.matmul(x, packed)  # compiles and builds the shuffled words, unprofiled
+        torch.cuda.synchronize()
+        print(f"profiled: {name} M=16 asym: lowbit Gluon {config}", flush=True)
+        torch.cuda.cudart().cudaProfilerStart()
+        w4a16_gluon.matmul(x, packed)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
 
 
 def main() -> None:
@@ -114,8 +109,8 @@ def main() -> None:
     parser.add_argument("--bench", type=Path, default=BENCH,
                         help="a `lowbit bench kernels` JSON whose chosen configs to profile (default: %(default)s)")
     parser.add_argument("--gluon", nargs="*", default=[],
-                        help="SHAPE@BLOCK_N:SPLIT[:STAGES]: also profile the Gluon prototype of "
-                        "gpu_gluon_m16.py at M = 16 with this config")
+                        help="SHAPE@CONFIG: also profile lowbit's Gluon kernel at M = 16 with this config "
+                        "(e.g. '70B gate/up_proj@16x128 span 1024')")
     args = parser.parse_args()
     gluon_cases = [parse_gluon_case(case) for case in args.gluon]
     chosen = chosen_configs(args.bench)

@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_m16 zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -24,7 +24,7 @@ for s in ${STEPS:-tests kernels decode}; do
         # Every GPU test compiles and autotunes its own kernels: the whole of test_kernels.py takes
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
-                   "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_kernel_timing.py" \
+                   "$here/tests/test_kernels_gluon.py" "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_kernel_timing.py" \
                    "$here/tests/test_gpu_solvers.py" "$here/tests/test_f16_pairs.py" "$here/tests/test_shortcuts.py" "$here/tests/test_block_memory.py" "$here/tests/test_decode_ops.py" "$here/tests/test_generate.py" "$here/tests/test_packed_load.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
@@ -87,7 +87,7 @@ print(k.markdown_table(r))" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
         # throughput for a few kernels (gpu_profile.py: the configs the saved kernel table chose);
         # PROFILE_CASES (SHAPE:M, separated by "|") replaces the default cases.
-        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@64:8"): also the Gluon prototype (gpu_gluon_m16.py).
+        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@16x128 span 1024"): also lowbit's Gluon kernel.
         profile) IFS='|' read -r -a cases <<< "${PROFILE_CASES:-70B gate/up_proj:1|70B gate/up_proj:16|8B gate/up_proj:16|8B k/v_proj:1}"
                  IFS='|' read -r -a gluon_cases <<< "${PROFILE_GLUON:-}"
                  step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \
@@ -104,8 +104,6 @@ print(k.markdown_table(r))" ;;
         # slower config, without finalists, with the autotuner's own setting and with a wider one.
         tuner_stability) step tuner_stability "${T_TUNER:-420}" python3 "$here/benchmarks/gpu_tuner_stability.py" \
                              --settings 1:1.0 4:1.15 8:1.3 --out "$out/gpu_tuner_stability" ;;
-        # A Gluon kernel for M <= 16 on pre-shuffled words beside lowbit's (gpu_gluon_m16.py).
-        gluon_m16) step gluon_m16 "${T_GLUON:-300}" python3 "$here/benchmarks/gpu_gluon_m16.py" --out "$out/gpu_gluon_m16" ;;
         zero_points) step zero_points "${T_ZERO:-240}" python3 "$here/benchmarks/gpu_zero_points.py" --out "$out/gpu_zero_points" ;;
         # One decoder block between CPU and GPU memory, by method (gpu_block_transfer.py); again with
         # torch's CPU allocator asking for transparent huge pages (fewer page faults in new memory).
@@ -114,6 +112,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_m16 zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability zero_points transfer vq)"; exit 2 ;;
     esac
 done

@@ -119,17 +119,28 @@ def _fbgemm_version() -> str:
     return w4a16_fbgemm.version() or f"not usable ({w4a16_fbgemm.import_error()})"
 
 
-def _direct_paths(packed: PackedInt4, dtype: torch.dtype) -> dict:
-    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, and GemLite's
-    and FBGEMM's where installed."""
-    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_triton
+def _direct_paths(packed: PackedInt4, dtype: torch.dtype, m: int) -> dict:
+    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, its Gluon kernel
+    where it runs (Hopper, 2 <= M <= 16), and GemLite's and FBGEMM's where installed."""
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
 
     paths = {"fused": w4a16_triton.matmul}
+    if 1 < m <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, dtype):
+        paths["gluon"] = w4a16_gluon.matmul
     if w4a16_gemlite.supports(packed, dtype):
         paths["gemlite"] = w4a16_gemlite.matmul
     if w4a16_fbgemm.supports(packed, dtype):
         paths["fbgemm"] = w4a16_fbgemm.matmul
     return paths
+
+
+def _lowbit_config(path: str, m: int, packed: PackedInt4) -> str | None:
+    """The tile config of lowbit's kernel on this path: the Gluon kernel's where that was chosen,
+    else the fused Triton kernels' (also timed on their own beside any other path)."""
+    from lowbit.kernels import w4a16_gluon
+    from lowbit.kernels.w4a16_triton import tuned_config
+
+    return w4a16_gluon.tuned_config(packed) if path == "gluon" else tuned_config(m, packed)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -148,7 +159,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    from lowbit.kernels.w4a16_triton import bucket, tuned_config  # imports Triton: only once it is known to be there
+    from lowbit.kernels.w4a16_triton import bucket  # imports Triton: only once it is known to be there
 
     use_paths(*paths)
     torch.manual_seed(0)
@@ -175,7 +186,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                 ref = x.double() @ weights.dequantize().double().T
                 calls = {"lowbit": w4a16_matmul}
                 if kind == "asym":
-                    calls.update(_direct_paths(weights, x.dtype))
+                    calls.update(_direct_paths(weights, x.dtype, m))
                 for path, matmul in calls.items():
                     label = f"{path}_{kind}"
                     row[f"rel_err_{label}"] = _relative_error(matmul(x, weights), ref)
@@ -188,7 +199,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                 del ref
                 key = (x.device.index, x.dtype, bucket(m), n, k, group_size, kind == "sym")
                 row[f"path_{kind}"] = path_table().get(key, "fused")
-                row[f"config_{kind}"] = tuned_config(m, weights)
+                row[f"config_{kind}"] = _lowbit_config(row[f"path_{kind}"], m, weights)
             dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
             row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])
             del dense_copies
@@ -228,10 +239,10 @@ def markdown_table(result: dict) -> str:
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
         "from device memory).",
         "",
-        "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gemlite asym | "
-        "fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | rel. err (asym) | path (asym) | "
-        "fused tile (asym) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gluon asym | "
+        "gemlite asym | fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | "
+        "rel. err (asym) | path (asym) | lowbit tile (asym) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     optional = lambda value: "n/a" if value is None else f"{value:.1f}"  # noqa: E731
     for r in rows:

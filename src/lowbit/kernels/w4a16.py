@@ -1,19 +1,23 @@
 """y = x Wᵀ for an int4 weight in the PackedInt4 layout: the dispatcher and the torch reference.
 
-On GPU there are up to four ways to run the product: lowbit's fused Triton kernels
-(w4a16_triton.py), dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound),
-GemLite's kernels when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel
-when fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M
-and the GPU, so the first call for each (shape, M bucket, dtype) times every allowed path as a
+On GPU there are up to five ways to run the product: lowbit's fused Triton kernels
+(w4a16_triton.py), its Gluon kernel for 2 <= M <= 16 on Hopper (w4a16_gluon.py),
+dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound), GemLite's kernels
+when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel when
+fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M and the
+GPU, so the first call for each (shape, M bucket, dtype) times every allowed path as a
 graph-captured decode loop runs it (no launch cost, cold L2: timing.py) and keeps the fastest;
 `path_table()` shows the choices and `use_paths()` narrows the candidates
-(`lowbit bench kernels --paths`).
+(`lowbit bench kernels --paths`). Paths that keep their own copy of a weight (Gluon's shuffled
+words, FBGEMM's) drop the timed weight's copy when no M bucket of its shape chose them, so
+installing a library does not double the memory of every weight.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -28,8 +32,8 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-MatmulPath = Literal["fused", "dequantize+cublas", "gemlite", "fbgemm"]
-PATHS: tuple[MatmulPath, ...] = ("fused", "dequantize+cublas", "gemlite", "fbgemm")
+MatmulPath = Literal["fused", "gluon", "dequantize+cublas", "gemlite", "fbgemm"]
+PATHS: tuple[MatmulPath, ...] = ("fused", "gluon", "dequantize+cublas", "gemlite", "fbgemm")
 _CHOSEN: dict[tuple, MatmulPath] = {}
 _ALLOWED: set[str] = set(PATHS)
 
@@ -55,9 +59,11 @@ def use_paths(*paths: str) -> None:
 
 
 def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callable[[], torch.Tensor]]:
-    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_triton
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
 
     calls: dict[MatmulPath, Callable[[], torch.Tensor]] = {"fused": lambda: w4a16_triton.matmul(x, packed)}
+    if "gluon" in _ALLOWED and 1 < x.shape[0] <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, x.dtype):
+        calls["gluon"] = lambda: w4a16_gluon.matmul(x, packed)
     if "dequantize+cublas" in _ALLOWED and x.shape[0] > w4a16_triton.DECODE_MAX_M:
         calls["dequantize+cublas"] = lambda: w4a16_triton.dequantize_matmul(x, packed)
     if "gemlite" in _ALLOWED and w4a16_gemlite.supports(packed, x.dtype):
@@ -79,10 +85,33 @@ def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[
             return "fused", calls["fused"]  # nothing can be timed inside a graph capture; warm up outside it
         from lowbit.kernels.timing import graph_time_ms
 
-        times = {path: graph_time_ms(call, x.device) for path, call in calls.items()}
+        times = {}
+        for path, call in calls.items():
+            try:
+                times[path] = graph_time_ms(call, x.device)
+            except Exception as error:  # an optional path that cannot run here must not stop the product
+                if path == "fused":
+                    raise
+                warnings.warn(f"W4A16 path {path!r} failed on a {packed.out_features}x{packed.in_features} weight "
+                              f"and is not used for it: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
         _CHOSEN[key] = min(times, key=times.get)
+        _release_unchosen_copies(key, calls, packed)
     path = _CHOSEN[key]
     return path, calls[path]
+
+
+def _release_unchosen_copies(key: tuple, timed: dict, packed: PackedInt4) -> None:
+    """Drop the copies of `packed` that timing built for paths no M bucket of its shape chose.
+
+    Only the first weight of a shape and M bucket is timed; later weights of the shape build only
+    the chosen paths' copies."""
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gluon
+
+    shape = key[:2] + key[3:]
+    chosen_for_shape = {path for k, path in _CHOSEN.items() if k[:2] + k[3:] == shape}
+    for path, module in (("gluon", w4a16_gluon), ("fbgemm", w4a16_fbgemm)):
+        if path in timed and path not in chosen_for_shape:
+            module.release(packed)
 
 
 def reference_w4a16_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:

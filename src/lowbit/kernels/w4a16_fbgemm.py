@@ -102,6 +102,11 @@ def layout(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return held[1]
 
 
+def release(packed: PackedInt4) -> None:
+    """Drop `packed`'s FBGEMM copy (the dispatcher chose another path for its shape)."""
+    _LAYOUTS.pop(packed.qweight, None)
+
+
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [M, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
     codes, scales, zero_terms = layout(packed)

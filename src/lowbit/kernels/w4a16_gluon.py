@@ -1,0 +1,177 @@
+"""W4A16 for 2 <= M <= 16 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
+
+At M <= 16 the product's work is streaming K·N/2 bytes of codes. lowbit's Triton tile for it
+(w4a16_triton's paired dots) spends about 4.9 SASS instructions per code, much of it moving the
+unpacked weights into the register layout of the MMA operand, a layout Triton picks. Gluon,
+Triton's dialect with explicit layouts, lets the layout be chosen here instead. Each weight's
+words are shuffled once, on its first product (`shuffle_words`), so that every thread loads, with
+one 16-byte load per 32 columns, exactly the codes of its mma.m16n8k16 B-operand registers for one
+group. One lop3 and one sub.bf16x2 turn a word's nibbles j and j + 4 into the (k, k + 1) pair of
+one register, exactly (q + 128 - (z + 128) in bf16), and the compiler asserts that the conversion
+to the operand layout is a no-op. The loop then costs about 3 SASS instructions per code.
+
+x's span of K is staged in shared memory once per program, where every warp reads its A fragments.
+The words of the next two groups are loaded into registers ahead of the group being multiplied.
+The first two groups are requested before x is staged, so the x loads and the barrier overlap the
+first words' DRAM latency. An ncu profile of this kernel showed it latency-bound: one instruction
+issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte loads, the
+c-innermost word order, and the early requests each came from that profile. Split-K programs meet
+through w4a16_triton's self-resetting workspace, so a call is one launch.
+
+Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
+kept beside it keyed by its qweight tensor, and rebuilt if that is written in place. The dispatcher
+(w4a16.py) times this path against the others per shape and drops the copy when another path wins.
+bf16 activations only: the exact unpack subtracts in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
+
+MAX_M = 16
+"""Rows of one MMA tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
+WARPS = 4
+GROUPS = (32, 64, 128, 256)
+"""Group sizes the word layout takes: one to eight k32 chunks per group, a power of two."""
+MAX_WORDS_PER_THREAD = 32
+"""Registers of words one thread holds per group (three groups are live at once); wider tiles spill."""
+_BLOCK_N = (64, 128, 256)
+_K_SPANS = (128, 256, 512, 1024, 2048)
+"""x's span in shared memory: 16 rows x 2048 x 2 bytes = 64 KB at most."""
+_MAX_PROGRAMS = 4096
+
+_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""qweight tensor -> (qweight._version when built, shuffled words)."""
+
+
+@functools.cache
+def import_error() -> str | None:
+    """None when this path can run here; otherwise why not, in one line (for reports)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() < (9, 0):
+        return "needs an sm_90 or newer GPU (sub.bf16x2)"
+    try:
+        importlib.import_module("triton.experimental.gluon.language.nvidia.ampere")
+    except ImportError as error:
+        return f"this Triton has no Gluon ({error})"
+    return None
+
+
+def available() -> bool:
+    return import_error() is None
+
+
+def supports(packed: PackedInt4, dtype: torch.dtype) -> bool:
+    """bf16 activations; a group size in GROUPS dividing K; N a multiple of the narrowest tile."""
+    return (dtype == torch.bfloat16 and packed.qweight.is_cuda and packed.group_size in GROUPS
+            and packed.in_features % packed.group_size == 0 and packed.out_features % _BLOCK_N[0] == 0
+            and available())
+
+
+def shuffle_words(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> int32 words [K / G, N / 8, 8, 4, G / 32], flattened.
+
+    Word (g, nb, ni, t, c) holds column 8·nb + ni. Its nibble 4h + 2·j1 + j0 is the code at
+    K = G·g + 32c + 16·j1 + 8·j0 + 2t + h. So thread t of a column's quad finds the (k, k + 1) pair
+    of its B-operand register j1·2 + j0 in nibbles j and j + 4. Its group's chunks c lie side by
+    side, for one 16-byte load.
+    """
+    n, k = codes.shape
+    chunks = group_size // 32
+    v = codes.reshape(n // 8, 8, k // group_size, chunks, 2, 2, 4, 2)  # nb, ni, g, c, j1, j0, t, h
+    v = v.permute(2, 0, 1, 6, 3, 7, 4, 5).contiguous()  # g, nb, ni, t, c, h, j1, j0: nibble order
+    words = torch.zeros(v.shape[:-3], dtype=torch.int32, device=codes.device)
+    for nibble, bits in enumerate(v.reshape(*v.shape[:-3], 8).unbind(-1)):
+        words |= bits.to(torch.int32) << (4 * nibble)  # nibble 7 wraps into the sign bit, as intended
+    return words.reshape(-1)
+
+
+def layout(packed: PackedInt4) -> torch.Tensor:
+    """`packed`'s shuffled words, built on first use and rebuilt after an in-place write."""
+    held = _LAYOUTS.get(packed.qweight)
+    if held is None or held[0] != packed.qweight._version:
+        codes = unpack_int4(packed.qweight, packed.in_features)
+        held = (packed.qweight._version, shuffle_words(codes, packed.group_size))
+        _LAYOUTS[packed.qweight] = held
+    return held[1]
+
+
+def release(packed: PackedInt4) -> None:
+    """Drop `packed`'s shuffled copy (the dispatcher chose another path for its shape)."""
+    _LAYOUTS.pop(packed.qweight, None)
+
+
+@functools.cache
+def _tuned():
+    """The autotuned kernel, built on first use: importing Gluon needs a Triton that has it."""
+    from lowbit.kernels.autotune import autotune
+    from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
+
+    import triton
+
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span}, num_warps=WARPS) for bn in _BLOCK_N for span in _K_SPANS]
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Configs that fit the shape: whole tiles of N, spans of whole groups dividing K, at most
+    MAX_WORDS_PER_THREAD words per thread, and at most _MAX_PROGRAMS programs."""
+    args = {**named_args, **kwargs}
+    n, k, group = args["N"], args["K"], args["GROUP"]
+    kept = []
+    for config in configs:
+        bn, span = config.kwargs["BLOCK_N"], config.kwargs["K_SPAN"]
+        if (n % bn == 0 and span % group == 0 and k % span == 0 and (group // 32) * (bn // 32) <= MAX_WORDS_PER_THREAD
+                and (n // bn) * (k // span) <= _MAX_PROGRAMS):
+            kept.append(config)
+    return kept
+
+
+def tuned_config(packed: PackedInt4) -> str | None:
+    """The chosen config for this weight's shape, e.g. "16x128 span 1024" (None before the first call)."""
+    wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
+    config = next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
+    return None if config is None else f"16x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']}"
+
+
+@contextlib.contextmanager
+def pinned_config(name: str):
+    """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
+    profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
+    kernel = _tuned()
+    matches = [c for c in kernel.configs if f"16x{c.kwargs['BLOCK_N']} span {c.kwargs['K_SPAN']}" == name]
+    if not matches:
+        raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
+                         f"e.g. '16x128 span 1024'")
+    saved, kernel.configs = kernel.configs, matches
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
+
+def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
+    """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    from lowbit.kernels.w4a16_triton import _workspace
+
+    m, k = x.shape
+    if m > MAX_M:
+        raise ValueError(f"the Gluon W4A16 kernel takes at most {MAX_M} rows, got {m}")
+    x = x.contiguous()
+    n = packed.out_features
+    words = layout(packed)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    ws, counters = _workspace(x.device, m * n)
+    grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
+    _tuned()[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+                   out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
+    return out

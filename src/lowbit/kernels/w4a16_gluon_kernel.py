@@ -1,0 +1,162 @@
+"""The Gluon kernel of w4a16_gluon.py (imported only where Triton has Gluon; see that module for why).
+
+Gluon is experimental and renames operations between Triton releases: `_barrier` takes 3.6's name,
+else 3.9's. tests/test_kernels_gluon.py compiles the kernel for sm_90 on the installed Triton.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as ttgl
+
+_barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
+
+
+@gluon.constexpr_function
+def _word_layout(chunks, block_n):
+    """Words [BLOCK_N / 8, 8, 4, chunks] (their order in memory: block of 8 columns, column, t,
+    chunk) held by the threads whose B-operand registers their codes fill: the linear layout of
+    DotOperandLayout(1, mma v2 [1, 4] warps, k_width 2) for [32·chunks, BLOCK_N], with K's bits
+    1-2 as t, 5 and up as the chunk, N's bits 0-2 as the column in its block of 8, 3 and up as the
+    block. A thread's chunks are its innermost registers, so it loads them in one vector."""
+    regs = [[0, 0, 0, 1 << i] for i in range(chunks.bit_length() - 1)]
+    regs += [[4 << i, 0, 0, 0] for i in range((block_n // 32).bit_length() - 1)]
+    return ttgl.DistributedLinearLayout(
+        reg_bases=regs, lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
+        warp_bases=[[1, 0, 0, 0], [2, 0, 0, 0]], block_bases=[], shape=[block_n // 8, 8, 4, chunks])
+
+
+@gluon.jit
+def _unpack(words, offset):
+    """Four int32 registers of two bf16 each, q - z of nibbles (j, j + 4) for j = 0..3: 128 + q by
+    a mask-and-or into the exponent of 128 (int4_unpack.paired_codes), minus `offset`, the bf16
+    bits of 128 + z in both halves. Exact: every value is a small whole number."""
+    return ttgl.inline_asm_elementwise(
+        "{ .reg .b32 t;\n"
+        "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xea;\n sub.rn.bf16x2 $0, $0, $5;\n"
+        "shr.u32 t, $4, 4;\n lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xea;\n sub.rn.bf16x2 $1, $1, $5;\n"
+        "shr.u32 t, $4, 8;\n lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xea;\n sub.rn.bf16x2 $2, $2, $5;\n"
+        "shr.u32 t, $4, 12;\n lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xea;\n sub.rn.bf16x2 $3, $3, $5;\n}",
+        "=r,=r,=r,=r,r,r", [words, offset], dtype=(ttgl.int32, ttgl.int32, ttgl.int32, ttgl.int32),
+        is_pure=True, pack=1)
+
+
+@gluon.jit
+def _halves(r):
+    """A register's two bf16 halves as a trailing dimension of 2 (the compiler keeps them one register)."""
+    low = (r & 0xFFFF).to(ttgl.int16).to(ttgl.bfloat16, bitcast=True)
+    high = (r >> 16).to(ttgl.int16).to(ttgl.bfloat16, bitcast=True)
+    return ttgl.join(low, high)
+
+
+@gluon.jit
+def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP: ttgl.constexpr,
+                   BLOCK_N: ttgl.constexpr):
+    """Σ x·(q - z) over one group: its words unpacked into the B operand in place, one MMA chain."""
+    zb = z | 0x4300  # bf16 bits of 128 + z
+    offset = ttgl.expand_dims(ttgl.expand_dims(zb | (zb << 16), 2), 3)  # [nb, ni, 1, 1]
+    r0, r1, r2, r3 = _unpack(words, offset)
+    q0 = ttgl.join(_halves(r0), _halves(r1))  # [nb, ni, t, c, h, j0]
+    q1 = ttgl.join(_halves(r2), _halves(r3))
+    full = ttgl.permute(ttgl.join(q0, q1), (3, 6, 5, 2, 4, 0, 1))  # [c, j1, j0, t, h, nb, ni]: K, N in order
+    b = ttgl.convert_layout(ttgl.reshape(full, [GROUP, BLOCK_N]), B_L, assert_trivial=True)
+    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA))
+
+
+@gluon.jit
+def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
+               GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+               K_SPAN: ttgl.constexpr):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
+    into the workspace and the last of a tile writes it (w4a16_triton._store's protocol)."""
+    CHUNKS: ttgl.constexpr = GROUP // 32
+    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+    A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    W_L: ttgl.constexpr = _word_layout(CHUNKS, BLOCK_N)
+    pid_n = ttgl.program_id(0)
+    pid_k = ttgl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    # One group's words [BLOCK_N / 8, 8, 4, CHUNKS] of the shuffled [K / G, N / 8, 8, 4, CHUNKS].
+    nb = ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    ni = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(3, W_L))))
+    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L))))
+    nb4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(nb, 1), 2), 3)
+    ni4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(ni, 0), 2), 3)
+    t4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(t, 0), 1), 3)
+    c4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(c, 0), 1), 2)
+    word_offs = (((n0 // 8 + nb4) * 8 + ni4) * 4 + t4) * CHUNKS + c4
+    group_words = N * 4 * CHUNKS
+    cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA))
+    Z_L: ttgl.constexpr = ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))  # [nb, ni]
+    zcols = (n0 + ttgl.expand_dims(ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, Z_L)), 1) * 8
+             + ttgl.expand_dims(ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, Z_L)), 0))
+    SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
+    first = pid_k * SPAN_GROUPS
+    last = first + SPAN_GROUPS - 1
+    # The first two groups' words are requested before x is staged: their DRAM latency covers it.
+    w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
+    w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
+    s_next = ttgl.load(s_ptr + first * stride_sg + cols)
+    if SYMMETRIC:
+        z_next = ttgl.full([BLOCK_N // 8, 8], ZERO, ttgl.float32, Z_L)
+    else:
+        z_next = ttgl.load(z_ptr + first * stride_sg + zcols).to(ttgl.float32)
+    # x's span, once, into shared memory: every warp reads its A fragments from there.
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    xr = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, X_L))
+    xk = ttgl.arange(0, GROUP, layout=ttgl.SliceLayout(0, X_L))
+    x_tile_offs = ttgl.expand_dims(xr, 1) * stride_xm + ttgl.expand_dims(xk, 0)
+    x_tile_mask = ttgl.expand_dims(xr < M, 1)
+    SMEM_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, 16, GROUP], SMEM_L)
+    for i in ttgl.static_range(SPAN_GROUPS):
+        x_smem.index(i).store(ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0))
+    _barrier()
+    acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
+    for g in range(0, SPAN_GROUPS):
+        # Two groups' words in flight while one is multiplied (registers, carried by the loop).
+        w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
+        z = z_next.to(ttgl.int32)
+        scale = s_next.to(ttgl.float32)
+        g_next = ttgl.minimum(first + g + 1, last)
+        s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+        if not SYMMETRIC:
+            z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
+        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
+        acc += part * ttgl.expand_dims(scale, 0)
+        w_a, w_b = w_b, w_c
+    rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
+    mask = ttgl.expand_dims(rows < M, 1)
+    out_offs = ttgl.expand_dims(rows, 1) * stride_om + ttgl.expand_dims(cols, 0)
+    split_k = ttgl.num_programs(1)
+    if split_k > 1:  # as w4a16_triton._store: the last of a tile's programs writes it and resets the workspace
+        ws_offs = ttgl.expand_dims(rows, 1) * N + ttgl.expand_dims(cols, 0)
+        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
+        _barrier()
+        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if count == split_k - 1:
+            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
+            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA), mask=mask)
+            ttgl.store(cnt_ptr + pid_n, 0)
+    else:
+        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
+
+
+def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False):
+    """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
+    model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
+    aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+               for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
+    return triton.compile(GluonASTSource(fn=m16_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -1,0 +1,151 @@
+"""The Gluon W4A16 kernel for 2 <= M <= 16 (kernels/w4a16_gluon.py): its word shuffle, its layout
+cache, the dispatcher's release of copies it did not choose, and its sm_90 compile on the installed
+Triton (no GPU needed); on an sm_90 GPU, its product against float64 dequantize-then-matmul."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import w4a16, w4a16_gluon
+from lowbit.kernels.int4_pack import pack_quantized_weight
+from tests.test_kernels import (check_dispatcher_allowing, check_layout_follows_in_place_weight_changes, quantized,
+                                relative_error)
+
+needs_gluon_gpu = pytest.mark.skipif(not w4a16_gluon.available(),
+                                     reason=f"needs an sm_90 GPU and Triton with Gluon ({w4a16_gluon.import_error()})")
+
+
+@pytest.mark.parametrize("group", w4a16_gluon.GROUPS)
+def test_each_word_holds_the_codes_of_one_threads_operand_registers(group):
+    """Word (g, nb, ni, t, c), nibble 4h + 2·j1 + j0: column 8·nb + ni, K = G·g + 32c + 16·j1 + 8·j0 + 2t + h,
+    the (k, k + 1) pair of register 2·j1 + j0 of the quad's thread t in mma.m16n8k16's B operand."""
+    n, k = 16, 2 * group
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    chunks = group // 32
+    words = w4a16_gluon.shuffle_words(codes, group).reshape(k // group, n // 8, 8, 4, chunks).long() & 0xFFFFFFFF
+    for g, nb, ni, t, c, h, j1, j0 in torch.cartesian_prod(
+            *(torch.arange(s) for s in (k // group, n // 8, 8, 4, chunks, 2, 2, 2))).tolist():
+        nibble = (int(words[g, nb, ni, t, c]) >> (4 * (4 * h + 2 * j1 + j0))) & 0xF
+        assert nibble == int(codes[8 * nb + ni, group * g + 32 * c + 16 * j1 + 8 * j0 + 2 * t + h])
+
+
+def test_the_shuffled_copy_is_kept_rebuilt_after_an_in_place_write_and_released():
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+    first = w4a16_gluon.layout(packed)
+    assert w4a16_gluon.layout(packed) is first
+    packed.qweight.copy_(pack_quantized_weight(quantized(64, 256, fmt, seed=2)).qweight)
+    rebuilt = w4a16_gluon.layout(packed)
+    assert rebuilt is not first and not torch.equal(rebuilt, first)
+    w4a16_gluon.release(packed)
+    assert packed.qweight not in w4a16_gluon._LAYOUTS
+
+
+def test_the_dispatcher_drops_a_copy_only_when_no_bucket_of_the_shape_chose_its_path(monkeypatch):
+    """Timing builds every candidate's copy of the timed weight; the ones no M bucket of the shape
+    uses are dropped, so an installed library does not double each weight's memory."""
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+    shape = (64, 256, 128, False)
+    monkeypatch.setattr(w4a16, "_CHOSEN", {(0, torch.bfloat16, 16, *shape): "fused"})
+    w4a16_gluon.layout(packed)
+    w4a16._release_unchosen_copies((0, torch.bfloat16, 16, *shape), {"fused": None, "gluon": None}, packed)
+    assert packed.qweight not in w4a16_gluon._LAYOUTS
+    w4a16._CHOSEN[(0, torch.bfloat16, 64, *shape)] = "gluon"  # (as if another bucket had chosen it)
+    w4a16_gluon.layout(packed)
+    w4a16._release_unchosen_copies((0, torch.bfloat16, 16, *shape), {"fused": None, "gluon": None}, packed)
+    assert packed.qweight in w4a16_gluon._LAYOUTS
+
+
+def test_it_is_offered_only_for_what_it_computes():
+    fmt = IntegerFormat(4, symmetric=True, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+    assert not w4a16_gluon.supports(packed, torch.bfloat16)  # on the CPU
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        w4a16_gluon.matmul(torch.zeros(17, 256, dtype=torch.bfloat16), packed)
+
+
+def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False) -> str:
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
+
+    return compile_for_sm90(block_n, k_span, group, symmetric).asm["ptx"]
+
+
+@pytest.mark.parametrize("block_n, k_span, group, symmetric",
+                         [(64, 1024, 128, False), (256, 1024, 128, False), (64, 512, 128, True), (64, 256, 64, False),
+                          (128, 256, 32, False), (64, 512, 256, False)])
+def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_n, k_span, group, symmetric):
+    """The compile asserts the unpacked words need no conversion to the MMA operand's layout."""
+    ptx = _ptx(block_n, k_span, group, symmetric)
+    # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over 4 warps.
+    assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // 4
+    assert "sub.rn.bf16x2" in ptx
+
+
+def test_a_threads_words_of_a_group_arrive_in_16_byte_loads():
+    """With a group's chunks side by side, each 32 columns of a thread's words are one 16-byte load
+    (an ncu profile found the kernel latency-bound, and 4-byte loads held 96 registers, not 79).
+    Three groups' loads are in the code: two before the loop, one in it."""
+    vector_loads = {bn: len(re.findall(r"ld\.global[.\w]*\.v4\.b32", _ptx(bn, 1024))) for bn in (64, 128)}
+    assert vector_loads[128] - vector_loads[64] == 3 * (128 - 64) // 32
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("m, group, symmetric", [(2, 128, False), (5, 128, True), (16, 128, False), (16, 64, True),
+                                                 (9, 32, False), (16, 256, False)])
+@pytest.mark.parametrize("n, k", [(384, 1024), (1024, 4096)])
+def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k):
+    fmt = IntegerFormat(4, symmetric=symmetric, group_size=group)
+    weight = quantized(n, k, fmt, seed=m)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ weight.dequantize().double().cuda().T
+    for _ in range(2):  # the second call finds the workspace the first split-K call reset
+        assert relative_error(w4a16_gluon.matmul(x, packed), ref) < 1e-2
+
+
+@needs_gluon_gpu
+def test_gluon_layout_follows_in_place_weight_changes():
+    check_layout_follows_in_place_weight_changes(w4a16_gluon.matmul)
+
+
+@needs_gluon_gpu
+def test_dispatcher_with_gluon_allowed_handles_act_order_and_records_its_choice():
+    check_dispatcher_allowing("gluon", 384)
+
+
+@needs_gluon_gpu
+def test_gluon_replayed_from_a_cuda_graph_follows_its_input():
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    weight = quantized(1024, 4096, fmt, seed=4)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    w4a16_gluon.matmul(x, packed)  # tuned and its layout built outside the capture, as the dispatcher's warm-up does
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_gluon.matmul(x, packed)
+    exact = weight.dequantize().double().cuda()
+    for seed in range(2):
+        x.copy_(torch.randn(16, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert relative_error(out, x.double() @ exact.T) < 1e-2
+
+
+def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
+    from tests.conftest import benchmark_script
+
+    gpu_profile = benchmark_script("gpu_profile")
+    assert gpu_profile.parse_gluon_case("70B gate/up_proj@16x128 span 1024") == ("70B gate/up_proj", "16x128 span 1024")
+    for wrong in ("70B gate/up_proj", "70B up@16x64 span 512"):
+        with pytest.raises(SystemExit, match="give SHAPE@CONFIG"):
+            gpu_profile.parse_gluon_case(wrong)
+    with pytest.raises(ValueError, match="no Gluon W4A16 config is named"):
+        pytest.importorskip("triton.experimental.gluon")
+        with w4a16_gluon.pinned_config("16x64 split 8"):
+            pass
