@@ -1,4 +1,4 @@
-"""The Gluon W4A16 kernel for 2 <= M <= 64 (kernels/w4a16_gluon.py): its word shuffle, its layout
+"""The Gluon W4A16 kernel for 2 <= M <= 16 (kernels/w4a16_gluon.py): its word shuffle, its layout
 cache, the dispatcher's release of copies it did not choose, and its sm_90 compile on the installed
 Triton (no GPU needed); on an sm_90 GPU, its product against float64 dequantize-then-matmul."""
 
@@ -65,26 +65,25 @@ def test_it_is_offered_only_for_what_it_computes():
     fmt = IntegerFormat(4, symmetric=True, group_size=128)
     packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
     assert not w4a16_gluon.supports(packed, torch.bfloat16)  # on the CPU
-    with pytest.raises(ValueError, match="at most 64 rows"):
-        w4a16_gluon.matmul(torch.zeros(65, 256, dtype=torch.bfloat16), packed)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        w4a16_gluon.matmul(torch.zeros(17, 256, dtype=torch.bfloat16), packed)
 
 
-def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, block_m: int = 16) -> str:
+def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False) -> str:
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
 
-    return compile_for_sm90(block_n, k_span, group, symmetric, block_m).asm["ptx"]
+    return compile_for_sm90(block_n, k_span, group, symmetric).asm["ptx"]
 
 
-@pytest.mark.parametrize("block_m, block_n, k_span, group, symmetric",
-                         [(16, 64, 1024, 128, False), (16, 256, 1024, 128, False), (16, 64, 512, 128, True),
-                          (16, 64, 256, 64, False), (16, 128, 256, 32, False), (16, 64, 512, 256, False),
-                          (64, 128, 256, 128, False), (64, 64, 512, 128, True)])
-def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_m, block_n, k_span, group, symmetric):
+@pytest.mark.parametrize("block_n, k_span, group, symmetric",
+                         [(64, 1024, 128, False), (256, 1024, 128, False), (64, 512, 128, True), (64, 256, 64, False),
+                          (128, 256, 32, False), (64, 512, 256, False)])
+def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_n, k_span, group, symmetric):
     """The compile asserts the unpacked words need no conversion to the MMA operand's layout."""
-    ptx = _ptx(block_n, k_span, group, symmetric, block_m)
-    # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over 4 warps x BLOCK_M / 16 row tiles.
-    assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // 4 * block_m // 16
+    ptx = _ptx(block_n, k_span, group, symmetric)
+    # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over 4 warps.
+    assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // 4
     assert "sub.rn.bf16x2" in ptx
 
 
@@ -98,8 +97,7 @@ def test_a_threads_words_of_a_group_arrive_in_16_byte_loads():
 
 @needs_gluon_gpu
 @pytest.mark.parametrize("m, group, symmetric", [(2, 128, False), (5, 128, True), (16, 128, False), (16, 64, True),
-                                                 (9, 32, False), (16, 256, False), (17, 128, True), (33, 64, False),
-                                                 (64, 128, False)])
+                                                 (9, 32, False), (16, 256, False)])
 @pytest.mark.parametrize("n, k", [(384, 1024), (1024, 4096)])
 def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k):
     fmt = IntegerFormat(4, symmetric=symmetric, group_size=group)
@@ -144,8 +142,7 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
 
     gpu_profile = benchmark_script("gpu_profile")
     assert gpu_profile.parse_gluon_case("70B gate/up_proj@16x128 span 1024") == ("70B gate/up_proj", "16x128 span 1024")
-    assert gpu_profile.parse_gluon_case("70B gate/up_proj@64x128 span 256") == ("70B gate/up_proj", "64x128 span 256")
-    for wrong in ("70B gate/up_proj", "70B up@16x64 span 512", "8B q/o_proj@32x64 span 512"):
+    for wrong in ("70B gate/up_proj", "70B up@16x64 span 512"):
         with pytest.raises(SystemExit, match="give SHAPE@CONFIG"):
             gpu_profile.parse_gluon_case(wrong)
     with pytest.raises(ValueError, match="no Gluon W4A16 config is named"):

@@ -121,7 +121,7 @@ def _fbgemm_version() -> str:
 
 def _direct_paths(packed: PackedInt4, dtype: torch.dtype, m: int) -> dict:
     """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, its Gluon kernel
-    where it runs (Hopper, 2 <= M <= 64), and GemLite's and FBGEMM's where installed."""
+    where it runs (Hopper, 2 <= M <= 16), and GemLite's and FBGEMM's where installed."""
     from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
 
     paths = {"fused": w4a16_triton.matmul}
@@ -140,7 +140,7 @@ def _lowbit_config(path: str, m: int, packed: PackedInt4) -> str | None:
     from lowbit.kernels import w4a16_gluon
     from lowbit.kernels.w4a16_triton import tuned_config
 
-    return w4a16_gluon.tuned_config(m, packed) if path == "gluon" else tuned_config(m, packed)
+    return w4a16_gluon.tuned_config(packed) if path == "gluon" else tuned_config(m, packed)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

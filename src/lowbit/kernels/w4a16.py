@@ -1,7 +1,7 @@
 """y = x Wᵀ for an int4 weight in the PackedInt4 layout: the dispatcher and the torch reference.
 
 On GPU there are up to five ways to run the product: lowbit's fused Triton kernels
-(w4a16_triton.py), its Gluon kernel for 2 <= M <= 64 on Hopper (w4a16_gluon.py),
+(w4a16_triton.py), its Gluon kernel for 2 <= M <= 16 on Hopper (w4a16_gluon.py),
 dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound), GemLite's kernels
 when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel when
 fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M and the

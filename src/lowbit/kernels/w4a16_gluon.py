@@ -1,6 +1,6 @@
-"""W4A16 for 2 <= M <= 64 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
+"""W4A16 for 2 <= M <= 16 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
 
-At M <= 64 the product's work is streaming K·N/2 bytes of codes. lowbit's Triton tile for it
+At M <= 16 the product's work is streaming K·N/2 bytes of codes. lowbit's Triton tile for it
 (w4a16_triton's paired dots) spends about 4.9 SASS instructions per code, much of it moving the
 unpacked weights into the register layout of the MMA operand, a layout Triton picks. Gluon,
 Triton's dialect with explicit layouts, lets the layout be chosen here instead. Each weight's
@@ -35,13 +35,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
 
-MAX_M = 64
-"""Largest M it takes: M <= 16 runs 16-row tiles, 17-64 64-row tiles, where each unpacked B
-fragment feeds four MMAs; larger M goes to the prefill paths."""
-MAX_TILE = 64 * 128
-"""Largest BLOCK_M x BLOCK_N: a wider tile's accumulators and words spill (64 x 256 in the sm_90 compile)."""
-MAX_X_BYTES = 64 * 1024
-"""Shared memory for x's span: BLOCK_M rows x K_SPAN bf16."""
+MAX_M = 16
+"""Rows of one MMA tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
 WARPS = 4
 GROUPS = (32, 64, 128, 256)
 """Group sizes the word layout takes: one to eight k32 chunks per group, a power of two."""
@@ -49,6 +44,7 @@ MAX_WORDS_PER_THREAD = 32
 """Registers of words one thread holds per group (three groups are live at once); wider tiles spill."""
 _BLOCK_N = (64, 128, 256)
 _K_SPANS = (128, 256, 512, 1024, 2048)
+"""x's span in shared memory: 16 rows x 2048 x 2 bytes = 64 KB at most."""
 _MAX_PROGRAMS = 4096
 
 _LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -117,50 +113,41 @@ def release(packed: PackedInt4) -> None:
 def _tuned():
     """The autotuned kernel, built on first use: importing Gluon needs a Triton that has it."""
     from lowbit.kernels.autotune import autotune
-    from lowbit.kernels.w4a16_gluon_kernel import mma_kernel
+    from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
 
     import triton
 
     configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span}, num_warps=WARPS) for bn in _BLOCK_N for span in _K_SPANS]
-    return autotune(configs, ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"], _prune, mma_kernel)
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the shape: whole tiles of N, spans of whole groups dividing K, at most
-    MAX_WORDS_PER_THREAD words per thread, MAX_TILE outputs, MAX_X_BYTES of x, _MAX_PROGRAMS programs."""
+    MAX_WORDS_PER_THREAD words per thread, and at most _MAX_PROGRAMS programs."""
     args = {**named_args, **kwargs}
-    n, k, group, block_m = args["N"], args["K"], args["GROUP"], args["BLOCK_M"]
+    n, k, group = args["N"], args["K"], args["GROUP"]
     kept = []
     for config in configs:
         bn, span = config.kwargs["BLOCK_N"], config.kwargs["K_SPAN"]
         if (n % bn == 0 and span % group == 0 and k % span == 0 and (group // 32) * (bn // 32) <= MAX_WORDS_PER_THREAD
-                and block_m * bn <= MAX_TILE and block_m * span * 2 <= MAX_X_BYTES
                 and (n // bn) * (k // span) <= _MAX_PROGRAMS):
             kept.append(config)
     return kept
 
 
-def block_m(m: int) -> int:
-    """Rows of the tile that serves M rows: 16 up to 16, else 64 (also the autotuner's M bucket)."""
-    return 16 if m <= 16 else 64
-
-
-def tuned_config(m: int, packed: PackedInt4) -> str | None:
-    """The chosen config for M rows of this weight's shape, e.g. "16x128 span 1024" (BLOCK_M x
-    BLOCK_N, K's span per program; None before the first call)."""
-    wanted = (block_m(m), packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
+def tuned_config(packed: PackedInt4) -> str | None:
+    """The chosen config for this weight's shape, e.g. "16x128 span 1024" (None before the first call)."""
+    wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
     config = next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
-    return None if config is None else f"{wanted[0]}x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']}"
+    return None if config is None else f"16x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']}"
 
 
 @contextlib.contextmanager
 def pinned_config(name: str):
-    """Within the block the kernel has one candidate, the one `tuned_config` would call `name` (its
-    BLOCK_M follows M): a profiler then sees the config a benchmark chose, untuned. Shapes tuned
-    before keep their choice."""
+    """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
+    profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
     kernel = _tuned()
-    _, _, wanted = name.partition("x")
-    matches = [c for c in kernel.configs if f"{c.kwargs['BLOCK_N']} span {c.kwargs['K_SPAN']}" == wanted]
+    matches = [c for c in kernel.configs if f"16x{c.kwargs['BLOCK_N']} span {c.kwargs['K_SPAN']}" == name]
     if not matches:
         raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
                          f"e.g. '16x128 span 1024'")
@@ -172,7 +159,7 @@ def pinned_config(name: str):
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M <= 64, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
     from lowbit.kernels.w4a16_triton import _workspace
 
     m, k = x.shape
@@ -186,6 +173,5 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     ws, counters = _workspace(x.device, m * n)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
     _tuned()[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
-                   out.stride(0), block_m(m), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO,
-                   BLOCK_M=block_m(m))
+                   out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
     return out

@@ -51,7 +51,7 @@ def _halves(r):
 
 @gluon.jit
 def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP: ttgl.constexpr,
-                   BLOCK_M: ttgl.constexpr, BLOCK_N: ttgl.constexpr):
+                   BLOCK_N: ttgl.constexpr):
     """Σ x·(q - z) over one group: its words unpacked into the B operand in place, one MMA chain."""
     zb = z | 0x4300  # bf16 bits of 128 + z
     offset = ttgl.expand_dims(ttgl.expand_dims(zb | (zb << 16), 2), 3)  # [nb, ni, 1, 1]
@@ -60,17 +60,15 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
     q1 = ttgl.join(_halves(r2), _halves(r3))
     full = ttgl.permute(ttgl.join(q0, q1), (3, 6, 5, 2, 4, 0, 1))  # [c, j1, j0, t, h, nb, ni]: K, N in order
     b = ttgl.convert_layout(ttgl.reshape(full, [GROUP, BLOCK_N]), B_L, assert_trivial=True)
-    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([BLOCK_M, BLOCK_N], ttgl.float32, MMA))
+    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA))
 
 
 @gluon.jit
-def mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
-               M_BUCKET, GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr,
-               BLOCK_M: ttgl.constexpr, BLOCK_N: ttgl.constexpr, K_SPAN: ttgl.constexpr):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K, M <= BLOCK_M (16 or 64: each B
-    fragment unpacked once serves BLOCK_M / 16 MMAs); split-K programs (grid axis 1) add into the
-    workspace and the last of a tile writes it (w4a16_triton._store's protocol). M_BUCKET is only
-    the autotuner's key."""
+def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
+               GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+               K_SPAN: ttgl.constexpr):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
+    into the workspace and the last of a tile writes it (w4a16_triton._store's protocol)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -107,16 +105,16 @@ def mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         z_next = ttgl.load(z_ptr + first * stride_sg + zcols).to(ttgl.float32)
     # x's span, once, into shared memory: every warp reads its A fragments from there.
     X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    xr = ttgl.arange(0, BLOCK_M, layout=ttgl.SliceLayout(1, X_L))
+    xr = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, X_L))
     xk = ttgl.arange(0, GROUP, layout=ttgl.SliceLayout(0, X_L))
     x_tile_offs = ttgl.expand_dims(xr, 1) * stride_xm + ttgl.expand_dims(xk, 0)
     x_tile_mask = ttgl.expand_dims(xr < M, 1)
     SMEM_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, BLOCK_M, GROUP], SMEM_L)
+    x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, 16, GROUP], SMEM_L)
     for i in ttgl.static_range(SPAN_GROUPS):
         x_smem.index(i).store(ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0))
     _barrier()
-    acc = ttgl.zeros([BLOCK_M, BLOCK_N], ttgl.float32, MMA)
+    acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
         # Two groups' words in flight while one is multiplied (registers, carried by the loop).
         w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
@@ -126,10 +124,10 @@ def mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
         if not SYMMETRIC:
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
-        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_M, BLOCK_N)
+        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
         acc += part * ttgl.expand_dims(scale, 0)
         w_a, w_b = w_b, w_c
-    rows = ttgl.arange(0, BLOCK_M, layout=ttgl.SliceLayout(1, MMA))
+    rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     mask = ttgl.expand_dims(rows < M, 1)
     out_offs = ttgl.expand_dims(rows, 1) * stride_om + ttgl.expand_dims(cols, 0)
     split_k = ttgl.num_programs(1)
@@ -141,14 +139,14 @@ def mma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         if count == split_k - 1:
             total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
             ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([BLOCK_M, BLOCK_N], ttgl.float32, MMA), mask=mask)
+            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA), mask=mask)
             ttgl.store(cnt_ptr + pid_n, 0)
     else:
         ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
 
-def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, block_m: int = 16):
-    """`mma_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
+def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False):
+    """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
     model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -156,10 +154,9 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
 
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                  "K_SPAN": k_span}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in mma_kernel.arg_names}
-    aligned = {(mma_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
+    aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
-    return triton.compile(GluonASTSource(fn=mma_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+    return triton.compile(GluonASTSource(fn=m16_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
