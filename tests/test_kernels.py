@@ -679,3 +679,17 @@ def test_large_m_records_a_measured_path_choice():
     assert relative_error(out, x.double() @ qweight.dequantize().double().cuda().T) < 1e-2
     chosen = [path for key, path in path_table().items() if key[2:5] == (256, 256, 512)]
     assert chosen and chosen[0] in PATHS
+
+
+def test_every_row_of_the_kernel_table_fills_each_column_of_its_header():
+    """A row missing a cell shifts every later value under the wrong path's name."""
+    from lowbit.bench.kernels import markdown_table
+
+    meta = {"group_size": 128, "device": "GPU", "torch": "t", "triton": "t", "copy_bandwidth_GBps": 4000.0}
+    row = {"shape": "8B q/o_proj", "N": 4096, "K": 4096, "M": 16, "bf16_us": 13.0, "lowbit_sym_us": 8.0,
+           "lowbit_asym_us": 8.5, "fused_asym_us": 9.9, "gluon_asym_us": 8.5, "fbgemm_asym_us": 15.5,
+           "roofline_us": 2.1, "rel_err_lowbit_asym": 1.7e-3, "path_asym": "gluon", "config_asym": "16x64 span 512"}
+    table = [line for line in markdown_table({"meta": meta, "rows": [row]}).splitlines() if line.startswith("|")]
+    header, rule, cells = ([c.strip() for c in line.strip("|").split("|")] for line in table)
+    assert len(header) == len(rule) == len(cells)
+    assert dict(zip(header, cells))["gluon asym"] == "8.5" and dict(zip(header, cells))["fbgemm asym"] == "15.5"

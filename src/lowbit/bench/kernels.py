@@ -252,7 +252,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
             f"{optional(int4)} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {optional(r.get('fused_asym_us'))} | "
-            f"{optional(r.get('gemlite_asym_us'))} | {optional(r.get('fbgemm_asym_us'))} | {r['roofline_us']:.1f} | "
+            f"{optional(r.get('gluon_asym_us'))} | {optional(r.get('gemlite_asym_us'))} | "
+            f"{optional(r.get('fbgemm_asym_us'))} | {r['roofline_us']:.1f} | "
             f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | "
             f"{r.get('rel_err_lowbit_asym', r.get('rel_err_asym')):.1e} | "
             f"{r.get('path_asym', 'fused')} | {r.get('config_asym') or 'n/a'} |"
