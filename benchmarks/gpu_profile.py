@@ -14,7 +14,7 @@ cudaProfilerStart/Stop.
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/gpu_profile.py --cases "70B gate/up_proj:1" "70B gate/up_proj:16"
 
-`--gluon "70B gate/up_proj@16x128 span 1024"` also profiles lowbit's Gluon kernel for M <= 16
+`--gluon "70B gate/up_proj@16x128 span 1024 w4"` also profiles lowbit's Gluon kernel for M <= 16
 (kernels/w4a16_gluon.py) at M = 16 with that config, as its tuned_config() names it (add
 --section MemoryWorkloadAnalysis for L1, L2 and DRAM traffic).
 """
@@ -78,7 +78,7 @@ def parse_gluon_case(case: str) -> tuple[str, str]:
     """"SHAPE@CONFIG" -> shape, the Gluon kernel's config as its tuned_config() names it."""
     name, _, config = case.partition("@")
     if name not in SHAPES or not config:
-        raise SystemExit(f"error: {case!r}: give SHAPE@CONFIG, e.g. '70B gate/up_proj@16x128 span 1024', "
+        raise SystemExit(f"error: {case!r}: give SHAPE@CONFIG, e.g. '70B gate/up_proj@16x128 span 1024 w4', "
                          f"SHAPE one of {', '.join(SHAPES)}")
     return name, config
 
@@ -110,7 +110,7 @@ def main() -> None:
                         help="a `lowbit bench kernels` JSON whose chosen configs to profile (default: %(default)s)")
     parser.add_argument("--gluon", nargs="*", default=[],
                         help="SHAPE@CONFIG: also profile lowbit's Gluon kernel at M = 16 with this config "
-                        "(e.g. '70B gate/up_proj@16x128 span 1024')")
+                        "(e.g. '70B gate/up_proj@16x128 span 1024 w4')")
     args = parser.parse_args()
     gluon_cases = [parse_gluon_case(case) for case in args.gluon]
     chosen = chosen_configs(args.bench)

@@ -87,7 +87,7 @@ print(k.markdown_table(r))" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
         # throughput for a few kernels (gpu_profile.py: the configs the saved kernel table chose);
         # PROFILE_CASES (SHAPE:M, separated by "|") replaces the default cases.
-        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@16x128 span 1024"): also lowbit's Gluon kernel.
+        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@16x128 span 1024 w4"): also lowbit's Gluon kernel.
         profile) IFS='|' read -r -a cases <<< "${PROFILE_CASES:-70B gate/up_proj:1|70B gate/up_proj:16|8B gate/up_proj:16|8B k/v_proj:1}"
                  IFS='|' read -r -a gluon_cases <<< "${PROFILE_GLUON:-}"
                  step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \

@@ -69,21 +69,22 @@ def test_it_is_offered_only_for_what_it_computes():
         w4a16_gluon.matmul(torch.zeros(17, 256, dtype=torch.bfloat16), packed)
 
 
-def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False) -> str:
+def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4) -> str:
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
 
-    return compile_for_sm90(block_n, k_span, group, symmetric).asm["ptx"]
+    return compile_for_sm90(block_n, k_span, group, symmetric, warps).asm["ptx"]
 
 
-@pytest.mark.parametrize("block_n, k_span, group, symmetric",
-                         [(64, 1024, 128, False), (256, 1024, 128, False), (64, 512, 128, True), (64, 256, 64, False),
-                          (128, 256, 32, False), (64, 512, 256, False)])
-def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_n, k_span, group, symmetric):
+@pytest.mark.parametrize("block_n, k_span, group, symmetric, warps",
+                         [(64, 1024, 128, False, 4), (256, 1024, 128, False, 4), (64, 512, 128, True, 4),
+                          (64, 256, 64, False, 4), (128, 256, 32, False, 4), (64, 512, 256, False, 4),
+                          (64, 1024, 128, False, 8), (256, 512, 128, True, 8)])
+def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_n, k_span, group, symmetric, warps):
     """The compile asserts the unpacked words need no conversion to the MMA operand's layout."""
-    ptx = _ptx(block_n, k_span, group, symmetric)
-    # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over 4 warps.
-    assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // 4
+    ptx = _ptx(block_n, k_span, group, symmetric, warps)
+    # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over the warps.
+    assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // warps
     assert "sub.rn.bf16x2" in ptx
 
 
@@ -141,7 +142,8 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
     from tests.conftest import benchmark_script
 
     gpu_profile = benchmark_script("gpu_profile")
-    assert gpu_profile.parse_gluon_case("70B gate/up_proj@16x128 span 1024") == ("70B gate/up_proj", "16x128 span 1024")
+    assert gpu_profile.parse_gluon_case("70B gate/up_proj@16x128 span 1024 w8") == ("70B gate/up_proj",
+                                                                                  "16x128 span 1024 w8")
     for wrong in ("70B gate/up_proj", "70B up@16x64 span 512"):
         with pytest.raises(SystemExit, match="give SHAPE@CONFIG"):
             gpu_profile.parse_gluon_case(wrong)
@@ -149,3 +151,20 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
         pytest.importorskip("triton.experimental.gluon")
         with w4a16_gluon.pinned_config("16x64 split 8"):
             pass
+
+
+def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
+    """Whole column tiles, spans of whole groups dividing K, at most 32 words a thread, at most
+    4096 programs; 8-warp tiles halve a thread's words, so they may be wider."""
+    pytest.importorskip("triton.experimental.gluon")
+    configs = w4a16_gluon._tuned().configs
+    described = lambda kept: {w4a16_gluon._describe(c) for c in kept}  # noqa: E731
+    small = described(w4a16_gluon._prune(configs, {"N": 1024, "K": 4096}, GROUP=128))
+    assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4"} <= small
+    wide_groups = described(w4a16_gluon._prune(configs, {"N": 1024, "K": 4096}, GROUP=256))
+    assert "16x256 span 1024 w4" not in wide_groups and "16x256 span 1024 w8" in wide_groups  # 64 words vs 32
+    assert not any(" span 128 " in name for name in wide_groups)  # a span must hold a whole group
+    odd = described(w4a16_gluon._prune(configs, {"N": 384, "K": 4096}, GROUP=128))
+    assert odd and all(name.startswith(("16x64 ", "16x128 ")) for name in odd)  # 384 = 3 x 128
+    huge = described(w4a16_gluon._prune(configs, {"N": 28672, "K": 8192}, GROUP=128))
+    assert "16x64 span 128 w4" not in huge  # 448 x 64 programs

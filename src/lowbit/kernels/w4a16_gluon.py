@@ -37,7 +37,9 @@ from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
 
 MAX_M = 16
 """Rows of one MMA tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
-WARPS = 4
+_WARPS = (4, 8)
+"""Warps split a tile's columns: at 8, a tile of 128 columns holds 88 registers a thread against
+150 at 4, so an SM keeps 16 of its warps in flight instead of 12 (sm_90 compile)."""
 GROUPS = (32, 64, 128, 256)
 """Group sizes the word layout takes: one to eight k32 chunks per group, a power of two."""
 MAX_WORDS_PER_THREAD = 32
@@ -117,7 +119,8 @@ def _tuned():
 
     import triton
 
-    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span}, num_warps=WARPS) for bn in _BLOCK_N for span in _K_SPANS]
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps}, num_warps=warps)
+               for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
     return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
 
 
@@ -128,18 +131,25 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     n, k, group = args["N"], args["K"], args["GROUP"]
     kept = []
     for config in configs:
-        bn, span = config.kwargs["BLOCK_N"], config.kwargs["K_SPAN"]
-        if (n % bn == 0 and span % group == 0 and k % span == 0 and (group // 32) * (bn // 32) <= MAX_WORDS_PER_THREAD
+        bn, span, warps = config.kwargs["BLOCK_N"], config.kwargs["K_SPAN"], config.kwargs["WARPS"]
+        words_per_thread = (group // 32) * (bn // (8 * warps))
+        if (n % bn == 0 and span % group == 0 and k % span == 0 and 1 <= words_per_thread <= MAX_WORDS_PER_THREAD
                 and (n // bn) * (k // span) <= _MAX_PROGRAMS):
             kept.append(config)
     return kept
 
 
+def _describe(config) -> str:
+    """A config as the benchmark tables name it: "16x128 span 1024 w8" (rows x columns, K's span
+    per program, warps)."""
+    return f"16x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']} w{config.kwargs['WARPS']}"
+
+
 def tuned_config(packed: PackedInt4) -> str | None:
-    """The chosen config for this weight's shape, e.g. "16x128 span 1024" (None before the first call)."""
+    """The chosen config for this weight's shape, e.g. "16x128 span 1024 w4" (None before the first call)."""
     wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
     config = next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
-    return None if config is None else f"16x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']}"
+    return None if config is None else _describe(config)
 
 
 @contextlib.contextmanager
@@ -147,10 +157,10 @@ def pinned_config(name: str):
     """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
     kernel = _tuned()
-    matches = [c for c in kernel.configs if f"16x{c.kwargs['BLOCK_N']} span {c.kwargs['K_SPAN']}" == name]
+    matches = [c for c in kernel.configs if _describe(c) == name]
     if not matches:
         raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
-                         f"e.g. '16x128 span 1024'")
+                         f"e.g. '16x128 span 1024 w4'")
     saved, kernel.configs = kernel.configs, matches
     try:
         yield

@@ -13,17 +13,19 @@ _barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
 
 
 @gluon.constexpr_function
-def _word_layout(chunks, block_n):
+def _word_layout(chunks, block_n, warps):
     """Words [BLOCK_N / 8, 8, 4, chunks] (their order in memory: block of 8 columns, column, t,
     chunk) held by the threads whose B-operand registers their codes fill: the linear layout of
-    DotOperandLayout(1, mma v2 [1, 4] warps, k_width 2) for [32·chunks, BLOCK_N], with K's bits
-    1-2 as t, 5 and up as the chunk, N's bits 0-2 as the column in its block of 8, 3 and up as the
-    block. A thread's chunks are its innermost registers, so it loads them in one vector."""
+    DotOperandLayout(1, mma v2 [1, warps] warps, k_width 2) for [32·chunks, BLOCK_N], with K's bits
+    1-2 as t, 5 and up as the chunk, N's bits 0-2 as the column in its block of 8, the next
+    log2(warps) as the warp, the rest as registers. A thread's chunks are its innermost registers,
+    so it loads them in one vector."""
     regs = [[0, 0, 0, 1 << i] for i in range(chunks.bit_length() - 1)]
-    regs += [[4 << i, 0, 0, 0] for i in range((block_n // 32).bit_length() - 1)]
+    regs += [[warps << i, 0, 0, 0] for i in range((block_n // (8 * warps)).bit_length() - 1)]
     return ttgl.DistributedLinearLayout(
         reg_bases=regs, lane_bases=[[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
-        warp_bases=[[1, 0, 0, 0], [2, 0, 0, 0]], block_bases=[], shape=[block_n // 8, 8, 4, chunks])
+        warp_bases=[[1 << i, 0, 0, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
+        shape=[block_n // 8, 8, 4, chunks])
 
 
 @gluon.jit
@@ -66,14 +68,14 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr):
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
     into the workspace and the last of a tile writes it (w4a16_triton._store's protocol)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
-    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+    MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    W_L: ttgl.constexpr = _word_layout(CHUNKS, BLOCK_N)
+    W_L: ttgl.constexpr = _word_layout(CHUNKS, BLOCK_N, WARPS)
     pid_n = ttgl.program_id(0)
     pid_k = ttgl.program_id(1)
     n0 = pid_n * BLOCK_N
@@ -104,7 +106,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     else:
         z_next = ttgl.load(z_ptr + first * stride_sg + zcols).to(ttgl.float32)
     # x's span, once, into shared memory: every warp reads its A fragments from there.
-    X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
     xr = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, X_L))
     xk = ttgl.arange(0, GROUP, layout=ttgl.SliceLayout(0, X_L))
     x_tile_offs = ttgl.expand_dims(xr, 1) * stride_xm + ttgl.expand_dims(xk, 0)
@@ -145,7 +147,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
 
-def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False):
+def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4):
     """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
     model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
     import triton
@@ -154,9 +156,10 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
 
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span}
+    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span,
+                  "WARPS": warps}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
     aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
     return triton.compile(GluonASTSource(fn=m16_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
