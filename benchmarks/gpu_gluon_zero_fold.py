@@ -78,9 +78,9 @@ def run_shape(name: str) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], device: str) -> str:
     lines = [f"The Gluon 16-row tile at M = 16, g128, best config of each mode (benchmarks/gpu_gluon_zero_fold.py) on "
-             f"{torch.cuda.get_device_name()} (torch {torch.__version__}, triton {triton.__version__}); microseconds "
+             f"{device} (torch {torch.__version__}, triton {triton.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2; error against float64.", "",
              "| shape | mode | us | config | error | / unpacked zeros |", "|---|---|---:|---|---:|---:|"]
     base = {r["shape"]: r["us"] for r in rows if r["mode"] == "unpacked zeros"}
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     args = parser.parse_args()
-    run_cases(args.out, args.shapes, run_shape, markdown)
+    run_cases(args.out, args.shapes, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

@@ -168,3 +168,15 @@ def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
     assert odd and all(name.startswith(("16x64 ", "16x128 ")) for name in odd)  # 384 = 3 x 128
     huge = described(w4a16_gluon._prune(configs, {"N": 28672, "K": 8192}, GROUP=128))
     assert "16x64 span 128 w4" not in huge  # 448 x 64 programs
+
+
+def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_zero_fold")
+    rows = [{"shape": "70B down_proj", "mode": mode, "us": us, "config": "16x128 span 1024 w4", "error": 1.7e-3}
+            for mode, us in (("unpacked zeros", 60.0), ("folded zeros", 57.0), ("symmetric", 54.0))]
+    table = script.markdown(rows, "GPU")
+    assert "| 70B down_proj | folded zeros | 57.0 | 16x128 span 1024 w4 | 1.7e-03 | 0.95 |" in table
+    assert set(script.MODES) == {row["mode"] for row in rows}
