@@ -15,8 +15,10 @@ The words of the next two groups are loaded into registers ahead of the group be
 The first two groups are requested before x is staged, so the x loads and the barrier overlap the
 first words' DRAM latency. An ncu profile of this kernel showed it latency-bound: one instruction
 issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte loads, the
-c-innermost word order, and the early requests each came from that profile. Split-K programs meet
-through w4a16_triton's self-resetting workspace, so a call is one launch.
+c-innermost word order, and the early requests each came from that profile. Asymmetric zero points
+are folded into a per-group correction (w4a16_gluon_kernel.m16_kernel's FOLD_ZEROS), which frees
+registers: 0.92-0.99x the time of unpacking them on 7 of 8 shapes (gpu_gluon_zero_fold_h200.md).
+Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
 kept beside it keyed by its qweight tensor, and rebuilt if that is written in place. The dispatcher
