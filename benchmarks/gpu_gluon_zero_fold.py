@@ -31,7 +31,7 @@ from lowbit.kernels import w4a16_gluon
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
-from lowbit.kernels.w4a16_triton import _workspace
+from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import run_cases  # noqa: E402
@@ -44,7 +44,7 @@ def launch(x, packed, config, fold: bool) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    ws, counters = _workspace(x.device, m * n)
+    ws, counters = split_k_workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     kw = config.kwargs
     m16_kernel[(n // kw["BLOCK_N"], k // kw["K_SPAN"])](

@@ -208,7 +208,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     from lowbit.kernels import w4a16_triton as wt
 
     m, n, k = x.shape[0], packed.out_features, packed.in_features
-    ws, counters = wt._workspace(x.device, m * n)
+    ws, counters = wt.split_k_workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     buffers = [x, packed.qweight, packed.scales, zeros, out, ws, counters]
     if kernel is wt._gemv_kernel:

@@ -180,3 +180,25 @@ def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():
     table = script.markdown(rows, "GPU")
     assert "| 70B down_proj | folded zeros | 57.0 | 16x128 span 1024 w4 | 1.7e-03 | 0.95 |" in table
     assert set(script.MODES) == {row["mode"] for row in rows}
+
+
+def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monkeypatch):
+    """A Triton whose Gluon cannot build the kernel must not stop the product: the dispatcher
+    warns in one line and chooses among the paths that ran."""
+    from lowbit.kernels import timing
+
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+    x = torch.zeros(4, 256)
+
+    def fails():
+        raise RuntimeError("out of resource: shared memory\nlong compiler log")
+
+    monkeypatch.setattr(w4a16, "_CHOSEN", {})
+    monkeypatch.setattr(w4a16, "_candidates", lambda x, packed: {"fused": lambda: "fused ran", "gluon": fails})
+    monkeypatch.setattr(timing, "graph_time_ms", lambda call, device=None: (call(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    with pytest.warns(UserWarning, match=r"path 'gluon' failed on a 64x256 weight .*RuntimeError: out of resource: "
+                                         r"shared memory$"):
+        path, call = w4a16._choose(x, packed)
+    assert path == "fused" and call() == "fused ran"

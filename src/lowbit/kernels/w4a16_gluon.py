@@ -116,10 +116,10 @@ def release(packed: PackedInt4) -> None:
 @functools.cache
 def _tuned():
     """The autotuned kernel, built on first use: importing Gluon needs a Triton that has it."""
+    import triton
+
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
-
-    import triton
 
     configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps}, num_warps=warps)
                for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
@@ -172,7 +172,7 @@ def pinned_config(name: str):
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
-    from lowbit.kernels.w4a16_triton import _workspace
+    from lowbit.kernels.w4a16_triton import split_k_workspace
 
     m, k = x.shape
     if m > MAX_M:
@@ -182,7 +182,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     words = layout(packed)
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    ws, counters = _workspace(x.device, m * n)
+    ws, counters = split_k_workspace(x.device, m * n)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
     _tuned()[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
                    out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)

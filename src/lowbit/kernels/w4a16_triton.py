@@ -525,8 +525,9 @@ def staging(device: torch.device, n: int, k: int) -> torch.Tensor:
     return held
 
 
-def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels)."""
+def split_k_workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed float32 sums and int32 counters split-K programs share (kept zero by the kernels;
+    w4a16_gluon's kernel meets through the same ones)."""
     key = _stream_key(device)
     held = _WORKSPACE.get(key)
     if held is None or held[0].numel() < size:
@@ -543,7 +544,7 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    ws, counters = _workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
+    ws, counters = split_k_workspace(x.device, m * n if m <= DECODE_MAX_M else 1)
     buffers = (x, packed.qweight, packed.scales, zeros, out, ws, counters)
     sizes = (m, n, k, x.stride(0), packed.qweight.stride(0), packed.scales.stride(0), out.stride(0), bucket(m),
              CODE_MASK)
