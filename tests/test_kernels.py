@@ -693,3 +693,24 @@ def test_every_row_of_the_kernel_table_fills_each_column_of_its_header():
     header, rule, cells = ([c.strip() for c in line.strip("|").split("|")] for line in table)
     assert len(header) == len(rule) == len(cells)
     assert dict(zip(header, cells))["gluon asym"] == "8.5" and dict(zip(header, cells))["fbgemm asym"] == "15.5"
+
+
+def test_weight_copies_keep_one_copy_per_variant_until_the_weight_is_written():
+    from lowbit.kernels.weight_copies import WeightCopies
+
+    copies = WeightCopies()
+    packed = pack_quantized_weight(quantized(64, 256, IntegerFormat(4, symmetric=False, group_size=128), seed=1))
+    builds = []
+
+    def build(tag):
+        builds.append(tag)
+        return f"{tag} #{len(builds)}"
+
+    assert copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16) == "bf16 #1"
+    assert copies.get(packed, lambda: build("fp16"), variant=torch.float16) == "fp16 #2"
+    assert copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16) == "bf16 #1"  # kept, not rebuilt
+    packed.qweight.add_(0)  # an in-place write, as load_state_dict's copy_
+    assert copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16) == "bf16 #3"
+    assert packed.qweight in copies
+    copies.release(packed)
+    assert packed.qweight not in copies

@@ -19,12 +19,12 @@ import functools
 import importlib
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
+from lowbit.kernels.weight_copies import WeightCopies
 
-_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""qweight tensor -> (qweight._version when built, (shuffled codes, scales, zero terms))."""
+_LAYOUTS = WeightCopies()
+"""Each weight's (shuffled codes, scales, zero terms)."""
 
 MIN_GROUP = 128
 """The kernel's smallest group size (one K tile of its main loop per group)."""
@@ -87,24 +87,24 @@ def group_terms(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor]:
 
 def layout(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FBGEMM's operands for `packed` (shuffled codes, scales, zero terms), built on first use."""
-    held = _LAYOUTS.get(packed.qweight)
-    if held is None or held[0] != packed.qweight._version:
-        scales, zero_terms = group_terms(packed)
-        pairs = signed_code_pairs(packed)
-        # preshuffle_i4 returns its inputs' memory, shuffled; built on a side stream (a decode loop's
-        # warm-up before graph capture) that came back corrupted on an H200 (125 of 128 layouts),
-        # so the build runs between device-wide synchronisations and keeps copies it owns.
-        torch.cuda.synchronize(pairs.device)
-        shuffled_codes, shuffled_scales = torch.ops.fbgemm.preshuffle_i4(pairs, scales)
-        torch.cuda.synchronize(pairs.device)
-        held = (packed.qweight._version, (shuffled_codes.clone(), shuffled_scales.clone(), zero_terms))
-        _LAYOUTS[packed.qweight] = held
-    return held[1]
+    return _LAYOUTS.get(packed, lambda: _build(packed))
+
+
+def _build(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scales, zero_terms = group_terms(packed)
+    pairs = signed_code_pairs(packed)
+    # preshuffle_i4 returns its inputs' memory, shuffled; built on a side stream (a decode loop's
+    # warm-up before graph capture) that came back corrupted on an H200 (125 of 128 layouts),
+    # so the build runs between device-wide synchronisations and keeps copies it owns.
+    torch.cuda.synchronize(pairs.device)
+    shuffled_codes, shuffled_scales = torch.ops.fbgemm.preshuffle_i4(pairs, scales)
+    torch.cuda.synchronize(pairs.device)
+    return shuffled_codes.clone(), shuffled_scales.clone(), zero_terms
 
 
 def release(packed: PackedInt4) -> None:
     """Drop `packed`'s FBGEMM copy (the dispatcher chose another path for its shape)."""
-    _LAYOUTS.pop(packed.qweight, None)
+    _LAYOUTS.release(packed)
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:

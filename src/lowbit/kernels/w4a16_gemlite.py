@@ -19,12 +19,12 @@ import importlib.util
 import os
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
+from lowbit.kernels.weight_copies import WeightCopies
 
-_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""qweight tensor -> {activation dtype: (qweight._version when built, GemLite module)}."""
+_LAYOUTS = WeightCopies()
+"""Each weight's GemLite modules, one per activation dtype."""
 
 _SAME_CHIP_CONFIGS = {"h200": "h100"}
 """GPUs GemLite ships no autotuning results for, and the shipped file of the same chip to load."""
@@ -61,12 +61,7 @@ def supports(packed: PackedInt4, dtype: torch.dtype) -> bool:
 
 def layout(packed: PackedInt4, dtype: torch.dtype):
     """The GemLite module holding `packed` for activations of `dtype`, built on first use."""
-    per_dtype = _LAYOUTS.setdefault(packed.qweight, {})
-    held = per_dtype.get(dtype)
-    if held is None or held[0] != packed.qweight._version:
-        held = (packed.qweight._version, _build(packed, dtype))
-        per_dtype[dtype] = held
-    return held[1]
+    return _LAYOUTS.get(packed, lambda: _build(packed, dtype), variant=dtype)
 
 
 def _build(packed: PackedInt4, dtype: torch.dtype):

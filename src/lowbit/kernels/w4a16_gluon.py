@@ -33,9 +33,9 @@ import functools
 import importlib
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
+from lowbit.kernels.weight_copies import WeightCopies
 
 MAX_M = 16
 """Rows of one MMA tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
@@ -51,8 +51,8 @@ _K_SPANS = (128, 256, 512, 1024, 2048)
 """x's span in shared memory: 16 rows x 2048 x 2 bytes = 64 KB at most."""
 _MAX_PROGRAMS = 4096
 
-_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""qweight tensor -> (qweight._version when built, shuffled words)."""
+_LAYOUTS = WeightCopies()
+"""Each weight's shuffled words."""
 
 
 @functools.cache
@@ -100,17 +100,13 @@ def shuffle_words(codes: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def layout(packed: PackedInt4) -> torch.Tensor:
     """`packed`'s shuffled words, built on first use and rebuilt after an in-place write."""
-    held = _LAYOUTS.get(packed.qweight)
-    if held is None or held[0] != packed.qweight._version:
-        codes = unpack_int4(packed.qweight, packed.in_features)
-        held = (packed.qweight._version, shuffle_words(codes, packed.group_size))
-        _LAYOUTS[packed.qweight] = held
-    return held[1]
+    return _LAYOUTS.get(packed, lambda: shuffle_words(unpack_int4(packed.qweight, packed.in_features),
+                                                      packed.group_size))
 
 
 def release(packed: PackedInt4) -> None:
     """Drop `packed`'s shuffled copy (the dispatcher chose another path for its shape)."""
-    _LAYOUTS.pop(packed.qweight, None)
+    _LAYOUTS.release(packed)
 
 
 @functools.cache
