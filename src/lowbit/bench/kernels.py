@@ -32,7 +32,7 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
 from lowbit.kernels.timing import graph_replay_ms
-from lowbit.kernels.w4a16 import path_table, use_paths
+from lowbit.kernels.w4a16 import path_matmuls, path_table, use_paths
 
 SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
     "8B q/o_proj": (4096, 4096),
@@ -119,21 +119,6 @@ def _fbgemm_version() -> str:
     return w4a16_fbgemm.version() or f"not usable ({w4a16_fbgemm.import_error()})"
 
 
-def _direct_paths(packed: PackedInt4, dtype: torch.dtype, m: int) -> dict:
-    """The single-path matmuls timed beside the dispatcher: lowbit's fused kernels, its Gluon kernel
-    where it runs (Hopper, 2 <= M <= 16), and GemLite's and FBGEMM's where installed."""
-    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
-
-    paths = {"fused": w4a16_triton.matmul}
-    if 1 < m <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, dtype):
-        paths["gluon"] = w4a16_gluon.matmul
-    if w4a16_gemlite.supports(packed, dtype):
-        paths["gemlite"] = w4a16_gemlite.matmul
-    if w4a16_fbgemm.supports(packed, dtype):
-        paths["fbgemm"] = w4a16_fbgemm.matmul
-    return paths
-
-
 def _lowbit_config(path: str, m: int, packed: PackedInt4) -> str | None:
     """The tile config of lowbit's kernel on this path: the Gluon kernel's where that was chosen,
     else the fused Triton kernels' (also timed on their own beside any other path)."""
@@ -185,8 +170,9 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
             for kind, weights in packed.items():
                 ref = x.double() @ weights.dequantize().double().T
                 calls = {"lowbit": w4a16_matmul}
-                if kind == "asym":
-                    calls.update(_direct_paths(weights, x.dtype, m))
+                if kind == "asym":  # lowbit's fused kernels and each other path on its own, the choice checked
+                    calls.update({path: matmul for path, matmul in path_matmuls(m, weights, x.dtype).items()
+                                  if path != "dequantize+cublas"})
                 for path, matmul in calls.items():
                     label = f"{path}_{kind}"
                     row[f"rel_err_{label}"] = _relative_error(matmul(x, weights), ref)

@@ -58,19 +58,26 @@ def use_paths(*paths: str) -> None:
     _CHOSEN.clear()
 
 
-def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callable[[], torch.Tensor]]:
+def path_matmuls(m: int, packed: PackedInt4, dtype: torch.dtype) -> dict[MatmulPath, Callable]:
+    """Every path that can run `packed` for M rows of `dtype` here, as matmul(x, packed) functions,
+    whatever `use_paths` allows: the dispatcher's candidates, and what a benchmark times on its own."""
     from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
 
-    calls: dict[MatmulPath, Callable[[], torch.Tensor]] = {"fused": lambda: w4a16_triton.matmul(x, packed)}
-    if "gluon" in _ALLOWED and 1 < x.shape[0] <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, x.dtype):
-        calls["gluon"] = lambda: w4a16_gluon.matmul(x, packed)
-    if "dequantize+cublas" in _ALLOWED and x.shape[0] > w4a16_triton.DECODE_MAX_M:
-        calls["dequantize+cublas"] = lambda: w4a16_triton.dequantize_matmul(x, packed)
-    if "gemlite" in _ALLOWED and w4a16_gemlite.supports(packed, x.dtype):
-        calls["gemlite"] = lambda: w4a16_gemlite.matmul(x, packed)
-    if "fbgemm" in _ALLOWED and w4a16_fbgemm.supports(packed, x.dtype):
-        calls["fbgemm"] = lambda: w4a16_fbgemm.matmul(x, packed)
-    return calls
+    matmuls: dict[MatmulPath, Callable] = {"fused": w4a16_triton.matmul}
+    if 1 < m <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, dtype):
+        matmuls["gluon"] = w4a16_gluon.matmul
+    if m > w4a16_triton.DECODE_MAX_M:
+        matmuls["dequantize+cublas"] = w4a16_triton.dequantize_matmul
+    if w4a16_gemlite.supports(packed, dtype):
+        matmuls["gemlite"] = w4a16_gemlite.matmul
+    if w4a16_fbgemm.supports(packed, dtype):
+        matmuls["fbgemm"] = w4a16_fbgemm.matmul
+    return matmuls
+
+
+def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callable[[], torch.Tensor]]:
+    return {path: functools.partial(matmul, x, packed)
+            for path, matmul in path_matmuls(x.shape[0], packed, x.dtype).items() if path in _ALLOWED}
 
 
 def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[], torch.Tensor]]:
