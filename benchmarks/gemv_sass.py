@@ -16,7 +16,9 @@ codes/s), everything included.
 
 `--mma` does the same for the tensor-core kernel (M > 1; configs BLOCK_MxBLOCK_NxBLOCK_K, 4 warps,
 4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile and with PAIRED_DOTS, and also
-counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code.
+counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code. `--gluon` counts
+the Gluon 16-row tile (kernels/w4a16_gluon_kernel.py; configs BLOCK_NxWARPS, K span 1024) with
+asymmetric zero points unpacked or folded, and symmetric weights (needs Triton with Gluon).
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def gemv_opcodes_per_code(block_n: int, block_k: int, symmetric: bool, unpack: s
 
 def compile_sm90(kernel, constexprs: dict, warps: int, stages: int) -> tuple[str, int, int]:
     """`kernel` compiled for sm_90 with these constexprs: its SASS, registers per thread, shared bytes."""
-    compiled = w4a16_triton.compile_for_sm90(kernel, constexprs, warps, stages)
+    return disassemble(w4a16_triton.compile_for_sm90(kernel, constexprs, warps, stages))
+
+
+def disassemble(compiled) -> tuple[str, int, int]:
+    """A kernel compiled for sm_90: its SASS, registers per thread, shared bytes."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -120,6 +126,32 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
                   f"{mma / codes_per_thread:.3f} | {top} | {per_sm} |", flush=True)
 
 
+GLUON_MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
+"""The Gluon tile's weight modes: (symmetric, FOLD_ZEROS)."""
+
+
+def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_span: int = 1024):
+    """The Gluon 16-row tile (kernels/w4a16_gluon_kernel.py) compiled for sm_90 at group 128: its
+    loop's opcodes per code (one loop step is one group) and its occupancy."""
+    from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
+
+    sass, registers, shared = disassemble(compile_for_sm90(block_n, k_span, GROUP, symmetric, warps, fold_zeros))
+    codes_per_thread = block_n * GROUP / (32 * warps)
+    ops = loop_opcodes(sass)[-1][2]
+    return collections.Counter({op: n / codes_per_thread for op, n in ops.items()}), occupancy(registers, shared, warps)
+
+
+def gluon_table(configs: list[str]) -> None:
+    print("| BLOCK_N x warps | weights | instructions / code | largest opcodes / code | per SM |")
+    print("|---|---|---:|---|---|")
+    for config in configs:
+        block_n, warps = (int(v) for v in config.split("x"))
+        for mode, (symmetric, fold) in GLUON_MODES.items():
+            per_code, per_sm = gluon_loop(block_n, warps, symmetric, fold)
+            top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
+            print(f"| {config} | {mode} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=None,
@@ -130,7 +162,11 @@ def main() -> None:
                         help="GEMV, f16 unpack: software-pipeline depths (PIPELINE)")
     parser.add_argument("--mma", action="store_true", help="the tensor-core kernel (M > 1) instead of the GEMV")
     parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
+    parser.add_argument("--gluon", action="store_true",
+                        help="the Gluon 16-row tile instead (configs BLOCK_NxWARPS, default 64x4 128x4 256x4 128x8)")
     args = parser.parse_args()
+    if args.gluon:
+        return gluon_table(args.configs or ["64x4", "128x4", "256x4", "128x8"])
     if args.mma:
         return mma_table(args.configs or ["16x64x128", "16x128x128", "64x128x128"], args.symmetric, args.swap)
     args.configs = args.configs or ["64x128", "128x128", "256x64", "512x32", "512x64", "1024x32", "1024x64",

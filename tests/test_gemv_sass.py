@@ -31,3 +31,14 @@ def test_gemv_counts_come_from_its_loops(gemv_sass):
     assert per_code["FFMA"] >= 1 and per_code["LOP3"] >= 1
     assert 2 < sum(per_code.values()) < 20
     assert per_sm.endswith("warps)") and int(per_sm.split()[0]) <= 255
+
+
+def test_gluon_counts_come_from_its_loop(gemv_sass):
+    """The Gluon tile's loop: one MMA per 4 codes per thread (m16n8k16 over 4 warps), a few
+    instructions per code in all; folding the zero points frees registers (gluon_sass_sm90.md)."""
+    pytest.importorskip("triton.experimental.gluon")
+    per_code, per_sm = gemv_sass.gluon_loop(128, 4, symmetric=False, fold_zeros=True)
+    assert per_code["HMMA"] == pytest.approx(0.25)
+    assert 1.5 < sum(per_code.values()) < 5
+    unpacked_registers = int(gemv_sass.gluon_loop(128, 4, symmetric=False, fold_zeros=False)[1].split()[0])
+    assert int(per_sm.split()[0]) < unpacked_registers
