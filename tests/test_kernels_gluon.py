@@ -202,3 +202,32 @@ def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monke
                                          r"shared memory$"):
         path, call = w4a16._choose(x, packed)
     assert path == "fused" and call() == "fused ran"
+
+
+@pytest.mark.parametrize("config, mt, symmetric, scaled_a", [((64, 4, 512), 64, False, False), ((64, 4, 512), 64, False, True),
+                                                              ((256, 8, 1024), 16, True, False)])
+def test_the_swap_ab_experiment_compiles_its_weights_into_wgmmas_a_registers(config, mt, symmetric, scaled_a):
+    """The word layout must be wgmma's A-operand register layout exactly (the conversion is
+    asserted trivial while compiling), and each group must be one chain of wgmmas from registers."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    ptx = benchmark_script("gpu_wgmma_swap_ab").compile_for_sm90(config, mt, symmetric, scaled_a).asm["ptx"]
+    assert re.search(rf"wgmma\.mma_async\.sync\.aligned\.m64n{mt}k16\.f32\.bf16\.bf16 .*\{{", ptx)
+    assert ("mul.rn.bf16x2" in ptx) == scaled_a
+
+
+def test_the_swap_ab_experiment_offers_configs_that_fit_and_reports_the_better_mode():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_wgmma_swap_ab")
+    assert [script.token_tile(m) for m in (1, 16, 17, 33, 64)] == [16, 16, 32, 64, 64]
+    offered = script.configs(28672, 8192, 64)
+    assert (128, 4, 512) in offered and (64, 8, 512) not in offered  # a warp needs 16 rows
+    assert all(2 * 64 * span <= script.MAX_SHARED for _, _, span in offered)
+    row = {"shape": "70B down_proj", "m": 64, "bf16": 120.0, "dispatcher": 106.0, "dispatcher path": "fbgemm",
+           "exact": 160.0, "exact config": "128x64 span 512 w4", "exact error": 1.7e-3, "scaled A": 150.0,
+           "scaled A config": "128x64 span 1024 w8", "scaled A error": 2.7e-3}
+    assert ("| 70B down_proj | 64 | 120.0 | 106.0 (fbgemm) | 160.0 | 128x64 span 512 w4 | 150.0 | 128x64 span 1024 w8 "
+            "| 1.7e-03 / 2.7e-03 | 0.80x |") in script.markdown([row], "GPU")
