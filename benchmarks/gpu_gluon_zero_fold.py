@@ -8,7 +8,7 @@ group adds (8 - z)·Σx, x's row sums taken once while x is staged. That loop is
 but it holds 128 registers a thread instead of 150 (63 instead of 88 with 8 warps), so more warps
 fit on an SM. The question is which runs faster.
 
-For each shape at M = 16, every config the tuner would be offered (w4a16_gluon._prune) is launched
+For each shape at M = 16, every tile the tuner would be offered (w4a16_gluon._prune) is launched
 directly in each mode, checked against float64, and timed as the kernel table times (CUDA-graph
 replays, cold L2); the best of each mode is reported.
 
@@ -50,7 +50,7 @@ def launch(x, packed, config, fold: bool) -> torch.Tensor:
     m16_kernel[(n // kw["BLOCK_N"], k // kw["K_SPAN"])](
         x, w4a16_gluon.layout(packed), packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0),
         packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        ZERO=SYMMETRIC_ZERO, FOLD_ZEROS=fold, num_warps=kw["WARPS"], **kw)
+        ZERO=SYMMETRIC_ZERO, num_warps=kw["WARPS"], **{**kw, "FOLD_ZEROS": fold})
     return out
 
 
@@ -59,7 +59,7 @@ def run_shape(name: str) -> list[dict]:
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda")
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
-    configs = w4a16_gluon._prune(w4a16_gluon._tuned().configs, {"N": n, "K": k}, GROUP=128)
+    configs = w4a16_gluon._prune(w4a16_gluon._tuned().configs, {"N": n, "K": k}, GROUP=128, SYMMETRIC=True)  # tiles
     rows = []
     for mode, (symmetric, fold) in MODES.items():
         qweight = quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight)

@@ -111,6 +111,20 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 
 
 @needs_gluon_gpu
+@pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768)])
+def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
+    """The tuner may choose either way of the zero points per shape: each must be right (a shape
+    of its own per config, since a shape tuned before keeps its choice)."""
+    weight = quantized(192, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
+    with w4a16_gluon.pinned_config(config):
+        out = w4a16_gluon.matmul(x, packed)
+    assert w4a16_gluon.tuned_config(packed) == config
+    assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+
+
+@needs_gluon_gpu
 def test_gluon_layout_follows_in_place_weight_changes():
     check_layout_follows_in_place_weight_changes(w4a16_gluon.matmul)
 
@@ -155,19 +169,25 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
 
 def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
     """Whole column tiles, spans of whole groups dividing K, at most 32 words a thread, at most
-    4096 programs; 8-warp tiles halve a thread's words, so they may be wider."""
+    4096 programs; 8-warp tiles halve a thread's words, so they may be wider. Asymmetric weights
+    are offered each tile with the zero points folded and unpacked; symmetric ones, once."""
     pytest.importorskip("triton.experimental.gluon")
     configs = w4a16_gluon._tuned().configs
-    described = lambda kept: {w4a16_gluon._describe(c) for c in kept}  # noqa: E731
-    small = described(w4a16_gluon._prune(configs, {"N": 1024, "K": 4096}, GROUP=128))
+
+    def described(n: int, k: int, group: int = 128, symmetric: bool = True) -> set[str]:
+        kept = w4a16_gluon._prune(configs, {"N": n, "K": k}, GROUP=group, SYMMETRIC=symmetric)
+        return {w4a16_gluon._describe(c) for c in kept}
+
+    small = described(1024, 4096)
     assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4"} <= small
-    wide_groups = described(w4a16_gluon._prune(configs, {"N": 1024, "K": 4096}, GROUP=256))
+    assert not any("unpacked zeros" in name for name in small)
+    assert described(1024, 4096, symmetric=False) == small | {f"{name} unpacked zeros" for name in small}
+    wide_groups = described(1024, 4096, group=256)
     assert "16x256 span 1024 w4" not in wide_groups and "16x256 span 1024 w8" in wide_groups  # 64 words vs 32
     assert not any(" span 128 " in name for name in wide_groups)  # a span must hold a whole group
-    odd = described(w4a16_gluon._prune(configs, {"N": 384, "K": 4096}, GROUP=128))
+    odd = described(384, 4096)
     assert odd and all(name.startswith(("16x64 ", "16x128 ")) for name in odd)  # 384 = 3 x 128
-    huge = described(w4a16_gluon._prune(configs, {"N": 28672, "K": 8192}, GROUP=128))
-    assert "16x64 span 128 w4" not in huge  # 448 x 64 programs
+    assert "16x64 span 128 w4" not in described(28672, 8192)  # 448 x 64 programs
 
 
 def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():

@@ -17,8 +17,9 @@ The first two groups are requested before x is staged, so the x loads and the ba
 first words' DRAM latency. An ncu profile of this kernel showed it latency-bound: one instruction
 issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte loads, the
 c-innermost word order, and the early requests each came from that profile. Asymmetric zero points
-are folded into a per-group correction (w4a16_gluon_kernel.m16_kernel's FOLD_ZEROS), which frees
-registers: 0.92-0.99x the time of unpacking them on 7 of 8 shapes (gpu_gluon_zero_fold_h200.md).
+are either unpacked with the codes or folded into a per-group correction (w4a16_gluon_kernel.m16_kernel's
+FOLD_ZEROS), which frees registers: 0.92-0.99x the time of unpacking them on 7 of 8 shapes, 1.09x on
+the eighth (gpu_gluon_zero_fold_h200.md). Neither wins everywhere, so the tuner chooses per shape.
 Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
@@ -118,19 +119,22 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps}, num_warps=warps)
-               for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": fold}, num_warps=warps)
+               for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS for fold in (True, False)]
     return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the shape: whole tiles of N, spans of whole groups dividing K, at most
-    MAX_WORDS_PER_THREAD words per thread, and at most _MAX_PROGRAMS programs."""
+    MAX_WORDS_PER_THREAD words per thread, and at most _MAX_PROGRAMS programs. Symmetric weights
+    have no zero points to fold: one of the two FOLD_ZEROS settings (the kernel ignores it)."""
     args = {**named_args, **kwargs}
     n, k, group = args["N"], args["K"], args["GROUP"]
     kept = []
     for config in configs:
         bn, span, warps = config.kwargs["BLOCK_N"], config.kwargs["K_SPAN"], config.kwargs["WARPS"]
+        if args["SYMMETRIC"] and not config.kwargs["FOLD_ZEROS"]:
+            continue
         words_per_thread = (group // 32) * (bn // (8 * warps))
         if (n % bn == 0 and span % group == 0 and k % span == 0 and 1 <= words_per_thread <= MAX_WORDS_PER_THREAD
                 and (n // bn) * (k // span) <= _MAX_PROGRAMS):
@@ -140,8 +144,9 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def _describe(config) -> str:
     """A config as the benchmark tables name it: "16x128 span 1024 w8" (rows x columns, K's span
-    per program, warps)."""
-    return f"16x{config.kwargs['BLOCK_N']} span {config.kwargs['K_SPAN']} w{config.kwargs['WARPS']}"
+    per program, warps), "... unpacked zeros" where the zero points enter the unpack."""
+    kw = config.kwargs
+    return f"16x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
 
 
 def tuned_config(packed: PackedInt4) -> str | None:
