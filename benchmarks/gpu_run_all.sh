@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold gluon_stages wgmma_swap_ab zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -95,11 +95,8 @@ print(k.markdown_table(r))" ;;
                      --section SchedulerStats --section MemoryWorkloadAnalysis \
                      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
                      python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" --gluon "${gluon_cases[@]}" ;;
-        # The Gluon 16-row tile with asymmetric zero points unpacked or folded, beside symmetric (gpu_gluon_variants.py).
-        gluon_zero_fold) step gluon_zero_fold "${T_FOLD:-300}" python3 "$here/benchmarks/gpu_gluon_variants.py" --out "$out/gpu_gluon_zero_fold" ;;
-        # The same tile's words prefetched into registers or through a cp.async ring of 3 or 4 groups.
-        gluon_stages) step gluon_stages "${T_FOLD:-300}" python3 "$here/benchmarks/gpu_gluon_variants.py" --modes "folded zeros" \
-                          "folded zeros, ring of 3" "folded zeros, ring of 4" --out "$out/gpu_gluon_stages" ;;
+        # The Gluon 16-row tile with asymmetric zero points unpacked or folded, beside symmetric (gpu_gluon_zero_fold.py).
+        gluon_zero_fold) step gluon_zero_fold "${T_FOLD:-300}" python3 "$here/benchmarks/gpu_gluon_zero_fold.py" --out "$out/gpu_gluon_zero_fold" ;;
         # The swap-AB wgmma tile for M = 16 and 64 beside bf16 and the dispatcher (gpu_wgmma_swap_ab.py).
         wgmma_swap_ab) step wgmma_swap_ab "${T_WGMMA:-300}" python3 "$here/benchmarks/gpu_wgmma_swap_ab.py" --out "$out/gpu_wgmma_swap_ab" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
@@ -119,6 +116,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold gluon_stages wgmma_swap_ab zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab zero_points transfer vq)"; exit 2 ;;
     esac
 done

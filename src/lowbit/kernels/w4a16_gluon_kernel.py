@@ -1,17 +1,15 @@
 """The Gluon kernel of w4a16_gluon.py (imported only where Triton has Gluon; see that module for why).
 
-Gluon is experimental and renames operations between Triton releases: `_barrier` and `_async_load`
-take 3.9's name where it exists, else 3.6's. tests/test_kernels_gluon.py compiles the kernel for sm_90 on the installed Triton.
+Gluon is experimental and renames operations between Triton releases: `_barrier` takes 3.6's name,
+else 3.9's. tests/test_kernels_gluon.py compiles the kernel for sm_90 on the installed Triton.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 _barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
-_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 
 @gluon.constexpr_function
@@ -70,20 +68,14 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               STAGES: ttgl.constexpr = 0):
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
     into the workspace and the last of a tile writes it (w4a16_triton._store's protocol).
 
     FOLD_ZEROS (asymmetric weights): the codes are unpacked as symmetric ones, q - ZERO, and each
     group adds (ZERO - z)·Σx, x's row sums over the group taken once while x is staged, since
     Σ x·(q - z) = Σ x·(q - ZERO) + (ZERO - z)·Σ x. Otherwise each column's zero point enters the
-    unpack, which costs its loads, their addresses and conversions in every group.
-
-    STAGES = 0: the next two groups' words wait in registers. STAGES >= 2: they stream through a
-    ring of STAGES groups in shared memory (cp.async), STAGES - 1 groups ahead. Each thread copies
-    and reads back only its own words, so the ring needs no barrier, and the registers the
-    prefetched words held go to occupancy."""
+    unpack, which costs its loads, their addresses and conversions in every group."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -110,16 +102,9 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
     first = pid_k * SPAN_GROUPS
     last = first + SPAN_GROUPS - 1
-    # The first groups' words are requested before x is staged: their DRAM latency covers it.
-    if STAGES == 0:
-        w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
-        w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
-    else:
-        WS_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=CHUNKS, per_phase=1, max_phase=1, order=[3, 2, 1, 0])
-        w_ring = ttgl.allocate_shared_memory(ttgl.int32, [STAGES, BLOCK_N // 8, 8, 4, CHUNKS], WS_L)
-        for i in ttgl.static_range(STAGES - 1):
-            _async_load(w_ring.index(i), qw_ptr + ttgl.minimum(first + i, last) * group_words + word_offs)
-            async_copy.commit_group()
+    # The first two groups' words are requested before x is staged: their DRAM latency covers it.
+    w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
+    w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
     if SYMMETRIC or FOLD_ZEROS:
         z_next = ttgl.full([BLOCK_N // 8, 8], ZERO, ttgl.float32, Z_L)
@@ -146,30 +131,22 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     _barrier()
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
-        if STAGES == 0:  # two groups' words in flight while one is multiplied (registers, carried by the loop)
-            w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
-            words = w_a
-        else:
-            _async_load(w_ring.index((g + STAGES - 1) % STAGES),
-                        qw_ptr + ttgl.minimum(first + g + STAGES - 1, last) * group_words + word_offs)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
-            words = w_ring.index(g % STAGES).load(W_L)
+        # Two groups' words in flight while one is multiplied (registers, carried by the loop).
+        w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
         z = z_next.to(ttgl.int32)
         scale = s_next.to(ttgl.float32)
         g_next = ttgl.minimum(first + g + 1, last)
         s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
         if not SYMMETRIC and not FOLD_ZEROS:
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
-        part = _group_product(words, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
+        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N)
         if not SYMMETRIC and FOLD_ZEROS:
             zero_term = ZERO - zt_next
             zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
             sums = row_sums.index(g).load(ttgl.SliceLayout(1, MMA))
             part += ttgl.expand_dims(sums, 1) * ttgl.expand_dims(zero_term, 0)
         acc += part * ttgl.expand_dims(scale, 0)
-        if STAGES == 0:
-            w_a, w_b = w_b, w_c
+        w_a, w_b = w_b, w_c
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     mask = ttgl.expand_dims(rows < M, 1)
     out_offs = ttgl.expand_dims(rows, 1) * stride_om + ttgl.expand_dims(cols, 0)
@@ -189,7 +166,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, stages: int = 0):
+                     fold_zeros: bool = True):
     """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
     model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
     import triton
@@ -199,7 +176,7 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span,
-                  "WARPS": warps, "FOLD_ZEROS": fold_zeros, "STAGES": stages}
+                  "WARPS": warps, "FOLD_ZEROS": fold_zeros}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
     aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
