@@ -114,13 +114,12 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 @pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768)])
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
     """The tuner may choose either way of the zero points per shape: each must be right (a shape
-    of its own per config, since a shape tuned before keeps its choice)."""
+    of its own per config, since a shape tuned before keeps its choice; a lone candidate runs untimed)."""
     weight = quantized(192, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
     with w4a16_gluon.pinned_config(config):
         out = w4a16_gluon.matmul(x, packed)
-    assert w4a16_gluon.tuned_config(packed) == config
     assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
 
 
