@@ -42,3 +42,6 @@ def test_gluon_counts_come_from_its_loop(gemv_sass):
     assert 1.5 < sum(per_code.values()) < 5
     unpacked_registers = int(gemv_sass.gluon_loop(128, 4, symmetric=False, fold_zeros=False)[1].split()[0])
     assert int(per_sm.split()[0]) < unpacked_registers
+    biased, _ = gemv_sass.gluon_loop(128, 4, symmetric=False, fold_zeros=True, biased=True)
+    assert biased["HADD2"] < per_code["HADD2"] - 0.4  # the unpack's subtraction, half an instruction per code
+    assert sum(biased.values()) < sum(per_code.values()) - 0.4
