@@ -126,19 +126,16 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
                   f"{mma / codes_per_thread:.3f} | {top} | {per_sm} |", flush=True)
 
 
-GLUON_MODES = {"unpacked zeros": (False, False, False), "folded zeros": (False, True, False),
-               "folded zeros, biased codes": (False, True, True), "symmetric": (True, True, False),
-               "symmetric, biased codes": (True, True, True)}
-"""The Gluon tile's weight modes: (symmetric, FOLD_ZEROS, BIASED)."""
+GLUON_MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
+"""The Gluon tile's weight modes: (symmetric, FOLD_ZEROS)."""
 
 
-def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_span: int = 1024, biased: bool = False):
+def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_span: int = 1024):
     """The Gluon 16-row tile (kernels/w4a16_gluon_kernel.py) compiled for sm_90 at group 128: its
     loop's opcodes per code (one loop step is one group) and its occupancy."""
     from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
 
-    sass, registers, shared = disassemble(compile_for_sm90(block_n, k_span, GROUP, symmetric, warps, fold_zeros,
-                                                           biased))
+    sass, registers, shared = disassemble(compile_for_sm90(block_n, k_span, GROUP, symmetric, warps, fold_zeros))
     codes_per_thread = block_n * GROUP / (32 * warps)
     ops = loop_opcodes(sass)[-1][2]
     return collections.Counter({op: n / codes_per_thread for op, n in ops.items()}), occupancy(registers, shared, warps)
@@ -149,8 +146,8 @@ def gluon_table(configs: list[str]) -> None:
     print("|---|---|---:|---|---|")
     for config in configs:
         block_n, warps = (int(v) for v in config.split("x"))
-        for mode, (symmetric, fold, biased) in GLUON_MODES.items():
-            per_code, per_sm = gluon_loop(block_n, warps, symmetric, fold, biased=biased)
+        for mode, (symmetric, fold) in GLUON_MODES.items():
+            per_code, per_sm = gluon_loop(block_n, warps, symmetric, fold)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
             print(f"| {config} | {mode} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
 

@@ -1,4 +1,4 @@
-"""The Gluon 16-row tile's ways with zero points and code bias side by side, every config of each.
+"""The Gluon 16-row tile's asymmetric weights two ways, beside symmetric ones, every config of each.
 
 The asymmetric tile ran about 10% behind the symmetric one (70B gate/up_proj M = 16: 57.2 against
 51.6 us, gpu_kernels_h200_gluon_m64.md). In the sm_90 compile, about 40 of its 334 loop
@@ -8,16 +8,17 @@ group adds (8 - z)·Σx, x's row sums taken once while x is staged. That loop is
 but it holds 128 registers a thread instead of 150 (63 instead of 88 with 8 warps), so more warps
 fit on an SM. The question is which runs faster.
 
-With BIASED as well, the codes enter the MMA as 128 + q, straight from one lop3 a register, and
-the correction is -(128 + z)·Σx: the unpack's subtraction (one instruction in three of it) goes,
-for symmetric weights too, at the cost of their row sums and one FMA per accumulator per group
-(2.14 instructions per code against 2.66 folded at 16x128 w4, gluon_sass_sm90.md).
+Since then the fold also takes the codes' bias off: they enter the MMA as 128 + q, straight from
+one lop3 a register, and the correction is -(128 + z)·Σx, which drops the unpack's subtraction
+(2.14 instructions per code against 2.66 at 16x128 w4, gluon_sass_sm90.md). Folding without the
+bias, and symmetric weights with it, were measured beside these modes and not kept
+(gpu_gluon_biased_h200.md, this script at commit 5219aee).
 
 For each shape at M = 16, every tile the tuner would be offered (w4a16_gluon._prune) is launched
 directly in each mode, checked against float64, and timed as the kernel table times (CUDA-graph
 replays, cold L2); the best of each mode is reported.
 
-    python benchmarks/gpu_gluon_zero_fold.py --out benchmarks/results/gpu_gluon_biased_h200
+    python benchmarks/gpu_gluon_zero_fold.py --out benchmarks/results/gpu_gluon_zero_fold_h200
 """
 
 from __future__ import annotations
@@ -41,13 +42,11 @@ from lowbit.kernels.w4a16_triton import split_k_workspace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import run_cases  # noqa: E402
 
-MODES = {"unpacked zeros": (False, False, False), "folded zeros": (False, True, False), "symmetric": (True, True, False),
-         "folded zeros, biased codes": (False, True, True), "symmetric, biased codes": (True, True, True)}
-"""Mode -> (symmetric weight, FOLD_ZEROS, BIASED): BIASED codes enter the MMA as 128 + q and the
-bias leaves with the row-sum correction, -(128 + z)·Σx, which saves the unpack's subtraction."""
+MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
+"""Mode -> (symmetric weight, FOLD_ZEROS)."""
 
 
-def launch(x, packed, config, fold: bool, biased: bool) -> torch.Tensor:
+def launch(x, packed, config, fold: bool) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
@@ -57,7 +56,7 @@ def launch(x, packed, config, fold: bool, biased: bool) -> torch.Tensor:
     m16_kernel[(n // kw["BLOCK_N"], k // kw["K_SPAN"])](
         x, w4a16_gluon.layout(packed), packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0),
         packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        ZERO=SYMMETRIC_ZERO, num_warps=kw["WARPS"], **{**kw, "FOLD_ZEROS": fold, "BIASED": biased})
+        ZERO=SYMMETRIC_ZERO, num_warps=kw["WARPS"], **{**kw, "FOLD_ZEROS": fold})
     return out
 
 
@@ -68,17 +67,17 @@ def run_shape(name: str) -> list[dict]:
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     configs = w4a16_gluon._prune(w4a16_gluon._tuned().configs, {"N": n, "K": k}, GROUP=128, SYMMETRIC=True)  # tiles
     rows = []
-    for mode, (symmetric, fold, biased) in MODES.items():
+    for mode, (symmetric, fold) in MODES.items():
         qweight = quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight)
         packed = pack_quantized_weight(qweight)
         ref = x.double() @ qweight.dequantize().double().T
         timed = []
         for config in configs:
-            out = launch(x, packed, config, fold, biased)
+            out = launch(x, packed, config, fold)
             error = float((out.double() - ref).norm() / ref.norm())
             if not error < 1e-2:
                 raise SystemExit(f"{name} {mode} {w4a16_gluon._describe(config)}: relative error {error:.2e}")
-            timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, fold, biased)), config, error))
+            timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, fold)), config, error))
         us, config, error = min(timed, key=lambda t: t[0])
         rows.append({"shape": name, "mode": mode, "us": us, "config": w4a16_gluon._describe(config), "error": error})
         print(rows[-1], flush=True)

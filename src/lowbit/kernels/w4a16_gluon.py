@@ -21,9 +21,9 @@ are either unpacked with the codes or folded into a per-group correction (w4a16_
 FOLD_ZEROS), which frees registers: 0.92-0.99x the time of unpacking them on 7 of 8 shapes, 1.09x on
 the eighth (gpu_gluon_zero_fold_h200.md). Neither wins everywhere, so the tuner chooses per shape.
 Where they are folded, the codes enter the MMA with their bias, 128 + q, straight from one lop3 a
-register, and the correction takes the bias off with the zero point (BIASED): a fifth fewer
-instructions per code (2.14 against 2.66 at 16x128 w4, gluon_sass_sm90.md). Symmetric weights
-always take that way.
+register, and the correction takes the bias off with the zero point: a fifth fewer instructions
+per code (2.14 against 2.66 at 16x128 w4, gluon_sass_sm90.md), 0.95-1.04x the time of folding
+without the bias, faster on 6 of 8 shapes (gpu_gluon_biased_h200.md).
 Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
@@ -123,8 +123,7 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": fold, "BIASED": fold},
-                             num_warps=warps)
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": fold}, num_warps=warps)
                for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS for fold in (True, False)]
     return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
 
@@ -132,7 +131,7 @@ def _tuned():
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the shape: whole tiles of N, spans of whole groups dividing K, at most
     MAX_WORDS_PER_THREAD words per thread, and at most _MAX_PROGRAMS programs. Symmetric weights
-    have no zero points to unpack: only the biased codes."""
+    have no zero points to unpack or fold: one of the two FOLD_ZEROS settings (the kernel ignores it)."""
     args = {**named_args, **kwargs}
     n, k, group = args["N"], args["K"], args["GROUP"]
     kept = []

@@ -46,7 +46,7 @@ def _unpack(words, offset):
 @gluon.jit
 def _unpack_biased(words):
     """_unpack without its subtraction: 128 + q of nibbles (j, j + 4), one lop3 a register. The
-    bias 128 leaves with the row-sum correction (m16_kernel's BIASED)."""
+    bias 128 leaves with the zero point in the row-sum correction (m16_kernel's FOLD_ZEROS)."""
     return ttgl.inline_asm_elementwise(
         "{ .reg .b32 t;\n"
         "lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xea;\n"
@@ -84,22 +84,19 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               BIASED: ttgl.constexpr = False):
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
     into the workspace and the last of a tile writes it (w4a16_triton._store's protocol).
 
-    FOLD_ZEROS (asymmetric weights): the codes are unpacked as symmetric ones, q - ZERO, and each
-    group adds (ZERO - z)·Σx, x's row sums over the group taken once while x is staged, since
-    Σ x·(q - z) = Σ x·(q - ZERO) + (ZERO - z)·Σ x. Otherwise each column's zero point enters the
-    unpack, which costs its loads, their addresses and conversions in every group.
-
-    BIASED (either kind of weight): the codes enter the MMA as 128 + q, straight from one lop3 a
-    register, and each group adds -(128 + z)·Σx, since Σ x·(q - z) = Σ x·(128 + q) - (128 + z)·Σ x.
-    That drops the unpack's subtraction, one instruction in three of it, for one FMA per
-    accumulator per group. The group's product grows about sixteenfold before the correction
-    cancels it; its float32 sum keeps the result within a few 1e-6 of the exact one for x of
-    ordinary scale (the tests bound it against float64)."""
+    FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
+    register, and each group adds -(128 + z)·Σx, x's row sums over the group taken once while x is
+    staged, since Σ x·(q - z) = Σ x·(128 + q) - (128 + z)·Σ x. Otherwise each column's zero point
+    enters the unpack's subtraction, which costs its loads, their addresses and conversions in every
+    group. The folded group's product is about sixteen times the result before the correction
+    cancels it; float32 keeps the result within a few 1e-6 of the exact one for x of ordinary
+    scale (the tests bound it against float64). Symmetric weights unpack as q - ZERO: taking the
+    bias off with their row sums cost more than the subtraction on five shapes of eight
+    (gpu_gluon_biased_h200.md)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -130,13 +127,12 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
     w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
-    CORRECTED_ZEROS: ttgl.constexpr = not SYMMETRIC and (FOLD_ZEROS or BIASED)  # zero points in the correction
-    ROW_SUMS: ttgl.constexpr = BIASED or CORRECTED_ZEROS
-    if SYMMETRIC or FOLD_ZEROS or BIASED:
+    FOLD: ttgl.constexpr = FOLD_ZEROS and not SYMMETRIC
+    if SYMMETRIC or FOLD:
         z_next = ttgl.full([BLOCK_N // 8, 8], ZERO, ttgl.float32, Z_L)
     else:
         z_next = ttgl.load(z_ptr + first * stride_sg + zcols).to(ttgl.float32)
-    if CORRECTED_ZEROS:
+    if FOLD:
         zt_next = ttgl.load(z_ptr + first * stride_sg + cols).to(ttgl.float32)
     # x's span, once, into shared memory: every warp reads its A fragments from there.
     X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
@@ -146,13 +142,13 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     x_tile_mask = ttgl.expand_dims(xr < M, 1)
     SMEM_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, 16, GROUP], SMEM_L)
-    if ROW_SUMS:
+    if FOLD:
         RS_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         row_sums = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, 16], RS_L)
     for i in ttgl.static_range(SPAN_GROUPS):
         x_tile = ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0)
         x_smem.index(i).store(x_tile)
-        if ROW_SUMS:
+        if FOLD:
             row_sums.index(i).store(ttgl.sum(x_tile.to(ttgl.float32), axis=1))
     _barrier()
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
@@ -163,17 +159,14 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         scale = s_next.to(ttgl.float32)
         g_next = ttgl.minimum(first + g + 1, last)
         s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
-        if not SYMMETRIC and not FOLD_ZEROS and not BIASED:
+        if not SYMMETRIC and not FOLD:
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
-        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N, BIASED)
-        if ROW_SUMS:
-            sums = ttgl.expand_dims(row_sums.index(g).load(ttgl.SliceLayout(1, MMA)), 1)
-            if CORRECTED_ZEROS:
-                zero_term = (-128.0 - zt_next) if BIASED else (ZERO - zt_next)
-                zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
-                part += sums * ttgl.expand_dims(zero_term, 0)
-            else:
-                part += sums * (-128.0 - ZERO)
+        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N, FOLD)
+        if FOLD:
+            zero_term = -128.0 - zt_next
+            zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
+            sums = row_sums.index(g).load(ttgl.SliceLayout(1, MMA))
+            part += ttgl.expand_dims(sums, 1) * ttgl.expand_dims(zero_term, 0)
         acc += part * ttgl.expand_dims(scale, 0)
         w_a, w_b = w_b, w_c
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
@@ -195,7 +188,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, biased: bool = False):
+                     fold_zeros: bool = True):
     """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
     model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
     import triton
@@ -205,7 +198,7 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span,
-                  "WARPS": warps, "FOLD_ZEROS": fold_zeros, "BIASED": biased}
+                  "WARPS": warps, "FOLD_ZEROS": fold_zeros}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
     aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
