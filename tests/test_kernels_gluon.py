@@ -127,6 +127,21 @@ def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(con
 
 
 @needs_gluon_gpu
+def test_gluon_folded_codes_stay_accurate_when_x_has_a_large_common_offset():
+    """Folded codes carry their bias 128 into the MMA and the row-sum correction cancels 128·Σx:
+    the worst case is x whose group sums are large against the result (a common offset, an
+    outlier channel), as hidden states can be."""
+    weight = quantized(256, 1024, IntegerFormat(4, symmetric=False, group_size=128), seed=11)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(16, 1024, device="cuda") + 50.0
+    x[:, 7] = 3000.0
+    x = x.to(torch.bfloat16)
+    with w4a16_gluon.pinned_config("16x64 span 256 w4"):
+        out = w4a16_gluon.matmul(x, packed)
+    assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+
+
+@needs_gluon_gpu
 def test_gluon_layout_follows_in_place_weight_changes():
     check_layout_follows_in_place_weight_changes(w4a16_gluon.matmul)
 
