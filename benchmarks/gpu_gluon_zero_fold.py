@@ -3,13 +3,14 @@
 The asymmetric tile ran about 10% behind the symmetric one (70B gate/up_proj M = 16: 57.2 against
 51.6 us, gpu_kernels_h200_gluon_m64.md). In the sm_90 compile, about 40 of its 334 loop
 instructions per group went to the zero points: four 2-byte loads, their addresses, and the
-conversions into the unpack's offset. With FOLD_ZEROS the codes unpack as symmetric ones and each
-group adds (8 - z)·Σx, x's row sums taken once while x is staged. That loop is no shorter (340),
-but it holds 128 registers a thread instead of 150 (63 instead of 88 with 8 warps), so more warps
-fit on an SM. The question is which runs faster.
+conversions into the unpack's offset. FOLD_ZEROS first unpacked the codes as symmetric ones and
+added (8 - z)·Σx to each group, x's row sums taken once while x is staged: a loop no shorter
+(340), but 128 registers a thread instead of 150 (63 instead of 88 with 8 warps), so more warps
+fit on an SM (gpu_gluon_zero_fold_h200.md, this script at commit 30e6277). The question is which
+runs faster.
 
-Since then the fold also takes the codes' bias off: they enter the MMA as 128 + q, straight from
-one lop3 a register, and the correction is -(128 + z)·Σx, which drops the unpack's subtraction
+The fold now also takes the codes' bias off: they enter the MMA as 128 + q, straight from one
+lop3 a register, and the correction is -(128 + z)·Σx, which drops the unpack's subtraction
 (2.14 instructions per code against 2.66 at 16x128 w4, gluon_sass_sm90.md). Folding without the
 bias, and symmetric weights with it, were measured beside these modes and not kept
 (gpu_gluon_biased_h200.md, this script at commit 5219aee).
