@@ -30,7 +30,6 @@ and FBGEMM where installed). Each result is checked against float64 dequantize-t
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -47,11 +46,11 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16, w4a16_gluon
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack
+from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack, compile_gluon_for_sm90, store_split_k
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import run_cases  # noqa: E402
+from results_file import shapes_command  # noqa: E402
 
 MODES = {"exact": False, "scaled A": True}
 """Mode -> SCALED_A."""
@@ -99,7 +98,7 @@ def _pair(bits):
 def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                    GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                    MT: ttgl.constexpr, K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, SCALED_A: ttgl.constexpr):
-    """outᵀ[tile, :M] = W[tile] · x[:M]ᵀ over one span of K; split-K as m16_kernel."""
+    """outᵀ[tile, :M] = W[tile] · x[:M]ᵀ over one span of K (split-K: `store_split_k`)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     ACC: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, MT, 16])
@@ -183,40 +182,16 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
             acc += part * ttgl.expand_dims(scale, 1)
         w_a, w_b = w_b, w_c
     tokens = ttgl.arange(0, MT, layout=ttgl.SliceLayout(0, ACC))
-    mask = ttgl.expand_dims(tokens < M, 0)
-    out_offs = ttgl.expand_dims(tokens, 0) * stride_om + ttgl.expand_dims(cols, 1)
-    split_k = ttgl.num_programs(1)
-    if split_k > 1:  # w4a16_triton._store's protocol
-        ws_offs = ttgl.expand_dims(tokens, 0) * N + ttgl.expand_dims(cols, 1)
-        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        _barrier()
-        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if count == split_k - 1:
-            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([BLOCK_N, MT], ttgl.float32, ACC), mask=mask)
-            ttgl.store(cnt_ptr + pid_n, 0)
-    else:
-        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
-
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(tokens, 0), ttgl.expand_dims(cols, 1),
+                  ttgl.expand_dims(tokens < M, 0), N, stride_om)
 
 def compile_for_sm90(config: tuple[int, int, int], mt: int, symmetric: bool, scaled_a: bool):
     """`swap_ab_kernel` compiled for sm_90 without a GPU (the operand-layout conversion asserted
     trivial while it compiles): for the tests."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     block_n, warps, span = config
-    types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
-             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO, "BLOCK_N": block_n, "MT": mt,
-                  "K_SPAN": span, "WARPS": warps, "SCALED_A": scaled_a}
-    names = swap_ab_kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
-    return triton.compile(GluonASTSource(fn=swap_ab_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compile_gluon_for_sm90(swap_ab_kernel, {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO,
+                                                   "BLOCK_N": block_n, "MT": mt, "K_SPAN": span, "WARPS": warps,
+                                                   "SCALED_A": scaled_a}, warps)
 
 
 def token_tile(m: int) -> int:
@@ -294,11 +269,7 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    args = parser.parse_args()
-    run_cases(args.out, args.shapes, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+    shapes_command(__doc__.splitlines()[0], SHAPES, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():
             for mode, us in (("unpacked zeros", 60.0), ("folded zeros", 57.0), ("symmetric", 54.0))]
     table = script.markdown(rows, "GPU")
     assert "| 70B down_proj | folded zeros | 57.0 | 16x128 span 1024 w4 | 1.7e-03 | 0.95 |" in table
-    assert set(script.MODES) == {row["mode"] for row in rows}
+    assert set(script.WEIGHT_MODES) == {row["mode"] for row in rows}
 
 
 def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monkeypatch):
