@@ -239,7 +239,7 @@ def run_shape(name: str) -> list[dict]:
         ref = x.double() @ qweight.dequantize().double().T
         row = {"shape": name, "m": m, "bf16": 1000 * graph_time_ms(lambda: x @ dense.T),
                "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
-               "dispatcher path": w4a16._choose(x, packed)[0]}
+               "dispatcher path": w4a16.chosen_path(x, packed)}
         for mode, scaled_a in MODES.items():
             timed = []
             for config in configs(n, k, m):

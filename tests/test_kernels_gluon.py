@@ -241,6 +241,30 @@ def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monke
     assert path == "fused" and call() == "fused ran"
 
 
+def test_the_path_chosen_for_a_shape_and_bucket_is_what_reports_read(monkeypatch):
+    """`chosen_path` reads the choice `_choose` stored, for the same shape, M bucket and dtype only."""
+    from lowbit.kernels import timing
+
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+
+    def fused():
+        return "fused ran"
+
+    def gluon():
+        return "gluon ran"
+
+    monkeypatch.setattr(w4a16, "_CHOSEN", {})
+    monkeypatch.setattr(w4a16, "_candidates", lambda x, packed: {"fused": fused, "gluon": gluon})
+    monkeypatch.setattr(timing, "graph_time_ms", lambda call, device=None: {fused: 2.0, gluon: 1.0}[call])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    assert w4a16.chosen_path(torch.zeros(4, 256), packed) == "fused"  # nothing timed yet
+    assert w4a16._choose(torch.zeros(4, 256), packed)[0] == "gluon"
+    assert w4a16.chosen_path(torch.zeros(9, 256), packed) == "gluon"  # 9 rows: the same 16-row bucket
+    assert w4a16.chosen_path(torch.zeros(1, 256), packed) == "fused"  # another bucket
+    assert w4a16.chosen_path(torch.zeros(4, 256, dtype=torch.bfloat16), packed) == "fused"  # another dtype
+
+
 @pytest.mark.parametrize("config, mt, symmetric, scaled_a", [((64, 4, 512), 64, False, False), ((64, 4, 512), 64, False, True),
                                                               ((256, 8, 1024), 16, True, False)])
 def test_the_swap_ab_experiment_compiles_its_weights_into_wgmmas_a_registers(config, mt, symmetric, scaled_a):
