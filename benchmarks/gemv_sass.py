@@ -126,10 +126,6 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
                   f"{mma / codes_per_thread:.3f} | {top} | {per_sm} |", flush=True)
 
 
-GLUON_MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
-"""The Gluon tile's weight modes: (symmetric, FOLD_ZEROS)."""
-
-
 def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_span: int = 1024):
     """The Gluon 16-row tile (kernels/w4a16_gluon_kernel.py) compiled for sm_90 at group 128: its
     loop's opcodes per code (one loop step is one group) and its occupancy."""
@@ -142,11 +138,13 @@ def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_sp
 
 
 def gluon_table(configs: list[str]) -> None:
+    from lowbit.kernels.w4a16_gluon_kernel import WEIGHT_MODES
+
     print("| BLOCK_N x warps | weights | instructions / code | largest opcodes / code | per SM |")
     print("|---|---|---:|---|---|")
     for config in configs:
         block_n, warps = (int(v) for v in config.split("x"))
-        for mode, (symmetric, fold) in GLUON_MODES.items():
+        for mode, (symmetric, fold) in WEIGHT_MODES.items():
             per_code, per_sm = gluon_loop(block_n, warps, symmetric, fold)
             top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
             print(f"| {config} | {mode} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)

@@ -30,7 +30,6 @@ replays, cold L2); the best of each mode is reported.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -43,13 +42,13 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_gluon
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
+from lowbit.kernels.w4a16_gluon_kernel import WEIGHT_MODES, m16_kernel
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import run_cases  # noqa: E402
+from results_file import shapes_command  # noqa: E402
 
-MODES = {"unpacked zeros": (False, False, False), "folded zeros": (False, True, False), "symmetric": (True, True, False),
+MODES = {**{mode: (symmetric, fold, False) for mode, (symmetric, fold) in WEIGHT_MODES.items()},
          "folded zeros, scales staged": (False, True, True), "symmetric, scales staged": (True, True, True)}
 """Mode -> (symmetric weight, FOLD_ZEROS, STAGE_SCALES)."""
 
@@ -105,11 +104,7 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    args = parser.parse_args()
-    run_cases(args.out, args.shapes, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+    shapes_command(__doc__.splitlines()[0], SHAPES, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16, w4a16_gluon
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack
+from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack, compile_gluon_for_sm90, store_split_k
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +104,7 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                    GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                    MT: ttgl.constexpr, K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, SCALED_A: ttgl.constexpr,
                    A_SHARED: ttgl.constexpr):
-    """outᵀ[tile, :M] = W[tile] · x[:M]ᵀ over one span of K; split-K as m16_kernel."""
+    """outᵀ[tile, :M] = W[tile] · x[:M]ᵀ over one span of K (split-K: `store_split_k`)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     ACC: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                       instr_shape=[16, MT, 16])
@@ -200,40 +200,16 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     if A_SHARED:
         acc = hopper.warpgroup_mma_wait(0, deps=[acc])
     tokens = ttgl.arange(0, MT, layout=ttgl.SliceLayout(0, ACC))
-    mask = ttgl.expand_dims(tokens < M, 0)
-    out_offs = ttgl.expand_dims(tokens, 0) * stride_om + ttgl.expand_dims(cols, 1)
-    split_k = ttgl.num_programs(1)
-    if split_k > 1:  # w4a16_triton._store's protocol
-        ws_offs = ttgl.expand_dims(tokens, 0) * N + ttgl.expand_dims(cols, 1)
-        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        _barrier()
-        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if count == split_k - 1:
-            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([BLOCK_N, MT], ttgl.float32, ACC), mask=mask)
-            ttgl.store(cnt_ptr + pid_n, 0)
-    else:
-        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
-
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(tokens, 0), ttgl.expand_dims(cols, 1),
+                  ttgl.expand_dims(tokens < M, 0), N, stride_om)
 
 def compile_for_sm90(config: tuple[int, int, int], mt: int, symmetric: bool, scaled_a: bool, a_shared: bool = False):
     """`swap_ab_kernel` compiled for sm_90 without a GPU (the operand-layout conversion asserted
     trivial while it compiles): for the tests."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     block_n, warps, span = config
-    types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
-             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    constexprs = {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO, "BLOCK_N": block_n, "MT": mt,
-                  "K_SPAN": span, "WARPS": warps, "SCALED_A": scaled_a, "A_SHARED": a_shared}
-    names = swap_ab_kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
-    return triton.compile(GluonASTSource(fn=swap_ab_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compile_gluon_for_sm90(swap_ab_kernel, {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO,
+                                                   "BLOCK_N": block_n, "MT": mt, "K_SPAN": span, "WARPS": warps,
+                                                   "SCALED_A": scaled_a, "A_SHARED": a_shared}, warps)
 
 
 def token_tile(m: int) -> int:
@@ -282,7 +258,7 @@ def run_shape(name: str, modes: tuple[str, ...]) -> list[dict]:
         ref = x.double() @ qweight.dequantize().double().T
         row = {"shape": name, "m": m, "bf16": 1000 * graph_time_ms(lambda: x @ dense.T),
                "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
-               "dispatcher path": w4a16._choose(x, packed)[0]}
+               "dispatcher path": w4a16.chosen_path(x, packed)}
         for mode in modes:
             scaled_a, a_shared = MODES[mode]
             timed = []

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,3 +29,14 @@ def run_cases(out: Path, cases: Iterable, run_case: Callable[[object], list[dict
         text = render(rows)
         save(out, text, rows)
     print(text)
+
+
+def shapes_command(description: str, shapes: Iterable[str], run_shape: Callable[[str], list[dict]],
+                   render: Callable[[list[dict]], str]) -> None:
+    """The command line of a benchmark timed shape by shape: --out (the results' path without
+    suffix) and --shapes (default: all of `shapes`), then `run_cases` over the shapes named."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
+    parser.add_argument("--shapes", nargs="+", default=list(shapes))
+    args = parser.parse_args()
+    run_cases(args.out, args.shapes, run_shape, render)

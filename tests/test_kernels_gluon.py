@@ -216,7 +216,7 @@ def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():
             for mode, us in (("unpacked zeros", 60.0), ("folded zeros", 57.0), ("symmetric", 54.0))]
     table = script.markdown(rows, "GPU")
     assert "| 70B down_proj | folded zeros | 57.0 | 16x128 span 1024 w4 | 1.7e-03 | 0.95 |" in table
-    assert {"unpacked zeros", "folded zeros", "symmetric"} <= set(script.MODES)
+    assert set(script.WEIGHT_MODES) <= set(script.MODES)
 
 
 def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monkeypatch):
@@ -239,6 +239,30 @@ def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monke
                                          r"shared memory$"):
         path, call = w4a16._choose(x, packed)
     assert path == "fused" and call() == "fused ran"
+
+
+def test_the_path_chosen_for_a_shape_and_bucket_is_what_reports_read(monkeypatch):
+    """`chosen_path` reads the choice `_choose` stored, for the same shape, M bucket and dtype only."""
+    from lowbit.kernels import timing
+
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+
+    def fused():
+        return "fused ran"
+
+    def gluon():
+        return "gluon ran"
+
+    monkeypatch.setattr(w4a16, "_CHOSEN", {})
+    monkeypatch.setattr(w4a16, "_candidates", lambda x, packed: {"fused": fused, "gluon": gluon})
+    monkeypatch.setattr(timing, "graph_time_ms", lambda call, device=None: {fused: 2.0, gluon: 1.0}[call])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (a CPU build has no CUDA)
+    assert w4a16.chosen_path(torch.zeros(4, 256), packed) == "fused"  # nothing timed yet
+    assert w4a16._choose(torch.zeros(4, 256), packed)[0] == "gluon"
+    assert w4a16.chosen_path(torch.zeros(9, 256), packed) == "gluon"  # 9 rows: the same 16-row bucket
+    assert w4a16.chosen_path(torch.zeros(1, 256), packed) == "fused"  # another bucket
+    assert w4a16.chosen_path(torch.zeros(4, 256, dtype=torch.bfloat16), packed) == "fused"  # another dtype
 
 
 @pytest.mark.parametrize("config, mt, symmetric, scaled_a", [((64, 4, 512), 64, False, False), ((64, 4, 512), 64, False, True),

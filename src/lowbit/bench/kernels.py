@@ -32,7 +32,7 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import triton_available, w4a16_matmul
 from lowbit.kernels.int4_pack import PackedInt4, pack_quantized_weight
 from lowbit.kernels.timing import graph_replay_ms
-from lowbit.kernels.w4a16 import path_matmuls, path_table, use_paths
+from lowbit.kernels.w4a16 import chosen_path, path_matmuls, use_paths
 
 SHAPES: dict[str, tuple[int, int]] = {  # name: (N = out_features, K = in_features)
     "8B q/o_proj": (4096, 4096),
@@ -144,7 +144,6 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
     unknown = [name for name in names if name not in SHAPES]
     if unknown:
         raise BenchError(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
-    from lowbit.kernels.w4a16_triton import bucket  # imports Triton: only once it is known to be there
 
     use_paths(*paths)
     torch.manual_seed(0)
@@ -183,8 +182,7 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                     row[f"{label}_us"] = _graph_us([lambda w=w, f=matmul: f(x, w) for w in copies])
                     del copies
                 del ref
-                key = (x.device.index, x.dtype, bucket(m), n, k, group_size, kind == "sym")
-                row[f"path_{kind}"] = path_table().get(key, "fused")
+                row[f"path_{kind}"] = chosen_path(x, weights)
                 row[f"config_{kind}"] = _lowbit_config(row[f"path_{kind}"], m, weights)
             dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
             row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])

@@ -43,6 +43,19 @@ def path_table() -> dict[tuple, MatmulPath]:
     return dict(_CHOSEN)
 
 
+def chosen_path(x: torch.Tensor, packed: PackedInt4) -> MatmulPath:
+    """The path the dispatcher runs for `x` and `packed`: the timed choice of their shape and M
+    bucket, "fused" before one was made or where no other path could run."""
+    return _CHOSEN.get(_choice_key(x, packed), "fused")
+
+
+def _choice_key(x: torch.Tensor, packed: PackedInt4) -> tuple:
+    from lowbit.kernels.w4a16_triton import bucket
+
+    return (x.device.index, x.dtype, bucket(x.shape[0]), packed.out_features, packed.in_features, packed.group_size,
+            packed.symmetric)
+
+
 def use_paths(*paths: str) -> None:
     """Let the dispatcher choose only among `paths` (default: all of PATHS); forgets earlier choices.
 
@@ -82,11 +95,8 @@ def _candidates(x: torch.Tensor, packed: PackedInt4) -> dict[MatmulPath, Callabl
 
 def _choose(x: torch.Tensor, packed: PackedInt4) -> tuple[MatmulPath, Callable[[], torch.Tensor]]:
     """The fastest allowed path for this shape and M bucket, timed once (graph replays, cold L2: timing.py)."""
-    from lowbit.kernels import w4a16_triton
-
     calls = _candidates(x, packed)
-    key = (x.device.index, x.dtype, w4a16_triton.bucket(x.shape[0]), packed.out_features, packed.in_features,
-           packed.group_size, packed.symmetric)
+    key = _choice_key(x, packed)
     if key not in _CHOSEN:
         if len(calls) == 1 or torch.cuda.is_current_stream_capturing():
             return "fused", calls["fused"]  # nothing can be timed inside a graph capture; warm up outside it

@@ -11,6 +11,9 @@ from triton.experimental.gluon import language as ttgl
 
 _barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
 
+WEIGHT_MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
+"""The ways `m16_kernel` takes a weight, as benchmarks name them: (SYMMETRIC, FOLD_ZEROS)."""
+
 
 @gluon.constexpr_function
 def _word_layout(chunks, block_n, warps):
@@ -82,12 +85,32 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 
 
 @gluon.jit
+def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om):
+    """acc, the float32 product of one program's span of K, into out[rows, cols] (bf16). Split-K
+    programs (grid axis 1) add into the workspace and the last of a tile writes it and resets the
+    workspace and its counter (w4a16_triton._store's protocol), so a call is one launch."""
+    out_offs = rows * stride_om + cols
+    split_k = ttgl.num_programs(1)
+    if split_k > 1:
+        ws_offs = rows * N + cols
+        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
+        _barrier()
+        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if count == split_k - 1:
+            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
+            ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
+            ttgl.store(cnt_ptr + pid_n, 0)
+    else:
+        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
+
+
+@gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
                STAGE_SCALES: ttgl.constexpr = False):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K; split-K programs (grid axis 1) add
-    into the workspace and the last of a tile writes it (w4a16_triton._store's protocol).
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`).
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
     register, and each group adds -(128 + z)·Σx, x's row sums over the group taken once while x is
@@ -192,37 +215,30 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         acc += part * ttgl.expand_dims(scale, 0)
         w_a, w_b = w_b, w_c
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
-    mask = ttgl.expand_dims(rows < M, 1)
-    out_offs = ttgl.expand_dims(rows, 1) * stride_om + ttgl.expand_dims(cols, 0)
-    split_k = ttgl.num_programs(1)
-    if split_k > 1:  # as w4a16_triton._store: the last of a tile's programs writes it and resets the workspace
-        ws_offs = ttgl.expand_dims(rows, 1) * N + ttgl.expand_dims(cols, 0)
-        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        _barrier()
-        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if count == split_k - 1:
-            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA), mask=mask)
-            ttgl.store(cnt_ptr + pid_n, 0)
-    else:
-        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
-
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
+                  ttgl.expand_dims(rows < M, 1), N, stride_om)
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
                      fold_zeros: bool = True, stage_scales: bool = False):
-    """`m16_kernel` compiled for sm_90 without a GPU, its arguments aligned as the JIT finds them on
-    model shapes (the operand-layout conversion is asserted trivial while it compiles): for the tests."""
+    """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
+    trivial while it compiles): for the tests."""
+    return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
+                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
+                                               "STAGE_SCALES": stage_scales}, warps)
+
+
+def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
+    """A W4A16 Gluon kernel taking m16_kernel's arguments, compiled for sm_90 without a GPU, its
+    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
              "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    constexprs = {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n, "K_SPAN": k_span,
-                  "WARPS": warps, "FOLD_ZEROS": fold_zeros, "STAGE_SCALES": stage_scales}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in m16_kernel.arg_names}
-    aligned = {(m16_kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
+    aligned = {(names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
-    return triton.compile(GluonASTSource(fn=m16_kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+    return triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
