@@ -16,8 +16,8 @@ bias, and symmetric weights with it, were measured beside these modes and not ke
 (gpu_gluon_biased_h200.md, this script at commit 5219aee).
 
 With STAGE_SCALES the span's scales (and folded zero terms) are staged in shared memory with x,
-so the loop's only global loads are the words (sm_90: 89 registers a thread instead of 128 at
-16x128 w4, 20 warps an SM instead of 16). An ncu profile of the tile's prototype put most of its
+so the loop's only global loads are the words, and it holds fewer registers a thread (an sm_90
+compile; its counts are not saved yet). An ncu profile of the tile's prototype put most of its
 stalls on global loads (long scoreboard 2.68 warps per issued instruction,
 gpu_profile_h200_m16_gluon.log), and the scales, one group ahead, had never been moved earlier.
 
