@@ -20,7 +20,11 @@ Two ways to apply the scales, each timed with every config offered:
   * scaled A: the weights enter the MMA already scaled, bf16((q - z)·s) (one rounding per weight),
     so one accumulator runs through the span, the extra float32 FMAs go, and the zero point enters
     the unpack (two rows per thread: two offsets).
-The wgmma is synchronous in both: the loop waits for each group's product.
+  * scaled A through shared memory: the scaled weights are stored to one of two buffers in shared
+    memory and the wgmma reads them from there, asynchronously, one group's MMAs in flight while
+    the next group is unpacked (register operands of an asynchronous wgmma must not be rewritten
+    until it completes, which the loop could not promise; shared buffers can be waited on).
+In the first two the wgmma is synchronous: the loop waits for each group's product.
 
 Beside them, in the same process: bf16 cuBLAS and the W4A16 dispatcher's choice (every lowbit path
 and FBGEMM where installed). Each result is checked against float64 dequantize-then-matmul.
@@ -30,6 +34,7 @@ and FBGEMM where installed). Each result is checked against float64 dequantize-t
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -50,10 +55,10 @@ from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack, compil
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import shapes_command  # noqa: E402
+from results_file import run_cases  # noqa: E402
 
-MODES = {"exact": False, "scaled A": True}
-"""Mode -> SCALED_A."""
+MODES = {"exact": (False, False), "scaled A": (True, False), "scaled A, shared": (True, True)}
+"""Mode -> (SCALED_A, A_SHARED)."""
 M_VALUES = (16, 64)
 MAX_SHARED = 160 * 1024
 """x's staged span: MT rows x K_SPAN x 2 bytes, at most this."""
@@ -97,7 +102,8 @@ def _pair(bits):
 @gluon.jit
 def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                    GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                   MT: ttgl.constexpr, K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, SCALED_A: ttgl.constexpr):
+                   MT: ttgl.constexpr, K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, SCALED_A: ttgl.constexpr,
+                   A_SHARED: ttgl.constexpr):
     """outᵀ[tile, :M] = W[tile] · x[:M]ᵀ over one span of K (split-K: `store_split_k`)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     ACC: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -148,6 +154,9 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
         x_smem.index(i).store(x_tile)
         if FOLD:
             row_sums.index(i).store(ttgl.sum(x_tile.to(ttgl.float32), axis=1))
+    if A_SHARED:  # two groups' scaled weights: one read by the MMA in flight, one being written
+        a_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [2, BLOCK_N, GROUP],
+                                             ttgl.NVMMASharedLayout.get_default_for([BLOCK_N, GROUP], ttgl.bfloat16))
     hopper.fence_async_shared()  # the generic proxy's stores, before wgmma's async proxy reads them
     _barrier()
     acc = ttgl.zeros([BLOCK_N, MT], ttgl.float32, ACC)
@@ -171,7 +180,14 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
         full = ttgl.permute(ttgl.join(q0, q1), (0, 1, 3, 6, 5, 2, 4))  # [nb, ni, c, j1, j0, t, h]: N, K in order
         a = ttgl.convert_layout(ttgl.reshape(full, [BLOCK_N, GROUP]), A_L, assert_trivial=True)
         x_t = x_smem.index(g).permute((1, 0))
-        if SCALED_A:
+        if A_SHARED:
+            # The buffer's last reader, group g - 2's MMA, completed at the previous step's wait.
+            a_smem.index(g % 2).store(a)
+            hopper.fence_async_shared()
+            _barrier()
+            acc = hopper.warpgroup_mma(a_smem.index(g % 2), x_t, acc, is_async=True)
+            acc = hopper.warpgroup_mma_wait(1, deps=[acc])
+        elif SCALED_A:
             acc = hopper.warpgroup_mma(a, x_t, acc)
         else:
             part = hopper.warpgroup_mma(a, x_t, ttgl.zeros([BLOCK_N, MT], ttgl.float32, ACC), use_acc=False)
@@ -181,17 +197,19 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                 z_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
             acc += part * ttgl.expand_dims(scale, 1)
         w_a, w_b = w_b, w_c
+    if A_SHARED:
+        acc = hopper.warpgroup_mma_wait(0, deps=[acc])
     tokens = ttgl.arange(0, MT, layout=ttgl.SliceLayout(0, ACC))
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(tokens, 0), ttgl.expand_dims(cols, 1),
                   ttgl.expand_dims(tokens < M, 0), N, stride_om)
 
-def compile_for_sm90(config: tuple[int, int, int], mt: int, symmetric: bool, scaled_a: bool):
+def compile_for_sm90(config: tuple[int, int, int], mt: int, symmetric: bool, scaled_a: bool, a_shared: bool = False):
     """`swap_ab_kernel` compiled for sm_90 without a GPU (the operand-layout conversion asserted
     trivial while it compiles): for the tests."""
     block_n, warps, span = config
     return compile_gluon_for_sm90(swap_ab_kernel, {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO,
                                                    "BLOCK_N": block_n, "MT": mt, "K_SPAN": span, "WARPS": warps,
-                                                   "SCALED_A": scaled_a}, warps)
+                                                   "SCALED_A": scaled_a, "A_SHARED": a_shared}, warps)
 
 
 def token_tile(m: int) -> int:
@@ -199,15 +217,16 @@ def token_tile(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-def configs(n: int, k: int, m: int) -> list[tuple[int, int, int]]:
+def configs(n: int, k: int, m: int, a_shared: bool = False) -> list[tuple[int, int, int]]:
     """(BLOCK_N, warps, K_SPAN) that fit the shape: 16 rows a warp at least, two register rows of
-    warps at most, whole groups, x's span within MAX_SHARED."""
+    warps at most, whole groups, shared memory (x's span, and the two weight buffers where the
+    weights go through shared memory) within MAX_SHARED."""
     return [(block_n, warps, span) for block_n, warps, span in itertools.product((64, 128, 256), (4, 8), (128, 256, 512, 1024))
             if 16 * warps <= block_n <= 32 * warps and n % block_n == 0 and k % span == 0
-            and 2 * token_tile(m) * span <= MAX_SHARED]
+            and 2 * token_tile(m) * span + (2 * 2 * block_n * 128 if a_shared else 0) <= MAX_SHARED]
 
 
-def launch(x: torch.Tensor, packed, config: tuple[int, int, int], scaled_a: bool) -> torch.Tensor:
+def launch(x: torch.Tensor, packed, config: tuple[int, int, int], scaled_a: bool, a_shared: bool) -> torch.Tensor:
     block_n, warps, span = config
     m, k = x.shape
     n = packed.out_features
@@ -218,7 +237,7 @@ def launch(x: torch.Tensor, packed, config: tuple[int, int, int], scaled_a: bool
         x, w4a16_gluon.layout(packed), packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0),
         packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
         ZERO=SYMMETRIC_ZERO, BLOCK_N=block_n, MT=token_tile(m), K_SPAN=span, WARPS=warps, SCALED_A=scaled_a,
-        num_warps=warps)
+        A_SHARED=a_shared, num_warps=warps)
     return out
 
 
@@ -227,7 +246,7 @@ def describe(config: tuple[int, int, int], m: int) -> str:
     return f"{block_n}x{token_tile(m)} span {span} w{warps}"
 
 
-def run_shape(name: str) -> list[dict]:
+def run_shape(name: str, modes: tuple[str, ...]) -> list[dict]:
     n, k = SHAPES[name]
     torch.manual_seed(0)
     qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), torch.randn(n, k, device="cuda"))
@@ -240,13 +259,15 @@ def run_shape(name: str) -> list[dict]:
         row = {"shape": name, "m": m, "bf16": 1000 * graph_time_ms(lambda: x @ dense.T),
                "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
                "dispatcher path": w4a16.chosen_path(x, packed)}
-        for mode, scaled_a in MODES.items():
+        for mode in modes:
+            scaled_a, a_shared = MODES[mode]
             timed = []
-            for config in configs(n, k, m):
-                error = float((launch(x, packed, config, scaled_a).double() - ref).norm() / ref.norm())
+            for config in configs(n, k, m, a_shared):
+                error = float((launch(x, packed, config, scaled_a, a_shared).double() - ref).norm() / ref.norm())
                 if not error < MAX_RELATIVE_ERROR:
                     raise SystemExit(f"{name} M={m} {mode} {describe(config, m)}: relative error {error:.2e}")
-                timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, scaled_a)), config, error))
+                timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, scaled_a, a_shared)), config,
+                              error))
             us, config, error = min(timed)
             row.update({mode: us, f"{mode} config": describe(config, m), f"{mode} error": error})
         rows.append(row)
@@ -255,21 +276,29 @@ def run_shape(name: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], device: str) -> str:
+    modes = [mode for mode in MODES if rows and mode in rows[0]]
     lines = [f"The swap-AB wgmma W4A16 tile (benchmarks/gpu_wgmma_swap_ab.py), int4 g128 asymmetric, best config of "
              f"each mode, on {device} (torch {torch.__version__}, triton {triton.__version__}); microseconds per "
-             "call, CUDA-graph replays, cold L2; error against float64.", "",
-             "| shape | M | bf16 cuBLAS | dispatcher (path) | exact | config | scaled A | config | error exact / scaled A "
-             "| bf16 / best of the two |", "|---|---:|---:|---|---:|---|---:|---|---|---:|"]
+             "call (config), CUDA-graph replays, cold L2; error against float64.", "",
+             "| shape | M | bf16 cuBLAS | dispatcher (path) | " + " | ".join(modes) + " | error (" + " / ".join(modes)
+             + ") | bf16 / best mode |", "|---|---:|---:|---|" + "---|" * len(modes) + "---|---:|"]
     for r in rows:
-        best = min(r["exact"], r["scaled A"])
+        best = min(r[mode] for mode in modes)
+        cells = " | ".join(f"{r[mode]:.1f} ({r[mode + ' config']})" for mode in modes)
+        errors = " / ".join(f"{r[mode + ' error']:.1e}" for mode in modes)
         lines.append(f"| {r['shape']} | {r['m']} | {r['bf16']:.1f} | {r['dispatcher']:.1f} ({r['dispatcher path']}) | "
-                     f"{r['exact']:.1f} | {r['exact config']} | {r['scaled A']:.1f} | {r['scaled A config']} | "
-                     f"{r['exact error']:.1e} / {r['scaled A error']:.1e} | {r['bf16'] / best:.2f}x |")
+                     f"{cells} | {errors} | {r['bf16'] / best:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    shapes_command(__doc__.splitlines()[0], SHAPES, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    args = parser.parse_args()
+    run_cases(args.out, args.shapes, lambda name: run_shape(name, tuple(args.modes)),
+              lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_the_zero_fold_benchmark_sets_each_mode_beside_unpacked_zeros():
             for mode, us in (("unpacked zeros", 60.0), ("folded zeros", 57.0), ("symmetric", 54.0))]
     table = script.markdown(rows, "GPU")
     assert "| 70B down_proj | folded zeros | 57.0 | 16x128 span 1024 w4 | 1.7e-03 | 0.95 |" in table
-    assert set(script.WEIGHT_MODES) == {row["mode"] for row in rows}
+    assert set(script.WEIGHT_MODES) <= set(script.MODES)
 
 
 def test_an_optional_path_that_fails_on_a_shape_is_left_out_with_a_warning(monkeypatch):
@@ -278,6 +278,20 @@ def test_the_swap_ab_experiment_compiles_its_weights_into_wgmmas_a_registers(con
     assert ("mul.rn.bf16x2" in ptx) == scaled_a
 
 
+def test_the_swap_ab_experiment_can_run_its_wgmmas_from_shared_memory_one_group_in_flight():
+    """The scaled weights stored (stmatrix) to a double buffer, the MMAs read both operands by
+    descriptor, and the loop waits only for all but the newest group's MMAs."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_wgmma_swap_ab")
+    ptx = script.compile_for_sm90((64, 4, 512), 64, False, True, a_shared=True).asm["ptx"]
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.bf16\.bf16 \{[^}]*\}, %rd\d+, %rd\d+", ptx)
+    assert "stmatrix" in ptx and "wgmma.wait_group.sync.aligned 1;" in ptx
+    assert (64, 4, 1024) in script.configs(8192, 8192, 16, a_shared=True)
+    assert (256, 8, 512) not in script.configs(8192, 8192, 64, a_shared=True)  # 64 KB of x and 128 KB of weights
+
+
 def test_the_swap_ab_experiment_offers_configs_that_fit_and_reports_the_better_mode():
     pytest.importorskip("triton.experimental.gluon")
     from tests.conftest import benchmark_script
@@ -290,5 +304,21 @@ def test_the_swap_ab_experiment_offers_configs_that_fit_and_reports_the_better_m
     row = {"shape": "70B down_proj", "m": 64, "bf16": 120.0, "dispatcher": 106.0, "dispatcher path": "fbgemm",
            "exact": 160.0, "exact config": "128x64 span 512 w4", "exact error": 1.7e-3, "scaled A": 150.0,
            "scaled A config": "128x64 span 1024 w8", "scaled A error": 2.7e-3}
-    assert ("| 70B down_proj | 64 | 120.0 | 106.0 (fbgemm) | 160.0 | 128x64 span 512 w4 | 150.0 | 128x64 span 1024 w8 "
-            "| 1.7e-03 / 2.7e-03 | 0.80x |") in script.markdown([row], "GPU")
+    table = script.markdown([row], "GPU")
+    assert "| bf16 cuBLAS | dispatcher (path) | exact | scaled A | error (exact / scaled A) |" in table
+    assert ("| 70B down_proj | 64 | 120.0 | 106.0 (fbgemm) | 160.0 (128x64 span 512 w4) | 150.0 (128x64 span 1024 w8) "
+            "| 1.7e-03 / 2.7e-03 | 0.80x |") in table
+
+
+def test_staged_scales_leave_only_the_words_as_global_loads_in_the_loop():
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
+    from tests.conftest import benchmark_script
+
+    gemv_sass = benchmark_script("gemv_sass")
+    loads = {}
+    for staged in (False, True):
+        sass, registers, shared = gemv_sass.disassemble(compile_for_sm90(128, 1024, stage_scales=staged))
+        loads[staged] = gemv_sass.loop_opcodes(sass)[-1][2]["LDG"]
+    assert loads[True] == 128 // (8 * 4)  # the words: one 16-byte load per 8-column block a thread holds
+    assert loads[False] > loads[True]
