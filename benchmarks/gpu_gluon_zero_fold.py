@@ -15,12 +15,6 @@ lop3 a register, and the correction is -(128 + z)·Σx, which drops the unpack's
 bias, and symmetric weights with it, were measured beside these modes and not kept
 (gpu_gluon_biased_h200.md, this script at commit 5219aee).
 
-With STAGE_SCALES the span's scales (and folded zero terms) are staged in shared memory with x,
-so the loop's only global loads are the words, and it holds fewer registers a thread (an sm_90
-compile; its counts are not saved yet). An ncu profile of the tile's prototype put most of its
-stalls on global loads (long scoreboard 2.68 warps per issued instruction,
-gpu_profile_h200_m16_gluon.log), and the scales, one group ahead, had never been moved earlier.
-
 For each shape at M = 16, every tile the tuner would be offered (w4a16_gluon._prune) is launched
 directly in each mode, checked against float64, and timed as the kernel table times (CUDA-graph
 replays, cold L2); the best of each mode is reported.
@@ -48,12 +42,8 @@ from lowbit.kernels.w4a16_triton import split_k_workspace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import shapes_command  # noqa: E402
 
-MODES = {**{mode: (symmetric, fold, False) for mode, (symmetric, fold) in WEIGHT_MODES.items()},
-         "folded zeros, scales staged": (False, True, True), "symmetric, scales staged": (True, True, True)}
-"""Mode -> (symmetric weight, FOLD_ZEROS, STAGE_SCALES)."""
 
-
-def launch(x, packed, config, fold: bool, staged: bool = False) -> torch.Tensor:
+def launch(x, packed, config, fold: bool) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
@@ -63,7 +53,7 @@ def launch(x, packed, config, fold: bool, staged: bool = False) -> torch.Tensor:
     m16_kernel[(n // kw["BLOCK_N"], k // kw["K_SPAN"])](
         x, w4a16_gluon.layout(packed), packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0),
         packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-        ZERO=SYMMETRIC_ZERO, num_warps=kw["WARPS"], **{**kw, "FOLD_ZEROS": fold, "STAGE_SCALES": staged})
+        ZERO=SYMMETRIC_ZERO, num_warps=kw["WARPS"], **{**kw, "FOLD_ZEROS": fold})
     return out
 
 
@@ -74,17 +64,17 @@ def run_shape(name: str) -> list[dict]:
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     configs = w4a16_gluon._prune(w4a16_gluon._tuned().configs, {"N": n, "K": k}, GROUP=128, SYMMETRIC=True)  # tiles
     rows = []
-    for mode, (symmetric, fold, staged) in MODES.items():
+    for mode, (symmetric, fold) in WEIGHT_MODES.items():
         qweight = quantize_matrix(IntegerFormat(4, symmetric=symmetric, group_size=128), weight)
         packed = pack_quantized_weight(qweight)
         ref = x.double() @ qweight.dequantize().double().T
         timed = []
         for config in configs:
-            out = launch(x, packed, config, fold, staged)
+            out = launch(x, packed, config, fold)
             error = float((out.double() - ref).norm() / ref.norm())
             if not error < 1e-2:
                 raise SystemExit(f"{name} {mode} {w4a16_gluon._describe(config)}: relative error {error:.2e}")
-            timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, fold, staged)), config, error))
+            timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, fold)), config, error))
         us, config, error = min(timed, key=lambda t: t[0])
         rows.append({"shape": name, "mode": mode, "us": us, "config": w4a16_gluon._describe(config), "error": error})
         print(rows[-1], flush=True)

@@ -108,8 +108,7 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               STAGE_SCALES: ttgl.constexpr = False):
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`).
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
@@ -119,11 +118,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     group. The folded group's product carries the bias, 128·Σx, until the correction cancels it in
     float32: the errors against float64 stayed those of the bf16 output, 1.6-1.7e-3, on every
     shape (gpu_gluon_biased_h200.md). Symmetric weights unpack as q - ZERO: taking the bias off
-    with their row sums cost more than the subtraction on five shapes of eight (same file).
-
-    STAGE_SCALES: the span's scales (and folded zero terms, -128 - z) are staged in shared memory
-    with x, so no global load but the words' is left in the loop; otherwise each group's are loaded
-    into registers one group ahead."""
+    with their row sums cost more than the subtraction on five shapes of eight (same file)."""
     CHUNKS: ttgl.constexpr = GROUP // 32
     MMA: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -153,14 +148,13 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     # The first two groups' words are requested before x is staged: their DRAM latency covers it.
     w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
     w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
+    s_next = ttgl.load(s_ptr + first * stride_sg + cols)
     FOLD: ttgl.constexpr = FOLD_ZEROS and not SYMMETRIC
-    if not STAGE_SCALES:
-        s_next = ttgl.load(s_ptr + first * stride_sg + cols)
     if SYMMETRIC or FOLD:
         z_next = ttgl.full([BLOCK_N // 8, 8], ZERO, ttgl.float32, Z_L)
     else:
         z_next = ttgl.load(z_ptr + first * stride_sg + zcols).to(ttgl.float32)
-    if FOLD and not STAGE_SCALES:
+    if FOLD:
         zt_next = ttgl.load(z_ptr + first * stride_sg + cols).to(ttgl.float32)
     # x's span, once, into shared memory: every warp reads its A fragments from there.
     X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
@@ -173,43 +167,26 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     if FOLD:
         RS_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         row_sums = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, 16], RS_L)
-    if STAGE_SCALES:
-        V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        C_L: ttgl.constexpr = ttgl.BlockedLayout([1], [32], [WARPS], [0])
-        tile_cols = n0 + ttgl.arange(0, BLOCK_N, layout=C_L)
-        s_smem = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, BLOCK_N], V_L)
-        if FOLD:
-            zt_smem = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, BLOCK_N], V_L)
     for i in ttgl.static_range(SPAN_GROUPS):
         x_tile = ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0)
         x_smem.index(i).store(x_tile)
         if FOLD:
             row_sums.index(i).store(ttgl.sum(x_tile.to(ttgl.float32), axis=1))
-        if STAGE_SCALES:
-            s_smem.index(i).store(ttgl.load(s_ptr + (first + i) * stride_sg + tile_cols).to(ttgl.float32))
-            if FOLD:
-                zt_smem.index(i).store(-128.0 - ttgl.load(z_ptr + (first + i) * stride_sg + tile_cols).to(ttgl.float32))
     _barrier()
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
         # Two groups' words in flight while one is multiplied (registers, carried by the loop).
         w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
         z = z_next.to(ttgl.int32)
+        scale = s_next.to(ttgl.float32)
         g_next = ttgl.minimum(first + g + 1, last)
-        if STAGE_SCALES:
-            scale = s_smem.index(g).load(ttgl.SliceLayout(0, MMA))
-        else:
-            scale = s_next.to(ttgl.float32)
-            s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+        s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
         if not SYMMETRIC and not FOLD:
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
         part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N, FOLD)
         if FOLD:
-            if STAGE_SCALES:
-                zero_term = zt_smem.index(g).load(ttgl.SliceLayout(0, MMA))
-            else:
-                zero_term = -128.0 - zt_next
-                zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
+            zero_term = -128.0 - zt_next
+            zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
             sums = row_sums.index(g).load(ttgl.SliceLayout(1, MMA))
             part += ttgl.expand_dims(sums, 1) * ttgl.expand_dims(zero_term, 0)
         acc += part * ttgl.expand_dims(scale, 0)
@@ -219,12 +196,11 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
                   ttgl.expand_dims(rows < M, 1), N, stride_om)
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, stage_scales: bool = False):
+                     fold_zeros: bool = True):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
-                                               "STAGE_SCALES": stage_scales}, warps)
+                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
