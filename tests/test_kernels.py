@@ -552,6 +552,65 @@ def test_the_autotuner_times_its_finalists_again_and_keeps_their_medians(monkeyp
     assert {c.kwargs["BLOCK"]: t for c, t in stored.items()} == {16: 1.25, 32: 1.0, 64: 1.1, 128: 2.0}
 
 
+def test_the_autotuner_tries_variants_on_its_finalists_only(monkeypatch):
+    """Variants (here PIPELINE 2 beside each candidate's 3) are not in the first round: each
+    finalist's variants that the prune keeps are compiled then and timed with the finalists, in
+    turns; one of them may win, and its median goes to disk with the rest."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from lowbit.kernels import autotune
+
+    if not hasattr(triton, "AsyncCompileMode"):
+        pytest.skip("Triton before 3.5 uses triton.autotune over every variant")
+    first_round = {(16, 3): 1.0, (32, 3): 1.1, (64, 3): 1.12, (128, 3): 2.0}
+    later_rounds = {(16, 3): 1.0, (32, 3): 1.1, (64, 3): 1.12, (16, 2): 1.2, (32, 2): 0.9}
+    timed, built = [], []
+
+    class Kernel:
+        arg_names = ["x", "N"]
+        fn = staticmethod(lambda x, N: None)
+
+        def run(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                built.append((kwargs["BLOCK"], kwargs["PIPELINE"]))
+
+    def bench(self, *args, config, **meta):
+        block = config.kwargs["BLOCK"], config.kwargs["PIPELINE"]
+        timed.append(block)
+        return first_round[block] if timed.count(block) == 1 and block in first_round else later_rounds[block]
+
+    stored = {}
+
+    def timed_on_a_miss(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        stored.update(self.configs_timings)
+        return False
+
+    def prune(configs, named_args, **kwargs):  # the kernel cannot run BLOCK 64 at PIPELINE 2
+        return [c for c in configs if (c.kwargs["BLOCK"], c.kwargs["PIPELINE"]) != (64, 2)]
+
+    def deeper(config):
+        return [triton.Config({**config.kwargs, "PIPELINE": 2})]
+
+    monkeypatch.setattr(Autotuner, "check_disk_cache", timed_on_a_miss)
+    monkeypatch.setattr(Autotuner, "_bench", bench)
+    monkeypatch.setenv("LOWBIT_COMPILE_THREADS", "2")
+    configs = [triton.Config({"BLOCK": b, "PIPELINE": 3}) for b in (16, 32, 64, 128)]
+    tuner = autotune.ParallelCompileAutotuner(Kernel(), Kernel.arg_names, configs, ["N"], None, None,
+                                              prune_configs_by={"early_config_prune": prune},
+                                              do_bench=lambda *a, **k: 1.0, cache_results=True)
+    tuner.finalist_variants = deeper
+    tuner.run("x", 7, grid=(1,), warmup=False)
+    assert timed[:4] == [(16, 3), (32, 3), (64, 3), (128, 3)]
+    assert built[4:] == [(16, 2), (32, 2)]  # after the four candidates: the finalists' variants
+    assert timed[4:] == [(16, 3), (32, 3), (64, 3), (16, 2), (32, 2)] * autotune.REFINE_ROUNDS
+    assert (tuner.best_config.kwargs["BLOCK"], tuner.best_config.kwargs["PIPELINE"]) == (32, 2)
+    assert {(c.kwargs["BLOCK"], c.kwargs["PIPELINE"]): t for c, t in stored.items()} == {**later_rounds, (128, 3): 2.0}
+    assert len(autotune.every_candidate(tuner)) == 8
+
+
 def test_compile_threads_refuses_a_count_that_is_not_a_whole_number(monkeypatch):
     pytest.importorskip("triton")
     from lowbit.kernels.autotune import compile_threads

@@ -186,10 +186,14 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
 
 def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
     """Whole column tiles, spans of whole groups dividing K, at most 32 words a thread, at most
-    4096 programs; 8-warp tiles halve a thread's words, so they may be wider. Asymmetric weights
-    are offered each tile with the zero points folded and unpacked; symmetric ones, once."""
+    4096 programs; 8-warp tiles halve a thread's words, so they may be wider. Every candidate may
+    have its asymmetric zero points unpacked instead of folded (a variant the tuner tries on its
+    finalists); symmetric weights have no zero points, so theirs is pruned."""
     pytest.importorskip("triton.experimental.gluon")
-    configs = w4a16_gluon._tuned().configs
+    from lowbit.kernels.autotune import every_candidate
+
+    configs = every_candidate(w4a16_gluon._tuned())
+    assert not any("unpacked zeros" in w4a16_gluon._describe(c) for c in w4a16_gluon._tuned().configs)
 
     def described(n: int, k: int, group: int = 128, symmetric: bool = True) -> set[str]:
         kept = w4a16_gluon._prune(configs, {"N": n, "K": k}, GROUP=group, SYMMETRIC=symmetric)

@@ -54,9 +54,14 @@ class ParallelCompileAutotuner(Autotuner):
     candidate), they are compiled in parallel first (Triton's AsyncCompileMode), and timing then
     finds them built. A candidate that fails to compile is left to the timing, which scores it as
     never winning. The finalists' repeated timings are what goes to disk.
+
+    `finalist_variants` (config -> its other settings, which the kernel's prune may drop) names
+    settings that are tried on the finalists only: the first round times each candidate in its
+    base setting, and the finalists' variants, compiled then, join the repeated timings.
     """
 
     _launch: tuple[tuple, dict] | None = None
+    finalist_variants: Callable[[triton.Config], list[triton.Config]] | None = None
 
     def run(self, *args, **kwargs):
         self._launch = args, kwargs
@@ -67,25 +72,39 @@ class ParallelCompileAutotuner(Autotuner):
 
     def check_disk_cache(self, tuning_key, configs, bench_fn):
         def compile_then_time():
-            threads = compile_threads()
-            if threads > 1:
-                args, kwargs = self._launch  # kwargs: the launch's grid and constexprs
-                with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
-                    for config in configs:
-                        self.fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
+            self._compile_all(configs)
             bench_fn()
             self._time_finalists_again(tuning_key)
 
         return super().check_disk_cache(tuning_key, configs, compile_then_time)
+
+    def _compile_all(self, configs: list[triton.Config]) -> None:
+        threads = compile_threads()
+        if threads > 1 and configs:
+            args, kwargs = self._launch  # kwargs: the launch's grid and constexprs
+            with ThreadPoolExecutor(threads) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+                for config in configs:
+                    self.fn.run(*args, **{**kwargs, **config.all_kwargs(), "warmup": True})
+
+    def _variants_of(self, finalists: list[triton.Config], kwargs: dict) -> list[triton.Config]:
+        """The finalists' variants that fit the shape and were not timed yet."""
+        if self.finalist_variants is None:
+            return []
+        offered = [variant for config in finalists for variant in self.finalist_variants(config)]
+        fitting = self.early_config_prune(offered, self.nargs, **kwargs) if offered else []
+        return [variant for variant in dict.fromkeys(fitting) if variant not in self.configs_timings]
 
     def _time_finalists_again(self, tuning_key) -> None:
         timings = self.configs_timings
         fastest = min(_first(t) for t in timings.values())
         finalists = sorted((c for c, t in timings.items() if _first(t) <= fastest * FINALIST_MARGIN),
                            key=lambda c: _first(timings[c]))[:FINALISTS]
+        args, kwargs = self._launch
+        variants = self._variants_of(finalists, kwargs)
+        self._compile_all(variants)
+        finalists += variants
         if len(finalists) < 2:
             return
-        args, kwargs = self._launch
         rounds = {config: [] for config in finalists}
         for _ in range(REFINE_ROUNDS):
             for config in finalists:  # in turns, so a drift in the GPU's clocks touches all alike
@@ -95,17 +114,29 @@ class ParallelCompileAutotuner(Autotuner):
         self.cache[tuning_key] = min(timings, key=lambda c: _first(timings[c]))  # as a later process will
 
 
-def autotune(configs: list[triton.Config], key: list[str], prune: Callable, kernel) -> Autotuner:
+def autotune(configs: list[triton.Config], key: list[str], prune: Callable, kernel,
+             finalist_variants: Callable[[triton.Config], list[triton.Config]] | None = None) -> Autotuner:
     """`kernel` tuned per `key` over `configs`, pruned to the shape by `prune` (early_config_prune).
 
     Where Triton can (3.4 and later), each shape's timings are kept in Triton's cache directory,
     keyed by the kernel's source, the GPU architecture and the candidate list; where it has
     AsyncCompileMode too (3.5), a shape's first tuning compiles its candidates in parallel and
-    times its finalists again (ParallelCompileAutotuner).
+    times its finalists again (ParallelCompileAutotuner), their `finalist_variants` with them.
+    An older Triton's autotuner times every variant of every config.
     """
     prune_by = {"early_config_prune": prune}
     if hasattr(triton, "AsyncCompileMode") and hasattr(Autotuner, "check_disk_cache"):
-        return ParallelCompileAutotuner(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=prune_by,
-                                        do_bench=autotune_bench, cache_results=True)
+        tuner = ParallelCompileAutotuner(kernel, kernel.arg_names, configs, key, None, None, prune_configs_by=prune_by,
+                                         do_bench=autotune_bench, cache_results=True)
+        tuner.finalist_variants = finalist_variants
+        return tuner
+    if finalist_variants is not None:
+        configs = configs + [variant for config in configs for variant in finalist_variants(config)]
     disk_cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs, key=key, prune_configs_by=prune_by, do_bench=autotune_bench, **disk_cache)(kernel)
+
+
+def every_candidate(tuner: Autotuner) -> list[triton.Config]:
+    """Every config `tuner` may choose: its configs and their finalist variants."""
+    variants = getattr(tuner, "finalist_variants", None)
+    return tuner.configs + ([variant for config in tuner.configs for variant in variants(config)] if variants else [])

@@ -19,7 +19,8 @@ issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte
 c-innermost word order, and the early requests each came from that profile. Asymmetric zero points
 are either unpacked with the codes or folded into a per-group correction (w4a16_gluon_kernel.m16_kernel's
 FOLD_ZEROS), which frees registers: 0.92-0.99x the time of unpacking them on 7 of 8 shapes, 1.09x on
-the eighth (gpu_gluon_zero_fold_h200.md). Neither wins everywhere, so the tuner chooses per shape.
+the eighth (gpu_gluon_zero_fold_h200.md). Neither wins everywhere, so the tuner chooses per shape,
+trying the unpacked zero points on its finalists only.
 Where they are folded, the codes enter the MMA with their bias, 128 + q, straight from one lop3 a
 register, and the correction takes the bias off with the zero point: a fifth fewer instructions
 per code (2.14 against 2.66 at 16x128 w4, gluon_sass_sm90.md), 0.95-1.04x the time of folding
@@ -123,9 +124,20 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": fold}, num_warps=warps)
-               for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS for fold in (True, False)]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel)
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True}, num_warps=warps)
+               for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel, finalist_variants=_unpacked_zeros)
+
+
+def _unpacked_zeros(config) -> list:
+    """The tile with its zero points unpacked instead of folded, tried on the tuner's finalists only
+    (autotune's finalist variants). Unpacked won one shape of eight side by side (8B q/o_proj);
+    offered on every tile, it doubled the Gluon candidates, and the first warm-up of `lowbit
+    generate` at batch 16 took 16.7 s against 9.6 (gpu_generate_b16_h200.log of commit c996a73)."""
+    import triton
+
+    return [triton.Config({**config.kwargs, "FOLD_ZEROS": False}, num_warps=config.num_warps,
+                          num_stages=config.num_stages)]
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -164,8 +176,10 @@ def tuned_config(packed: PackedInt4) -> str | None:
 def pinned_config(name: str):
     """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
+    from lowbit.kernels.autotune import every_candidate
+
     kernel = _tuned()
-    matches = [c for c in kernel.configs if _describe(c) == name]
+    matches = [c for c in every_candidate(kernel) if _describe(c) == name]
     if not matches:
         raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
                          f"e.g. '16x128 span 1024 w4'")

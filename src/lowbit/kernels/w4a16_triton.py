@@ -35,7 +35,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels.autotune import autotune
+from lowbit.kernels.autotune import autotune, every_candidate
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -100,11 +100,22 @@ F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 """F16_PAIRS needs a thread to hold every word row of its columns (ROWS_IN_THREAD in `_gemv_kernel`)."""
 _NARROW_TILES = ((64, 128), (128, 128), (256, 64))
 _F16_TILES = ((128, 128), (256, 64), (512, 32), (512, 64), (1024, 32))
-_PIPELINE_STAGES = (2, 3, 4)
+_PIPELINE_STAGES = (3, 2, 4)
+"""The F16_PAIRS loop's depths, the first the tuner's base setting. The others are tried on its
+finalists only (`_other_pipelines`): the depth moves a tile's time by a few percent, less than
+the tiles and splits differ, and offered on every candidate it tripled the F16_PAIRS timings."""
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
                   for s in _GEMV_SPLITS for biased in (False, True)]
-                 + [_gemv_config(bn, bk, s, pipeline=stages) for bn, bk in _F16_TILES
-                    for s in _GEMV_SPLITS for stages in _PIPELINE_STAGES])
+                 + [_gemv_config(bn, bk, s, pipeline=_PIPELINE_STAGES[0]) for bn, bk in _F16_TILES
+                    for s in _GEMV_SPLITS])
+
+
+def _other_pipelines(config: triton.Config) -> list[triton.Config]:
+    """An F16_PAIRS candidate at the other pipeline depths (autotune's finalist variants)."""
+    if not config.kwargs.get("F16_PAIRS"):
+        return []
+    return [triton.Config({**config.kwargs, "PIPELINE": stages}, num_warps=config.num_warps,
+                          num_stages=config.num_stages) for stages in _PIPELINE_STAGES[1:]]
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
@@ -435,7 +446,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
 # Compiled on a thread pool at a shape's first call, each choice kept on disk (kernels/autotune.py).
-_gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel)
+_gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel, finalist_variants=_other_pipelines)
 _decode = autotune(_DECODE_CONFIGS, _KEY, _prune, _mma_kernel)
 _prefill = autotune(_PREFILL_CONFIGS, _KEY, _prune, _mma_kernel)
 
@@ -498,7 +509,7 @@ def pinned_config(m: int, name: str):
     profiler can then look at the config a benchmark chose without re-tuning under the profiler,
     whose timings differ. Shapes tuned before the block keep their choice."""
     kernel = _autotuned(m)
-    matches = [config for config in kernel.configs if _describe(config) == name]
+    matches = [config for config in every_candidate(kernel) if _describe(config) == name]
     if not matches:
         raise ValueError(f"no W4A16 kernel config for M={m} is named {name!r}; tuned_config() gives the names")
     saved, kernel.configs = kernel.configs, matches[:1]
