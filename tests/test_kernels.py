@@ -771,5 +771,11 @@ def test_weight_copies_keep_one_copy_per_variant_until_the_weight_is_written():
     packed.qweight.add_(0)  # an in-place write, as load_state_dict's copy_
     assert copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16) == "bf16 #3"
     assert packed.qweight in copies
+    copies.release(packed, variant=torch.float16)  # the other dtype's copy stays
+    assert copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16) == "bf16 #3"
+    copies.release(packed, variant=torch.bfloat16)
+    assert packed.qweight not in copies  # its last variant gone
+    copies.get(packed, lambda: build("fp16"), variant=torch.float16)
+    copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16)
     copies.release(packed)
     assert packed.qweight not in copies

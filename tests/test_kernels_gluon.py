@@ -61,6 +61,25 @@ def test_the_dispatcher_drops_a_copy_only_when_no_bucket_of_the_shape_chose_its_
     assert packed.qweight in w4a16_gluon._LAYOUTS
 
 
+def test_the_dispatcher_drops_an_unchosen_gemlite_copy_of_the_timed_dtype_only(monkeypatch):
+    """GemLite keeps a copy per activation dtype: timing at fp16 drops the fp16 copy when no
+    bucket chose GemLite at fp16, and leaves the bf16 copy that bf16's choice uses."""
+    from lowbit.kernels import w4a16_gemlite
+
+    fmt = IntegerFormat(4, symmetric=False, group_size=128)
+    packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
+    shape = (64, 256, 128, False)
+    monkeypatch.setattr(w4a16, "_CHOSEN", {(0, torch.bfloat16, 16, *shape): "gemlite",
+                                           (0, torch.float16, 16, *shape): "fused"})
+    monkeypatch.setattr(w4a16_gemlite, "_build", lambda packed, dtype: f"module for {dtype}")
+    for dtype in (torch.bfloat16, torch.float16):
+        w4a16_gemlite.layout(packed, dtype)
+    w4a16._release_unchosen_copies((0, torch.float16, 16, *shape), {"fused": None, "gemlite": None}, packed)
+    assert w4a16_gemlite._LAYOUTS._held[packed.qweight].keys() == {torch.bfloat16}
+    w4a16._release_unchosen_copies((0, torch.bfloat16, 16, *shape), {"fused": None, "gemlite": None}, packed)
+    assert packed.qweight in w4a16_gemlite._LAYOUTS  # bf16 chose it
+
+
 def test_it_is_offered_only_for_what_it_computes():
     fmt = IntegerFormat(4, symmetric=True, group_size=128)
     packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))

@@ -64,6 +64,11 @@ def layout(packed: PackedInt4, dtype: torch.dtype):
     return _LAYOUTS.get(packed, lambda: _build(packed, dtype), variant=dtype)
 
 
+def release(packed: PackedInt4, dtype: torch.dtype) -> None:
+    """Drop `packed`'s GemLite module for activations of `dtype` (the dispatcher chose another path)."""
+    _LAYOUTS.release(packed, variant=dtype)
+
+
 def _build(packed: PackedInt4, dtype: torch.dtype):
     gemlite = _gemlite()
     kind = gemlite.DType.BF16 if dtype == torch.bfloat16 else gemlite.DType.FP16

@@ -17,6 +17,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lowbit.kernels.int4_pack import PackedInt4
 
 
+EVERY_VARIANT = object()
+"""`WeightCopies.release`'s default: every variant of the weight."""
+
+
 class WeightCopies:
     """Copies of packed weights in one other layout; `variant` tells apart copies of one weight
     (GemLite builds one per activation dtype)."""
@@ -33,9 +37,16 @@ class WeightCopies:
             per_variant[variant] = held
         return held[1]
 
-    def release(self, packed: PackedInt4) -> None:
-        """Drop every copy of `packed` (the dispatcher chose another path for its shape)."""
-        self._held.pop(packed.qweight, None)
+    def release(self, packed: PackedInt4, variant: Hashable = EVERY_VARIANT) -> None:
+        """Drop `packed`'s copy of `variant`, by default every copy of it (the dispatcher chose
+        another path for its shape)."""
+        if variant is EVERY_VARIANT:
+            self._held.pop(packed.qweight, None)
+            return
+        per_variant = self._held.get(packed.qweight, {})
+        per_variant.pop(variant, None)
+        if not per_variant:
+            self._held.pop(packed.qweight, None)
 
     def __contains__(self, qweight: torch.Tensor) -> bool:
         return qweight in self._held
