@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -104,6 +104,13 @@ print(k.markdown_table(r))" ;;
         # One GEMV tile at every split count (gpu_gemv_splits.py): a program's fixed cost.
         gemv_splits) step gemv_splits "${T_SPLITS:-180}" python3 "$here/benchmarks/gpu_gemv_splits.py" --out "$out/gpu_gemv_splits" ;;
         # What a GEMV call costs before its weight streams: launch floor, prologue, split-K tail (gpu_gemv_floor.py).
+        # lowbit generate's first warm-up, phase by phase (gpu_warmup_breakdown.py), cold at batch 1.
+        warmup_breakdown) [ -d /tmp/int4-8b ] || step generate_export "${T_GENERATE:-300}" python3 "$here/benchmarks/gpu_export.py" --out /tmp/int4-8b
+                for b in 1 16; do
+                    step "warmup_breakdown_b$b" "${T_GENERATE:-300}" env TRITON_CACHE_DIR=/tmp/triton_breakdown \
+                        python3 "$here/benchmarks/gpu_warmup_breakdown.py" /tmp/int4-8b --batch "$b" \
+                        --out "$out/gpu_warmup_breakdown_b$b.md"
+                done ;;
         gemv_floor) step gemv_floor "${T_FLOOR:-120}" python3 "$here/benchmarks/gpu_gemv_floor.py" --out "$out/gpu_gemv_floor" ;;
         # The GEMV's autotuner run from scratch again and again (gpu_tuner_stability.py): how often it keeps a
         # slower config, without finalists, with the autotuner's own setting and with a wider one.
@@ -117,6 +124,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown zero_points transfer vq)"; exit 2 ;;
     esac
 done

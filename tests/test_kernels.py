@@ -779,3 +779,25 @@ def test_weight_copies_keep_one_copy_per_variant_until_the_weight_is_written():
     copies.get(packed, lambda: build("bf16"), variant=torch.bfloat16)
     copies.release(packed)
     assert packed.qweight not in copies
+
+
+def test_the_warmup_breakdown_counts_each_timed_call_without_its_nested_ones(monkeypatch):
+    """gpu_warmup_breakdown.py: a dispatcher choice that nests a compile and two timings keeps only
+    its own seconds; each phase gets its calls and what it took alone."""
+    pytest.importorskip("triton")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_warmup_breakdown")
+    clock = iter([0.0, 1.0, 4.0, 5.0, 5.5, 6.0, 6.25, 10.0])  # starts and ends, in call order
+    monkeypatch.setattr(script.time, "perf_counter", lambda: next(clock))
+    compile_ = script._timed(lambda: ("compile", "k"), lambda: None)
+    time_ = script._timed(lambda: ("time", "k"), lambda: None)
+
+    def choose():
+        compile_()  # 1 -> 4
+        time_()  # 5 -> 5.5
+        time_()  # 6 -> 6.25
+
+    script._timed(lambda: ("choose", "M 16"), choose)()  # 0 -> 10
+    assert dict(script._seconds) == {("compile", "k"): 3.0, ("time", "k"): 0.75, ("choose", "M 16"): 6.25}
+    assert dict(script._calls) == {("compile", "k"): 1, ("time", "k"): 2, ("choose", "M 16"): 1}
