@@ -828,3 +828,17 @@ def test_the_warmup_breakdown_counts_each_timed_call_without_its_nested_ones(mon
     script._timed(lambda: ("choose", "M 16"), choose)()  # 0 -> 10
     assert dict(script._seconds) == {("compile", "k"): 3.0, ("time", "k"): 0.75, ("choose", "M 16"): 6.25}
     assert dict(script._calls) == {("compile", "k"): 1, ("time", "k"): 2, ("choose", "M 16"): 1}
+
+
+def test_the_prefetch_benchmark_reports_the_ratio_and_shapes_without_an_f16_tile():
+    pytest.importorskip("triton")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gemv_prefetch")
+    rows = [{"shape": "8B gate/up_proj", "tuned": "1x512x32 split 32 f16 pipeline 2 prefetch",
+             "config": "1x512x32 split 32 f16 pipeline 2", "plain us": 13.5, "prefetch us": 12.15},
+            {"shape": "8B k/v_proj", "tuned": "1x64x128 split 32 biased", "plain us": None, "prefetch us": None}]
+    table = script.markdown(rows, "GPU")
+    assert "| 8B gate/up_proj | 1x512x32 split 32 f16 pipeline 2 prefetch | 1x512x32 split 32 f16 pipeline 2 " \
+           "| 13.5 | 12.2 | 0.90 |" in table
+    assert "| 8B k/v_proj | 1x64x128 split 32 biased | - | - | - | (no F16_PAIRS tile chosen) |" in table
