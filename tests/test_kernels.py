@@ -200,7 +200,7 @@ def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
 
 
 def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, biased=False, paired=False,
-                f16=False, pipeline=2, prefetch=False):
+                f16=False, pipeline=2):
     """One launch of a W4A16 Triton kernel with a fixed config (no autotuning); the split-K sums and
     counters it used come back."""
     import triton
@@ -212,7 +212,7 @@ def _run_config(kernel, x, packed, block_m, block_n, block_k, split, swap, out, 
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     buffers = [x, packed.qweight, packed.scales, zeros, out, ws, counters]
     if kernel is wt._gemv_kernel:
-        rows, extra = 1, {"BIASED": biased, "F16_PAIRS": f16, "PIPELINE": pipeline, "PREFETCH": prefetch}
+        rows, extra = 1, {"BIASED": biased, "F16_PAIRS": f16, "PIPELINE": pipeline}
         buffers.append(wt.staging(x.device, n, k))
     else:
         rows, extra = triton.cdiv(m, block_m), {"PAIRED_DOTS": paired}
@@ -265,16 +265,6 @@ def test_f16_gemv_pipelines_match_the_reference_and_leave_the_workspace_zero(blo
                           pipeline=stages)
 
 
-@gpu
-@pytest.mark.parametrize("block_n, split", [(512, 32), (128, 1), (1024, 4)])
-def test_the_gemv_prefetching_its_first_group_matches_the_reference(block_n, split):
-    """PREFETCH only asks L2 for words: the product is unchanged, at the masked N edge (320
-    columns) too, where the lines past it request the tile's first line instead."""
-    for call in range(2):
-        _check_one_launch(1, 4096, 1, block_n, 32 if block_n >= 512 else 128, split, False, False, seed=call,
-                          f16=True, pipeline=3, prefetch=True)
-
-
 def _check_one_launch(m, k, block_m, block_n, block_k, split, swap, symmetric, seed, **switches):
     """One launch of a fixed config on a fresh [320, k] weight into a NaN-poisoned bf16 output: every
     element written, within bf16's bound of float64, and the split-K workspace left zero."""
@@ -323,23 +313,6 @@ def test_gemv_compiles_for_hopper(block_n, block_k, unpack, symmetric, activatio
     compiled = wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3,
                                    activations=activations)
     assert compiled.asm["cubin"]
-
-
-@pytest.mark.parametrize("block_n, block_k", [(512, 32), (128, 128)])
-def test_the_gemv_requests_its_first_group_into_l2_before_staging_x_for_hopper(block_n, block_k):
-    """PREFETCH: one L2 prefetch per 128-byte line of the first group's word rows (16 rows of
-    BLOCK_N / 32 lines over 128 threads; at least one a thread), all issued before the barrier
-    that ends x's staging."""
-    pytest.importorskip("triton")
-    from lowbit.kernels import w4a16_triton as wt
-
-    constexprs = {"GROUP": 128, "SYMMETRIC": False, "BLOCK_M": 1, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                  "SPLIT": True, "SWAP_AB": False, "F16_PAIRS": True, "PIPELINE": 3, "PREFETCH": True}
-    ptx = wt.compile_for_sm90(wt._gemv_kernel, constexprs, warps=wt.GEMV_WARPS.value, stages=3).asm["ptx"]
-    prefetches = [i for i, line in enumerate(ptx.splitlines()) if "prefetch.global.L2" in line]
-    first_barrier = next(i for i, line in enumerate(ptx.splitlines()) if "bar.sync" in line)
-    assert len(prefetches) == max(1, 16 * (block_n // 32) // (32 * wt.GEMV_WARPS.value))  # 128 columns: 64 lines
-    assert max(prefetches) < first_barrier
 
 
 @pytest.mark.parametrize("block_n, block_k, stages", [(128, 128, 2), (512, 32, 3), (1024, 32, 4)])
@@ -828,17 +801,3 @@ def test_the_warmup_breakdown_counts_each_timed_call_without_its_nested_ones(mon
     script._timed(lambda: ("choose", "M 16"), choose)()  # 0 -> 10
     assert dict(script._seconds) == {("compile", "k"): 3.0, ("time", "k"): 0.75, ("choose", "M 16"): 6.25}
     assert dict(script._calls) == {("compile", "k"): 1, ("time", "k"): 2, ("choose", "M 16"): 1}
-
-
-def test_the_prefetch_benchmark_reports_the_ratio_and_shapes_without_an_f16_tile():
-    pytest.importorskip("triton")
-    from tests.conftest import benchmark_script
-
-    script = benchmark_script("gpu_gemv_prefetch")
-    rows = [{"shape": "8B gate/up_proj", "tuned": "1x512x32 split 32 f16 pipeline 2 prefetch",
-             "config": "1x512x32 split 32 f16 pipeline 2", "plain us": 13.5, "prefetch us": 12.15},
-            {"shape": "8B k/v_proj", "tuned": "1x64x128 split 32 biased", "plain us": None, "prefetch us": None}]
-    table = script.markdown(rows, "GPU")
-    assert "| 8B gate/up_proj | 1x512x32 split 32 f16 pipeline 2 prefetch | 1x512x32 split 32 f16 pipeline 2 " \
-           "| 13.5 | 12.2 | 0.90 |" in table
-    assert "| 8B k/v_proj | 1x64x128 split 32 biased | - | - | - | (no F16_PAIRS tile chosen) |" in table

@@ -101,23 +101,21 @@ F16_MIN_BLOCK_N = 32 * GEMV_WARPS.value
 _NARROW_TILES = ((64, 128), (128, 128), (256, 64))
 _F16_TILES = ((128, 128), (256, 64), (512, 32), (512, 64), (1024, 32))
 _PIPELINE_STAGES = (3, 2, 4)
-"""The F16_PAIRS loop's depths, the first the tuner's base setting. The others, and PREFETCH, are
-tried on its finalists only (`_gemv_variants`): each moves a tile's time by a few percent, less
-than the tiles and splits differ, and the depths offered on every candidate tripled the
-F16_PAIRS timings."""
+"""The F16_PAIRS loop's depths, the first the tuner's base setting. The others are tried on its
+finalists only (`_other_pipelines`): the depth moves a tile's time by a few percent, less than
+the tiles and splits differ, and offered on every candidate it tripled the F16_PAIRS timings."""
 _GEMV_CONFIGS = ([_gemv_config(bn, bk, s, biased) for bn, bk in _NARROW_TILES
                   for s in _GEMV_SPLITS for biased in (False, True)]
                  + [_gemv_config(bn, bk, s, pipeline=_PIPELINE_STAGES[0]) for bn, bk in _F16_TILES
                     for s in _GEMV_SPLITS])
 
 
-def _gemv_variants(config: triton.Config) -> list[triton.Config]:
-    """An F16_PAIRS candidate at the other pipeline depths, and with PREFETCH (autotune's finalist variants)."""
+def _other_pipelines(config: triton.Config) -> list[triton.Config]:
+    """An F16_PAIRS candidate at the other pipeline depths (autotune's finalist variants)."""
     if not config.kwargs.get("F16_PAIRS"):
         return []
-    settings = [{"PIPELINE": stages} for stages in _PIPELINE_STAGES[1:]] + [{"PREFETCH": True}]
-    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
-            for setting in settings]
+    return [triton.Config({**config.kwargs, "PIPELINE": stages}, num_warps=config.num_warps,
+                          num_stages=config.num_stages) for stages in _PIPELINE_STAGES[1:]]
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
@@ -219,17 +217,6 @@ def _store(result, out_ptrs, ws_ptrs, cnt_ptr, mask, SPLIT_K, SPLIT: tl.constexp
 
 
 @triton.jit
-def _prefetch_to_l2(first_word_ptr, stride_qk, columns_left, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Request ROWS word rows of a tile into L2, one prefetch per 128-byte line, without waiting.
-    Lines past the last column request the tile's first line again."""
-    line_starts = tl.arange(0, BLOCK_N // 32)[None, :] * 32
-    lines = first_word_ptr + tl.arange(0, ROWS)[:, None] * stride_qk + tl.where(line_starts < columns_left,
-                                                                                   line_starts, 0)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _f16_tile(words, zero, pairs_ptr, inv_ptr, rows, BLOCK_K: tl.constexpr):
     """Σ x·(q - z) per word row and column of one K tile, from x's staged fp16 pairs (F16_PAIRS)."""
     pairs = tl.load(pairs_ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :])
@@ -251,7 +238,7 @@ def _gemv_kernel(
     GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K, SPLIT: tl.constexpr,
     SWAP_AB: tl.constexpr, BIASED: tl.constexpr = False, F16_PAIRS: tl.constexpr = False,
-    PIPELINE: tl.constexpr = 2, PREFETCH: tl.constexpr = False,
+    PIPELINE: tl.constexpr = 2,
 ):
     """M = 1. Per column n and group g, Σ_k (q_k - z)·s·x_k = s·(Σ_k q_k·x_k - z·Σ_k x_k): the codes'
     sums over a whole group are taken first and the scale and zero point applied once per group
@@ -262,10 +249,6 @@ def _gemv_kernel(
     F16_PAIRS walks the span's K tiles in one loop that Triton software-pipelines, PIPELINE tiles'
     words in flight through shared memory (cp.async), loading the scale and zero point per tile.
     A loop per group would pipeline nothing: a group holds only GROUP / BLOCK_K tiles.
-
-    PREFETCH (F16_PAIRS) asks L2 for the span's first group of words before x is staged, so their
-    DRAM latency overlaps the staging's (x's load, its stores, the barrier) instead of following
-    it: a program spanning one group (split-K on the small shapes) is little more than that chain.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -292,9 +275,6 @@ def _gemv_kernel(
         n_rows = k_span // 8
         pairs_ptr = stage_ptr + tl.multiple_of((pid_n * SPLIT_K + pid_k) * n_rows * 5, 4)  # 16-byte rows
         inv_ptr = (pairs_ptr + 4 * n_rows).to(tl.pointer_type(tl.float32), bitcast=True)
-        if PREFETCH:
-            _prefetch_to_l2(qw_ptr + (k_begin // 8) * stride_qk + pid_n * BLOCK_N, stride_qk, N - pid_n * BLOCK_N,
-                            GROUP // 8, BLOCK_N)
         stage_f16_rows(x_ptr, pairs_ptr, inv_ptr, k_begin, k_span)
         tl.debug_barrier()  # the rows are read back by other threads of this program
         for k in tl.range(k_begin, k_end, BLOCK_K, num_stages=PIPELINE):
@@ -466,7 +446,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg,
 
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "SYMMETRIC"]
 # Compiled on a thread pool at a shape's first call, each choice kept on disk (kernels/autotune.py).
-_gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel, finalist_variants=_gemv_variants)
+_gemv = autotune(_GEMV_CONFIGS, _KEY, _prune, _gemv_kernel, finalist_variants=_other_pipelines)
 _decode = autotune(_DECODE_CONFIGS, _KEY, _prune, _mma_kernel)
 _prefill = autotune(_PREFILL_CONFIGS, _KEY, _prune, _mma_kernel)
 
@@ -511,8 +491,6 @@ def _describe(config: triton.Config) -> str:
                                    ("biased", kw.get("BIASED")), ("f16", kw.get("F16_PAIRS"))) if on]
     if kw.get("F16_PAIRS"):
         flags.append(f"pipeline {kw['PIPELINE']}")
-    if kw.get("PREFETCH"):
-        flags.append("prefetch")
     return " ".join([f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}", f"split {kw['SPLIT_K']}", *flags])
 
 
