@@ -655,7 +655,21 @@ def test_kernels_in_the_interpreter():
     TRITON_INTERPRET=1 (in a subprocess: the flag is read at import)."""
     pytest.importorskip("triton")
     script = (
-        "import torch\n"
+        # Triton 3.6's interpreter turns a loop bound computed from run-time arguments into a
+        # one-element array, which NumPy 2.4 no longer converts to an int: it cannot run these
+        # kernels there (Triton 3.9's can), so the test is skipped with the versions named.
+        "import numpy, torch, triton, triton.language as tl\n"
+        "@triton.jit\n"
+        "def loop_bound_probe(out_ptr, n, split):\n"
+        "    total = 0\n"
+        "    for i in range(0, n // split):\n"
+        "        total += 1\n"
+        "    tl.store(out_ptr, total)\n"
+        "try:\n"
+        "    loop_bound_probe[(1,)](torch.zeros(1, dtype=torch.int32), 6, 2)\n"
+        "except Exception as error:\n"
+        "    print(f'SKIP Triton {triton.__version__} interpreter with NumPy {numpy.__version__}: {error}')\n"
+        "    raise SystemExit(0)\n"
         "from tests.test_kernels import _run_config, quantized\n"
         "from lowbit.formats.integer import IntegerFormat\n"
         "from lowbit.kernels import w4a16_triton as wt\n"
@@ -711,6 +725,8 @@ def test_kernels_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
+    if result.stdout.startswith("SKIP "):
+        pytest.skip(result.stdout.strip().removeprefix("SKIP "))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
