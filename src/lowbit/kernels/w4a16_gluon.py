@@ -131,9 +131,9 @@ def _tuned():
 
 def _unpacked_zeros(config) -> list:
     """The tile with its zero points unpacked instead of folded, tried on the tuner's finalists only
-    (autotune's finalist variants). Unpacked won one shape of eight side by side (8B q/o_proj);
-    offered on every tile, it doubled the Gluon candidates, and the first warm-up of `lowbit
-    generate` at batch 16 took 16.7 s against 9.6 (gpu_generate_b16_h200.log of commit c996a73)."""
+    (autotune's finalist variants): unpacked won one shape of eight side by side (8B q/o_proj,
+    gpu_gluon_zero_fold_h200.md), and offered on every tile it doubled the candidates to compile
+    and time."""
     import triton
 
     return [triton.Config({**config.kwargs, "FOLD_ZEROS": False}, num_warps=config.num_warps,

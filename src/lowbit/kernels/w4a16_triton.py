@@ -116,6 +116,8 @@ def _other_pipelines(config: triton.Config) -> list[triton.Config]:
         return []
     return [triton.Config({**config.kwargs, "PIPELINE": stages}, num_warps=config.num_warps,
                           num_stages=config.num_stages) for stages in _PIPELINE_STAGES[1:]]
+
+
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
 # whichever is faster per shape. Split 16 won at the k/v shapes at M = 16 and 64 and 70B down at
 # M = 16 (70B k/v M = 16: 10.2 -> 8.4 us, gpu_kernels_h200_512x32.md).
