@@ -332,3 +332,57 @@ def test_the_swap_ab_experiment_offers_configs_that_fit_and_reports_the_better_m
     assert ("| 70B down_proj | 64 | 120.0 | 106.0 (fbgemm) | 160.0 (128x64 span 512 w4) | 150.0 (128x64 span 1024 w8) "
             "| 1.7e-03 / 2.7e-03 | 0.80x |") in table
 
+
+
+def test_the_gluon_gemv_compiles_for_hopper_with_no_barrier_in_its_loop():
+    """Each thread multiplies only the words it loaded itself, so the loop over groups needs no
+    barrier (the Triton GEMV's pipelined loop has two a tile); x is staged once before it."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_gemv_for_sm90
+    from tests.conftest import benchmark_script
+
+    gemv_sass = benchmark_script("gemv_sass")
+    for block_n, k_span, block_k, symmetric, warps in ((512, 1024, 32, False, 4), (256, 512, 64, True, 8)):
+        sass, registers, shared = gemv_sass.disassemble(compile_gemv_for_sm90(block_n, k_span, block_k,
+                                                                              symmetric=symmetric, warps=warps))
+        start, end, loop = gemv_sass.loop_opcodes(sass)[-1]
+        assert loop["HFMA2"] and loop["LOP3"] and not loop["BAR"], loop
+        assert registers <= 168
+
+
+def test_the_gluon_gemv_benchmark_offers_configs_that_fit_and_reports_the_ratio():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_gemv")
+    offered = script.configs(4096, 4096)
+    assert {(256, 32, 4, 128), (512, 64, 8, 256), (1024, 32, 8, 128)} <= set(offered)
+    assert all(4096 % bn == 0 and 4096 % span == 0 and 96 <= (4096 // bn) * (4096 // span) <= 4096
+               for bn, bk, warps, span in offered)
+    assert not any(bn == 1024 and warps == 4 for bn, bk, warps, span in offered)  # 8 words a thread
+    row = {"shape": "8B gate/up_proj", "gluon config": "1x512x32 span 128 w4", "gluon us": 12.0, "gluon error": 1.7e-3,
+           "triton config": "1x512x32 split 32 f16 pipeline 2", "triton us": 13.5}
+    assert ("| 8B gate/up_proj | 1x512x32 span 128 w4 | 12.0 | 1.7e-03 | 1x512x32 split 32 f16 pipeline 2 | 13.5 "
+            "| 0.89 |") in script.markdown([row], "GPU")
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config", [(512, 32, 4, 128), (256, 64, 8, 1024), (1024, 32, 8, 256), (256, 32, 4, 2048)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_the_gluon_gemv_matches_the_reference_and_leaves_the_workspace_zero(config, symmetric):
+    """Spans of one group to all of K (no split), 8 and 4 warps, tiles of 4 and 8 word rows; x with
+    an outlier, so the rows' power-of-two factors differ."""
+    from lowbit.kernels import w4a16_triton
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_gemv")
+    weight = quantized(1024, 2048, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=5)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    x[0, 77] = 300.0
+    for call in range(2):
+        out = script.launch(x, packed, config)
+        torch.cuda.synchronize()
+        assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+        ws, counters = w4a16_triton.split_k_workspace(x.device, 1024)
+        assert not ws[:1024].any() and not counters[:1024].any()
