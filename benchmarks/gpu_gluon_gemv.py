@@ -4,8 +4,8 @@ The Triton GEMV's pipelined loop syncs its block twice per tile, and an ncu prof
 gate/up_proj put barrier stalls at 1.44 warps per issued instruction
 (gpu_profile_h200_gemv_8b.log). The Gluon kernel loads into registers exactly the words each
 thread multiplies, two tiles ahead, so its loop has no barrier, at 2.3 SASS instructions per code
-against the Triton loop's 2.5-2.8 (an sm_90 compile); it holds more registers a thread (85-114
-against 48-56), so fewer warps fit on an SM. For each shape (asymmetric, group 128) this times
+against the Triton loop's 2.5-2.8 (an sm_90 compile); it holds more registers a thread (77-116
+against 48-56 with Triton 3.6, one tile ahead or two), so fewer warps fit on an SM. For each shape (asymmetric, group 128) this times
 every Gluon config once, then the fastest beside the Triton GEMV's tuned choice in turns, seven
 rounds each, and reports the medians (CUDA-graph replays, cold L2, as the kernel table times).
 
@@ -35,9 +35,10 @@ ROUNDS = 7
 GROUP = 128
 
 
-def configs(n: int, k: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, WARPS, K_SPAN) that fit the shape: whole tiles of N, a thread's columns one
-    16-byte load (4 words) or fewer, spans of whole groups dividing K, 96 to 4096 programs."""
+def configs(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, WARPS, K_SPAN, AHEAD) that fit the shape: whole tiles of N, a thread's
+    columns one 16-byte load (4 words) or fewer, spans of whole groups dividing K, 96 to 4096
+    programs; words one or two tiles ahead."""
     kept = []
     for block_n in (256, 512, 1024):
         for warps in (4, 8):
@@ -47,20 +48,20 @@ def configs(n: int, k: int) -> list[tuple[int, int, int, int]]:
                 for span in (128, 256, 512, 1024, 2048):
                     programs = (n // block_n) * (k // span)
                     if k % span == 0 and 96 <= programs <= 4096:
-                        kept.append((block_n, block_k, warps, span))
+                        kept += [(block_n, block_k, warps, span, ahead) for ahead in (1, 2)]
     return kept
 
 
-def describe(config: tuple[int, int, int, int]) -> str:
-    block_n, block_k, warps, span = config
-    return f"1x{block_n}x{block_k} span {span} w{warps}"
+def describe(config: tuple[int, int, int, int, int]) -> str:
+    block_n, block_k, warps, span, ahead = config
+    return f"1x{block_n}x{block_k} span {span} w{warps} ahead {ahead}"
 
 
-def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int]) -> torch.Tensor:
+def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int, int]) -> torch.Tensor:
     """x [1, K] bf16 @ Wᵀ with the Gluon GEMV at `config`, one launch."""
     from lowbit.kernels.w4a16_gluon_kernel import gemv_kernel
 
-    block_n, block_k, warps, span = config
+    block_n, block_k, warps, span, ahead = config
     k = x.shape[1]
     n = packed.out_features
     out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
@@ -69,7 +70,7 @@ def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int]) -> torch.
     gemv_kernel[(n // block_n, k // span)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
         out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_N=block_n,
-        K_SPAN=span, WARPS=warps, BLOCK_K=block_k, num_warps=warps)
+        K_SPAN=span, WARPS=warps, BLOCK_K=block_k, AHEAD=ahead, num_warps=warps)
     return out
 
 

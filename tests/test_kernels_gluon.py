@@ -342,9 +342,10 @@ def test_the_gluon_gemv_compiles_for_hopper_with_no_barrier_in_its_loop():
     from tests.conftest import benchmark_script
 
     gemv_sass = benchmark_script("gemv_sass")
-    for block_n, k_span, block_k, symmetric, warps in ((512, 1024, 32, False, 4), (256, 512, 64, True, 8)):
+    for block_n, k_span, block_k, symmetric, warps, ahead in ((512, 1024, 32, False, 4, 2), (256, 512, 64, True, 8, 1)):
         sass, registers, shared = gemv_sass.disassemble(compile_gemv_for_sm90(block_n, k_span, block_k,
-                                                                              symmetric=symmetric, warps=warps))
+                                                                              symmetric=symmetric, warps=warps,
+                                                                              ahead=ahead))
         start, end, loop = gemv_sass.loop_opcodes(sass)[-1]
         assert loop["HFMA2"] and loop["LOP3"] and not loop["BAR"], loop
         assert registers <= 168
@@ -356,10 +357,10 @@ def test_the_gluon_gemv_benchmark_offers_configs_that_fit_and_reports_the_ratio(
 
     script = benchmark_script("gpu_gluon_gemv")
     offered = script.configs(4096, 4096)
-    assert {(256, 32, 4, 128), (512, 64, 8, 256), (1024, 32, 8, 128)} <= set(offered)
+    assert {(256, 32, 4, 128, 1), (512, 64, 8, 256, 2), (1024, 32, 8, 128, 1)} <= set(offered)
     assert all(4096 % bn == 0 and 4096 % span == 0 and 96 <= (4096 // bn) * (4096 // span) <= 4096
-               for bn, bk, warps, span in offered)
-    assert not any(bn == 1024 and warps == 4 for bn, bk, warps, span in offered)  # 8 words a thread
+               for bn, bk, warps, span, ahead in offered)
+    assert not any(bn == 1024 and warps == 4 for bn, bk, warps, span, ahead in offered)  # 8 words a thread
     row = {"shape": "8B gate/up_proj", "gluon config": "1x512x32 span 128 w4", "gluon us": 12.0, "gluon error": 1.7e-3,
            "triton config": "1x512x32 split 32 f16 pipeline 2", "triton us": 13.5}
     assert ("| 8B gate/up_proj | 1x512x32 span 128 w4 | 12.0 | 1.7e-03 | 1x512x32 split 32 f16 pipeline 2 | 13.5 "
@@ -367,7 +368,8 @@ def test_the_gluon_gemv_benchmark_offers_configs_that_fit_and_reports_the_ratio(
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("config", [(512, 32, 4, 128), (256, 64, 8, 1024), (1024, 32, 8, 256), (256, 32, 4, 2048)])
+@pytest.mark.parametrize("config", [(512, 32, 4, 128, 2), (256, 64, 8, 1024, 1), (1024, 32, 8, 256, 2),
+                                    (256, 32, 4, 2048, 1)])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_the_gluon_gemv_matches_the_reference_and_leaves_the_workspace_zero(config, symmetric):
     """Spans of one group to all of K (no split), 8 and 4 warps, tiles of 4 and 8 word rows; x with

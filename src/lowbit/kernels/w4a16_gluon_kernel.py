@@ -207,12 +207,12 @@ def _f16_pair(high, low):
 @gluon.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr):
+                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, from the plain words [K / 8, N] (M = 1).
 
     w4a16_triton's F16_PAIRS GEMV in Gluon, for what Triton's pipeliner does not allow: each
     thread loads exactly the words it multiplies (VEC columns of every word row of a tile, 16 bytes
-    a row), two tiles ahead into registers, so the loop needs no barrier; x's span is staged once,
+    a row), AHEAD (1 or 2) tiles ahead into registers, so the loop needs no barrier; x's span is staged once,
     as fp16 pairs and row factors, in shared memory, where every thread reads the rows it needs.
     The Triton GEMV syncs its block twice per tile (cp.async stages shared by all threads), and an
     ncu profile on 8B gate/up_proj put barrier stalls at 1.44 warps per issued instruction
@@ -231,9 +231,10 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     row0 = pid_k * SPAN_ROWS  # this span's first word row
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=COL_L)
     word_offs = ttgl.expand_dims(ttgl.arange(0, ROWS, layout=ROW_L), 1) * N + ttgl.expand_dims(cols, 0)
-    # The first two tiles' words are requested before x is staged: their DRAM latency covers it.
+    # The first tiles' words are requested before x is staged: their DRAM latency covers it.
     w_a = ttgl.load(qw_ptr + row0 * N + word_offs)
-    w_b = ttgl.load(qw_ptr + (row0 + ttgl.minimum(1, TILES - 1) * ROWS) * N + word_offs)
+    if AHEAD == 2:
+        w_b = ttgl.load(qw_ptr + (row0 + ttgl.minimum(1, TILES - 1) * ROWS) * N + word_offs)
     g0 = pid_k * (K_SPAN // GROUP)  # this span's first group
     s_next = ttgl.load(s_ptr + g0 * stride_sg + cols)
     if SYMMETRIC:
@@ -287,7 +288,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         group_sum = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
         for i in ttgl.static_range(GROUP_TILES):
             tile = g * GROUP_TILES + i
-            w_c = ttgl.load(qw_ptr + (row0 + ttgl.minimum(tile + 2, TILES - 1) * ROWS) * N + word_offs)
+            w_next = ttgl.load(qw_ptr + (row0 + ttgl.minimum(tile + AHEAD, TILES - 1) * ROWS) * N + word_offs)
             x04 = ttgl.expand_dims(pairs04.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
             x15 = ttgl.expand_dims(pairs15.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
             x26 = ttgl.expand_dims(pairs26.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
@@ -297,7 +298,10 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
                                                dtype=ttgl.float32, is_pure=True, pack=1)
             row_factor = ttgl.expand_dims(inverse.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
             group_sum += ttgl.sum(dots * row_factor, axis=0)
-            w_a, w_b = w_b, w_c
+            if AHEAD == 2:
+                w_a, w_b = w_b, w_next
+            else:
+                w_a = w_next
         acc += scale * group_sum
     OUT_L: ttgl.constexpr = ttgl.BlockedLayout([1, VEC], [1, 32], [1, WARPS], [1, 0])
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
@@ -307,10 +311,11 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
 
 def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: int = 128, symmetric: bool = False,
-                          warps: int = 4):
+                          warps: int = 4, ahead: int = 2):
     """`gemv_kernel` compiled for sm_90 without a GPU: for the tests."""
     return compile_gluon_for_sm90(gemv_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k}, warps)
+                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead},
+                                  warps)
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
