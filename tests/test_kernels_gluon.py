@@ -133,10 +133,12 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768)])
+@pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768),
+                                       ("16x128 span 1024 w4 ahead 1", 2048), ("16x64 span 256 w8 ahead 1", 1280)])
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
-    """The tuner may choose either way of the zero points per shape: each must be right (a shape
-    of its own per config, since a shape tuned before keeps its choice; a lone candidate runs untimed)."""
+    """The tuner may choose either way of the zero points per shape, and one group's words in
+    flight or two: each must be right (a shape of its own per config, since a shape tuned before
+    keeps its choice; a lone candidate runs untimed)."""
     weight = quantized(192, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
@@ -206,22 +208,26 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
 def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
     """Whole column tiles, spans of whole groups dividing K, at most 32 words a thread, at most
     4096 programs; 8-warp tiles halve a thread's words, so they may be wider. Every candidate may
-    have its asymmetric zero points unpacked instead of folded (a variant the tuner tries on its
-    finalists); symmetric weights have no zero points, so theirs is pruned."""
+    have its asymmetric zero points unpacked instead of folded, or one group's words in flight
+    instead of two (variants the tuner tries on its finalists); symmetric weights have no zero
+    points, so their unpacked variant is pruned."""
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels.autotune import every_candidate
 
     configs = every_candidate(w4a16_gluon._tuned())
-    assert not any("unpacked zeros" in w4a16_gluon._describe(c) for c in w4a16_gluon._tuned().configs)
+    assert not any("unpacked zeros" in w4a16_gluon._describe(c) or "ahead" in w4a16_gluon._describe(c)
+                   for c in w4a16_gluon._tuned().configs)
+    assert "16x128 span 1024 w4 ahead 1" in {w4a16_gluon._describe(c) for c in configs}
 
     def described(n: int, k: int, group: int = 128, symmetric: bool = True) -> set[str]:
         kept = w4a16_gluon._prune(configs, {"N": n, "K": k}, GROUP=group, SYMMETRIC=symmetric)
         return {w4a16_gluon._describe(c) for c in kept}
 
     small = described(1024, 4096)
-    assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4"} <= small
+    assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4", "16x64 span 128 w4 ahead 1"} <= small
     assert not any("unpacked zeros" in name for name in small)
-    assert described(1024, 4096, symmetric=False) == small | {f"{name} unpacked zeros" for name in small}
+    assert described(1024, 4096, symmetric=False) == small | {f"{name} unpacked zeros" for name in small
+                                                              if "ahead" not in name}
     wide_groups = described(1024, 4096, group=256)
     assert "16x256 span 1024 w4" not in wide_groups and "16x256 span 1024 w8" in wide_groups  # 64 words vs 32
     assert not any(" span 128 " in name for name in wide_groups)  # a span must hold a whole group

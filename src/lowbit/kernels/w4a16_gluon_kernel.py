@@ -110,8 +110,10 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`).
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
+               AHEAD: ttgl.constexpr = 2):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`), the words of
+    AHEAD (1 or 2) groups in flight while one is multiplied.
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
     register, and each group adds -(128 + z)·Σx, x's row sums over the group taken once while x is
@@ -149,7 +151,8 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     last = first + SPAN_GROUPS - 1
     # The first two groups' words are requested before x is staged: their DRAM latency covers it.
     w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
-    w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
+    if AHEAD == 2:
+        w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
     FOLD: ttgl.constexpr = FOLD_ZEROS and not SYMMETRIC
     if SYMMETRIC or FOLD:
@@ -177,8 +180,8 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     _barrier()
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
-        # Two groups' words in flight while one is multiplied (registers, carried by the loop).
-        w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
+        # AHEAD groups' words in flight while one is multiplied (registers, carried by the loop).
+        w_next = ttgl.load(qw_ptr + ttgl.minimum(first + g + AHEAD, last) * group_words + word_offs)
         z = z_next.to(ttgl.int32)
         scale = s_next.to(ttgl.float32)
         g_next = ttgl.minimum(first + g + 1, last)
@@ -192,7 +195,10 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
             sums = row_sums.index(g).load(ttgl.SliceLayout(1, MMA))
             part += ttgl.expand_dims(sums, 1) * ttgl.expand_dims(zero_term, 0)
         acc += part * ttgl.expand_dims(scale, 0)
-        w_a, w_b = w_b, w_c
+        if AHEAD == 2:
+            w_a, w_b = w_b, w_next
+        else:
+            w_a = w_next
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
                   ttgl.expand_dims(rows < M, 1), N, stride_om)
@@ -319,11 +325,12 @@ def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: i
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True):
+                     fold_zeros: bool = True, ahead: int = 2):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros}, warps)
+                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
+                                               "AHEAD": ahead}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
