@@ -51,7 +51,8 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16, w4a16_gluon
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kernels.w4a16_gluon_kernel import _barrier, _halves, _unpack, compile_gluon_for_sm90, store_split_k
+from lowbit.kernels.w4a16_gluon_kernel import (_barrier, _halves, _unpack, compile_gluon_for_sm90, shuffled_word_offsets,
+                                              store_split_k)
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,14 +114,7 @@ def swap_ab_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     Z_L: ttgl.constexpr = ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))  # [nb, ni]: a thread's rows
     pid_n = ttgl.program_id(0)
     n0 = pid_n * BLOCK_N
-    nb = ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
-    ni = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
-    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(3, W_L))))
-    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L))))
-    word_offs = ((((n0 // 8 + ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(nb, 1), 2), 3)) * 8
-                   + ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(ni, 0), 2), 3)) * 4
-                  + ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(t, 0), 1), 3)) * CHUNKS
-                 + ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(c, 0), 1), 2))
+    word_offs = shuffled_word_offsets(n0, BLOCK_N, CHUNKS, W_L)
     group_words = N * 4 * CHUNKS
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(1, ACC))
     thread_rows = (n0 + ttgl.expand_dims(ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, Z_L)), 1) * 8

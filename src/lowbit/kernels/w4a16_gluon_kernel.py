@@ -34,6 +34,22 @@ def _word_layout(chunks, block_n, warps):
 
 
 @gluon.jit
+def shuffled_word_offsets(n0, BLOCK_N: ttgl.constexpr, CHUNKS: ttgl.constexpr, W_L: ttgl.constexpr):
+    """Offsets of one group's words [BLOCK_N / 8, 8, 4, CHUNKS] of the column tile at n0 within
+    that group's block of the shuffled [K / G, N / 8, 8, 4, CHUNKS] (w4a16_gluon.shuffle_words),
+    in the word layout W_L."""
+    nb = ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    ni = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
+    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(3, W_L))))
+    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L))))
+    nb4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(nb, 1), 2), 3)
+    ni4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(ni, 0), 2), 3)
+    t4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(t, 0), 1), 3)
+    c4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(c, 0), 1), 2)
+    return (((n0 // 8 + nb4) * 8 + ni4) * 4 + t4) * CHUNKS + c4
+
+
+@gluon.jit
 def _unpack(words, offset):
     """Four int32 registers of two bf16 each, q - z of nibbles (j, j + 4) for j = 0..3: 128 + q by
     a mask-and-or into the exponent of 128 (int4_unpack.paired_codes), minus `offset`, the bf16
@@ -131,16 +147,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     pid_n = ttgl.program_id(0)
     pid_k = ttgl.program_id(1)
     n0 = pid_n * BLOCK_N
-    # One group's words [BLOCK_N / 8, 8, 4, CHUNKS] of the shuffled [K / G, N / 8, 8, 4, CHUNKS].
-    nb = ttgl.arange(0, BLOCK_N // 8, layout=ttgl.SliceLayout(1, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
-    ni = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))))
-    t = ttgl.arange(0, 4, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(3, W_L))))
-    c = ttgl.arange(0, CHUNKS, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(1, ttgl.SliceLayout(2, W_L))))
-    nb4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(nb, 1), 2), 3)
-    ni4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(ni, 0), 2), 3)
-    t4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(t, 0), 1), 3)
-    c4 = ttgl.expand_dims(ttgl.expand_dims(ttgl.expand_dims(c, 0), 1), 2)
-    word_offs = (((n0 // 8 + nb4) * 8 + ni4) * 4 + t4) * CHUNKS + c4
+    word_offs = shuffled_word_offsets(n0, BLOCK_N, CHUNKS, W_L)
     group_words = N * 4 * CHUNKS
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA))
     Z_L: ttgl.constexpr = ttgl.SliceLayout(2, ttgl.SliceLayout(3, W_L))  # [nb, ni]
