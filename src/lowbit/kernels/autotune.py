@@ -131,7 +131,7 @@ def autotune(configs: list[triton.Config], key: list[str], prune: Callable, kern
         tuner.finalist_variants = finalist_variants
         return tuner
     if finalist_variants is not None:
-        configs = configs + [variant for config in configs for variant in finalist_variants(config)]
+        configs = _with_variants(configs, finalist_variants)
     disk_cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs, key=key, prune_configs_by=prune_by, do_bench=autotune_bench, **disk_cache)(kernel)
 
@@ -139,4 +139,9 @@ def autotune(configs: list[triton.Config], key: list[str], prune: Callable, kern
 def every_candidate(tuner: Autotuner) -> list[triton.Config]:
     """Every config `tuner` may choose: its configs and their finalist variants."""
     variants = getattr(tuner, "finalist_variants", None)
-    return tuner.configs + ([variant for config in tuner.configs for variant in variants(config)] if variants else [])
+    return _with_variants(tuner.configs, variants) if variants else tuner.configs
+
+
+def _with_variants(configs: list[triton.Config],
+                   variants: Callable[[triton.Config], list[triton.Config]]) -> list[triton.Config]:
+    return configs + [variant for config in configs for variant in variants(config)]
