@@ -3,9 +3,9 @@
 The Triton GEMV's pipelined loop syncs its block twice per tile, and an ncu profile on 8B
 gate/up_proj put barrier stalls at 1.44 warps per issued instruction
 (gpu_profile_h200_gemv_8b.log). The Gluon kernel loads into registers exactly the words each
-thread multiplies, two tiles ahead, so its loop has no barrier, at 2.3 SASS instructions per code
-against the Triton loop's 2.5-2.8 (an sm_90 compile); it holds more registers a thread (77-116
-against 48-56 with Triton 3.6, one tile ahead or two), so fewer warps fit on an SM. For each shape (asymmetric, group 128) this times
+thread multiplies, one or two tiles ahead, so its loop has no barrier. In sm_90 compiles (not saved)
+it runs fewer instructions per code than the Triton loop and holds more registers a thread, so
+fewer warps fit on an SM. For each shape (asymmetric, group 128) this times
 every Gluon config once, then the fastest beside the Triton GEMV's tuned choice in turns, seven
 rounds each, and reports the medians (CUDA-graph replays, cold L2, as the kernel table times).
 

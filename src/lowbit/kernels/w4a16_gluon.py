@@ -135,7 +135,7 @@ def _variants(config) -> list:
     flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
     Unpacked won one shape of eight side by side (8B q/o_proj, gpu_gluon_zero_fold_h200.md), and
     offered on every tile it doubled the candidates to compile and time. One group ahead frees a
-    group's words: 80 registers a thread against 128 at 16x128 w4 (an sm_90 compile, Triton 3.6)."""
+    group's words, so more warps fit on an SM (an sm_90 compile whose output is not saved yet)."""
     import triton
 
     return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
