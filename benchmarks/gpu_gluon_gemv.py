@@ -24,8 +24,8 @@ import triton
 from lowbit.bench.kernels import SHAPES
 from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
-from lowbit.kernels import w4a16_triton
-from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
+from lowbit.kernels import w4a16_gluon_gemv, w4a16_triton
+from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,43 +35,19 @@ ROUNDS = 7
 GROUP = 128
 
 
-def configs(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, WARPS, K_SPAN, AHEAD) that fit the shape: whole tiles of N, a thread's
-    columns one 16-byte load (4 words) or fewer, spans of whole groups dividing K, 96 to 4096
-    programs; words one or two tiles ahead."""
-    kept = []
-    for block_n in (256, 512, 1024):
-        for warps in (4, 8):
-            if n % block_n or block_n // (32 * warps) not in (1, 2, 4):
-                continue
-            for block_k in (32, 64):
-                for span in (128, 256, 512, 1024, 2048):
-                    programs = (n // block_n) * (k // span)
-                    if k % span == 0 and 96 <= programs <= 4096:
-                        kept += [(block_n, block_k, warps, span, ahead) for ahead in (1, 2)]
-    return kept
+def configs(n: int, k: int) -> list[str]:
+    """Every Gluon GEMV config the tuner may choose for the shape (asymmetric, group 128), by name."""
+    from lowbit.kernels.autotune import every_candidate
+
+    tuner = w4a16_gluon_gemv._tuned()
+    fitting = w4a16_gluon_gemv._prune(every_candidate(tuner), {"N": n, "K": k}, GROUP=GROUP, SYMMETRIC=False)
+    return [w4a16_gluon_gemv._describe(config) for config in fitting]
 
 
-def describe(config: tuple[int, int, int, int, int]) -> str:
-    block_n, block_k, warps, span, ahead = config
-    return f"1x{block_n}x{block_k} span {span} w{warps} ahead {ahead}"
-
-
-def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int, int]) -> torch.Tensor:
-    """x [1, K] bf16 @ Wᵀ with the Gluon GEMV at `config`, one launch."""
-    from lowbit.kernels.w4a16_gluon_kernel import gemv_kernel
-
-    block_n, block_k, warps, span, ahead = config
-    k = x.shape[1]
-    n = packed.out_features
-    out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
-    ws, counters = w4a16_triton.split_k_workspace(x.device, n)
-    zeros = packed.zeros if packed.zeros is not None else packed.scales
-    gemv_kernel[(n // block_n, k // span)](
-        x, packed.qweight, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
-        out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_N=block_n,
-        K_SPAN=span, WARPS=warps, BLOCK_K=block_k, AHEAD=ahead, num_warps=warps)
-    return out
+def launch(x: torch.Tensor, packed, config: str) -> torch.Tensor:
+    """x [1, K] bf16 @ Wᵀ with the Gluon GEMV at `config`, untuned."""
+    with w4a16_gluon_gemv.pinned_config(config):
+        return w4a16_gluon_gemv.matmul(x, packed)
 
 
 def run_shape(name: str) -> list[dict]:
@@ -86,7 +62,7 @@ def run_shape(name: str) -> list[dict]:
         out = launch(x, packed, config)
         error = float((out.double() - ref).norm() / ref.norm())
         if not error < 1e-2:
-            raise SystemExit(f"{name} {describe(config)}: relative error {error:.2e}")
+            raise SystemExit(f"{name} {config}: relative error {error:.2e}")
         timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c)), config, error))
     best = min(timed)[1]
     w4a16_triton.matmul(x, packed)  # the Triton GEMV tuned for this shape
@@ -95,7 +71,7 @@ def run_shape(name: str) -> list[dict]:
     for _ in range(ROUNDS):  # in turns: a drift in the clocks touches both alike
         rounds["gluon"].append(1000 * graph_time_ms(lambda: launch(x, packed, best)))
         rounds["triton"].append(1000 * graph_time_ms(lambda: w4a16_triton.matmul(x, packed)))
-    row = {"shape": name, "gluon config": describe(best), "gluon us": statistics.median(rounds["gluon"]),
+    row = {"shape": name, "gluon config": best, "gluon us": statistics.median(rounds["gluon"]),
            "gluon error": min(timed)[2], "triton config": triton_config,
            "triton us": statistics.median(rounds["triton"])}
     print(row, flush=True)

@@ -35,7 +35,6 @@ bf16 activations only: the exact unpack subtracts in bf16.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 
@@ -176,26 +175,18 @@ def tuned_config(packed: PackedInt4) -> str | None:
     return None if config is None else _describe(config)
 
 
-@contextlib.contextmanager
 def pinned_config(name: str):
     """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
-    from lowbit.kernels.autotune import every_candidate
+    from lowbit.kernels.autotune import pinned
 
-    kernel = _tuned()
-    matches = [c for c in every_candidate(kernel) if _describe(c) == name]
-    if not matches:
-        raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
-                         f"e.g. '16x128 span 1024 w4'")
-    saved, kernel.configs = kernel.configs, matches
-    try:
-        yield
-    finally:
-        kernel.configs = saved
+    return pinned(_tuned(), name, _describe,
+                  "write a Gluon W4A16 config as tuned_config() does, e.g. '16x128 span 1024 w4'")
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    from lowbit.kernels.autotune import check_lone_candidate_fits
     from lowbit.kernels.w4a16_triton import split_k_workspace
 
     m, k = x.shape
@@ -208,6 +199,9 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, m * n)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
-    _tuned()[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+    kernel = _tuned()
+    check_lone_candidate_fits(kernel, _prune, _describe, f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k,
+                              GROUP=packed.group_size, SYMMETRIC=packed.symmetric)
+    kernel[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
                    out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
     return out
