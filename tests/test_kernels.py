@@ -143,16 +143,16 @@ def check_layout_follows_in_place_weight_changes(matmul) -> None:
     assert relative_error(matmul(x, packed), ref) < 1e-2
 
 
-def check_dispatcher_allowing(path: str, out_features: int) -> None:
+def check_dispatcher_allowing(path: str, out_features: int, leading: tuple[int, ...] = (2, 5)) -> None:
     """With `path` allowed, the dispatcher gives the right product for an act-order weight (a
-    gather of x first) and records its choice, `path` or the fused kernels."""
+    gather of x, shaped [*leading, K], first) and records its choice, `path` or the fused kernels."""
     from lowbit.kernels.w4a16 import path_table, use_paths
 
     shuffled = act_order_quantized(out_features, 512, seed=3)
     packed = pack_quantized_weight(shuffled).to("cuda")
     use_paths(path)
     try:
-        x = torch.randn(2, 5, 512, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(*leading, 512, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ shuffled.dequantize().double().cuda().T
         assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
         chosen = [chosen for key, chosen in path_table().items() if key[3:5] == (out_features, 512)]
@@ -370,7 +370,7 @@ def test_pinned_config_leaves_one_named_candidate_and_restores_the_rest():
         with wt.pinned_config(m, names[-1]):
             assert [wt._describe(config) for config in kernel.configs] == [names[-1]]
         assert kernel.configs == before
-    with pytest.raises(ValueError, match="no W4A16 kernel config for M=1"):
+    with pytest.raises(ValueError, match="no config is named .* M=1.s W4A16 configs"):
         with wt.pinned_config(1, "1x3x3 split 5"):
             pass
 
@@ -757,17 +757,25 @@ def test_large_m_records_a_measured_path_choice():
 
 
 def test_every_row_of_the_kernel_table_fills_each_column_of_its_header():
-    """A row missing a cell shifts every later value under the wrong path's name."""
+    """A row missing a cell shifts every later value under the wrong path's name. The gluon column
+    holds the Gluon GEMV at M = 1."""
     from lowbit.bench.kernels import markdown_table
 
     meta = {"group_size": 128, "device": "GPU", "torch": "t", "triton": "t", "copy_bandwidth_GBps": 4000.0}
     row = {"shape": "8B q/o_proj", "N": 4096, "K": 4096, "M": 16, "bf16_us": 13.0, "lowbit_sym_us": 8.0,
            "lowbit_asym_us": 8.5, "fused_asym_us": 9.9, "gluon_asym_us": 8.5, "fbgemm_asym_us": 15.5,
            "roofline_us": 2.1, "rel_err_lowbit_asym": 1.7e-3, "path_asym": "gluon", "config_asym": "16x64 span 512"}
-    table = [line for line in markdown_table({"meta": meta, "rows": [row]}).splitlines() if line.startswith("|")]
-    header, rule, cells = ([c.strip() for c in line.strip("|").split("|")] for line in table)
-    assert len(header) == len(rule) == len(cells)
-    assert dict(zip(header, cells))["gluon asym"] == "8.5" and dict(zip(header, cells))["fbgemm asym"] == "15.5"
+
+    def columns(row: dict) -> dict[str, str]:
+        table = [line for line in markdown_table({"meta": meta, "rows": [row]}).splitlines() if line.startswith("|")]
+        header, rule, cells = ([c.strip() for c in line.strip("|").split("|")] for line in table)
+        assert len(header) == len(rule) == len(cells)
+        return dict(zip(header, cells))
+
+    assert columns(row)["gluon asym"] == "8.5" and columns(row)["fbgemm asym"] == "15.5"
+    gemv_row = {key: value for key, value in row.items() if key != "gluon_asym_us"}
+    gemv_row.update({"M": 1, "gluon-gemv_asym_us": 6.4, "path_asym": "gluon-gemv"})
+    assert columns(gemv_row)["gluon asym"] == "6.4"
 
 
 def test_weight_copies_keep_one_copy_per_variant_until_the_weight_is_written():

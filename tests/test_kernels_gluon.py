@@ -133,11 +133,13 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768)])
+@pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768),
+                                       ("16x128 span 1024 w4 ahead 1", 2048), ("16x64 span 256 w8 ahead 1", 1280)])
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
-    """The tuner may choose either way of the zero points per shape: each must be right (a shape
-    of its own per config, since a shape tuned before keeps its choice; a lone candidate runs untimed)."""
-    weight = quantized(192, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
+    """The tuner may choose either way of the zero points per shape, and one group's words in
+    flight or two: each must be right (a shape of its own per config, since a shape tuned before
+    keeps its choice; a lone candidate runs untimed)."""
+    weight = quantized(256, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
     with w4a16_gluon.pinned_config(config):
@@ -197,7 +199,7 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
     for wrong in ("70B gate/up_proj", "70B up@16x64 span 512"):
         with pytest.raises(SystemExit, match="give SHAPE@CONFIG"):
             gpu_profile.parse_gluon_case(wrong)
-    with pytest.raises(ValueError, match="no Gluon W4A16 config is named"):
+    with pytest.raises(ValueError, match="no config is named .*16x64 split 8.*write a Gluon W4A16 config"):
         pytest.importorskip("triton.experimental.gluon")
         with w4a16_gluon.pinned_config("16x64 split 8"):
             pass
@@ -206,22 +208,26 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
 def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
     """Whole column tiles, spans of whole groups dividing K, at most 32 words a thread, at most
     4096 programs; 8-warp tiles halve a thread's words, so they may be wider. Every candidate may
-    have its asymmetric zero points unpacked instead of folded (a variant the tuner tries on its
-    finalists); symmetric weights have no zero points, so theirs is pruned."""
+    have its asymmetric zero points unpacked instead of folded, or one group's words in flight
+    instead of two (variants the tuner tries on its finalists); symmetric weights have no zero
+    points, so their unpacked variant is pruned."""
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels.autotune import every_candidate
 
     configs = every_candidate(w4a16_gluon._tuned())
-    assert not any("unpacked zeros" in w4a16_gluon._describe(c) for c in w4a16_gluon._tuned().configs)
+    assert not any("unpacked zeros" in w4a16_gluon._describe(c) or "ahead" in w4a16_gluon._describe(c)
+                   for c in w4a16_gluon._tuned().configs)
+    assert "16x128 span 1024 w4 ahead 1" in {w4a16_gluon._describe(c) for c in configs}
 
     def described(n: int, k: int, group: int = 128, symmetric: bool = True) -> set[str]:
         kept = w4a16_gluon._prune(configs, {"N": n, "K": k}, GROUP=group, SYMMETRIC=symmetric)
         return {w4a16_gluon._describe(c) for c in kept}
 
     small = described(1024, 4096)
-    assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4"} <= small
+    assert {"16x64 span 128 w4", "16x256 span 2048 w8", "16x256 span 1024 w4", "16x64 span 128 w4 ahead 1"} <= small
     assert not any("unpacked zeros" in name for name in small)
-    assert described(1024, 4096, symmetric=False) == small | {f"{name} unpacked zeros" for name in small}
+    assert described(1024, 4096, symmetric=False) == small | {f"{name} unpacked zeros" for name in small
+                                                              if "ahead" not in name}
     wide_groups = described(1024, 4096, group=256)
     assert "16x256 span 1024 w4" not in wide_groups and "16x256 span 1024 w8" in wide_groups  # 64 words vs 32
     assert not any(" span 128 " in name for name in wide_groups)  # a span must hold a whole group
@@ -332,3 +338,122 @@ def test_the_swap_ab_experiment_offers_configs_that_fit_and_reports_the_better_m
     assert ("| 70B down_proj | 64 | 120.0 | 106.0 (fbgemm) | 160.0 (128x64 span 512 w4) | 150.0 (128x64 span 1024 w8) "
             "| 1.7e-03 / 2.7e-03 | 0.80x |") in table
 
+
+
+def test_the_gluon_gemv_compiles_for_hopper_with_no_barrier_in_its_loop():
+    """Each thread multiplies only the words it loaded itself, so the loop over groups needs no
+    barrier (the Triton GEMV's pipelined loop has two a tile); x is staged once before it."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_gemv_for_sm90
+    from tests.conftest import benchmark_script
+
+    gemv_sass = benchmark_script("gemv_sass")
+    for block_n, k_span, block_k, symmetric, warps, ahead in ((512, 1024, 32, False, 4, 2), (256, 512, 64, True, 8, 1)):
+        sass, registers, shared = gemv_sass.disassemble(compile_gemv_for_sm90(block_n, k_span, block_k,
+                                                                              symmetric=symmetric, warps=warps,
+                                                                              ahead=ahead))
+        start, end, loop = gemv_sass.loop_opcodes(sass)[-1]
+        assert loop["HFMA2"] and loop["LOP3"] and not loop["BAR"], loop
+        assert registers <= 168
+
+
+def test_a_pinned_config_that_does_not_fit_the_shape_is_refused_before_it_launches():
+    """Triton launches a lone candidate without pruning it: a 128-column tile over 192 columns
+    would leave a third of the output unwritten, and a span of 1024 over K = 512 read past it."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels import w4a16_gluon_gemv
+
+    weight = pack_quantized_weight(quantized(192, 512, IntegerFormat(4, symmetric=False, group_size=128), seed=1))
+    with w4a16_gluon.pinned_config("16x128 span 256 w4"), pytest.raises(ValueError, match="does not fit a 192x512"):
+        w4a16_gluon.matmul(torch.zeros(3, 512, dtype=torch.bfloat16), weight)
+    wide = pack_quantized_weight(quantized(512, 512, IntegerFormat(4, symmetric=True, group_size=128), seed=2))
+    with w4a16_gluon_gemv.pinned_config("1x256x32 span 1024 w4"), pytest.raises(ValueError, match="pin one that fits"):
+        w4a16_gluon_gemv.matmul(torch.zeros(1, 512, dtype=torch.bfloat16), wide)
+
+
+def test_the_gluon_gemv_tuner_is_offered_configs_that_fit_the_shape():
+    """Whole column tiles of at most four words a thread, tiles of K within a group, spans of whole
+    groups dividing K, 96 to 4096 programs, or the most there are where a weight is too small for
+    96; one tile's words in flight instead of two is a variant tried on the finalists only."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels import w4a16_gluon_gemv as gemv
+    from lowbit.kernels.autotune import every_candidate
+
+    assert not any("ahead" in gemv._describe(c) for c in gemv._tuned().configs)
+    configs = every_candidate(gemv._tuned())
+
+    def described(n: int, k: int, group: int = 128) -> set[str]:
+        return {gemv._describe(c) for c in gemv._prune(configs, {"N": n, "K": k}, GROUP=group, SYMMETRIC=False)}
+
+    gate_up = described(14336, 4096)
+    assert {"1x512x32 span 128 w4", "1x512x32 span 128 w4 ahead 1", "1x256x64 span 128 w8",
+            "1x1024x32 span 512 w8"} <= gate_up
+    assert "1x1024x32 span 1024 w8" not in gate_up  # 56 programs
+    assert not any(name.startswith("1x1024") and " w4" in name for name in gate_up)  # 8 words a thread
+    assert described(256, 256) == {f"1x256x{bk} span 128 w{w}{a}" for bk in (32, 64) for w in (4, 8)
+                                   for a in ("", " ahead 1")}  # 2 programs: the most there are
+    assert not any("x64 " in name for name in described(14336, 4096, group=32))
+    assert not any("span 128 " in name for name in described(14336, 4096, group=256))
+
+
+def test_the_gluon_gemv_benchmark_reports_the_ratio():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_gemv")
+    assert "1x512x32 span 128 w4 ahead 1" in script.configs(14336, 4096)
+    row = {"shape": "8B gate/up_proj", "gluon config": "1x512x32 span 128 w4", "gluon us": 12.0, "gluon error": 1.7e-3,
+           "triton config": "1x512x32 split 32 f16 pipeline 2", "triton us": 13.5}
+    assert ("| 8B gate/up_proj | 1x512x32 span 128 w4 | 12.0 | 1.7e-03 | 1x512x32 split 32 f16 pipeline 2 | 13.5 "
+            "| 0.89 |") in script.markdown([row], "GPU")
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("group, symmetric", [(32, False), (64, True), (128, False), (128, True), (256, False)])
+def test_the_gluon_gemv_matches_float64_and_leaves_the_workspace_zero(group, symmetric):
+    """Tuned over every candidate, each of which ran on the shared split-K workspace; x with an
+    outlier, so the rows' power-of-two factors differ."""
+    from lowbit.kernels import w4a16_gluon_gemv, w4a16_triton
+
+    weight = quantized(1024, 2048, IntegerFormat(4, symmetric=symmetric, group_size=group), seed=group)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    x[0, 77] = 300.0
+    ref = x.double() @ weight.dequantize().double().cuda().T
+    for _ in range(2):
+        assert relative_error(w4a16_gluon_gemv.matmul(x, packed), ref) < 1e-2
+        torch.cuda.synchronize()
+        ws, counters = w4a16_triton.split_k_workspace(x.device, 1024)
+        assert not ws[:1024].any() and not counters[:1024].any()
+    assert w4a16_gluon_gemv.tuned_config(packed) is not None
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config, n, k", [("1x512x32 span 128 w4", 1024, 1024),
+                                          ("1x256x64 span 1024 w8 ahead 1", 768, 3072),
+                                          ("1x1024x32 span 256 w8", 2048, 1536),
+                                          ("1x256x32 span 2048 w4 ahead 1", 512, 2048)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_each_gluon_gemv_config_is_right(config, n, k, symmetric):
+    """Spans of one group to all of K (no split), 8 and 4 warps, tiles of 4 and 8 word rows, words
+    one tile ahead or two: the tuner may choose any of them."""
+    from lowbit.kernels import w4a16_gluon_gemv
+
+    weight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=n + k)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    with w4a16_gluon_gemv.pinned_config(config):
+        out = w4a16_gluon_gemv.matmul(x, packed)
+    assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+
+
+@needs_gluon_gpu
+def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
+    from lowbit.kernels.w4a16 import path_matmuls
+
+    packed = pack_quantized_weight(quantized(512, 1024, IntegerFormat(4, symmetric=False, group_size=128),
+                                             seed=3)).to("cuda")
+    assert "gluon-gemv" in path_matmuls(1, packed, torch.bfloat16)
+    assert "gluon-gemv" not in path_matmuls(2, packed, torch.bfloat16)
+    assert "gluon-gemv" not in path_matmuls(1, packed, torch.float16)
+    check_dispatcher_allowing("gluon-gemv", 512, leading=(1, 1))

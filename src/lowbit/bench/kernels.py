@@ -120,12 +120,13 @@ def _fbgemm_version() -> str:
 
 
 def _lowbit_config(path: str, m: int, packed: PackedInt4) -> str | None:
-    """The tile config of lowbit's kernel on this path: the Gluon kernel's where that was chosen,
+    """The tile config of lowbit's kernel on this path: a Gluon kernel's where that was chosen,
     else the fused Triton kernels' (also timed on their own beside any other path)."""
-    from lowbit.kernels import w4a16_gluon
+    from lowbit.kernels import w4a16_gluon, w4a16_gluon_gemv
     from lowbit.kernels.w4a16_triton import tuned_config
 
-    return w4a16_gluon.tuned_config(packed) if path == "gluon" else tuned_config(m, packed)
+    gluon = {"gluon": w4a16_gluon.tuned_config, "gluon-gemv": w4a16_gluon_gemv.tuned_config}
+    return gluon[path](packed) if path in gluon else tuned_config(m, packed)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -221,7 +222,7 @@ def markdown_table(result: dict) -> str:
         f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}, "
         f"fbgemm-gpu-genai {meta.get('fbgemm') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
-        "from device memory).",
+        "from device memory). The gluon column is the Gluon GEMV at M = 1, the Gluon 16-row tile above.",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gluon asym | "
         "gemlite asym | fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | "
@@ -236,7 +237,8 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {r['bf16_us']:.1f} | "
             f"{optional(int4)} | {r['lowbit_sym_us']:.1f} | {asym:.1f} | {optional(r.get('fused_asym_us'))} | "
-            f"{optional(r.get('gluon_asym_us'))} | {optional(r.get('gemlite_asym_us'))} | "
+            f"{optional(r.get('gluon_asym_us', r.get('gluon-gemv_asym_us')))} | "
+            f"{optional(r.get('gemlite_asym_us'))} | "
             f"{optional(r.get('fbgemm_asym_us'))} | {r['roofline_us']:.1f} | "
             f"{r['bf16_us'] / asym:.2f}x | {int4_ratio} | {asym / r['roofline_us']:.2f} | "
             f"{r.get('rel_err_lowbit_asym', r.get('rel_err_asym')):.1e} | "

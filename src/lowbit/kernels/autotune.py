@@ -9,6 +9,7 @@ finds the choices on disk: benchmarks/results/gpu_generate_h200_warmup_*.log).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Callable
@@ -145,3 +146,26 @@ def every_candidate(tuner: Autotuner) -> list[triton.Config]:
 def _with_variants(configs: list[triton.Config],
                    variants: Callable[[triton.Config], list[triton.Config]]) -> list[triton.Config]:
     return configs + [variant for config in configs for variant in variants(config)]
+
+
+@contextlib.contextmanager
+def pinned(tuner: Autotuner, name: str, describe: Callable[[triton.Config], str], hint: str):
+    """Within the block `tuner` has one candidate, the one `describe` calls `name`: a benchmark or a
+    profiler then runs the config it names, untuned. Shapes tuned before the block keep their
+    choice. Triton launches a lone candidate without pruning it: a kernel whose tiles must fit the
+    shape checks it (`check_lone_candidate_fits`). `hint` says where the names come from."""
+    matches = [config for config in every_candidate(tuner) if describe(config) == name]
+    if not matches:
+        raise ValueError(f"no config is named {name!r}; {hint}")
+    saved, tuner.configs = tuner.configs, matches[:1]
+    try:
+        yield
+    finally:
+        tuner.configs = saved
+
+
+def check_lone_candidate_fits(tuner: Autotuner, prune: Callable, describe: Callable[[triton.Config], str],
+                              shape: str, **args) -> None:
+    """Raise where `tuner` has one candidate (`pinned`) that `prune` would not offer for `args`."""
+    if len(tuner.configs) == 1 and not prune(tuner.configs, {}, **args):
+        raise ValueError(f"the pinned config {describe(tuner.configs[0])!r} does not fit {shape}; pin one that fits")

@@ -1,7 +1,8 @@
 """y = x Wᵀ for an int4 weight in the PackedInt4 layout: the dispatcher and the torch reference.
 
-On GPU there are up to five ways to run the product: lowbit's fused Triton kernels
-(w4a16_triton.py), its Gluon kernel for 2 <= M <= 16 on Hopper (w4a16_gluon.py),
+On GPU there are up to six ways to run the product: lowbit's fused Triton kernels
+(w4a16_triton.py), its Gluon kernels on Hopper for M = 1 (w4a16_gluon_gemv.py) and for
+2 <= M <= 16 (w4a16_gluon.py),
 dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound), GemLite's kernels
 when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel when
 fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M and the
@@ -32,8 +33,8 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-MatmulPath = Literal["fused", "gluon", "dequantize+cublas", "gemlite", "fbgemm"]
-PATHS: tuple[MatmulPath, ...] = ("fused", "gluon", "dequantize+cublas", "gemlite", "fbgemm")
+MatmulPath = Literal["fused", "gluon-gemv", "gluon", "dequantize+cublas", "gemlite", "fbgemm"]
+PATHS: tuple[MatmulPath, ...] = ("fused", "gluon-gemv", "gluon", "dequantize+cublas", "gemlite", "fbgemm")
 _CHOSEN: dict[tuple, MatmulPath] = {}
 _ALLOWED: set[str] = set(PATHS)
 
@@ -74,9 +75,11 @@ def use_paths(*paths: str) -> None:
 def path_matmuls(m: int, packed: PackedInt4, dtype: torch.dtype) -> dict[MatmulPath, Callable]:
     """Every path that can run `packed` for M rows of `dtype` here, as matmul(x, packed) functions,
     whatever `use_paths` allows: the dispatcher's candidates, and what a benchmark times on its own."""
-    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_triton
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_gluon_gemv, w4a16_triton
 
     matmuls: dict[MatmulPath, Callable] = {"fused": w4a16_triton.matmul}
+    if m == 1 and w4a16_gluon_gemv.supports(packed, dtype):
+        matmuls["gluon-gemv"] = w4a16_gluon_gemv.matmul
     if 1 < m <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, dtype):
         matmuls["gluon"] = w4a16_gluon.matmul
     if m > w4a16_triton.DECODE_MAX_M:

@@ -35,7 +35,6 @@ bf16 activations only: the exact unpack subtracts in bf16.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 
@@ -124,20 +123,22 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import m16_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True}, num_warps=warps)
+    configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True, "AHEAD": 2},
+                             num_warps=warps)
                for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel, finalist_variants=_unpacked_zeros)
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel, finalist_variants=_variants)
 
 
-def _unpacked_zeros(config) -> list:
-    """The tile with its zero points unpacked instead of folded, tried on the tuner's finalists only
-    (autotune's finalist variants): unpacked won one shape of eight side by side (8B q/o_proj,
-    gpu_gluon_zero_fold_h200.md), and offered on every tile it doubled the candidates to compile
-    and time."""
+def _variants(config) -> list:
+    """The tile with its zero points unpacked instead of folded, and with one group's words in
+    flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
+    Unpacked won one shape of eight side by side (8B q/o_proj, gpu_gluon_zero_fold_h200.md), and
+    offered on every tile it doubled the candidates to compile and time. One group ahead frees a
+    group's words, so more warps fit on an SM (an sm_90 compile whose output is not saved yet)."""
     import triton
 
-    return [triton.Config({**config.kwargs, "FOLD_ZEROS": False}, num_warps=config.num_warps,
-                          num_stages=config.num_stages)]
+    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
+            for setting in ({"FOLD_ZEROS": False}, {"AHEAD": 1})]
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -160,9 +161,11 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def _describe(config) -> str:
     """A config as the benchmark tables name it: "16x128 span 1024 w8" (rows x columns, K's span
-    per program, warps), "... unpacked zeros" where the zero points enter the unpack."""
+    per program, warps), "... unpacked zeros" where the zero points enter the unpack, "... ahead 1"
+    with one group's words in flight."""
     kw = config.kwargs
-    return f"16x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
+    return (f"16x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
+            + ("" if kw.get("AHEAD", 2) == 2 else f" ahead {kw['AHEAD']}"))
 
 
 def tuned_config(packed: PackedInt4) -> str | None:
@@ -172,26 +175,18 @@ def tuned_config(packed: PackedInt4) -> str | None:
     return None if config is None else _describe(config)
 
 
-@contextlib.contextmanager
 def pinned_config(name: str):
     """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
-    from lowbit.kernels.autotune import every_candidate
+    from lowbit.kernels.autotune import pinned
 
-    kernel = _tuned()
-    matches = [c for c in every_candidate(kernel) if _describe(c) == name]
-    if not matches:
-        raise ValueError(f"no Gluon W4A16 config is named {name!r}; write it as tuned_config() does, "
-                         f"e.g. '16x128 span 1024 w4'")
-    saved, kernel.configs = kernel.configs, matches
-    try:
-        yield
-    finally:
-        kernel.configs = saved
+    return pinned(_tuned(), name, _describe,
+                  "write a Gluon W4A16 config as tuned_config() does, e.g. '16x128 span 1024 w4'")
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    from lowbit.kernels.autotune import check_lone_candidate_fits
     from lowbit.kernels.w4a16_triton import split_k_workspace
 
     m, k = x.shape
@@ -204,6 +199,9 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, m * n)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
-    _tuned()[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+    kernel = _tuned()
+    check_lone_candidate_fits(kernel, _prune, _describe, f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k,
+                              GROUP=packed.group_size, SYMMETRIC=packed.symmetric)
+    kernel[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
                    out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
     return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as ttgl
 
+from lowbit.kernels.int4_unpack import F16_DOT_ASM
+
 _barrier = getattr(ttgl, "thread_barrier", None) or ttgl.barrier
 
 WEIGHT_MODES = {"unpacked zeros": (False, False), "folded zeros": (False, True), "symmetric": (True, True)}
@@ -124,8 +126,10 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`).
+               K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
+               AHEAD: ttgl.constexpr = 2):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`), the words of
+    AHEAD (1 or 2) groups in flight while one is multiplied.
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
     register, and each group adds -(128 + z)·Σx, x's row sums over the group taken once while x is
@@ -154,7 +158,8 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     last = first + SPAN_GROUPS - 1
     # The first two groups' words are requested before x is staged: their DRAM latency covers it.
     w_a = ttgl.load(qw_ptr + first * group_words + word_offs)
-    w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
+    if AHEAD == 2:
+        w_b = ttgl.load(qw_ptr + ttgl.minimum(first + 1, last) * group_words + word_offs)
     s_next = ttgl.load(s_ptr + first * stride_sg + cols)
     FOLD: ttgl.constexpr = FOLD_ZEROS and not SYMMETRIC
     if SYMMETRIC or FOLD:
@@ -182,8 +187,8 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     _barrier()
     acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
-        # Two groups' words in flight while one is multiplied (registers, carried by the loop).
-        w_c = ttgl.load(qw_ptr + ttgl.minimum(first + g + 2, last) * group_words + word_offs)
+        # AHEAD groups' words in flight while one is multiplied (registers, carried by the loop).
+        w_next = ttgl.load(qw_ptr + ttgl.minimum(first + g + AHEAD, last) * group_words + word_offs)
         z = z_next.to(ttgl.int32)
         scale = s_next.to(ttgl.float32)
         g_next = ttgl.minimum(first + g + 1, last)
@@ -197,17 +202,142 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
             sums = row_sums.index(g).load(ttgl.SliceLayout(1, MMA))
             part += ttgl.expand_dims(sums, 1) * ttgl.expand_dims(zero_term, 0)
         acc += part * ttgl.expand_dims(scale, 0)
-        w_a, w_b = w_b, w_c
+        if AHEAD == 2:
+            w_a, w_b = w_b, w_next
+        else:
+            w_a = w_next
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
                   ttgl.expand_dims(rows < M, 1), N, stride_om)
 
+@gluon.jit
+def _f16_pair(high, low):
+    """Two float32 tensors as one int32 tensor of fp16 pairs (int4_unpack.f16x2 in Gluon)."""
+    return ttgl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=ttgl.int32,
+                                       is_pure=True, pack=1)
+
+
+@gluon.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
+                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2):
+    """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, from the plain words [K / 8, N] (M = 1).
+
+    w4a16_triton's F16_PAIRS GEMV in Gluon, for what Triton's pipeliner does not allow: each
+    thread loads exactly the words it multiplies (VEC columns of every word row of a tile, 16 bytes
+    a row), AHEAD (1 or 2) tiles ahead into registers, so the loop needs no barrier; x's span is staged once,
+    as fp16 pairs and row factors, in shared memory, where every thread reads the rows it needs.
+    The Triton GEMV syncs its block twice per tile (cp.async stages shared by all threads), and an
+    ncu profile on 8B gate/up_proj put barrier stalls at 1.44 warps per issued instruction
+    (gpu_profile_h200_gemv_8b.log)."""
+    VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
+    ROWS: ttgl.constexpr = BLOCK_K // 8
+    W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
+    ROW_L: ttgl.constexpr = ttgl.SliceLayout(1, W_L)  # a tile's rows, every thread all of them
+    COL_L: ttgl.constexpr = ttgl.SliceLayout(0, W_L)  # a thread's VEC columns
+    SPAN_ROWS: ttgl.constexpr = K_SPAN // 8
+    TILES: ttgl.constexpr = K_SPAN // BLOCK_K
+    GROUP_TILES: ttgl.constexpr = GROUP // BLOCK_K
+    pid_n = ttgl.program_id(0)
+    pid_k = ttgl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    row0 = pid_k * SPAN_ROWS  # this span's first word row
+    cols = n0 + ttgl.arange(0, BLOCK_N, layout=COL_L)
+    word_offs = ttgl.expand_dims(ttgl.arange(0, ROWS, layout=ROW_L), 1) * N + ttgl.expand_dims(cols, 0)
+    # The first tiles' words are requested before x is staged: their DRAM latency covers it.
+    w_a = ttgl.load(qw_ptr + row0 * N + word_offs)
+    if AHEAD == 2:
+        w_b = ttgl.load(qw_ptr + (row0 + ttgl.minimum(1, TILES - 1) * ROWS) * N + word_offs)
+    g0 = pid_k * (K_SPAN // GROUP)  # this span's first group
+    s_next = ttgl.load(s_ptr + g0 * stride_sg + cols)
+    if SYMMETRIC:
+        z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
+    else:
+        z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
+    # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two that brings its
+    # largest |x| into [64, 128) (int4_unpack.stage_f16_rows), and the rows' inverse factors.
+    GROUP_ROWS: ttgl.constexpr = GROUP // 8
+    SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
+    V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per group
+    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
+    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
+    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
+    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
+    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP_ROWS], V_L)
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1], [32], [WARPS], [0])  # a row of eight a thread
+    xrows = ttgl.arange(0, GROUP_ROWS, layout=X_L)
+    for i in ttgl.static_range(SPAN_GROUPS):
+        x_offs = pid_k * K_SPAN + i * GROUP + xrows * 8
+        x0 = ttgl.load(x_ptr + x_offs).to(ttgl.float32)
+        x1 = ttgl.load(x_ptr + x_offs + 1).to(ttgl.float32)
+        x2 = ttgl.load(x_ptr + x_offs + 2).to(ttgl.float32)
+        x3 = ttgl.load(x_ptr + x_offs + 3).to(ttgl.float32)
+        x4 = ttgl.load(x_ptr + x_offs + 4).to(ttgl.float32)
+        x5 = ttgl.load(x_ptr + x_offs + 5).to(ttgl.float32)
+        x6 = ttgl.load(x_ptr + x_offs + 6).to(ttgl.float32)
+        x7 = ttgl.load(x_ptr + x_offs + 7).to(ttgl.float32)
+        largest = ttgl.maximum(ttgl.maximum(ttgl.maximum(ttgl.abs(x0), ttgl.abs(x1)),
+                                            ttgl.maximum(ttgl.abs(x2), ttgl.abs(x3))),
+                               ttgl.maximum(ttgl.maximum(ttgl.abs(x4), ttgl.abs(x5)),
+                                            ttgl.maximum(ttgl.abs(x6), ttgl.abs(x7))))
+        exponent = ttgl.maximum(largest.to(ttgl.int32, bitcast=True) >> 23, 6)
+        factor = ((260 - exponent) << 23).to(ttgl.float32, bitcast=True)
+        pairs04.index(i).store(_f16_pair(x4 * factor, x0 * factor))
+        pairs15.index(i).store(_f16_pair(x5 * factor, x1 * factor))
+        pairs26.index(i).store(_f16_pair(x6 * factor, x2 * factor))
+        pairs37.index(i).store(_f16_pair(x7 * factor, x3 * factor))
+        inverse.index(i).store(((exponent - 6) << 23).to(ttgl.float32, bitcast=True))
+    _barrier()
+    acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
+    for g in range(0, SPAN_GROUPS):
+        scale = s_next.to(ttgl.float32)
+        z = z_next
+        g_next = g0 + ttgl.minimum(g + 1, SPAN_GROUPS - 1)
+        s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+        if not SYMMETRIC:
+            z_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
+        plus_1024_z = ttgl.expand_dims(_f16_pair(1024.0 + z, 1024.0 + z), 0)
+        minus_64_z = ttgl.expand_dims(_f16_pair(-64.0 - z, -64.0 - z), 0)
+        group_sum = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
+        for i in ttgl.static_range(GROUP_TILES):
+            tile = g * GROUP_TILES + i
+            w_next = ttgl.load(qw_ptr + (row0 + ttgl.minimum(tile + AHEAD, TILES - 1) * ROWS) * N + word_offs)
+            x04 = ttgl.expand_dims(pairs04.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
+            x15 = ttgl.expand_dims(pairs15.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
+            x26 = ttgl.expand_dims(pairs26.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
+            x37 = ttgl.expand_dims(pairs37.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
+            dots = ttgl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
+                                               [w_a, x04, x15, x26, x37, plus_1024_z, minus_64_z],
+                                               dtype=ttgl.float32, is_pure=True, pack=1)
+            row_factor = ttgl.expand_dims(inverse.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
+            group_sum += ttgl.sum(dots * row_factor, axis=0)
+            if AHEAD == 2:
+                w_a, w_b = w_b, w_next
+            else:
+                w_a = w_next
+        acc += scale * group_sum
+    OUT_L: ttgl.constexpr = ttgl.BlockedLayout([1, VEC], [1, 32], [1, WARPS], [1, 0])
+    out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
+    out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
+    out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
+    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
+
+
+def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: int = 128, symmetric: bool = False,
+                          warps: int = 4, ahead: int = 2):
+    """`gemv_kernel` compiled for sm_90 without a GPU: for the tests."""
+    return compile_gluon_for_sm90(gemv_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
+                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead},
+                                  warps)
+
+
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True):
+                     fold_zeros: bool = True, ahead: int = 2):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros}, warps)
+                                               "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
+                                               "AHEAD": ahead}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):

@@ -25,7 +25,6 @@ launch into an uninitialised output: no zero fill before, no cast after. The wor
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
@@ -35,7 +34,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels.autotune import autotune, every_candidate
+from lowbit.kernels.autotune import autotune, pinned
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -505,20 +504,11 @@ def tuned_config(m: int, packed: PackedInt4) -> str | None:
     return None if config is None else _describe(config)
 
 
-@contextlib.contextmanager
 def pinned_config(m: int, name: str):
     """Within the block, M's kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler can then look at the config a benchmark chose without re-tuning under the profiler,
     whose timings differ. Shapes tuned before the block keep their choice."""
-    kernel = _autotuned(m)
-    matches = [config for config in every_candidate(kernel) if _describe(config) == name]
-    if not matches:
-        raise ValueError(f"no W4A16 kernel config for M={m} is named {name!r}; tuned_config() gives the names")
-    saved, kernel.configs = kernel.configs, matches[:1]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
+    return pinned(_autotuned(m), name, _describe, f"tuned_config() gives the names of M={m}'s W4A16 configs")
 
 
 def _stream_key(device: torch.device) -> tuple[str, int]:
