@@ -26,7 +26,7 @@ _WARPS = (4, 8)
 _COLUMNS_PER_THREAD = (1, 2, 4)
 """A thread's columns of a word row: at most four words, one 16-byte load."""
 _BLOCK_K = (32, 64)
-"""K of a tile: four or eight word rows, each a load of its own."""
+"""K of a tile: four word rows, or eight as a finalist variant; each row is a load of its own."""
 _K_SPANS = (128, 256, 512, 1024, 2048)
 _PROGRAMS = (96, 4096)
 """Programs a launch should have: fewer leave SMs idle (132 on an H100), more repeat x's staging
@@ -49,20 +49,23 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import gemv_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "K_SPAN": span, "WARPS": warps, "AHEAD": 2},
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": _BLOCK_K[0], "K_SPAN": span, "WARPS": warps, "AHEAD": 2},
                              num_warps=warps)
                for bn in _BLOCK_N for warps in _WARPS if bn // (32 * warps) in _COLUMNS_PER_THREAD
-               for bk in _BLOCK_K for span in _K_SPANS]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, gemv_kernel, finalist_variants=_one_tile_ahead)
+               for span in _K_SPANS]
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, gemv_kernel, finalist_variants=_variants)
 
 
-def _one_tile_ahead(config) -> list:
-    """The config with one tile's words in flight instead of two, tried on the tuner's finalists
-    only (autotune's finalist variants): it won three shapes of eight side by side, by a few
-    percent (gpu_gluon_gemv_h200.md), where offered on every tile it would double the compiles."""
+def _variants(config) -> list:
+    """The config with tiles of eight word rows instead of four, and with one tile's words in
+    flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
+    Side by side, eight rows won four shapes of eight and one tile ahead two, by a few percent
+    (gpu_gluon_gemv_h200.md), and offered on every config they tripled the candidates: compiling them was 9.3 s of
+    `lowbit generate`'s first warm-up at batch 1 (gpu_warmup_breakdown_b1_h200.md of 2fc58fb)."""
     import triton
 
-    return [triton.Config({**config.kwargs, "AHEAD": 1}, num_warps=config.num_warps, num_stages=config.num_stages)]
+    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
+            for setting in ({"BLOCK_K": _BLOCK_K[1]}, {"AHEAD": 1})]
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
