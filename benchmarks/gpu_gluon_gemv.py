@@ -3,11 +3,10 @@
 The Triton GEMV's pipelined loop syncs its block twice per tile, and an ncu profile on 8B
 gate/up_proj put barrier stalls at 1.44 warps per issued instruction
 (gpu_profile_h200_gemv_8b.log). The Gluon kernel loads into registers exactly the words each
-thread multiplies, one or two tiles ahead, so its loop has no barrier. In sm_90 compiles (not saved)
-it runs fewer instructions per code than the Triton loop and holds more registers a thread, so
-fewer warps fit on an SM. For each shape (asymmetric, group 128) this times
-every Gluon config once, then the fastest beside the Triton GEMV's tuned choice in turns, seven
-rounds each, and reports the medians (CUDA-graph replays, cold L2, as the kernel table times).
+thread multiplies, one or two tiles ahead, so its loop has no barrier, at the price of more
+registers a thread. For each shape (asymmetric, group 128) this times every Gluon config the
+tuner may choose (w4a16_gluon_gemv) once, then the fastest beside the Triton GEMV's tuned choice
+in turns, seven rounds each, and reports the medians (CUDA-graph replays, cold L2, as the kernel table times).
 
     python benchmarks/gpu_gluon_gemv.py --out benchmarks/results/gpu_gluon_gemv_h200
 """

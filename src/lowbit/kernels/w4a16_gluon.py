@@ -12,8 +12,10 @@ to the operand layout is a no-op. The loop then costs 2.3-3.0 SASS instructions 
 (gluon_sass_sm90.md).
 
 x's span of K is staged in shared memory once per program, where every warp reads its A fragments.
-The words of the next two groups are loaded into registers ahead of the group being multiplied.
-The first two groups are requested before x is staged, so the x loads and the barrier overlap the
+The words of the next two groups are loaded into registers ahead of the group being multiplied,
+or of the next one only, which frees registers for more warps an SM: the tuner tries that on its
+finalists (AHEAD), and chose it on all eight shapes at 16 rows (gpu_kernels_h200.md).
+The first groups are requested before x is staged, so the x loads and the barrier overlap the
 first words' DRAM latency. An ncu profile of this kernel showed it latency-bound: one instruction
 issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte loads, the
 c-innermost word order, and the early requests each came from that profile. Asymmetric zero points
@@ -134,7 +136,8 @@ def _variants(config) -> list:
     flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
     Unpacked won one shape of eight side by side (8B q/o_proj, gpu_gluon_zero_fold_h200.md), and
     offered on every tile it doubled the candidates to compile and time. One group ahead frees a
-    group's words, so more warps fit on an SM (an sm_90 compile whose output is not saved yet)."""
+    group's words, so more warps fit on an SM: the tuner chose it on all eight shapes at 16 rows
+(gpu_kernels_h200.md)."""
     import triton
 
     return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
