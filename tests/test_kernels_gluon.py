@@ -373,8 +373,8 @@ def test_a_pinned_config_that_does_not_fit_the_shape_is_refused_before_it_launch
 
 def test_the_gluon_gemv_tuner_is_offered_configs_that_fit_the_shape():
     """Whole column tiles of at most four words a thread, tiles of K within a group, spans of whole
-    groups dividing K, 96 to 4096 programs, or the most there are where a weight is too small for
-    96; tiles of eight word rows instead of four, and one tile's words in flight instead of two,
+    groups dividing K, 96 to 4096 programs, or the nearest number there is where a weight is too
+    small or too large for those; tiles of eight word rows instead of four, and one tile's words in flight instead of two,
     are variants tried on the finalists only."""
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels import w4a16_gluon_gemv as gemv
@@ -394,6 +394,8 @@ def test_the_gluon_gemv_tuner_is_offered_configs_that_fit_the_shape():
     assert described(256, 256) == {f"1x256x{bk} span 128 w{w}{ahead}" for w in (4, 8)  # 2 programs: the most
                                    for bk, ahead in ((32, ""), (64, ""), (32, " ahead 1"))}
     assert not any("x64 " in name for name in described(14336, 4096, group=32))
+    huge = described(256 * 9001, 128)  # 9001 programs at the fewest
+    assert huge and all(name.startswith("1x256x") for name in huge)
     assert not any("span 128 " in name for name in described(14336, 4096, group=256))
 
 

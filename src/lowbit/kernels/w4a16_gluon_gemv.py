@@ -29,8 +29,8 @@ _BLOCK_K = (32, 64)
 """K of a tile: four word rows, or eight as a finalist variant; each row is a load of its own."""
 _K_SPANS = (128, 256, 512, 1024, 2048)
 _PROGRAMS = (96, 4096)
-"""Programs a launch should have: fewer leave SMs idle (132 on an H100), more repeat x's staging
-and the split-K tail to no gain. Where no config reaches the lower bound, the most there are."""
+"""Programs a launch should have: fewer leave SMs idle (132 on an H100 or H200), more repeat x's
+staging and the split-K tail to no gain. Where no config reaches a bound, the nearest there are."""
 
 
 def supports(packed: PackedInt4, dtype: torch.dtype) -> bool:
@@ -70,15 +70,17 @@ def _variants(config) -> list:
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the shape: whole tiles of N, tiles of K within a group, spans of whole
-    groups dividing K, and a number of programs in _PROGRAMS (see there)."""
+    groups dividing K, and a number of programs within _PROGRAMS (see there)."""
     args = {**named_args, **kwargs}
     n, k, group = args["N"], args["K"], args["GROUP"]
     fitting = [c for c in configs if n % c.kwargs["BLOCK_N"] == 0 and group % c.kwargs["BLOCK_K"] == 0
                and c.kwargs["K_SPAN"] % group == 0 and k % c.kwargs["K_SPAN"] == 0]
     programs = {c: (n // c.kwargs["BLOCK_N"]) * (k // c.kwargs["K_SPAN"]) for c in fitting}
-    fitting = [c for c in fitting if programs[c] <= _PROGRAMS[1]]
-    floor = min(_PROGRAMS[0], max(programs[c] for c in fitting)) if fitting else 0
-    return [c for c in fitting if programs[c] >= floor]
+    if not programs:
+        return []
+    low = min(_PROGRAMS[0], max(programs.values()))  # a small weight: the most programs there are
+    high = max(_PROGRAMS[1], min(programs.values()))  # a huge one: the fewest
+    return [c for c in fitting if low <= programs[c] <= high]
 
 
 def _describe(config) -> str:
