@@ -86,16 +86,15 @@ print(k.markdown_table(r))" ;;
                     --out "$out/gpu_quant_speed_ranges" ;;
         # Nsight Compute's stall reasons (each as warps stalled per issued instruction), occupancy and
         # throughput for a few kernels (gpu_profile.py: the configs the saved kernel table chose);
-        # PROFILE_CASES (SHAPE:M, separated by "|") replaces the default cases.
-        # PROFILE_GLUON (cases separated by |, e.g. "70B gate/up_proj@16x128 span 1024 w4"): also lowbit's Gluon kernel.
+        # PROFILE_CASES (SHAPE:M[@CONFIG], separated by "|") replaces the default cases; a CONFIG names
+        # its kernel (e.g. "8B gate/up_proj:16@16x128 span 1024 w8", the Gluon 16-row tile).
         # PROFILE_SOURCE=1 adds ncu's SourceCounters section: warp stalls sampled per SASS instruction.
         profile) IFS='|' read -r -a cases <<< "${PROFILE_CASES:-70B gate/up_proj:1|70B gate/up_proj:16|8B gate/up_proj:16|8B k/v_proj:1}"
-                 IFS='|' read -r -a gluon_cases <<< "${PROFILE_GLUON:-}"
                  step profile "${T_PROFILE:-300}" ncu --clock-control none --profile-from-start off \
                      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                      --section SchedulerStats --section MemoryWorkloadAnalysis ${PROFILE_SOURCE:+--section SourceCounters} \
                      --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
-                     python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" --gluon "${gluon_cases[@]}" ;;
+                     python3 "$here/benchmarks/gpu_profile.py" --cases "${cases[@]}" ;;
         # The Gluon 16-row tile with asymmetric zero points unpacked or folded, beside symmetric (gpu_gluon_zero_fold.py).
         gluon_zero_fold) step gluon_zero_fold "${T_FOLD:-300}" python3 "$here/benchmarks/gpu_gluon_zero_fold.py" --out "$out/gpu_gluon_zero_fold" ;;
         # The swap-AB wgmma tile for M = 16 and 64 beside bf16 and the dispatcher (gpu_wgmma_swap_ab.py).

@@ -194,15 +194,33 @@ def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
     from tests.conftest import benchmark_script
 
     gpu_profile = benchmark_script("gpu_profile")
-    assert gpu_profile.parse_gluon_case("70B gate/up_proj@16x128 span 1024 w8") == ("70B gate/up_proj",
-                                                                                  "16x128 span 1024 w8")
-    for wrong in ("70B gate/up_proj", "70B up@16x64 span 512"):
-        with pytest.raises(SystemExit, match="give SHAPE@CONFIG"):
-            gpu_profile.parse_gluon_case(wrong)
+    assert gpu_profile.parse_case("70B gate/up_proj:16@16x128 span 1024 w8") == ("70B gate/up_proj", 16, False,
+                                                                              "16x128 span 1024 w8")
+    assert [gpu_profile.kernel_of(c) for c in ("16x128 span 1024 w8", "1x256x32 span 256 w4 ahead 1",
+                                               "1x512x32 split 16 f16 pipeline 3")] == ["gluon", "gluon-gemv", "fused"]
+    for wrong in ("70B gate/up_proj", "70B up:16@16x64 span 512"):
+        with pytest.raises(SystemExit, match="give SHAPE:M"):
+            gpu_profile.parse_case(wrong)
     with pytest.raises(ValueError, match="no config is named .*16x64 split 8.*write a Gluon W4A16 config"):
         pytest.importorskip("triton.experimental.gluon")
         with w4a16_gluon.pinned_config("16x64 split 8"):
             pass
+
+
+def test_the_profiler_can_pin_every_config_the_saved_kernel_table_chose():
+    """gpu_profile.py's default cases profile the saved table's choices, Gluon kernels' among them:
+    each config it recorded must name a candidate of the kernel its name says."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    gpu_profile = benchmark_script("gpu_profile")
+    chosen = gpu_profile.chosen_configs(gpu_profile.BENCH)
+    assert {gpu_profile.kernel_of(config) for config in chosen.values()} == {"fused", "gluon", "gluon-gemv"}
+    for (name, m, symmetric), config in chosen.items():
+        pinned, matmul = gpu_profile.pinned_matmul(m, config)
+        with pinned:
+            assert matmul.__module__.endswith({"fused": "triton", "gluon": "gluon", "gluon-gemv": "gluon_gemv"}
+                                              [gpu_profile.kernel_of(config)])
 
 
 def test_the_tuner_is_offered_only_tiles_that_fit_the_shape():
