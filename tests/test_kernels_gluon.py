@@ -137,8 +137,7 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
                                        ("16x128 span 1024 w4 ahead 1", 2048), ("16x64 span 256 w8 ahead 1", 1280)])
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
     """The tuner may choose either way of the zero points per shape, and one group's words in
-    flight or two: each must be right (a shape of its own per config, since a shape tuned before
-    keeps its choice; a lone candidate runs untimed)."""
+    flight or two: each must be right (a pinned config runs untimed)."""
     weight = quantized(256, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)

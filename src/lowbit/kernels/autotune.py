@@ -151,8 +151,8 @@ def _with_variants(configs: list[triton.Config],
 @contextlib.contextmanager
 def pinned(tuner: Autotuner, name: str, describe: Callable[[triton.Config], str], hint: str):
     """Within the block `tuner` has one candidate, the one `describe` calls `name`: a benchmark or a
-    profiler then runs the config it names, untuned. Shapes tuned before the block keep their
-    choice. Triton launches a lone candidate without pruning it: a kernel whose tiles must fit the
+    profiler then runs the config it names, untuned, on every shape whatever was chosen for it
+    before. Triton launches a lone candidate without pruning it: a kernel whose tiles must fit the
     shape checks it (`check_lone_candidate_fits`). `hint` says where the names come from."""
     matches = [config for config in every_candidate(tuner) if describe(config) == name]
     if not matches:

@@ -137,7 +137,7 @@ def _variants(config) -> list:
     Unpacked won one shape of eight side by side (8B q/o_proj, gpu_gluon_zero_fold_h200.md), and
     offered on every tile it doubled the candidates to compile and time. One group ahead frees a
     group's words, so more warps fit on an SM: the tuner chose it on all eight shapes at 16 rows
-(gpu_kernels_h200.md)."""
+    (gpu_kernels_h200.md)."""
     import triton
 
     return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -168,7 +168,7 @@ def _describe(config) -> str:
     with one group's words in flight."""
     kw = config.kwargs
     return (f"16x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
-            + ("" if kw.get("AHEAD", 2) == 2 else f" ahead {kw['AHEAD']}"))
+            + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}"))
 
 
 def tuned_config(packed: PackedInt4) -> str | None:
@@ -180,7 +180,7 @@ def tuned_config(packed: PackedInt4) -> str | None:
 
 def pinned_config(name: str):
     """Within the block the kernel has one candidate, the one `tuned_config` would call `name`: a
-    profiler then sees the config a benchmark chose, untuned. Shapes tuned before keep their choice."""
+    profiler then sees the config a benchmark chose, untuned."""
     from lowbit.kernels.autotune import pinned
 
     return pinned(_tuned(), name, _describe,

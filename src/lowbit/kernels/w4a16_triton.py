@@ -507,7 +507,7 @@ def tuned_config(m: int, packed: PackedInt4) -> str | None:
 def pinned_config(m: int, name: str):
     """Within the block, M's kernel has one candidate, the one `tuned_config` would call `name`: a
     profiler can then look at the config a benchmark chose without re-tuning under the profiler,
-    whose timings differ. Shapes tuned before the block keep their choice."""
+    whose timings differ."""
     return pinned(_autotuned(m), name, _describe, f"tuned_config() gives the names of M={m}'s W4A16 configs")
 
 
