@@ -477,3 +477,50 @@ def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
     assert "gluon-gemv" not in path_matmuls(2, packed, torch.bfloat16)
     assert "gluon-gemv" not in path_matmuls(1, packed, torch.float16)
     check_dispatcher_allowing("gluon-gemv", 512, leading=(1, 1))
+
+
+def test_the_gemv_tail_per_element_has_no_barrier_after_the_product():
+    """Per element, each thread counts in its own elements after adding them: the barrier the
+    per-program tail waits at goes, x's staging barrier stays (one fewer in the SASS)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_gemv_for_sm90
+    from tests.conftest import benchmark_script
+
+    gemv_sass = benchmark_script("gemv_sass")
+
+    def barriers(tail_per_element: bool) -> int:
+        sass, _, _ = gemv_sass.disassemble(compile_gemv_for_sm90(512, 128, 64, warps=8,
+                                                                 tail_per_element=tail_per_element))
+        return sass.count("BAR.SYNC") + sass.count("BAR.ARV")
+
+    assert barriers(True) < barriers(False)
+
+
+def test_the_gemv_tail_benchmark_reports_the_ratio():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_gemv_tail")
+    row = {"shape": "70B gate/up_proj", "config": "1x512x64 span 128 w8", "splits": 64, "per program us": 36.0,
+           "per element us": 33.0, "per program error": 1.7e-3, "per element error": 1.7e-3}
+    assert ("| 70B gate/up_proj | 1x512x64 span 128 w8 | 64 | 36.0 | 33.0 | 0.92 | 1.7e-03 / 1.7e-03 |"
+            in script.markdown([row], "GPU"))
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config", ["1x512x64 span 128 w8", "1x256x32 span 256 w4 ahead 1", "1x256x32 span 2048 w4"])
+def test_the_gemv_tail_per_element_is_right_and_leaves_the_workspace_zero(config):
+    """64-way, 8-way and no split-K; twice, so the second call finds what the first left."""
+    from lowbit.kernels import w4a16_gluon_gemv
+    from lowbit.kernels.autotune import every_candidate
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gluon_gemv_tail")
+    chosen = next(c for c in every_candidate(w4a16_gluon_gemv._tuned()) if w4a16_gluon_gemv._describe(c) == config)
+    weight = quantized(1024, 2048, IntegerFormat(4, symmetric=False, group_size=128), seed=9)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        out = script.launch(x, packed, chosen, True)
+        assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+        assert script.workspace_is_zero(1024)
