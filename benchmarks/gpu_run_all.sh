@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv gluon_gemv_tail zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -112,8 +112,6 @@ print(k.markdown_table(r))" ;;
                 done ;;
         # The Gluon GEMV beside the Triton GEMV's tuned choice, M = 1 (gpu_gluon_gemv.py).
         gluon_gemv) step gluon_gemv "${T_GLUON_GEMV:-300}" python3 "$here/benchmarks/gpu_gluon_gemv.py" --out "$out/gpu_gluon_gemv" ;;
-        # The Gluon GEMV's split-K tail per program or per element on the tuned config (gpu_gluon_gemv_tail.py).
-        gluon_gemv_tail) step gluon_gemv_tail "${T_GLUON_GEMV:-300}" python3 "$here/benchmarks/gpu_gluon_gemv_tail.py" --out "$out/gpu_gluon_gemv_tail" ;;
         gemv_floor) step gemv_floor "${T_FLOOR:-120}" python3 "$here/benchmarks/gpu_gemv_floor.py" --out "$out/gpu_gemv_floor" ;;
         # The GEMV's autotuner run from scratch again and again (gpu_tuner_stability.py): how often it keeps a
         # slower config, without finalists, with the autotuner's own setting and with a wider one.
@@ -127,6 +125,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv gluon_gemv_tail zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq)"; exit 2 ;;
     esac
 done

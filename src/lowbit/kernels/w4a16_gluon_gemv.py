@@ -91,15 +91,10 @@ def _describe(config) -> str:
             + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}"))
 
 
-def tuned_choice(packed: PackedInt4):
-    """The triton.Config chosen for this weight's shape (None before the first call)."""
-    wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
-    return next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
-
-
 def tuned_config(packed: PackedInt4) -> str | None:
     """The chosen config for this weight's shape, e.g. "1x512x32 span 128 w4" (None before the first call)."""
-    config = tuned_choice(packed)
+    wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
+    config = next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
     return None if config is None else _describe(config)
 
 

@@ -103,37 +103,22 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 
 
 @gluon.jit
-def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om,
-                  PER_ELEMENT: ttgl.constexpr = False):
+def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om):
     """acc, the float32 product of one program's span of K, into out[rows, cols] (bf16). Split-K
     programs (grid axis 1) add into the workspace and the last of a tile writes it and resets the
-    workspace and its counter (w4a16_triton._store's protocol), so a call is one launch.
-
-    PER_ELEMENT: each output element has a counter of its own (at its workspace offset), which the
-    thread that holds the element increments after adding into it; the last to arrive writes it.
-    A thread orders its own two atomics, so no barrier waits for the program's slowest warp, at
-    the cost of an atomic per element instead of one per program."""
+    workspace and its counter (w4a16_triton._store's protocol), so a call is one launch."""
     out_offs = rows * stride_om + cols
     split_k = ttgl.num_programs(1)
     if split_k > 1:
         ws_offs = rows * N + cols
         ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        if PER_ELEMENT:
-            count = ttgl.atomic_add(cnt_ptr + ws_offs, ttgl.full(acc.shape, 1, ttgl.int32, acc.type.layout),
-                                    mask=mask, sem="acq_rel")
-            last = mask & (count == split_k - 1)
-            total = ttgl.load(ws_ptr + ws_offs, mask=last, other=0.0, cache_modifier=".cg")
-            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=last)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=last)
-            ttgl.store(cnt_ptr + ws_offs, ttgl.zeros_like(count), mask=last)
-        else:
-            _barrier()
-            count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if count == split_k - 1:
-                total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-                ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-                ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
-                ttgl.store(cnt_ptr + pid_n, 0)
+        _barrier()
+        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if count == split_k - 1:
+            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
+            ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
+            ttgl.store(cnt_ptr + pid_n, 0)
     else:
         ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
@@ -235,8 +220,7 @@ def _f16_pair(high, low):
 @gluon.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2,
-                TAIL_PER_ELEMENT: ttgl.constexpr = False):
+                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, from the plain words [K / 8, N] (M = 1).
 
     w4a16_triton's F16_PAIRS GEMV in Gluon, for what Triton's pipeliner does not allow: each
@@ -336,16 +320,15 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
-    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om,
-                  TAIL_PER_ELEMENT)
+    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
 
 
 def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: int = 128, symmetric: bool = False,
-                          warps: int = 4, ahead: int = 2, tail_per_element: bool = False):
+                          warps: int = 4, ahead: int = 2):
     """`gemv_kernel` compiled for sm_90 without a GPU: for the tests."""
     return compile_gluon_for_sm90(gemv_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead,
-                                                "TAIL_PER_ELEMENT": tail_per_element}, warps)
+                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead},
+                                  warps)
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
