@@ -18,7 +18,9 @@ codes/s), everything included.
 4 stages, SWAP_AB), with the reshaped [BLOCK_K, BLOCK_N] tile and with PAIRED_DOTS, and also
 counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code. `--gluon` counts
 the Gluon 16-row tile (kernels/w4a16_gluon_kernel.py; configs BLOCK_NxWARPS, K span 1024) with
-asymmetric zero points unpacked or folded, and symmetric weights (needs Triton with Gluon).
+asymmetric zero points unpacked or folded, and symmetric weights; `--gluon-gemv` the Gluon GEMV
+(configs BLOCK_NxBLOCK_KxWARPS, K span 1024) with its words one or two tiles ahead (`--ahead`),
+asymmetric and symmetric (both need Triton with Gluon).
 """
 
 from __future__ import annotations
@@ -150,6 +152,29 @@ def gluon_table(configs: list[str]) -> None:
             print(f"| {config} | {mode} | {sum(per_code.values()):.2f} | {top} | {per_sm} |", flush=True)
 
 
+def gluon_gemv_table(configs: list[str], aheads: list[int]) -> None:
+    """The Gluon GEMV's loop per code (a step is one group, its K tiles unrolled), and its
+    occupancy, at K span 1024."""
+    from lowbit.kernels.w4a16_gluon_kernel import compile_gemv_for_sm90
+
+    print(f"Gluon GEMV compiled for sm_90 by Triton {triton.__version__}, group {GROUP}, K span 1024 "
+          "(benchmarks/gemv_sass.py --gluon-gemv).\n")
+    print("| BLOCK_N x BLOCK_K x warps | tiles ahead | weights | instructions / code | largest opcodes / code "
+          "| per SM |")
+    print("|---|---:|---|---:|---|---|")
+    for config in configs:
+        block_n, block_k, warps = (int(v) for v in config.split("x"))
+        codes_per_thread = block_n * GROUP / (32 * warps)
+        for ahead in aheads:
+            for weights, symmetric in (("asymmetric", False), ("symmetric", True)):
+                sass, registers, shared = disassemble(compile_gemv_for_sm90(
+                    block_n, 1024, block_k, GROUP, symmetric, warps, ahead))
+                ops = loop_opcodes(sass)[-1][2]
+                top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
+                print(f"| {config} | {ahead} | {weights} | {sum(ops.values()) / codes_per_thread:.2f} | {top} | "
+                      f"{occupancy(registers, shared, warps)} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=None,
@@ -162,7 +187,13 @@ def main() -> None:
     parser.add_argument("--swap", action="store_true", help="--mma: SWAP_AB")
     parser.add_argument("--gluon", action="store_true",
                         help="the Gluon 16-row tile instead (configs BLOCK_NxWARPS, default 64x4 128x4 256x4 128x8)")
+    parser.add_argument("--gluon-gemv", action="store_true",
+                        help="the Gluon GEMV instead (configs BLOCK_NxBLOCK_KxWARPS, default 256x32x4 512x32x4 "
+                        "512x64x8 256x64x4)")
+    parser.add_argument("--ahead", type=int, nargs="+", default=[1, 2], help="--gluon-gemv: K tiles of words in flight")
     args = parser.parse_args()
+    if args.gluon_gemv:
+        return gluon_gemv_table(args.configs or ["256x32x4", "512x32x4", "512x64x8", "256x64x4"], args.ahead)
     if args.gluon:
         return gluon_table(args.configs or ["64x4", "128x4", "256x4", "128x8"])
     if args.mma:

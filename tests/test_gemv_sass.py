@@ -46,3 +46,13 @@ def test_gluon_counts_come_from_its_loop(gemv_sass):
     symmetric, _ = gemv_sass.gluon_loop(128, 4, symmetric=True, fold_zeros=True)
     assert per_code["HADD2"] < symmetric["HADD2"] - 0.4  # the subtraction, half an instruction per code
     assert sum(per_code.values()) < sum(symmetric.values())
+
+
+def test_the_gluon_gemv_table_counts_its_loop_per_code(gemv_sass, capsys):
+    """A loop step is one group with its K tiles unrolled: about 2.5 instructions per code, where
+    a count per K tile would give four times that."""
+    pytest.importorskip("triton.experimental.gluon")
+    gemv_sass.gluon_gemv_table(["256x32x4"], [2])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 256x32x4")]
+    assert [(row[2].strip(), row[3].strip()) for row in rows] == [("2", "asymmetric"), ("2", "symmetric")]
+    assert all(1.5 < float(row[4]) < 4 and " reg, " in row[6] for row in rows)
