@@ -1,0 +1,234 @@
+"""An experiment for M = 17-64 on Hopper: a warp-specialized mixed-input wgmma tile.
+
+At M = 64 no lowbit path reaches 2x bf16: FBGEMM's CUTLASS tile runs at 0.78-1.21x
+(gpu_kernels_h200.md). The tiles tried so far unpack and multiply in the same warps, so a warp
+waits on its own words before its MMA can start (round 13's swap-AB tile, gpu_wgmma_swap_ab_h200.md).
+Here two warpgroups split the work. A producer warpgroup loads each K tile's words and x's tile,
+unpacks the codes to bf16((q - z)·s) (one rounding per weight, as FBGEMM's tile rounds), and stores
+both into a ring of STAGES shared-memory buffers in the layout wgmma reads. A consumer warpgroup
+chains asynchronous wgmmas over the ring, one in flight while it waits for the next. Mbarriers
+pass each buffer between the two: "ready" when the producer has filled it, "empty" when the MMA
+that read it has completed. The words are the plain [K / 8, N] every path reads. Split-K programs
+meet through the workspace as the other Gluon kernels do (w4a16_gluon_kernel.store_split_k).
+
+For each shape and M this times every config offered, beside bf16 cuBLAS and the W4A16
+dispatcher's choice in the same process, each checked against float64 dequantize-then-matmul.
+
+    python benchmarks/gpu_ws_wgmma.py --out benchmarks/results/gpu_ws_wgmma_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as ttgl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from lowbit.bench.kernels import MAX_RELATIVE_ERROR, SHAPES
+from lowbit.formats.base import quantize_matrix
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import w4a16
+from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
+from lowbit.kernels.timing import graph_time_ms
+from lowbit.kernels.w4a16_gluon_kernel import compile_gluon_for_sm90, store_split_k
+from lowbit.kernels.w4a16_triton import split_k_workspace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
+
+M_VALUES = (16, 64)
+MAX_SHARED = 200 * 1024
+"""Shared memory a program may take for its ring (an sm_90 SM has 227 KB)."""
+
+
+@gluon.jit
+def _producer(x_ptr, qw_ptr, s_ptr, z_ptr, x_bufs, w_bufs, ready, empty, M, N, stride_xm, stride_sg, n0, k0,
+              GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+              BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr):
+    """Fills the ring: x's tile and the weight's tile, unpacked and scaled, for each K tile of the span."""
+    ROWS: ttgl.constexpr = BLOCK_K // 8
+    COLS: ttgl.constexpr = BLOCK_N // (32 * 4)
+    # Words [ROWS, 8 nibbles, BLOCK_N]: each thread holds whole columns, every nibble of every word row.
+    P_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, 8, COLS], [1, 1, 32], [1, 1, 4], [2, 1, 0])
+    WORD_L: ttgl.constexpr = ttgl.SliceLayout(1, P_L)
+    COL_L: ttgl.constexpr = ttgl.SliceLayout(0, ttgl.SliceLayout(0, P_L))
+    word_rows = ttgl.arange(0, ROWS, layout=ttgl.SliceLayout(1, WORD_L))
+    cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, WORD_L))
+    word_offs = ttgl.expand_dims(word_rows, 1) * N + ttgl.expand_dims(cols, 0)
+    nibbles = ttgl.arange(0, 8, layout=ttgl.SliceLayout(0, ttgl.SliceLayout(2, P_L)))
+    shifts = ttgl.expand_dims(ttgl.expand_dims(nibbles * 4, 0), 2)
+    group_cols = n0 + ttgl.arange(0, BLOCK_N, layout=COL_L)
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    x_rows = ttgl.arange(0, 64, layout=ttgl.SliceLayout(1, X_L))
+    x_offs = ttgl.expand_dims(x_rows, 1) * stride_xm + ttgl.expand_dims(
+        ttgl.arange(0, BLOCK_K, layout=ttgl.SliceLayout(0, X_L)), 0)
+    x_mask = ttgl.expand_dims(x_rows < M, 1)
+    for t in range(TILES):
+        stage = t % STAGES
+        k = k0 + t * BLOCK_K
+        words = ttgl.load(qw_ptr + (k // 8) * N + word_offs)
+        group = k // GROUP
+        scale = ttgl.expand_dims(ttgl.expand_dims(ttgl.load(s_ptr + group * stride_sg + group_cols).to(ttgl.float32),
+                                                  0), 0)
+        if SYMMETRIC:
+            zero = ZERO
+        else:
+            zero = ttgl.expand_dims(ttgl.expand_dims(
+                ttgl.load(z_ptr + group * stride_sg + group_cols).to(ttgl.float32), 0), 0)
+        x_tile = ttgl.load(x_ptr + k + x_offs, mask=x_mask, other=0.0)
+        codes = (ttgl.expand_dims(words, 1) >> shifts) & 15
+        weights = ((codes.to(ttgl.float32) - zero) * scale).to(ttgl.bfloat16)
+        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+        x_bufs.index(stage).store(x_tile)
+        w_bufs.index(stage).store(ttgl.reshape(weights, [BLOCK_K, BLOCK_N]))
+        fence_async_shared()
+        mbarrier.arrive(ready.index(stage), count=1)
+
+
+@gluon.jit
+def _consumer(x_bufs, w_bufs, ready, empty, BLOCK_N: ttgl.constexpr, TILES: ttgl.constexpr,
+              STAGES: ttgl.constexpr):
+    """Chains the wgmmas over the ring, one in flight, and frees each buffer once its MMA completed."""
+    MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    acc = ttgl.zeros([64, BLOCK_N], ttgl.float32, MMA_L)
+    for t in range(TILES):
+        stage = t % STAGES
+        mbarrier.wait(ready.index(stage), (t // STAGES) & 1)
+        acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(empty.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
+    return (warpgroup_mma_wait(0, deps=[acc]),)  # a partition returns a tuple
+
+
+@gluon.jit
+def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
+                    GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+                    BLOCK_K: ttgl.constexpr, K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K, M <= 64 (wgmma's M: 16 rows a warp of
+    the kernel's own warpgroup, which multiplies; rows past M are zeros in x's buffers), a producer
+    warpgroup unpacking (see the module's docstring)."""
+    pid_n = ttgl.program_id(0)
+    pid_k = ttgl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    X_S: ttgl.constexpr = ttgl.NVMMASharedLayout.get_default_for([64, BLOCK_K], ttgl.bfloat16)
+    W_S: ttgl.constexpr = ttgl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], ttgl.bfloat16)
+    x_bufs = ttgl.allocate_shared_memory(ttgl.bfloat16, [STAGES, 64, BLOCK_K], X_S)
+    w_bufs = ttgl.allocate_shared_memory(ttgl.bfloat16, [STAGES, BLOCK_K, BLOCK_N], W_S)
+    ready = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in ttgl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    TILES: ttgl.constexpr = K_SPAN // BLOCK_K
+    (acc,) = ttgl.warp_specialize([
+        (_consumer, (x_bufs, w_bufs, ready, empty, BLOCK_N, TILES, STAGES)),
+        (_producer, (x_ptr, qw_ptr, s_ptr, z_ptr, x_bufs, w_bufs, ready, empty, M, N, stride_xm, stride_sg, n0,
+                     pid_k * K_SPAN, GROUP, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES)),
+    ], [4], [152])  # the producer: one warpgroup (its layouts assume 4 warps), 152 registers a thread
+    MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    rows = ttgl.expand_dims(ttgl.arange(0, 64, layout=ttgl.SliceLayout(1, MMA_L)), 1)
+    cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA_L)), 0)
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, rows < M, N, stride_om)
+
+
+def compile_for_sm90(config: tuple[int, int, int, int], symmetric: bool = False):
+    """`ws_wgmma_kernel` compiled for sm_90 without a GPU: for the tests."""
+    block_n, block_k, span, stages = config
+    return compile_gluon_for_sm90(ws_wgmma_kernel, {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO,
+                                                    "BLOCK_N": block_n, "BLOCK_K": block_k, "K_SPAN": span,
+                                                    "STAGES": stages}, 4)
+
+
+def shared_bytes(config: tuple[int, int, int, int]) -> int:
+    block_n, block_k, span, stages = config
+    return stages * 2 * block_k * (64 + block_n)
+
+
+def configs(n: int, k: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, K_SPAN, STAGES) that fit the shape: whole tiles of at least the producer's
+    128 threads' columns, K tiles within a group,
+    spans of whole tiles dividing K and holding at least a ring's worth of tiles, the ring within
+    MAX_SHARED, 64 to 4096 programs."""
+    return [(bn, bk, span, stages) for bn, bk, span, stages in itertools.product((128, 256), (32, 64, 128),
+                                                                              (256, 512, 1024, 2048), (2, 3, 4, 6))
+            if n % bn == 0 and k % span == 0 and span >= stages * bk
+            and shared_bytes((bn, bk, span, stages)) <= MAX_SHARED and 64 <= (n // bn) * (k // span) <= 4096]
+
+
+def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int]) -> torch.Tensor:
+    block_n, block_k, span, stages = config
+    m, k = x.shape
+    n = packed.out_features
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    ws, counters = split_k_workspace(x.device, m * n)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    ws_wgmma_kernel[(n // block_n, k // span)](
+        x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+        out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_N=block_n,
+        BLOCK_K=block_k, K_SPAN=span, STAGES=stages, num_warps=4)
+    return out
+
+
+def describe(config: tuple[int, int, int, int]) -> str:
+    block_n, block_k, span, stages = config
+    return f"64x{block_n}x{block_k} span {span} stages {stages}"
+
+
+def run_shape(name: str) -> list[dict]:
+    n, k = SHAPES[name]
+    torch.manual_seed(0)
+    qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), torch.randn(n, k, device="cuda"))
+    packed = pack_quantized_weight(qweight)
+    dense = qweight.dequantize().to(torch.bfloat16)
+    rows = []
+    for m in M_VALUES:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ qweight.dequantize().double().T
+        row = {"shape": name, "m": m, "bf16": 1000 * graph_time_ms(lambda: x @ dense.T),
+               "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
+               "dispatcher path": w4a16.chosen_path(x, packed)}
+        timed = []
+        for config in configs(n, k):
+            error = float((launch(x, packed, config).double() - ref).norm() / ref.norm())
+            if not error < MAX_RELATIVE_ERROR:
+                raise SystemExit(f"{name} M={m} {describe(config)}: relative error {error:.2e}")
+            timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c)), config, error))
+        us, config, error = min(timed)
+        row.update({"ws wgmma": us, "config": describe(config), "error": error})
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [f"The warp-specialized mixed-input wgmma tile (benchmarks/gpu_ws_wgmma.py), int4 g128 asymmetric, its "
+             f"best config, on {device} (torch {torch.__version__}, triton {triton.__version__}); microseconds per "
+             "call, CUDA-graph replays, cold L2; error against float64.", "",
+             "| shape | M | bf16 cuBLAS | dispatcher (path) | ws wgmma (config) | error | bf16 / ws wgmma | "
+             "dispatcher / ws wgmma |", "|---|---:|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['m']} | {r['bf16']:.1f} | {r['dispatcher']:.1f} ({r['dispatcher path']}) | "
+                     f"{r['ws wgmma']:.1f} ({r['config']}) | {r['error']:.1e} | {r['bf16'] / r['ws wgmma']:.2f}x | "
+                     f"{r['dispatcher'] / r['ws wgmma']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    args = parser.parse_args()
+    run_cases(args.out, args.shapes, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+
+
+if __name__ == "__main__":
+    main()
