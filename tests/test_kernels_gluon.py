@@ -391,8 +391,8 @@ def test_a_pinned_config_that_does_not_fit_the_shape_is_refused_before_it_launch
 def test_the_gluon_gemv_tuner_is_offered_configs_that_fit_the_shape():
     """Whole column tiles of at most four words a thread, tiles of K within a group, spans of whole
     groups dividing K, 96 to 4096 programs, or the nearest number there is where a weight is too
-    small or too large for those; tiles of eight word rows instead of four, and one tile's words in flight instead of two,
-    are variants tried on the finalists only."""
+    small or too large for those; tiles of eight word rows instead of four, and one tile's words in
+    flight instead of two, are variants tried on the finalists only."""
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels import w4a16_gluon_gemv as gemv
     from lowbit.kernels.autotune import every_candidate
