@@ -487,23 +487,25 @@ def test_the_warp_specialized_wgmma_tile_compiles_for_hopper_and_offers_configs_
 
     script = benchmark_script("gpu_ws_wgmma")
     gemv_sass = benchmark_script("gemv_sass")
-    for config in ((128, 64, 1024, 4), (256, 128, 512, 2)):
-        sass, _, shared = gemv_sass.disassemble(script.compile_for_sm90(config))
+    for config, paired in (((128, 64, 1024, 4), True), ((256, 128, 512, 2), False)):
+        sass, _, shared = gemv_sass.disassemble(script.compile_for_sm90(config, paired=paired))
         assert sass.count("HGMMA") == config[1] // 16
         assert script.shared_bytes(config) <= shared <= script.MAX_SHARED + 1024
     offered = script.configs(4096, 14336)
     assert (256, 64, 1024, 4) in offered and all(bn >= 128 and span >= stages * bk and 14336 % span == 0
                                                  for bn, bk, span, stages in offered)
     row = {"shape": "8B q/o_proj", "m": 64, "bf16": 12.3, "dispatcher": 15.8, "dispatcher path": "fbgemm",
-           "ws wgmma": 7.9, "config": "64x256x64 span 1024 stages 4", "error": 2.7e-3}
-    assert ("| 8B q/o_proj | 64 | 12.3 | 15.8 (fbgemm) | 7.9 (64x256x64 span 1024 stages 4) | 2.7e-03 | 1.56x | 2.00x |"
-            in script.markdown([row], "GPU"))
+           "paired": 7.9, "paired config": "64x256x64 span 1024 stages 4", "paired error": 2.7e-3,
+           "float": 9.5, "float config": "64x128x64 span 512 stages 4", "float error": 2.7e-3}
+    assert ("| 8B q/o_proj | 64 | 12.3 | 15.8 (fbgemm) | 7.9 (64x256x64 span 1024 stages 4) | "
+            "9.5 (64x128x64 span 512 stages 4) | 2.7e-03 / 2.7e-03 | 1.56x | 2.00x |" in script.markdown([row], "GPU"))
 
 
 @needs_gluon_gpu
 @pytest.mark.parametrize("config", [(128, 64, 512, 4), (256, 128, 1024, 2), (128, 32, 256, 3)])
-@pytest.mark.parametrize("m, symmetric", [(64, False), (37, True), (16, False), (1, True)])
-def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric):
+@pytest.mark.parametrize("m, symmetric, paired", [(64, False, True), (37, True, True), (16, False, False),
+                                                  (1, True, False)])
+def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric, paired):
     """Rows past M are zeros in x's buffers and masked at the store; split-K 2-8 ways, twice, so the
     second call finds the workspace the first left."""
     from lowbit.kernels import w4a16_triton
@@ -514,7 +516,7 @@ def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric):
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
-        out = script.launch(x, packed, config)
+        out = script.launch(x, packed, config, paired)
         assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
         ws, counters = w4a16_triton.split_k_workspace(x.device, m * 512)
         torch.cuda.synchronize()
