@@ -130,10 +130,16 @@ def mma_table(configs: list[str], symmetric: bool, swap: bool) -> None:
 
 def gluon_loop(block_n: int, warps: int, symmetric: bool, fold_zeros: bool, k_span: int = 1024):
     """The Gluon 16-row tile (kernels/w4a16_gluon_kernel.py) compiled for sm_90 at group 128: its
-    loop's opcodes per code (one loop step is one group) and its occupancy."""
+    loop's opcodes per code and its occupancy (`group_loop_per_code`)."""
     from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
 
-    sass, registers, shared = disassemble(compile_for_sm90(block_n, k_span, GROUP, symmetric, warps, fold_zeros))
+    return group_loop_per_code(compile_for_sm90(block_n, k_span, GROUP, symmetric, warps, fold_zeros), block_n, warps)
+
+
+def group_loop_per_code(compiled, block_n: int, warps: int) -> tuple[collections.Counter, str]:
+    """A Gluon kernel's longest loop, one group a step over BLOCK_N columns (its K tiles unrolled),
+    as opcodes per code, and its occupancy."""
+    sass, registers, shared = disassemble(compiled)
     codes_per_thread = block_n * GROUP / (32 * warps)
     ops = loop_opcodes(sass)[-1][2]
     return collections.Counter({op: n / codes_per_thread for op, n in ops.items()}), occupancy(registers, shared, warps)
@@ -164,15 +170,13 @@ def gluon_gemv_table(configs: list[str], aheads: list[int]) -> None:
     print("|---|---:|---|---:|---|---|")
     for config in configs:
         block_n, block_k, warps = (int(v) for v in config.split("x"))
-        codes_per_thread = block_n * GROUP / (32 * warps)
         for ahead in aheads:
             for weights, symmetric in (("asymmetric", False), ("symmetric", True)):
-                sass, registers, shared = disassemble(compile_gemv_for_sm90(
-                    block_n, 1024, block_k, GROUP, symmetric, warps, ahead))
-                ops = loop_opcodes(sass)[-1][2]
-                top = ", ".join(f"{op} {n / codes_per_thread:.2f}" for op, n in ops.most_common(6))
-                print(f"| {config} | {ahead} | {weights} | {sum(ops.values()) / codes_per_thread:.2f} | {top} | "
-                      f"{occupancy(registers, shared, warps)} |", flush=True)
+                per_code, per_sm = group_loop_per_code(
+                    compile_gemv_for_sm90(block_n, 1024, block_k, GROUP, symmetric, warps, ahead), block_n, warps)
+                top = ", ".join(f"{op} {n:.2f}" for op, n in per_code.most_common(6))
+                print(f"| {config} | {ahead} | {weights} | {sum(per_code.values()):.2f} | {top} | {per_sm} |",
+                      flush=True)
 
 
 def main() -> None:

@@ -148,6 +148,13 @@ def _with_variants(configs: list[triton.Config],
     return configs + [variant for config in configs for variant in variants(config)]
 
 
+def chosen_config(tuner: Autotuner, key_prefix: tuple) -> triton.Config | None:
+    """The config `tuner` chose for the shape whose tuning key starts with `key_prefix` (the values
+    of its `key` arguments in order; Triton appends the arguments' dtypes), None before that
+    shape's first call."""
+    return next((config for key, config in tuner.cache.items() if tuple(key[: len(key_prefix)]) == key_prefix), None)
+
+
 @contextlib.contextmanager
 def pinned(tuner: Autotuner, name: str, describe: Callable[[triton.Config], str], hint: str):
     """Within the block `tuner` has one candidate, the one `describe` calls `name`: a benchmark or a

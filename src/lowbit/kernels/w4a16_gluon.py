@@ -173,8 +173,9 @@ def _describe(config) -> str:
 
 def tuned_config(packed: PackedInt4) -> str | None:
     """The chosen config for this weight's shape, e.g. "16x128 span 1024 w4" (None before the first call)."""
-    wanted = (packed.out_features, packed.in_features, packed.group_size, packed.symmetric)
-    config = next((c for key, c in _tuned().cache.items() if tuple(key[: len(wanted)]) == wanted), None)
+    from lowbit.kernels.autotune import chosen_config
+
+    config = chosen_config(_tuned(), (packed.out_features, packed.in_features, packed.group_size, packed.symmetric))
     return None if config is None else _describe(config)
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels.autotune import autotune, pinned
+from lowbit.kernels.autotune import autotune, chosen_config, pinned
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -498,9 +498,8 @@ def _describe(config: triton.Config) -> str:
 def tuned_config(m: int, packed: PackedInt4) -> str | None:
     """The tile config the autotuner chose for this shape and M bucket (None before the first call),
     e.g. "16x128x128 split 4 swap paired": which candidate won is what a benchmark row must say."""
-    wanted = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)
-    # The autotuner's cache key starts with the _KEY values in order (then argument dtypes).
-    config = next((c for key, c in _autotuned(m).cache.items() if tuple(key[: len(wanted)]) == wanted), None)
+    key = (bucket(m), packed.out_features, packed.in_features, packed.group_size, packed.zeros is None)  # _KEY's order
+    config = chosen_config(_autotuned(m), key)
     return None if config is None else _describe(config)
 
 
