@@ -102,7 +102,10 @@ print(k.markdown_table(r))" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         # One GEMV tile at every split count (gpu_gemv_splits.py): a program's fixed cost.
         # The warp-specialized mixed-input wgmma tile beside the dispatcher's choice, M = 16 and 64 (gpu_ws_wgmma.py).
-        ws_wgmma) step ws_wgmma "${T_WGMMA:-300}" python3 "$here/benchmarks/gpu_ws_wgmma.py" --out "$out/gpu_ws_wgmma" ;;
+        # KERNEL_SHAPES (as for `kernels`) times fewer shapes.
+        ws_wgmma) IFS=, read -ra ws_shapes <<< "${KERNEL_SHAPES:-}"
+                  step ws_wgmma "${T_WGMMA:-300}" python3 "$here/benchmarks/gpu_ws_wgmma.py" --out "$out/gpu_ws_wgmma" \
+                      ${ws_shapes[@]:+--shapes "${ws_shapes[@]}"} ;;
         gemv_splits) step gemv_splits "${T_SPLITS:-180}" python3 "$here/benchmarks/gpu_gemv_splits.py" --out "$out/gpu_gemv_splits" ;;
         # What a GEMV call costs before its weight streams: launch floor, prologue, split-K tail (gpu_gemv_floor.py).
         # lowbit generate's first warm-up, phase by phase (gpu_warmup_breakdown.py), cold at batch 1.
