@@ -26,6 +26,7 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -114,9 +115,23 @@ def _weight_tile(words, scale, zero, PAIRED: ttgl.constexpr, BLOCK_K: ttgl.const
 
 
 @gluon.jit
+def _tile_loads(x_ptr, qw_ptr, s_ptr, z_ptr, k, N, stride_sg, word_offs, cols, x_offs, x_mask,
+                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, W_L: ttgl.constexpr):
+    """The words, scales, zeros and x of the K tile at `k`."""
+    words = ttgl.load(qw_ptr + (k // 8) * N + word_offs)
+    scale = ttgl.load(s_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
+    if SYMMETRIC:
+        zero = ttgl.full([cols.shape[0]], ZERO, ttgl.float32, ttgl.SliceLayout(0, W_L))
+    else:
+        zero = ttgl.load(z_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
+    return words, scale, zero, ttgl.load(x_ptr + k + x_offs, mask=x_mask, other=0.0)
+
+
+@gluon.jit
 def _producer(x_ptr, qw_ptr, s_ptr, z_ptr, x_bufs, w_bufs, ready, empty, M, N, stride_xm, stride_sg, n0, k0,
               GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-              BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr, PAIRED: ttgl.constexpr):
+              BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr, PAIRED: ttgl.constexpr,
+              AHEAD: ttgl.constexpr):
     """Fills the ring: x's tile and the weight's tile, unpacked and scaled, for each K tile of the span."""
     P_L: ttgl.constexpr = _tile_layout(BLOCK_N, BLOCK_K // 8)
     W_L: ttgl.constexpr = ttgl.SliceLayout(1, P_L)
@@ -128,22 +143,35 @@ def _producer(x_ptr, qw_ptr, s_ptr, z_ptr, x_bufs, w_bufs, ready, empty, M, N, s
     x_offs = ttgl.expand_dims(x_rows, 1) * stride_xm + ttgl.expand_dims(
         ttgl.arange(0, BLOCK_K, layout=ttgl.SliceLayout(0, X_L)), 0)
     x_mask = ttgl.expand_dims(x_rows < M, 1)
-    for t in range(TILES):
-        stage = t % STAGES
-        k = k0 + t * BLOCK_K
-        words = ttgl.load(qw_ptr + (k // 8) * N + word_offs)
-        scale = ttgl.load(s_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
-        if SYMMETRIC:
-            zero = ttgl.full([BLOCK_N], ZERO, ttgl.float32, ttgl.SliceLayout(0, W_L))
-        else:
-            zero = ttgl.load(z_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
-        x_tile = ttgl.load(x_ptr + k + x_offs, mask=x_mask, other=0.0)
-        weights = _weight_tile(words, scale, zero, PAIRED, BLOCK_K, BLOCK_N, P_L)
-        mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
-        x_bufs.index(stage).store(x_tile)
-        w_bufs.index(stage).store(weights)
-        fence_async_shared()
-        mbarrier.arrive(ready.index(stage), count=1)
+    if AHEAD == 0:
+        for t in range(TILES):
+            words, scale, zero, x_tile = _tile_loads(x_ptr, qw_ptr, s_ptr, z_ptr, k0 + t * BLOCK_K, N, stride_sg,
+                                                     word_offs, cols, x_offs, x_mask, GROUP, SYMMETRIC, ZERO, W_L)
+            _fill(x_bufs, w_bufs, ready, empty, t, words, scale, zero, x_tile, PAIRED, BLOCK_K, BLOCK_N, STAGES, P_L)
+    else:  # the next tile's loads in flight while this one is unpacked and stored (registers, carried)
+        words, scale, zero, x_tile = _tile_loads(x_ptr, qw_ptr, s_ptr, z_ptr, k0, N, stride_sg, word_offs, cols,
+                                                 x_offs, x_mask, GROUP, SYMMETRIC, ZERO, W_L)
+        for t in range(TILES):
+            k_next = k0 + ttgl.minimum(t + 1, TILES - 1) * BLOCK_K
+            words_next, scale_next, zero_next, x_next = _tile_loads(x_ptr, qw_ptr, s_ptr, z_ptr, k_next, N, stride_sg,
+                                                                    word_offs, cols, x_offs, x_mask, GROUP, SYMMETRIC,
+                                                                    ZERO, W_L)
+            _fill(x_bufs, w_bufs, ready, empty, t, words, scale, zero, x_tile, PAIRED, BLOCK_K, BLOCK_N, STAGES, P_L)
+            words, scale, zero, x_tile = words_next, scale_next, zero_next, x_next
+
+
+@gluon.jit
+def _fill(x_bufs, w_bufs, ready, empty, t, words, scale, zero, x_tile, PAIRED: ttgl.constexpr,
+          BLOCK_K: ttgl.constexpr, BLOCK_N: ttgl.constexpr, STAGES: ttgl.constexpr, P_L: ttgl.constexpr):
+    """Tile t unpacked into its ring buffer, x's tile beside it, once the MMA that last read the
+    buffer has completed; then the buffer is marked ready."""
+    stage = t % STAGES
+    weights = _weight_tile(words, scale, zero, PAIRED, BLOCK_K, BLOCK_N, P_L)
+    mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1)
+    x_bufs.index(stage).store(x_tile)
+    w_bufs.index(stage).store(weights)
+    fence_async_shared()
+    mbarrier.arrive(ready.index(stage), count=1)
 
 
 @gluon.jit
@@ -165,7 +193,8 @@ def _consumer(x_bufs, w_bufs, ready, empty, BLOCK_N: ttgl.constexpr, TILES: ttgl
 @gluon.jit
 def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                     GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                    BLOCK_K: ttgl.constexpr, K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr, PAIRED: ttgl.constexpr):
+                    BLOCK_K: ttgl.constexpr, K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr, PAIRED: ttgl.constexpr,
+                    AHEAD: ttgl.constexpr):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K, M <= 64 (wgmma's M: 16 rows a warp of
     the kernel's own warpgroup, which multiplies; rows past M are zeros in x's buffers), a producer
     warpgroup unpacking (see the module's docstring)."""
@@ -185,7 +214,7 @@ def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     (acc,) = ttgl.warp_specialize([
         (_consumer, (x_bufs, w_bufs, ready, empty, BLOCK_N, TILES, STAGES)),
         (_producer, (x_ptr, qw_ptr, s_ptr, z_ptr, x_bufs, w_bufs, ready, empty, M, N, stride_xm, stride_sg, n0,
-                     pid_k * K_SPAN, GROUP, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, PAIRED)),
+                     pid_k * K_SPAN, GROUP, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, PAIRED, AHEAD)),
     ], [4], [152])  # the producer: one warpgroup (its layouts assume 4 warps), 152 registers a thread
     MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -194,53 +223,73 @@ def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, rows < M, N, stride_om)
 
 
-def compile_for_sm90(config: tuple[int, int, int, int], symmetric: bool = False, paired: bool = True):
+class Config(NamedTuple):
+    block_n: int
+    block_k: int
+    span: int
+    stages: int
+    two_per_sm: bool = False
+    """Registers capped at 128 a thread (`maxnreg`), so that two programs' 256 threads fit an SM's
+    register file: uncapped, the warp specialization's launch asks 256, one program an SM. Only
+    with 128 columns: a 64x256 float32 accumulator alone takes 128 registers a thread, and ptxas
+    refuses the kernel."""
+
+
+TWO_PER_SM_REGISTERS = 128
+
+
+def compile_for_sm90(config: Config, symmetric: bool = False, paired: bool = True, ahead: int = 0):
     """`ws_wgmma_kernel` compiled for sm_90 without a GPU: for the tests."""
-    block_n, block_k, span, stages = config
     return compile_gluon_for_sm90(ws_wgmma_kernel, {"GROUP": 128, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO,
-                                                    "BLOCK_N": block_n, "BLOCK_K": block_k, "K_SPAN": span,
-                                                    "STAGES": stages, "PAIRED": paired}, 4)
+                                                    "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                                                    "K_SPAN": config.span, "STAGES": config.stages, "PAIRED": paired,
+                                                    "AHEAD": ahead}, 4,
+                                  maxnreg=TWO_PER_SM_REGISTERS if config.two_per_sm else None)
 
 
-def shared_bytes(config: tuple[int, int, int, int]) -> int:
-    block_n, block_k, span, stages = config
-    return stages * 2 * block_k * (64 + block_n)
+def shared_bytes(config: Config) -> int:
+    return config.stages * 2 * config.block_k * (64 + config.block_n)
 
 
-def configs(n: int, k: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, K_SPAN, STAGES) that fit the shape: whole tiles of at least the producer's
-    128 threads' columns, K tiles within a group, spans of whole tiles dividing K and holding at
-    least a ring's worth of tiles, the ring within MAX_SHARED, 64 to 4096 programs."""
-    return [(bn, bk, span, stages) for bn, bk, span, stages in itertools.product((128, 256), (32, 64, 128),
-                                                                              (256, 512, 1024, 2048), (2, 3, 4, 6))
-            if n % bn == 0 and k % span == 0 and span >= stages * bk
-            and shared_bytes((bn, bk, span, stages)) <= MAX_SHARED and 64 <= (n // bn) * (k // span) <= 4096]
+def configs(n: int, k: int) -> list[Config]:
+    """Configs that fit the shape: whole tiles of at least the producer's 128 threads' columns, K
+    tiles within a group, spans of whole tiles dividing K and holding at least a ring's worth of
+    tiles, the ring within MAX_SHARED (half of it for two programs an SM), 64 to 4096 programs."""
+    offered = [Config(*values) for values in itertools.product((128, 256), (64, 128), (512, 1024, 2048), (2, 3, 4),
+                                                               (False, True))]
+    return [c for c in offered if n % c.block_n == 0 and k % c.span == 0 and c.span >= c.stages * c.block_k
+            and shared_bytes(c) <= MAX_SHARED // (2 if c.two_per_sm else 1) and not (c.two_per_sm and c.block_n > 128)
+            and 64 <= (n // c.block_n) * (k // c.span) <= 4096]
 
 
-def launch(x: torch.Tensor, packed, config: tuple[int, int, int, int], paired: bool = True) -> torch.Tensor:
-    block_n, block_k, span, stages = config
+def launch(x: torch.Tensor, packed, config: Config, paired: bool = True, ahead: int = 0) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
-    ws_wgmma_kernel[(n // block_n, k // span)](
+    options = {"maxnreg": TWO_PER_SM_REGISTERS} if config.two_per_sm else {}
+    ws_wgmma_kernel[(n // config.block_n, k // config.span)](
         x, packed.qweight, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
-        out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_N=block_n,
-        BLOCK_K=block_k, K_SPAN=span, STAGES=stages, PAIRED=paired, num_warps=4)
+        out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, K_SPAN=config.span, STAGES=config.stages, PAIRED=paired,
+        AHEAD=ahead, num_warps=4, **options)
     return out
 
 
-def describe(config: tuple[int, int, int, int]) -> str:
-    block_n, block_k, span, stages = config
-    return f"64x{block_n}x{block_k} span {span} stages {stages}"
+def describe(config: Config) -> str:
+    return (f"64x{config.block_n}x{config.block_k} span {config.span} stages {config.stages}"
+            + (", 2/SM" if config.two_per_sm else ""))
 
 
-MODES = {"paired": True, "float": False}
-"""How the producer unpacks: two weights per bf16x2 operation, or one float32 each."""
+MODES = {"paired": (True, 0), "paired, 1 ahead": (True, 1), "float": (False, 0)}
+"""How the producer unpacks (two weights per bf16x2 operation, or one float32 each) and whether
+it loads the next tile before unpacking this one."""
+DEFAULT_MODES = ("paired", "paired, 1 ahead")
+"""Round 16 timed "float" at 1.13-1.34x paired's time on every row (gpu_ws_wgmma_h200.md of 2461a21)."""
 
 
-def run_shape(name: str) -> list[dict]:
+def run_shape(name: str, modes: tuple[str, ...] = DEFAULT_MODES) -> list[dict]:
     n, k = SHAPES[name]
     torch.manual_seed(0)
     qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128), torch.randn(n, k, device="cuda"))
@@ -253,13 +302,15 @@ def run_shape(name: str) -> list[dict]:
         row = {"shape": name, "m": m, "bf16": 1000 * graph_time_ms(lambda: x @ dense.T),
                "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
                "dispatcher path": w4a16.chosen_path(x, packed)}
-        for mode, paired in MODES.items():
+        for mode in modes:
+            paired, ahead = MODES[mode]
             timed = []
             for config in configs(n, k):
-                error = float((launch(x, packed, config, paired).double() - ref).norm() / ref.norm())
+                error = float((launch(x, packed, config, paired, ahead).double() - ref).norm() / ref.norm())
                 if not error < MAX_RELATIVE_ERROR:
                     raise SystemExit(f"{name} M={m} {mode} {describe(config)}: relative error {error:.2e}")
-                timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, paired)), config, error))
+                timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, paired, ahead)), config,
+                              error))
             us, config, error = min(timed)
             row.update({mode: us, f"{mode} config": describe(config), f"{mode} error": error})
         rows.append(row)
@@ -268,15 +319,16 @@ def run_shape(name: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], device: str) -> str:
+    modes = [mode for mode in MODES if mode in rows[0]]
     lines = [f"The warp-specialized mixed-input wgmma tile (benchmarks/gpu_ws_wgmma.py), int4 g128 asymmetric, best "
              f"config of each unpack, on {device} (torch {torch.__version__}, triton {triton.__version__}); "
              "microseconds per call (config), CUDA-graph replays, cold L2; error against float64.", "",
-             "| shape | M | bf16 cuBLAS | dispatcher (path) | " + " | ".join(MODES) + " | error (" + " / ".join(MODES)
-             + ") | bf16 / best | dispatcher / best |", "|---|---:|---:|---|" + "---|" * len(MODES) + "---|---:|---:|"]
+             "| shape | M | bf16 cuBLAS | dispatcher (path) | " + " | ".join(modes) + " | error (" + " / ".join(modes)
+             + ") | bf16 / best | dispatcher / best |", "|---|---:|---:|---|" + "---|" * len(modes) + "---|---:|---:|"]
     for r in rows:
-        best = min(r[mode] for mode in MODES)
-        cells = " | ".join(f"{r[mode]:.1f} ({r[mode + ' config']})" for mode in MODES)
-        errors = " / ".join(f"{r[mode + ' error']:.1e}" for mode in MODES)
+        best = min(r[mode] for mode in modes)
+        cells = " | ".join(f"{r[mode]:.1f} ({r[mode + ' config']})" for mode in modes)
+        errors = " / ".join(f"{r[mode + ' error']:.1e}" for mode in modes)
         lines.append(f"| {r['shape']} | {r['m']} | {r['bf16']:.1f} | {r['dispatcher']:.1f} ({r['dispatcher path']}) | "
                      f"{cells} | {errors} | {r['bf16'] / best:.2f}x | {r['dispatcher'] / best:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -286,8 +338,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix (.md and .json written)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     args = parser.parse_args()
-    run_cases(args.out, args.shapes, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+    run_cases(args.out, args.shapes, lambda name: run_shape(name, tuple(args.modes)),
+              lambda rows: markdown(rows, torch.cuda.get_device_name()))
 
 
 if __name__ == "__main__":

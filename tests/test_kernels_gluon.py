@@ -487,13 +487,17 @@ def test_the_warp_specialized_wgmma_tile_compiles_for_hopper_and_offers_configs_
 
     script = benchmark_script("gpu_ws_wgmma")
     gemv_sass = benchmark_script("gemv_sass")
-    for config, paired in (((128, 64, 1024, 4), True), ((256, 128, 512, 2), False)):
-        sass, _, shared = gemv_sass.disassemble(script.compile_for_sm90(config, paired=paired))
-        assert sass.count("HGMMA") == config[1] // 16
+    for config, paired, ahead in ((script.Config(128, 64, 1024, 4), True, 1),
+                                  (script.Config(256, 128, 512, 2), False, 0),
+                                  (script.Config(128, 64, 512, 2, two_per_sm=True), True, 1)):
+        sass, registers, shared = gemv_sass.disassemble(script.compile_for_sm90(config, paired=paired, ahead=ahead))
+        assert sass.count("HGMMA") == config.block_k // 16
         assert script.shared_bytes(config) <= shared <= script.MAX_SHARED + 1024
+        assert registers == (script.TWO_PER_SM_REGISTERS if config.two_per_sm else 255)
     offered = script.configs(4096, 14336)
-    assert (256, 64, 1024, 4) in offered and all(bn >= 128 and span >= stages * bk and 14336 % span == 0
-                                                 for bn, bk, span, stages in offered)
+    assert script.Config(256, 64, 1024, 4) in offered and script.Config(128, 64, 1024, 3, True) in offered
+    assert all(c.block_n >= 128 and c.span >= c.stages * c.block_k and 14336 % c.span == 0
+               and script.shared_bytes(c) * (2 if c.two_per_sm else 1) <= script.MAX_SHARED for c in offered)
     row = {"shape": "8B q/o_proj", "m": 64, "bf16": 12.3, "dispatcher": 15.8, "dispatcher path": "fbgemm",
            "paired": 7.9, "paired config": "64x256x64 span 1024 stages 4", "paired error": 2.7e-3,
            "float": 9.5, "float config": "64x128x64 span 512 stages 4", "float error": 2.7e-3}
@@ -502,10 +506,10 @@ def test_the_warp_specialized_wgmma_tile_compiles_for_hopper_and_offers_configs_
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("config", [(128, 64, 512, 4), (256, 128, 1024, 2), (128, 32, 256, 3)])
-@pytest.mark.parametrize("m, symmetric, paired", [(64, False, True), (37, True, True), (16, False, False),
-                                                  (1, True, False)])
-def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric, paired):
+@pytest.mark.parametrize("config", [(128, 64, 512, 4, False), (128, 128, 1024, 2, True), (256, 64, 256, 3, False)])
+@pytest.mark.parametrize("m, symmetric, mode", [(64, False, "paired, 1 ahead"), (37, True, "paired"),
+                                                (16, False, "float"), (1, True, "paired, 1 ahead")])
+def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric, mode):
     """Rows past M are zeros in x's buffers and masked at the store; split-K 2-8 ways, twice, so the
     second call finds the workspace the first left."""
     from lowbit.kernels import w4a16_triton
@@ -516,7 +520,7 @@ def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric, p
     packed = pack_quantized_weight(weight).to("cuda")
     x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):
-        out = script.launch(x, packed, config, paired)
+        out = script.launch(x, packed, script.Config(*config), *script.MODES[mode])
         assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
         ws, counters = w4a16_triton.split_k_workspace(x.device, m * 512)
         torch.cuda.synchronize()

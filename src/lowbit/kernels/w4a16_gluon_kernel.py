@@ -340,9 +340,10 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
                                                "AHEAD": ahead}, warps)
 
 
-def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
+def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, maxnreg: int | None = None):
     """A W4A16 Gluon kernel taking m16_kernel's arguments, compiled for sm_90 without a GPU, its
-    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes."""
+    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes;
+    `maxnreg` caps its registers a thread as the launch option of that name does."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -354,4 +355,5 @@ def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
     aligned = {(names.index(name),): [["tt.divisibility", 16]]
                for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
     return triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
