@@ -23,6 +23,7 @@ dispatcher's choice in the same process, each checked against float64 dequantize
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 from pathlib import Path
@@ -31,8 +32,9 @@ from typing import NamedTuple
 import torch
 import triton
 from triton.experimental import gluon
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.experimental.gluon import language as ttgl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
 from lowbit.bench.kernels import MAX_RELATIVE_ERROR, SHAPES
@@ -47,6 +49,8 @@ from lowbit.kernels.w4a16_triton import split_k_workspace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import run_cases  # noqa: E402
 
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+"""A TMA copy into shared memory: `async_load` from Triton 3.7, `async_copy_global_to_shared` before."""
 M_VALUES = (16, 64)
 MAX_SHARED = 200 * 1024
 """Shared memory a program may take for its ring (an sm_90 SM has 227 KB)."""
@@ -223,6 +227,132 @@ def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, rows < M, N, stride_om)
 
 
+@gluon.jit
+def _tma_loader(w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
+                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr,
+                RAW_STAGES: ttgl.constexpr):
+    """One warp: each K tile's words, scales and zeros by TMA into the raw ring, RAW_STAGES tiles
+    ahead of the unpack, so that many tiles' bytes are in flight without holding registers."""
+    NBYTES: ttgl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes * (1 if SYMMETRIC else 2)
+    for t in range(TILES):
+        r = t % RAW_STAGES
+        k = k0 + t * BLOCK_K
+        mbarrier.wait(words_free.index(r), ((t // RAW_STAGES) & 1) ^ 1)
+        mbarrier.expect(words_ready.index(r), NBYTES)
+        _tma_load(w_desc, [k // 8, n0], words_ready.index(r), raw_words.index(r))
+        _tma_load(s_desc, [k // GROUP, n0], words_ready.index(r), raw_scales.index(r))
+        if not SYMMETRIC:
+            _tma_load(z_desc, [k // GROUP, n0], words_ready.index(r), raw_zeros.index(r))
+
+
+@gluon.jit
+def _tma_unpacker(x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs, x_ready,
+                  w_ready, mma_free, k0, FIRST: ttgl.constexpr, UNPACKERS: ttgl.constexpr,
+                  SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+                  BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr,
+                  RAW_STAGES: ttgl.constexpr):
+    """One warpgroup, tiles FIRST, FIRST + UNPACKERS, ...: the tile's words from the raw ring into
+    registers (freeing the raw buffer at once), then, once the MMA that last read the ring buffer
+    has completed, x's tile by TMA and the unpacked, scaled weights into it."""
+    P_L: ttgl.constexpr = _tile_layout(BLOCK_N, BLOCK_K // 8)
+    W_L: ttgl.constexpr = ttgl.SliceLayout(1, P_L)
+    V_L: ttgl.constexpr = ttgl.SliceLayout(0, W_L)
+    for t in range(FIRST, TILES, UNPACKERS):
+        r = t % RAW_STAGES
+        stage = t % STAGES
+        mbarrier.wait(words_ready.index(r), (t // RAW_STAGES) & 1)
+        words = raw_words.index(r).load(W_L)
+        scale = raw_scales.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
+        if SYMMETRIC:
+            zero = ttgl.full([BLOCK_N], ZERO, ttgl.float32, V_L)
+        else:
+            zero = raw_zeros.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
+        mbarrier.arrive(words_free.index(r), count=1)
+        mbarrier.wait(mma_free.index(stage), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes)
+        _tma_load(x_desc, [0, k0 + t * BLOCK_K], x_ready.index(stage), x_bufs.index(stage))
+        w_bufs.index(stage).store(_weight_tile(words, scale, zero, True, BLOCK_K, BLOCK_N, P_L))
+        fence_async_shared()
+        mbarrier.arrive(w_ready.index(stage), count=1)
+
+
+@gluon.jit
+def _tma_consumer(x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N: ttgl.constexpr, TILES: ttgl.constexpr,
+                  STAGES: ttgl.constexpr):
+    """`_consumer`, waiting for x's TMA as well as for the unpacked weights."""
+    MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    acc = ttgl.zeros([64, BLOCK_N], ttgl.float32, MMA_L)
+    for t in range(TILES):
+        stage = t % STAGES
+        mbarrier.wait(x_ready.index(stage), (t // STAGES) & 1)
+        mbarrier.wait(w_ready.index(stage), (t // STAGES) & 1)
+        acc = warpgroup_mma(x_bufs.index(stage), w_bufs.index(stage), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=[acc])
+        mbarrier.arrive(mma_free.index((t + STAGES - 1) % STAGES), count=1, pred=t > 0)
+    return (warpgroup_mma_wait(0, deps=[acc]),)
+
+
+@gluon.jit
+def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
+               GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr, BLOCK_K: ttgl.constexpr,
+               K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr, RAW_STAGES: ttgl.constexpr,
+               UNPACKERS: ttgl.constexpr):
+    """`ws_wgmma_kernel` fed by TMA: a loader warp keeps RAW_STAGES tiles of words, scales and
+    zeros in flight into a raw ring; UNPACKERS warpgroups take turns unpacking them into the ring
+    the consumer's wgmmas read, each fetching x's tile by TMA beside its weights (rows past M
+    arrive as zeros: TMA fills what lies outside x)."""
+    pid_n = ttgl.program_id(0)
+    pid_k = ttgl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    k0 = pid_k * K_SPAN
+    raw_words = ttgl.allocate_shared_memory(ttgl.int32, [RAW_STAGES, BLOCK_K // 8, BLOCK_N], w_desc.layout)
+    raw_scales = ttgl.allocate_shared_memory(ttgl.float16, [RAW_STAGES, 1, BLOCK_N], s_desc.layout)
+    raw_zeros = ttgl.allocate_shared_memory(ttgl.float16, [RAW_STAGES, 1, BLOCK_N], z_desc.layout)
+    W_S: ttgl.constexpr = ttgl.NVMMASharedLayout.get_default_for([BLOCK_K, BLOCK_N], ttgl.bfloat16)
+    x_bufs = ttgl.allocate_shared_memory(ttgl.bfloat16, [STAGES, 64, BLOCK_K], x_desc.layout)
+    w_bufs = ttgl.allocate_shared_memory(ttgl.bfloat16, [STAGES, BLOCK_K, BLOCK_N], W_S)
+    words_ready = ttgl.allocate_shared_memory(ttgl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
+    words_free = ttgl.allocate_shared_memory(ttgl.int64, [RAW_STAGES, 1], mbarrier.MBarrierLayout())
+    x_ready = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_ready = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mma_free = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in ttgl.static_range(RAW_STAGES):
+        mbarrier.init(words_ready.index(i), count=1)
+        mbarrier.init(words_free.index(i), count=1)
+    for i in ttgl.static_range(STAGES):
+        mbarrier.init(x_ready.index(i), count=1)
+        mbarrier.init(w_ready.index(i), count=1)
+        mbarrier.init(mma_free.index(i), count=1)
+    TILES: ttgl.constexpr = K_SPAN // BLOCK_K
+    if UNPACKERS == 1:
+        (acc,) = ttgl.warp_specialize([
+            (_tma_consumer, (x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N, TILES, STAGES)),
+            (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
+                             x_ready, w_ready, mma_free, k0, 0, 1, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
+                             RAW_STAGES)),
+            (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
+                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES)),
+        ], [4, 1], [152, 40])
+    else:  # two unpacking warpgroups, even and odd tiles
+        (acc,) = ttgl.warp_specialize([
+            (_tma_consumer, (x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N, TILES, STAGES)),
+            (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
+                             x_ready, w_ready, mma_free, k0, 0, 2, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
+                             RAW_STAGES)),
+            (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
+                             x_ready, w_ready, mma_free, k0, 1, 2, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
+                             RAW_STAGES)),
+            (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
+                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES)),
+        ], [4, 4, 1], [152, 152, 40])
+    MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    rows = ttgl.expand_dims(ttgl.arange(0, 64, layout=ttgl.SliceLayout(1, MMA_L)), 1)
+    cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA_L)), 0)
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, rows < M, N, stride_om)
+
+
 class Config(NamedTuple):
     block_n: int
     block_k: int
@@ -277,16 +407,88 @@ def launch(x: torch.Tensor, packed, config: Config, paired: bool = True, ahead: 
     return out
 
 
-def describe(config: Config) -> str:
-    return (f"64x{config.block_n}x{config.block_k} span {config.span} stages {config.stages}"
-            + (", 2/SM" if config.two_per_sm else ""))
+class TmaConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    span: int
+    stages: int
+    raw_stages: int
+    unpackers: int
 
 
-MODES = {"paired": (True, 0), "paired, 1 ahead": (True, 1), "float": (False, 0)}
-"""How the producer unpacks (two weights per bf16x2 operation, or one float32 each) and whether
-it loads the next tile before unpacking this one."""
-DEFAULT_MODES = ("paired", "paired, 1 ahead")
-"""Round 16 timed "float" at 1.13-1.34x paired's time on every row (gpu_ws_wgmma_h200.md of 2461a21)."""
+def tma_shared_bytes(config: TmaConfig, symmetric: bool = False) -> int:
+    """The rings' bytes (symmetric weights' zeros take none: the compiler drops their buffer)."""
+    raw = config.raw_stages * config.block_n * (config.block_k // 8 * 4 + 2 * (1 if symmetric else 2))
+    return raw + config.stages * 2 * config.block_k * (64 + config.block_n)
+
+
+def tma_configs(n: int, k: int) -> list[TmaConfig]:
+    """As `configs`, 128 columns (a 256-column consumer's accumulator does not fit the registers
+    the unpacking warpgroups leave it), a raw ring of 4 or 8 tiles, one or two unpacking warpgroups."""
+    offered = [TmaConfig(128, *values) for values in itertools.product((64, 128), (512, 1024, 2048), (2, 3), (4, 8),
+                                                                       (1, 2))]
+    return [c for c in offered if n % c.block_n == 0 and k % c.span == 0 and c.span >= c.raw_stages * c.block_k
+            and tma_shared_bytes(c) <= MAX_SHARED and 64 <= (n // c.block_n) * (k // c.span) <= 4096]
+
+
+def _layouts(config: TmaConfig) -> dict:
+    """Shared layouts of the TMA copies: x's in the layout wgmma reads; the words', scales' and
+    zeros' unswizzled, rows as they lie in memory."""
+    return {"x": ttgl.NVMMASharedLayout.get_default_for([64, config.block_k], ttgl.bfloat16),
+            "w": ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
+            "s": ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)}
+
+
+def _tma_constexprs(config: TmaConfig, group: int, symmetric: bool) -> dict:
+    return {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO, "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k, "K_SPAN": config.span, "STAGES": config.stages,
+            "RAW_STAGES": config.raw_stages, "UNPACKERS": config.unpackers}
+
+
+def compile_tma_for_sm90(config: TmaConfig, symmetric: bool = False):
+    """`tma_kernel` compiled for sm_90 without a GPU: for the tests."""
+    layouts = _layouts(config)
+    descriptors = {"x_desc": f"tensordesc<bf16[64,{config.block_k}],{layouts['x']!r}>",
+                   "w_desc": f"tensordesc<i32[{config.block_k // 8},{config.block_n}],{layouts['w']!r}>",
+                   "s_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>",
+                   "z_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>"}
+    return compile_gluon_for_sm90(tma_kernel, _tma_constexprs(config, 128, symmetric), 4, types=descriptors)
+
+
+def tma_launch(x: torch.Tensor, packed, config: TmaConfig) -> torch.Tensor:
+    m, k = x.shape
+    n = packed.out_features
+    out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
+    ws, counters = split_k_workspace(x.device, m * n)
+    layouts = _layouts(config)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    descriptors = (TensorDescriptor.from_tensor(x, [64, config.block_k], layouts["x"]),
+                   TensorDescriptor.from_tensor(packed.qweight, [config.block_k // 8, config.block_n], layouts["w"]),
+                   TensorDescriptor.from_tensor(packed.scales, [1, config.block_n], layouts["s"]),
+                   TensorDescriptor.from_tensor(zeros, [1, config.block_n], layouts["s"]))
+    tma_kernel[(n // config.block_n, k // config.span)](
+        *descriptors, out, ws, counters, m, n, out.stride(0),
+        **_tma_constexprs(config, packed.group_size, packed.symmetric), num_warps=4)
+    return out
+
+
+def describe(config: Config | TmaConfig) -> str:
+    text = f"64x{config.block_n}x{config.block_k} span {config.span} stages {config.stages}"
+    if isinstance(config, TmaConfig):
+        return text + f", raw {config.raw_stages}, {config.unpackers} unpacking"
+    return text + (", 2/SM" if config.two_per_sm else "")
+
+
+MODES = {"paired": (configs, functools.partial(launch, paired=True, ahead=0)),
+         "paired, 1 ahead": (configs, functools.partial(launch, paired=True, ahead=1)),
+         "float": (configs, functools.partial(launch, paired=False, ahead=0)),
+         "tma": (tma_configs, tma_launch)}
+"""How the producer unpacks (two weights per bf16x2 operation, or one float32 each), whether it
+loads the next tile before unpacking this one, or whether a loader warp feeds it by TMA: each
+mode's configs and launch."""
+DEFAULT_MODES = ("paired", "tma")
+"""Round 16 timed "float" at 1.13-1.34x paired's time on every row (gpu_ws_wgmma_h200.md of 2461a21),
+and "paired, 1 ahead" at 1.08-1.20x (gpu_ws_wgmma_h200_round2.md of d738db6)."""
 
 
 def run_shape(name: str, modes: tuple[str, ...] = DEFAULT_MODES) -> list[dict]:
@@ -303,14 +505,13 @@ def run_shape(name: str, modes: tuple[str, ...] = DEFAULT_MODES) -> list[dict]:
                "dispatcher": 1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)),
                "dispatcher path": w4a16.chosen_path(x, packed)}
         for mode in modes:
-            paired, ahead = MODES[mode]
+            mode_configs, mode_launch = MODES[mode]
             timed = []
-            for config in configs(n, k):
-                error = float((launch(x, packed, config, paired, ahead).double() - ref).norm() / ref.norm())
+            for config in mode_configs(n, k):
+                error = float((mode_launch(x, packed, config).double() - ref).norm() / ref.norm())
                 if not error < MAX_RELATIVE_ERROR:
                     raise SystemExit(f"{name} M={m} {mode} {describe(config)}: relative error {error:.2e}")
-                timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c, paired, ahead)), config,
-                              error))
+                timed.append((1000 * graph_time_ms(lambda c=config: mode_launch(x, packed, c)), config, error))
             us, config, error = min(timed)
             row.update({mode: us, f"{mode} config": describe(config), f"{mode} error": error})
         rows.append(row)

@@ -505,6 +505,45 @@ def test_the_warp_specialized_wgmma_tile_compiles_for_hopper_and_offers_configs_
             "9.5 (64x128x64 span 512 stages 4) | 2.7e-03 / 2.7e-03 | 1.56x | 2.00x |" in script.markdown([row], "GPU"))
 
 
+def test_the_tma_fed_wgmma_tile_compiles_for_hopper_with_a_loader_warp():
+    """The loader warp issues each tile's words and scales (and zeros, asymmetric) by TMA, and each
+    unpacking warpgroup x's tile; offered configs fit shared memory."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    gemv_sass = benchmark_script("gemv_sass")
+    for config, symmetric, copies in ((script.TmaConfig(128, 128, 1024, 2, 4, 1), False, 4),
+                                      (script.TmaConfig(128, 64, 1024, 3, 8, 2), True, 4)):
+        sass, _, shared = gemv_sass.disassemble(script.compile_tma_for_sm90(config, symmetric))
+        assert sass.count("HGMMA") == config.block_k // 16 and sass.count("UTMALDG") >= copies - symmetric
+        assert script.tma_shared_bytes(config, symmetric) <= shared <= script.MAX_SHARED + 1024
+    offered = script.tma_configs(4096, 14336)
+    assert script.TmaConfig(128, 64, 1024, 3, 8, 2) in offered
+    assert all(c.span >= c.raw_stages * c.block_k and script.tma_shared_bytes(c) <= script.MAX_SHARED for c in offered)
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config", [(128, 64, 512, 2, 4, 1), (128, 128, 1024, 3, 8, 2), (128, 64, 1024, 2, 8, 2)])
+@pytest.mark.parametrize("m, symmetric", [(64, False), (37, True), (16, False), (1, True)])
+def test_the_tma_fed_wgmma_tile_matches_float64(config, m, symmetric):
+    """Rows past M arrive as zeros from TMA and are masked at the store; 1-8 split-K programs,
+    twice, so the second call finds the workspace the first left."""
+    from lowbit.kernels import w4a16_triton
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    weight = quantized(384, 4096, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=m)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        out = script.tma_launch(x, packed, script.TmaConfig(*config))
+        assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+        ws, counters = w4a16_triton.split_k_workspace(x.device, m * 384)
+        torch.cuda.synchronize()
+        assert not ws[:m * 384].any() and not counters[:m * 384].any()
+
+
 @needs_gluon_gpu
 @pytest.mark.parametrize("config", [(128, 64, 512, 4, False), (128, 128, 1024, 2, True), (256, 64, 256, 3, False)])
 @pytest.mark.parametrize("m, symmetric, mode", [(64, False, "paired, 1 ahead"), (37, True, "paired"),
