@@ -230,47 +230,70 @@ def ws_wgmma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
 @gluon.jit
 def _tma_loader(w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr,
-                RAW_STAGES: ttgl.constexpr):
+                RAW_STAGES: ttgl.constexpr, SCALES_BY_TMA: ttgl.constexpr):
     """One warp: each K tile's words, scales and zeros by TMA into the raw ring, RAW_STAGES tiles
     ahead of the unpack, so that many tiles' bytes are in flight without holding registers."""
-    NBYTES: ttgl.constexpr = w_desc.block_type.nbytes + s_desc.block_type.nbytes * (1 if SYMMETRIC else 2)
+    W_BYTES: ttgl.constexpr = w_desc.block_type.nbytes
+    S_BYTES: ttgl.constexpr = s_desc.block_type.nbytes * (1 if SYMMETRIC else 2)
     for t in range(TILES):
         r = t % RAW_STAGES
         k = k0 + t * BLOCK_K
         mbarrier.wait(words_free.index(r), ((t // RAW_STAGES) & 1) ^ 1)
-        mbarrier.expect(words_ready.index(r), NBYTES)
+        if SCALES_BY_TMA:
+            mbarrier.expect(words_ready.index(r), W_BYTES + S_BYTES)
+        else:
+            mbarrier.expect(words_ready.index(r), W_BYTES)
         _tma_load(w_desc, [k // 8, n0], words_ready.index(r), raw_words.index(r))
-        _tma_load(s_desc, [k // GROUP, n0], words_ready.index(r), raw_scales.index(r))
-        if not SYMMETRIC:
-            _tma_load(z_desc, [k // GROUP, n0], words_ready.index(r), raw_zeros.index(r))
+        if SCALES_BY_TMA:
+            _tma_load(s_desc, [k // GROUP, n0], words_ready.index(r), raw_scales.index(r))
+            if not SYMMETRIC:
+                _tma_load(z_desc, [k // GROUP, n0], words_ready.index(r), raw_zeros.index(r))
 
 
 @gluon.jit
 def _tma_unpacker(x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs, x_ready,
-                  w_ready, mma_free, k0, FIRST: ttgl.constexpr, UNPACKERS: ttgl.constexpr,
+                  w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0,
+                  FIRST: ttgl.constexpr, UNPACKERS: ttgl.constexpr,
                   SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                   BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr,
-                  RAW_STAGES: ttgl.constexpr):
+                  RAW_STAGES: ttgl.constexpr, GROUP: ttgl.constexpr, SCALES_BY_TMA: ttgl.constexpr,
+                  X_BY_TMA: ttgl.constexpr):
     """One warpgroup, tiles FIRST, FIRST + UNPACKERS, ...: the tile's words from the raw ring into
     registers (freeing the raw buffer at once), then, once the MMA that last read the ring buffer
     has completed, x's tile by TMA and the unpacked, scaled weights into it."""
     P_L: ttgl.constexpr = _tile_layout(BLOCK_N, BLOCK_K // 8)
     W_L: ttgl.constexpr = ttgl.SliceLayout(1, P_L)
     V_L: ttgl.constexpr = ttgl.SliceLayout(0, W_L)
+    cols = n0 + ttgl.arange(0, BLOCK_N, layout=V_L)
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    x_rows = ttgl.arange(0, 64, layout=ttgl.SliceLayout(1, X_L))
+    x_offs = ttgl.expand_dims(x_rows, 1) * stride_xm + ttgl.expand_dims(
+        ttgl.arange(0, BLOCK_K, layout=ttgl.SliceLayout(0, X_L)), 0)
+    x_mask = ttgl.expand_dims(x_rows < M, 1)
     for t in range(FIRST, TILES, UNPACKERS):
         r = t % RAW_STAGES
         stage = t % STAGES
+        k = k0 + t * BLOCK_K
         mbarrier.wait(words_ready.index(r), (t // RAW_STAGES) & 1)
         words = raw_words.index(r).load(W_L)
-        scale = raw_scales.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
+        if SCALES_BY_TMA:
+            scale = raw_scales.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
+        else:
+            scale = ttgl.load(s_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
         if SYMMETRIC:
             zero = ttgl.full([BLOCK_N], ZERO, ttgl.float32, V_L)
-        else:
+        elif SCALES_BY_TMA:
             zero = raw_zeros.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
+        else:
+            zero = ttgl.load(z_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
         mbarrier.arrive(words_free.index(r), count=1)
         mbarrier.wait(mma_free.index(stage), ((t // STAGES) & 1) ^ 1)
-        mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes)
-        _tma_load(x_desc, [0, k0 + t * BLOCK_K], x_ready.index(stage), x_bufs.index(stage))
+        if X_BY_TMA:
+            mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes)
+            _tma_load(x_desc, [0, k], x_ready.index(stage), x_bufs.index(stage))
+        else:
+            x_bufs.index(stage).store(ttgl.load(x_ptr + k + x_offs, mask=x_mask, other=0.0))
+            mbarrier.arrive(x_ready.index(stage), count=1)
         w_bufs.index(stage).store(_weight_tile(words, scale, zero, True, BLOCK_K, BLOCK_N, P_L))
         fence_async_shared()
         mbarrier.arrive(w_ready.index(stage), count=1)
@@ -294,10 +317,12 @@ def _tma_consumer(x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N: ttgl.cons
 
 
 @gluon.jit
-def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, stride_om,
+def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, stride_om, x_ptr, s_ptr, z_ptr,
+               stride_xm, stride_sg,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr, BLOCK_K: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr, RAW_STAGES: ttgl.constexpr,
-               UNPACKERS: ttgl.constexpr):
+               UNPACKERS: ttgl.constexpr, SCALES_BY_TMA: ttgl.constexpr = True, X_BY_TMA: ttgl.constexpr = True,
+               EVEN_REGISTERS: ttgl.constexpr = False):
     """`ws_wgmma_kernel` fed by TMA: a loader warp keeps RAW_STAGES tiles of words, scales and
     zeros in flight into a raw ring; UNPACKERS warpgroups take turns unpacking them into the ring
     the consumer's wgmmas read, each fetching x's tile by TMA beside its weights (rows past M
@@ -324,28 +349,32 @@ def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, s
         mbarrier.init(x_ready.index(i), count=1)
         mbarrier.init(w_ready.index(i), count=1)
         mbarrier.init(mma_free.index(i), count=1)
+    fence_async_shared()  # the barriers' initialization, seen by TMA (the async proxy) before its first copy
     TILES: ttgl.constexpr = K_SPAN // BLOCK_K
     if UNPACKERS == 1:
         (acc,) = ttgl.warp_specialize([
             (_tma_consumer, (x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N, TILES, STAGES)),
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
-                             x_ready, w_ready, mma_free, k0, 0, 1, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
-                             RAW_STAGES)),
+                             x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 0, 1,
+                             SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
+                             X_BY_TMA)),
             (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
-                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES)),
-        ], [4, 1], [152, 40])
+                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES, SCALES_BY_TMA)),
+        ], [4, 1], [160, 160] if EVEN_REGISTERS else [152, 40])
     else:  # two unpacking warpgroups, even and odd tiles
         (acc,) = ttgl.warp_specialize([
             (_tma_consumer, (x_bufs, w_bufs, x_ready, w_ready, mma_free, BLOCK_N, TILES, STAGES)),
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
-                             x_ready, w_ready, mma_free, k0, 0, 2, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
-                             RAW_STAGES)),
+                             x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 0, 2,
+                             SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
+                             X_BY_TMA)),
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
-                             x_ready, w_ready, mma_free, k0, 1, 2, SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES,
-                             RAW_STAGES)),
+                             x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 1, 2,
+                             SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
+                             X_BY_TMA)),
             (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
-                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES)),
-        ], [4, 4, 1], [152, 152, 40])
+                           GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES, SCALES_BY_TMA)),
+        ], [4, 4, 1], [120, 120, 120] if EVEN_REGISTERS else [152, 152, 40])
     MMA_L: ttgl.constexpr = ttgl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
     rows = ttgl.expand_dims(ttgl.arange(0, 64, layout=ttgl.SliceLayout(1, MMA_L)), 1)
@@ -433,11 +462,15 @@ def tma_configs(n: int, k: int) -> list[TmaConfig]:
             and tma_shared_bytes(c) <= MAX_SHARED and 64 <= (n // c.block_n) * (k // c.span) <= 4096]
 
 
+WORDS_SWIZZLE = 128
+"""The words' shared layout: unswizzled, 16-row tiles read back wrong on an H200 (8-row ones right)."""
+
+
 def _layouts(config: TmaConfig) -> dict:
     """Shared layouts of the TMA copies: x's in the layout wgmma reads; the words', scales' and
     zeros' unswizzled, rows as they lie in memory."""
     return {"x": ttgl.NVMMASharedLayout.get_default_for([64, config.block_k], ttgl.bfloat16),
-            "w": ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
+            "w": ttgl.NVMMASharedLayout(swizzle_byte_width=WORDS_SWIZZLE, element_bitwidth=32, rank=2),
             "s": ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)}
 
 
@@ -447,17 +480,17 @@ def _tma_constexprs(config: TmaConfig, group: int, symmetric: bool) -> dict:
             "RAW_STAGES": config.raw_stages, "UNPACKERS": config.unpackers}
 
 
-def compile_tma_for_sm90(config: TmaConfig, symmetric: bool = False):
+def compile_tma_for_sm90(config: TmaConfig, symmetric: bool = False, **flags):
     """`tma_kernel` compiled for sm_90 without a GPU: for the tests."""
     layouts = _layouts(config)
     descriptors = {"x_desc": f"tensordesc<bf16[64,{config.block_k}],{layouts['x']!r}>",
                    "w_desc": f"tensordesc<i32[{config.block_k // 8},{config.block_n}],{layouts['w']!r}>",
                    "s_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>",
                    "z_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>"}
-    return compile_gluon_for_sm90(tma_kernel, _tma_constexprs(config, 128, symmetric), 4, types=descriptors)
+    return compile_gluon_for_sm90(tma_kernel, {**_tma_constexprs(config, 128, symmetric), **flags}, 4, types=descriptors)
 
 
-def tma_launch(x: torch.Tensor, packed, config: TmaConfig) -> torch.Tensor:
+def tma_launch(x: torch.Tensor, packed, config: TmaConfig, **flags) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
@@ -469,8 +502,9 @@ def tma_launch(x: torch.Tensor, packed, config: TmaConfig) -> torch.Tensor:
                    TensorDescriptor.from_tensor(packed.scales, [1, config.block_n], layouts["s"]),
                    TensorDescriptor.from_tensor(zeros, [1, config.block_n], layouts["s"]))
     tma_kernel[(n // config.block_n, k // config.span)](
-        *descriptors, out, ws, counters, m, n, out.stride(0),
-        **_tma_constexprs(config, packed.group_size, packed.symmetric), num_warps=4)
+        *descriptors, out, ws, counters, m, n, out.stride(0), x, packed.scales, zeros, x.stride(0),
+        packed.scales.stride(0), **_tma_constexprs(config, packed.group_size, packed.symmetric), **flags,
+        num_warps=4)
     return out
 
 
