@@ -487,6 +487,7 @@ def compile_tma_for_sm90(config: TmaConfig, symmetric: bool = False, **flags):
                    "w_desc": f"tensordesc<i32[{config.block_k // 8},{config.block_n}],{layouts['w']!r}>",
                    "s_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>",
                    "z_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>"}
+    flags = {"SCALES_BY_TMA": True, "X_BY_TMA": True, "EVEN_REGISTERS": False, **flags}  # constexprs, not i32
     return compile_gluon_for_sm90(tma_kernel, {**_tma_constexprs(config, 128, symmetric), **flags}, 4, types=descriptors)
 
 
