@@ -257,7 +257,7 @@ def _tma_unpacker(x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_f
                   SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                   BLOCK_K: ttgl.constexpr, TILES: ttgl.constexpr, STAGES: ttgl.constexpr,
                   RAW_STAGES: ttgl.constexpr, GROUP: ttgl.constexpr, SCALES_BY_TMA: ttgl.constexpr,
-                  X_BY_TMA: ttgl.constexpr):
+                  X_BY_TMA: ttgl.constexpr, LATE_FREE: ttgl.constexpr):
     """One warpgroup, tiles FIRST, FIRST + UNPACKERS, ...: the tile's words from the raw ring into
     registers (freeing the raw buffer at once), then, once the MMA that last read the ring buffer
     has completed, x's tile by TMA and the unpacked, scaled weights into it."""
@@ -286,7 +286,8 @@ def _tma_unpacker(x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_f
             zero = raw_zeros.index(r).reshape([BLOCK_N]).load(V_L).to(ttgl.float32)
         else:
             zero = ttgl.load(z_ptr + (k // GROUP) * stride_sg + cols).to(ttgl.float32)
-        mbarrier.arrive(words_free.index(r), count=1)
+        if not LATE_FREE:
+            mbarrier.arrive(words_free.index(r), count=1)
         mbarrier.wait(mma_free.index(stage), ((t // STAGES) & 1) ^ 1)
         if X_BY_TMA:
             mbarrier.expect(x_ready.index(stage), x_desc.block_type.nbytes)
@@ -296,6 +297,8 @@ def _tma_unpacker(x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_f
             mbarrier.arrive(x_ready.index(stage), count=1)
         w_bufs.index(stage).store(_weight_tile(words, scale, zero, True, BLOCK_K, BLOCK_N, P_L))
         fence_async_shared()
+        if LATE_FREE:  # the words' shared loads are certainly done: their values have been used
+            mbarrier.arrive(words_free.index(r), count=1)
         mbarrier.arrive(w_ready.index(stage), count=1)
 
 
@@ -322,7 +325,7 @@ def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, s
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr, BLOCK_K: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, STAGES: ttgl.constexpr, RAW_STAGES: ttgl.constexpr,
                UNPACKERS: ttgl.constexpr, SCALES_BY_TMA: ttgl.constexpr = True, X_BY_TMA: ttgl.constexpr = True,
-               EVEN_REGISTERS: ttgl.constexpr = False):
+               EVEN_REGISTERS: ttgl.constexpr = False, LATE_FREE: ttgl.constexpr = False):
     """`ws_wgmma_kernel` fed by TMA: a loader warp keeps RAW_STAGES tiles of words, scales and
     zeros in flight into a raw ring; UNPACKERS warpgroups take turns unpacking them into the ring
     the consumer's wgmmas read, each fetching x's tile by TMA beside its weights (rows past M
@@ -357,7 +360,7 @@ def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, s
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
                              x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 0, 1,
                              SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
-                             X_BY_TMA)),
+                             X_BY_TMA, LATE_FREE)),
             (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
                            GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES, SCALES_BY_TMA)),
         ], [4, 1], [160, 160] if EVEN_REGISTERS else [152, 40])
@@ -367,11 +370,11 @@ def tma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, ws_ptr, cnt_ptr, M, N, s
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
                              x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 0, 2,
                              SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
-                             X_BY_TMA)),
+                             X_BY_TMA, LATE_FREE)),
             (_tma_unpacker, (x_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, x_bufs, w_bufs,
                              x_ready, w_ready, mma_free, k0, x_ptr, s_ptr, z_ptr, M, stride_xm, stride_sg, n0, 1, 2,
                              SYMMETRIC, ZERO, BLOCK_N, BLOCK_K, TILES, STAGES, RAW_STAGES, GROUP, SCALES_BY_TMA,
-                             X_BY_TMA)),
+                             X_BY_TMA, LATE_FREE)),
             (_tma_loader, (w_desc, s_desc, z_desc, raw_words, raw_scales, raw_zeros, words_ready, words_free, n0, k0,
                            GROUP, SYMMETRIC, BLOCK_K, TILES, RAW_STAGES, SCALES_BY_TMA)),
         ], [4, 4, 1], [120, 120, 120] if EVEN_REGISTERS else [152, 152, 40])
@@ -487,7 +490,7 @@ def compile_tma_for_sm90(config: TmaConfig, symmetric: bool = False, **flags):
                    "w_desc": f"tensordesc<i32[{config.block_k // 8},{config.block_n}],{layouts['w']!r}>",
                    "s_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>",
                    "z_desc": f"tensordesc<fp16[1,{config.block_n}],{layouts['s']!r}>"}
-    flags = {"SCALES_BY_TMA": True, "X_BY_TMA": True, "EVEN_REGISTERS": False, **flags}  # constexprs, not i32
+    flags = {"SCALES_BY_TMA": True, "X_BY_TMA": True, "EVEN_REGISTERS": False, "LATE_FREE": False, **flags}  # constexprs, not i32
     return compile_gluon_for_sm90(tma_kernel, {**_tma_constexprs(config, 128, symmetric), **flags}, 4, types=descriptors)
 
 

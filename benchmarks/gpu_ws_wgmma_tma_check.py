@@ -1,10 +1,13 @@
 """The TMA-fed tile with its words swizzled (128 bytes) and its scales loaded by plain loads (round 16):
 ten launches a config checked against float64, then timed beside bf16, the dispatcher and the
 register-fed tile at two programs an SM; each config again with every partition given the same
-registers (EVEN_REGISTERS), in case the register reallocation between partitions was at fault.
+registers (EVEN_REGISTERS), in case the register reallocation between partitions was at fault; or,
+with --flag LATE_FREE, each config again with the raw buffer freed only after its words were used.
 
     python benchmarks/gpu_ws_wgmma_tma_check.py | tee benchmarks/results/gpu_ws_wgmma_tma_check_h200.log
+    python benchmarks/gpu_ws_wgmma_tma_check.py --flag LATE_FREE | tee benchmarks/results/gpu_ws_wgmma_tma_late_free_h200.log
 """
+import argparse
 import sys, torch
 sys.path.insert(0, "benchmarks")
 import gpu_ws_wgmma as w
@@ -14,6 +17,11 @@ from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 from lowbit.kernels import w4a16
 T, C = w.TmaConfig, w.Config
+parser = argparse.ArgumentParser()
+parser.add_argument("--flag", default="EVEN_REGISTERS", choices=["EVEN_REGISTERS", "LATE_FREE"],
+                    help="the kernel flag each config is run with again")
+flag = parser.parse_args().flag
+label = flag.lower().replace("_", " ")
 tma = [T(128, 128, 2048, 2, 8, 1), T(128, 128, 2048, 3, 4, 1), T(128, 64, 1024, 3, 8, 1), T(128, 64, 2048, 2, 8, 1),
        T(128, 64, 1024, 2, 8, 2), T(128, 128, 1024, 3, 8, 2), T(128, 64, 2048, 3, 8, 2)]
 for n in (14336, 4096):
@@ -30,8 +38,8 @@ for n in (14336, 4096):
               flush=True)
         runs = [("reg 2/SM", lambda: w.launch(x, packed, C(128, 128, 2048, 2, True), True, 0))]
         runs += [(f"tma {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=False)) for c in tma]
-        runs += [(f"tma even registers {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=False,
-                                                                          EVEN_REGISTERS=True)) for c in tma]
+        runs += [(f"tma {label} {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=False, **{flag: True}))
+                 for c in tma]
         for name, call in runs:
             errs = []
             for _ in range(10):
