@@ -6,6 +6,8 @@ with --flag LATE_FREE, each config again with the raw buffer freed only after it
 
     python benchmarks/gpu_ws_wgmma_tma_check.py | tee benchmarks/results/gpu_ws_wgmma_tma_check_h200.log
     python benchmarks/gpu_ws_wgmma_tma_check.py --flag LATE_FREE | tee benchmarks/results/gpu_ws_wgmma_tma_late_free_h200.log
+    python benchmarks/gpu_ws_wgmma_tma_check.py --flag LATE_FREE --scales-by-tma | tee \
+        benchmarks/results/gpu_ws_wgmma_tma_late_free_scales_h200.log
 """
 import argparse
 import sys, torch
@@ -20,7 +22,9 @@ T, C = w.TmaConfig, w.Config
 parser = argparse.ArgumentParser()
 parser.add_argument("--flag", default="EVEN_REGISTERS", choices=["EVEN_REGISTERS", "LATE_FREE"],
                     help="the kernel flag each config is run with again")
-flag = parser.parse_args().flag
+parser.add_argument("--scales-by-tma", action="store_true", help="scales and zeros by TMA too (plain loads by default)")
+args = parser.parse_args()
+flag, scales_by_tma = args.flag, args.scales_by_tma
 label = flag.lower().replace("_", " ")
 tma = [T(128, 128, 2048, 2, 8, 1), T(128, 128, 2048, 3, 4, 1), T(128, 64, 1024, 3, 8, 1), T(128, 64, 2048, 2, 8, 1),
        T(128, 64, 1024, 2, 8, 2), T(128, 128, 1024, 3, 8, 2), T(128, 64, 2048, 3, 8, 2)]
@@ -37,8 +41,9 @@ for n in (14336, 4096):
               f"{1000 * graph_time_ms(lambda: w4a16.w4a16_matmul(x, packed)):.1f} us ({w4a16.chosen_path(x, packed)})",
               flush=True)
         runs = [("reg 2/SM", lambda: w.launch(x, packed, C(128, 128, 2048, 2, True), True, 0))]
-        runs += [(f"tma {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=False)) for c in tma]
-        runs += [(f"tma {label} {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=False, **{flag: True}))
+        runs += [(f"tma {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=scales_by_tma)) for c in tma]
+        runs += [(f"tma {label} {tuple(c)}", lambda c=c: w.tma_launch(x, packed, c, SCALES_BY_TMA=scales_by_tma,
+                                                                       **{flag: True}))
                  for c in tma]
         for name, call in runs:
             errs = []
