@@ -477,3 +477,90 @@ def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
     assert "gluon-gemv" not in path_matmuls(2, packed, torch.bfloat16)
     assert "gluon-gemv" not in path_matmuls(1, packed, torch.float16)
     check_dispatcher_allowing("gluon-gemv", 512, leading=(1, 1))
+
+
+def test_the_warp_specialized_wgmma_tile_compiles_for_hopper_and_offers_configs_that_fit():
+    """A producer warpgroup fills a ring that a consumer warpgroup's wgmmas read: one wgmma per 16
+    of a K tile in the loop, a ring within the shared memory an SM has."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    gemv_sass = benchmark_script("gemv_sass")
+    for config, paired, ahead in ((script.Config(128, 64, 1024, 4), True, 1),
+                                  (script.Config(256, 128, 512, 2), False, 0),
+                                  (script.Config(128, 64, 512, 2, two_per_sm=True), True, 1)):
+        sass, registers, shared = gemv_sass.disassemble(script.compile_for_sm90(config, paired=paired, ahead=ahead))
+        assert sass.count("HGMMA") == config.block_k // 16
+        assert script.shared_bytes(config) <= shared <= script.MAX_SHARED + 1024
+        assert registers == (script.TWO_PER_SM_REGISTERS if config.two_per_sm else 255)
+    offered = script.configs(4096, 14336)
+    assert script.Config(256, 64, 1024, 4) in offered and script.Config(128, 64, 1024, 3, True) in offered
+    assert all(c.block_n >= 128 and c.span >= c.stages * c.block_k and 14336 % c.span == 0
+               and script.shared_bytes(c) * (2 if c.two_per_sm else 1) <= script.MAX_SHARED for c in offered)
+    row = {"shape": "8B q/o_proj", "m": 64, "bf16": 12.3, "dispatcher": 15.8, "dispatcher path": "fbgemm",
+           "paired": 7.9, "paired config": "64x256x64 span 1024 stages 4", "paired error": 2.7e-3,
+           "float": 9.5, "float config": "64x128x64 span 512 stages 4", "float error": 2.7e-3}
+    assert ("| 8B q/o_proj | 64 | 12.3 | 15.8 (fbgemm) | 7.9 (64x256x64 span 1024 stages 4) | "
+            "9.5 (64x128x64 span 512 stages 4) | 2.7e-03 / 2.7e-03 | 1.56x | 2.00x |" in script.markdown([row], "GPU"))
+
+
+def test_the_tma_fed_wgmma_tile_compiles_for_hopper_with_a_loader_warp():
+    """The loader warp issues each tile's words and scales (and zeros, asymmetric) by TMA, and each
+    unpacking warpgroup x's tile; offered configs fit shared memory."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    gemv_sass = benchmark_script("gemv_sass")
+    for config, symmetric, copies in ((script.TmaConfig(128, 128, 1024, 2, 4, 1), False, 4),
+                                      (script.TmaConfig(128, 64, 1024, 3, 8, 2), True, 4)):
+        sass, _, shared = gemv_sass.disassemble(script.compile_tma_for_sm90(config, symmetric))
+        assert sass.count("HGMMA") == config.block_k // 16 and sass.count("UTMALDG") >= copies - symmetric
+        assert script.tma_shared_bytes(config, symmetric) <= shared <= script.MAX_SHARED + 1024
+    offered = script.tma_configs(4096, 14336)
+    assert script.TmaConfig(128, 64, 1024, 3, 8, 1) in offered
+    assert all(c.span >= c.raw_stages * c.block_k and script.tma_shared_bytes(c) <= script.MAX_SHARED for c in offered)
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config", [(128, 64, 512, 2, 4, 1), (128, 128, 1024, 3, 8, 1), (128, 64, 1024, 3, 8, 1)])
+@pytest.mark.parametrize("m, symmetric", [(64, False), (37, True), (16, False), (1, True)])
+def test_the_tma_fed_wgmma_tile_matches_float64(config, m, symmetric):
+    """Rows past M arrive as zeros from TMA and are masked at the store; 1-8 split-K programs,
+    twice, so the second call finds the workspace the first left."""
+    from lowbit.kernels import w4a16_triton
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    weight = quantized(384, 4096, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=m)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        out = script.tma_launch(x, packed, script.TmaConfig(*config))
+        assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+        ws, counters = w4a16_triton.split_k_workspace(x.device, m * 384)
+        torch.cuda.synchronize()
+        assert not ws[:m * 384].any() and not counters[:m * 384].any()
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config", [(128, 64, 512, 4, False), (128, 128, 1024, 2, True), (256, 64, 256, 3, False)])
+@pytest.mark.parametrize("m, symmetric, mode", [(64, False, "paired, 1 ahead"), (37, True, "paired"),
+                                                (16, False, "float"), (1, True, "paired, 1 ahead")])
+def test_the_warp_specialized_wgmma_tile_matches_float64(config, m, symmetric, mode):
+    """Rows past M are zeros in x's buffers and masked at the store; split-K 2-8 ways, twice, so the
+    second call finds the workspace the first left."""
+    from lowbit.kernels import w4a16_triton
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_ws_wgmma")
+    weight = quantized(512, 2048, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=m)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        out = script.launch(x, packed, script.Config(*config), *script.MODES[mode])
+        assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+        ws, counters = w4a16_triton.split_k_workspace(x.device, m * 512)
+        torch.cuda.synchronize()
+        assert not ws[:m * 512].any() and not counters[:m * 512].any()
