@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab ws_wgmma warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -101,11 +101,6 @@ print(k.markdown_table(r))" ;;
         wgmma_swap_ab) step wgmma_swap_ab "${T_WGMMA:-300}" python3 "$here/benchmarks/gpu_wgmma_swap_ab.py" --out "$out/gpu_wgmma_swap_ab" ;;
         # One config at a time: symmetric, uint8 zero points, float16 zero points (gpu_zero_points.py).
         # One GEMV tile at every split count (gpu_gemv_splits.py): a program's fixed cost.
-        # The warp-specialized mixed-input wgmma tile beside the dispatcher's choice, M = 16 and 64 (gpu_ws_wgmma.py).
-        # KERNEL_SHAPES (as for `kernels`) times fewer shapes.
-        ws_wgmma) IFS=, read -ra ws_shapes <<< "${KERNEL_SHAPES:-}"
-                  step ws_wgmma "${T_WGMMA:-300}" python3 "$here/benchmarks/gpu_ws_wgmma.py" --out "$out/gpu_ws_wgmma" \
-                      ${ws_shapes[@]:+--shapes "${ws_shapes[@]}"} ;;
         gemv_splits) step gemv_splits "${T_SPLITS:-180}" python3 "$here/benchmarks/gpu_gemv_splits.py" --out "$out/gpu_gemv_splits" ;;
         # What a GEMV call costs before its weight streams: launch floor, prologue, split-K tail (gpu_gemv_floor.py).
         # lowbit generate's first warm-up, phase by phase (gpu_warmup_breakdown.py), cold at batch 1.
@@ -130,6 +125,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab ws_wgmma warmup_breakdown gluon_gemv zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq)"; exit 2 ;;
     esac
 done

@@ -340,23 +340,18 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
                                                "AHEAD": ahead}, warps)
 
 
-def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, maxnreg: int | None = None,
-                           types: dict[str, str] | None = None):
+def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int):
     """A W4A16 Gluon kernel taking m16_kernel's arguments, compiled for sm_90 without a GPU, its
-    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes;
-    `maxnreg` caps its registers a thread as the launch option of that name does, and `types`
-    gives the types of arguments m16_kernel lacks (a TMA descriptor's, "tensordesc<...>")."""
+    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
-             "ws_ptr": "*fp32", "cnt_ptr": "*i32", **(types or {})}
+             "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
     aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in names if name in ("N", "K", "stride_xm", "stride_sg", "stride_om")
-               or types.get(name, "").startswith("*")}
+               for name in (*types, "N", "K", "stride_xm", "stride_sg", "stride_om")}
     return triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
