@@ -143,6 +143,12 @@ def every_candidate(tuner: Autotuner) -> list[triton.Config]:
     return _with_variants(tuner.configs, variants) if variants else tuner.configs
 
 
+def with_settings(config: triton.Config, *settings: dict) -> list[triton.Config]:
+    """`config` once per setting, the setting's values over its own: a kernel's finalist variants."""
+    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
+            for setting in settings]
+
+
 def _with_variants(configs: list[triton.Config],
                    variants: Callable[[triton.Config], list[triton.Config]]) -> list[triton.Config]:
     return configs + [variant for config in configs for variant in variants(config)]

@@ -138,10 +138,9 @@ def _variants(config) -> list:
     offered on every tile it doubled the candidates to compile and time. One group ahead frees a
     group's words, so more warps fit on an SM: the tuner chose it on all eight shapes at 16 rows
     (gpu_kernels_h200.md)."""
-    import triton
+    from lowbit.kernels.autotune import with_settings
 
-    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
-            for setting in ({"FOLD_ZEROS": False}, {"AHEAD": 1})]
+    return with_settings(config, {"FOLD_ZEROS": False}, {"AHEAD": 1})
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:

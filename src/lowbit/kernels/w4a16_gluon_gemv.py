@@ -62,10 +62,9 @@ def _variants(config) -> list:
     Side by side, eight rows won four shapes of eight and one tile ahead two, by a few percent
     (gpu_gluon_gemv_h200.md), and offered on every config they tripled the candidates: compiling them was 9.3 s of
     `lowbit generate`'s first warm-up at batch 1 (gpu_warmup_breakdown_b1_h200.md of 2fc58fb)."""
-    import triton
+    from lowbit.kernels.autotune import with_settings
 
-    return [triton.Config({**config.kwargs, **setting}, num_warps=config.num_warps, num_stages=config.num_stages)
-            for setting in ({"BLOCK_K": _BLOCK_K[1]}, {"AHEAD": 1})]
+    return with_settings(config, {"BLOCK_K": _BLOCK_K[1]}, {"AHEAD": 1})
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:

@@ -34,7 +34,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
-from lowbit.kernels.autotune import autotune, chosen_config, pinned
+from lowbit.kernels.autotune import autotune, chosen_config, pinned, with_settings
 
 DECODE_MAX_M = 64
 """Largest M the split-K family handles; above it every output tile is written once, directly."""
@@ -113,8 +113,7 @@ def _other_pipelines(config: triton.Config) -> list[triton.Config]:
     """An F16_PAIRS candidate at the other pipeline depths (autotune's finalist variants)."""
     if not config.kwargs.get("F16_PAIRS"):
         return []
-    return [triton.Config({**config.kwargs, "PIPELINE": stages}, num_warps=config.num_warps,
-                          num_stages=config.num_stages) for stages in _PIPELINE_STAGES[1:]]
+    return with_settings(config, *({"PIPELINE": stages} for stages in _PIPELINE_STAGES[1:]))
 
 
 # PAIRED_DOTS (see _mma_kernel) is an autotuning candidate beside the reshaped tile: the tuner keeps
