@@ -19,6 +19,17 @@ needs_gluon_gpu = pytest.mark.skipif(not w4a16_gluon.available(),
                                      reason=f"needs an sm_90 GPU and Triton with Gluon ({w4a16_gluon.import_error()})")
 
 
+def pinned_config_error(module, config: str, m: int, n: int, k: int, symmetric: bool, seed: int) -> float:
+    """Relative error against float64 of `module`'s matmul (a Gluon path) run with `config` pinned,
+    on an int4 g128 weight [n, k] and m random bf16 rows: a pinned config runs untimed."""
+    weight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=seed)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    with module.pinned_config(config):
+        out = module.matmul(x, packed)
+    return relative_error(out, x.double() @ weight.dequantize().double().cuda().T)
+
+
 @pytest.mark.parametrize("group", w4a16_gluon.GROUPS)
 def test_each_word_holds_the_codes_of_one_threads_operand_registers(group):
     """Word (g, nb, ni, t, c), nibble 4h + 2·j1 + j0: column 8·nb + ni, K = G·g + 32c + 16·j1 + 8·j0 + 2t + h,
@@ -138,12 +149,7 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
     """The tuner may choose either way of the zero points per shape, and one group's words in
     flight or two: each must be right (a pinned config runs untimed)."""
-    weight = quantized(256, k, IntegerFormat(4, symmetric=False, group_size=128), seed=k)
-    packed = pack_quantized_weight(weight).to("cuda")
-    x = torch.randn(7, k, device="cuda", dtype=torch.bfloat16)
-    with w4a16_gluon.pinned_config(config):
-        out = w4a16_gluon.matmul(x, packed)
-    assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+    assert pinned_config_error(w4a16_gluon, config, 7, 256, k, symmetric=False, seed=k) < 1e-2
 
 
 @needs_gluon_gpu
@@ -459,12 +465,7 @@ def test_each_gluon_gemv_config_is_right(config, n, k, symmetric):
     one tile ahead or two: the tuner may choose any of them."""
     from lowbit.kernels import w4a16_gluon_gemv
 
-    weight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=n + k)
-    packed = pack_quantized_weight(weight).to("cuda")
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    with w4a16_gluon_gemv.pinned_config(config):
-        out = w4a16_gluon_gemv.matmul(x, packed)
-    assert relative_error(out, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+    assert pinned_config_error(w4a16_gluon_gemv, config, 1, n, k, symmetric, seed=n + k) < 1e-2
 
 
 @needs_gluon_gpu
