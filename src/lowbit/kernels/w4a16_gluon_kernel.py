@@ -218,6 +218,53 @@ def _f16_pair(high, low):
 
 
 @gluon.jit
+def _stage_x_pairs(x_ptr, k0, pairs04, pairs15, pairs26, pairs37, inverse, GROUP: ttgl.constexpr,
+                   SPAN_GROUPS: ttgl.constexpr, WARPS: ttgl.constexpr):
+    """x[k0 : k0 + SPAN_GROUPS·GROUP] into shared memory, per group, as the GEMVs' fp16 pairs
+    (x_j, x_j+4) of each row of eight, the row scaled by a power of two that brings its largest |x|
+    into [64, 128) (int4_unpack.stage_f16_rows), with the rows' inverse factors."""
+    X_L: ttgl.constexpr = ttgl.BlockedLayout([1], [32], [WARPS], [0])  # a row of eight a thread
+    xrows = ttgl.arange(0, GROUP // 8, layout=X_L)
+    for i in ttgl.static_range(SPAN_GROUPS):
+        x_offs = k0 + i * GROUP + xrows * 8
+        x0 = ttgl.load(x_ptr + x_offs).to(ttgl.float32)
+        x1 = ttgl.load(x_ptr + x_offs + 1).to(ttgl.float32)
+        x2 = ttgl.load(x_ptr + x_offs + 2).to(ttgl.float32)
+        x3 = ttgl.load(x_ptr + x_offs + 3).to(ttgl.float32)
+        x4 = ttgl.load(x_ptr + x_offs + 4).to(ttgl.float32)
+        x5 = ttgl.load(x_ptr + x_offs + 5).to(ttgl.float32)
+        x6 = ttgl.load(x_ptr + x_offs + 6).to(ttgl.float32)
+        x7 = ttgl.load(x_ptr + x_offs + 7).to(ttgl.float32)
+        largest = ttgl.maximum(ttgl.maximum(ttgl.maximum(ttgl.abs(x0), ttgl.abs(x1)),
+                                            ttgl.maximum(ttgl.abs(x2), ttgl.abs(x3))),
+                               ttgl.maximum(ttgl.maximum(ttgl.abs(x4), ttgl.abs(x5)),
+                                            ttgl.maximum(ttgl.abs(x6), ttgl.abs(x7))))
+        exponent = ttgl.maximum(largest.to(ttgl.int32, bitcast=True) >> 23, 6)
+        factor = ((260 - exponent) << 23).to(ttgl.float32, bitcast=True)
+        pairs04.index(i).store(_f16_pair(x4 * factor, x0 * factor))
+        pairs15.index(i).store(_f16_pair(x5 * factor, x1 * factor))
+        pairs26.index(i).store(_f16_pair(x6 * factor, x2 * factor))
+        pairs37.index(i).store(_f16_pair(x7 * factor, x3 * factor))
+        inverse.index(i).store(((exponent - 6) << 23).to(ttgl.float32, bitcast=True))
+
+
+@gluon.jit
+def tile_dots(words, pairs04, pairs15, pairs26, pairs37, inverse, g, row, plus_1024_z, minus_64_z,
+              ROWS: ttgl.constexpr, ROW_L: ttgl.constexpr):
+    """Σ x·(q - z) per column over ROWS word rows of group g, from its row `row` on: each word's
+    eight codes against x's staged pairs (F16_DOT_ASM), each row's dot times its inverse factor."""
+    x04 = ttgl.expand_dims(pairs04.index(g).slice(row, ROWS).load(ROW_L), 1)
+    x15 = ttgl.expand_dims(pairs15.index(g).slice(row, ROWS).load(ROW_L), 1)
+    x26 = ttgl.expand_dims(pairs26.index(g).slice(row, ROWS).load(ROW_L), 1)
+    x37 = ttgl.expand_dims(pairs37.index(g).slice(row, ROWS).load(ROW_L), 1)
+    dots = ttgl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
+                                       [words, x04, x15, x26, x37, plus_1024_z, minus_64_z],
+                                       dtype=ttgl.float32, is_pure=True, pack=1)
+    row_factor = ttgl.expand_dims(inverse.index(g).slice(row, ROWS).load(ROW_L), 1)
+    return ttgl.sum(dots * row_factor, axis=0)
+
+
+@gluon.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                 K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2):
@@ -254,39 +301,15 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
     else:
         z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
-    # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two that brings its
-    # largest |x| into [64, 128) (int4_unpack.stage_f16_rows), and the rows' inverse factors.
-    GROUP_ROWS: ttgl.constexpr = GROUP // 8
+    # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two (_stage_x_pairs).
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
     V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per group
-    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
-    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
-    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
-    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP_ROWS], V_L)
-    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP_ROWS], V_L)
-    X_L: ttgl.constexpr = ttgl.BlockedLayout([1], [32], [WARPS], [0])  # a row of eight a thread
-    xrows = ttgl.arange(0, GROUP_ROWS, layout=X_L)
-    for i in ttgl.static_range(SPAN_GROUPS):
-        x_offs = pid_k * K_SPAN + i * GROUP + xrows * 8
-        x0 = ttgl.load(x_ptr + x_offs).to(ttgl.float32)
-        x1 = ttgl.load(x_ptr + x_offs + 1).to(ttgl.float32)
-        x2 = ttgl.load(x_ptr + x_offs + 2).to(ttgl.float32)
-        x3 = ttgl.load(x_ptr + x_offs + 3).to(ttgl.float32)
-        x4 = ttgl.load(x_ptr + x_offs + 4).to(ttgl.float32)
-        x5 = ttgl.load(x_ptr + x_offs + 5).to(ttgl.float32)
-        x6 = ttgl.load(x_ptr + x_offs + 6).to(ttgl.float32)
-        x7 = ttgl.load(x_ptr + x_offs + 7).to(ttgl.float32)
-        largest = ttgl.maximum(ttgl.maximum(ttgl.maximum(ttgl.abs(x0), ttgl.abs(x1)),
-                                            ttgl.maximum(ttgl.abs(x2), ttgl.abs(x3))),
-                               ttgl.maximum(ttgl.maximum(ttgl.abs(x4), ttgl.abs(x5)),
-                                            ttgl.maximum(ttgl.abs(x6), ttgl.abs(x7))))
-        exponent = ttgl.maximum(largest.to(ttgl.int32, bitcast=True) >> 23, 6)
-        factor = ((260 - exponent) << 23).to(ttgl.float32, bitcast=True)
-        pairs04.index(i).store(_f16_pair(x4 * factor, x0 * factor))
-        pairs15.index(i).store(_f16_pair(x5 * factor, x1 * factor))
-        pairs26.index(i).store(_f16_pair(x6 * factor, x2 * factor))
-        pairs37.index(i).store(_f16_pair(x7 * factor, x3 * factor))
-        inverse.index(i).store(((exponent - 6) << 23).to(ttgl.float32, bitcast=True))
+    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP // 8], V_L)
+    _stage_x_pairs(x_ptr, pid_k * K_SPAN, pairs04, pairs15, pairs26, pairs37, inverse, GROUP, SPAN_GROUPS, WARPS)
     _barrier()
     acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
     for g in range(0, SPAN_GROUPS):
@@ -302,15 +325,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         for i in ttgl.static_range(GROUP_TILES):
             tile = g * GROUP_TILES + i
             w_next = ttgl.load(qw_ptr + (row0 + ttgl.minimum(tile + AHEAD, TILES - 1) * ROWS) * N + word_offs)
-            x04 = ttgl.expand_dims(pairs04.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
-            x15 = ttgl.expand_dims(pairs15.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
-            x26 = ttgl.expand_dims(pairs26.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
-            x37 = ttgl.expand_dims(pairs37.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
-            dots = ttgl.inline_asm_elementwise(F16_DOT_ASM, "=f,r,r,r,r,r,r,r",
-                                               [w_a, x04, x15, x26, x37, plus_1024_z, minus_64_z],
-                                               dtype=ttgl.float32, is_pure=True, pack=1)
-            row_factor = ttgl.expand_dims(inverse.index(g).slice(i * ROWS, ROWS).load(ROW_L), 1)
-            group_sum += ttgl.sum(dots * row_factor, axis=0)
+            group_sum += tile_dots(w_a, pairs04, pairs15, pairs26, pairs37, inverse, g, i * ROWS, plus_1024_z,
+                                   minus_64_z, ROWS, ROW_L)
             if AHEAD == 2:
                 w_a, w_b = w_b, w_next
             else:
