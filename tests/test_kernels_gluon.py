@@ -468,6 +468,41 @@ def test_each_gluon_gemv_config_is_right(config, n, k, symmetric):
     assert pinned_config_error(w4a16_gluon_gemv, config, 1, n, k, symmetric, seed=n + k) < 1e-2
 
 
+def test_the_tma_gemv_experiment_copies_each_group_once_and_offers_rings_that_fit():
+    """One TMA copy per group of words (the whole span's at the start where it has buffers for
+    all), none of the words loaded from global memory by the threads, and a ring only where the
+    span has more groups than buffers."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gemv_tma")
+    for config, copies in [(script.Config(256, 4, 32, 256, 2), 2), (script.Config(128, 4, 64, 1024, 4), 4 + 1)]:
+        ptx = script.compile_for_sm90(config).asm["ptx"]
+        assert ptx.count("cp.async.bulk.tensor.2d.shared::cluster.global") == copies  # the ring's refill: one more
+        assert "ld.global.v2.b32" not in ptx and "ld.global.v4.b32" not in ptx
+    offered = script.configs(14336, 4096)
+    assert script.Config(256, 4, 32, 256, 2) in offered and script.Config(256, 4, 32, 256, 4) not in offered
+    assert all(script.shared_bytes(c) <= script.MAX_SHARED and c.block_n // (32 * c.warps) in (1, 2) for c in offered)
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("config, n, k", [((256, 4, 32, 256, 2), 512, 1024), ((128, 4, 64, 1024, 2), 384, 2048),
+                                          ((256, 8, 32, 128, 1), 256, 768)])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+def test_the_tma_gemv_experiment_matches_float64_on_every_launch(config, n, k, symmetric):
+    """Whole spans and rings; launched several times, since a buffer overwritten while its reads
+    were in flight shows only once the words come from L2 (round 16's TMA race)."""
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gemv_tma")
+    weight = quantized(n, k, IntegerFormat(4, symmetric=symmetric, group_size=128), seed=n + k)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ weight.dequantize().double().cuda().T
+    for _ in range(5):
+        assert relative_error(script.launch(x, packed, script.Config(*config)), ref) < 1e-2
+
+
 @needs_gluon_gpu
 def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
     from lowbit.kernels.w4a16 import path_matmuls

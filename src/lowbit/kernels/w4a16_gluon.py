@@ -189,12 +189,12 @@ def pinned_config(name: str):
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
-    from lowbit.kernels.autotune import check_lone_candidate_fits
-    from lowbit.kernels.w4a16_triton import split_k_workspace
-
     m, k = x.shape
     if m > MAX_M:
         raise ValueError(f"the Gluon W4A16 kernel takes at most {MAX_M} rows, got {m}")
+    from lowbit.kernels.autotune import check_lone_candidate_fits  # after the checks: needs Triton
+    from lowbit.kernels.w4a16_triton import split_k_workspace
+
     x = x.contiguous()
     n = packed.out_features
     words = layout(packed)

@@ -108,12 +108,12 @@ def pinned_config(name: str):
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [1, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [1, N] bf16."""
-    from lowbit.kernels.autotune import check_lone_candidate_fits
-    from lowbit.kernels.w4a16_triton import split_k_workspace
-
     m, k = x.shape
     if m != 1:
         raise ValueError(f"the Gluon W4A16 GEMV takes one row, got {m}")
+    from lowbit.kernels.autotune import check_lone_candidate_fits  # after the checks: needs Triton
+    from lowbit.kernels.w4a16_triton import split_k_workspace
+
     x = x.contiguous()
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric

@@ -1,0 +1,236 @@
+"""An experiment for M = 1 on Hopper: the Gluon GEMV with its words brought by TMA, a program's whole span at once.
+
+The Gluon GEMV (w4a16_gluon_kernel.gemv_kernel) keeps one or two tiles of words in flight per
+thread, in registers. On 8B gate/up_proj its ncu profile had every program resident at once
+(0.85 waves), DRAM 51% busy and long-scoreboard stalls first (gpu_profile_h200_gluon.log): each
+program walks its span in a chain of round trips to DRAM, a few kilobytes at a time. Here each
+program asks the copy engine (TMA) for its span's words into shared memory at its start, up to
+STAGES groups at once, so a program's bytes cost one round trip instead of a chain of them and
+hold no registers while in flight. Where the span has more groups than STAGES, the buffers form a
+ring: once every thread has used a group's words (a block barrier after their values entered the
+sum, so no copy overwrites a buffer whose reads are in flight: round 16's lesson), the next
+group's copy goes into its buffer. x's staging and each tile's dots are the GEMV's own
+(`_stage_x_pairs`, `tile_dots`); scales and zero points are loaded a group ahead as there.
+
+For each shape (asymmetric, group 128) this times every config offered once, then the fastest
+beside the Gluon GEMV's tuned choice (the dispatcher's M = 1 path) in turns, seven rounds each, and
+reports the medians (CUDA-graph replays, cold L2, as the kernel table times), with bf16 cuBLAS and
+the int4 roofline from the same process.
+
+    python benchmarks/gpu_gemv_tma.py --out benchmarks/results/gpu_gemv_tma_h200
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as ttgl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from lowbit.bench.kernels import SHAPES
+from lowbit.formats.base import quantize_matrix
+from lowbit.formats.integer import IntegerFormat
+from lowbit.kernels import w4a16_gluon_gemv
+from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
+from lowbit.kernels.timing import graph_time_ms
+from lowbit.kernels.w4a16_gluon_kernel import (_barrier, _f16_pair, _stage_x_pairs, compile_gluon_for_sm90,
+                                              store_split_k, tile_dots)
+from lowbit.kernels.w4a16_triton import split_k_workspace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import shapes_command  # noqa: E402
+
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+"""A TMA copy into shared memory: `async_load` from Triton 3.7, `async_copy_global_to_shared` before."""
+ROUNDS = 7
+GROUP = 128
+MAX_SHARED = 200 * 1024
+"""The words' buffers of one program, at most (an sm_90 SM has 227 KB)."""
+PROGRAMS = (96, 4096)
+"""As w4a16_gluon_gemv._PROGRAMS: launches with fewer programs leave SMs idle, more repeat x's staging."""
+
+
+@gluon.jit
+def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
+                    GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
+                    K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, STAGES: ttgl.constexpr):
+    """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, the plain words [K / 8, N] by TMA:
+    STAGES groups' words requested at once (the whole span where it has no more groups), each
+    group's as one copy [GROUP / 8, BLOCK_N] beside its mbarrier."""
+    VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
+    ROWS: ttgl.constexpr = BLOCK_K // 8
+    W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
+    ROW_L: ttgl.constexpr = ttgl.SliceLayout(1, W_L)
+    COL_L: ttgl.constexpr = ttgl.SliceLayout(0, W_L)
+    SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
+    GROUP_TILES: ttgl.constexpr = GROUP // BLOCK_K
+    FIRST: ttgl.constexpr = STAGES if STAGES < SPAN_GROUPS else SPAN_GROUPS
+    pid_n = ttgl.program_id(0)
+    pid_k = ttgl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    row0 = pid_k * (K_SPAN // 8)
+    words = ttgl.allocate_shared_memory(ttgl.int32, [STAGES, GROUP // 8, BLOCK_N], w_desc.layout)
+    ready = ttgl.allocate_shared_memory(ttgl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in ttgl.static_range(STAGES):
+        mbarrier.init(ready.index(b), count=1)
+    fence_async_shared()  # the barriers' initialization, seen by TMA before its first copy
+    _barrier()
+    for b in ttgl.static_range(FIRST):
+        mbarrier.expect(ready.index(b), w_desc.block_type.nbytes)
+        _tma_load(w_desc, [row0 + b * (GROUP // 8), n0], ready.index(b), words.index(b))
+    cols = n0 + ttgl.arange(0, BLOCK_N, layout=COL_L)
+    g0 = pid_k * SPAN_GROUPS
+    s_next = ttgl.load(s_ptr + g0 * stride_sg + cols)
+    if SYMMETRIC:
+        z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
+    else:
+        z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
+    V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP // 8], V_L)
+    _stage_x_pairs(x_ptr, pid_k * K_SPAN, pairs04, pairs15, pairs26, pairs37, inverse, GROUP, SPAN_GROUPS, WARPS)
+    _barrier()
+    acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
+    for g in range(0, SPAN_GROUPS):
+        s = g % STAGES
+        scale = s_next.to(ttgl.float32)
+        z = z_next
+        g_next = g0 + ttgl.minimum(g + 1, SPAN_GROUPS - 1)
+        s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
+        if not SYMMETRIC:
+            z_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
+        plus_1024_z = ttgl.expand_dims(_f16_pair(1024.0 + z, 1024.0 + z), 0)
+        minus_64_z = ttgl.expand_dims(_f16_pair(-64.0 - z, -64.0 - z), 0)
+        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        group_sum = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
+        for i in ttgl.static_range(GROUP_TILES):
+            w = words.index(s).slice(i * ROWS, ROWS).load(W_L)
+            group_sum += tile_dots(w, pairs04, pairs15, pairs26, pairs37, inverse, g, i * ROWS, plus_1024_z,
+                                   minus_64_z, ROWS, ROW_L)
+        acc += scale * group_sum
+        if STAGES < SPAN_GROUPS:
+            if g + STAGES < SPAN_GROUPS:
+                _barrier()  # every thread's reads of buffer s are done: its values are in acc
+                mbarrier.expect(ready.index(s), w_desc.block_type.nbytes)
+                _tma_load(w_desc, [row0 + (g + STAGES) * (GROUP // 8), n0], ready.index(s), words.index(s))
+    OUT_L: ttgl.constexpr = ttgl.BlockedLayout([1, VEC], [1, 32], [1, WARPS], [1, 0])
+    out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
+    out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
+    out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
+    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
+
+
+class Config(NamedTuple):
+    block_n: int
+    warps: int
+    block_k: int
+    span: int
+    stages: int
+
+
+def shared_bytes(config: Config) -> int:
+    """The words' buffers of one program."""
+    return config.stages * GROUP // 8 * config.block_n * 4
+
+
+def configs(n: int, k: int) -> list[Config]:
+    """Tiles of 128 or 256 columns (a TMA box is at most 256 wide), one or two columns a thread
+    (VEC), spans of whole groups, as many buffers as the span has groups or fewer (a ring), within
+    MAX_SHARED and PROGRAMS."""
+    offered = [Config(*values) for values in itertools.product((128, 256), (4, 8), (32, 64), (128, 256, 512, 1024),
+                                                              (1, 2, 4, 8))]
+    fitting = [c for c in offered if c.block_n // (32 * c.warps) in (1, 2) and n % c.block_n == 0
+               and k % c.span == 0 and c.stages <= c.span // GROUP and shared_bytes(c) <= MAX_SHARED]
+    programs = {c: (n // c.block_n) * (k // c.span) for c in fitting}
+    low, high = min(PROGRAMS[0], max(programs.values())), max(PROGRAMS[1], min(programs.values()))
+    return [c for c in fitting if low <= programs[c] <= high]
+
+
+def _words_layout():
+    return ttgl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def _constexprs(config: Config, group: int, symmetric: bool) -> dict:
+    return {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": SYMMETRIC_ZERO, "BLOCK_N": config.block_n,
+            "K_SPAN": config.span, "WARPS": config.warps, "BLOCK_K": config.block_k, "STAGES": config.stages}
+
+
+def compile_for_sm90(config: Config, symmetric: bool = False):
+    """`gemv_tma_kernel` compiled for sm_90 without a GPU: for the tests."""
+    descriptor = f"tensordesc<i32[{GROUP // 8},{config.block_n}],{_words_layout()!r}>"
+    return compile_gluon_for_sm90(gemv_tma_kernel, _constexprs(config, GROUP, symmetric), config.warps,
+                                  types={"w_desc": descriptor})
+
+
+def launch(x: torch.Tensor, packed, config: Config) -> torch.Tensor:
+    """x [1, K] bf16 @ Wᵀ with `gemv_tma_kernel` at `config`."""
+    n, k = packed.out_features, packed.in_features
+    out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
+    ws, counters = split_k_workspace(x.device, n)
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    w_desc = TensorDescriptor.from_tensor(packed.qweight, [packed.group_size // 8, config.block_n], _words_layout())
+    gemv_tma_kernel[(n // config.block_n, k // config.span)](
+        x, w_desc, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
+        out.stride(0), **_constexprs(config, packed.group_size, packed.symmetric), num_warps=config.warps)
+    return out
+
+
+def describe(config: Config) -> str:
+    return f"1x{config.block_n}x{config.block_k} span {config.span} w{config.warps} stages {config.stages}"
+
+
+def run_shape(name: str) -> list[dict]:
+    n, k = SHAPES[name]
+    torch.manual_seed(0)
+    qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=GROUP), torch.randn(n, k, device="cuda"))
+    packed = pack_quantized_weight(qweight)
+    dense = qweight.dequantize().to(torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ qweight.dequantize().double().T
+    timed = []
+    for config in configs(n, k):
+        error = float((launch(x, packed, config).double() - ref).norm() / ref.norm())
+        if not error < 1e-2:
+            raise SystemExit(f"{name} {describe(config)}: relative error {error:.2e}")
+        timed.append((1000 * graph_time_ms(lambda c=config: launch(x, packed, c)), describe(config), config, error))
+    _, _, best, error = min(timed)
+    w4a16_gluon_gemv.matmul(x, packed)  # the Gluon GEMV tuned for this shape
+    rounds = {"tma": [], "gemv": [], "bf16": []}
+    for _ in range(ROUNDS):  # in turns: a drift in the clocks touches all alike
+        rounds["tma"].append(1000 * graph_time_ms(lambda: launch(x, packed, best)))
+        rounds["gemv"].append(1000 * graph_time_ms(lambda: w4a16_gluon_gemv.matmul(x, packed)))
+        rounds["bf16"].append(1000 * graph_time_ms(lambda: x @ dense.T))
+    row = {"shape": name, "tma config": describe(best), "tma us": statistics.median(rounds["tma"]),
+           "tma error": error, "gemv config": w4a16_gluon_gemv.tuned_config(packed),
+           "gemv us": statistics.median(rounds["gemv"]), "bf16 us": statistics.median(rounds["bf16"]),
+           "configs": len(timed)}
+    print(row, flush=True)
+    return [row]
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [f"The Gluon GEMV with its words by TMA (benchmarks/gpu_gemv_tma.py) beside the Gluon GEMV's tuned choice, "
+             f"M = 1, asym g128, on {device} (torch {torch.__version__}, triton {triton.__version__}); microseconds "
+             f"per call, medians of {ROUNDS} rounds in turns, CUDA-graph replays, cold L2; error against float64.", "",
+             "| shape | TMA config (of n timed) | TMA us | error | GEMV config | GEMV us | bf16 us | TMA / GEMV | "
+             "bf16 / TMA |", "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tma config']} ({r['configs']}) | {r['tma us']:.1f} | {r['tma error']:.1e} | "
+                     f"{r['gemv config']} | {r['gemv us']:.1f} | {r['bf16 us']:.1f} | {r['tma us'] / r['gemv us']:.2f} | "
+                     f"{r['bf16 us'] / r['tma us']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    shapes_command(__doc__.splitlines()[0], SHAPES, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
