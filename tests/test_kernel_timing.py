@@ -27,3 +27,12 @@ def test_autotune_bench_answers_in_the_autotuners_form():
     x = torch.randn(256, device="cuda")
     assert len(timing.autotune_bench(lambda: x.add_(1), quantiles=(0.5, 0.2, 0.8))) == 3
     assert isinstance(timing.autotune_bench(lambda: x.add_(1)), float)
+
+
+@gpu
+def test_each_timed_call_reads_its_data_from_device_memory():
+    """A 24 MiB read fits L2 (50 MB on an H200, 40-50 MB on an H100), so without the flush it would
+    be served from L2; after it, it cannot run faster than device memory allows (under 6 TB/s on
+    either)."""
+    data = torch.ones(6 << 20, device="cuda")
+    assert timing.graph_time_ms(lambda: data.sum()) > data.nbytes / 6e12 * 1e3

@@ -4,9 +4,13 @@ The autotuner and the W4A16 dispatcher both rank candidates by time. Timing eage
 (`triton.testing.do_bench`) counts the CPU's launch cost whenever that exceeds the kernel's own
 time, as it does for a few-microsecond GEMV behind Triton's Python launcher: the ranking then
 measured launchers, not kernels (an H200 run chose FBGEMM at 15 us over a 9 us fused GEMV). Here
-the call is replayed from a CUDA graph, as in lowbit's decode loop, after an L2-sized buffer is
-overwritten, so every replay reads its weight from device memory as it would after the other
-layers' weights passed through L2; the flushes alone are timed the same way and subtracted.
+the call is replayed from a CUDA graph, as in lowbit's decode loop, after a buffer of twice L2's
+size is read, so every replay reads its weight from device memory into an L2 of clean lines, as it
+would after the other layers' weights passed through L2; the flushes alone are timed the same way
+and subtracted. Zeros written over the buffer instead leave L2 dirty, and each line a call brings
+in first writes one back to DRAM: on an H200 that made bf16 cuBLAS 15-25% slower on the 8B-shaped
+layers at M = 1 and 16 and lowbit's kernels up to 19% (gpu_flush_kind_h200.md), a cost no decode
+step pays. (`lowbit bench kernels` needs no flush: each call there reads its own weight copy.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ _FLUSH: dict[int, torch.Tensor] = {}
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
-    """Twice the L2 cache in bytes, kept per device (64 MiB where the size is not reported)."""
+    """Twice the L2 cache in bytes, kept per device (64 MiB where the size is not reported): read
+    whole, it leaves no line of the timed call's weight in L2."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _FLUSH:
         l2_bytes = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or (32 << 20)
@@ -60,12 +65,15 @@ def graph_time_ms(call: Callable[[], object], device: torch.device | None = None
     call()
     torch.cuda.synchronize(device)
 
+    def read_flush() -> None:
+        flush.max()
+
     def flushed_call() -> None:
-        flush.zero_()
+        read_flush()
         call()
 
     with_call = graph_replay_ms([flushed_call] * CALLS_PER_GRAPH)
-    flush_only = graph_replay_ms([flush.zero_] * CALLS_PER_GRAPH)
+    flush_only = graph_replay_ms([read_flush] * CALLS_PER_GRAPH)
     return max(with_call - flush_only, 0.0) / CALLS_PER_GRAPH
 
 
