@@ -196,6 +196,7 @@ def test_gluon_replayed_from_a_cuda_graph_follows_its_input():
 
 
 def test_the_profiler_script_takes_a_gluon_config_or_says_how_to_write_one():
+    pytest.importorskip("triton")  # the script imports the Triton kernels
     from tests.conftest import benchmark_script
 
     gpu_profile = benchmark_script("gpu_profile")

@@ -33,6 +33,15 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
+DECODE_MAX_M = 64
+"""Largest M the split-K family handles; above it every output tile is written once, directly."""
+
+
+def bucket(m: int) -> int:
+    """The key for M under which paths are chosen and tiles tuned: 1, 16, 64, then powers of two."""
+    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
+
+
 MatmulPath = Literal["fused", "gluon-gemv", "gluon", "dequantize+cublas", "gemlite", "fbgemm"]
 PATHS: tuple[MatmulPath, ...] = ("fused", "gluon-gemv", "gluon", "dequantize+cublas", "gemlite", "fbgemm")
 _CHOSEN: dict[tuple, MatmulPath] = {}
@@ -51,8 +60,6 @@ def chosen_path(x: torch.Tensor, packed: PackedInt4) -> MatmulPath:
 
 
 def _choice_key(x: torch.Tensor, packed: PackedInt4) -> tuple:
-    from lowbit.kernels.w4a16_triton import bucket
-
     return (x.device.index, x.dtype, bucket(x.shape[0]), packed.out_features, packed.in_features, packed.group_size,
             packed.symmetric)
 
@@ -82,7 +89,7 @@ def path_matmuls(m: int, packed: PackedInt4, dtype: torch.dtype) -> dict[MatmulP
         matmuls["gluon-gemv"] = w4a16_gluon_gemv.matmul
     if 1 < m <= w4a16_gluon.MAX_M and w4a16_gluon.supports(packed, dtype):
         matmuls["gluon"] = w4a16_gluon.matmul
-    if m > w4a16_triton.DECODE_MAX_M:
+    if m > DECODE_MAX_M:
         matmuls["dequantize+cublas"] = w4a16_triton.dequantize_matmul
     if w4a16_gemlite.supports(packed, dtype):
         matmuls["gemlite"] = w4a16_gemlite.matmul

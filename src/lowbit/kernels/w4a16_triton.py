@@ -35,9 +35,7 @@ from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
 from lowbit.kernels.autotune import autotune, chosen_config, pinned, with_settings
-
-DECODE_MAX_M = 64
-"""Largest M the split-K family handles; above it every output tile is written once, directly."""
+from lowbit.kernels.w4a16 import DECODE_MAX_M, bucket
 
 CODE_MASK = 0xF
 """Passed to the kernels as a run-time argument, not written as a literal: a LOP3 takes one
@@ -473,11 +471,6 @@ def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activati
 def supports(packed: PackedInt4) -> bool:
     """Whether this kernel handles the layout (group size a multiple of 32; K a multiple of it)."""
     return packed.group_size % 32 == 0 and packed.in_features % packed.group_size == 0 and packed.qweight.is_cuda
-
-
-def bucket(m: int) -> int:
-    """The autotuning key for M: 1, 16, 64, then powers of two."""
-    return 1 if m == 1 else 16 if m <= 16 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 
 def _autotuned(m: int):
