@@ -18,6 +18,7 @@ reports the medians (CUDA-graph replays, cold L2, as the kernel table times), wi
 the int4 roofline from the same process.
 
     python benchmarks/gpu_gemv_tma.py --out benchmarks/results/gpu_gemv_tma_h200
+    python benchmarks/gpu_gemv_tma.py --anatomy --out benchmarks/results/gpu_gemv_anatomy_h200
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ PROGRAMS = (96, 4096)
 @gluon.jit
 def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                     GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                    K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, STAGES: ttgl.constexpr):
+                    K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, STAGES: ttgl.constexpr,
+                    WORDS: ttgl.constexpr = True, DOTS: ttgl.constexpr = True, SPLIT_TAIL: ttgl.constexpr = True):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, the plain words [K / 8, N] by TMA:
     STAGES groups' words requested at once (the whole span where it has no more groups), each
-    group's as one copy [GROUP / 8, BLOCK_N] beside its mbarrier."""
+    group's as one copy [GROUP / 8, BLOCK_N] beside its mbarrier.
+
+    For `anatomy` only (wrong products, timing only): WORDS=False copies no words (the dots read
+    whatever shared memory holds), DOTS=False multiplies nothing (acc sums the scales), and
+    SPLIT_TAIL=False stores each split's partial sums straight into out, racing."""
     VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
     ROWS: ttgl.constexpr = BLOCK_K // 8
     W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
@@ -83,9 +89,10 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         mbarrier.init(ready.index(b), count=1)
     fence_async_shared()  # the barriers' initialization, seen by TMA before its first copy
     _barrier()
-    for b in ttgl.static_range(FIRST):
-        mbarrier.expect(ready.index(b), w_desc.block_type.nbytes)
-        _tma_load(w_desc, [row0 + b * (GROUP // 8), n0], ready.index(b), words.index(b))
+    if WORDS:
+        for b in ttgl.static_range(FIRST):
+            mbarrier.expect(ready.index(b), w_desc.block_type.nbytes)
+            _tma_load(w_desc, [row0 + b * (GROUP // 8), n0], ready.index(b), words.index(b))
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=COL_L)
     g0 = pid_k * SPAN_GROUPS
     s_next = ttgl.load(s_ptr + g0 * stride_sg + cols)
@@ -112,14 +119,18 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
             z_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
         plus_1024_z = ttgl.expand_dims(_f16_pair(1024.0 + z, 1024.0 + z), 0)
         minus_64_z = ttgl.expand_dims(_f16_pair(-64.0 - z, -64.0 - z), 0)
-        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        if WORDS:
+            mbarrier.wait(ready.index(s), (g // STAGES) & 1)
         group_sum = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
-        for i in ttgl.static_range(GROUP_TILES):
-            w = words.index(s).slice(i * ROWS, ROWS).load(W_L)
-            group_sum += tile_dots(w, pairs04, pairs15, pairs26, pairs37, inverse, g, i * ROWS, plus_1024_z,
-                                   minus_64_z, ROWS, ROW_L)
+        if DOTS:
+            for i in ttgl.static_range(GROUP_TILES):
+                w = words.index(s).slice(i * ROWS, ROWS).load(W_L)
+                group_sum += tile_dots(w, pairs04, pairs15, pairs26, pairs37, inverse, g, i * ROWS, plus_1024_z,
+                                       minus_64_z, ROWS, ROW_L)
+        else:
+            group_sum += 1.0
         acc += scale * group_sum
-        if STAGES < SPAN_GROUPS:
+        if WORDS and STAGES < SPAN_GROUPS:
             if g + STAGES < SPAN_GROUPS:
                 _barrier()  # every thread's reads of buffer s are done: its values are in acc
                 mbarrier.expect(ready.index(s), w_desc.block_type.nbytes)
@@ -128,7 +139,10 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
-    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
+    if SPLIT_TAIL:
+        store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
+    else:
+        ttgl.store(out_ptr + out_rows * stride_om + out_cols, out.to(ttgl.bfloat16), mask=out_rows < M)
 
 
 class Config(NamedTuple):
@@ -173,8 +187,8 @@ def compile_for_sm90(config: Config, symmetric: bool = False):
                                   types={"w_desc": descriptor})
 
 
-def launch(x: torch.Tensor, packed, config: Config) -> torch.Tensor:
-    """x [1, K] bf16 @ Wᵀ with `gemv_tma_kernel` at `config`."""
+def launch(x: torch.Tensor, packed, config: Config, **parts) -> torch.Tensor:
+    """x [1, K] bf16 @ Wᵀ with `gemv_tma_kernel` at `config` (`parts`: its anatomy flags)."""
     n, k = packed.out_features, packed.in_features
     out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, n)
@@ -182,7 +196,7 @@ def launch(x: torch.Tensor, packed, config: Config) -> torch.Tensor:
     w_desc = TensorDescriptor.from_tensor(packed.qweight, [packed.group_size // 8, config.block_n], _words_layout())
     gemv_tma_kernel[(n // config.block_n, k // config.span)](
         x, w_desc, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
-        out.stride(0), **_constexprs(config, packed.group_size, packed.symmetric), num_warps=config.warps)
+        out.stride(0), **_constexprs(config, packed.group_size, packed.symmetric), **parts, num_warps=config.warps)
     return out
 
 
@@ -232,5 +246,51 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = {"whole": {}, "no split-K tail": {"SPLIT_TAIL": False}, "no dots": {"DOTS": False},
+         "words only": {"DOTS": False, "SPLIT_TAIL": False}, "dots only": {"WORDS": False, "SPLIT_TAIL": False},
+         "neither": {"WORDS": False, "DOTS": False, "SPLIT_TAIL": False}}
+"""Parts of a call `anatomy` times: the whole kernel, without its split-K tail (partial sums stored
+racing), without its dots, words copied and waited on alone (no dots, no tail), dots alone (no
+words copied, no tail), and neither (x staged, scales summed, stored)."""
+
+
+def anatomy_shape(name: str) -> list[dict]:
+    """Where a call's time goes: the fastest whole-span config (no ring) of the shape, with parts
+    of its work left out (PARTS), beside the tuned Gluon GEMV, seven rounds in turns, medians."""
+    n, k = SHAPES[name]
+    torch.manual_seed(0)
+    packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=GROUP),
+                                                   torch.randn(n, k, device="cuda")))
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    whole_span = [c for c in configs(n, k) if c.stages == c.span // GROUP]
+    best = min(whole_span, key=lambda c: graph_time_ms(lambda: launch(x, packed, c)))
+    w4a16_gluon_gemv.matmul(x, packed)
+    rounds = {part: [] for part in [*PARTS, "Gluon GEMV"]}
+    for _ in range(ROUNDS):
+        for part, flags in PARTS.items():
+            rounds[part].append(1000 * graph_time_ms(lambda f=flags: launch(x, packed, best, **f)))
+        rounds["Gluon GEMV"].append(1000 * graph_time_ms(lambda: w4a16_gluon_gemv.matmul(x, packed)))
+    row = {"shape": name, "config": describe(best), **{part: statistics.median(t) for part, t in rounds.items()}}
+    print(row, flush=True)
+    return [row]
+
+
+def anatomy_markdown(rows: list[dict], device: str) -> str:
+    parts = [*PARTS, "Gluon GEMV"]
+    lines = [f"Where an M = 1 call's time goes: the TMA GEMV (benchmarks/gpu_gemv_tma.py --anatomy) with parts of its "
+             f"work left out (products wrong, timing only), on {device} (torch {torch.__version__}, triton "
+             f"{triton.__version__}); microseconds per call, medians of {ROUNDS} rounds in turns, CUDA-graph replays, "
+             "cold L2.", "", "| shape | config | " + " | ".join(parts) + " |", "|---|---|" + "---:|" * len(parts)]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['config']} | " + " | ".join(f"{r[p]:.1f}" for p in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    shapes_command(__doc__.splitlines()[0], SHAPES, run_shape, lambda rows: markdown(rows, torch.cuda.get_device_name()))
+    if "--anatomy" in sys.argv:
+        sys.argv.remove("--anatomy")
+        shapes_command(__doc__.splitlines()[0], SHAPES, anatomy_shape,
+                       lambda rows: anatomy_markdown(rows, torch.cuda.get_device_name()))
+    else:
+        shapes_command(__doc__.splitlines()[0], SHAPES, run_shape,
+                       lambda rows: markdown(rows, torch.cuda.get_device_name()))
