@@ -63,14 +63,16 @@ PROGRAMS = (96, 4096)
 def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                     GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                     K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, STAGES: ttgl.constexpr,
-                    WORDS: ttgl.constexpr = True, DOTS: ttgl.constexpr = True, SPLIT_TAIL: ttgl.constexpr = True):
+                    WORDS: ttgl.constexpr = True, DOTS: ttgl.constexpr = True, TAIL: ttgl.constexpr = 0):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, the plain words [K / 8, N] by TMA:
     STAGES groups' words requested at once (the whole span where it has no more groups), each
     group's as one copy [GROUP / 8, BLOCK_N] beside its mbarrier.
 
     For `anatomy` only (wrong products, timing only): WORDS=False copies no words (the dots read
-    whatever shared memory holds), DOTS=False multiplies nothing (acc sums the scales), and
-    SPLIT_TAIL=False stores each split's partial sums straight into out, racing."""
+    whatever shared memory holds), DOTS=False multiplies nothing (acc sums the scales), and TAIL
+    takes the split-K tail apart: 0 whole (store_split_k), 1 none (each split's partial sums stored
+    straight into out, racing), 2 the adds into the workspace alone, 3 the tile counter and the
+    last program's read-back alone, no adds."""
     VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
     ROWS: ttgl.constexpr = BLOCK_K // 8
     W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
@@ -139,10 +141,19 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
-    if SPLIT_TAIL:
+    if TAIL == 0:
         store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
-    else:
+    elif TAIL == 1:
         ttgl.store(out_ptr + out_rows * stride_om + out_cols, out.to(ttgl.bfloat16), mask=out_rows < M)
+    elif TAIL == 2:
+        ttgl.atomic_add(ws_ptr + out_rows * N + out_cols, out, mask=out_rows < M, sem="relaxed")
+    else:
+        _barrier()
+        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if count == ttgl.num_programs(1) - 1:
+            total = ttgl.load(ws_ptr + out_rows * N + out_cols, mask=out_rows < M, other=0.0, cache_modifier=".cg")
+            ttgl.store(out_ptr + out_rows * stride_om + out_cols, (total + out).to(ttgl.bfloat16), mask=out_rows < M)
+            ttgl.store(cnt_ptr + pid_n, 0)
 
 
 class Config(NamedTuple):
@@ -183,7 +194,8 @@ def _constexprs(config: Config, group: int, symmetric: bool) -> dict:
 def compile_for_sm90(config: Config, symmetric: bool = False):
     """`gemv_tma_kernel` compiled for sm_90 without a GPU: for the tests."""
     descriptor = f"tensordesc<i32[{GROUP // 8},{config.block_n}],{_words_layout()!r}>"
-    return compile_gluon_for_sm90(gemv_tma_kernel, _constexprs(config, GROUP, symmetric), config.warps,
+    whole = {"WORDS": True, "DOTS": True, "TAIL": 0}  # constexprs: left out, they would compile as i32 arguments
+    return compile_gluon_for_sm90(gemv_tma_kernel, {**_constexprs(config, GROUP, symmetric), **whole}, config.warps,
                                   types={"w_desc": descriptor})
 
 
@@ -246,12 +258,13 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"whole": {}, "no split-K tail": {"SPLIT_TAIL": False}, "no dots": {"DOTS": False},
-         "words only": {"DOTS": False, "SPLIT_TAIL": False}, "dots only": {"WORDS": False, "SPLIT_TAIL": False},
-         "neither": {"WORDS": False, "DOTS": False, "SPLIT_TAIL": False}}
-"""Parts of a call `anatomy` times: the whole kernel, without its split-K tail (partial sums stored
-racing), without its dots, words copied and waited on alone (no dots, no tail), dots alone (no
-words copied, no tail), and neither (x staged, scales summed, stored)."""
+PARTS = {"whole": {}, "no split-K tail": {"TAIL": 1}, "tail: adds alone": {"TAIL": 2},
+         "tail: counter alone": {"TAIL": 3}, "no dots": {"DOTS": False}, "words only": {"DOTS": False, "TAIL": 1},
+         "dots only": {"WORDS": False, "TAIL": 1}, "neither": {"WORDS": False, "DOTS": False, "TAIL": 1}}
+"""Parts of a call `anatomy` times: the whole kernel; without its split-K tail (partial sums stored
+racing); the tail's adds into the workspace alone, or its counter and read-back alone; without
+its dots; words copied and waited on alone (no dots, no tail); dots alone (no words copied, no
+tail); and neither (x staged, scales summed, stored)."""
 
 
 def anatomy_shape(name: str) -> list[dict]:
