@@ -55,8 +55,10 @@ ROUNDS = 7
 GROUP = 128
 MAX_SHARED = 200 * 1024
 """The words' buffers of one program, at most (an sm_90 SM has 227 KB)."""
-PROGRAMS = (96, 4096)
-"""As w4a16_gluon_gemv._PROGRAMS: launches with fewer programs leave SMs idle, more repeat x's staging."""
+PROGRAMS = (48, 4096)
+"""Fewer programs leave SMs idle, more repeat x's staging: as w4a16_gluon_gemv._PROGRAMS, but down to
+one program for most SMs, since a TMA ring keeps a long span's words in flight without registers, and
+a span of all K needs no split-K tail (1.2-2.1 us a call on the 8B shapes, gpu_gemv_anatomy_tail_h200.md)."""
 
 
 @gluon.jit
@@ -170,11 +172,11 @@ def shared_bytes(config: Config) -> int:
 
 
 def configs(n: int, k: int) -> list[Config]:
-    """Tiles of 128 or 256 columns (a TMA box is at most 256 wide), one or two columns a thread
-    (VEC), spans of whole groups, as many buffers as the span has groups or fewer (a ring), within
-    MAX_SHARED and PROGRAMS."""
-    offered = [Config(*values) for values in itertools.product((128, 256), (4, 8), (32, 64), (128, 256, 512, 1024),
-                                                              (1, 2, 4, 8))]
+    """Tiles of 64 to 256 columns (a TMA box is at most 256 wide), one or two columns a thread
+    (VEC), spans of whole groups up to 4096 (all of K on the 8B shapes but down_proj: no split),
+    as many buffers as the span has groups or fewer (a ring), within MAX_SHARED and PROGRAMS."""
+    offered = [Config(*values) for values in itertools.product((64, 128, 256), (2, 4, 8), (32,),
+                                                              (128, 256, 512, 1024, 2048, 4096), (1, 2, 4, 8, 16))]
     fitting = [c for c in offered if c.block_n // (32 * c.warps) in (1, 2) and n % c.block_n == 0
                and k % c.span == 0 and c.stages <= c.span // GROUP and shared_bytes(c) <= MAX_SHARED]
     programs = {c: (n // c.block_n) * (k // c.span) for c in fitting}
