@@ -74,7 +74,8 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
     whatever shared memory holds), DOTS=False multiplies nothing (acc sums the scales), and TAIL
     takes the split-K tail apart: 0 whole (store_split_k), 1 none (each split's partial sums stored
     straight into out, racing), 2 the adds into the workspace alone, 3 the tile counter and the
-    last program's read-back alone, no adds."""
+    last program's read-back alone, no adds. TAIL 4 is a whole tail of another kind (right
+    products): `_last_adder_tail`."""
     VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
     ROWS: ttgl.constexpr = BLOCK_K // 8
     W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
@@ -149,6 +150,8 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         ttgl.store(out_ptr + out_rows * stride_om + out_cols, out.to(ttgl.bfloat16), mask=out_rows < M)
     elif TAIL == 2:
         ttgl.atomic_add(ws_ptr + out_rows * N + out_cols, out, mask=out_rows < M, sem="relaxed")
+    elif TAIL == 4:
+        _last_adder_tail(out, out_ptr, ws_ptr, out_rows * N + out_cols, out_rows * stride_om + out_cols, out_rows < M)
     else:
         _barrier()
         count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
@@ -156,6 +159,30 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
             total = ttgl.load(ws_ptr + out_rows * N + out_cols, mask=out_rows < M, other=0.0, cache_modifier=".cg")
             ttgl.store(out_ptr + out_rows * stride_om + out_cols, (total + out).to(ttgl.bfloat16), mask=out_rows < M)
             ttgl.store(cnt_ptr + pid_n, 0)
+
+
+FIXED_POINT_BITS = ttgl.constexpr(24)
+"""Fraction bits of `_last_adder_tail`'s sums: 2^-24 absolute resolution, |y| below 2^31."""
+
+
+@gluon.jit
+def _last_adder_tail(acc, out_ptr, ws_ptr, ws_offs, out_offs, mask):
+    """Split-K without a tile counter: each element's partial sum enters the int64 workspace as
+    fixed point shifted past an 8-bit count, 256·round(acc·2^24) + 1, by one returning atomic add;
+    the program whose add brings the element's count to the number of splits holds the whole sum
+    (old + its own word), writes it and zeroes the element. No fence, no counter round trip and no
+    read-back: one atomic round trip, then the store. Integer adds are exact and commutative, so
+    the result does not depend on the order the splits arrive in."""
+    scaled = acc * (1 << FIXED_POINT_BITS)
+    fixed = ttgl.inline_asm_elementwise("cvt.rni.s64.f32 $0, $1;", "=l,r", [scaled], dtype=ttgl.int64, is_pure=True,
+                                        pack=1)
+    word = fixed * 256 + 1
+    old = ttgl.atomic_add(ws_ptr + ws_offs, word, mask=mask, sem="relaxed")
+    total = old + word
+    last = mask & ((total & 255) == ttgl.num_programs(1))
+    value = (total >> 8).to(ttgl.float32) * (1.0 / (1 << FIXED_POINT_BITS))
+    ttgl.store(out_ptr + out_offs, value.to(ttgl.bfloat16), mask=last)
+    ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(word), mask=last)
 
 
 class Config(NamedTuple):
@@ -206,12 +233,25 @@ def launch(x: torch.Tensor, packed, config: Config, **parts) -> torch.Tensor:
     n, k = packed.out_features, packed.in_features
     out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, n)
+    if parts.get("TAIL") == 4:
+        ws = _fixed_point_workspace(x.device, n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     w_desc = TensorDescriptor.from_tensor(packed.qweight, [packed.group_size // 8, config.block_n], _words_layout())
     gemv_tma_kernel[(n // config.block_n, k // config.span)](
         x, w_desc, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
         out.stride(0), **_constexprs(config, packed.group_size, packed.symmetric), **parts, num_warps=config.warps)
     return out
+
+
+_FIXED_WS: dict = {}
+
+
+def _fixed_point_workspace(device: torch.device, n: int) -> torch.Tensor:
+    """`_last_adder_tail`'s int64 elements, zero between calls (each call's last adders zero them)."""
+    key = (device, n)
+    if key not in _FIXED_WS:
+        _FIXED_WS[key] = torch.zeros(n, dtype=torch.int64, device=device)
+    return _FIXED_WS[key]
 
 
 def describe(config: Config) -> str:
@@ -261,10 +301,11 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 PARTS = {"whole": {}, "no split-K tail": {"TAIL": 1}, "tail: adds alone": {"TAIL": 2},
-         "tail: counter alone": {"TAIL": 3}, "no dots": {"DOTS": False}, "words only": {"DOTS": False, "TAIL": 1},
+         "tail: counter alone": {"TAIL": 3}, "last-adder tail": {"TAIL": 4}, "no dots": {"DOTS": False}, "words only": {"DOTS": False, "TAIL": 1},
          "dots only": {"WORDS": False, "TAIL": 1}, "neither": {"WORDS": False, "DOTS": False, "TAIL": 1}}
 """Parts of a call `anatomy` times: the whole kernel; without its split-K tail (partial sums stored
-racing); the tail's adds into the workspace alone, or its counter and read-back alone; without
+racing); the tail's adds into the workspace alone, or its counter and read-back alone; the
+last-adder tail instead of the counter (right products: its error is reported); without
 its dots; words copied and waited on alone (no dots, no tail); dots alone (no words copied, no
 tail); and neither (x staged, scales summed, stored)."""
 
@@ -274,18 +315,22 @@ def anatomy_shape(name: str) -> list[dict]:
     of its work left out (PARTS), beside the tuned Gluon GEMV, seven rounds in turns, medians."""
     n, k = SHAPES[name]
     torch.manual_seed(0)
-    packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=GROUP),
-                                                   torch.randn(n, k, device="cuda")))
+    qweight = quantize_matrix(IntegerFormat(4, symmetric=False, group_size=GROUP), torch.randn(n, k, device="cuda"))
+    packed = pack_quantized_weight(qweight)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     whole_span = [c for c in configs(n, k) if c.stages == c.span // GROUP]
     best = min(whole_span, key=lambda c: graph_time_ms(lambda: launch(x, packed, c)))
     w4a16_gluon_gemv.matmul(x, packed)
+    ref = x.double() @ qweight.dequantize().double().T
+    for _ in range(3):  # again and again: each call's last adders must leave the workspace zero
+        last_adder_error = float((launch(x, packed, best, TAIL=4).double() - ref).norm() / ref.norm())
     rounds = {part: [] for part in [*PARTS, "Gluon GEMV"]}
     for _ in range(ROUNDS):
         for part, flags in PARTS.items():
             rounds[part].append(1000 * graph_time_ms(lambda f=flags: launch(x, packed, best, **f)))
         rounds["Gluon GEMV"].append(1000 * graph_time_ms(lambda: w4a16_gluon_gemv.matmul(x, packed)))
-    row = {"shape": name, "config": describe(best), **{part: statistics.median(t) for part, t in rounds.items()}}
+    row = {"shape": name, "config": describe(best), "last-adder error": last_adder_error,
+           **{part: statistics.median(t) for part, t in rounds.items()}}
     print(row, flush=True)
     return [row]
 
@@ -295,9 +340,11 @@ def anatomy_markdown(rows: list[dict], device: str) -> str:
     lines = [f"Where an M = 1 call's time goes: the TMA GEMV (benchmarks/gpu_gemv_tma.py --anatomy) with parts of its "
              f"work left out (products wrong, timing only), on {device} (torch {torch.__version__}, triton "
              f"{triton.__version__}); microseconds per call, medians of {ROUNDS} rounds in turns, CUDA-graph replays, "
-             "cold L2.", "", "| shape | config | " + " | ".join(parts) + " |", "|---|---|" + "---:|" * len(parts)]
+             "cold L2; the last-adder tail's error against float64.", "",
+             "| shape | config | " + " | ".join(parts) + " | last-adder error |", "|---|---|" + "---:|" * (len(parts) + 1)]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['config']} | " + " | ".join(f"{r[p]:.1f}" for p in parts) + " |")
+        lines.append(f"| {r['shape']} | {r['config']} | " + " | ".join(f"{r[p]:.1f}" for p in parts)
+                     + f" | {r['last-adder error']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
