@@ -220,12 +220,13 @@ def _constexprs(config: Config, group: int, symmetric: bool) -> dict:
             "K_SPAN": config.span, "WARPS": config.warps, "BLOCK_K": config.block_k, "STAGES": config.stages}
 
 
-def compile_for_sm90(config: Config, symmetric: bool = False):
-    """`gemv_tma_kernel` compiled for sm_90 without a GPU: for the tests."""
-    descriptor = f"tensordesc<i32[{GROUP // 8},{config.block_n}],{_words_layout()!r}>"
-    whole = {"WORDS": True, "DOTS": True, "TAIL": 0}  # constexprs: left out, they would compile as i32 arguments
-    return compile_gluon_for_sm90(gemv_tma_kernel, {**_constexprs(config, GROUP, symmetric), **whole}, config.warps,
-                                  types={"w_desc": descriptor})
+def compile_for_sm90(config: Config, symmetric: bool = False, tail: int = 0):
+    """`gemv_tma_kernel` compiled for sm_90 without a GPU, with split-K tail `tail`: for the tests."""
+    types = {"w_desc": f"tensordesc<i32[{GROUP // 8},{config.block_n}],{_words_layout()!r}>",
+             "ws_ptr": "*i64" if tail == 4 else "*fp32"}
+    flags = {"WORDS": True, "DOTS": True, "TAIL": tail}  # constexprs: left out, they would compile as i32 arguments
+    return compile_gluon_for_sm90(gemv_tma_kernel, {**_constexprs(config, GROUP, symmetric), **flags}, config.warps,
+                                  types=types)
 
 
 def launch(x: torch.Tensor, packed, config: Config, **parts) -> torch.Tensor:

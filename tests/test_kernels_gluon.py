@@ -486,13 +486,46 @@ def test_the_tma_gemv_experiment_copies_each_group_once_and_offers_rings_that_fi
     assert all(script.shared_bytes(c) <= script.MAX_SHARED and c.block_n // (32 * c.warps) in (1, 2) for c in offered)
 
 
+def test_the_last_adder_tail_needs_no_counter_and_no_fence():
+    """Each element's partial sum goes in by one returning 64-bit add, relaxed: no tile counter's
+    acquire-release atomic, no workspace read-back."""
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gemv_tma")
+    ptx = script.compile_for_sm90(script.Config(256, 4, 32, 256, 2), tail=4).asm["ptx"]
+    atomics = set(re.findall(r"atom\.[\w.]+", ptx))
+    assert atomics == {"atom.global.gpu.relaxed.add.u64"} and "ld.global.cg" not in ptx
+    counter = script.compile_for_sm90(script.Config(256, 4, 32, 256, 2)).asm["ptx"]
+    assert "atom.global.gpu.acq_rel.add.u32" in counter
+
+
+def test_the_tma_gemv_tables_name_their_columns():
+    pytest.importorskip("triton.experimental.gluon")
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_gemv_tma")
+    row = {"shape": "8B q/o_proj", "config": "1x64x32 span 256 w2 stages 2", "last-adder error": 1.7e-3,
+           **{part: 6.0 for part in script.PARTS}, "Gluon GEMV": 6.3}
+    table = script.anatomy_markdown([row], "GPU")
+    assert "| whole | no split-K tail | tail: adds alone | tail: counter alone | last-adder tail |" in table
+    assert table.rstrip().endswith("| 6.0 | 6.0 | 6.0 | 6.3 | 1.7e-03 |")
+    flushes = benchmark_script("gpu_flush_kind")
+    row = {"shape": "8B q/o_proj", "m": 1, "path": "gluon-gemv"}
+    row.update({f"{c} {f}": t for f, (b, i) in {"write 2xL2": (15.4, 6.0), "read 2xL2": (12.6, 5.5),
+                                               "read 4xL2": (12.8, 5.6)}.items() for c, t in (("bf16", b), ("int4", i))})
+    assert "| 8B q/o_proj | 1 | gluon-gemv | 15.4 | 6.0 | 2.57x | 12.6 | 5.5 | 2.29x | 12.8 | 5.6 | 2.29x |" in \
+        flushes.markdown([row], "GPU")
+
+
 @needs_gluon_gpu
 @pytest.mark.parametrize("config, n, k", [((256, 4, 32, 256, 2), 512, 1024), ((128, 4, 64, 1024, 2), 384, 2048),
                                           ((256, 8, 32, 128, 1), 256, 768)])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 def test_the_tma_gemv_experiment_matches_float64_on_every_launch(config, n, k, symmetric):
-    """Whole spans and rings; launched several times, since a buffer overwritten while its reads
-    were in flight shows only once the words come from L2 (round 16's TMA race)."""
+    """Whole spans and rings, with the counter tail and the last-adder tail; launched several
+    times, since a buffer overwritten while its reads were in flight shows only once the words come
+    from L2 (round 16's TMA race), and the last adders must leave their workspace zero."""
     from tests.conftest import benchmark_script
 
     script = benchmark_script("gpu_gemv_tma")
@@ -502,6 +535,7 @@ def test_the_tma_gemv_experiment_matches_float64_on_every_launch(config, n, k, s
     ref = x.double() @ weight.dequantize().double().cuda().T
     for _ in range(5):
         assert relative_error(script.launch(x, packed, script.Config(*config)), ref) < 1e-2
+        assert relative_error(script.launch(x, packed, script.Config(*config), TAIL=4), ref) < 1e-2
 
 
 @needs_gluon_gpu
