@@ -65,15 +65,12 @@ def graph_time_ms(call: Callable[[], object], device: torch.device | None = None
     call()
     torch.cuda.synchronize(device)
 
-    def read_flush() -> None:
-        flush.max()
-
     def flushed_call() -> None:
-        read_flush()
+        flush.max()  # a read: L2 is left holding clean lines
         call()
 
     with_call = graph_replay_ms([flushed_call] * CALLS_PER_GRAPH)
-    flush_only = graph_replay_ms([read_flush] * CALLS_PER_GRAPH)
+    flush_only = graph_replay_ms([flush.max] * CALLS_PER_GRAPH)
     return max(with_call - flush_only, 0.0) / CALLS_PER_GRAPH
 
 
