@@ -14,8 +14,11 @@ group's copy goes into its buffer. x's staging and each tile's dots are the GEMV
 
 For each shape (asymmetric, group 128) this times every config offered once, then the fastest
 beside the Gluon GEMV's tuned choice (the dispatcher's M = 1 path) in turns, seven rounds each, and
-reports the medians (CUDA-graph replays, cold L2, as the kernel table times), with bf16 cuBLAS and
-the int4 roofline from the same process.
+reports the medians (CUDA-graph replays, cold L2), with bf16 cuBLAS from the same process. On an
+H200 it took 1.01-1.12x the Gluon GEMV's time on all eight shapes (gpu_gemv_tma_h200.md), and spans
+up to all of K did not change that (gpu_gemv_tma_long_spans_h200.md): bytes in flight are not what
+bounds these programs. `--anatomy` times the kernel with parts of its work left out, to see what
+does (docs/gpu_notes.md, round 17), and a split-K tail without a tile counter (`_last_adder_tail`).
 
     python benchmarks/gpu_gemv_tma.py --out benchmarks/results/gpu_gemv_tma_h200
     python benchmarks/gpu_gemv_tma.py --anatomy --out benchmarks/results/gpu_gemv_anatomy_h200
