@@ -69,7 +69,9 @@ def kernel_with_tail(tail):
     its module's globals, so the copies compile and cache apart and the module stays as it is."""
     fn = kernel_module.m16_kernel.fn
     namespace = {**fn.__globals__, "store_split_k": tail}
-    return gluon.jit(types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__))
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__annotations__ = fn.__annotations__  # which arguments are constexprs
+    return gluon.jit(copy)
 
 
 def run_shape(name: str) -> list[dict]:
