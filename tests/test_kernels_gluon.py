@@ -500,6 +500,27 @@ def test_the_last_adder_tail_needs_no_counter_and_no_fence():
     assert "atom.global.gpu.acq_rel.add.u32" in counter
 
 
+def test_the_tile_tail_experiment_swaps_only_the_tail_of_its_own_copies():
+    """Each copy of the 16-row tile compiles with its own tail (the counter's acquire-release
+    atomic, the adds alone, no atomics, the last adder's 64-bit add), and the module's kernel keeps
+    the counter."""
+    pytest.importorskip("triton.experimental.gluon")
+    from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90, compile_gluon_for_sm90
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_m16_tail")
+    constexprs = {"GROUP": 128, "SYMMETRIC": False, "ZERO": 8, "BLOCK_N": 128, "K_SPAN": 512, "WARPS": 4,
+                  "FOLD_ZEROS": True, "AHEAD": 1}
+    expected = {"counter": {"atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.v2.f32"},
+                "adds alone": {"atom.global.gpu.relaxed.add.v2.f32"}, "none": set(),
+                "last adder": {"atom.global.gpu.relaxed.add.u64"}}
+    for name, tail in script.TAILS.items():
+        types = {"ws_ptr": "*i64"} if name == "last adder" else None
+        ptx = compile_gluon_for_sm90(script.kernel_with_tail(tail), constexprs, 4, types=types).asm["ptx"]
+        assert set(re.findall(r"atom\.[\w.]+", ptx)) == expected[name], name
+    assert "atom.global.gpu.acq_rel.add.u32" in compile_for_sm90(128, 512, ahead=1).asm["ptx"]
+
+
 def test_the_tma_gemv_tables_name_their_columns():
     pytest.importorskip("triton.experimental.gluon")
     from tests.conftest import benchmark_script
