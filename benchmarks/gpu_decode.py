@@ -6,7 +6,8 @@ by its dequantized value, so both models compute the same function; the int4 run
 Linears for QuantLinear (packed codes, W4A16 Triton kernels). Embedding and lm_head stay bf16 in
 both. Decoding is lowbit.generate.StaticDecoder: a static KV cache and one CUDA graph per token
 step, with the element-wise work between matmuls fused (decode_ops) or run as the modules
-(--steps, both by default); a prompt of --prompt random tokens, then --new greedy tokens timed
+(--steps, both by default; `fused-finished` is the fused step without pending matmul products,
+StaticDecoder(pending_products=False)); a prompt of --prompt random tokens, then --new greedy tokens timed
 (synchronised wall clock).
 Accuracy check: the logits at the end of the prompt from a float32 copy of the same (dequantized)
 model are the reference; the int4 model's relative error must stay within 1.5x the bf16 model's
@@ -90,9 +91,16 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
     return logits
 
 
+STEPS = {"fused": {"fuse": True}, "fused-finished": {"fuse": True, "pending_products": False},
+         "modules": {"fuse": False}}
+"""--steps: how the work between matmuls runs (StaticDecoder's settings). "fused-finished" is the
+fused step with every int4 matmul finishing its own product (no pending split-K sums)."""
+
+
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
-                fuse: bool = True) -> dict:
-    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse)
+                fuse: bool = True, pending_products: bool = True) -> dict:
+    decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse,
+                            pending_products=pending_products)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
     decoder.prefill(prompt[:batch])
@@ -109,12 +117,14 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
 
 
 @torch.no_grad()
-def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bool) -> list[dict]:
+def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bool,
+                   pending_products: bool = True) -> list[dict]:
     """The GPU kernels of one batch-1 step run eagerly (a graph replays the same ones): per kernel
     name, launches and GPU microseconds, most time first."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse)
+    decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse,
+                            pending_products=pending_products)
     decoder.prefill(prompt[:1])  # warm-up: kernels compiled and tuned
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -147,7 +157,9 @@ def markdown(result: dict) -> str:
                 False: " q/k/v and gate/up as separate matmuls, in both."}.get(meta.get("merged_projections"), "")
              + (" Step: `modules` runs the model's norms, rotary embedding and MLP activation as transformers does; "
                 "`fused` runs them through lowbit.kernels.decode_ops (each residual add with the norm after it, "
-                "rotary embedding with the cache write, SiLU with the product, one launch each)." if steps else ""),
+                "rotary embedding with the cache write, SiLU with the product, one launch each), and there each "
+                "int4 matmul on a Gluon kernel leaves its float32 sums for the kernel after it to finish; "
+                "`fused-finished` is `fused` with every matmul finishing its own product." if steps else ""),
              "",
              "| batch |" + (" step |" if steps else "") + " bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | "
              f"int4 ms/step | bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | "
@@ -179,7 +191,7 @@ def main() -> None:
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, default=True,
                         help="q/k/v and gate/up as one matmul each, in both the bf16 and the int4 run "
                         "(StaticDecoder's default; --no-merge runs them separately)")
-    parser.add_argument("--steps", nargs="+", choices=("fused", "modules"), default=["fused", "modules"],
+    parser.add_argument("--steps", nargs="+", choices=tuple(STEPS), default=["fused", "modules"],
                         help="how the element-wise work between matmuls runs (StaticDecoder(fuse=...)), "
                         "each in the same call")
     parser.add_argument("--profile", action="store_true",
@@ -197,11 +209,11 @@ def main() -> None:
                            generator=torch.Generator("cuda").manual_seed(1))
     reference = float32_logits(model, prompt, args.batches)
     cases = [(b, step) for b in args.batches for step in args.steps]
-    bf16 = {case: time_decode(model, case[0], prompt, args.new, args.merge, case[1] == "fused") for case in cases}
+    bf16 = {case: time_decode(model, case[0], prompt, args.new, args.merge, **STEPS[case[1]]) for case in cases}
     swap(model, packed)
     rows = []
     for b, step in cases:
-        int4 = time_decode(model, b, prompt, args.new, args.merge, step == "fused")
+        int4 = time_decode(model, b, prompt, args.new, args.merge, **STEPS[step])
         errors = {kind: float((run["logits"].double() - reference[b]).norm() / reference[b].norm())
                   for kind, run in (("bf16", bf16[b, step]), ("int4", int4))}
         if errors["int4"] > MAX_ERROR_RATIO * errors["bf16"]:  # reported in the table's check column, not hidden
@@ -212,7 +224,7 @@ def main() -> None:
         rows.append({"batch": b, "step": step, "bf16": strip(bf16[b, step]), "int4": strip(int4),
                      "bf16_logits_err": errors["bf16"], "int4_logits_err": errors["int4"], "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
-    profiles = {step: kernel_profile(model, prompt, args.merge, step == "fused") for step in args.steps} \
+    profiles = {step: kernel_profile(model, prompt, args.merge, **STEPS[step]) for step in args.steps} \
         if args.profile else {}
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
                        "merged_projections": args.merge,

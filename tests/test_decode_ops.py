@@ -64,6 +64,53 @@ def check_against_torch(device: str, dtype: torch.dtype) -> None:
     gate_up = rand(2, 1, 2 * 1500, scale=4.0)
     gate, up = gate_up.split([1500, 1500], dim=-1)
     _close(decode_ops.silu_mul(gate, up), decode_ops._silu_mul_torch(gate, up), 1)
+    check_pending(device, dtype)
+
+
+def check_pending(device: str, dtype: torch.dtype) -> None:
+    """Each op reading a matmul's pending float32 sums: the same result as from the sums rounded to
+    the activations' dtype (what the matmul would have returned), and the sums' buffer zero after."""
+    g = torch.Generator().manual_seed(1)
+
+    def sums(*shape: int) -> torch.Tensor:
+        return (3.0 * torch.randn(*shape, generator=g)).to(device)
+
+    hidden, weight = sums(3, 1, 96).to(dtype), sums(96).to(dtype) + 1
+    delta = sums(3, 1, 96)
+    rounded = delta.to(dtype, copy=True)  # (a float32 .to() would be the buffer itself)
+    total, normed = decode_ops.add_rms_norm(hidden, decode_ops.Pending(delta, dtype), weight, 1e-5)
+    expected_total, expected = decode_ops._add_rms_norm_torch(hidden, rounded, weight, 1e-5)
+    assert torch.equal(total, expected_total) and not delta.any()
+    _close(normed, expected, 2)
+
+    heads, kv_heads, dim, max_len = 4, 2, 24, 10
+    merged = sums(2, 1, (heads + 2 * kv_heads) * dim)
+    sizes = [heads * dim, kv_heads * dim, kv_heads * dim]
+    q, k, v = merged.to(dtype, copy=True).split(sizes, dim=-1)
+    angles = torch.arange(dim // 2) * 0.37
+    cos = torch.cat([angles.cos(), angles.cos()]).view(1, 1, dim).to(device, dtype)
+    sin = torch.cat([angles.sin(), angles.sin()]).view(1, 1, dim).to(device, dtype)
+    mine = [torch.zeros(2, kv_heads, max_len, dim, device=device, dtype=dtype) for _ in range(2)]
+    theirs = [c.clone() for c in mine]
+    pos = torch.tensor([3], device=device)
+    rotated = decode_ops.rotate_into_cache(*decode_ops.Pending(merged, dtype).split(sizes), cos, sin, *mine, pos)
+    _close(rotated, decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos), 1)
+    _close(mine[0], theirs[0], 1)
+    assert torch.equal(mine[1], theirs[1]) and not merged.any()
+
+    gate_up = sums(2, 1, 2 * 1500)
+    gate, up = gate_up.to(dtype, copy=True).split([1500, 1500], dim=-1)
+    out = decode_ops.silu_mul(*decode_ops.Pending(gate_up, dtype).split([1500, 1500]))
+    _close(out, decode_ops._silu_mul_torch(gate, up), 2)  # exp's last bit can move the product's
+    assert out.dtype == dtype and not gate_up.any()
+
+
+def test_pending_products_are_rounded_and_zeroed_on_the_torch_paths():
+    """Without Triton each op finishes a pending product itself: rounded, its buffer zeroed."""
+    check_pending("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="all pending or all finished"):
+        x = torch.zeros(1, 1, 8)
+        decode_ops.silu_mul(decode_ops.Pending(x, torch.bfloat16), x)
 
 
 def test_kernels_in_the_interpreter():
@@ -92,7 +139,7 @@ def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
     from triton.compiler import ASTSource
 
     kernel = decode_ops._rotate_into_cache_kernel
-    constexprs = {"HEADS": 4, "DIM": 128, "BLOCK": 128}
+    constexprs = {"HEADS": 4, "DIM": 128, "PENDING": False, "BLOCK": 128}
     types = {"pos_ptr": "*i64", **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

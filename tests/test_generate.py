@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.generate import DecodeError, StaticDecoder
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_llama_config
 
 
 def test_static_decoder_matches_the_full_forward_and_greedy_continuation():
@@ -215,3 +215,30 @@ def test_a_cache_longer_than_the_sliding_window_is_refused():
     with pytest.raises(DecodeError, match="sliding window of 8"):
         StaticDecoder(model, batch=1, max_len=16)
     assert StaticDecoder(model, batch=1, max_len=8).max_len == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_quantized_decoder_whose_products_stay_pending_gives_the_module_steps_logits(batch):
+    """int4 layers of Gluon-sized shapes (N a multiple of 256), merged: the captured fused step, whose
+    matmuls leave their sums pending for decode_ops to finish, against the modules' step (bf16
+    logits within a few of bf16's units, as the fused decoder's own test allows)."""
+    from transformers import LlamaForCausalLM
+
+    from lowbit.formats.integer import IntegerFormat
+    from lowbit.kernels import w4a16, w4a16_gluon
+
+    torch.manual_seed(5)
+    config = tiny_llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=128, tie_word_embeddings=False)
+    model = _quantized_copy(LlamaForCausalLM(config).eval(), IntegerFormat(4, symmetric=False, group_size=128))
+    model = model.to("cuda", torch.bfloat16)
+    prompt = torch.randint(0, 256, (batch, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    fused, modules = (StaticDecoder(model, batch=batch, max_len=16, fuse=f) for f in (True, False))
+    for decoder in (fused, modules):
+        decoder.capture()
+        decoder.prefill(prompt)
+    torch.testing.assert_close(fused.logits, modules.logits, rtol=5e-2, atol=5e-2)
+    if w4a16_gluon.available():
+        assert any(key[1] == batch for key in w4a16._PENDING), "no product was left pending"
+    assert all(not buffer.any() for buffer in w4a16._PENDING.values())  # each read back to zero

@@ -510,7 +510,7 @@ def test_the_tile_tail_experiment_swaps_only_the_tail_of_its_own_copies():
 
     script = benchmark_script("gpu_m16_tail")
     constexprs = {"GROUP": 128, "SYMMETRIC": False, "ZERO": 8, "BLOCK_N": 128, "K_SPAN": 512, "WARPS": 4,
-                  "FOLD_ZEROS": True, "AHEAD": 1}
+                  "FOLD_ZEROS": True, "AHEAD": 1, "FINISH": True}
     expected = {"counter": {"atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.relaxed.add.v2.f32"},
                 "adds alone": {"atom.global.gpu.relaxed.add.v2.f32"}, "none": set(),
                 "last adder": {"atom.global.gpu.relaxed.add.u64"}}
@@ -569,3 +569,31 @@ def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
     assert "gluon-gemv" not in path_matmuls(2, packed, torch.bfloat16)
     assert "gluon-gemv" not in path_matmuls(1, packed, torch.float16)
     check_dispatcher_allowing("gluon-gemv", 512, leading=(1, 1))
+
+
+@needs_gluon_gpu
+@pytest.mark.parametrize("m", [1, 5])
+def test_a_pending_product_is_the_finished_one_before_its_rounding(m):
+    """pending_matmul answers None until the dispatcher chose a path for the shape, then leaves the
+    product's float32 sums in its buffer: rounded, they are the finished product (up to the
+    order of the split-K adds); Pending.finish zeroes the buffer for the next product."""
+    from lowbit.kernels import decode_ops
+
+    weight = quantized(512, 1024, IntegerFormat(4, symmetric=False, group_size=128), seed=m)
+    packed = pack_quantized_weight(weight).to("cuda")
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    w4a16.use_paths()
+    assert w4a16.pending_matmul(x, packed) is None  # nothing chosen yet
+    finished = w4a16.w4a16_matmul(x, packed)
+    if w4a16.chosen_path(x, packed) != ("gluon-gemv" if m == 1 else "gluon"):
+        pytest.skip("the dispatcher chose a path that cannot leave its product pending")
+    for _ in range(3):
+        sums = w4a16.pending_matmul(x, packed)
+        assert sums is not None and sums.dtype == torch.float32 and sums.shape == (m, 512)
+        value = decode_ops.Pending(sums, torch.bfloat16).finish()
+        assert not sums.any()
+        torch.testing.assert_close(value, finished, rtol=1e-2, atol=1e-2)
+        assert relative_error(value, x.double() @ weight.dequantize().double().cuda().T) < 1e-2
+    w4a16.use_paths("fused")
+    assert w4a16.pending_matmul(x, packed) is None  # the fused Triton tile cannot
+    w4a16.use_paths()

@@ -19,7 +19,9 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lowbit.kernels import decode_ops
+from lowbit.kernels.w4a16 import pending_matmul
 from lowbit.modules.merge import merge_linears
+from lowbit.modules.quant_linear import QuantLinear
 
 RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 """Norm classes computing LlamaRMSNorm's arithmetic, which `decode_ops` reproduces."""
@@ -35,14 +37,16 @@ class StaticDecoder:
     """Greedy decoder for a `LlamaForCausalLM`-shaped model with a [batch, max_len] static KV cache."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = True,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, pending_products: bool = True) -> None:
         """`merge_projections`: run each layer's q/k/v and gate/up projections as one matmul each
         (modules/merge.py; the model's own linears become views of the merged weights, so this
         costs no memory). At batch 1 a step's small matmuls are mostly fixed cost: merged, an
         8B-shaped int4 model decoded 380 against 324 tokens/s on an H200
         (gpu_decode_merged_h200_fused.md against gpu_decode_h200_fused.md).
         `fuse`: the element-wise work between matmuls through decode_ops where the model allows
-        (`fused` says whether it does); False runs every module as transformers would."""
+        (`fused` says whether it does); False runs every module as transformers would.
+        `pending_products`: in the fused step, int4 matmuls on lowbit's Gluon kernels leave their
+        sums for the decode_ops kernel after them to finish (`_product`); False finishes each matmul."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
@@ -71,6 +75,7 @@ class StaticDecoder:
         self._qkv_sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         self._merged = [self._merge(layer) if merge_projections else (None, None) for layer in inner.layers]
         self.fused = fuse and _fusable(inner)
+        self.pending_products = pending_products
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -107,6 +112,18 @@ class StaticDecoder:
     def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
 
+    def _product(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | decode_ops.Pending:
+        """linear(x), or, where lowbit's kernel for it can leave the product unfinished (a QuantLinear
+        without bias on a Gluon path: w4a16.pending_matmul), its pending float32 sums, which the
+        decode_ops kernel reading them next rounds and clears: the matmul skips its split-K finish.
+        The fused step asks for each product only once the one before it was read, so at most one
+        is pending at a time, as pending_matmul requires of products of the same shape."""
+        if self.pending_products and isinstance(linear, QuantLinear) and linear.bias is None:
+            sums = pending_matmul(x, linear.packed)
+            if sums is not None:
+                return decode_ops.Pending(sums, x.dtype)
+        return linear(x)
+
     def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        visible: torch.Tensor) -> torch.Tensor:
         """The decoder layers through the model's own modules; returns the final norm of the last hidden state."""
@@ -139,19 +156,29 @@ class StaticDecoder:
         for layer, keys, values, (qkv, gate_up), next_norm in zip(layers, self.keys, self.values, self._merged,
                                                                   next_norms):
             attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-            q, k, v = self._projections(attn, qkv, x)
+            if qkv is not None:
+                q, k, v = self._product(qkv, x).split(self._qkv_sizes, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
-            hidden, x = decode_ops.add_rms_norm(hidden, attn.o_proj(self._attend(q, keys, values, visible)),
-                                                norm.weight, norm.variance_epsilon)
-            gate, up = self._gate_up(mlp, gate_up, x) if gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
-            hidden, x = decode_ops.add_rms_norm(hidden, mlp.down_proj(decode_ops.silu_mul(gate, up)),
+            attended = self._attend(q, keys, values, visible)
+            hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
+                                                norm.variance_epsilon)
+            if gate_up is not None:
+                sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
+                gate, up = self._product(gate_up, x).split(sizes, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden, x = decode_ops.add_rms_norm(hidden, self._product(mlp.down_proj, decode_ops.silu_mul(gate, up)),
                                                 next_norm.weight, next_norm.variance_epsilon)
         return x
 
     def capture(self) -> None:
-        """Record one step as a CUDA graph (after a warm-up step, so kernels are compiled and tuned).
+        """Record one step as a CUDA graph (after two warm-up steps, so kernels are compiled and tuned:
+        the first chooses each matmul's kernel, the second makes what the chosen kernels leave their
+        products pending in, `_product`).
 
-        The warm-up step writes the cache at the current position; `generate` rewinds `pos` anyway.
+        The warm-up steps write the cache at the current position; `generate` rewinds `pos` anyway.
         """
         if not self.ids.is_cuda:
             raise DecodeError("CUDA graphs need the model on a CUDA device; decode on CPU without capture()")
@@ -159,7 +186,9 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.step()  # warm-up on the capture stream: autotuning and workspaces happen here
+            for _ in range(2):  # warm-up on the capture stream: autotuning and workspaces happen here
+                self.pos.copy_(saved)
+                self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.pos.copy_(saved)
         self._graph = torch.cuda.CUDAGraph()

@@ -9,11 +9,16 @@ graph: a batch-1 step of an 8B-shaped model ran 1308 kernels that way and 405 th
 elsewhere, the modules' own torch arithmetic. The kernels round
 to the activations' dtype where the modules do (after the norm, after each rotary product, after
 the SiLU), so the two differ only in the order of the norm's sum and the last bit of rsqrt and exp.
+
+Each function also takes the matmul product it reads as a `Pending`: the float32 sums a lowbit
+kernel left unfinished (w4a16.pending_matmul), which it rounds to the activations' dtype as the
+matmul would have and zeroes for the next product, so the matmul skips its split-K finish.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +35,55 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Under Triton's interpreter the kernels also take CPU tensors: how the tests check them without a GPU."""
 
 
-def _on_triton(*tensors: torch.Tensor) -> bool:
-    """The Triton path runs on CUDA tensors of one 16/32-bit float dtype, rows laid out contiguously."""
-    first = tensors[0]
+@dataclass(frozen=True)
+class Pending:
+    """A matmul's product left unfinished: float32 `sums` (a view with unit last stride) in a buffer
+    that must be zero again once read, and the dtype the matmul would have rounded them to."""
+
+    sums: torch.Tensor
+    dtype: torch.dtype
+
+    def split(self, sizes: list[int], dim: int = -1) -> tuple[Pending, ...]:
+        """Column slices, as Tensor.split along the last dimension: a merged projection's parts."""
+        if dim != -1:
+            raise ValueError("a pending product splits along its last dimension only")
+        return tuple(Pending(part, self.dtype) for part in self.sums.split(sizes, dim=-1))
+
+    def finish(self) -> torch.Tensor:
+        """The product as the matmul would have returned it, the buffer zeroed (the torch paths' read)."""
+        value = self.sums.to(self.dtype)
+        self.sums.zero_()
+        return value
+
+
+def _sources(*operands: torch.Tensor | Pending) -> tuple[list[torch.Tensor], bool]:
+    """The tensors a kernel reads for `operands` (all pending or none), and whether they are pending."""
+    pending = [isinstance(o, Pending) for o in operands]
+    if any(pending) and not all(pending):
+        raise ValueError("decode_ops takes a matmul's parts all pending or all finished")
+    return [o.sums if isinstance(o, Pending) else o for o in operands], all(pending)
+
+
+def _finished(operand: torch.Tensor | Pending | None) -> torch.Tensor | None:
+    return operand.finish() if isinstance(operand, Pending) else operand
+
+
+def _on_triton(*tensors: torch.Tensor, pending: tuple[torch.Tensor, ...] = ()) -> bool:
+    """The Triton path runs on CUDA tensors of one 16/32-bit float dtype and on `pending` float32
+    sums, all on one device, rows laid out contiguously."""
+    every = tensors + pending
+    first = every[0]
     return (triton is not None and (first.is_cuda or INTERPRETED)
-            and first.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and all(t.dtype == first.dtype and t.stride(-1) == 1 for t in tensors))
+            and all(t.dtype == tensors[0].dtype and t.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                    for t in tensors)
+            and all(p.dtype == torch.float32 for p in pending)
+            and all(t.device == first.device and t.stride(-1) == 1 for t in every))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] as [rows, C]: a view for the decode step's [batch, 1, C] tensors and row slices."""
-    return t.reshape(-1, t.shape[-1])
+    """[..., C] as [rows, C]: a view of the decode step's [batch, 1, C] tensors and row slices (never
+    a copy: a pending product is zeroed through it)."""
+    return t.view(-1, t.shape[-1])
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
@@ -63,30 +106,32 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return add_rms_norm(hidden, None, weight, eps)[1]
 
 
-def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | Pending | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden + delta, RMSNorm(hidden + delta)): a layer's residual add and the norm after it.
 
     Without `delta`, (hidden, RMSNorm(hidden))."""
-    operands = [hidden, weight] + ([delta] if delta is not None else [])
-    if not _on_triton(*operands):
-        return _add_rms_norm_torch(hidden, delta, weight, eps)
+    pending = isinstance(delta, Pending)
+    source = delta.sums if pending else delta
+    operands = [hidden, weight] + ([source] if delta is not None and not pending else [])
+    if not _on_triton(*operands, pending=(source,) if pending else ()):
+        return _add_rms_norm_torch(hidden, _finished(delta), weight, eps)
     rows = _rows(hidden)
     size = rows.shape[1]
     total = hidden if delta is None else torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
     normed = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
-    deltas = rows if delta is None else _rows(delta)
+    deltas = rows if delta is None else _rows(source)
     block = triton.next_power_of_2(size)
     _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, normed, size, rows.stride(0),
-                                           deltas.stride(0), eps, ADD=delta is not None, BLOCK=block,
-                                           num_warps=min(16, max(4, block // 512)))
+                                           deltas.stride(0), eps, ADD=delta is not None, PENDING=pending,
+                                           BLOCK=block, num_warps=min(16, max(4, block // 512)))
     return total, normed
 
 
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, total_ptr, out_ptr, size, stride_h, stride_d, eps,
-                             ADD: tl.constexpr, BLOCK: tl.constexpr):
+                             ADD: tl.constexpr, PENDING: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < size
@@ -94,6 +139,9 @@ if triton is not None:
         h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0)
         if ADD:  # the sum rounded to the activations' dtype, as `hidden + delta` is
             d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+            if PENDING:  # rounded as the matmul would have, its buffer zeroed (each lane its own elements)
+                d = d.to(dtype)
+                tl.store(d_ptr + row * stride_d + offs, tl.zeros_like(d).to(tl.float32), mask=mask)
             h = (h.to(tl.float32) + d.to(tl.float32)).to(dtype)
             tl.store(total_ptr + row * size + offs, h, mask=mask)
         h = h.to(tl.float32)
@@ -124,8 +172,9 @@ def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return q
 
 
-def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: torch.Tensor | Pending,
+                      cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      pos: torch.Tensor) -> torch.Tensor:
     """One decode position: rotate q and k by (cos, sin) as transformers' apply_rotary_pos_emb does,
     write the rotated k and v into the caches at `pos`, return q as [batch, heads, 1, head_dim].
 
@@ -133,15 +182,18 @@ def rotate_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
     fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D]; pos a 1-element
     long tensor on the device (read there, so a captured step serves every position)."""
     batch, kv_heads, _, dim = keys.shape
-    heads = q.shape[-1] // dim
-    if not _on_triton(q, k, v, cos, sin, keys, values) or not (keys.is_contiguous() and values.is_contiguous()):
-        return _rotate_into_cache_torch(q, k, v, cos, sin, keys, values, pos)
-    q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)
-    out = torch.empty(batch, heads, 1, dim, device=q.device, dtype=q.dtype)
+    (q_in, k_in, v_in), pending = _sources(q, k, v)
+    heads = q_in.shape[-1] // dim
+    finished = () if pending else (q_in, k_in, v_in)
+    if (not _on_triton(*finished, cos, sin, keys, values, pending=(q_in, k_in, v_in) if pending else ())
+            or not (keys.is_contiguous() and values.is_contiguous())):
+        return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos)
+    q_rows, k_rows, v_rows = _rows(q_in), _rows(k_in), _rows(v_in)
+    out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
         q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos,
         q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEADS=heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
+        HEADS=heads, DIM=dim, PENDING=pending, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
     return out
 
 
@@ -149,8 +201,10 @@ if triton is not None:
     @triton.jit
     def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
                                   stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct,
-                                  HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS."""
+                                  HEADS: tl.constexpr, DIM: tl.constexpr, PENDING: tl.constexpr,
+                                  BLOCK: tl.constexpr):
+        """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. PENDING: q, k
+        and v are float32 sums, rounded to the output's dtype on load and zeroed once read."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -166,9 +220,14 @@ if triton is not None:
             src = k_ptr + b * stride_k + (h - HEADS) * DIM
             dst = keys_ptr + cached
             v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask)
-            tl.store(values_ptr + cached + offs, v, mask=mask)
-        x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-        rotated = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+            tl.store(values_ptr + cached + offs, v.to(dtype), mask=mask)
+            if PENDING:
+                tl.store(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, tl.zeros_like(v), mask=mask)
+        x = tl.load(src + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        rotated = tl.load(src + partner, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        if PENDING:  # every lane's partner read done before any lane zeroes its own element
+            tl.debug_barrier()
+            tl.store(src + offs, tl.zeros_like(x), mask=mask)
         rotated = tl.where(first_half, -rotated, rotated)
         cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -183,27 +242,32 @@ def _silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor | Pending, up: torch.Tensor | Pending) -> torch.Tensor:
     """SiLU(gate)·up for [..., I] tensors (row slices of one merged projection are fine)."""
-    if not _on_triton(gate, up):
-        return _silu_mul_torch(gate, up)
-    gate_rows, up_rows = _rows(gate), _rows(up)
+    (gate_in, up_in), pending = _sources(gate, up)
+    if not (_on_triton(pending=(gate_in, up_in)) if pending else _on_triton(gate_in, up_in)):
+        return _silu_mul_torch(_finished(gate), _finished(up))
+    gate_rows, up_rows = _rows(gate_in), _rows(up_in)
     rows, size = gate_rows.shape
-    out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
+    out = torch.empty(gate_in.shape, device=gate_in.device, dtype=gate.dtype)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(size, block))](gate_rows, up_rows, out, size, gate_rows.stride(0),
-                                                      up_rows.stride(0), BLOCK=block, num_warps=4)
+                                                      up_rows.stride(0), PENDING=pending, BLOCK=block, num_warps=4)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, size, stride_g, stride_u, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, size, stride_g, stride_u, PENDING: tl.constexpr,
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < size
         dtype = out_ptr.dtype.element_ty
-        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        if PENDING:  # float32 sums, rounded above as the matmul would have; zeroed for the next product
+            tl.store(g_ptr + row * stride_g + offs, tl.zeros_like(g), mask=mask)
+            tl.store(u_ptr + row * stride_u + offs, tl.zeros_like(u), mask=mask)
         silu = (g / (1.0 + tl.exp(-g))).to(dtype)  # rounded, as F.silu's output is
         tl.store(out_ptr + row * size + offs, (silu.to(tl.float32) * u).to(dtype), mask=mask)

@@ -144,6 +144,44 @@ def _release_unchosen_copies(key: tuple, timed: dict, packed: PackedInt4) -> Non
             release(packed)
 
 
+_PENDING: dict[tuple, torch.Tensor] = {}
+"""One zeroed float32 buffer per (device, M, N): pending_matmul's products, each zeroed again by its reader."""
+
+
+def pending_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor | None:
+    """x [..., K] @ Wᵀ left unfinished: its float32 sums [..., N], added into this shape's zeroed
+    buffer by the chosen kernel without its split-K finish (the tile counter, its fence and the
+    last program's read-back: 1.2-2.1 us of a GEMV on an H200's 8B shapes,
+    gpu_gemv_anatomy_tail_h200.md). The kernel that reads the product next must round it to x's
+    dtype, as the finish would have, and zero the buffer (decode_ops.Pending does both); until then
+    no other product of the same shape may be asked for.
+
+    None, launching nothing, where that cannot be done: off the Gluon paths (those the dispatcher
+    chose for this shape and M bucket are the only ones that can leave a product pending), before a
+    path is chosen, or where the buffer would first be made inside a graph capture. Then call
+    w4a16_matmul."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and triton_available() and x.shape[-1] == packed.in_features):
+        return None
+    from lowbit.kernels import w4a16_gluon, w4a16_gluon_gemv
+
+    leading = x.shape[:-1]
+    x2 = x.reshape(-1, packed.in_features)
+    if packed.input_perm is not None:
+        x2 = x2.index_select(1, packed.input_perm)
+    x2 = x2.contiguous()
+    add_into = {"gluon-gemv": w4a16_gluon_gemv.add_into,
+                "gluon": w4a16_gluon.add_into}.get(_CHOSEN.get(_choice_key(x2, packed)))
+    key = (x.device.index, x2.shape[0], packed.out_features)
+    if add_into is None or (key not in _PENDING and torch.cuda.is_current_stream_capturing()):
+        return None
+    if key not in _PENDING:
+        _PENDING[key] = torch.zeros(x2.shape[0], packed.out_features, device=x.device, dtype=torch.float32)
+    sums = _PENDING[key]
+    if not add_into(x2, packed, sums):
+        return None
+    return sums.view(*leading, packed.out_features)
+
+
 def reference_w4a16_matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """Dequantize to float32 and multiply in float32: the slow, obvious definition (any device).
 

@@ -208,3 +208,24 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     kernel[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
                    out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
     return out
+
+
+def add_into(x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
+    """x [M <= 16, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished,
+    as w4a16_gluon_gemv.add_into does for one row: False, launching nothing, before the shape is tuned."""
+    from lowbit.kernels.autotune import chosen_config
+    from lowbit.kernels.w4a16_triton import split_k_workspace
+
+    m, k = x.shape
+    n = packed.out_features
+    tuner = _tuned()
+    config = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric))
+    if m > MAX_M or config is None:
+        return False
+    _, counters = split_k_workspace(x.device, m * n)  # not touched: the kernel only adds
+    zeros = packed.zeros if packed.zeros is not None else packed.scales
+    tuner.fn[(n // config.kwargs["BLOCK_N"], k // config.kwargs["K_SPAN"])](
+        x, layout(packed), packed.scales, zeros, sums, sums, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+        sums.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, FINISH=False,
+        **config.kwargs, num_warps=config.num_warps)
+    return True

@@ -103,31 +103,39 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 
 
 @gluon.jit
-def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om):
+def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om, FINISH: ttgl.constexpr = True):
     """acc, the float32 product of one program's span of K, into out[rows, cols] (bf16). Split-K
     programs (grid axis 1) add into the workspace and the last of a tile writes it and resets the
-    workspace and its counter (w4a16_triton._store's protocol), so a call is one launch."""
-    out_offs = rows * stride_om + cols
-    split_k = ttgl.num_programs(1)
-    if split_k > 1:
-        ws_offs = rows * N + cols
-        ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        _barrier()
-        count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if count == split_k - 1:
-            total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
-            ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
-            ttgl.store(cnt_ptr + pid_n, 0)
+    workspace and its counter (w4a16_triton._store's protocol), so a call is one launch.
+
+    FINISH=False leaves the sum pending: every program, split or not, only adds into the workspace
+    (here a zeroed buffer of the caller's), and the kernel that reads the product next rounds it and
+    zeroes the buffer (decode_ops.Pending). The tile counter, its fence and the last program's read-back
+    go: on an H200 they were 1.2-2.1 us of a GEMV on the 8B shapes (gpu_gemv_anatomy_tail_h200.md)."""
+    if not FINISH:
+        ttgl.atomic_add(ws_ptr + rows * N + cols, acc, mask=mask, sem="relaxed")
     else:
-        ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
+        out_offs = rows * stride_om + cols
+        split_k = ttgl.num_programs(1)
+        if split_k > 1:
+            ws_offs = rows * N + cols
+            ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
+            _barrier()
+            count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if count == split_k - 1:
+                total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
+                ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
+                ttgl.store(cnt_ptr + pid_n, 0)
+        else:
+            ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
 
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               AHEAD: ttgl.constexpr = 2):
+               AHEAD: ttgl.constexpr = 2, FINISH: ttgl.constexpr = True):
     """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`), the words of
     AHEAD (1 or 2) groups in flight while one is multiplied.
 
@@ -208,7 +216,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
             w_a = w_next
     rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
-                  ttgl.expand_dims(rows < M, 1), N, stride_om)
+                  ttgl.expand_dims(rows < M, 1), N, stride_om, FINISH)
 
 @gluon.jit
 def _f16_pair(high, low):
@@ -267,7 +275,8 @@ def tile_dots(words, pairs04, pairs15, pairs26, pairs37, inverse, g, row, plus_1
 @gluon.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
-                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2):
+                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2,
+                FINISH: ttgl.constexpr = True):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, from the plain words [K / 8, N] (M = 1).
 
     w4a16_triton's F16_PAIRS GEMV in Gluon, for what Triton's pipeliner does not allow: each
@@ -336,24 +345,24 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
-    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om)
+    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om, FINISH)
 
 
 def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: int = 128, symmetric: bool = False,
-                          warps: int = 4, ahead: int = 2):
+                          warps: int = 4, ahead: int = 2, finish: bool = True):
     """`gemv_kernel` compiled for sm_90 without a GPU: for the tests."""
     return compile_gluon_for_sm90(gemv_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
-                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead},
-                                  warps)
+                                                "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead,
+                                                "FINISH": finish}, warps)
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, ahead: int = 2):
+                     fold_zeros: bool = True, ahead: int = 2, finish: bool = True):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
                                                "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
-                                               "AHEAD": ahead}, warps)
+                                               "AHEAD": ahead, "FINISH": finish}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, types: dict[str, str] | None = None):
