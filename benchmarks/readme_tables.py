@@ -45,6 +45,8 @@ TABLES = {  # results file -> heading in the README
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "gpu_decode_h200.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, FBGEMM installed, "
     "fused and module steps in one call (`python benchmarks/gpu_decode.py --profile`)",
+    "gpu_decode_h200_pending.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, the fused step with "
+    "and without pending matmul products in one call (`python benchmarks/gpu_decode.py --steps fused fused-finished`)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "budget.md": "Mixed precision under a budget: knapsack plan (and + evolutionary refinement) vs uniform "
