@@ -35,7 +35,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Under Triton's interpreter the kernels also take CPU tensors: how the tests check them without a GPU."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pending:
     """A matmul's product left unfinished: float32 `sums` (a view with unit last stride) in a buffer
     that must be zero again once read, and the dtype the matmul would have rounded them to."""
