@@ -211,21 +211,29 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
 
 
 def add_into(x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
-    """x [M <= 16, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished,
-    as w4a16_gluon_gemv.add_into does for one row: False, launching nothing, before the shape is tuned."""
+    """x [M <= 16, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished
+    (`launch_unfinished`); False, launching nothing, before the shape is tuned."""
+    return x.shape[0] <= MAX_M and launch_unfinished(_tuned(), layout(packed), x, packed, sums)
+
+
+def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
+    """`tuner`'s Gluon kernel (m16_kernel's arguments, `words` in its layout) at the config it chose
+    for this shape, x @ Wᵀ added into `sums` without the split-K finish (FINISH=False): the kernel
+    that reads the product next rounds it and zeroes `sums` (w4a16.pending_matmul). False,
+    launching nothing, before the shape is tuned, since a tuning run would add every candidate's
+    product into `sums`."""
     from lowbit.kernels.autotune import chosen_config
     from lowbit.kernels.w4a16_triton import split_k_workspace
 
     m, k = x.shape
     n = packed.out_features
-    tuner = _tuned()
     config = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric))
-    if m > MAX_M or config is None:
+    if config is None:
         return False
     _, counters = split_k_workspace(x.device, m * n)  # not touched: the kernel only adds
     zeros = packed.zeros if packed.zeros is not None else packed.scales
     tuner.fn[(n // config.kwargs["BLOCK_N"], k // config.kwargs["K_SPAN"])](
-        x, layout(packed), packed.scales, zeros, sums, sums, counters, m, n, k, x.stride(0), packed.scales.stride(0),
+        x, words, packed.scales, zeros, sums, sums, counters, m, n, k, x.stride(0), packed.scales.stride(0),
         sums.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, FINISH=False,
         **config.kwargs, num_warps=config.num_warps)
     return True

@@ -130,22 +130,6 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
 
 
 def add_into(x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
-    """x [1, K] @ Wᵀ added into `sums` [1, N] (float32, zero before) and left unfinished: the
-    kernel that reads the product next rounds it and zeroes `sums` (w4a16.pending_matmul). Runs the
-    config tuned for this shape; launches nothing and answers False before the shape is tuned,
-    since a tuning run would add every candidate's product into `sums`."""
-    from lowbit.kernels.autotune import chosen_config
-    from lowbit.kernels.w4a16_triton import split_k_workspace
-
-    n, k = packed.out_features, packed.in_features
-    tuner = _tuned()
-    config = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric))
-    if config is None:
-        return False
-    _, counters = split_k_workspace(x.device, n)  # not touched: the kernel only adds
-    zeros = packed.zeros if packed.zeros is not None else packed.scales
-    tuner.fn[(n // config.kwargs["BLOCK_N"], k // config.kwargs["K_SPAN"])](
-        x, packed.qweight, packed.scales, zeros, sums, sums, counters, 1, n, k, x.stride(0), packed.scales.stride(0),
-        sums.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, FINISH=False,
-        **config.kwargs, num_warps=config.num_warps)
-    return True
+    """x [1, K] @ Wᵀ added into `sums` [1, N] (float32, zero before) and left unfinished, from the
+    plain words (w4a16_gluon.launch_unfinished); False, launching nothing, before the shape is tuned."""
+    return x.shape[0] == 1 and w4a16_gluon.launch_unfinished(_tuned(), packed.qweight, x, packed, sums)
