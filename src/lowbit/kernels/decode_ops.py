@@ -80,10 +80,10 @@ def _on_triton(*tensors: torch.Tensor, pending: tuple[torch.Tensor, ...] = ()) -
             and all(t.device == first.device and t.stride(-1) == 1 for t in every))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] as [rows, C]: a view of the decode step's [batch, 1, C] tensors and row slices (never
-    a copy: a pending product is zeroed through it)."""
-    return t.view(-1, t.shape[-1])
+def _rows(t: torch.Tensor, pending: bool = False) -> torch.Tensor:
+    """[..., C] as [rows, C]: a view for the decode step's [batch, 1, C] tensors and row slices. A
+    pending product's rows must be a view (an error, never a copy): it is zeroed through them."""
+    return t.view(-1, t.shape[-1]) if pending else t.reshape(-1, t.shape[-1])
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
@@ -120,7 +120,7 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | Pending | None, wei
     size = rows.shape[1]
     total = hidden if delta is None else torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
     normed = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
-    deltas = rows if delta is None else _rows(source)
+    deltas = rows if delta is None else _rows(source, pending)
     block = triton.next_power_of_2(size)
     _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, normed, size, rows.stride(0),
                                            deltas.stride(0), eps, ADD=delta is not None, PENDING=pending,
@@ -188,7 +188,7 @@ def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: t
     if (not _on_triton(*finished, cos, sin, keys, values, pending=(q_in, k_in, v_in) if pending else ())
             or not (keys.is_contiguous() and values.is_contiguous())):
         return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos)
-    q_rows, k_rows, v_rows = _rows(q_in), _rows(k_in), _rows(v_in)
+    q_rows, k_rows, v_rows = (_rows(t, pending) for t in (q_in, k_in, v_in))
     out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
         q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos,
@@ -247,7 +247,7 @@ def silu_mul(gate: torch.Tensor | Pending, up: torch.Tensor | Pending) -> torch.
     (gate_in, up_in), pending = _sources(gate, up)
     if not (_on_triton(pending=(gate_in, up_in)) if pending else _on_triton(gate_in, up_in)):
         return _silu_mul_torch(_finished(gate), _finished(up))
-    gate_rows, up_rows = _rows(gate_in), _rows(up_in)
+    gate_rows, up_rows = _rows(gate_in, pending), _rows(up_in, pending)
     rows, size = gate_rows.shape
     out = torch.empty(gate_in.shape, device=gate_in.device, dtype=gate.dtype)
     block = 1024
