@@ -1,15 +1,15 @@
 """How the L2 flush before each timed call moves W4A16 and bf16 times: written or read.
 
-kernels/timing.graph_time_ms empties L2 before each call by writing zeros over twice its size,
-so each call starts with L2 full of dirty lines: every line the call brings in first writes a
+kernels/timing.graph_time_ms emptied L2 before each call by writing zeros over twice its size
+(until this comparison: it reads now), so each call started with L2 full of dirty lines: every line the call brings in first writes a
 dirty one back to DRAM. A call reading less than L2 holds (every 8B-shaped int4 weight: 8-29 MB
 against the H200's 50 MB) then moves twice its bytes through DRAM, and a bf16 weight of four
 times the bytes is penalized far less in proportion. In a decode loop the lines a layer finds in
 L2 were left there by the layers before it, which read their weights: clean lines, evicted for
 free. This times, in one process and in turns (seven rounds, medians), bf16 cuBLAS and the W4A16
 dispatcher's choice at M = 1 and 16 after three flushes: zeros written over twice L2 (the
-current one), a read of twice L2, and a read of four times L2 (whether twice is enough to leave
-no weight line behind). Each flush's own time is subtracted, as graph_time_ms does.
+earlier one), a read of twice L2 (the one now), and a read of four times L2 (whether twice is
+enough to leave no weight line behind), each through graph_time_ms, which subtracts its time.
 
     python benchmarks/gpu_flush_kind.py --out benchmarks/results/gpu_flush_kind_h200
 """
@@ -28,7 +28,7 @@ from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16
 from lowbit.kernels.int4_pack import pack_quantized_weight
-from lowbit.kernels.timing import CALLS_PER_GRAPH, graph_replay_ms, graph_time_ms
+from lowbit.kernels.timing import graph_time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import shapes_command  # noqa: E402
@@ -42,22 +42,6 @@ def _flushes() -> dict:
     twice = torch.zeros(2 * l2 // 4, dtype=torch.int32, device="cuda")
     four = torch.zeros(4 * l2 // 4, dtype=torch.int32, device="cuda")
     return {"write 2xL2": twice.zero_, "read 2xL2": lambda: twice.max(), "read 4xL2": lambda: four.max()}
-
-
-def time_after(flush, call) -> float:
-    """Microseconds per call of `call` after `flush`, the flush's own time subtracted (graph_time_ms's
-    arithmetic with another flush)."""
-    call()
-    flush()
-    torch.cuda.synchronize()
-
-    def flushed_call() -> None:
-        flush()
-        call()
-
-    with_call = graph_replay_ms([flushed_call] * CALLS_PER_GRAPH)
-    flush_only = graph_replay_ms([flush] * CALLS_PER_GRAPH)
-    return 1000 * max(with_call - flush_only, 0.0) / CALLS_PER_GRAPH
 
 
 def run_shape(name: str) -> list[dict]:
@@ -76,7 +60,7 @@ def run_shape(name: str) -> list[dict]:
         for _ in range(ROUNDS):
             for f, flush in flushes.items():
                 for c, call in calls.items():
-                    times[(f, c)].append(time_after(flush, call))
+                    times[(f, c)].append(1000 * graph_time_ms(call, flush=flush))
         row = {"shape": name, "m": m, "path": w4a16.chosen_path(x, packed)}
         row.update({f"{c} {f}": statistics.median(t) for (f, c), t in times.items()})
         rows.append(row)

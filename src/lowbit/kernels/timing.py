@@ -54,23 +54,26 @@ def graph_replay_ms(calls: Sequence[Callable[[], object]], replays: int = REPLAY
     return sorted(times)[len(times) // 2]
 
 
-def graph_time_ms(call: Callable[[], object], device: torch.device | None = None) -> float:
+def graph_time_ms(call: Callable[[], object], device: torch.device | None = None,
+                  flush: Callable[[], object] | None = None) -> float:
     """Milliseconds per call of `call` with a cold L2, launch cost excluded.
 
     `call` runs once eagerly first, so compilation, autotuning and lazily built layouts happen
-    outside the capture (and errors such as a config out of shared memory raise there).
+    outside the capture (and errors such as a config out of shared memory raise there). `flush`
+    empties L2 before each call (its own time subtracted): by default a read of twice L2's size,
+    which leaves L2 holding clean lines; benchmarks/gpu_flush_kind.py passes others to compare.
     """
     device = device or torch.device("cuda", torch.cuda.current_device())
-    flush = _flush_buffer(device)
+    flush = flush or _flush_buffer(device).max
     call()
     torch.cuda.synchronize(device)
 
     def flushed_call() -> None:
-        flush.max()  # a read: L2 is left holding clean lines
+        flush()
         call()
 
     with_call = graph_replay_ms([flushed_call] * CALLS_PER_GRAPH)
-    flush_only = graph_replay_ms([flush.max] * CALLS_PER_GRAPH)
+    flush_only = graph_replay_ms([flush] * CALLS_PER_GRAPH)
     return max(with_call - flush_only, 0.0) / CALLS_PER_GRAPH
 
 
