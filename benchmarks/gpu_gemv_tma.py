@@ -10,7 +10,7 @@ hold no registers while in flight. Where the span has more groups than STAGES, t
 ring: once every thread has used a group's words (a block barrier after their values entered the
 sum, so no copy overwrites a buffer whose reads are in flight: round 16's lesson), the next
 group's copy goes into its buffer. x's staging and each tile's dots are the GEMV's own
-(`_stage_x_pairs`, `tile_dots`); scales and zero points are loaded a group ahead as there.
+(`staged_x_pairs`, `tile_dots`); scales and zero points are loaded a group ahead as there.
 
 For each shape (asymmetric, group 128) this times every config offered once, then the fastest
 beside the Gluon GEMV's tuned choice (the dispatcher's M = 1 path) in turns, seven rounds each, and
@@ -45,7 +45,7 @@ from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_gluon_gemv
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kernels.w4a16_gluon_kernel import (_barrier, _f16_pair, _stage_x_pairs, compile_gluon_for_sm90,
+from lowbit.kernels.w4a16_gluon_kernel import (_barrier, _f16_pair, compile_gluon_for_sm90, staged_x_pairs,
                                               store_split_k, tile_dots)
 from lowbit.kernels.w4a16_triton import split_k_workspace
 
@@ -108,13 +108,7 @@ def gemv_tma_kernel(x_ptr, w_desc, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
         z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
     else:
         z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
-    V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP // 8], V_L)
-    _stage_x_pairs(x_ptr, pid_k * K_SPAN, pairs04, pairs15, pairs26, pairs37, inverse, GROUP, SPAN_GROUPS, WARPS)
+    pairs04, pairs15, pairs26, pairs37, inverse = staged_x_pairs(x_ptr, pid_k * K_SPAN, GROUP, SPAN_GROUPS, WARPS)
     _barrier()
     acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
     for g in range(0, SPAN_GROUPS):

@@ -226,11 +226,17 @@ def _f16_pair(high, low):
 
 
 @gluon.jit
-def _stage_x_pairs(x_ptr, k0, pairs04, pairs15, pairs26, pairs37, inverse, GROUP: ttgl.constexpr,
-                   SPAN_GROUPS: ttgl.constexpr, WARPS: ttgl.constexpr):
-    """x[k0 : k0 + SPAN_GROUPS·GROUP] into shared memory, per group, as the GEMVs' fp16 pairs
+def staged_x_pairs(x_ptr, k0, GROUP: ttgl.constexpr, SPAN_GROUPS: ttgl.constexpr, WARPS: ttgl.constexpr):
+    """x[k0 : k0 + SPAN_GROUPS·GROUP] in shared memory, per group, as the GEMVs' fp16 pairs
     (x_j, x_j+4) of each row of eight, the row scaled by a power of two that brings its largest |x|
-    into [64, 128) (int4_unpack.stage_f16_rows), with the rows' inverse factors."""
+    into [64, 128) (int4_unpack.stage_f16_rows), with the rows' inverse factors: the buffers
+    (pairs04, pairs15, pairs26, pairs37, inverse), read after a block barrier."""
+    V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per group
+    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
+    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP // 8], V_L)
     X_L: ttgl.constexpr = ttgl.BlockedLayout([1], [32], [WARPS], [0])  # a row of eight a thread
     xrows = ttgl.arange(0, GROUP // 8, layout=X_L)
     for i in ttgl.static_range(SPAN_GROUPS):
@@ -254,6 +260,7 @@ def _stage_x_pairs(x_ptr, k0, pairs04, pairs15, pairs26, pairs37, inverse, GROUP
         pairs26.index(i).store(_f16_pair(x6 * factor, x2 * factor))
         pairs37.index(i).store(_f16_pair(x7 * factor, x3 * factor))
         inverse.index(i).store(((exponent - 6) << 23).to(ttgl.float32, bitcast=True))
+    return pairs04, pairs15, pairs26, pairs37, inverse
 
 
 @gluon.jit
@@ -310,15 +317,9 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
     else:
         z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
-    # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two (_stage_x_pairs).
+    # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two.
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
-    V_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # per group
-    pairs04 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs15 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs26 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    pairs37 = ttgl.allocate_shared_memory(ttgl.int32, [SPAN_GROUPS, GROUP // 8], V_L)
-    inverse = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, GROUP // 8], V_L)
-    _stage_x_pairs(x_ptr, pid_k * K_SPAN, pairs04, pairs15, pairs26, pairs37, inverse, GROUP, SPAN_GROUPS, WARPS)
+    pairs04, pairs15, pairs26, pairs37, inverse = staged_x_pairs(x_ptr, pid_k * K_SPAN, GROUP, SPAN_GROUPS, WARPS)
     _barrier()
     acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
     for g in range(0, SPAN_GROUPS):
