@@ -299,8 +299,9 @@ def markdown(rows: list[dict], device: str) -> str:
 
 
 PARTS = {"whole": {}, "no split-K tail": {"TAIL": 1}, "tail: adds alone": {"TAIL": 2},
-         "tail: counter alone": {"TAIL": 3}, "last-adder tail": {"TAIL": 4}, "no dots": {"DOTS": False}, "words only": {"DOTS": False, "TAIL": 1},
-         "dots only": {"WORDS": False, "TAIL": 1}, "neither": {"WORDS": False, "DOTS": False, "TAIL": 1}}
+         "tail: counter alone": {"TAIL": 3}, "last-adder tail": {"TAIL": 4}, "no dots": {"DOTS": False},
+         "words only": {"DOTS": False, "TAIL": 1}, "dots only": {"WORDS": False, "TAIL": 1},
+         "neither": {"WORDS": False, "DOTS": False, "TAIL": 1}}
 """Parts of a call `anatomy` times: the whole kernel; without its split-K tail (partial sums stored
 racing); the tail's adds into the workspace alone, or its counter and read-back alone; the
 last-adder tail instead of the counter (right products: its error is reported); without
