@@ -8,7 +8,7 @@ the call is replayed from a CUDA graph, as in lowbit's decode loop, after a buff
 size is read, so every replay reads its weight from device memory into an L2 of clean lines, as it
 would after the other layers' weights passed through L2; the flushes alone are timed the same way
 and subtracted. Zeros written over the buffer instead leave L2 dirty, and each line a call brings
-in first writes one back to DRAM: on an H200 that made bf16 cuBLAS 15-25% slower on the 8B-shaped
+in first writes one back to DRAM: on an H200 that made bf16 cuBLAS 8-25% slower on the 8B-shaped
 layers at M = 1 and 16 and lowbit's kernels up to 19% (gpu_flush_kind_h200.md), a cost no decode
 step pays. (`lowbit bench kernels` needs no flush: each call there reads its own weight copy.)
 """
