@@ -25,6 +25,7 @@ from lowbit.bench.kernels import SHAPES
 from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
 from lowbit.kernels import w4a16_gluon_gemv
+from lowbit.kernels.autotune import chosen_config, pinned_to, with_settings
 from lowbit.kernels.int4_pack import pack_quantized_weight
 from lowbit.kernels.timing import graph_time_ms
 
@@ -32,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import shapes_command  # noqa: E402
 
 ROUNDS = 7
-LAST_ADDER = " last adder"
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,13 +48,14 @@ def run_shape(name: str) -> list[dict]:
     weight64 = qweight.dequantize().double()
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w4a16_gluon_gemv.matmul(x, packed)  # tuned for this shape, both tails among the candidates
-    chosen = w4a16_gluon_gemv.tuned_config(packed)
-    counter = chosen.removesuffix(LAST_ADDER)
-    tails = {"counter": counter, "last adder": counter + LAST_ADDER}
+    tuner = w4a16_gluon_gemv._tuned()
+    chosen = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric))
+    tails = {"counter": with_settings(chosen, {"LAST_ADDER": False})[0],
+             "last adder": with_settings(chosen, {"LAST_ADDER": True})[0]}
 
-    def pinned_call(config: str, x_in: torch.Tensor = x):
+    def pinned_call(config, x_in: torch.Tensor = x):
         def call() -> torch.Tensor:
-            with w4a16_gluon_gemv.pinned_config(config):
+            with pinned_to(tuner, config):
                 return w4a16_gluon_gemv.matmul(x_in, packed)
         return call
 
@@ -69,7 +70,7 @@ def run_shape(name: str) -> list[dict]:
     for _ in range(ROUNDS):
         for tail, call in calls.items():
             rounds[tail].append(1000 * graph_time_ms(call))
-    row = {"shape": name, "tuned": chosen, **{t: statistics.median(v) for t, v in rounds.items()},
+    row = {"shape": name, "tuned": w4a16_gluon_gemv._describe(chosen), **{t: statistics.median(v) for t, v in rounds.items()},
            **{f"error {t}": e for t, e in errors.items()}}
     print(row, flush=True)
     return [row]

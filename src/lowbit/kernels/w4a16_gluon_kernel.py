@@ -334,7 +334,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
 
     LAST_ADDER finishes split-K by `store_last_adder` instead of the tile counter; wmax_ptr then
     holds max|W[n]| per column (w4a16_gluon_gemv.column_max), and every program reads all of x
-    for |x|₁, its bound's other factor. FINISH=False (a pending sum) overrides it."""
+    for |x|₁, its bound's other factor: requested at the start, as the words are, so that no
+    DRAM round trip of its own lies on the program's path. FINISH=False (a pending sum) overrides it."""
     VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
     ROWS: ttgl.constexpr = BLOCK_K // 8
     W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
@@ -359,18 +360,22 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
     else:
         z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
-    if FINISH and LAST_ADDER:  # |x|₁, requested while the first words are in flight
-        NORM_L: ttgl.constexpr = ttgl.BlockedLayout([8], [32], [WARPS], [0])
-        NORM_BLOCK: ttgl.constexpr = 4 * 8 * 32 * WARPS  # four 16-byte loads a thread
-        magnitudes = ttgl.zeros([NORM_BLOCK], ttgl.float32, NORM_L)
-        for k0 in range(0, K, NORM_BLOCK):
-            offs = k0 + ttgl.arange(0, NORM_BLOCK, layout=NORM_L)
-            magnitudes += ttgl.abs(ttgl.load(x_ptr + offs, mask=offs < K, other=0.0).to(ttgl.float32))
-        x_norm = ttgl.sum(magnitudes, axis=0)
+    NORM_L: ttgl.constexpr = ttgl.BlockedLayout([8], [32], [WARPS], [0])
+    NORM_BLOCK: ttgl.constexpr = 4 * 8 * 32 * WARPS  # four 16-byte loads a thread
+    if FINISH and LAST_ADDER:  # the bound's loads, in flight while x's span is staged
+        norm_offs = ttgl.arange(0, NORM_BLOCK, layout=NORM_L)
+        x_first = ttgl.load(x_ptr + norm_offs, mask=norm_offs < K, other=0.0)
+        wmax = ttgl.load(wmax_ptr + cols)
     # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two.
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
     pairs04, pairs15, pairs26, pairs37, inverse = staged_x_pairs(x_ptr, pid_k * K_SPAN, GROUP, SPAN_GROUPS, WARPS)
     _barrier()
+    if FINISH and LAST_ADDER:  # |x|₁
+        magnitudes = ttgl.abs(x_first.to(ttgl.float32))
+        for k0 in range(NORM_BLOCK, K, NORM_BLOCK):
+            offs = k0 + norm_offs
+            magnitudes += ttgl.abs(ttgl.load(x_ptr + offs, mask=offs < K, other=0.0).to(ttgl.float32))
+        bound = wmax * ttgl.sum(magnitudes, axis=0)
     acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
     for g in range(0, SPAN_GROUPS):
         scale = s_next.to(ttgl.float32)
@@ -397,7 +402,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
     if FINISH and LAST_ADDER:
-        bound = ttgl.load(wmax_ptr + out_cols) * x_norm
+        bound = ttgl.convert_layout(ttgl.expand_dims(bound, 0), OUT_L)
         store_last_adder(out, out_ptr, ws_ptr, bound, out_rows, out_cols, out_rows < M, N, stride_om)
     else:
         store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om, FINISH)
