@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate gemv_last_adder warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -39,8 +39,6 @@ for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
     r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
     out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
 print(k.markdown_table(r))" ;;
-        gemv_last_adder) step gemv_last_adder "${T_BENCH:-300}" python3 "$here/benchmarks/gpu_gemv_last_adder.py" \
-                             --out "$out/gpu_gemv_last_adder" ;;
         decode) step decode "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --profile --out "$out/gpu_decode" ;;
         # The same with lowbit's own kernels alone (no GemLite/FBGEMM): what lowbit adds by itself.
         # q/k/v and gate/up as separate matmuls (StaticDecoder(merge_projections=False); `decode` merges them).
@@ -127,6 +125,6 @@ print(k.markdown_table(r))" ;;
                   step transfer_thp "${T_TRANSFER:-120}" env THP_MEM_ALLOC_ENABLE=1 \
                       python3 "$here/benchmarks/gpu_block_transfer.py" --out "$out/gpu_block_transfer_thp" ;;
         vq) step vq "${T_VQ:-180}" python3 "$here/benchmarks/vq.py" --decode --device cuda --out "$out/vq" ;;
-        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate gemv_last_adder warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq)"; exit 2 ;;
+        *) echo "unknown step $s (tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq)"; exit 2 ;;
     esac
 done

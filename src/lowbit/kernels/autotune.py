@@ -170,15 +170,7 @@ def pinned(tuner: Autotuner, name: str, describe: Callable[[triton.Config], str]
     matches = [config for config in every_candidate(tuner) if describe(config) == name]
     if not matches:
         raise ValueError(f"no config is named {name!r}; {hint}")
-    with pinned_to(tuner, matches[0]):
-        yield
-
-
-@contextlib.contextmanager
-def pinned_to(tuner: Autotuner, config: triton.Config):
-    """Within the block `tuner`'s one candidate is `config`, which may be any config of its kernel
-    (a benchmark's variant of a chosen one, say), not only one it offers."""
-    saved, tuner.configs = tuner.configs, [config]
+    saved, tuner.configs = tuner.configs, matches[:1]
     try:
         yield
     finally:

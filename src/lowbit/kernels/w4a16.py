@@ -133,11 +133,11 @@ def _release_unchosen_copies(key: tuple, timed: dict, packed: PackedInt4) -> Non
     Only the first weight of a shape and M bucket is timed; later weights of the shape build only
     the chosen paths' copies. The shape includes the activations' dtype, the one GemLite builds
     its copies for (Gluon's and FBGEMM's are for bf16 only)."""
-    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon, w4a16_gluon_gemv
+    from lowbit.kernels import w4a16_fbgemm, w4a16_gemlite, w4a16_gluon
 
     shape = key[:2] + key[3:]
     chosen_for_shape = {path for k, path in _CHOSEN.items() if k[:2] + k[3:] == shape}
-    releases = {"gluon": w4a16_gluon.release, "gluon-gemv": w4a16_gluon_gemv.release, "fbgemm": w4a16_fbgemm.release,
+    releases = {"gluon": w4a16_gluon.release, "fbgemm": w4a16_fbgemm.release,
                 "gemlite": functools.partial(w4a16_gemlite.release, dtype=key[1])}
     for path, release in releases.items():
         if path in timed and path not in chosen_for_shape:

@@ -19,8 +19,7 @@ import functools
 import torch
 
 from lowbit.kernels import w4a16_gluon
-from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
-from lowbit.kernels.weight_copies import WeightCopies
+from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4
 
 _BLOCK_N = (256, 512, 1024)
 _WARPS = (4, 8)
@@ -32,11 +31,6 @@ _K_SPANS = (128, 256, 512, 1024, 2048)
 _PROGRAMS = (96, 4096)
 """Programs a launch should have: fewer leave SMs idle (132 on an H100 or H200), more repeat x's
 staging and the split-K tail to no gain. Where no config reaches a bound, the nearest there are."""
-_MAX_LAST_ADDER_SPLITS = 1023
-"""Splits of K the last adder's count holds (w4a16_gluon_kernel.LAST_ADDER_COUNT_BITS)."""
-
-_COLUMN_MAX = WeightCopies()
-"""Each weight's max|W[n]| per column: the last adder's bound (`column_max`)."""
 
 
 def supports(packed: PackedInt4, dtype: torch.dtype) -> bool:
@@ -55,34 +49,31 @@ def _tuned():
     from lowbit.kernels.autotune import autotune
     from lowbit.kernels.w4a16_gluon_kernel import gemv_kernel
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": _BLOCK_K[0], "K_SPAN": span, "WARPS": warps, "AHEAD": 2,
-                              "LAST_ADDER": False}, num_warps=warps)
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": _BLOCK_K[0], "K_SPAN": span, "WARPS": warps, "AHEAD": 2},
+                             num_warps=warps)
                for bn in _BLOCK_N for warps in _WARPS if bn // (32 * warps) in _COLUMNS_PER_THREAD
                for span in _K_SPANS]
     return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, gemv_kernel, finalist_variants=_variants)
 
 
 def _variants(config) -> list:
-    """The config with tiles of eight word rows instead of four, with one tile's words in flight
-    instead of two, and with the last adder's split-K tail instead of the tile counter, tried on the
-    tuner's finalists only (autotune's finalist variants). Side by side, eight rows won four shapes
-    of eight and one tile ahead two, by a few percent (gpu_gluon_gemv_h200.md), and offered on every
-    config they tripled the candidates: compiling them was 9.3 s of `lowbit generate`'s first
-    warm-up at batch 1 (gpu_warmup_breakdown_b1_h200.md of 2fc58fb)."""
+    """The config with tiles of eight word rows instead of four, and with one tile's words in
+    flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
+    Side by side, eight rows won four shapes of eight and one tile ahead two, by a few percent
+    (gpu_gluon_gemv_h200.md), and offered on every config they tripled the candidates: compiling them was 9.3 s of
+    `lowbit generate`'s first warm-up at batch 1 (gpu_warmup_breakdown_b1_h200.md of 2fc58fb)."""
     from lowbit.kernels.autotune import with_settings
 
-    return with_settings(config, {"BLOCK_K": _BLOCK_K[1]}, {"AHEAD": 1}, {"LAST_ADDER": True})
+    return with_settings(config, {"BLOCK_K": _BLOCK_K[1]}, {"AHEAD": 1})
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
     """Configs that fit the shape: whole tiles of N, tiles of K within a group, spans of whole
-    groups dividing K, and a number of programs within _PROGRAMS (see there). The last adder only
-    where K is split, into no more parts than its count holds."""
+    groups dividing K, and a number of programs within _PROGRAMS (see there)."""
     args = {**named_args, **kwargs}
     n, k, group = args["N"], args["K"], args["GROUP"]
     fitting = [c for c in configs if n % c.kwargs["BLOCK_N"] == 0 and group % c.kwargs["BLOCK_K"] == 0
-               and c.kwargs["K_SPAN"] % group == 0 and k % c.kwargs["K_SPAN"] == 0
-               and (not c.kwargs["LAST_ADDER"] or 2 <= k // c.kwargs["K_SPAN"] <= _MAX_LAST_ADDER_SPLITS)]
+               and c.kwargs["K_SPAN"] % group == 0 and k % c.kwargs["K_SPAN"] == 0]
     programs = {c: (n // c.kwargs["BLOCK_N"]) * (k // c.kwargs["K_SPAN"]) for c in fitting}
     if not programs:
         return []
@@ -93,11 +84,10 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
 
 def _describe(config) -> str:
     """A config as the benchmark tables name it: "1x512x32 span 128 w4" (rows x columns x K of a
-    tile, K's span per program, warps), "... ahead 1" with one tile's words in flight, "... last
-    adder" with that split-K tail."""
+    tile, K's span per program, warps), "... ahead 1" with one tile's words in flight."""
     kw = config.kwargs
     return (f"1x{kw['BLOCK_N']}x{kw['BLOCK_K']} span {kw['K_SPAN']} w{kw['WARPS']}"
-            + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}") + (" last adder" if kw["LAST_ADDER"] else ""))
+            + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}"))
 
 
 def tuned_config(packed: PackedInt4) -> str | None:
@@ -116,26 +106,6 @@ def pinned_config(name: str):
                   "write a Gluon GEMV config as tuned_config() does, e.g. '1x512x32 span 128 w4'")
 
 
-def column_max(packed: PackedInt4) -> torch.Tensor:
-    """max_k |W[n, k]| per output column n, float32 [N], exact: max over groups of
-    |scale| · max|code - zero|, from each group's largest and smallest code."""
-    n, k, group = packed.out_features, packed.in_features, packed.group_size
-    codes = unpack_int4(packed.qweight, k).view(n, k // group, group)
-    zeros = SYMMETRIC_ZERO if packed.zeros is None else packed.zeros.float().T
-    spread = torch.maximum(codes.amax(-1).float() - zeros, zeros - codes.amin(-1).float())
-    return (spread * packed.scales.float().T.abs()).amax(-1).contiguous()
-
-
-def _column_max(packed: PackedInt4) -> torch.Tensor:
-    """`column_max`, built on the weight's first product and rebuilt after an in-place write."""
-    return _COLUMN_MAX.get(packed, lambda: column_max(packed))
-
-
-def release(packed: PackedInt4) -> None:
-    """Drop `packed`'s column maxima (the dispatcher chose another path for its shape)."""
-    _COLUMN_MAX.release(packed)
-
-
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     """x [1, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [1, N] bf16."""
     m, k = x.shape
@@ -148,14 +118,14 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     n = packed.out_features
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
-    ws, counters = split_k_workspace(x.device, 2 * n)  # the last adder's int64 elements: two words each
+    ws, counters = split_k_workspace(x.device, n)
     kernel = _tuned()
     check_lone_candidate_fits(kernel, _prune, _describe, f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k,
                               GROUP=packed.group_size, SYMMETRIC=packed.symmetric)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
     kernel[grid](x, packed.qweight, packed.scales, zeros, out, ws, counters, 1, n, k, x.stride(0),
                  packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-                 ZERO=SYMMETRIC_ZERO, wmax_ptr=_column_max(packed))
+                 ZERO=SYMMETRIC_ZERO)
     return out
 
 

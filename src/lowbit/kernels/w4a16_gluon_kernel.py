@@ -131,44 +131,6 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
             ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
 
-LAST_ADDER_COUNT_BITS = ttgl.constexpr(10)
-"""Low bits of a `store_last_adder` element that count its adds: up to 1023 splits of K."""
-
-
-@gluon.jit
-def store_last_adder(acc, out_ptr, ws_ptr, bound, rows, cols, mask, N, stride_om):
-    """acc, one split's float32 partial sums, into out[rows, cols] (bf16) with no tile counter.
-
-    `store_split_k`'s counter tail costs three dependent round trips at the end of the last program
-    (the adds' fence, the acquire-release count, the read-back): 1.2-2.1 us of an 8B-shaped GEMV on an
-    H200 (gpu_gemv_anatomy_tail_h200.md). Here each element of the workspace, seen as int64, takes its
-    partial sum in fixed point shifted past a count of adds, by one returning atomic: the program
-    whose add completes the count holds the whole sum (the returned value plus its own word), writes
-    it and zeroes the element. Integer adds are exact and commutative, so the result does not depend
-    on the order the splits arrive in.
-
-    The fixed point's scale is a power of two per element from `bound`, at least |x|₁ · max|W[n]|,
-    which every program computes alike: twice the bound maps to 2^52, so no sum of partials can wrap,
-    and an element resolves 2^-51 of its bound, far below the rounding any float32 accumulation of
-    the same products makes (about K·2^-24 of the same bound). A fixed 2^-24 resolution instead lost
-    small outputs and wrapped past |y| = 2^31 (docs/gpu_notes.md, round 17). A non-finite bound (x
-    holds inf or NaN) gives NaN."""
-    COUNT: ttgl.constexpr = 1 << LAST_ADDER_COUNT_BITS
-    exponent = ttgl.maximum(((bound.to(ttgl.int32, bitcast=True) >> 23) & 255) - 125, -74)  # 2^exponent >= 2·bound
-    scale = ((179 - exponent) << 23).to(ttgl.float32, bitcast=True)  # 2^(52 - exponent)
-    inverse = ((exponent + 75) << 23).to(ttgl.float32, bitcast=True)
-    fixed = ttgl.inline_asm_elementwise("cvt.rni.s64.f32 $0, $1;", "=l,r", [acc * scale], dtype=ttgl.int64,
-                                        is_pure=True, pack=1)
-    word = fixed * COUNT + 1
-    elements = ws_ptr.to(ttgl.pointer_type(ttgl.int64), bitcast=True) + rows * N + cols
-    total = ttgl.atomic_add(elements, word, mask=mask, sem="relaxed") + word
-    last = mask & ((total & (COUNT - 1)) == ttgl.num_programs(1))
-    value = (total >> LAST_ADDER_COUNT_BITS).to(ttgl.float32) * inverse
-    value = ttgl.where(bound < float("inf"), value, float("nan"))
-    ttgl.store(out_ptr + rows * stride_om + cols, value.to(ttgl.bfloat16), mask=last)
-    ttgl.store(elements, ttgl.zeros_like(word), mask=last)
-
-
 @gluon.jit
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
@@ -321,7 +283,7 @@ def tile_dots(words, pairs04, pairs15, pairs26, pairs37, inverse, g, row, plus_1
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                 GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                 K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, BLOCK_K: ttgl.constexpr, AHEAD: ttgl.constexpr = 2,
-                FINISH: ttgl.constexpr = True, LAST_ADDER: ttgl.constexpr = False, wmax_ptr=None):
+                FINISH: ttgl.constexpr = True):
     """out[0, tile] = x[0] @ W[tile]ᵀ over one span of K, from the plain words [K / 8, N] (M = 1).
 
     w4a16_triton's F16_PAIRS GEMV in Gluon, for what Triton's pipeliner does not allow: each
@@ -330,12 +292,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     as fp16 pairs and row factors, in shared memory, where every thread reads the rows it needs.
     The Triton GEMV syncs its block twice per tile (cp.async stages shared by all threads), and an
     ncu profile on 8B gate/up_proj put barrier stalls at 1.44 warps per issued instruction
-    (gpu_profile_h200_gemv_8b.log).
-
-    LAST_ADDER finishes split-K by `store_last_adder` instead of the tile counter; wmax_ptr then
-    holds max|W[n]| per column (w4a16_gluon_gemv.column_max), and every program reads all of x
-    for |x|₁, its bound's other factor: requested at the start, as the words are, so that no
-    DRAM round trip of its own lies on the program's path. FINISH=False (a pending sum) overrides it."""
+    (gpu_profile_h200_gemv_8b.log)."""
     VEC: ttgl.constexpr = BLOCK_N // (32 * WARPS)
     ROWS: ttgl.constexpr = BLOCK_K // 8
     W_L: ttgl.constexpr = ttgl.BlockedLayout([ROWS, VEC], [1, 32], [1, WARPS], [1, 0])
@@ -360,22 +317,10 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
         z_next = ttgl.full([BLOCK_N], ZERO, ttgl.float32, COL_L)
     else:
         z_next = ttgl.load(z_ptr + g0 * stride_sg + cols).to(ttgl.float32)
-    NORM_L: ttgl.constexpr = ttgl.BlockedLayout([8], [32], [WARPS], [0])
-    NORM_BLOCK: ttgl.constexpr = 4 * 8 * 32 * WARPS  # four 16-byte loads a thread
-    if FINISH and LAST_ADDER:  # the bound's loads, in flight while x's span is staged
-        norm_offs = ttgl.arange(0, NORM_BLOCK, layout=NORM_L)
-        x_first = ttgl.load(x_ptr + norm_offs, mask=norm_offs < K, other=0.0)
-        wmax = ttgl.load(wmax_ptr + cols)
     # x's span as fp16 pairs (x_j, x_j+4), each row of eight scaled by a power of two.
     SPAN_GROUPS: ttgl.constexpr = K_SPAN // GROUP
     pairs04, pairs15, pairs26, pairs37, inverse = staged_x_pairs(x_ptr, pid_k * K_SPAN, GROUP, SPAN_GROUPS, WARPS)
     _barrier()
-    if FINISH and LAST_ADDER:  # |x|₁
-        magnitudes = ttgl.abs(x_first.to(ttgl.float32))
-        for k0 in range(NORM_BLOCK, K, NORM_BLOCK):
-            offs = k0 + norm_offs
-            magnitudes += ttgl.abs(ttgl.load(x_ptr + offs, mask=offs < K, other=0.0).to(ttgl.float32))
-        bound = wmax * ttgl.sum(magnitudes, axis=0)
     acc = ttgl.zeros([BLOCK_N], ttgl.float32, COL_L)
     for g in range(0, SPAN_GROUPS):
         scale = s_next.to(ttgl.float32)
@@ -401,20 +346,15 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, 
     out = ttgl.convert_layout(ttgl.expand_dims(acc, 0), OUT_L)
     out_rows = ttgl.expand_dims(ttgl.arange(0, 1, layout=ttgl.SliceLayout(1, OUT_L)), 1)
     out_cols = ttgl.expand_dims(n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, OUT_L)), 0)
-    if FINISH and LAST_ADDER:
-        bound = ttgl.convert_layout(ttgl.expand_dims(bound, 0), OUT_L)
-        store_last_adder(out, out_ptr, ws_ptr, bound, out_rows, out_cols, out_rows < M, N, stride_om)
-    else:
-        store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om, FINISH)
+    store_split_k(out, out_ptr, ws_ptr, cnt_ptr, pid_n, out_rows, out_cols, out_rows < M, N, stride_om, FINISH)
 
 
 def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: int = 128, symmetric: bool = False,
-                          warps: int = 4, ahead: int = 2, finish: bool = True, last_adder: bool = False):
+                          warps: int = 4, ahead: int = 2, finish: bool = True):
     """`gemv_kernel` compiled for sm_90 without a GPU: for the tests."""
     return compile_gluon_for_sm90(gemv_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
                                                 "K_SPAN": k_span, "WARPS": warps, "BLOCK_K": block_k, "AHEAD": ahead,
-                                                "FINISH": finish, "LAST_ADDER": last_adder},
-                                  warps, types={"wmax_ptr": "*fp32"})
+                                                "FINISH": finish}, warps)
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
