@@ -92,15 +92,16 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
 
 
 STEPS = {"fused": {"fuse": True}, "fused-finished": {"fuse": True, "pending_products": False},
-         "modules": {"fuse": False}}
+         "fused-sdpa": {"fuse": True, "prefix_attention": False}, "modules": {"fuse": False}}
 """--steps: how the work between matmuls runs (StaticDecoder's settings). "fused-finished" is the
-fused step with every int4 matmul finishing its own product (no pending split-K sums)."""
+fused step with every int4 matmul finishing its own product (no pending split-K sums); "fused-sdpa"
+the fused step with torch's SDPA over the whole cache, the unwritten positions masked."""
 
 
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
-                fuse: bool = True, pending_products: bool = True) -> dict:
+                fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True) -> dict:
     decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse,
-                            pending_products=pending_products)
+                            pending_products=pending_products, prefix_attention=prefix_attention)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
     decoder.prefill(prompt[:batch])
@@ -118,13 +119,13 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
 
 @torch.no_grad()
 def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bool,
-                   pending_products: bool = True) -> list[dict]:
+                   pending_products: bool = True, prefix_attention: bool = True) -> list[dict]:
     """The GPU kernels of one batch-1 step run eagerly (a graph replays the same ones): per kernel
     name, launches and GPU microseconds, most time first."""
     from torch.profiler import ProfilerActivity, profile
 
     decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse,
-                            pending_products=pending_products)
+                            pending_products=pending_products, prefix_attention=prefix_attention)
     decoder.prefill(prompt[:1])  # warm-up: kernels compiled and tuned
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -159,7 +160,10 @@ def markdown(result: dict) -> str:
                 "`fused` runs them through lowbit.kernels.decode_ops (each residual add with the norm after it, "
                 "rotary embedding with the cache write, SiLU with the product, one launch each), and there each "
                 "int4 matmul on a Gluon kernel leaves its float32 sums for the kernel after it to finish; "
-                "`fused-finished` is `fused` with every matmul finishing its own product." if steps else ""),
+                "`fused-finished` is `fused` with every matmul finishing its own product." if steps else "")
+             + (" In `fused` and `fused-finished`, attention reads only the cache's written positions "
+                "(lowbit.kernels.decode_attention); `fused-sdpa` is `fused` with torch's SDPA over the whole cache, "
+                "the unwritten positions masked." if meta.get("decode_attention") else ""),
              "",
              "| batch |" + (" step |" if steps else "") + " bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | "
              f"int4 ms/step | bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | "
@@ -227,7 +231,7 @@ def main() -> None:
     profiles = {step: kernel_profile(model, prompt, args.merge, **STEPS[step]) for step in args.steps} \
         if args.profile else {}
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-                       "merged_projections": args.merge,
+                       "merged_projections": args.merge, "decode_attention": True,
                        "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},
               "rows": rows, **({"profile": profiles} if profiles else {})}

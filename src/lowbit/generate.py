@@ -8,7 +8,8 @@ the next ones back, so a whole step can be captured once as a CUDA graph and rep
 It drives the model's own modules (embedding, rotary embedding, projections), so QuantLinear or
 nn.Linear layers run unchanged; the residual adds, norms, rotary products, cache writes and SiLU·up
 between them run as one launch each (kernels/decode_ops.py) where the model's norms and activation
-are the ones those reproduce, and as the modules otherwise. It works on CPU too (without the graph).
+are the ones those reproduce, and as the modules otherwise; there attention reads only the cache's
+written positions (kernels/decode_attention.py). It works on CPU too (without the graph).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lowbit.kernels import decode_ops
+from lowbit.kernels import decode_attention, decode_ops
 from lowbit.kernels.w4a16 import pending_matmul
 from lowbit.modules.merge import merge_linears
 from lowbit.modules.quant_linear import QuantLinear
@@ -37,7 +38,7 @@ class StaticDecoder:
     """Greedy decoder for a `LlamaForCausalLM`-shaped model with a [batch, max_len] static KV cache."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = True,
-                 fuse: bool = True, pending_products: bool = True) -> None:
+                 fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True) -> None:
         """`merge_projections`: run each layer's q/k/v and gate/up projections as one matmul each
         (modules/merge.py; the model's own linears become views of the merged weights, so this
         costs no memory). At batch 1 a step's small matmuls are mostly fixed cost: merged, an
@@ -46,7 +47,10 @@ class StaticDecoder:
         `fuse`: the element-wise work between matmuls through decode_ops where the model allows
         (`fused` says whether it does); False runs every module as transformers would.
         `pending_products`: in the fused step, int4 matmuls on lowbit's Gluon kernels leave their
-        sums for the decode_ops kernel after them to finish (`_product`); False finishes each matmul."""
+        sums for the decode_ops kernel after them to finish (`_product`); False finishes each matmul.
+        `prefix_attention`: in the fused step, attention reads only the cache's written positions
+        (kernels/decode_attention.py); False runs torch's SDPA over the whole cache with the
+        unwritten positions masked, as the modules' step does."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
@@ -76,6 +80,7 @@ class StaticDecoder:
         self._merged = [self._merge(layer) if merge_projections else (None, None) for layer in inner.layers]
         self.fused = fuse and _fusable(inner)
         self.pending_products = pending_products
+        self.prefix_attention = prefix_attention
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -90,11 +95,7 @@ class StaticDecoder:
         `ids` to the greedy next token and advances `pos` (all in place, on the device)."""
         hidden = self.inner.embed_tokens(self.ids)  # [B, 1, H]
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
-        # Additive (0 / -inf) in the activations' dtype, made once per step: a boolean mask is
-        # converted inside every layer's attention call, which costs launches of its own.
-        visible = torch.zeros(1, 1, 1, self.max_len, device=hidden.device, dtype=hidden.dtype).masked_fill_(
-            self._positions > self.pos, float("-inf"))
-        normed = (self._fused_layers if self.fused else self._module_layers)(hidden, cos, sin, visible)
+        normed = self._fused_layers(hidden, cos, sin) if self.fused else self._module_layers(hidden, cos, sin)
         self.logits.copy_(self.model.lm_head(normed)[:, 0].float())
         self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
         self.pos += 1
@@ -108,6 +109,12 @@ class StaticDecoder:
         """q [B, heads, 1, D] over the cache's visible positions -> [B, 1, heads·D]."""
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
         return out.transpose(1, 2).reshape(self.batch, 1, -1)
+
+    def _visible(self, like: torch.Tensor) -> torch.Tensor:
+        """Additive (0 / -inf) mask of the written positions in the activations' dtype, made once per
+        step: a boolean mask is converted inside every layer's attention call, at launches of its own."""
+        return torch.zeros(1, 1, 1, self.max_len, device=like.device, dtype=like.dtype).masked_fill_(
+            self._positions > self.pos, float("-inf"))
 
     def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
@@ -124,9 +131,9 @@ class StaticDecoder:
                 return decode_ops.Pending(sums, x.dtype)
         return linear(x)
 
-    def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       visible: torch.Tensor) -> torch.Tensor:
+    def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The decoder layers through the model's own modules; returns the final norm of the last hidden state."""
+        visible = self._visible(hidden)
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
             q, k, v = self._projections(attn, qkv, layer.input_layernorm(hidden))
@@ -145,11 +152,12 @@ class StaticDecoder:
                 hidden = hidden + layer.mlp(x)
         return self.inner.norm(hidden)
 
-    def _fused_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      visible: torch.Tensor) -> torch.Tensor:
+    def _fused_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The same layers with decode_ops between the matmuls: each residual add fused with the
-        norm after it (the last one with the model's final norm)."""
+        norm after it (the last one with the model's final norm), and attention over the cache's
+        written positions only (decode_attention)."""
         layers = self.inner.layers
+        visible = None if self.prefix_attention else self._visible(hidden)
         first = layers[0].input_layernorm
         x = decode_ops.rms_norm(hidden, first.weight, first.variance_epsilon)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.inner.norm]
@@ -161,7 +169,8 @@ class StaticDecoder:
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
-            attended = self._attend(q, keys, values, visible)
+            attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
+                        else self._attend(q, keys, values, visible))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
                                                 norm.variance_epsilon)
             if gate_up is not None:

@@ -1,0 +1,100 @@
+"""One decode step's attention over a static KV cache: decode_attention against the masked SDPA it replaced.
+
+StaticDecoder keeps a [batch, kv_heads, max_len, head_dim] cache and masks the positions not
+written yet, so torch's scaled_dot_product_attention reads all max_len positions at every step,
+whatever the position; decode_attention.attend reads the written ones only, cut into chunks. This
+times both for a Llama-3-8B-shaped layer (32 query heads, 8 key/value heads, head_dim 128) at
+batch 1 and 16, over caches of 256 to 4096 positions, at the cache's first quarter and its last
+position (CUDA-graph replays, cold L2: a layer's cache was last read a step ago, with every other
+layer's weights since). SDPA's mask is made outside the timed call, as StaticDecoder made it once
+a step for all layers.
+
+    python benchmarks/gpu_decode_attention.py --out benchmarks/results/gpu_decode_attention_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.decode_attention import attend, splits_for
+from lowbit.kernels.timing import graph_time_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import run_cases  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+ROUNDS = 5
+
+
+def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """StaticDecoder's additive mask: 0 up to pos, -inf after."""
+    return torch.zeros(1, 1, 1, max_len, device=pos.device, dtype=dtype).masked_fill_(
+        torch.arange(max_len, device=pos.device) > pos, float("-inf"))
+
+
+def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """StaticDecoder's attention before decode_attention: every cached position, the unwritten masked."""
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
+    """float64 attention of q over positions 0..position, as [batch, 1, heads·D]."""
+    group = q.shape[1] // keys.shape[1]
+    k = keys[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    v = values[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    weights = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def run_case(case: tuple[int, int, str]) -> list[dict]:
+    batch, max_len, where = case
+    position = max_len // 4 - 1 if where == "first quarter" else max_len - 1
+    generator = torch.Generator("cuda").manual_seed(batch * max_len)
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16)
+    keys, values = (torch.randn(batch, KV_HEADS, max_len, HEAD_DIM, device="cuda", generator=generator)
+                    .to(torch.bfloat16) for _ in range(2))
+    pos = torch.tensor([position], device="cuda")
+    visible = visible_mask(max_len, pos, q.dtype)
+    ref = reference(q, keys, values, position)
+    calls = {"sdpa": lambda: sdpa(q, keys, values, visible), "lowbit": lambda: attend(q, keys, values, pos)}
+    row = {"batch": batch, "max_len": max_len, "position": position,
+           "splits": splits_for(batch, KV_HEADS, max_len)}
+    for name, call in calls.items():
+        row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
+    rounds = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, call in calls.items():
+            rounds[name].append(1000 * graph_time_ms(call))
+    row |= {f"{name} us": statistics.median(times) for name, times in rounds.items()}
+    print(row, flush=True)
+    return [row]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [f"Decode attention of one Llama-3-8B-shaped layer ({HEADS} query heads, {KV_HEADS} key/value heads, "
+             f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
+             "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
+             f"Medians of {ROUNDS} rounds in turns.", "",
+             "| batch | cache positions | position | sdpa (masked, all positions) | lowbit (written positions) | chunks "
+             "| sdpa / lowbit | error sdpa | error lowbit |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['max_len']} | {r['position']} | {r['sdpa us']:.1f} | {r['lowbit us']:.1f} | "
+              f"{r['splits']} | {r['sdpa us'] / r['lowbit us']:.2f}x | {r['sdpa error']:.1e} | {r['lowbit error']:.1e} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -1,0 +1,186 @@
+"""One decode position's attention over a static KV cache, reading only the positions written so far.
+
+StaticDecoder keeps each layer's keys and values in a [batch, kv_heads, max_len, head_dim] cache
+so that a step has fixed shapes and replays as a CUDA graph. torch's scaled_dot_product_attention
+over that cache, the unwritten positions masked, reads all max_len of them at every step: on an
+H200, an 8B-shaped layer at batch 16 took 72 us a call over a 4096-position cache whose first
+quarter was written, and 83 us at its last position (benchmarks/results/gpu_decode_attention_h200.md);
+32 such layers are more than the whole int4 step at a short cache.
+
+`attend` is split-sequence ("flash-decoding") attention in one Triton launch. The cache's written
+prefix, read from the device like the step's position, is cut into `splits` equal chunks, so a
+graph captured at one position serves all of them with the work spread evenly. Program (b, kv head,
+chunk) multiplies all query heads that share the kv head (grouped-query attention reads each key
+once) on the tensor cores, with a running softmax over the chunk; the last program of a (b, kv
+head) to finish, counted as w4a16's split-K programs count, merges the chunks' partial results.
+Where the whole prefix is one chunk, that program writes its result directly.
+
+Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attention it replaces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels.decode_ops import INTERPRETED
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves every call
+    triton = None
+
+BLOCK_L = 64
+"""Cache positions one tensor-core step multiplies: q [heads of a group, D] against k [64, D]."""
+TARGET_PROGRAMS = 128
+"""Programs a launch should have (about one an SM of an H100 or H200): the written prefix is cut
+into enough chunks for that, at most MAX_SPLITS."""
+MAX_SPLITS = 16
+"""Chunks of one (batch row, kv head): their partial results are merged in one load each."""
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """scaled_dot_product_attention over the whole cache with positions after `pos` masked."""
+    batch, heads, _, dim = q.shape
+    visible = torch.zeros(1, 1, 1, keys.shape[2], device=q.device, dtype=q.dtype).masked_fill_(
+        torch.arange(keys.shape[2], device=q.device) > pos, float("-inf"))
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
+    return out.transpose(1, 2).reshape(batch, 1, heads * dim)
+
+
+def _on_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    return (triton is not None and (q.is_cuda or INTERPRETED) and q.dtype in (torch.bfloat16, torch.float16)
+            and keys.dtype == values.dtype == q.dtype and keys.is_contiguous() and values.is_contiguous()
+            and q.is_contiguous() and q.shape[1] % keys.shape[1] == 0 and q.shape[-1] <= 256)
+
+
+def splits_for(batch: int, kv_heads: int, max_len: int) -> int:
+    """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS, at most MAX_SPLITS, and no
+    more than the cache has blocks of BLOCK_L positions."""
+    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // (batch * kv_heads)), -(-max_len // BLOCK_L)))
+
+
+def _workspace(device: torch.device, rows: int, splits: int, group: int, dim: int):
+    """Partial maxima, sums and outputs of every chunk, and one counter per (batch row, kv head),
+    kept zero by the kernel's last programs."""
+    key = (device, rows, splits, group, dim)
+    if key not in _WORKSPACE:
+        _WORKSPACE[key] = (torch.empty(rows, splits, group, device=device, dtype=torch.float32),
+                           torch.empty(rows, splits, group, device=device, dtype=torch.float32),
+                           torch.empty(rows, splits, group, dim, device=device, dtype=torch.float32),
+                           torch.zeros(rows, device=device, dtype=torch.int32))
+    return _WORKSPACE[key]
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√D)·v over cache positions 0..pos: q [batch, heads, 1, D], keys and values
+    [batch, kv_heads, max_len, D] (heads a multiple of kv_heads), pos a 1-element long tensor on
+    q's device. Returns [batch, 1, heads·D], as the attention's output projection takes it."""
+    if not _on_triton(q, keys, values):
+        return attend_torch(q, keys, values, pos)
+    batch, heads, _, dim = q.shape
+    kv_heads, max_len = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    splits = splits_for(batch, kv_heads, max_len)
+    maxima, sums, partials, counters = _workspace(q.device, batch * kv_heads, splits, group, dim)
+    out = torch.empty(batch, 1, heads * dim, device=q.device, dtype=q.dtype)
+    _attend_kernel[(batch * kv_heads, splits)](
+        q, keys, values, out, pos, maxima, sums, partials, counters, keys.stride(0), keys.stride(1), keys.stride(2),
+        max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
+        GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+        GROUP_P2=triton.next_power_of_2(group), num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, max_ptr, sum_ptr, part_ptr, cnt_ptr,
+                       stride_b, stride_h, stride_t, max_len, scale_log2,
+                       KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr):
+        """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
+        GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
+        Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2."""
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
+        active = tl.cdiv(length, chunk)
+        start = split * chunk
+        if start < length:
+            b = row // KV_HEADS
+            heads = tl.arange(0, GROUP_ROWS)
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < DIM
+            q_rows = (row * GROUP + heads) * DIM  # q [batch, KV_HEADS·GROUP, 1, DIM]: row·GROUP is b's first head of the group
+            q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(heads < GROUP)[:, None] & d_ok[None, :],
+                        other=0.0)
+            cache = b * stride_b + (row % KV_HEADS) * stride_h
+            running_max = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
+            running_sum = tl.zeros([GROUP_ROWS], tl.float32)
+            acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
+            end = tl.minimum(start + chunk, length)
+            t0 = start
+            t = t0 + tl.arange(0, BLOCK_L)
+            k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
+            while t0 < end:  # a while loop, each tile's successor requested before it is used (the
+                # interpreter cannot run `range` over runtime bounds, so Triton's pipeliner is not used)
+                k_next, v_next = _kv_tile(k_ptr, v_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM)
+                scores = tl.where((t < end)[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                p = tl.exp2(scores - new_max[:, None])
+                rescale = tl.exp2(running_max - new_max)
+                running_sum = running_sum * rescale + tl.sum(p, axis=1)
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+                running_max = new_max
+                k, v, t0, t = k_next, v_next, t0 + BLOCK_L, t + BLOCK_L
+            dtype = out_ptr.dtype.element_ty
+            out_offs = q_rows[:, None] + d[None, :]  # out [batch, 1, heads·DIM] has q's layout
+            store_mask = (heads < GROUP)[:, None] & d_ok[None, :]
+            if active == 1:
+                tl.store(out_ptr + out_offs, (acc / running_sum[:, None]).to(dtype), mask=store_mask)
+            else:
+                slot = (row * SPLITS + split) * GROUP + heads
+                tl.store(max_ptr + slot, running_max, mask=heads < GROUP)
+                tl.store(sum_ptr + slot, running_sum, mask=heads < GROUP)
+                tl.store(part_ptr + slot[:, None] * DIM + d[None, :], acc, mask=store_mask)
+                tl.debug_barrier()  # every thread's partial stored before the count that publishes them
+                count = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")
+                if count == active - 1:
+                    _merge_chunks(max_ptr, sum_ptr, part_ptr, out_ptr, row, active, GROUP, DIM, BLOCK_D,
+                                  SPLITS, SPLITS_P2, GROUP_P2)
+                    tl.store(cnt_ptr + row, 0)
+
+    @triton.jit
+    def _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr):
+        """Keys and values at positions t (zeros at t >= end and past DIM)."""
+        offs = cache + t[:, None] * stride_t + d[None, :]
+        mask = (t < end)[:, None] & (d < DIM)[None, :]
+        return tl.load(k_ptr + offs, mask=mask, other=0.0), tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+    @triton.jit
+    def _merge_chunks(max_ptr, sum_ptr, part_ptr, out_ptr, row, active, GROUP: tl.constexpr, DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                      GROUP_P2: tl.constexpr):
+        """out = Σ_c 2^(m_c - M)·acc_c / Σ_c 2^(m_c - M)·l_c over the `active` chunks of `row`, each
+        chunk's running max m_c, sum l_c and unnormalised output acc_c, M the largest m_c."""
+        c = tl.arange(0, SPLITS_P2)
+        h = tl.arange(0, GROUP_P2)
+        d = tl.arange(0, BLOCK_D)
+        ok = (c < active)[:, None] & (h < GROUP)[None, :]
+        slot = (row * SPLITS + c[:, None]) * GROUP + h[None, :]
+        maxima = tl.load(max_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        sums = tl.load(sum_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
+        parts = tl.load(part_ptr + slot[:, :, None] * DIM + d[None, None, :], mask=ok[:, :, None] & (d < DIM),
+                        other=0.0, cache_modifier=".cg")
+        weights = tl.where(ok, tl.exp2(maxima - tl.max(maxima, axis=0)[None, :]), 0.0)
+        total = tl.sum(parts * weights[:, :, None], axis=0) / tl.sum(sums * weights, axis=0)[:, None]
+        out_offs = (row * GROUP + h)[:, None] * DIM + d[None, :]
+        tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=(h < GROUP)[:, None] & (d < DIM))

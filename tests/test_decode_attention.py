@@ -1,0 +1,127 @@
+"""decode_attention: attention of one decode position over the cache's written prefix, against
+float64 softmax attention over that prefix; its Triton kernel in the interpreter, for sm_90, and on a GPU."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.kernels import decode_attention
+from lowbit.kernels.w4a16 import triton_available
+
+REPO = Path(__file__).resolve().parents[1]
+gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+
+CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
+    (1, 32, 8, 128, 300, 299),  # grouped-query, five chunks of 64
+    (1, 32, 8, 128, 300, 5),  # one chunk: written directly
+    (2, 8, 8, 64, 200, 130),  # multi-head (one query head a kv head)
+    (3, 16, 2, 64, 96, 70),
+    (1, 4, 1, 32, 1100, 1099),  # multi-query, sixteen chunks of two blocks
+    (2, 12, 4, 80, 150, 149),  # head_dim no power of two
+]
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
+    """float64 softmax(q·kᵀ/√D)·v over positions 0..position, as [batch, 1, heads·D]."""
+    batch, heads, _, dim = q.shape
+    group = heads // keys.shape[1]
+    k = keys[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    v = values[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    weights = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(batch, 1, heads * dim)
+
+
+def check_cases(device: str, dtype: torch.dtype, tolerance: float) -> None:
+    """Every case twice (the second finds the counters the first's last programs reset), then the
+    counters zero; in `dtype` on `device` against float64."""
+    g = torch.Generator().manual_seed(0)
+    for batch, heads, kv_heads, dim, max_len, position in CASES:
+        q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
+        keys, values = (torch.randn(batch, kv_heads, max_len, dim, generator=g).to(device, dtype) for _ in range(2))
+        pos = torch.tensor([position], device=device)
+        expected = reference(q.cpu(), keys.cpu(), values.cpu(), position)
+        for _ in range(2):
+            out = decode_attention.attend(q, keys, values, pos)
+            assert out.shape == (batch, 1, heads * dim) and out.dtype == dtype
+            error = float((out.cpu().double() - expected).norm() / expected.norm())
+            assert error < tolerance, (batch, heads, kv_heads, dim, max_len, position, error)
+    assert all(not counters.any() for *_, counters in decode_attention._WORKSPACE.values())
+
+
+def test_the_torch_path_attends_over_the_written_positions_only():
+    check_cases("cpu", torch.float32, 1e-5)
+
+
+def test_the_kernel_in_the_interpreter():
+    """float16 (the interpreter's bf16 arithmetic is not the GPU's), in a subprocess since the flag
+    is read at import."""
+    pytest.importorskip("triton")
+    script = ("import torch\n"
+              "from lowbit.kernels import decode_attention\n"
+              "from tests.test_decode_attention import check_cases\n"
+              "assert decode_attention._on_triton(torch.zeros(1, 4, 1, 8, dtype=torch.float16),"
+              " *[torch.zeros(1, 2, 8, 8, dtype=torch.float16)] * 2)\n"
+              "check_cases('cpu', torch.float16, 2e-3)\n"
+              "print('ok')\n")
+    path = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
+    assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=4096) == 16
+    assert decode_attention.splits_for(batch=16, kv_heads=8, max_len=4096) == 1
+    assert decode_attention.splits_for(batch=2, kv_heads=8, max_len=4096) == 8
+    assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
+
+
+def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
+    """q·kᵀ and p·v as MMAs, and the chunks' count published by an acquire-release atomic."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = decode_attention._attend_kernel
+    constexprs = {"KV_HEADS": 8, "GROUP": 4, "GROUP_ROWS": 16, "DIM": 128, "BLOCK_D": 128, "BLOCK_L": 64,
+                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4}
+    types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
+             "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
+    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert "mma.sync" in ptx or "wgmma" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx
+
+
+@gpu
+def test_the_kernel_on_gpu():
+    check_cases("cuda", torch.bfloat16, 1e-2)
+
+
+@gpu
+def test_one_captured_call_serves_every_position():
+    """The position is read on the device: a CUDA graph captured at one position, replayed at
+    others, attends over each one's prefix (one chunk, several, all of the cache)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 32, 1, 128, generator=g).to("cuda", torch.bfloat16)
+    keys, values = (torch.randn(1, 8, 2048, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    pos = torch.tensor([10], device="cuda")
+    decode_attention.attend(q, keys, values, pos)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention.attend(q, keys, values, pos)
+    for position in (0, 10, 63, 64, 1000, 2047):
+        pos.fill_(position)
+        graph.replay()
+        expected = reference(q.cpu(), keys.cpu(), values.cpu(), position)
+        assert float((out.cpu().double() - expected).norm() / expected.norm()) < 1e-2, position
