@@ -79,8 +79,9 @@ def test_the_kernel_in_the_interpreter():
 
 def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=4096) == 16
-    assert decode_attention.splits_for(batch=16, kv_heads=8, max_len=4096) == 1
-    assert decode_attention.splits_for(batch=2, kv_heads=8, max_len=4096) == 8
+    assert decode_attention.splits_for(batch=16, kv_heads=8, max_len=4096) == 3
+    assert decode_attention.splits_for(batch=4, kv_heads=8, max_len=4096) == 12
+    assert decode_attention.splits_for(batch=64, kv_heads=8, max_len=4096) == 1
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
 
 
