@@ -86,7 +86,8 @@ def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
 
 
 def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
-    """q·kᵀ and p·v as MMAs, and the chunks' count published by an acquire-release atomic."""
+    """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
+    the interpreter cannot run), and the chunks' count published by an acquire-release atomic."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -94,13 +95,17 @@ def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
 
     kernel = decode_attention._attend_kernel
     constexprs = {"KV_HEADS": 8, "GROUP": 4, "GROUP_ROWS": 16, "DIM": 128, "BLOCK_D": 128, "BLOCK_L": 64,
-                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4}
+                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4, "PIPELINED": True, "STAGES": 3}
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
-    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
+    aligned = {(names.index(name),): [["tt.divisibility", 16]]  # as the JIT finds them on model shapes
+               for name in names if name.endswith("_ptr") and name != "pos_ptr" or name.startswith("stride")}
+    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
+    assert "cp.async" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
 
 

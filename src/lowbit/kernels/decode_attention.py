@@ -40,6 +40,8 @@ TARGET_PROGRAMS = 384
 tile of keys and values in flight beside the one in use): the written prefix is cut into enough
 chunks for that, at most MAX_SPLITS. With one an SM, batch 16 read a full 4096-position cache at
 2.7 TB/s (97.8 us, gpu_decode_attention_h200_one_an_sm.md)."""
+STAGES = 3
+"""Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -96,7 +98,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch
         max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
         GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        GROUP_P2=triton.next_power_of_2(group), num_warps=4)
+        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=4)
     return out
 
 
@@ -106,7 +108,8 @@ if triton is not None:
                        stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr):
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, PIPELINED: tl.constexpr,
+                       STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2."""
@@ -129,20 +132,21 @@ if triton is not None:
             running_sum = tl.zeros([GROUP_ROWS], tl.float32)
             acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
             end = tl.minimum(start + chunk, length)
-            t0 = start
-            t = t0 + tl.arange(0, BLOCK_L)
-            k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
-            while t0 < end:  # a while loop, each tile's successor requested before it is used (the
-                # interpreter cannot run `range` over runtime bounds, so Triton's pipeliner is not used)
-                k_next, v_next = _kv_tile(k_ptr, v_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM)
-                scores = tl.where((t < end)[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
-                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-                p = tl.exp2(scores - new_max[:, None])
-                rescale = tl.exp2(running_max - new_max)
-                running_sum = running_sum * rescale + tl.sum(p, axis=1)
-                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-                running_max = new_max
-                k, v, t0, t = k_next, v_next, t0 + BLOCK_L, t + BLOCK_L
+            if PIPELINED:  # Triton's pipeliner keeps STAGES tiles of keys and values in flight
+                for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
+                    t = t0 + tl.arange(0, BLOCK_L)
+                    k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
+                    running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
+                                                                 scale_log2)
+            else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
+                t0 = start
+                t = t0 + tl.arange(0, BLOCK_L)
+                k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
+                while t0 < end:
+                    k_next, v_next = _kv_tile(k_ptr, v_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM)
+                    running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
+                                                                 scale_log2)
+                    k, v, t0, t = k_next, v_next, t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
             out_offs = q_rows[:, None] + d[None, :]  # out [batch, 1, heads·DIM] has q's layout
             store_mask = (heads < GROUP)[:, None] & d_ok[None, :]
@@ -159,6 +163,17 @@ if triton is not None:
                     _merge_chunks(max_ptr, sum_ptr, part_ptr, out_ptr, row, active, GROUP, DIM, BLOCK_D,
                                   SPLITS, SPLITS_P2, GROUP_P2)
                     tl.store(cnt_ptr + row, 0)
+
+    @triton.jit
+    def _attend_tile(q, k, v, valid, running_max, running_sum, acc, scale_log2):
+        """The running softmax (max, sum, unnormalised output) of the query rows after one more
+        tile of keys and values, `valid` marking its positions within the chunk."""
+        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        p = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(running_max - new_max)
+        return (new_max, running_sum * rescale + tl.sum(p, axis=1),
+                acc * rescale[:, None] + tl.dot(p.to(v.dtype), v))
 
     @triton.jit
     def _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr):
