@@ -15,6 +15,7 @@ a step for all layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import statistics
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels.decode_attention import attend, splits_for
+from lowbit.kernels import decode_attention
+from lowbit.kernels.decode_attention import splits_for
 from lowbit.kernels.timing import graph_time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +34,8 @@ from results_file import run_cases  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
+MIN_CHUNKS = [decode_attention.MIN_CHUNK]
+"""decode_attention.MIN_CHUNK values timed, one column each (--min-chunks)."""
 
 
 def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,6 +48,15 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: tor
     """StaticDecoder's attention before decode_attention: every cached position, the unwritten masked."""
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def attend_with_min_chunk(min_chunk: int, *args) -> torch.Tensor:
+    """decode_attention.attend with chunks of at least `min_chunk` positions."""
+    saved, decode_attention.MIN_CHUNK = decode_attention.MIN_CHUNK, min_chunk
+    try:
+        return decode_attention.attend(*args)
+    finally:
+        decode_attention.MIN_CHUNK = saved
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
@@ -65,7 +78,9 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     pos = torch.tensor([position], device="cuda")
     visible = visible_mask(max_len, pos, q.dtype)
     ref = reference(q, keys, values, position)
-    calls = {"sdpa": lambda: sdpa(q, keys, values, visible), "lowbit": lambda: attend(q, keys, values, pos)}
+    calls = {"sdpa": lambda: sdpa(q, keys, values, visible)}
+    for min_chunk in MIN_CHUNKS:
+        calls[f"lowbit {min_chunk}"] = functools.partial(attend_with_min_chunk, min_chunk, q, keys, values, pos)
     row = {"batch": batch, "max_len": max_len, "position": position,
            "splits": splits_for(batch, KV_HEADS, max_len)}
     for name, call in calls.items():
@@ -80,21 +95,29 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    chunks = [key.removeprefix("lowbit ") for key in rows[0] if key.startswith("lowbit ") and key.endswith(" us")]
+    chunks = [c.removesuffix(" us") for c in chunks]
     lines = [f"Decode attention of one Llama-3-8B-shaped layer ({HEADS} query heads, {KV_HEADS} key/value heads, "
              f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
-             "| batch | cache positions | position | sdpa (masked, all positions) | lowbit (written positions) | chunks "
-             "| sdpa / lowbit | error sdpa | error lowbit |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['batch']} | {r['max_len']} | {r['position']} | {r['sdpa us']:.1f} | {r['lowbit us']:.1f} | "
-              f"{r['splits']} | {r['sdpa us'] / r['lowbit us']:.2f}x | {r['sdpa error']:.1e} | {r['lowbit error']:.1e} |"
-              for r in rows]
+             "Columns 'lowbit, chunks of N+' give decode_attention with chunks of at least N positions "
+             "(MIN_CHUNK); 'splits' is the most chunks a launch may cut the prefix into.", "",
+             "| batch | cache positions | position | splits | sdpa (masked, all positions) | "
+             + " | ".join(f"lowbit, chunks of {c}+" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
+             "error lowbit (first) |", "|---:|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
+    for r in rows:
+        first = f"lowbit {chunks[0]}"
+        lines.append(f"| {r['batch']} | {r['max_len']} | {r['position']} | {r['splits']} | {r['sdpa us']:.1f} | "
+                     + " | ".join(f"{r[f'lowbit {c} us']:.1f}" for c in chunks)
+                     + f" | {r['sdpa us'] / r[first + ' us']:.2f}x | {r['sdpa error']:.1e} | {r[first + ' error']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--min-chunks", type=int, nargs="+", default=MIN_CHUNKS)
     args = parser.parse_args()
+    MIN_CHUNKS[:] = args.min_chunks
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -40,6 +40,9 @@ TARGET_PROGRAMS = 384
 tile of keys and values in flight beside the one in use): the written prefix is cut into enough
 chunks for that, at most MAX_SPLITS. With one an SM, batch 16 read a full 4096-position cache at
 2.7 TB/s (97.8 us, gpu_decode_attention_h200_one_an_sm.md)."""
+MIN_CHUNK = 64
+"""Fewest positions a chunk holds: where the written prefix is short, fewer chunks, each more
+tiles long, and no merge when one chunk holds it all."""
 STAGES = 3
 """Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128)."""
 MAX_SPLITS = 16
@@ -98,7 +101,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch
         max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
         GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=4)
+        GROUP_P2=triton.next_power_of_2(group), MIN_CHUNK=MIN_CHUNK, PIPELINED=not INTERPRETED, STAGES=STAGES,
+        num_warps=4)
     return out
 
 
@@ -108,15 +112,15 @@ if triton is not None:
                        stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, PIPELINED: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                       PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
-        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L, MIN_CHUNK)
         active = tl.cdiv(length, chunk)
         start = split * chunk
         if start < length:
