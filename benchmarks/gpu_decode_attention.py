@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import decode_attention
-from lowbit.kernels.decode_attention import splits_for
 from lowbit.kernels.timing import graph_time_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,8 +33,8 @@ from results_file import run_cases  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
-MIN_CHUNKS = [decode_attention.MIN_CHUNK]
-"""decode_attention.MIN_CHUNK values timed, one column each (--min-chunks)."""
+VARIANTS = [f"{decode_attention.TARGET_PROGRAMS}:{decode_attention.MIN_CHUNK}"]
+"""decode_attention's TARGET_PROGRAMS:MIN_CHUNK settings timed, one column each (--variants)."""
 
 
 def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -50,13 +49,15 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: tor
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
-def attend_with_min_chunk(min_chunk: int, *args) -> torch.Tensor:
-    """decode_attention.attend with chunks of at least `min_chunk` positions."""
-    saved, decode_attention.MIN_CHUNK = decode_attention.MIN_CHUNK, min_chunk
+def attend_with(variant: str, *args) -> torch.Tensor:
+    """decode_attention.attend with the variant's "TARGET_PROGRAMS:MIN_CHUNK" in place of its own."""
+    target, min_chunk = (int(v) for v in variant.split(":"))
+    saved = decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK
+    decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK = target, min_chunk
     try:
         return decode_attention.attend(*args)
     finally:
-        decode_attention.MIN_CHUNK = saved
+        decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK = saved
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
@@ -79,10 +80,9 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     visible = visible_mask(max_len, pos, q.dtype)
     ref = reference(q, keys, values, position)
     calls = {"sdpa": lambda: sdpa(q, keys, values, visible)}
-    for min_chunk in MIN_CHUNKS:
-        calls[f"lowbit {min_chunk}"] = functools.partial(attend_with_min_chunk, min_chunk, q, keys, values, pos)
-    row = {"batch": batch, "max_len": max_len, "position": position,
-           "splits": splits_for(batch, KV_HEADS, max_len)}
+    for variant in VARIANTS:
+        calls[f"lowbit {variant}"] = functools.partial(attend_with, variant, q, keys, values, pos)
+    row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
     rounds = {name: [] for name in calls}
@@ -101,14 +101,14 @@ def markdown(rows: list[dict]) -> str:
              f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
-             "Columns 'lowbit, chunks of N+' give decode_attention with chunks of at least N positions "
-             "(MIN_CHUNK); 'splits' is the most chunks a launch may cut the prefix into.", "",
-             "| batch | cache positions | position | splits | sdpa (masked, all positions) | "
-             + " | ".join(f"lowbit, chunks of {c}+" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
-             "error lowbit (first) |", "|---:|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
+             "Columns 'lowbit T:C' give decode_attention with TARGET_PROGRAMS T and chunks of at least C positions "
+             "(MIN_CHUNK).", "",
+             "| batch | cache positions | position | sdpa (masked, all positions) | "
+             + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
+             "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
     for r in rows:
         first = f"lowbit {chunks[0]}"
-        lines.append(f"| {r['batch']} | {r['max_len']} | {r['position']} | {r['splits']} | {r['sdpa us']:.1f} | "
+        lines.append(f"| {r['batch']} | {r['max_len']} | {r['position']} | {r['sdpa us']:.1f} | "
                      + " | ".join(f"{r[f'lowbit {c} us']:.1f}" for c in chunks)
                      + f" | {r['sdpa us'] / r[first + ' us']:.2f}x | {r['sdpa error']:.1e} | {r[first + ' error']:.1e} |")
     return "\n".join(lines) + "\n"
@@ -117,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--min-chunks", type=int, nargs="+", default=MIN_CHUNKS)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, help='"TARGET_PROGRAMS:MIN_CHUNK" each')
     args = parser.parse_args()
-    MIN_CHUNKS[:] = args.min_chunks
+    VARIANTS[:] = args.variants
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)
