@@ -33,8 +33,8 @@ from results_file import run_cases  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
-VARIANTS = [f"{decode_attention.TARGET_PROGRAMS}:{decode_attention.MIN_CHUNK}"]
-"""decode_attention's TARGET_PROGRAMS:MIN_CHUNK settings timed, one column each (--variants)."""
+TARGETS = [decode_attention.TARGET_PROGRAMS]
+"""decode_attention.TARGET_PROGRAMS values timed, one column each (--targets)."""
 
 
 def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,15 +49,13 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: tor
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
-def attend_with(variant: str, *args) -> torch.Tensor:
-    """decode_attention.attend with the variant's "TARGET_PROGRAMS:MIN_CHUNK" in place of its own."""
-    target, min_chunk = (int(v) for v in variant.split(":"))
-    saved = decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK
-    decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK = target, min_chunk
+def attend_with(target: int, *args) -> torch.Tensor:
+    """decode_attention.attend with TARGET_PROGRAMS `target` in place of its own."""
+    saved, decode_attention.TARGET_PROGRAMS = decode_attention.TARGET_PROGRAMS, target
     try:
         return decode_attention.attend(*args)
     finally:
-        decode_attention.TARGET_PROGRAMS, decode_attention.MIN_CHUNK = saved
+        decode_attention.TARGET_PROGRAMS = saved
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
@@ -80,8 +78,8 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     visible = visible_mask(max_len, pos, q.dtype)
     ref = reference(q, keys, values, position)
     calls = {"sdpa": lambda: sdpa(q, keys, values, visible)}
-    for variant in VARIANTS:
-        calls[f"lowbit {variant}"] = functools.partial(attend_with, variant, q, keys, values, pos)
+    for target in TARGETS:
+        calls[f"lowbit {target}"] = functools.partial(attend_with, target, q, keys, values, pos)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -101,8 +99,8 @@ def markdown(rows: list[dict]) -> str:
              f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
-             "Columns 'lowbit T:C' give decode_attention with TARGET_PROGRAMS T and chunks of at least C positions "
-             "(MIN_CHUNK).", "",
+             "Columns 'lowbit T' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts the "
+             "written prefix for).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -117,7 +115,7 @@ def markdown(rows: list[dict]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--variants", nargs="+", default=VARIANTS, help='"TARGET_PROGRAMS:MIN_CHUNK" each')
+    parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="TARGET_PROGRAMS values")
     args = parser.parse_args()
-    VARIANTS[:] = args.variants
+    TARGETS[:] = args.targets
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -79,9 +79,8 @@ def test_the_kernel_in_the_interpreter():
 
 def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=4096) == 16
-    assert decode_attention.splits_for(batch=16, kv_heads=8, max_len=4096) == 3
-    assert decode_attention.splits_for(batch=4, kv_heads=8, max_len=4096) == 12
-    assert decode_attention.splits_for(batch=64, kv_heads=8, max_len=4096) == 1
+    assert decode_attention.splits_for(batch=16, kv_heads=8, max_len=4096) == 1
+    assert decode_attention.splits_for(batch=2, kv_heads=8, max_len=4096) == 8
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
 
 
@@ -95,8 +94,8 @@ def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
 
     kernel = decode_attention._attend_kernel
     constexprs = {"KV_HEADS": 8, "GROUP": 4, "GROUP_ROWS": 16, "DIM": 128, "BLOCK_D": 128, "BLOCK_L": 64,
-                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4, "MIN_CHUNK": 64,
-                  "PIPELINED": True, "STAGES": 3}
+                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4, "PIPELINED": True,
+                  "STAGES": 3}
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
     names = kernel.arg_names

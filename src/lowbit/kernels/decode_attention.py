@@ -3,9 +3,11 @@
 StaticDecoder keeps each layer's keys and values in a [batch, kv_heads, max_len, head_dim] cache
 so that a step has fixed shapes and replays as a CUDA graph. torch's scaled_dot_product_attention
 over that cache, the unwritten positions masked, reads all max_len of them at every step: on an
-H200, an 8B-shaped layer at batch 16 took 72 us a call over a 4096-position cache whose first
-quarter was written, and 83 us at its last position (benchmarks/results/gpu_decode_attention_h200.md);
-32 such layers are more than the whole int4 step at a short cache.
+H200, an 8B-shaped layer at batch 16 took 66 us a call over a 4096-position cache whether its first
+quarter or all of it was written; reading the written positions only, this took 20.8 and 68.6 us
+(benchmarks/results/gpu_decode_attention_h200_variants.md, column 128). 32 layers of 66 us are
+2.1 ms a step, three quarters of a whole int4 step over a short cache (2.75 ms at batch 16,
+gpu_decode_h200_pending.md).
 
 `attend` is split-sequence ("flash-decoding") attention in one Triton launch. The cache's written
 prefix, read from the device like the step's position, is cut into `splits` equal chunks, so a
@@ -35,14 +37,11 @@ except ImportError:  # CPU-only installs: the torch path serves every call
 
 BLOCK_L = 64
 """Cache positions one tensor-core step multiplies: q [heads of a group, D] against k [64, D]."""
-TARGET_PROGRAMS = 384
-"""Programs a launch should have (about three an SM of an H100 or H200, as many as fit with a
-tile of keys and values in flight beside the one in use): the written prefix is cut into enough
-chunks for that, at most MAX_SPLITS. With one an SM, batch 16 read a full 4096-position cache at
-2.7 TB/s (97.8 us, gpu_decode_attention_h200_one_an_sm.md)."""
-MIN_CHUNK = 64
-"""Fewest positions a chunk holds: where the written prefix is short, fewer chunks, each more
-tiles long, and no merge when one chunk holds it all."""
+TARGET_PROGRAMS = 128
+"""Programs a launch should have (about one an SM of an H100 or H200): the written prefix is cut
+into enough chunks for that, at most MAX_SPLITS. More chunks cost their merge where the launch is
+full already: at 384 (three an SM), batch 16 took 24.1 us over a full 1024-position cache against
+20.9 at 128, which cuts no chunk there (gpu_decode_attention_h200_variants.md)."""
 STAGES = 3
 """Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128)."""
 MAX_SPLITS = 16
@@ -101,8 +100,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch
         max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
         GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        GROUP_P2=triton.next_power_of_2(group), MIN_CHUNK=MIN_CHUNK, PIPELINED=not INTERPRETED, STAGES=STAGES,
-        num_warps=4)
+        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=4)
     return out
 
 
@@ -112,15 +110,15 @@ if triton is not None:
                        stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                       PIPELINED: tl.constexpr, STAGES: tl.constexpr):
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, PIPELINED: tl.constexpr,
+                       STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L, MIN_CHUNK)
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
         active = tl.cdiv(length, chunk)
         start = split * chunk
         if start < length:
