@@ -3,7 +3,7 @@
 # results and logs into $OUT (default ./gpu_out). Run from the repository root (or a copy of src,
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable.
-#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
+#   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate decode_attention warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-gpu_out}
@@ -25,7 +25,7 @@ for s in ${STEPS:-tests kernels decode}; do
         # several minutes on a fresh machine; TESTS narrows it (pytest -k expression).
         tests) step tests "${T_TESTS:-120}" python3 -m pytest -q -x -p no:cacheprovider -k "${TESTS:-}" \
                    "$here/tests/test_kernels_gluon.py" "$here/tests/test_kernels_gemlite.py" "$here/tests/test_kernels_fbgemm.py" "$here/tests/test_kernel_timing.py" \
-                   "$here/tests/test_gpu_solvers.py" "$here/tests/test_f16_pairs.py" "$here/tests/test_shortcuts.py" "$here/tests/test_block_memory.py" "$here/tests/test_decode_ops.py" "$here/tests/test_generate.py" "$here/tests/test_packed_load.py" \
+                   "$here/tests/test_gpu_solvers.py" "$here/tests/test_f16_pairs.py" "$here/tests/test_shortcuts.py" "$here/tests/test_block_memory.py" "$here/tests/test_decode_ops.py" "$here/tests/test_decode_attention.py" "$here/tests/test_generate.py" "$here/tests/test_packed_load.py" \
                    "$here/tests/test_kernels.py" ;;
         # The bench module directly (the device image may lack the CLI's own imports, pydantic),
         # one shape at a time, saving after each, so a run stopped by its limit keeps what it timed.
@@ -39,6 +39,8 @@ for name in [n for n in '${KERNEL_SHAPES:-}'.split(',') if n] or k.SHAPES:
     r = part if r is None else {**r, 'rows': r['rows'] + part['rows']}
     out.with_suffix('.json').write_text(json.dumps(r, indent=1)); out.with_suffix('.md').write_text(k.markdown_table(r))
 print(k.markdown_table(r))" ;;
+        decode_attention) step decode_attention "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode_attention.py" \
+                              --out "$out/gpu_decode_attention" ;;
         decode) step decode "${T_DECODE:-240}" python3 "$here/benchmarks/gpu_decode.py" --profile --out "$out/gpu_decode" ;;
         # The same with lowbit's own kernels alone (no GemLite/FBGEMM): what lowbit adds by itself.
         # q/k/v and gate/up as separate matmuls (StaticDecoder(merge_projections=False); `decode` merges them).

@@ -45,8 +45,14 @@ TABLES = {  # results file -> heading in the README
     "gpu_decode.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H100 (`python benchmarks/gpu_decode.py`)",
     "gpu_decode_h200.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, FBGEMM installed, "
     "fused and module steps in one call (`python benchmarks/gpu_decode.py --profile`)",
-    "gpu_decode_h200_pending.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, the fused step with "
-    "and without pending matmul products in one call (`python benchmarks/gpu_decode.py --steps fused fused-finished`)",
+    "gpu_decode_h200_prefix_attention.md": "Decode speed of an 8B-shaped model, int4 vs bf16, one H200, the fused "
+    "step with attention over the written positions and with SDPA over the whole cache in one call "
+    "(`python benchmarks/gpu_decode.py --steps fused fused-sdpa`)",
+    "gpu_decode_h200_prefix_attention_1024.md": "The same with 1024 new tokens "
+    "(`python benchmarks/gpu_decode.py --steps fused fused-sdpa --new 1024`)",
+    "gpu_decode_attention_h200_variants.md": "Decode attention of one 8B-shaped layer, lowbit against the masked "
+    "SDPA, one H200 (`python benchmarks/gpu_decode_attention.py --variants 384:64 384:256 128:64 128:256 256:128` "
+    "at commit 9e222db: TARGET_PROGRAMS:MIN_CHUNK, a minimum chunk since taken out; the product is 128:64)",
     "compare-smollm2/results.md": "`lowbit compare` on SmolLM2-135M (`bash benchmarks/compare_smollm2.sh`; "
     "plot: benchmarks/results/compare-smollm2/pareto.png)",
     "budget.md": "Mixed precision under a budget: knapsack plan (and + evolutionary refinement) vs uniform "

@@ -5,7 +5,7 @@ so that a step has fixed shapes and replays as a CUDA graph. torch's scaled_dot_
 over that cache, the unwritten positions masked, reads all max_len of them at every step: on an
 H200, an 8B-shaped layer at batch 16 took 66 us a call over a 4096-position cache whether its first
 quarter or all of it was written; reading the written positions only, this took 20.8 and 68.6 us
-(benchmarks/results/gpu_decode_attention_h200_variants.md, column 128). 32 layers of 66 us are
+(benchmarks/results/gpu_decode_attention_h200_variants.md, column 128:64). 32 layers of 66 us are
 2.1 ms a step, three quarters of a whole int4 step over a short cache (2.75 ms at batch 16,
 gpu_decode_h200_pending.md).
 
