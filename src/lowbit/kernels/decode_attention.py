@@ -73,8 +73,10 @@ def splits_for(batch: int, kv_heads: int, max_len: int) -> int:
 
 def _workspace(device: torch.device, rows: int, splits: int, group: int, dim: int):
     """Partial maxima, sums and outputs of every chunk, and one counter per (batch row, kv head),
-    kept zero by the kernel's last programs."""
-    key = (device, rows, splits, group, dim)
+    kept zero by the kernel's last programs; per stream, so that two decoders running at once
+    never count into one counter."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, rows, splits, group, dim)
     if key not in _WORKSPACE:
         _WORKSPACE[key] = (torch.empty(rows, splits, group, device=device, dtype=torch.float32),
                            torch.empty(rows, splits, group, device=device, dtype=torch.float32),
