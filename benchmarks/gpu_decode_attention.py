@@ -33,8 +33,8 @@ from results_file import run_cases  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
-TARGETS = [decode_attention.TARGET_PROGRAMS]
-"""decode_attention.TARGET_PROGRAMS values timed, one column each (--targets)."""
+SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}"]
+"""decode_attention's TARGET_PROGRAMS/STAGES settings timed, one column each (--settings)."""
 
 
 def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,13 +49,15 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: tor
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
-def attend_with(target: int, *args) -> torch.Tensor:
-    """decode_attention.attend with TARGET_PROGRAMS `target` in place of its own."""
-    saved, decode_attention.TARGET_PROGRAMS = decode_attention.TARGET_PROGRAMS, target
+def attend_with(setting: str, *args) -> torch.Tensor:
+    """decode_attention.attend with the setting's "TARGET_PROGRAMS/STAGES" in place of its own."""
+    target, stages = (int(v) for v in setting.split("/"))
+    saved = decode_attention.TARGET_PROGRAMS, decode_attention.STAGES
+    decode_attention.TARGET_PROGRAMS, decode_attention.STAGES = target, stages
     try:
         return decode_attention.attend(*args)
     finally:
-        decode_attention.TARGET_PROGRAMS = saved
+        decode_attention.TARGET_PROGRAMS, decode_attention.STAGES = saved
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
@@ -78,8 +80,8 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     visible = visible_mask(max_len, pos, q.dtype)
     ref = reference(q, keys, values, position)
     calls = {"sdpa": lambda: sdpa(q, keys, values, visible)}
-    for target in TARGETS:
-        calls[f"lowbit {target}"] = functools.partial(attend_with, target, q, keys, values, pos)
+    for setting in SETTINGS:
+        calls[f"lowbit {setting}"] = functools.partial(attend_with, setting, q, keys, values, pos)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -99,8 +101,8 @@ def markdown(rows: list[dict]) -> str:
              f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
-             "Columns 'lowbit T' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts the "
-             "written prefix for).", "",
+             "Columns 'lowbit T/S' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts the "
+             "written prefix for) and STAGES S (tiles of keys and values in flight).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -115,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="TARGET_PROGRAMS values")
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES" each')
     args = parser.parse_args()
-    TARGETS[:] = args.targets
+    SETTINGS[:] = args.settings
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -43,7 +43,9 @@ into enough chunks for that, at most MAX_SPLITS. More chunks cost their merge wh
 full already: at 384 (three an SM), batch 16 took 24.1 us over a full 1024-position cache against
 20.9 at 128, which cuts no chunk there (gpu_decode_attention_h200_variants.md)."""
 STAGES = 3
-"""Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128)."""
+"""Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128): two
+took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with three, and four or
+five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
