@@ -131,3 +131,22 @@ def test_one_captured_call_serves_every_position():
         graph.replay()
         expected = reference(q.cpu(), keys.cpu(), values.cpu(), position)
         assert float((out.cpu().double() - expected).norm() / expected.norm()) < 1e-2, position
+
+
+def test_the_benchmark_times_each_setting_beside_sdpa(monkeypatch):
+    """Each "TARGET_PROGRAMS/STAGES" setting runs with the module's own restored after it, and the
+    table has one column per setting."""
+    from tests.conftest import benchmark_script
+
+    script = benchmark_script("gpu_decode_attention")
+    seen = []
+    monkeypatch.setattr(decode_attention, "attend",
+                        lambda *args: seen.append((decode_attention.TARGET_PROGRAMS, decode_attention.STAGES)))
+    script.attend_with("384/2", None)
+    assert seen == [(384, 2)] and (decode_attention.TARGET_PROGRAMS, decode_attention.STAGES) == (128, 3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
+    row = {"batch": 16, "max_len": 4096, "position": 1023, "sdpa us": 66.0, "sdpa error": 2.2e-3,
+           "lowbit 128/3 us": 22.0, "lowbit 128/3 error": 2.1e-3, "lowbit 128/2 us": 33.0, "lowbit 128/2 error": 2.1e-3}
+    table = script.markdown([row])
+    assert "| batch | cache positions | position | sdpa (masked, all positions) | lowbit 128/3 | lowbit 128/2 |" in table
+    assert "| 16 | 4096 | 1023 | 66.0 | 22.0 | 33.0 | 3.00x | 2.2e-03 | 2.1e-03 |" in table
