@@ -25,6 +25,7 @@ CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
     (3, 16, 2, 64, 96, 70),
     (1, 4, 1, 32, 1100, 1099),  # multi-query, sixteen chunks of two blocks
     (2, 12, 4, 80, 150, 149),  # head_dim no power of two
+    (1, 32, 2, 64, 700, 650),  # sixteen heads a group: merged eight at a time
 ]
 
 
@@ -84,29 +85,46 @@ def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
 
 
-def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
-    """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
-    the interpreter cannot run), and the chunks' count published by an acquire-release atomic."""
-    pytest.importorskip("triton")
+def compile_for_sm90(**constexprs):
+    """The kernel compiled for sm_90 without a GPU, its pointers and strides aligned as the JIT
+    finds them on model shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = decode_attention._attend_kernel
-    constexprs = {"KV_HEADS": 8, "GROUP": 4, "GROUP_ROWS": 16, "DIM": 128, "BLOCK_D": 128, "BLOCK_L": 64,
-                  "SPLITS": 16, "SPLITS_P2": 16, "GROUP_P2": 4, "PIPELINED": True,
-                  "STAGES": 3}
+    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, **constexprs}
     types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]  # as the JIT finds them on model shapes
+    aligned = {(names.index(name),): [["tt.divisibility", 16]]
                for name in names if name.endswith("_ptr") and name != "pos_ptr" or name.startswith("stride")}
-    ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
+    """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
+    the interpreter cannot run), and the chunks' count published by an acquire-release atomic."""
+    pytest.importorskip("triton")
+    ptx = compile_for_sm90(KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
+                           GROUP_P2=4).asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
     assert "cp.async" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
+
+
+def test_the_merge_of_large_groups_does_not_spill():
+    """Sixteen query heads a kv head over sixteen chunks: merged all at once, the partial outputs
+    alone were 512 registers a thread and the kernel spilled; a few heads a pass fit."""
+    pytest.importorskip("triton")
+    from tests.conftest import benchmark_script
+
+    compiled = compile_for_sm90(KV_HEADS=2, GROUP=16, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
+                                GROUP_P2=16)
+    sass, registers, _ = benchmark_script("gemv_sass").disassemble(compiled)
+    assert "STL" not in sass and registers < 255
 
 
 @gpu

@@ -193,17 +193,20 @@ if triton is not None:
                       BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                       GROUP_P2: tl.constexpr):
         """out = Σ_c 2^(m_c - M)·acc_c / Σ_c 2^(m_c - M)·l_c over the `active` chunks of `row`, each
-        chunk's running max m_c, sum l_c and unnormalised output acc_c, M the largest m_c."""
+        chunk's running max m_c, sum l_c and unnormalised output acc_c, M the largest m_c; HEADS
+        query heads at a time, so that one pass's partial outputs stay within 64 registers a thread."""
+        HEADS: tl.constexpr = min(GROUP_P2, max(1, 8192 // (SPLITS_P2 * BLOCK_D)))
         c = tl.arange(0, SPLITS_P2)
-        h = tl.arange(0, GROUP_P2)
         d = tl.arange(0, BLOCK_D)
-        ok = (c < active)[:, None] & (h < GROUP)[None, :]
-        slot = (row * SPLITS + c[:, None]) * GROUP + h[None, :]
-        maxima = tl.load(max_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        sums = tl.load(sum_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
-        parts = tl.load(part_ptr + slot[:, :, None] * DIM + d[None, None, :], mask=ok[:, :, None] & (d < DIM),
-                        other=0.0, cache_modifier=".cg")
-        weights = tl.where(ok, tl.exp2(maxima - tl.max(maxima, axis=0)[None, :]), 0.0)
-        total = tl.sum(parts * weights[:, :, None], axis=0) / tl.sum(sums * weights, axis=0)[:, None]
-        out_offs = (row * GROUP + h)[:, None] * DIM + d[None, :]
-        tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=(h < GROUP)[:, None] & (d < DIM))
+        for h0 in tl.static_range(0, GROUP_P2, HEADS):
+            h = h0 + tl.arange(0, HEADS)
+            ok = (c < active)[:, None] & (h < GROUP)[None, :]
+            slot = (row * SPLITS + c[:, None]) * GROUP + h[None, :]
+            maxima = tl.load(max_ptr + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            sums = tl.load(sum_ptr + slot, mask=ok, other=0.0, cache_modifier=".cg")
+            parts = tl.load(part_ptr + slot[:, :, None] * DIM + d[None, None, :], mask=ok[:, :, None] & (d < DIM),
+                            other=0.0, cache_modifier=".cg")
+            weights = tl.where(ok, tl.exp2(maxima - tl.max(maxima, axis=0)[None, :]), 0.0)
+            total = tl.sum(parts * weights[:, :, None], axis=0) / tl.sum(sums * weights, axis=0)[:, None]
+            out_offs = (row * GROUP + h)[:, None] * DIM + d[None, :]
+            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=(h < GROUP)[:, None] & (d < DIM))
