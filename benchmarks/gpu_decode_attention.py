@@ -33,8 +33,8 @@ from results_file import run_cases  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
-SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}"]
-"""decode_attention's TARGET_PROGRAMS/STAGES settings timed, one column each (--settings)."""
+SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"]
+"""decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
 
 
 def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,15 +49,21 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: tor
     return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
+SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
+
+
 def attend_with(setting: str, *args) -> torch.Tensor:
-    """decode_attention.attend with the setting's "TARGET_PROGRAMS/STAGES" in place of its own."""
-    target, stages = (int(v) for v in setting.split("/"))
-    saved = decode_attention.TARGET_PROGRAMS, decode_attention.STAGES
-    decode_attention.TARGET_PROGRAMS, decode_attention.STAGES = target, stages
+    """decode_attention.attend with the setting's constants (SETTING_NAMES) in place of its own."""
+    values = dict(zip(SETTING_NAMES, (int(v) for v in setting.split("/"))))
+    saved = {name: getattr(decode_attention, name) for name in values}
+    for name, value in values.items():
+        setattr(decode_attention, name, value)
     try:
         return decode_attention.attend(*args)
     finally:
-        decode_attention.TARGET_PROGRAMS, decode_attention.STAGES = saved
+        for name, value in saved.items():
+            setattr(decode_attention, name, value)
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
@@ -101,8 +107,8 @@ def markdown(rows: list[dict]) -> str:
              f"head_dim {HEAD_DIM}, bf16) on {torch.cuda.get_device_name()} (torch {torch.__version__}); microseconds "
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
-             "Columns 'lowbit T/S' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts the "
-             "written prefix for) and STAGES S (tiles of keys and values in flight).", "",
+             "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
+             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W.", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -117,7 +123,7 @@ def markdown(rows: list[dict]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES" each')
+    parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
     args = parser.parse_args()
     SETTINGS[:] = args.settings
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

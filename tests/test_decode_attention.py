@@ -152,16 +152,18 @@ def test_one_captured_call_serves_every_position():
 
 
 def test_the_benchmark_times_each_setting_beside_sdpa(monkeypatch):
-    """Each "TARGET_PROGRAMS/STAGES" setting runs with the module's own restored after it, and the
-    table has one column per setting."""
+    """Each "TARGET_PROGRAMS/STAGES[/WARPS]" setting runs with the module's own restored after it,
+    and the table has one column per setting."""
     from tests.conftest import benchmark_script
 
     script = benchmark_script("gpu_decode_attention")
     seen = []
-    monkeypatch.setattr(decode_attention, "attend",
-                        lambda *args: seen.append((decode_attention.TARGET_PROGRAMS, decode_attention.STAGES)))
+    monkeypatch.setattr(decode_attention, "attend", lambda *args: seen.append(
+        (decode_attention.TARGET_PROGRAMS, decode_attention.STAGES, decode_attention.WARPS)))
     script.attend_with("384/2", None)
-    assert seen == [(384, 2)] and (decode_attention.TARGET_PROGRAMS, decode_attention.STAGES) == (128, 3)
+    script.attend_with("128/3/8", None)
+    assert seen == [(384, 2, 4), (128, 3, 8)]
+    assert (decode_attention.TARGET_PROGRAMS, decode_attention.STAGES, decode_attention.WARPS) == (128, 3, 4)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
     row = {"batch": 16, "max_len": 4096, "position": 1023, "sdpa us": 66.0, "sdpa error": 2.2e-3,
            "lowbit 128/3 us": 22.0, "lowbit 128/3 error": 2.1e-3, "lowbit 128/2 us": 33.0, "lowbit 128/2 error": 2.1e-3}

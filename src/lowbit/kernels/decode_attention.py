@@ -46,6 +46,8 @@ STAGES = 3
 """Tiles of keys and values the pipelined loop keeps in flight (32 KB each at head_dim 128): two
 took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with three, and four or
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
+WARPS = 4
+"""Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -104,7 +106,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch
         max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
         GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=4)
+        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
 
