@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.timing import graph_time_ms
@@ -35,18 +34,6 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUNDS = 5
 SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"]
 """decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
-
-
-def visible_mask(max_len: int, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """StaticDecoder's additive mask: 0 up to pos, -inf after."""
-    return torch.zeros(1, 1, 1, max_len, device=pos.device, dtype=dtype).masked_fill_(
-        torch.arange(max_len, device=pos.device) > pos, float("-inf"))
-
-
-def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """StaticDecoder's attention before decode_attention: every cached position, the unwritten masked."""
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
@@ -83,9 +70,9 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     keys, values = (torch.randn(batch, KV_HEADS, max_len, HEAD_DIM, device="cuda", generator=generator)
                     .to(torch.bfloat16) for _ in range(2))
     pos = torch.tensor([position], device="cuda")
-    visible = visible_mask(max_len, pos, q.dtype)
+    visible = decode_attention.visible_mask(torch.arange(max_len, device="cuda"), pos, q.dtype)
     ref = reference(q, keys, values, position)
-    calls = {"sdpa": lambda: sdpa(q, keys, values, visible)}
+    calls = {"sdpa": lambda: decode_attention.masked_sdpa(q, keys, values, visible)}
     for setting in SETTINGS:
         calls[f"lowbit {setting}"] = functools.partial(attend_with, setting, q, keys, values, pos)
     row = {"batch": batch, "max_len": max_len, "position": position}

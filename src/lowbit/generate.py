@@ -15,7 +15,6 @@ written positions (kernels/decode_attention.py). It works on CPU too (without th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -105,17 +104,6 @@ class StaticDecoder:
             return qkv(x).split(self._qkv_sizes, dim=-1)
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, heads, 1, D] over the cache's visible positions -> [B, 1, heads·D]."""
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-        return out.transpose(1, 2).reshape(self.batch, 1, -1)
-
-    def _visible(self, like: torch.Tensor) -> torch.Tensor:
-        """Additive (0 / -inf) mask of the written positions in the activations' dtype, made once per
-        step: a boolean mask is converted inside every layer's attention call, at launches of its own."""
-        return torch.zeros(1, 1, 1, self.max_len, device=like.device, dtype=like.dtype).masked_fill_(
-            self._positions > self.pos, float("-inf"))
-
     def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
 
@@ -133,7 +121,7 @@ class StaticDecoder:
 
     def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The decoder layers through the model's own modules; returns the final norm of the last hidden state."""
-        visible = self._visible(hidden)
+        visible = decode_attention.visible_mask(self._positions, self.pos, hidden.dtype)
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
             q, k, v = self._projections(attn, qkv, layer.input_layernorm(hidden))
@@ -143,7 +131,7 @@ class StaticDecoder:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys.index_copy_(2, self.pos, k)
             values.index_copy_(2, self.pos, v)
-            hidden = hidden + attn.o_proj(self._attend(q, keys, values, visible))
+            hidden = hidden + attn.o_proj(decode_attention.masked_sdpa(q, keys, values, visible))
             x = layer.post_attention_layernorm(hidden)
             if gate_up is not None:
                 gate, up = self._gate_up(layer.mlp, gate_up, x)
@@ -157,7 +145,8 @@ class StaticDecoder:
         norm after it (the last one with the model's final norm), and attention over the cache's
         written positions only (decode_attention)."""
         layers = self.inner.layers
-        visible = None if self.prefix_attention else self._visible(hidden)
+        visible = None if self.prefix_attention else decode_attention.visible_mask(self._positions, self.pos,
+                                                                                   hidden.dtype)
         first = layers[0].input_layernorm
         x = decode_ops.rms_norm(hidden, first.weight, first.variance_epsilon)
         next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.inner.norm]
@@ -170,7 +159,7 @@ class StaticDecoder:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
             attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
-                        else self._attend(q, keys, values, visible))
+                        else decode_attention.masked_sdpa(q, keys, values, visible))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
                                                 norm.variance_epsilon)
             if gate_up is not None:

@@ -54,13 +54,25 @@ MAX_SPLITS = 16
 _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """scaled_dot_product_attention over the whole cache with positions after `pos` masked."""
-    batch, heads, _, dim = q.shape
-    visible = torch.zeros(1, 1, 1, keys.shape[2], device=q.device, dtype=q.dtype).masked_fill_(
-        torch.arange(keys.shape[2], device=q.device) > pos, float("-inf"))
+def visible_mask(positions: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (0 / -inf) mask [1, 1, 1, max_len] of the cache's written positions (`positions`
+    is arange(max_len)) in the activations' dtype: a boolean mask is converted inside every
+    attention call, at launches of its own, so a decode step makes this once for all its layers."""
+    return torch.zeros(1, 1, 1, positions.numel(), device=positions.device, dtype=dtype).masked_fill_(
+        positions > pos, float("-inf"))
+
+
+def masked_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """scaled_dot_product_attention of q [batch, heads, 1, D] over the whole cache under `visible`
+    (visible_mask), as [batch, 1, heads·D]: what `attend` replaces."""
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-    return out.transpose(1, 2).reshape(batch, 1, heads * dim)
+    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """`masked_sdpa` with positions after `pos` masked."""
+    positions = torch.arange(keys.shape[2], device=q.device)
+    return masked_sdpa(q, keys, values, visible_mask(positions, pos, q.dtype))
 
 
 def _on_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
