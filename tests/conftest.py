@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def check_in_triton_interpreter(script: str, timeout: int) -> None:
+    """Run `script` (Python source printing "ok" once its checks pass) with TRITON_INTERPRET=1, so
+    Triton kernels take CPU tensors, in a subprocess since Triton reads the flag at import; the
+    repository and this process's PYTHONPATH on its path."""
+    path = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def benchmark_script(name: str):

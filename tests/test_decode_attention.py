@@ -4,18 +4,14 @@ float64 softmax attention over that prefix; its Triton kernel in the interpreter
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.w4a16 import triton_available
+from tests.conftest import check_in_triton_interpreter
 
-REPO = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
 
 CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
@@ -71,11 +67,7 @@ def test_the_kernel_in_the_interpreter():
               " *[torch.zeros(1, 2, 8, 8, dtype=torch.float16)] * 2)\n"
               "check_cases('cpu', torch.float16, 2e-3)\n"
               "print('ok')\n")
-    path = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    check_in_triton_interpreter(script, timeout=600)
 
 
 def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():

@@ -6,10 +6,6 @@ and the last bit of rsqrt and exp: one or two units in the last place of the out
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +13,8 @@ import torch
 from lowbit.generate import StaticDecoder
 from lowbit.kernels import decode_ops
 from lowbit.kernels.w4a16 import triton_available
-from tests.conftest import tiny_llama
+from tests.conftest import check_in_triton_interpreter, tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
 
 
@@ -124,11 +119,7 @@ def test_kernels_in_the_interpreter():
               "for dtype in (torch.float32, torch.float16):\n"
               "    check_against_torch('cpu', dtype)\n"
               "print('ok')\n")
-    path = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    check_in_triton_interpreter(script, timeout=300)
 
 
 def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
