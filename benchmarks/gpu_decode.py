@@ -104,17 +104,35 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
                             pending_products=pending_products, prefix_attention=prefix_attention)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
-    decoder.prefill(prompt[:batch])
+    decoder.prefill(prompt[:batch])  # warm-up: the prompt's matmul shapes tuned
     logits = decoder.logits.clone()
     decoder.decode(8)  # replay warm-up
-    decoder.prefill(prompt[:batch])
-    torch.cuda.synchronize()
+    prefill_by_steps = timed(lambda: read_prompt_by_steps(decoder, prompt[:batch]))
+    prefill = timed(lambda: decoder.prefill(prompt[:batch]))
     start = time.perf_counter()
     tokens = decoder.decode(new)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"batch": batch, "new_tokens": new, "seconds": seconds, "tokens_per_s": batch * new / seconds,
-            "ms_per_step": 1e3 * seconds / new, "logits": logits, "tokens": tokens.cpu()}
+            "ms_per_step": 1e3 * seconds / new, "prefill_ms": 1e3 * prefill,
+            "prefill_by_steps_ms": 1e3 * prefill_by_steps, "logits": logits, "tokens": tokens.cpu()}
+
+
+def timed(work) -> float:
+    """Seconds `work` takes on the GPU (synchronised wall clock)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def read_prompt_by_steps(decoder: StaticDecoder, prompt: torch.Tensor) -> None:
+    """The prompt one position a captured step, as StaticDecoder.prefill read it before it took chunks."""
+    decoder.pos.zero_()
+    for t in range(prompt.shape[1]):
+        decoder.ids.copy_(prompt[:, t : t + 1])
+        decoder._run_step()
 
 
 @torch.no_grad()
@@ -126,7 +144,8 @@ def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bo
 
     decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse,
                             pending_products=pending_products, prefix_attention=prefix_attention)
-    decoder.prefill(prompt[:1])  # warm-up: kernels compiled and tuned
+    decoder.prefill(prompt[:1])
+    decoder.step()  # warm-up: the step's kernels compiled and tuned
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.step()
@@ -150,6 +169,7 @@ def profile_markdown(profile: dict) -> list[str]:
 def markdown(result: dict) -> str:
     meta = result["meta"]
     steps = any("step" in row for row in result["rows"])  # files from before the fused step have one kind
+    prefill = all("prefill_ms" in row["int4"] for row in result["rows"])  # and from before chunked prompts
     lines = [f"Greedy decode of a random Llama-3-8B-shaped model ({meta['layers']} layers), prompt {meta['prompt']} "
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
@@ -163,12 +183,17 @@ def markdown(result: dict) -> str:
                 "`fused-finished` is `fused` with every matmul finishing its own product." if steps else "")
              + (" In `fused` and `fused-finished`, attention reads only the cache's written positions "
                 "(lowbit.kernels.decode_attention); `fused-sdpa` is `fused` with torch's SDPA over the whole cache, "
-                "the unwritten positions masked." if meta.get("decode_attention") else ""),
+                "the unwritten positions masked." if meta.get("decode_attention") else "")
+             + (f" Prompt ms: StaticDecoder.prefill reading the {meta['prompt']}-token prompt in chunks through the "
+                "modules (one forward a chunk), and, for int4, the same prompt one position a captured step, "
+                "as prefill read it before." if prefill else ""),
              "",
              "| batch |" + (" step |" if steps else "") + " bf16 tokens/s | int4 tokens/s | speed-up | bf16 ms/step | "
              f"int4 ms/step | bf16 logits err | int4 logits err | check (int4 <= {MAX_ERROR_RATIO} x bf16) | "
-             "same greedy tokens |",
-             "|---:|" + ("---|" if steps else "") + "---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "same greedy tokens |" + (" bf16 prompt ms | int4 prompt ms | int4 prompt ms, a step a position |"
+                                       if prefill else ""),
+             "|---:|" + ("---|" if steps else "") + "---:|---:|---:|---:|---:|---:|---:|---|---:|"
+             + ("---:|---:|---:|" if prefill else "")]
     if meta.get("paths"):
         lines.insert(1, "Matmul paths the dispatcher chose (M bucket, N x K): " + "; ".join(meta["paths"]) + ".")
         lines.insert(1, "")
@@ -179,7 +204,9 @@ def markdown(result: dict) -> str:
                      f"{row['bf16']['ms_per_step']:.2f} | {row['int4']['ms_per_step']:.2f} | "
                      f"{row['bf16_logits_err']:.1e} | {row['int4_logits_err']:.1e} | "
                      f"{'pass' if row['int4_logits_err'] <= MAX_ERROR_RATIO * row['bf16_logits_err'] else 'FAIL'} | "
-                     f"{row['same_tokens']:.0%} |")
+                     f"{row['same_tokens']:.0%} |"
+                     + (f" {row['bf16']['prefill_ms']:.1f} | {row['int4']['prefill_ms']:.1f} | "
+                        f"{row['int4']['prefill_by_steps_ms']:.1f} |" if prefill else ""))
     lines += profile_markdown(result.get("profile", {}))
     return "\n".join(lines) + "\n"
 

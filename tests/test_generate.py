@@ -29,6 +29,29 @@ def test_static_decoder_matches_the_full_forward_and_greedy_continuation():
     assert int(decoder.pos) == 12
 
 
+@pytest.mark.parametrize("prefill_tokens", [2, 6, 2048])
+def test_prefill_in_chunks_fills_the_cache_as_one_position_a_step(monkeypatch, prefill_tokens):
+    """The prompt read in chunks of one, three and all of its positions (batch 2): the same cache,
+    logits and greedy continuation as steps of one position each, whose arithmetic is the decode
+    step's."""
+    import lowbit.generate as generate
+
+    model = tiny_llama(seed=7, tie=False)
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    by_steps = StaticDecoder(model, batch=2, max_len=16)
+    for t in range(prompt.shape[1]):
+        by_steps.ids.copy_(prompt[:, t : t + 1])
+        by_steps.step()
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", prefill_tokens)
+    chunked = StaticDecoder(model, batch=2, max_len=16)
+    chunked.prefill(prompt)
+    assert int(chunked.pos) == int(by_steps.pos) == 9
+    for mine, theirs in zip(chunked.keys + chunked.values, by_steps.keys + by_steps.values):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.logits, by_steps.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(chunked.decode(4), by_steps.decode(4))
+
+
 def test_static_decoder_refuses_what_does_not_fit():
     model = tiny_llama(seed=2, tie=False)
     decoder = StaticDecoder(model, batch=2, max_len=8)

@@ -457,7 +457,8 @@ class GenerateReport:
     """What `generate_text` produced and how fast: greedy tokens after the prompt, timed alone; `text`
     and `tokens` are the first row's, up to its end token. `load_seconds`: reading the model onto
     the device; `warmup_seconds`: the graph capture (on a GPU the first step tunes the kernels for
-    each weight shape, or loads the tuning an earlier run kept) and the prompt."""
+    each weight shape, or loads the tuning an earlier run kept); `prompt_seconds`: reading the
+    prompt into the cache (the first run tunes the prompt's matmul shapes too)."""
 
     text: str
     tokens: list[int]
@@ -466,6 +467,7 @@ class GenerateReport:
     seconds: float
     load_seconds: float
     warmup_seconds: float
+    prompt_seconds: float
     packed_layers: int
     fused_step: bool
     graph: bool
@@ -514,14 +516,18 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     _synchronize(target)
     loaded = time.perf_counter() - start
     graph = target.type == "cuda"
-    say("warming up: capturing the step as a CUDA graph (a weight shape's first run compiles and times its "
-        "kernels; later runs load the choice)" if graph else "warming up: reading the prompt")
     start = time.perf_counter()
     if graph:
+        say("warming up: capturing the step as a CUDA graph (a weight shape's first run compiles and times its "
+            "kernels; later runs load the choice)")
         decoder.capture()
+        _synchronize(target)
+    warmup = time.perf_counter() - start
+    say(f"reading the prompt ({batch} x {ids.shape[1]} tokens)")
+    start = time.perf_counter()
     decoder.prefill(ids)
     _synchronize(target)
-    warmup = time.perf_counter() - start
+    prompt_seconds = time.perf_counter() - start
     say(f"generating {batch} x {new_tokens} tokens")
     start = time.perf_counter()
     tokens = decoder.decode(new_tokens)
@@ -531,7 +537,7 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if tokenizer.eos_token_id in first:
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
-                          loaded, warmup, packed, decoder.fused, graph, str(target))
+                          loaded, warmup, prompt_seconds, packed, decoder.fused, graph, str(target))
 
 
 def _synchronize(device: torch.device) -> None:

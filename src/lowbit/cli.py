@@ -444,12 +444,16 @@ def run_generate(args: argparse.Namespace) -> None:
                            args.batch, args.device, args.dtype, args.chat,
                            progress=lambda message: console.print(message, style="dim", highlight=False))
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
-    for column in ("tokens/s", "ms/step", "load s", "warm-up s", "layers on their codes", "step", "CUDA graph"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{report.tokens_per_second:.1f}", f"{1e3 * report.seconds / report.new_tokens:.2f}",
-                  f"{report.load_seconds:.1f}", f"{report.warmup_seconds:.1f}",
-                  str(report.packed_layers), "fused" if report.fused_step else "modules",
-                  "yes" if report.graph else "no")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for measure, value in (("tokens/s", f"{report.tokens_per_second:.1f}"),
+                           ("ms/step", f"{1e3 * report.seconds / report.new_tokens:.2f}"),
+                           ("load s", f"{report.load_seconds:.1f}"), ("warm-up s", f"{report.warmup_seconds:.1f}"),
+                           ("prompt s", f"{report.prompt_seconds:.2f}"),
+                           ("layers on their codes", str(report.packed_layers)),
+                           ("step", "fused" if report.fused_step else "modules"),
+                           ("CUDA graph", "yes" if report.graph else "no")):
+        table.add_row(measure, value)
     console.print(table)
     console.print(report.text if args.chat else args.prompt + report.text, highlight=False, markup=False)
 

@@ -29,6 +29,12 @@ SILUS = frozenset({"SiLU", "SiLUActivation"})
 """Activation classes computing F.silu (torch's and transformers' names), which `decode_ops.silu_mul` reproduces."""
 
 
+PREFILL_TOKENS = 2048
+"""Prompt rows (positions times batch) one prefill forward takes: enough for the matmuls to run
+at tensor-core rates, few enough that attention's scores over the cache (rows x max_len per
+head) stay small."""
+
+
 class DecodeError(ValueError):
     """The model or the request does not fit the static decoder; the message says what to change."""
 
@@ -94,10 +100,25 @@ class StaticDecoder:
         `ids` to the greedy next token and advances `pos` (all in place, on the device)."""
         hidden = self.inner.embed_tokens(self.ids)  # [B, 1, H]
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
-        normed = self._fused_layers(hidden, cos, sin) if self.fused else self._module_layers(hidden, cos, sin)
+        normed = (self._fused_layers(hidden, cos, sin) if self.fused
+                  else self._module_layers(hidden, cos, sin, self.pos))
+        self._next_token(normed)
+        self.pos += 1
+
+    def _next_token(self, normed: torch.Tensor) -> None:
+        """`logits` and the greedy `ids` from the final norm's output [B, 1, H] at the last position."""
         self.logits.copy_(self.model.lm_head(normed)[:, 0].float())
         self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
-        self.pos += 1
+
+    @torch.no_grad()
+    def _read_prompt(self, ids: torch.Tensor) -> None:
+        """Positions pos .. pos + T - 1 from ids [B, T] in one forward through the modules (T rows a
+        matmul, causal attention over the cache), then `logits` and `ids` from the last, as `step`."""
+        positions = self.pos + self._positions[: ids.shape[1]]
+        hidden = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(hidden, positions.view(1, -1))
+        self._next_token(self._module_layers(hidden, cos, sin, positions)[:, -1:])
+        self.pos += ids.shape[1]
 
     def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if qkv is not None:
@@ -119,18 +140,21 @@ class StaticDecoder:
                 return decode_ops.Pending(sums, x.dtype)
         return linear(x)
 
-    def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The decoder layers through the model's own modules; returns the final norm of the last hidden state."""
-        visible = decode_attention.visible_mask(self._positions, self.pos, hidden.dtype)
+    def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """The decoder layers through the model's own modules for hidden [B, T, H] at `positions`
+        [T]; returns the final norm of the last hidden states."""
+        visible = decode_attention.visible_mask(self._positions, positions, hidden.dtype)
+        tokens = hidden.shape[1]
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
             q, k, v = self._projections(attn, qkv, layer.input_layernorm(hidden))
-            q = q.reshape(self.batch, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(self.batch, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q.reshape(self.batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = v.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys.index_copy_(2, self.pos, k)
-            values.index_copy_(2, self.pos, v)
+            keys.index_copy_(2, positions, k)
+            values.index_copy_(2, positions, v)
             hidden = hidden + attn.o_proj(decode_attention.masked_sdpa(q, keys, values, visible))
             x = layer.post_attention_layernorm(hidden)
             if gate_up is not None:
@@ -201,13 +225,17 @@ class StaticDecoder:
             self.step()
 
     def prefill(self, prompt: torch.Tensor) -> None:
-        """Feed prompt [batch, P] one position at a time (teacher forcing); `ids` ends as the first new token."""
+        """Read prompt [batch, P] into the cache from position 0; `ids` ends as the first new token.
+
+        The prompt goes through the model in chunks of up to PREFILL_TOKENS rows (over the batch)
+        a forward, not one position a step: each matmul then reads its weight once for the chunk
+        instead of once per position."""
         if prompt.shape[0] != self.batch or prompt.shape[1] >= self.max_len:
             raise DecodeError(f"prompt {tuple(prompt.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
         self.pos.zero_()
-        for t in range(prompt.shape[1]):
-            self.ids.copy_(prompt[:, t : t + 1])
-            self._run_step()
+        chunk = max(1, PREFILL_TOKENS // self.batch)
+        for start in range(0, prompt.shape[1], chunk):
+            self._read_prompt(prompt[:, start : start + chunk].to(self.ids.device))
 
     def decode(self, new_tokens: int) -> torch.Tensor:
         """Greedy tokens [batch, new_tokens] continuing from the current state."""

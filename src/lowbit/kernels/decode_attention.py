@@ -55,18 +55,18 @@ _WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 
 
 def visible_mask(positions: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (0 / -inf) mask [1, 1, 1, max_len] of the cache's written positions (`positions`
-    is arange(max_len)) in the activations' dtype: a boolean mask is converted inside every
-    attention call, at launches of its own, so a decode step makes this once for all its layers."""
-    return torch.zeros(1, 1, 1, positions.numel(), device=positions.device, dtype=dtype).masked_fill_(
-        positions > pos, float("-inf"))
+    """Additive (0 / -inf) mask [1, 1, T, max_len] of the cache positions each query at `pos` [T]
+    sees (`positions` is arange(max_len)), in the activations' dtype: a boolean mask is converted
+    inside every attention call, at launches of its own, so a step makes this once for all its layers."""
+    return torch.zeros(1, 1, pos.numel(), positions.numel(), device=positions.device, dtype=dtype).masked_fill_(
+        positions > pos.view(-1, 1), float("-inf"))
 
 
 def masked_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """scaled_dot_product_attention of q [batch, heads, 1, D] over the whole cache under `visible`
-    (visible_mask), as [batch, 1, heads·D]: what `attend` replaces."""
+    """scaled_dot_product_attention of q [batch, heads, T, D] over the whole cache under `visible`
+    (visible_mask), as [batch, T, heads·D]: what `attend` replaces for one query a row."""
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
-    return out.transpose(1, 2).reshape(q.shape[0], 1, -1)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
