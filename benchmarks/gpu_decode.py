@@ -105,10 +105,7 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
                             pending_products=pending_products, prefix_attention=prefix_attention)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
-    decoder.prefill(prompt[:batch, :-1])  # warm-up too: the prompt's matmul shapes tuned
-    decoder.ids.copy_(prompt[:batch, -1:])
-    decoder.decode(1)  # the prompt's last position through the captured step: the check's logits
-    logits = decoder.logits.clone()
+    decoder.prefill(prompt[:batch])  # warm-up: the prompt's shapes compiled and tuned
     decoder.decode(8)  # replay warm-up
     prefill_by_steps = timed(lambda: read_prompt_by_steps(decoder, prompt[:batch]))
     prefill = timed(lambda: decoder.prefill(prompt[:batch]))
@@ -116,6 +113,10 @@ def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, me
     tokens = decoder.decode(new)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    decoder.prefill(prompt[:batch, :-1])
+    decoder.ids.copy_(prompt[:batch, -1:])
+    decoder.decode(1)  # the prompt's last position through the captured step: the check's logits
+    logits = decoder.logits.clone()
     return {"batch": batch, "new_tokens": new, "seconds": seconds, "tokens_per_s": batch * new / seconds,
             "ms_per_step": 1e3 * seconds / new, "prefill_ms": 1e3 * prefill,
             "prefill_by_steps_ms": 1e3 * prefill_by_steps, "logits": logits, "tokens": tokens.cpu()}

@@ -266,15 +266,3 @@ def test_a_quantized_decoder_whose_products_stay_pending_gives_the_module_steps_
         assert any(key[1] == batch for key in w4a16._PENDING), "no product was left pending"
     assert all(not buffer.any() for buffer in w4a16._PENDING.values())  # each read back to zero
 
-
-@pytest.mark.parametrize("vocab", [128256, 151936, 49152, 50257, 997, 5])
-def test_greedy_ids_are_argmax_ties_and_nan_included(vocab):
-    """greedy_ids (two passes over chunks) picks argmax's ids: on random logits, where the largest
-    value repeats in two chunks or within one, and where a row holds a NaN (argmax takes it)."""
-    from lowbit.generate import greedy_ids
-
-    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab))
-    logits[1, vocab // 3] = logits[1, vocab - 1] = 50.0
-    logits[2, vocab // 2] = logits[2, vocab // 2 + 1 if vocab > 2 else 0] = 50.0
-    logits[3, vocab // 2] = float("nan")
-    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1, keepdim=True))
