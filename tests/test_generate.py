@@ -31,9 +31,9 @@ def test_static_decoder_matches_the_full_forward_and_greedy_continuation():
 
 @pytest.mark.parametrize("prefill_tokens", [2, 6, 2048])
 def test_prefill_in_chunks_fills_the_cache_as_one_position_a_step(monkeypatch, prefill_tokens):
-    """The prompt read in chunks of one, three and all of its positions (batch 2): the same cache,
-    logits and greedy continuation as steps of one position each, whose arithmetic is the decode
-    step's."""
+    """The prompt read in chunks of one, three and all of its positions but the last, which the
+    step reads (batch 2): the same cache, logits and greedy continuation as steps of one position
+    each."""
     import lowbit.generate as generate
 
     model = tiny_llama(seed=7, tie=False)
@@ -196,31 +196,25 @@ def test_models_whose_norms_decode_ops_does_not_reproduce_run_through_their_modu
         torch.testing.assert_close(decoder.logits, model(prompt).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
 
 
-def test_attention_with_per_head_norms_is_refused():
-    model = tiny_llama(seed=5, tie=False)
-    for layer in model.model.layers:
-        layer.self_attn.q_norm = nn.Identity()
-    with pytest.raises(DecodeError, match="Qwen3-style"):
-        StaticDecoder(model, batch=1, max_len=8)
-
-
 def _tiny(family: str, seed: int) -> nn.Module:
     """A two-block model of a Llama-style family: its norm classes and biases are what differ."""
     import transformers
 
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
                                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                                 "mistral": ("MistralConfig", "MistralForCausalLM")}[family]
+                                 "mistral": ("MistralConfig", "MistralForCausalLM"),
+                                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
     config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                                 max_position_embeddings=256, tie_word_embeddings=False)
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                 vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(seed)
     return getattr(transformers, model_class)(config).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
 def test_llama_style_families_decode_fused_as_their_full_forward(family):
-    """Qwen2 (biased q/k/v) and Mistral share Llama's norm arithmetic: fused, and equal to the full forward."""
+    """Qwen2 (biased q/k/v), Mistral and Qwen3 (per-head q and k norms) share Llama's norm
+    arithmetic: fused, and equal to the full forward, after the prompt and after each new token."""
     model = _tiny(family, seed=7)
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
     fused, modules = (StaticDecoder(model, batch=2, max_len=12, fuse=f) for f in (True, False))
@@ -228,8 +222,15 @@ def test_llama_style_families_decode_fused_as_their_full_forward(family):
     for decoder in (fused, modules):
         decoder.prefill(prompt)
     assert torch.equal(fused.logits, modules.logits)
-    with torch.no_grad():
-        torch.testing.assert_close(fused.logits, model(prompt).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    sequence = prompt
+    for _ in range(3):
+        with torch.no_grad():
+            full = model(sequence).logits[:, -1].float()
+        torch.testing.assert_close(fused.logits, full, rtol=1e-4, atol=1e-4)
+        tokens = fused.decode(1)
+        assert torch.equal(tokens, modules.decode(1)) and torch.equal(tokens[:, 0], full.argmax(dim=-1))
+        assert torch.equal(fused.logits, modules.logits)
+        sequence = torch.cat([sequence, tokens], dim=1)
 
 
 def test_a_cache_longer_than_the_sliding_window_is_refused():

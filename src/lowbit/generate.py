@@ -1,4 +1,5 @@
-"""Greedy decoding with a static KV cache for Llama-architecture models, one token step per call.
+"""Greedy decoding with a static KV cache for Llama-architecture models (Llama, Mistral, Qwen2 and
+Qwen3, whose per-head q and k norms run as its modules), one token step per call.
 
 Why not `model.generate`: decode speed is what a quantized model is for, and at batch 1 an 8B
 model's step is ~5 ms of GPU work but several times that of Python and kernel launches in eager
@@ -23,7 +24,7 @@ from lowbit.kernels.w4a16 import pending_matmul
 from lowbit.modules.merge import merge_linears
 from lowbit.modules.quant_linear import QuantLinear
 
-RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """Norm classes computing LlamaRMSNorm's arithmetic, which `decode_ops` reproduces."""
 SILUS = frozenset({"SiLU", "SiLUActivation"})
 """Activation classes computing F.silu (torch's and transformers' names), which `decode_ops.silu_mul` reproduces."""
@@ -59,9 +60,6 @@ class StaticDecoder:
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
-        if any(hasattr(layer.self_attn, "q_norm") for layer in inner.layers):
-            raise DecodeError(f"{type(model).__name__} normalises q and k per head (Qwen3-style); this decoder "
-                              "runs Llama-style attention only: use model.generate")
         config = model.config
         window = getattr(config, "sliding_window", None)
         if window and getattr(config, "use_sliding_window", True) and max_len > window:
@@ -102,22 +100,19 @@ class StaticDecoder:
         cos, sin = self.inner.rotary_emb(hidden, self.pos.view(1, 1))
         normed = (self._fused_layers(hidden, cos, sin) if self.fused
                   else self._module_layers(hidden, cos, sin, self.pos))
-        self._next_token(normed)
-        self.pos += 1
-
-    def _next_token(self, normed: torch.Tensor) -> None:
-        """`logits` and the greedy `ids` from the final norm's output [B, 1, H] at the last position."""
         self.logits.copy_(self.model.lm_head(normed)[:, 0].float())
         self.ids.copy_(self.logits.argmax(dim=-1, keepdim=True))
+        self.pos += 1
 
     @torch.no_grad()
     def _read_prompt(self, ids: torch.Tensor) -> None:
-        """Positions pos .. pos + T - 1 from ids [B, T] in one forward through the modules (T rows a
-        matmul, causal attention over the cache), then `logits` and `ids` from the last, as `step`."""
+        """Positions pos .. pos + T - 1 from ids [B, T] into the cache in one forward through the
+        modules (T rows a matmul, causal attention over the cache); no logits: prefill's last
+        position is the step's."""
         positions = self.pos + self._positions[: ids.shape[1]]
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions.view(1, -1))
-        self._next_token(self._module_layers(hidden, cos, sin, positions)[:, -1:])
+        self._module_layers(hidden, cos, sin, positions)
         self.pos += ids.shape[1]
 
     def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -149,6 +144,7 @@ class StaticDecoder:
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
             q, k, v = self._projections(attn, qkv, layer.input_layernorm(hidden))
+            q, k = _norm_heads(attn, q, k, self.head_dim)
             q = q.reshape(self.batch, tokens, self.heads, self.head_dim).transpose(1, 2)
             k = k.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -178,9 +174,12 @@ class StaticDecoder:
                                                                   next_norms):
             attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             if qkv is not None:
-                q, k, v = self._product(qkv, x).split(self._qkv_sizes, dim=-1)
+                # Per-head norms read q and k as tensors: no pending product for them to finish.
+                product = qkv(x) if _has_head_norms(attn) else self._product(qkv, x)
+                q, k, v = product.split(self._qkv_sizes, dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k = _norm_heads(attn, q, k, self.head_dim)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
             attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
                         else decode_attention.masked_sdpa(q, keys, values, visible))
@@ -227,15 +226,20 @@ class StaticDecoder:
     def prefill(self, prompt: torch.Tensor) -> None:
         """Read prompt [batch, P] into the cache from position 0; `ids` ends as the first new token.
 
-        The prompt goes through the model in chunks of up to PREFILL_TOKENS rows (over the batch)
-        a forward, not one position a step: each matmul then reads its weight once for the chunk
-        instead of once per position."""
+        All but the last position go through the model in chunks of up to PREFILL_TOKENS rows (over
+        the batch) a forward, not one position a step: each matmul then reads its weight once for
+        the chunk instead of once per position. The last position runs the step (the captured
+        graph, if any), so the logits that choose the first new token come from the arithmetic that
+        chooses the others."""
         if prompt.shape[0] != self.batch or prompt.shape[1] >= self.max_len:
             raise DecodeError(f"prompt {tuple(prompt.shape)} does not fit batch {self.batch}, max_len {self.max_len}")
+        prompt = prompt.to(self.ids.device)
         self.pos.zero_()
         chunk = max(1, PREFILL_TOKENS // self.batch)
-        for start in range(0, prompt.shape[1], chunk):
-            self._read_prompt(prompt[:, start : start + chunk].to(self.ids.device))
+        for start in range(0, prompt.shape[1] - 1, chunk):
+            self._read_prompt(prompt[:, start : min(start + chunk, prompt.shape[1] - 1)])
+        self.ids.copy_(prompt[:, -1:])
+        self._run_step()
 
     def decode(self, new_tokens: int) -> torch.Tensor:
         """Greedy tokens [batch, new_tokens] continuing from the current state."""
@@ -246,6 +250,20 @@ class StaticDecoder:
             tokens[:, t : t + 1].copy_(self.ids)
             self._run_step()
         return tokens
+
+
+def _has_head_norms(attn: nn.Module) -> bool:
+    """Whether attention normalises each head of q and k before the rotary embedding (Qwen3's q_norm, k_norm)."""
+    return hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+
+
+def _norm_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k [..., heads·D] through the attention's per-head norms where it has them, as its own
+    forward applies them (over each head's D values); unchanged otherwise."""
+    if not _has_head_norms(attn):
+        return q, k
+    return (attn.q_norm(q.unflatten(-1, (-1, head_dim))).flatten(-2),
+            attn.k_norm(k.unflatten(-1, (-1, head_dim))).flatten(-2))
 
 
 def _fusable(inner: nn.Module) -> bool:
