@@ -55,6 +55,23 @@ def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tie)).eval()
 
 
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+"""The Llama-layout families lowbit takes: Qwen2 has biased q/k/v, Qwen3 per-head q and k norms."""
+
+
+def tiny_family(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A two-block random model of one of FAMILIES, untied; keyword arguments replace its settings."""
+    import transformers
+
+    config_class, model_class = FAMILIES[family]
+    settings = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=256,
+                    tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**{**settings, **overrides})).eval()
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.generate import DecodeError, StaticDecoder
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.conftest import FAMILIES, tiny_family, tiny_llama, tiny_llama_config
 
 
 def test_static_decoder_matches_the_full_forward_and_greedy_continuation():
@@ -196,26 +196,11 @@ def test_models_whose_norms_decode_ops_does_not_reproduce_run_through_their_modu
         torch.testing.assert_close(decoder.logits, model(prompt).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
 
 
-def _tiny(family: str, seed: int) -> nn.Module:
-    """A two-block model of a Llama-style family: its norm classes and biases are what differ."""
-    import transformers
-
-    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                                 "mistral": ("MistralConfig", "MistralForCausalLM"),
-                                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[family]
-    config = getattr(transformers, config_class)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                                 vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return getattr(transformers, model_class)(config).eval()
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_llama_style_families_decode_fused_as_their_full_forward(family):
     """Qwen2 (biased q/k/v), Mistral and Qwen3 (per-head q and k norms) share Llama's norm
     arithmetic: fused, and equal to the full forward, after the prompt and after each new token."""
-    model = _tiny(family, seed=7)
+    model = tiny_family(family, seed=7)
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
     fused, modules = (StaticDecoder(model, batch=2, max_len=12, fuse=f) for f in (True, False))
     assert fused.fused
@@ -234,7 +219,7 @@ def test_llama_style_families_decode_fused_as_their_full_forward(family):
 
 
 def test_a_cache_longer_than_the_sliding_window_is_refused():
-    model = _tiny("mistral", seed=7)
+    model = tiny_family("mistral", seed=7)
     model.config.sliding_window = 8
     with pytest.raises(DecodeError, match="sliding window of 8"):
         StaticDecoder(model, batch=1, max_len=16)
