@@ -46,15 +46,17 @@ def check_against_torch(device: str, dtype: torch.dtype) -> None:
     sin = torch.cat([angles.sin(), angles.sin()]).view(1, 1, dim).to(device, dtype)
     caches = [rand(2, kv_heads, max_len, dim) for _ in range(2)]
     pos = torch.tensor([6], device=device)
-    mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
-    rotated = decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos)
-    expected = decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos)
-    assert rotated.shape == expected.shape == (2, heads, 1, dim)
-    _close(rotated, expected, 1)
-    _close(mine[0], theirs[0], 1)
-    assert torch.equal(mine[1], theirs[1])  # values are copied as they are
-    untouched = torch.arange(max_len, device=device) != 6
-    assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
+    head_norms = decode_ops.HeadNorms(rand(dim) + 1, rand(dim) + 1, 1e-6, 1e-5)
+    for norms, units in ((None, 1), (head_norms, 2)):  # a norm's last bit can move the rotated product's
+        mine, theirs = [c.clone() for c in caches], [c.clone() for c in caches]
+        rotated = decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos, norms)
+        expected = decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos, norms)
+        assert rotated.shape == expected.shape == (2, heads, 1, dim)
+        _close(rotated, expected, units)
+        _close(mine[0], theirs[0], units)
+        assert torch.equal(mine[1], theirs[1])  # values are copied as they are
+        untouched = torch.arange(max_len, device=device) != 6
+        assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
 
     gate_up = rand(2, 1, 2 * 1500, scale=4.0)
     gate, up = gate_up.split([1500, 1500], dim=-1)
@@ -131,8 +133,9 @@ def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
     from triton.compiler import ASTSource
 
     kernel = decode_ops._rotate_into_cache_kernel
-    constexprs = {"HEADS": 4, "DIM": 128, "PENDING": False, "BLOCK": 128}
-    types = {"pos_ptr": "*i64", **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
+    constexprs = {"HEADS": 4, "DIM": 128, "PENDING": False, "HEAD_NORMS": True, "BLOCK": 128}
+    types = {"pos_ptr": "*i64", "q_eps": "fp32", "k_eps": "fp32",
+             **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=decode_ops.ROTATE_OPTIONS)

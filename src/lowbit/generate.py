@@ -1,5 +1,5 @@
 """Greedy decoding with a static KV cache for Llama-architecture models (Llama, Mistral, Qwen2 and
-Qwen3, whose per-head q and k norms run as its modules), one token step per call.
+Qwen3), one token step per call.
 
 Why not `model.generate`: decode speed is what a quantized model is for, and at batch 1 an 8B
 model's step is ~5 ms of GPU work but several times that of Python and kernel launches in eager
@@ -174,13 +174,10 @@ class StaticDecoder:
                                                                   next_norms):
             attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             if qkv is not None:
-                # Per-head norms read q and k as tensors: no pending product for them to finish.
-                product = qkv(x) if _has_head_norms(attn) else self._product(qkv, x)
-                q, k, v = product.split(self._qkv_sizes, dim=-1)
+                q, k, v = self._product(qkv, x).split(self._qkv_sizes, dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q, k = _norm_heads(attn, q, k, self.head_dim)
-            q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos)
+            q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos, _head_norms(attn))
             attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
                         else decode_attention.masked_sdpa(q, keys, values, visible))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
@@ -266,10 +263,20 @@ def _norm_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, head_dim: int
             attn.k_norm(k.unflatten(-1, (-1, head_dim))).flatten(-2))
 
 
+def _head_norms(attn: nn.Module) -> decode_ops.HeadNorms | None:
+    """The attention's per-head norms for decode_ops.rotate_into_cache (None without them)."""
+    if not _has_head_norms(attn):
+        return None
+    return decode_ops.HeadNorms(attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
+                                attn.k_norm.variance_epsilon)
+
+
 def _fusable(inner: nn.Module) -> bool:
     """Whether every norm and MLP is one whose arithmetic decode_ops reproduces (RMS_NORMS, SiLU gating)."""
     norms = [inner.norm] + [norm for layer in inner.layers
                             for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms += [norm for layer in inner.layers if _has_head_norms(layer.self_attn)
+              for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm)]
     return (all(_gated(layer.mlp) for layer in inner.layers) and all(type(n).__name__ in RMS_NORMS for n in norms)
             and all(type(layer.mlp.act_fn).__name__ in SILUS for layer in inner.layers))
 

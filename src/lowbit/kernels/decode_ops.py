@@ -158,13 +158,27 @@ product into one unrounded bf16 FMA: 4 units in the last place apart from the mo
 products nearly cancel (seen on an H200)."""
 
 
+@dataclass(frozen=True, eq=False)
+class HeadNorms:
+    """RMSNorms over each head of q and of k, before the rotary embedding (Qwen3's q_norm and
+    k_norm): their weights [head_dim] and epsilons."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    q_eps: float
+    k_eps: float
+
+
 def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                             pos: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb and two index_copy_ calls, as the module path runs them."""
+                             pos: torch.Tensor, norms: HeadNorms | None = None) -> torch.Tensor:
+    """The head norms, apply_rotary_pos_emb and two index_copy_ calls, as the module path runs them."""
     batch, kv_heads, _, dim = keys.shape
-    q = q.reshape(batch, 1, -1, dim).transpose(1, 2)
-    k = k.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
+    q = q.reshape(batch, 1, -1, dim)
+    k = k.reshape(batch, 1, kv_heads, dim)
+    if norms is not None:
+        q, k = _rms_norm_torch(q, norms.q_weight, norms.q_eps), _rms_norm_torch(k, norms.k_weight, norms.k_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     keys.index_copy_(2, pos, k)
@@ -174,9 +188,10 @@ def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: torch.Tensor | Pending,
                       cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      pos: torch.Tensor) -> torch.Tensor:
-    """One decode position: rotate q and k by (cos, sin) as transformers' apply_rotary_pos_emb does,
-    write the rotated k and v into the caches at `pos`, return q as [batch, heads, 1, head_dim].
+                      pos: torch.Tensor, norms: HeadNorms | None = None) -> torch.Tensor:
+    """One decode position: normalise each head of q and k where `norms` are given, rotate them by
+    (cos, sin) as transformers' apply_rotary_pos_emb does, write the rotated k and v into the caches
+    at `pos`, return q as [batch, heads, 1, head_dim].
 
     q [batch, 1, heads·D], k and v [batch, 1, kv_heads·D] (row slices of one merged projection are
     fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D]; pos a 1-element
@@ -185,26 +200,32 @@ def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: t
     (q_in, k_in, v_in), pending = _sources(q, k, v)
     heads = q_in.shape[-1] // dim
     finished = () if pending else (q_in, k_in, v_in)
-    if (not _on_triton(*finished, cos, sin, keys, values, pending=(q_in, k_in, v_in) if pending else ())
+    weights = () if norms is None else (norms.q_weight, norms.k_weight)
+    if (not _on_triton(*finished, *weights, cos, sin, keys, values, pending=(q_in, k_in, v_in) if pending else ())
             or not (keys.is_contiguous() and values.is_contiguous())):
-        return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos)
+        return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos, norms)
     q_rows, k_rows, v_rows = (_rows(t, pending) for t in (q_in, k_in, v_in))
     out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
+    q_weight, k_weight = weights or (cos, cos)  # not read without norms
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
-        q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos,
+        q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos, q_weight, k_weight,
+        0.0 if norms is None else norms.q_eps, 0.0 if norms is None else norms.k_eps,
         q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEADS=heads, DIM=dim, PENDING=pending, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
+        HEADS=heads, DIM=dim, PENDING=pending, HEAD_NORMS=norms is not None, BLOCK=triton.next_power_of_2(dim),
+        **ROTATE_OPTIONS)
     return out
 
 
 if triton is not None:
     @triton.jit
     def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
+                                  qn_ptr, kn_ptr, q_eps, k_eps,
                                   stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct,
                                   HEADS: tl.constexpr, DIM: tl.constexpr, PENDING: tl.constexpr,
-                                  BLOCK: tl.constexpr):
+                                  HEAD_NORMS: tl.constexpr, BLOCK: tl.constexpr):
         """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. PENDING: q, k
-        and v are float32 sums, rounded to the output's dtype on load and zeroed once read."""
+        and v are float32 sums, rounded to the output's dtype on load and zeroed once read.
+        HEAD_NORMS: the head is first RMS-normalised with weights qn (query heads) or kn (key heads)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -215,10 +236,14 @@ if triton is not None:
         if h < HEADS:
             src = q_ptr + b * stride_q + h * DIM
             dst = out_ptr + (b * HEADS + h) * DIM
+            norm_ptr = qn_ptr
+            eps = q_eps
         else:
             cached = b * stride_cb + (h - HEADS) * stride_ch + tl.load(pos_ptr) * stride_ct
             src = k_ptr + b * stride_k + (h - HEADS) * DIM
             dst = keys_ptr + cached
+            norm_ptr = kn_ptr
+            eps = k_eps
             v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask)
             tl.store(values_ptr + cached + offs, v.to(dtype), mask=mask)
             if PENDING:
@@ -228,6 +253,12 @@ if triton is not None:
         if PENDING:  # every lane's partner read done before any lane zeroes its own element
             tl.debug_barrier()
             tl.store(src + offs, tl.zeros_like(x), mask=mask)
+        if HEAD_NORMS:  # as the RMSNorm module: normalised and rounded, then times the weight and rounded
+            inverse = tl.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+            weight = tl.load(norm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            partner_weight = tl.load(norm_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+            x = (weight * (x * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            rotated = (partner_weight * (rotated * inverse).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         rotated = tl.where(first_half, -rotated, rotated)
         cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
