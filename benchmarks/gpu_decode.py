@@ -1,6 +1,7 @@
 """End-to-end decode speed: a Llama-3-8B-shaped model with int4 QuantLinear layers vs the same in bf16.
 
-Random bf16 weights with Llama-3-8B's shapes, built on the GPU (values do not change the work).
+Random bf16 weights with Llama-3-8B's shapes (or Qwen3-8B's, `--family qwen3-8b`), built on the
+GPU (values do not change the work).
 Every decoder Linear is rounded to int4 asymmetric group 128 (RTN) and, for the bf16 run, replaced
 by its dequantized value, so both models compute the same function; the int4 run swaps those
 Linears for QuantLinear (packed codes, W4A16 Triton kernels). Embedding and lm_head stay bf16 in
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_model import llama3_8b_config  # noqa: E402
+from gpu_model import llama3_8b_config, qwen3_8b_config  # noqa: E402
 
 from lowbit.formats.base import quantize_matrix  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
@@ -44,14 +45,21 @@ FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
 MAX_ERROR_RATIO = 1.5
 
 
-def build(layers: int, device: str | torch.device = "cuda") -> LlamaForCausalLM:
-    """The random Llama-3-8B-shaped model in bf16, built on `device`."""
+FAMILIES = {"llama3-8b": ("Llama-3-8B", LlamaConfig, LlamaForCausalLM, llama3_8b_config),
+            "qwen3-8b": ("Qwen3-8B", Qwen3Config, Qwen3ForCausalLM, qwen3_8b_config)}
+"""--family: (name, config class, model class, the config of its shapes)."""
+
+
+def build(layers: int | None, family: str = "llama3-8b", device: str | torch.device = "cuda") -> nn.Module:
+    """The random model of the family's shapes in bf16 (its own depth unless `layers`), built on `device`."""
+    _, config_class, model_class, shapes = FAMILIES[family]
+    config = shapes(config_class) if layers is None else shapes(config_class, layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(llama3_8b_config(LlamaConfig, layers))
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     return model.eval()
@@ -171,7 +179,8 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     steps = any("step" in row for row in result["rows"])  # files from before the fused step have one kind
     prefill = all("prefill_ms" in row["int4"] for row in result["rows"])  # and from before chunked prompts
-    lines = [f"Greedy decode of a random Llama-3-8B-shaped model ({meta['layers']} layers), prompt {meta['prompt']} "
+    lines = [f"Greedy decode of a random {meta.get('family', 'Llama-3-8B')}-shaped model ({meta['layers']} layers), "
+             f"prompt {meta['prompt']} "
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
              "embedding and lm_head bf16 in both."
@@ -214,7 +223,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="llama3-8b", help="the model's shapes")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the family's, 32 or 36)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
@@ -235,7 +245,7 @@ def main() -> None:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return
     use_paths(*args.paths)
-    model = build(args.layers)
+    model = build(args.layers, args.family)
     packed = quantize_in_place(model)
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
@@ -258,7 +268,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     profiles = {step: kernel_profile(model, prompt, args.merge, **STEPS[step]) for step in args.steps} \
         if args.profile else {}
-    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
+    result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "family": FAMILIES[args.family][0], "layers": model.config.num_hidden_layers,
                        "merged_projections": args.merge, "decode_attention": True,
                        "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},

@@ -60,7 +60,7 @@ def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 def write_export(layers: int, out: Path, device: torch.device, kind: str = "int4") -> Path:
     """`kind` "int4": every decoder Linear RTN int4 (compressed-tensors); "vq": 8-bit codes of
     4-vectors (lowbit's layout), from one random codebook, for load timings only."""
-    model = build(layers, device)  # gpu_decode.py's model: same seed, shapes and dtype
+    model = build(layers, device=device)  # gpu_decode.py's model: same seed, shapes and dtype
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.startswith("model.layers.")]
     quantized = quantize_matrix if kind == "int4" else random_vq_weight

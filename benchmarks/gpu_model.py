@@ -1,4 +1,5 @@
-"""The random Llama-3-8B-shaped model both sides of benchmarks/gpu_quant_speed.py quantize.
+"""Random models of real shapes: the Llama-3-8B-shaped one both sides of benchmarks/gpu_quant_speed.py
+quantize, and a Qwen3-8B-shaped one for benchmarks/gpu_decode.py.
 
 Weights' values do not change the work GPTQ does, so a model with Llama-3-8B's shapes and random
 weights (transformers' own initialisation, seeded) stands in for the real one. Built on the GPU in
@@ -17,6 +18,15 @@ def llama3_8b_config(config_cls, layers: int = 32):
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
         tie_word_embeddings=False,
+    )
+
+
+def qwen3_8b_config(config_cls, layers: int = 36):
+    """Qwen3-8B's shapes: its q and k normalised per head before the rotary embedding."""
+    return config_cls(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, tie_word_embeddings=False,
     )
 
 
