@@ -120,3 +120,9 @@ def test_cli_w4a4_scheme_rotates_rounds_inputs_and_stores_the_kv_cache(capsys, t
     assert "kv_cache" in json.dumps(saved) and "online" in json.dumps(saved).lower()
     code = main(["eval", str(out), "--data", str(wikitext / "test.txt"), "--seq-len", "64", "--windows", "1"])
     assert code == 0, capsys.readouterr().out
+    # lowbit generate decodes it (online Hadamard and input rounding as its modules run them), and
+    # says that the stored KV cache is not what its decoder keeps.
+    code = main(["generate", str(out), "--prompt", "The capital of France is", "--new-tokens", "2", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "KV int4" in printed and "is not applied here" in printed

@@ -515,6 +515,10 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
     _synchronize(target)
     loaded = time.perf_counter() - start
+    kv_cache = saved_kv_cache(source)
+    if kv_cache is not None:
+        say(f"note: the export's {kv_cache.describe()} is not applied here: the decoder keeps keys and values in "
+            f"{str(decoder.keys[0].dtype).removeprefix('torch.')} (`lowbit eval` scores through that cache)")
     graph = target.type == "cuda"
     start = time.perf_counter()
     if graph:
