@@ -115,6 +115,18 @@ def test_empty_or_too_short_calibration(capsys, tiny_model_dir, tmp_path, text, 
     assert not (tmp_path / ".out.lowbit-run").exists()
 
 
+def test_a_recipe_that_would_quantize_lm_head_is_refused(capsys, tiny_model_dir, tmp_path):
+    """The pipeline quantizes the decoder blocks' linears; a recipe that does not ignore lm_head
+    would otherwise export it unquantized without a word."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: rtn\nbits: 4\ngroup_size: 32\nignore: []\n")
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--recipe", str(recipe), "--out",
+                        str(tmp_path / "out"), "--no-eval")
+    assert_refused(code, out, "lm_head is outside the decoder blocks")
+    assert "'lm_head' to the recipe's ignore list" in out
+    assert_nothing_complete(tmp_path / "out")
+
+
 def test_output_path_that_is_a_file(capsys, tiny_model_dir, tmp_path):
     (tmp_path / "out").write_text("not a folder")
     code, out = quantize(capsys, tiny_model_dir, tmp_path / "out")

@@ -150,6 +150,13 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
                     raise ExportError(problem)
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
+    blocks = f"{architecture.blocks}."
+    outside = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not name.startswith(blocks) and plan(name, module) is not None]
+    if outside:
+        raise RecipeError(f"{', '.join(outside)} {'is' if len(outside) == 1 else 'are'} outside the decoder blocks, "
+                          "and lowbit quantizes the blocks' linears only: add "
+                          f"{', '.join(repr(name) for name in outside)} to the recipe's ignore list")
     problems = {r.solver().export_problem for r in recipe.layer_recipes()} - {None}
     if exporting and problems:
         raise ExportError(sorted(problems)[0])
