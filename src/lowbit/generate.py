@@ -105,15 +105,16 @@ class StaticDecoder:
         self.pos += 1
 
     @torch.no_grad()
-    def _read_prompt(self, ids: torch.Tensor) -> None:
-        """Positions pos .. pos + T - 1 from ids [B, T] into the cache in one forward through the
-        modules (T rows a matmul, causal attention over the cache); no logits: prefill's last
-        position is the step's."""
-        positions = self.pos + self._positions[: ids.shape[1]]
+    def _read_prompt(self, ids: torch.Tensor, start: int) -> None:
+        """Positions start .. start + T - 1 from ids [B, T] into the cache in one forward through
+        the modules (T rows a matmul, causal attention over the cache's first start + T positions);
+        no logits: prefill's last position is the step's."""
+        end = start + ids.shape[1]
+        positions = self._positions[start:end]
         hidden = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(hidden, positions.view(1, -1))
-        self._module_layers(hidden, cos, sin, positions)
-        self.pos += ids.shape[1]
+        self._module_layers(hidden, cos, sin, positions, end)
+        self.pos.fill_(end)
 
     def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if qkv is not None:
@@ -136,10 +137,12 @@ class StaticDecoder:
         return linear(x)
 
     def _module_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       positions: torch.Tensor) -> torch.Tensor:
+                       positions: torch.Tensor, attended: int | None = None) -> torch.Tensor:
         """The decoder layers through the model's own modules for hidden [B, T, H] at `positions`
-        [T]; returns the final norm of the last hidden states."""
-        visible = decode_attention.visible_mask(self._positions, positions, hidden.dtype)
+        [T], attending over the cache's first `attended` positions (all of it by default, as a
+        captured step must); returns the final norm of the last hidden states."""
+        attended = attended or self.max_len
+        visible = decode_attention.visible_mask(self._positions[:attended], positions, hidden.dtype)
         tokens = hidden.shape[1]
         for layer, keys, values, (qkv, gate_up) in zip(self.inner.layers, self.keys, self.values, self._merged):
             attn = layer.self_attn
@@ -151,7 +154,8 @@ class StaticDecoder:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys.index_copy_(2, positions, k)
             values.index_copy_(2, positions, v)
-            hidden = hidden + attn.o_proj(decode_attention.masked_sdpa(q, keys, values, visible))
+            attention = decode_attention.masked_sdpa(q, keys[:, :, :attended], values[:, :, :attended], visible)
+            hidden = hidden + attn.o_proj(attention)
             x = layer.post_attention_layernorm(hidden)
             if gate_up is not None:
                 gate, up = self._gate_up(layer.mlp, gate_up, x)
@@ -234,7 +238,7 @@ class StaticDecoder:
         self.pos.zero_()
         chunk = max(1, PREFILL_TOKENS // self.batch)
         for start in range(0, prompt.shape[1] - 1, chunk):
-            self._read_prompt(prompt[:, start : min(start + chunk, prompt.shape[1] - 1)])
+            self._read_prompt(prompt[:, start : min(start + chunk, prompt.shape[1] - 1)], start)
         self.ids.copy_(prompt[:, -1:])
         self._run_step()
 
