@@ -115,15 +115,12 @@ def test_empty_or_too_short_calibration(capsys, tiny_model_dir, tmp_path, text, 
     assert not (tmp_path / ".out.lowbit-run").exists()
 
 
-def test_a_recipe_that_would_quantize_lm_head_is_refused(capsys, tiny_model_dir, tmp_path):
-    """The pipeline quantizes the decoder blocks' linears; a recipe that does not ignore lm_head
-    would otherwise export it unquantized without a word."""
+def test_a_quantized_output_head_with_resume_is_refused(capsys, tiny_model_dir, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: rtn\nbits: 4\ngroup_size: 32\nignore: []\n")
     code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--recipe", str(recipe), "--out",
-                        str(tmp_path / "out"), "--no-eval")
-    assert_refused(code, out, "lm_head is outside the decoder blocks")
-    assert "'lm_head' to the recipe's ignore list" in out
+                        str(tmp_path / "out"), "--no-eval", "--resume")
+    assert_refused(code, out, "--resume does not cover a quantized output head (lm_head)")
     assert_nothing_complete(tmp_path / "out")
 
 
@@ -194,3 +191,28 @@ def test_compare_with_a_wrong_device_leaves_no_folder(capsys, tmp_path):
     code, out = run_cli(capsys, "compare", "--device", "gpu0", "--out", str(tmp_path / "cmp"))
     assert_refused(code, out, "'gpu0' is not a device")
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_recipe_that_would_quantize_a_linear_outside_the_blocks_is_refused():
+    """Besides the output head, lowbit quantizes the blocks' linears only: a recipe that does not
+    ignore another linear (here one added beside the blocks) is refused before any work."""
+    from torch import nn
+
+    from lowbit.api import check_plan
+    from lowbit.models.architectures import architecture_of
+    from lowbit.recipes import Recipe, RecipeError
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    model.model.extra_proj = nn.Linear(64, 64)
+    with pytest.raises(RecipeError, match="model.extra_proj is outside the decoder blocks.*'model.extra_proj' to the"):
+        check_plan(model, architecture_of(model), Recipe(method="rtn", group_size=32, ignore=[]), exporting=True)
+    assert check_plan(model, architecture_of(model), Recipe(method="rtn", group_size=32, ignore=["lm_head", "*extra*"]),
+                      exporting=True) == 14
+
+
+def test_quantize_head_with_a_budget_is_refused(capsys, tiny_model_dir, tmp_path):
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--quantize-head", "--target-bits", "3.5",
+                        "--out", str(tmp_path / "out"), "--no-eval")
+    assert_refused(code, out, "a budget plans the blocks' linears only")
+    assert_nothing_complete(tmp_path / "out")

@@ -73,3 +73,33 @@ def test_eval_of_the_embedded_model_by_name(capsys, wikitext, has_default_model)
                         "--windows", "1")
     assert code == 0, out
     assert "1 x 128" in out
+
+
+def test_quantize_head_quantizes_the_output_head(capsys, tmp_path, tiny_model_dir, wikitext):
+    """--quantize-head: GPTQ on the head too (the tiny model ties it to the embedding: untied, the
+    embedding kept exact); the saved recipe leaves lm_head out of ignore, and the export lists
+    nothing to ignore, reloads to the same logits, scores and decodes."""
+    import json
+
+    from safetensors import safe_open
+
+    out_dir = tmp_path / "out"
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--quantize-head", "--asym", "--group-size", "32",
+                        "--calib", str(wikitext / "valid.txt"), "--samples", "4", "--seq-len", "64", "--out",
+                        str(out_dir), "--no-eval", "--save-recipe", str(tmp_path / "recipe.yaml"))
+    assert code == 0, out
+    assert "differ from the in-memory model by at most 0.00e+00" in out
+    assert "ignore: []" in (tmp_path / "recipe.yaml").read_text()
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == [] and config["tie_word_embeddings"] is False
+    names = set()
+    for shard in out_dir.glob("*.safetensors"):
+        with safe_open(shard, "pt") as tensors:
+            names |= set(tensors.keys())
+    assert "lm_head.weight_packed" in names and "model.embed_tokens.weight" in names
+    code, out = run_cli(capsys, "eval", str(out_dir), "--data", str(wikitext / "test.txt"), "--seq-len", "64",
+                        "--windows", "1")
+    assert code == 0, out
+    code, out = run_cli(capsys, "generate", str(out_dir), "--prompt", "The capital of France is", "--new-tokens",
+                        "2", "--device", "cpu")
+    assert code == 0, out

@@ -147,3 +147,30 @@ def test_capture_moves_only_what_runs_before_the_first_block_and_copies_nothing_
     with context:
         assert embedding.device.type == device.type
     assert {name: t.data_ptr() for name, t in model.named_parameters()} == before
+
+
+def test_the_output_head_is_calibrated_on_the_final_norm_of_the_quantized_blocks(calibration):
+    """quantize_head: after the blocks, lm_head is solved on the final norm of the quantized model's
+    last hidden states; tied to the embedding (tiny_llama ties them), it is untied first, so the
+    embedding stays exact. Without quantize_head the head is left alone."""
+    from tests.conftest import tiny_llama
+
+    untouched = tiny_llama()
+    assert "lm_head" not in run(untouched, calibration, RTN())
+    assert untouched.lm_head.weight is untouched.model.embed_tokens.weight
+
+    model = tiny_llama()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    reference = copy.deepcopy(model)
+    solver = Capture()
+    results = run(model, calibration, solver, quantize_head=True)
+    assert list(results)[-1] == "lm_head" and len(results) == 15
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert torch.equal(model.lm_head.weight, results["lm_head"].dequantize())
+    for name, qweight in results.items():
+        if name != "lm_head":
+            reference.get_submodule(name).weight.data = qweight.dequantize()
+    expected = layer_input(reference, calibration, "lm_head").float()
+    torch.testing.assert_close(solver.hessians[-1], expected, rtol=1e-4, atol=1e-5)

@@ -152,11 +152,19 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
     blocks = f"{architecture.blocks}."
     outside = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not name.startswith(blocks) and plan(name, module) is not None]
+               if isinstance(module, nn.Linear) and not name.startswith(blocks) and name != architecture.head
+               and plan(name, module) is not None]
     if outside:
         raise RecipeError(f"{', '.join(outside)} {'is' if len(outside) == 1 else 'are'} outside the decoder blocks, "
-                          "and lowbit quantizes the blocks' linears only: add "
-                          f"{', '.join(repr(name) for name in outside)} to the recipe's ignore list")
+                          f"and lowbit quantizes the blocks' linears and the output head ({architecture.head}) only: "
+                          f"add {', '.join(repr(name) for name in outside)} to the recipe's ignore list")
+    head = model.get_submodule(architecture.head)
+    choice = plan(architecture.head, head)
+    if choice is not None and exporting:
+        problem = check_exportable(choice[0], head.in_features, architecture.head) or activation_export_problem(
+            choice[0], recipe.activations, architecture.head)
+        if problem:
+            raise ExportError(problem)
     problems = {r.solver().export_problem for r in recipe.layer_recipes()} - {None}
     if exporting and problems:
         raise ExportError(sorted(problems)[0])
@@ -217,6 +225,13 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
     architecture = architecture_of(model)
     check_finite_weights(model.state_dict().items())
     check_plan(model, architecture, recipe, exporting=out_dir is not None)
+    if not recipe.is_ignored(architecture.head):
+        if streamed is not None:
+            raise ValueError(f"quantizing the output head ({architecture.head}) needs the whole model in memory; "
+                             "pass --offload none, or keep it in the recipe's ignore list")
+        if settings.resume:
+            raise ValueError(f"--resume does not cover a quantized output head ({architecture.head}) yet; "
+                             "quantize without --resume, or keep it in the recipe's ignore list")
     solver_needs_data = recipe.needs_calibration()
     writer = None
     checkpoint = None
@@ -292,6 +307,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
                 hooks=hooks,
                 keep_output=keep_output,
                 activations=recipe.activations,
+                quantize_head=True,  # where the recipe does not ignore it
             ).run(world.shard(calibration), start_block=start_block, start_hidden=start_hidden)
         world.leave()
         if writer is not None:

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hessian (any method; fp16 side branch, exported in lowbit's layout)")
     q.add_argument("--salient", type=float, metavar="FRACTION",
                    help="method binary: share of each group's columns kept salient (two signs; default 0.1)")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="quantize the output head (lm_head) too, with the blocks' format and method, calibrated on "
+                   "the final norm's output (untied from the embedding first; default: kept in full precision)")
     q.add_argument("--calib", metavar="PATH_OR_DATASET",
                    help="calibration text: a .txt/.jsonl file, wikitext2 or c4 (hub), or self "
                    "(default: wikitext2 train, else text sampled from the model)")
@@ -273,6 +276,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     kv_cache = kv_cache_from_args(args) if hasattr(args, "kv_cache") else None
     if kv_cache is not None:
         updates["kv_cache"] = kv_cache.model_dump()
+    if getattr(args, "quantize_head", False):
+        updates["ignore"] = [pattern for pattern in recipe.ignore if pattern != "lm_head"]
     try:
         recipe = Recipe.model_validate({**recipe.model_dump(), **updates})
     except ValidationError as err:
@@ -361,6 +366,9 @@ def run_quantize(args: argparse.Namespace) -> None:
     budget = budget_command.budget_from_args(args)
     out_dir = None if args.no_export else (args.out or default_out_dir(args.model, recipe, budget))
     if budget is not None:
+        if not recipe.is_ignored("lm_head"):
+            raise RecipeError("a budget plans the blocks' linears only; drop --quantize-head (or keep lm_head in the "
+                              "recipe's ignore list) with --target-bits or --max-size")
         _, recipe = budget_command.choose(args, recipe, budget, _settings(args), console)
         if out_dir is not None:
             budget_command.save_plan(recipe, out_dir, console)

@@ -182,7 +182,7 @@ def _run_lowbit(context: _Context, cell: Cell) -> dict[str, Any]:
                            calibration)
     SequentialQuantizer(model, context.architecture, cell.recipe.plan(), device=context.device,
                         batch_size=context.settings.batch_size, transforms=cell.recipe.block_transforms(),
-                        activations=cell.recipe.activations,
+                        activations=cell.recipe.activations, quantize_head=True,
                         on_quantized=lambda name, qweight: size.add(qweight)).run(calibration)
     seconds = time.perf_counter() - start
     record = {"quantize_seconds": seconds, "version": f"lowbit {lowbit.__version__}",

@@ -51,6 +51,10 @@ class Architecture:
     input_sources: tuple[str | None, ...]
     """Per linear group, the module whose output is the group's input and can absorb a channel scale."""
     rotation: RotationLayout | None = None
+    head: str = "lm_head"
+    """The output head: the one linear outside the blocks a recipe may quantize."""
+    final_norm: str = "model.norm"
+    """The norm whose output the head reads (its calibration input)."""
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -76,6 +80,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_LIKE_GROUPS,
                  _LLAMA_LIKE_INPUT_SOURCES, _LLAMA_LIKE_ROTATION),
 )
+
+
+def untie_head(model: nn.Module) -> bool:
+    """Give the output head a weight of its own where it shares the input embedding's, and say so in
+    the config (so exports save both): rotations rewrite the head apart from the embedding, and a
+    quantized head must leave the embedding exact. Returns whether it was tied."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is not embeddings.weight:
+        return False
+    head.weight = nn.Parameter(embeddings.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    return True
 
 
 def supported_model_types() -> list[str]:

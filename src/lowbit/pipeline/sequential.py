@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from lowbit.calibrate.stats import ChannelMagnitude, ChannelMaximum, HessianStats
 from lowbit.formats.activation import ActivationFormat
 from lowbit.formats.base import QuantizedWeight, WeightFormat
-from lowbit.models.architectures import Architecture
+from lowbit.models.architectures import Architecture, untie_head
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs
 from lowbit.pipeline.block_memory import on_device
 from lowbit.pipeline.shortcuts import ParentShortcut, free_memory_bytes, shortcuts_for
@@ -95,6 +95,17 @@ class _StopForward(Exception):
     """Raised from a hook to end a block's forward pass once the needed input has been seen."""
 
 
+class _HeadReader(nn.Module):
+    """The final norm and the output head as a block: hidden states in, the head's output out."""
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden: torch.Tensor, **_: Any) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+
 @dataclass
 class _BlockInputs:
     """Captured inputs of the current block, one entry per calibration batch."""
@@ -122,6 +133,7 @@ class SequentialQuantizer:
         reduce_stats: Callable[[HessianStats], None] | None = None,
         activations: ActivationFormat | None = None,
         use_shortcuts: bool = True,
+        quantize_head: bool = False,
     ) -> None:
         """`batch_size` calibration samples go through a block per forward (None: all at once).
 
@@ -133,6 +145,7 @@ class SequentialQuantizer:
         `use_shortcuts` lets true-sequential passes over several batches answer a sub-module that
         ends in an already solved linear from that linear's recorded inputs (pipeline/shortcuts.py);
         off, every pass runs the whole block (the same results, for timing the difference).
+        `quantize_head`: after the blocks, ask the plan for the output head too (`_quantize_head`).
         """
         self.transforms = list(transforms)
         self.model = model
@@ -148,6 +161,7 @@ class SequentialQuantizer:
         self.reduce_stats = reduce_stats  # sums statistics across processes (pipeline.distributed)
         self.activations = activations
         self.use_shortcuts = use_shortcuts
+        self.quantize_head = quantize_head
 
     @torch.no_grad()
     def run(
@@ -187,6 +201,30 @@ class SequentialQuantizer:
                 hook.after_block(index, block, None if inputs is None else inputs.hidden)
             progress.update()
         progress.close()
+        if self.quantize_head:
+            self._quantize_head(inputs)
+
+    def _quantize_head(self, inputs: _BlockInputs | None) -> None:
+        """The output head, where the plan quantizes it, calibrated on the final norm of the last
+        (quantized) block's outputs: one more "block" made of that norm and the head, whose
+        forward stops at the head's input, so the logits are never computed. A head tied to the
+        input embedding gets a weight of its own first, so the embedding stays exact."""
+        name = self.architecture.head
+        head = self.model.get_submodule(name)
+        choice = self.plan(name, head)
+        if choice is None:
+            return
+        untie_head(self.model)
+        head = self.model.get_submodule(name)
+        group = _Group([_Job(name, head, *choice)])
+        reader = _HeadReader(self.model.get_submodule(self.architecture.final_norm), head)
+        with on_device(reader, self.device):
+            if inputs is None:
+                self._solve(group)
+            else:
+                self._start_statistics([group])
+                self._forward_all(reader, inputs, [group], stop_after_input=True)
+                self._solve(group)
 
     def _groups_of(self, block: nn.Module, prefix: str) -> list[_Group]:
         groups = []
@@ -258,13 +296,18 @@ class SequentialQuantizer:
             ))
         return groups
 
-    def _quantize_block(self, block: nn.Module, groups: list[_Group], inputs: _BlockInputs) -> _BlockInputs:
+    def _start_statistics(self, groups: list[_Group]) -> None:
+        """Empty input statistics for each group: its Hessian where a solver needs one, its input
+        range where activations get static scales."""
         static = self.activations is not None and not self.activations.dynamic
         for group in groups:
             if group.needs_hessian:
                 group.stats = HessianStats(group.jobs[0].linear.in_features, device=self.device)
             if static:
                 group.input_range = ChannelMaximum(group.jobs[0].linear.in_features, device=self.device)
+
+    def _quantize_block(self, block: nn.Module, groups: list[_Group], inputs: _BlockInputs) -> _BlockInputs:
+        self._start_statistics(groups)
         if len(inputs.hidden) == 1 and self.true_sequential:
             return self._forward_all(block, inputs, groups, solve_in_hook=True)
         if not self.true_sequential:

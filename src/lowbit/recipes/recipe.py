@@ -86,9 +86,11 @@ class Recipe(BaseModel):
     model once before the first block. `transform_options` gives a transform its settings by name
     (`{spinquant: {steps: 32}}`).
     `overrides` change these settings for some layers; the first override that matches a layer
-    applies, and `ignore` wins over all of them. The pipeline quantizes the decoder blocks' linears,
-    so `ignore` must name any linear outside them (lm_head, the default); a recipe that does not is
-    refused before work starts (api.check_plan). `format_options` are settings only some families
+    applies, and `ignore` wins over all of them. The pipeline quantizes the decoder blocks' linears
+    and, where `ignore` leaves it out (the default keeps it), the output head lm_head, calibrated on
+    the final norm's output and untied from the input embedding first; a recipe that leaves any
+    other linear outside the blocks to quantize is refused before work starts (api.check_plan).
+    `format_options` are settings only some families
     take (vq: dim, residual_bits, row_scale); for `vq`, `bits` is log2 of the codebook size and
     `group_size` the columns sharing a codebook.
     `outliers` (a fraction, e.g. 0.005) keeps that share of each matrix's weights in fp16 as a sparse

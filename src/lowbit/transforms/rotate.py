@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.models.architectures import Architecture, RotationLayout
+from lowbit.models.architectures import Architecture, RotationLayout, untie_head
 from lowbit.transforms import online
 from lowbit.transforms.hadamard import orthogonal_rotation
 
@@ -109,10 +109,8 @@ def prepare(model: nn.Module, architecture: Architecture) -> None:
     layout = layout_of(architecture)
     if any(online.has_online_hadamard(m) for m in model.modules()):
         raise RotationError("the model is already rotated (it has online Hadamards); rotate the original once")
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is embeddings.weight:
-        head.weight = nn.Parameter(embeddings.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+    untie_head(model)
+    head = model.get_output_embeddings()
     pairs = [(f"{architecture.blocks}.{index}.{norm}", [f"{architecture.blocks}.{index}.{name}" for name in readers])
              for index in range(len(architecture.block_list(model)))
              for norm, readers in layout.norm_readers]
