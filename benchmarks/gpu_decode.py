@@ -66,11 +66,12 @@ def build(layers: int | None, family: str = "llama3-8b", device: str | torch.dev
 
 
 @torch.no_grad()
-def quantize_in_place(model: nn.Module) -> dict[str, QuantLinear]:
-    """Set every decoder Linear to its int4 RTN value; return the QuantLinear for each (not yet swapped)."""
+def quantize_in_place(model: nn.Module, head: bool = False) -> dict[str, QuantLinear]:
+    """Set every decoder Linear (and lm_head with `head`) to its int4 RTN value; return the
+    QuantLinear for each, by module name (not yet swapped)."""
     packed = {}
-    for name, module in model.model.layers.named_modules():
-        if isinstance(module, nn.Linear):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (name.startswith("model.layers.") or (head and name == "lm_head")):
             qweight = quantize_matrix(FMT, module.weight.float())
             module.weight.copy_(qweight.dequantize().to(module.weight.dtype))
             packed[name] = QuantLinear.from_quantized(qweight).to("cuda")
@@ -81,7 +82,7 @@ def quantize_in_place(model: nn.Module) -> dict[str, QuantLinear]:
 def swap(model: nn.Module, packed: dict[str, QuantLinear]) -> None:
     for name, module in packed.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.model.layers.get_submodule(parent_name), child, module)
+        setattr(model.get_submodule(parent_name), child, module)
     torch.cuda.empty_cache()
 
 
@@ -183,7 +184,8 @@ def markdown(result: dict) -> str:
              f"prompt {meta['prompt']} "
              f"tokens then {meta['new']} timed tokens, static KV cache, one CUDA graph per step, on "
              f"{meta['device']} (torch {meta['torch']}). int4: every decoder Linear as QuantLinear (asym g128); "
-             "embedding and lm_head bf16 in both."
+             + ("lm_head too (in the bf16 run, its rounded value in bf16); embedding bf16 in both."
+                if meta.get("quantized_head") else "embedding and lm_head bf16 in both.")
              + {True: " q/k/v and gate/up merged into one matmul each, in both.",
                 False: " q/k/v and gate/up as separate matmuls, in both."}.get(meta.get("merged_projections"), "")
              + (" Step: `modules` runs the model's norms, rotary embedding and MLP activation as transformers does; "
@@ -225,6 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=tuple(FAMILIES), default="llama3-8b", help="the model's shapes")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the family's, 32 or 36)")
+    parser.add_argument("--quantize-head", action="store_true", help="lm_head as int4 QuantLinear too")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
@@ -246,7 +249,7 @@ def main() -> None:
         return
     use_paths(*args.paths)
     model = build(args.layers, args.family)
-    packed = quantize_in_place(model)
+    packed = quantize_in_place(model, args.quantize_head)
     prompt = torch.randint(0, model.config.vocab_size, (max(args.batches), args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(1))
     reference = float32_logits(model, prompt, args.batches)
@@ -270,6 +273,7 @@ def main() -> None:
         if args.profile else {}
     result = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "family": FAMILIES[args.family][0], "layers": model.config.num_hidden_layers,
+                       "quantized_head": args.quantize_head,
                        "merged_projections": args.merge, "decode_attention": True,
                        "prompt": args.prompt, "new": args.new, "date": time.strftime("%Y-%m-%d %H:%M"),
                        "paths": sorted({f"M<={key[2]} {key[3]}x{key[4]}: {path}" for key, path in path_table().items()})},
