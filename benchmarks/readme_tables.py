@@ -54,6 +54,8 @@ TABLES = {  # results file -> heading in the README
     "prompt read in chunks and one position a step (`python benchmarks/gpu_decode.py --steps fused --prompt 2048`)",
     "gpu_decode_h200_qwen3.md": "Decode speed of a Qwen3-8B-shaped model, int4 vs bf16, one H200, a 512-token "
     "prompt (`python benchmarks/gpu_decode.py --family qwen3-8b --steps fused --prompt 512`)",
+    "gpu_decode_h200_quantized_head.md": "Decode speed of an 8B-shaped model with lm_head in int4 too, one H200 "
+    "(`python benchmarks/gpu_decode.py --steps fused --quantize-head`)",
     "gpu_decode_attention_h200_variants.md": "Decode attention of one 8B-shaped layer, lowbit against the masked "
     "SDPA, one H200 (`python benchmarks/gpu_decode_attention.py --variants 384:64 384:256 128:64 128:256 256:128` "
     "at commit 9e222db: TARGET_PROGRAMS:MIN_CHUNK, a minimum chunk since taken out; the product is 128:64)",
