@@ -58,9 +58,10 @@ def recipe_for(method: str, bits: int, group_size: int, transform_options: dict 
                   transform_options=options, method_options=solver_options)
 
 
-def quantize_copy(original, recipe: Recipe, calibration,
-                  device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float, float]:
-    """A quantized copy of `original`, made on `device`; returns it with its seconds and average bits per weight."""
+def quantize_copy(original, recipe: Recipe, calibration, device: torch.device = torch.device("cpu"),
+                  quantize_head: bool = False) -> tuple[torch.nn.Module, float, float]:
+    """A quantized copy of `original`, made on `device`; returns it with its seconds and average bits
+    per weight. `quantize_head`: lm_head too, where the recipe does not ignore it."""
     model = copy.deepcopy(original).to(device)
     bits = count = 0
 
@@ -75,6 +76,7 @@ def quantize_copy(original, recipe: Recipe, calibration,
     SequentialQuantizer(
         model, architecture_of(model), recipe.plan(), on_quantized=on_quantized, transforms=recipe.block_transforms(),
         activations=recipe.activations, device=device, activations_on_device=device.type == "cuda",
+        quantize_head=quantize_head,
     ).run(data)
     return model, time.perf_counter() - start, bits / count
 

@@ -89,6 +89,7 @@ def test_quantize_head_quantizes_the_output_head(capsys, tmp_path, tiny_model_di
                         str(out_dir), "--no-eval", "--save-recipe", str(tmp_path / "recipe.yaml"))
     assert code == 0, out
     assert "differ from the in-memory model by at most 0.00e+00" in out
+    assert "shares its weight with the input embedding" in out  # tied: the checkpoint grows
     assert "ignore: []" in (tmp_path / "recipe.yaml").read_text()
     config = json.loads((out_dir / "config.json").read_text())
     assert config["quantization_config"]["ignore"] == [] and config["tie_word_embeddings"] is False

@@ -232,6 +232,13 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         if settings.resume:
             raise ValueError(f"--resume does not cover a quantized output head ({architecture.head}) yet; "
                              "quantize without --resume, or keep it in the recipe's ignore list")
+        head = model.get_output_embeddings()
+        if head.weight is model.get_input_embeddings().weight:
+            logging.getLogger(__name__).warning(
+                "%s shares its weight with the input embedding: quantizing it adds a quantized copy beside "
+                "the 16-bit embedding, so the checkpoint grows by about %.1f MB while the head's matmul reads "
+                "fewer bytes",
+                architecture.head, head.weight.numel() * recipe.bits / 8 / 1e6)
     solver_needs_data = recipe.needs_calibration()
     writer = None
     checkpoint = None
