@@ -23,6 +23,9 @@ With an activation format (W8A8), each linear rounds its input to it from the mo
 solved (modules.input_quant): later groups, and the next block, see the outputs of a block whose
 weights *and* inputs are quantized. A group is solved on its own unrounded inputs; static scales
 are calibrated on those same inputs (max |x| over every calibration token that reaches it).
+
+With `quantize_head`, the output head follows the last block the same way, calibrated on the final
+norm of the quantized blocks' outputs.
 """
 
 from __future__ import annotations
