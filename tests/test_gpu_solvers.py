@@ -59,16 +59,23 @@ def test_fused_gptq_kernel_matches_the_torch_column_loop(fmt, act_order, ranges,
     assert rel < 1e-3
 
 
-def test_pipeline_on_gpu_with_activations_on_device_matches_cpu():
+@pytest.mark.parametrize("quantize_head", [False, True], ids=["blocks", "blocks+head"])
+def test_pipeline_on_gpu_with_activations_on_device_matches_cpu(quantize_head):
+    """The same codes on either device, the output head's too where it is quantized (the tiny
+    model ties it to the embedding, which stays exact and in CPU memory)."""
     calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     fmt = IntegerFormat(4, symmetric=False, group_size=32)
     results = {}
     for device in ("cpu", "cuda"):
         model = tiny_llama(seed=2)
+        embedding = model.model.embed_tokens.weight.detach().clone()
         out = {}
         SequentialQuantizer(model, architecture_of(model), lambda name, linear: (fmt, GPTQ()), device=device,
-                            batch_size=4, activations_on_device=device == "cuda", on_quantized=out.__setitem__
-                            ).run(calibration)
+                            batch_size=4, activations_on_device=device == "cuda", on_quantized=out.__setitem__,
+                            quantize_head=quantize_head).run(calibration)
+        assert ("lm_head" in out) == quantize_head
+        assert torch.equal(model.model.embed_tokens.weight, embedding)
+        assert model.lm_head.weight.device.type == "cpu"
         results[device] = out
     for name, cpu in results["cpu"].items():
         gpu = results["cuda"][name]
