@@ -127,6 +127,27 @@ def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
     assert phases == sorted(phases) and phases[-1] < out.index("tokens/s")
 
 
+def test_generate_reads_a_long_prompt_from_a_file(tiny_int4_export, tmp_path, capsys):
+    """--prompt-file: the same continuation as --prompt, read in chunks; the prompt is not echoed.
+    A missing file or one that is not text is one line of error."""
+    text = " ".join(["The capital of France is Paris."] * 40)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(text, encoding="utf-8")
+    common = ["--new-tokens", "4", "--device", "cpu"]
+    assert main(["generate", str(tiny_int4_export), "--prompt", text, *common]) == 0
+    inline = capsys.readouterr().out
+    assert main(["generate", str(tiny_int4_export), "--prompt-file", str(prompt), *common]) == 0
+    from_file = capsys.readouterr().out
+    continuation = inline[inline.rindex(text) + len(text):]
+    assert continuation.strip() and from_file.rstrip().endswith(continuation.rstrip())
+    assert text not in from_file and "reading the prompt (1 x" in from_file
+    assert main(["generate", str(tiny_int4_export), "--prompt-file", str(tmp_path / "missing.txt"), *common]) == 2
+    assert "error: no prompt file at" in capsys.readouterr().out
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\xfa")
+    assert main(["generate", str(tiny_int4_export), "--prompt-file", str(tmp_path / "binary.txt"), *common]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().out
+
+
 def test_generate_on_cpu_runs_the_dense_reload_and_gives_its_tokens(tiny_int4_export):
     """On a CPU the int4 matmul is the reference one (it decodes the weight every call): dense is faster."""
     from lowbit.api import generate_text

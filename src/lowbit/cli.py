@@ -222,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = commands.add_parser("generate", help="greedy text and its speed from a model or a lowbit export (on a "
                             "GPU, run on its codes)")
     g.add_argument("model", help="lowbit output folder, or model (id, folder, .gguf); 'default' = embedded model")
-    g.add_argument("--prompt", required=True, help="text to continue")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", type=Path, metavar="PATH",
+                        help="text to continue, read from a UTF-8 file (long prompts); only the continuation is printed")
     g.add_argument("--new-tokens", type=_positive, default=64, help="tokens to generate (default 64)")
     g.add_argument("--batch", type=_positive, default=1,
                    help="decode the prompt this many times at once, to time that batch size (default 1)")
@@ -448,7 +451,8 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from lowbit.api import generate_text
 
-    report = generate_text(None if args.model == "default" else args.model, args.prompt, args.new_tokens,
+    prompt = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
+    report = generate_text(None if args.model == "default" else args.model, prompt, args.new_tokens,
                            args.batch, args.device, args.dtype, args.chat,
                            progress=lambda message: console.print(message, style="dim", highlight=False))
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
@@ -463,7 +467,19 @@ def run_generate(args: argparse.Namespace) -> None:
                            ("CUDA graph", "yes" if report.graph else "no")):
         table.add_row(measure, value)
     console.print(table)
-    console.print(report.text if args.chat else args.prompt + report.text, highlight=False, markup=False)
+    echoed = args.chat or args.prompt_file is not None  # a chat turn's or a file's prompt is not repeated
+    console.print(report.text if echoed else prompt + report.text, highlight=False, markup=False)
+
+
+def _read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"no prompt file at {path}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the prompt file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; give --prompt-file a text file") from None
 
 
 def run_bench(args: argparse.Namespace) -> None:
