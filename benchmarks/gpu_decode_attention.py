@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -53,15 +52,6 @@ def attend_with(setting: str, *args) -> torch.Tensor:
             setattr(decode_attention, name, value)
 
 
-def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
-    """float64 attention of q over positions 0..position, as [batch, 1, heads·D]."""
-    group = q.shape[1] // keys.shape[1]
-    k = keys[:, :, : position + 1].double().repeat_interleave(group, dim=1)
-    v = values[:, :, : position + 1].double().repeat_interleave(group, dim=1)
-    weights = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    return (weights @ v).transpose(1, 2).reshape(q.shape[0], 1, -1)
-
-
 def run_case(case: tuple[int, int, str]) -> list[dict]:
     batch, max_len, where = case
     position = max_len // 4 - 1 if where == "first quarter" else max_len - 1
@@ -71,7 +61,7 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
                     .to(torch.bfloat16) for _ in range(2))
     pos = torch.tensor([position], device="cuda")
     visible = decode_attention.visible_mask(torch.arange(max_len, device="cuda"), pos, q.dtype)
-    ref = reference(q, keys, values, position)
+    ref = decode_attention.reference_attention(q, keys, values, position)
     calls = {"sdpa": lambda: decode_attention.masked_sdpa(q, keys, values, visible)}
     for setting in SETTINGS:
         calls[f"lowbit {setting}"] = functools.partial(attend_with, setting, q, keys, values, pos)

@@ -3,7 +3,6 @@ float64 softmax attention over that prefix; its Triton kernel in the interpreter
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
 ]
 
 
-def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
-    """float64 softmax(q·kᵀ/√D)·v over positions 0..position, as [batch, 1, heads·D]."""
-    batch, heads, _, dim = q.shape
-    group = heads // keys.shape[1]
-    k = keys[:, :, : position + 1].double().repeat_interleave(group, dim=1)
-    v = values[:, :, : position + 1].double().repeat_interleave(group, dim=1)
-    weights = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(dim), dim=-1)
-    return (weights @ v).transpose(1, 2).reshape(batch, 1, heads * dim)
-
-
 def check_cases(device: str, dtype: torch.dtype, tolerance: float) -> None:
     """Every case twice (the second finds the counters the first's last programs reset), then the
     counters zero; in `dtype` on `device` against float64."""
@@ -43,7 +32,7 @@ def check_cases(device: str, dtype: torch.dtype, tolerance: float) -> None:
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         keys, values = (torch.randn(batch, kv_heads, max_len, dim, generator=g).to(device, dtype) for _ in range(2))
         pos = torch.tensor([position], device=device)
-        expected = reference(q.cpu(), keys.cpu(), values.cpu(), position)
+        expected = decode_attention.reference_attention(q.cpu(), keys.cpu(), values.cpu(), position)
         for _ in range(2):
             out = decode_attention.attend(q, keys, values, pos)
             assert out.shape == (batch, 1, heads * dim) and out.dtype == dtype
@@ -139,7 +128,7 @@ def test_one_captured_call_serves_every_position():
     for position in (0, 10, 63, 64, 1000, 2047):
         pos.fill_(position)
         graph.replay()
-        expected = reference(q.cpu(), keys.cpu(), values.cpu(), position)
+        expected = decode_attention.reference_attention(q.cpu(), keys.cpu(), values.cpu(), position)
         assert float((out.cpu().double() - expected).norm() / expected.norm()) < 1e-2, position
 
 

@@ -69,6 +69,18 @@ def masked_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visib
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int) -> torch.Tensor:
+    """float64 softmax(q·kᵀ/√D)·v over positions 0..position, each query head reading its group's
+    key/value head, as [batch, 1, heads·D]: the slow, obvious definition the tests and the
+    benchmark check `attend` against."""
+    batch, heads, _, dim = q.shape
+    group = heads // keys.shape[1]
+    k = keys[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    v = values[:, :, : position + 1].double().repeat_interleave(group, dim=1)
+    weights = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(batch, 1, heads * dim)
+
+
 def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """`masked_sdpa` with positions after `pos` masked."""
     positions = torch.arange(keys.shape[2], device=q.device)
