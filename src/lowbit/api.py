@@ -133,21 +133,21 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
     """Validate every layer's format before any work starts; returns the number of layers planned."""
     plan = recipe.plan()
     planned = 0
+
+    def check(full_name: str, linear: nn.Linear) -> bool:
+        """Whether the plan quantizes the linear; refused here if its format cannot be exported."""
+        choice = plan(full_name, linear)
+        if choice is not None and exporting:
+            problem = check_exportable(choice[0], linear.in_features, full_name) or activation_export_problem(
+                choice[0], recipe.activations, full_name)
+            if problem:
+                raise ExportError(problem)
+        return choice is not None
+
     for index, block in enumerate(architecture.block_list(model)):
         for names in architecture.linear_groups:
             for name in names:
-                full_name = f"{architecture.blocks}.{index}.{name}"
-                linear = block.get_submodule(name)
-                choice = plan(full_name, linear)
-                if choice is None:
-                    continue
-                planned += 1
-                problem = None
-                if exporting:
-                    problem = check_exportable(choice[0], linear.in_features, full_name) or activation_export_problem(
-                        choice[0], recipe.activations, full_name)
-                if problem:
-                    raise ExportError(problem)
+                planned += check(f"{architecture.blocks}.{index}.{name}", block.get_submodule(name))
     if planned == 0:
         raise ValueError("the recipe's ignore list leaves no layer to quantize")
     blocks = f"{architecture.blocks}."
@@ -158,13 +158,7 @@ def check_plan(model: nn.Module, architecture: Architecture, recipe: Recipe, exp
         raise RecipeError(f"{', '.join(outside)} {'is' if len(outside) == 1 else 'are'} outside the decoder blocks, "
                           f"and lowbit quantizes the blocks' linears and the output head ({architecture.head}) only: "
                           f"add {', '.join(repr(name) for name in outside)} to the recipe's ignore list")
-    head = model.get_submodule(architecture.head)
-    choice = plan(architecture.head, head)
-    if choice is not None and exporting:
-        problem = check_exportable(choice[0], head.in_features, architecture.head) or activation_export_problem(
-            choice[0], recipe.activations, architecture.head)
-        if problem:
-            raise ExportError(problem)
+    check(architecture.head, model.get_submodule(architecture.head))
     problems = {r.solver().export_problem for r in recipe.layer_recipes()} - {None}
     if exporting and problems:
         raise ExportError(sorted(problems)[0])

@@ -29,8 +29,8 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class RotationLayout:
-    """Where the residual stream is read and written, by names relative to a block (except
-    `final_norm`, relative to the model). The embeddings and the output head are found through
+    """Where the residual stream is read and written, by names relative to a block. The final norm
+    is the architecture's `final_norm`; the embeddings and the output head are found through
     transformers' get_input_embeddings / get_output_embeddings."""
 
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...]
@@ -39,7 +39,6 @@ class RotationLayout:
     value: str
     attention_output: str
     mlp_output: str
-    final_norm: str
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class Architecture:
     head: str = "lm_head"
     """The output head: the one linear outside the blocks a recipe may quantize."""
     final_norm: str = "model.norm"
-    """The norm whose output the head reads (its calibration input)."""
+    """The norm whose output the head reads (the head's calibration input; rotations fold it into the head)."""
 
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -73,7 +72,6 @@ _LLAMA_LIKE_ROTATION = RotationLayout(
     value="self_attn.v_proj",
     attention_output="self_attn.o_proj",
     mlp_output="mlp.down_proj",
-    final_norm="model.norm",
 )
 
 ARCHITECTURES: tuple[Architecture, ...] = (
@@ -82,16 +80,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 
 
-def untie_head(model: nn.Module) -> bool:
+def untie_head(model: nn.Module) -> None:
     """Give the output head a weight of its own where it shares the input embedding's, and say so in
     the config (so exports save both): rotations rewrite the head apart from the embedding, and a
-    quantized head must leave the embedding exact. Returns whether it was tied."""
+    quantized head must leave the embedding exact."""
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is not embeddings.weight:
-        return False
-    head.weight = nn.Parameter(embeddings.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    return True
+    if head.weight is embeddings.weight:
+        head.weight = nn.Parameter(embeddings.weight.detach().clone())
+        model.config.tie_word_embeddings = False
 
 
 def supported_model_types() -> list[str]:

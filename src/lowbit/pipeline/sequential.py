@@ -217,8 +217,7 @@ class SequentialQuantizer:
         choice = self.plan(name, head)
         if choice is None:
             return
-        untie_head(self.model)
-        head = self.model.get_submodule(name)
+        untie_head(self.model)  # a new weight on the same module
         group = _Group([_Job(name, head, *choice)])
         reader = _HeadReader(self.model.get_submodule(self.architecture.final_norm), head)
         with on_device(reader, self.device):

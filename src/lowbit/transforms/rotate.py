@@ -114,7 +114,7 @@ def prepare(model: nn.Module, architecture: Architecture) -> None:
     pairs = [(f"{architecture.blocks}.{index}.{norm}", [f"{architecture.blocks}.{index}.{name}" for name in readers])
              for index in range(len(architecture.block_list(model)))
              for norm, readers in layout.norm_readers]
-    pairs.append((layout.final_norm, [module_name(model, head)]))
+    pairs.append((architecture.final_norm, [module_name(model, head)]))
     for norm_name, reader_names in pairs:
         norm = model.get_submodule(norm_name)
         if getattr(norm, "bias", None) is not None:
