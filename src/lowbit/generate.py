@@ -15,6 +15,8 @@ written positions (kernels/decode_attention.py). It works on CPU too (without th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -116,13 +118,17 @@ class StaticDecoder:
         self._module_layers(hidden, cos, sin, positions, end)
         self.pos.fill_(end)
 
-    def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _projections(self, attn: nn.Module, qkv: nn.Module | None, x: torch.Tensor,
+                     product: Callable = nn.Module.__call__) -> tuple[torch.Tensor | decode_ops.Pending, ...]:
+        """q, k and v of x: one merged matmul by `product` (a plain call, or `_product`) where merged."""
         if qkv is not None:
-            return qkv(x).split(self._qkv_sizes, dim=-1)
+            return product(qkv, x).split(self._qkv_sizes, dim=-1)
         return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
 
-    def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return gate_up(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    def _gate_up(self, mlp: nn.Module, gate_up: nn.Module, x: torch.Tensor,
+                 product: Callable = nn.Module.__call__) -> tuple[torch.Tensor | decode_ops.Pending, ...]:
+        """gate and up of x, from their merged matmul by `product`."""
+        return product(gate_up, x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
 
     def _product(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | decode_ops.Pending:
         """linear(x), or, where lowbit's kernel for it can leave the product unfinished (a QuantLinear
@@ -177,20 +183,14 @@ class StaticDecoder:
         for layer, keys, values, (qkv, gate_up), next_norm in zip(layers, self.keys, self.values, self._merged,
                                                                   next_norms):
             attn, mlp, norm = layer.self_attn, layer.mlp, layer.post_attention_layernorm
-            if qkv is not None:
-                q, k, v = self._product(qkv, x).split(self._qkv_sizes, dim=-1)
-            else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q, k, v = self._projections(attn, qkv, x, self._product)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos, _head_norms(attn))
             attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
                         else decode_attention.masked_sdpa(q, keys, values, visible))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
                                                 norm.variance_epsilon)
-            if gate_up is not None:
-                sizes = [mlp.gate_proj.out_features, mlp.up_proj.out_features]
-                gate, up = self._product(gate_up, x).split(sizes, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            gate, up = (self._gate_up(mlp, gate_up, x, self._product) if gate_up is not None
+                        else (mlp.gate_proj(x), mlp.up_proj(x)))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(mlp.down_proj, decode_ops.silu_mul(gate, up)),
                                                 next_norm.weight, next_norm.variance_epsilon)
         return x
