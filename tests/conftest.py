@@ -72,6 +72,18 @@ def tiny_family(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return getattr(transformers, model_class)(getattr(transformers, config_class)(**{**settings, **overrides})).eval()
 
 
+@torch.no_grad()
+def with_norms_and_biases_drawn(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every norm's weight drawn from [0.5, 2] and every bias from N(0, 0.1²): folding
+    them into other layers (rotations) then matters, as in a trained model."""
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.uniform_(0.5, 2.0)
+        elif "bias" in name:
+            parameter.normal_(0, 0.1)
+    return model
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

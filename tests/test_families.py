@@ -14,7 +14,7 @@ import torch
 from lowbit.cli import main
 from lowbit.models.architectures import architecture_of
 from lowbit.transforms import MODEL_TRANSFORMS
-from tests.conftest import tiny_family
+from tests.conftest import tiny_family, with_norms_and_biases_drawn
 
 OTHER_FAMILIES = ["qwen2", "mistral", "qwen3"]
 
@@ -23,13 +23,7 @@ OTHER_FAMILIES = ["qwen2", "mistral", "qwen3"]
 @pytest.mark.parametrize("name", ["hadamard", "quarot"])
 def test_rotations_keep_the_function(family, name):
     """Norms not ones (Qwen3's q and k norms included) and biases not zeros, so folding them matters."""
-    model = tiny_family(family, seed=1)
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if "norm" in parameter_name:
-                parameter.uniform_(0.5, 2.0)
-            elif "bias" in parameter_name:
-                parameter.normal_(0, 0.1)
+    model = with_norms_and_biases_drawn(tiny_family(family, seed=1))
     original = copy.deepcopy(model)
     MODEL_TRANSFORMS[name]().apply(model, architecture_of(model), lambda *_: None, None)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))

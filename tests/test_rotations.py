@@ -16,20 +16,13 @@ from lowbit.transforms.hadamard import hadamard_factors, orthogonal_rotation, pa
 from lowbit.transforms.online import OnlineHadamard, has_online_hadamard
 from lowbit.transforms.spinquant import SpinQuant, cayley
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama_config, with_norms_and_biases_drawn
 
 
 def random_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A tiny Llama whose norms are not ones (so folding them matters) and whose embeddings are tied."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 2.0)
-            elif "bias" in name:
-                parameter.normal_(0, 0.1)
-    return model
+    return with_norms_and_biases_drawn(LlamaForCausalLM(tiny_llama_config(**overrides)).eval())
 
 
 def logits(model, ids):
