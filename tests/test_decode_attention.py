@@ -9,6 +9,7 @@ import torch
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.w4a16 import triton_available
+from lowbit.kv.float8 import Float8Cache, dequantize_rows
 from tests.conftest import check_in_triton_interpreter
 
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
@@ -24,15 +25,38 @@ CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
 ]
 
 
-def check_cases(device: str, dtype: torch.dtype, tolerance: float) -> None:
+def float8_cache(entries: torch.Tensor, position: int) -> Float8Cache:
+    """`entries` [batch, kv_heads, max_len, D] written into an fp8 cache, position by position up to
+    `position` (the last written, so the one kept exact)."""
+    batch, kv_heads, max_len, dim = entries.shape
+    cache = Float8Cache.empty(batch, kv_heads, max_len, dim, entries.device, entries.dtype)
+    cache.write(entries[:, :, : position + 1], torch.arange(position + 1, device=entries.device))
+    return cache
+
+
+def as_read(cache: Float8Cache, position: int) -> torch.Tensor:
+    """What attention at `position` must read from an fp8 cache, built from its parts: each code
+    times its scale, rounded once, and the exact entry at the position itself."""
+    entries = dequantize_rows(cache.codes.cpu(), cache.scales.cpu(), cache.dtype)
+    entries[:, :, position] = cache.latest.cpu()
+    return entries
+
+
+def check_cases(device: str, dtype: torch.dtype, tolerance: float, float8: bool = False) -> None:
     """Every case twice (the second finds the counters the first's last programs reset), then the
-    counters zero; in `dtype` on `device` against float64."""
+    counters zero; in `dtype` on `device` against float64 (with `float8`, over an fp8 cache,
+    against float64 attention over the entries it holds)."""
     g = torch.Generator().manual_seed(0)
     for batch, heads, kv_heads, dim, max_len, position in CASES:
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         keys, values = (torch.randn(batch, kv_heads, max_len, dim, generator=g).to(device, dtype) for _ in range(2))
         pos = torch.tensor([position], device=device)
-        expected = decode_attention.reference_attention(q.cpu(), keys.cpu(), values.cpu(), position)
+        if float8:
+            keys, values = float8_cache(keys, position), float8_cache(values, position)
+            expected = decode_attention.reference_attention(q.cpu(), as_read(keys, position),
+                                                            as_read(values, position), position)
+        else:
+            expected = decode_attention.reference_attention(q.cpu(), keys.cpu(), values.cpu(), position)
         for _ in range(2):
             out = decode_attention.attend(q, keys, values, pos)
             assert out.shape == (batch, 1, heads * dim) and out.dtype == dtype
@@ -43,6 +67,21 @@ def check_cases(device: str, dtype: torch.dtype, tolerance: float) -> None:
 
 def test_the_torch_path_attends_over_the_written_positions_only():
     check_cases("cpu", torch.float32, 1e-5)
+    check_cases("cpu", torch.float32, 1e-5, float8=True)
+
+
+def test_an_fp8_cache_reads_its_codes_and_the_last_position_exactly():
+    """The entries attention reads: within e4m3's half unit (2^-4 relative to a row's largest)
+    of what was written, and exactly what was written at the last position."""
+    g = torch.Generator().manual_seed(1)
+    entries = torch.randn(2, 3, 20, 16, generator=g) * torch.logspace(-3, 3, 16)  # channels of six decades
+    cache = float8_cache(entries, 12)
+    read = as_read(cache, 12)
+    assert torch.equal(read[:, :, 12], entries[:, :, 12])
+    bound = entries[:, :, :12].abs().amax(dim=-1, keepdim=True) * 2.0**-4
+    assert ((read[:, :, :12] - entries[:, :, :12]).abs() <= bound).all()
+    assert torch.equal(cache.read_at(torch.tensor([12]))[:, :, :13], read[:, :, :13])
+    assert not cache.codes[:, :, 13:].float().any() and not cache.scales[:, :, 13:].any()
 
 
 def test_the_kernel_in_the_interpreter():
@@ -55,6 +94,7 @@ def test_the_kernel_in_the_interpreter():
               "assert decode_attention._on_triton(torch.zeros(1, 4, 1, 8, dtype=torch.float16),"
               " *[torch.zeros(1, 2, 8, 8, dtype=torch.float16)] * 2)\n"
               "check_cases('cpu', torch.float16, 2e-3)\n"
+              "check_cases('cpu', torch.float16, 2e-3, float8=True)\n"
               "print('ok')\n")
     check_in_triton_interpreter(script, timeout=600)
 
@@ -74,8 +114,11 @@ def compile_for_sm90(**constexprs):
     from triton.compiler import ASTSource
 
     kernel = decode_attention._attend_kernel
-    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, **constexprs}
-    types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
+    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, **constexprs}
+    float8 = constexprs.get("FLOAT8", False)
+    cached, scales = ("*fp8e4nv", "*fp32") if float8 else ("*bf16", "*bf16")
+    types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,
+             "kl_ptr": "*bf16", "vl_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
@@ -85,15 +128,18 @@ def compile_for_sm90(**constexprs):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores():
+@pytest.mark.parametrize("float8", [False, True])
+def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores(float8):
     """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
-    the interpreter cannot run), and the chunks' count published by an acquire-release atomic."""
+    the interpreter cannot run), and the chunks' count published by an acquire-release atomic;
+    an fp8 cache's codes converted by the hardware's e4m3 conversion."""
     pytest.importorskip("triton")
     ptx = compile_for_sm90(KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
-                           GROUP_P2=4).asm["ptx"]
+                           GROUP_P2=4, FLOAT8=float8).asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
     assert "cp.async" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
+    assert ("e4m3" in ptx) == float8
 
 
 def test_the_merge_of_large_groups_does_not_spill():
@@ -111,6 +157,7 @@ def test_the_merge_of_large_groups_does_not_spill():
 @gpu
 def test_the_kernel_on_gpu():
     check_cases("cuda", torch.bfloat16, 1e-2)
+    check_cases("cuda", torch.bfloat16, 1e-2, float8=True)
 
 
 @gpu

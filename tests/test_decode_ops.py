@@ -13,6 +13,7 @@ import torch
 from lowbit.generate import StaticDecoder
 from lowbit.kernels import decode_ops
 from lowbit.kernels.w4a16 import triton_available
+from lowbit.kv.float8 import Float8Cache, quantize_rows
 from tests.conftest import check_in_triton_interpreter, tiny_llama
 
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
@@ -57,6 +58,18 @@ def check_against_torch(device: str, dtype: torch.dtype) -> None:
         assert torch.equal(mine[1], theirs[1])  # values are copied as they are
         untouched = torch.arange(max_len, device=device) != 6
         assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
+
+        mine, theirs = ([Float8Cache.empty(2, kv_heads, max_len, dim, device, dtype) for _ in range(2)]
+                        for _ in range(2))
+        _close(decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos, norms),
+               decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos, norms), units)
+        _close(mine[0].latest, theirs[0].latest, units)
+        assert torch.equal(mine[1].latest, theirs[1].latest)
+        for cache in mine:  # each row's codes and scale exactly what kv.float8 makes of the entry written
+            codes, scales = quantize_rows(cache.latest)
+            assert torch.equal(cache.codes[:, :, 6].view(torch.uint8), codes.view(torch.uint8))
+            assert torch.equal(cache.scales[:, :, 6], scales)
+            assert not cache.codes[:, :, untouched].view(torch.uint8).any() and not cache.scales[:, :, untouched].any()
 
     gate_up = rand(2, 1, 2 * 1500, scale=4.0)
     gate, up = gate_up.split([1500, 1500], dim=-1)
@@ -124,22 +137,28 @@ def test_kernels_in_the_interpreter():
     check_in_triton_interpreter(script, timeout=300)
 
 
-def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile():
+@pytest.mark.parametrize("float8", [False, True])
+def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile(float8):
     """What the interpreter cannot show: with the compiler's FP fusion on, x·cos was folded into a
-    bf16 FMA with the other product, skipping the rounding the module does between them."""
+    bf16 FMA with the other product, skipping the rounding the module does between them. An fp8
+    cache's scale and codes come from IEEE divisions, as torch's (Triton's `/` is approximate)."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = decode_ops._rotate_into_cache_kernel
-    constexprs = {"HEADS": 4, "DIM": 128, "PENDING": False, "HEAD_NORMS": True, "BLOCK": 128}
-    types = {"pos_ptr": "*i64", "q_eps": "fp32", "k_eps": "fp32",
+    constexprs = {"HEADS": 4, "KV_HEADS": 2, "DIM": 128, "PENDING": False, "HEAD_NORMS": True, "FLOAT8": float8,
+                  "BLOCK": 128}
+    cached = {"keys_ptr": "*fp8e4nv", "values_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"} if float8 else {}
+    types = {"pos_ptr": "*i64", "q_eps": "fp32", "k_eps": "fp32", "max_len": "i32", **cached,
              **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=decode_ops.ROTATE_OPTIONS)
-    assert "fma.rn.bf16" not in compiled.asm["ptx"] and "add.rn.bf16" in compiled.asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    assert "fma.rn.bf16" not in ptx and "add.rn.bf16" in ptx
+    assert ("div.rn.f32" in ptx and "e4m3" in ptx) == float8
 
 
 @gpu
@@ -150,13 +169,18 @@ def test_kernels_match_the_torch_arithmetic_on_gpu(dtype):
 
 @gpu
 @pytest.mark.parametrize("merge", [False, True])
-def test_fused_decoder_on_gpu_gives_the_module_decoders_tokens(merge):
+@pytest.mark.parametrize("kv_cache", [None, "fp8"])
+def test_fused_decoder_on_gpu_gives_the_module_decoders_tokens(merge, kv_cache):
     """A captured fused step against the modules' step: float32 logits to rounding, same tokens; bf16
-    logits within a few of bf16's units (a norm's last bit moves every later layer a little)."""
+    logits within a few of bf16's units (a norm's last bit moves every later layer a little). With
+    an fp8 cache, both quantize what they write and read its codes."""
+    from lowbit.kv.spec import spec_of_name
+
+    spec = None if kv_cache is None else spec_of_name(kv_cache)
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1)).cuda()
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         model = tiny_llama(seed=6, tie=False).to("cuda", dtype)
-        fused, modules = (StaticDecoder(model, batch=2, max_len=16, merge_projections=merge, fuse=f)
+        fused, modules = (StaticDecoder(model, batch=2, max_len=16, merge_projections=merge, fuse=f, kv_cache=spec)
                           for f in (True, False))
         assert fused.fused
         for decoder in (fused, modules):

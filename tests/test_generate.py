@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.generate import DecodeError, StaticDecoder
+from lowbit.kv.spec import KVCacheSpec
 from tests.conftest import FAMILIES, tiny_family, tiny_llama
 
 
@@ -254,3 +255,55 @@ def test_a_quantized_decoder_whose_products_stay_pending_gives_the_module_steps_
     if w4a16_gluon.available():
         assert any(key[1] == batch for key in w4a16._PENDING), "no product was left pending"
     assert all(not buffer.any() for buffer in w4a16._PENDING.values())  # each read back to zero
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_an_fp8_cache_decodes_as_lowbit_eval_scores_it(fuse):
+    """Read one position a step, the fp8 decoder's logits are those of `lowbit eval --kv-cache fp8`
+    token by token (chunks of one); the prompt read in one chunk, those of the eval's chunk of the
+    same positions (they attend to each other exactly). Fused and module steps alike."""
+    import lowbit.generate as generate
+    from lowbit.evaluate.kv_protocol import CacheScoring
+    from lowbit.kv.spec import spec_of_name
+
+    model = tiny_llama(seed=4, tie=False)
+    spec = spec_of_name("fp8")
+    prompt = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
+    by_tokens = CacheScoring(spec, chunk=1).logits(model, prompt)
+    exact = CacheScoring(None, chunk=1).logits(model, prompt)
+    assert (by_tokens[-1] - exact[-1]).abs().max() > 1e-4  # the codes change what later tokens read
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generate, "PREFILL_TOKENS", 1)
+        decoder = StaticDecoder(model, batch=1, max_len=16, kv_cache=spec, fuse=fuse)
+        decoder.prefill(prompt)
+    assert decoder.fused == fuse
+    torch.testing.assert_close(decoder.logits[0], by_tokens[-1].float(), rtol=1e-5, atol=1e-5)
+    chunked = StaticDecoder(model, batch=1, max_len=16, kv_cache=spec, fuse=fuse)
+    chunked.prefill(prompt)
+    by_chunk = CacheScoring(spec, chunk=10).logits(model, prompt)
+    torch.testing.assert_close(chunked.logits[0], by_chunk[-1].float(), rtol=1e-5, atol=1e-5)
+    # Greedy: each new token the argmax of the eval's token-by-token logits over the sequence so far.
+    tokens, sequence = decoder.decode(4), prompt
+    for t in range(4):
+        expected = CacheScoring(spec, chunk=1).logits(model, sequence)[-1].argmax()
+        assert int(tokens[0, t]) == int(expected)
+        sequence = torch.cat([sequence, expected.view(1, 1)], dim=1)
+
+
+def test_fp8_fused_step_is_the_module_step_bit_for_bit_off_gpu():
+    model = tiny_llama(seed=5, tie=False)
+    spec = KVCacheSpec(kind="fp8")
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    fused, modules = (StaticDecoder(model, batch=2, max_len=12, kv_cache=spec, fuse=f) for f in (True, False))
+    for decoder in (fused, modules):
+        decoder.prefill(prompt)
+    assert torch.equal(fused.logits, modules.logits)
+    assert torch.equal(fused.decode(5), modules.decode(5))
+    for mine, theirs in zip(fused.keys + fused.values, modules.keys + modules.values):
+        assert torch.equal(mine.codes.view(torch.uint8), theirs.codes.view(torch.uint8))
+        assert torch.equal(mine.scales, theirs.scales) and torch.equal(mine.latest, theirs.latest)
+
+
+def test_the_decoder_refuses_an_integer_kv_cache():
+    with pytest.raises(DecodeError, match="fp8 KV cache or none"):
+        StaticDecoder(tiny_llama(seed=2), batch=1, max_len=8, kv_cache=KVCacheSpec(bits=4))

@@ -205,7 +205,46 @@ def test_bytes_per_token_formula_equals_what_the_cache_holds(spec):
     assert long_context == pytest.approx(codes + params + positions, rel=1e-2)
 
 
+def test_fp8_bytes_per_token_equal_what_the_cache_holds():
+    """A byte a number and a float32 scale per token and head, from the first token on."""
+    model = tiny_llama().half()
+    spec = KVCacheSpec(kind="fp8")
+    shape = AttentionShape.of_config(model.config)
+    cache = QuantizedKVCache(model, spec)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for begin in range(0, 30, 7):
+            model(input_ids=ids[:, begin : begin + 7], **with_cache(model, cache))
+            assert cache.nbytes() == cache_bytes(shape, spec, min(begin + 7, 30))
+    assert bytes_per_token(shape, spec, 1) == 2 * 2 * 2 * (16 + 4)  # K and V x layers x kv heads x (codes + scale)
+
+
+def test_fp8_rows_round_to_nearest_e4m3_of_each_row_over_its_scale():
+    """The slow definition, number by number: the e4m3 value nearest x / scale (ties to even
+    mantissas), from e4m3's full table of finite values."""
+    from lowbit.kv.float8 import CODE_DTYPE, dequantize_rows, quantize_rows
+
+    table = torch.arange(256, dtype=torch.uint8).view(CODE_DTYPE).float()
+    table = table[table.isfinite()].unique()
+    x = random(3, 5, 16, seed=2) * torch.logspace(-4, 2, 16)
+    x[0, 0] = 0.0  # a row of zeros: scale 0, codes 0
+    codes, scales = quantize_rows(x)
+    assert scales[0, 0] == 0 and not codes[0, 0].float().any()
+    for row in range(1, 15):
+        values, scale = x.view(15, 16)[row], float(x.view(15, 16)[row].abs().max() / 448)
+        distance = (values[:, None] / scale - table[None, :]).abs()
+        nearest = table[distance.argmin(dim=1)]
+        ties = (distance.sort(dim=1).values[:, :2].diff(dim=1).abs() < 1e-6).squeeze(1)
+        got = codes.view(15, 16)[row].float()
+        assert torch.equal(got[~ties], nearest[~ties])
+    assert torch.equal(dequantize_rows(codes, scales, torch.float32), codes.float() * scales[..., None])
+
+
 def test_bad_settings_fail_with_a_clear_message(tiny_model):
+    with pytest.raises(ValueError, match="takes no group_size setting"):
+        KVCacheSpec(kind="fp8", group_size=32)
+    with pytest.raises(ValueError, match="takes no pre_rope setting"):
+        KVCacheSpec(kind="fp8", pre_rope=True)
     with pytest.raises(ValueError, match="multiple of 4"):
         KVCacheSpec(bits=2, group_size=6)
     with pytest.raises(ValueError, match="bits must be one of"):

@@ -85,7 +85,7 @@ def test_quantize_stores_the_kv_cache_and_eval_uses_it(capsys, tmp_path, tiny_mo
     assert code == 0, out
     assert "KV cache bytes/token" in out and "chunks of 8 tokens" in out
     saved = json.loads((out_dir / "lowbit.json").read_text())["metadata"]["recipe"]["kv_cache"]
-    assert saved == {"bits": 4, "group_size": 8, "residual": 4, "pre_rope": False}
+    assert saved == {"kind": "int", "bits": 4, "group_size": 8, "residual": 4, "pre_rope": False}
     code, out = run_cli(capsys, "eval", str(out_dir), "--data", str(text), "--seq-len", "32", "--windows", "1",
                         "--kv-chunk", "8")
     assert code == 0, out
@@ -98,3 +98,30 @@ def test_quantize_stores_the_kv_cache_and_eval_uses_it(capsys, tmp_path, tiny_mo
                         "1", "--kv-bits", "2", "--kv-group", "8", "--kv-residual", "0", "--kv-pre-rope")
     assert code == 0, out
     assert "KV int2 g8 residual 0, pre-RoPE keys" in out
+
+
+def test_an_fp8_cache_is_stored_evaluated_and_refuses_integer_settings(capsys, tmp_path, tiny_model_dir):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text {i}" for i in range(400)))
+    out_dir = tmp_path / "out"
+    code, out = run_cli(capsys, "quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32",
+                        "--kv-cache", "fp8", "--kv-chunk", "8", "--out", str(out_dir), "--eval-data", str(text),
+                        "--eval-seq-len", "32", "--windows", "1")
+    assert code == 0, out
+    assert "KV fp8 (e4m3, a scale per token and head)" in out and "chunks of 8 tokens" in out
+    saved = json.loads((out_dir / "lowbit.json").read_text())["metadata"]["recipe"]["kv_cache"]
+    assert KVCacheSpec.model_validate(saved) == KVCacheSpec(kind="fp8")
+    code, out = run_cli(capsys, "eval", str(tiny_model_dir), "--data", str(text), "--seq-len", "32", "--windows", "1",
+                        "--kv-cache", "fp8", "--kv-residual", "4")
+    assert code == 2 and "an fp8 KV cache" in out and "takes no residual setting" in out
+
+
+def test_fp8_costs_less_than_int2_and_more_than_nothing(tiny_model, tokens):
+    """KL against the full-precision cache, scored the same way: e4m3's 3 mantissa bits a number
+    sit between int8's 256 levels and int2's 4."""
+    scoring = {name: CacheScoring(spec, chunk=4) for name, spec in (
+        ("fp8", KVCacheSpec(kind="fp8")), ("int8", KVCacheSpec(bits=8, group_size=8, residual=0)),
+        ("int2", KVCacheSpec(bits=2, group_size=8, residual=0)))}
+    reference = ReferenceLogProbs(tiny_model, tokens, SEQ_LEN, kv_cache=scoring["fp8"])
+    kl = {name: evaluate(tiny_model, tokens, SEQ_LEN, reference=reference, kv_cache=s).kl for name, s in scoring.items()}
+    assert kl["int8"] < kl["fp8"] < kl["int2"] and kl["fp8"] > 1e-7, kl

@@ -496,6 +496,8 @@ class GenerateReport:
     fused_step: bool
     graph: bool
     device: str
+    kv_cache: str
+    """The decoder's KV cache: "bfloat16" and the like, or the fp8 cache's description."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -504,7 +506,7 @@ class GenerateReport:
 
 @torch.no_grad()
 def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int = 1, device: str = "auto",
-                  dtype: str = "auto", chat: bool = False,
+                  dtype: str = "auto", chat: bool = False, kv_cache: KVCacheSpec | Literal["none"] | None = None,
                   progress: Callable[[str], None] | None = None) -> GenerateReport:
     """Greedy continuation of `prompt` by a model or a lowbit export, in lowbit's static decoder.
 
@@ -513,6 +515,8 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
     call. The prompt is fed `batch` times, so the timing is of that batch size. `chat`: the prompt
     is a user's message, wrapped in the tokenizer's chat template (instruction-tuned models).
+    `kv_cache`: decode through this fp8 cache; None: the one an export's recipe names, if fp8 (an
+    integer cache there is noted and not applied); "none": keys and values in the model's dtype.
     `progress` is told each phase as it starts: loading, warming up (on a GPU a new weight shape's
     kernels are compiled and timed first, which can take a minute), generating."""
     from lowbit.export.packed_load import load_packed
@@ -536,13 +540,10 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                          tokenize=False) if chat else prompt
     ids = torch.tensor([tokenizer(text, add_special_tokens=not chat)["input_ids"]], device=target).expand(batch, -1)
-    decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens)
+    spec = _decoder_kv_cache(source, kv_cache, say)
+    decoder = StaticDecoder(model, batch=batch, max_len=ids.shape[1] + new_tokens, kv_cache=spec)
     _synchronize(target)
     loaded = time.perf_counter() - start
-    kv_cache = saved_kv_cache(source)
-    if kv_cache is not None:
-        say(f"note: the export's {kv_cache.describe()} is not applied here: the decoder keeps keys and values in "
-            f"{str(decoder.keys[0].dtype).removeprefix('torch.')} (`lowbit eval` scores through that cache)")
     graph = target.type == "cuda"
     start = time.perf_counter()
     if graph:
@@ -565,7 +566,23 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     if tokenizer.eos_token_id in first:
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
-                          loaded, warmup, prompt_seconds, packed, decoder.fused, graph, str(target))
+                          loaded, warmup, prompt_seconds, packed, decoder.fused, graph, str(target),
+                          str(model.dtype).removeprefix("torch.") if spec is None else spec.describe())
+
+
+def _decoder_kv_cache(source: str | None, asked: KVCacheSpec | Literal["none"] | None,
+                      say: Callable[[str], None]) -> KVCacheSpec | None:
+    """The KV cache the static decoder keeps: the one asked for, else an export's fp8 cache."""
+    if asked == "none":
+        return None
+    if asked is not None:
+        return asked
+    saved = saved_kv_cache(source)
+    if saved is not None and saved.kind != "fp8":
+        say(f"note: the export's {saved.describe()} is not applied here: the decoder keeps an fp8 KV cache or "
+            "none (--kv-cache fp8; `lowbit eval` scores through the integer cache)")
+        return None
+    return saved
 
 
 def _synchronize(device: torch.device) -> None:

@@ -25,7 +25,7 @@ from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK as DEFAULT_KV_CHUNK
 from lowbit.kernels.w4a16 import PATHS as W4A16_PATHS
-from lowbit.kv.spec import KV_CACHE_NAMES, KVCacheSpec, bits_of_name
+from lowbit.kv.spec import FLOAT8, KV_CACHE_NAMES, KVCacheSpec, spec_of_name
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
 from lowbit.transforms import MODEL_TRANSFORMS, TRANSFORMS
@@ -89,10 +89,11 @@ def _transform_option(text: str) -> tuple[str, str, object]:
 def _add_kv_options(parser: argparse.ArgumentParser, evaluating: bool) -> None:
     kv = parser.add_argument_group("quantized KV cache (lowbit.kv)")
     width = kv.add_mutually_exclusive_group()
-    names = [*KV_CACHE_NAMES, "none"] if evaluating else list(KV_CACHE_NAMES)
+    names = [*KV_CACHE_NAMES, FLOAT8, *(["none"] if evaluating else [])]
     stored = "evaluate through" if evaluating else "store in the export's recipe (and evaluate through)"
     width.add_argument("--kv-cache", choices=names,
-                       help=f"{stored} an integer KV cache: keys per channel, values per token, asymmetric"
+                       help=f"{stored} a quantized KV cache: intN keys per channel and values per token, "
+                       "asymmetric; fp8 e4m3 with a scale per token and head (what `lowbit generate` decodes with)"
                        + ("; none: ignore the cache an export names" if evaluating else ""))
     width.add_argument("--kv-bits", type=int, choices=sorted(KV_CACHE_NAMES.values()), help="same as --kv-cache intN")
     kv.add_argument("--kv-group", type=_positive, help="KV group size: tokens per key group, channels per value "
@@ -117,7 +118,7 @@ def kv_cache_from_args(args: argparse.Namespace) -> KVCacheSpec | str | None:
             raise RecipeError(f"{_KV_DETAIL_FLAGS[next(iter(given))]} needs --kv-cache intN (or --kv-bits N)")
         return name
     try:
-        return KVCacheSpec(bits=bits_of_name(name), **given)
+        return spec_of_name(name, **given)
     except ValidationError as err:
         raise RecipeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
@@ -231,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode the prompt this many times at once, to time that batch size (default 1)")
     g.add_argument("--chat", action="store_true",
                    help="the prompt is a user's message: wrap it in the tokenizer's chat template")
+    g.add_argument("--kv-cache", choices=[FLOAT8, "none"],
+                   help="fp8: keep keys and values as float8 e4m3 with a scale per token and head (half the bytes "
+                   "attention reads; `lowbit eval --kv-cache fp8` scores the same cache); none: in the model's dtype "
+                   "even where the export names fp8 (default: the export's fp8 cache, if it names one)")
     _add_runtime_options(g)
 
     b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
@@ -452,8 +457,9 @@ def run_generate(args: argparse.Namespace) -> None:
     from lowbit.api import generate_text
 
     prompt = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
+    kv_cache = spec_of_name(FLOAT8) if args.kv_cache == FLOAT8 else args.kv_cache
     report = generate_text(None if args.model == "default" else args.model, prompt, args.new_tokens,
-                           args.batch, args.device, args.dtype, args.chat,
+                           args.batch, args.device, args.dtype, args.chat, kv_cache,
                            progress=lambda message: console.print(message, style="dim", highlight=False))
     table = Table(title=f"{args.model}: {report.batch} x {report.new_tokens} greedy tokens on {report.device}")
     table.add_column("measure")
@@ -461,7 +467,7 @@ def run_generate(args: argparse.Namespace) -> None:
     for measure, value in (("tokens/s", f"{report.tokens_per_second:.1f}"),
                            ("ms/step", f"{1e3 * report.seconds / report.new_tokens:.2f}"),
                            ("load s", f"{report.load_seconds:.1f}"), ("warm-up s", f"{report.warmup_seconds:.1f}"),
-                           ("prompt s", f"{report.prompt_seconds:.2f}"),
+                           ("prompt s", f"{report.prompt_seconds:.2f}"), ("KV cache", report.kv_cache),
                            ("layers on their codes", str(report.packed_layers)),
                            ("step", "fused" if report.fused_step else "modules"),
                            ("CUDA graph", "yes" if report.graph else "no")):

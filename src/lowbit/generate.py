@@ -23,6 +23,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lowbit.kernels import decode_attention, decode_ops
 from lowbit.kernels.w4a16 import pending_matmul
+from lowbit.kv.float8 import Float8Cache
+from lowbit.kv.spec import FLOAT8, KVCacheSpec
 from lowbit.modules.merge import merge_linears
 from lowbit.modules.quant_linear import QuantLinear
 
@@ -46,7 +48,8 @@ class StaticDecoder:
     """Greedy decoder for a `LlamaForCausalLM`-shaped model with a [batch, max_len] static KV cache."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, merge_projections: bool = True,
-                 fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True) -> None:
+                 fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True,
+                 kv_cache: KVCacheSpec | None = None) -> None:
         """`merge_projections`: run each layer's q/k/v and gate/up projections as one matmul each
         (modules/merge.py; the model's own linears become views of the merged weights, so this
         costs no memory). At batch 1 a step's small matmuls are mostly fixed cost: merged, an
@@ -58,7 +61,10 @@ class StaticDecoder:
         sums for the decode_ops kernel after them to finish (`_product`); False finishes each matmul.
         `prefix_attention`: in the fused step, attention reads only the cache's written positions
         (kernels/decode_attention.py); False runs torch's SDPA over the whole cache with the
-        unwritten positions masked, as the modules' step does."""
+        unwritten positions masked, as the modules' step does.
+        `kv_cache`: an fp8 spec keeps keys and values as float8 codes with a scale per position and
+        head (kv/float8.py's Float8Cache), the arithmetic `lowbit eval --kv-cache fp8` scores; None
+        keeps them in the model's dtype. Integer caches are not decoded here."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
@@ -67,15 +73,18 @@ class StaticDecoder:
         if window and getattr(config, "use_sliding_window", True) and max_len > window:
             raise DecodeError(f"{type(model).__name__} attends over a sliding window of {window} positions and this "
                               f"decoder over all of them: use max_len <= {window}")
+        if kv_cache is not None and kv_cache.kind != FLOAT8:
+            raise DecodeError(f"the static decoder keeps an fp8 KV cache or none, not {kv_cache.describe()}; "
+                              "decode with --kv-cache fp8 or without one (`lowbit eval` scores integer caches)")
         self.model, self.inner = model, inner
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.batch, self.max_len = batch, max_len
         weight = inner.embed_tokens.weight
-        shape = (batch, self.kv_heads, max_len, self.head_dim)
-        self.keys = [torch.zeros(shape, device=weight.device, dtype=weight.dtype) for _ in inner.layers]
-        self.values = [torch.zeros(shape, device=weight.device, dtype=weight.dtype) for _ in inner.layers]
+        self.kv_cache = kv_cache
+        self.keys = [self._empty_cache(weight) for _ in inner.layers]
+        self.values = [self._empty_cache(weight) for _ in inner.layers]
         self.ids = torch.zeros(batch, 1, device=weight.device, dtype=torch.long)
         self.pos = torch.zeros(1, device=weight.device, dtype=torch.long)
         self.logits = torch.zeros(batch, config.vocab_size, device=weight.device, dtype=torch.float32)
@@ -86,6 +95,13 @@ class StaticDecoder:
         self.fused = fuse and _fusable(inner)
         self.pending_products = pending_products
         self.prefix_attention = prefix_attention
+
+    def _empty_cache(self, weight: torch.Tensor) -> torch.Tensor | Float8Cache:
+        """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype or fp8."""
+        shape = (self.batch, self.kv_heads, self.max_len, self.head_dim)
+        if self.kv_cache is None:
+            return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        return Float8Cache.empty(*shape, device=weight.device, dtype=weight.dtype)
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -158,9 +174,10 @@ class StaticDecoder:
             k = k.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.reshape(self.batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys.index_copy_(2, positions, k)
-            values.index_copy_(2, positions, v)
-            attention = decode_attention.masked_sdpa(q, keys[:, :, :attended], values[:, :, :attended], visible)
+            decode_ops.write_cache(keys, k, positions)
+            decode_ops.write_cache(values, v, positions)
+            attention = decode_attention.masked_sdpa(q, decode_ops.read_cache(keys, attended, k, positions),
+                                                     decode_ops.read_cache(values, attended, v, positions), visible)
             hidden = hidden + attn.o_proj(attention)
             x = layer.post_attention_layernorm(hidden)
             if gate_up is not None:
@@ -186,7 +203,7 @@ class StaticDecoder:
             q, k, v = self._projections(attn, qkv, x, self._product)
             q = decode_ops.rotate_into_cache(q, k, v, cos, sin, keys, values, self.pos, _head_norms(attn))
             attended = (decode_attention.attend(q, keys, values, self.pos) if visible is None
-                        else decode_attention.masked_sdpa(q, keys, values, visible))
+                        else decode_attention.masked_sdpa(q, *self._read_at_pos(keys, values), visible))
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(attn.o_proj, attended), norm.weight,
                                                 norm.variance_epsilon)
             gate, up = (self._gate_up(mlp, gate_up, x, self._product) if gate_up is not None
@@ -194,6 +211,13 @@ class StaticDecoder:
             hidden, x = decode_ops.add_rms_norm(hidden, self._product(mlp.down_proj, decode_ops.silu_mul(gate, up)),
                                                 next_norm.weight, next_norm.variance_epsilon)
         return x
+
+    def _read_at_pos(self, keys: torch.Tensor | Float8Cache,
+                     values: torch.Tensor | Float8Cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole caches as the step at `pos` reads them (for the masked SDPA): an fp8 cache dequantized."""
+        if isinstance(keys, Float8Cache):
+            return keys.read_at(self.pos), values.read_at(self.pos)
+        return keys, values
 
     def capture(self) -> None:
         """Record one step as a CUDA graph (after two warm-up steps, so kernels are compiled and tuned:

@@ -17,6 +17,11 @@ once) on the tensor cores, with a running softmax over the chunk; the last progr
 head) to finish, counted as w4a16's split-K programs count, merges the chunks' partial results.
 Where the whole prefix is one chunk, that program writes its result directly.
 
+An fp8 cache (kv/float8.py's Float8Cache) is read as its codes times each position's scale,
+rounded to the activations' dtype as `dequantize_rows` rounds, and at the step's own position as
+the exact entry written there: half the bytes of a bf16 cache for the same arithmetic as the eval
+cache's.
+
 Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attention it replaces.
 """
 
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.decode_ops import INTERPRETED
+from lowbit.kv.float8 import Float8Cache
 
 try:
     import triton
@@ -87,10 +93,16 @@ def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos:
     return masked_sdpa(q, keys, values, visible_mask(positions, pos, q.dtype))
 
 
-def _on_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+def _on_triton(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache) -> bool:
+    if isinstance(keys, Float8Cache):
+        stored = (keys.codes, keys.scales, keys.latest, values.codes, values.scales, values.latest)
+        dtypes_ok = keys.dtype == values.dtype == q.dtype and isinstance(values, Float8Cache)
+    else:
+        stored = (keys, values)
+        dtypes_ok = keys.dtype == values.dtype == q.dtype
     return (triton is not None and (q.is_cuda or INTERPRETED) and q.dtype in (torch.bfloat16, torch.float16)
-            and keys.dtype == values.dtype == q.dtype and keys.is_contiguous() and values.is_contiguous()
-            and q.is_contiguous() and q.shape[1] % keys.shape[1] == 0 and q.shape[-1] <= 256)
+            and dtypes_ok and all(t.is_contiguous() for t in stored) and q.is_contiguous()
+            and q.shape[1] % stored[0].shape[1] == 0 and q.shape[-1] <= 256)
 
 
 def splits_for(batch: int, kv_heads: int, max_len: int) -> int:
@@ -113,38 +125,48 @@ def _workspace(device: torch.device, rows: int, splits: int, group: int, dim: in
     return _WORKSPACE[key]
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache,
+           pos: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√D)·v over cache positions 0..pos: q [batch, heads, 1, D], keys and values
-    [batch, kv_heads, max_len, D] (heads a multiple of kv_heads), pos a 1-element long tensor on
-    q's device. Returns [batch, 1, heads·D], as the attention's output projection takes it."""
+    [batch, kv_heads, max_len, D] (heads a multiple of kv_heads) or both Float8Cache, pos a
+    1-element long tensor on q's device. Returns [batch, 1, heads·D], as the attention's output
+    projection takes it."""
+    float8 = isinstance(keys, Float8Cache)
     if not _on_triton(q, keys, values):
+        if float8:
+            keys, values = keys.read_at(pos), values.read_at(pos)
         return attend_torch(q, keys, values, pos)
+    key_slots, value_slots = (keys.codes, values.codes) if float8 else (keys, values)
     batch, heads, _, dim = q.shape
-    kv_heads, max_len = keys.shape[1], keys.shape[2]
+    kv_heads, max_len = key_slots.shape[1], key_slots.shape[2]
     group = heads // kv_heads
     splits = splits_for(batch, kv_heads, max_len)
     maxima, sums, partials, counters = _workspace(q.device, batch * kv_heads, splits, group, dim)
     out = torch.empty(batch, 1, heads * dim, device=q.device, dtype=q.dtype)
+    scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if float8 else (q,) * 4  # unread
     _attend_kernel[(batch * kv_heads, splits)](
-        q, keys, values, out, pos, maxima, sums, partials, counters, keys.stride(0), keys.stride(1), keys.stride(2),
-        max_len, math.log2(math.e) / math.sqrt(dim), KV_HEADS=kv_heads, GROUP=group,
-        GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        BLOCK_L=BLOCK_L, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        GROUP_P2=triton.next_power_of_2(group), PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
+        q, key_slots, value_slots, *scales_and_latest, out, pos, maxima, sums, partials, counters,
+        key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), max_len, math.log2(math.e) / math.sqrt(dim),
+        KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
+        SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), FLOAT8=float8,
+        PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pos_ptr, max_ptr, sum_ptr, part_ptr, cnt_ptr,
-                       stride_b, stride_h, stride_t, max_len, scale_log2,
+    def _attend_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, out_ptr, pos_ptr, max_ptr, sum_ptr,
+                       part_ptr, cnt_ptr, stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, PIPELINED: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, FLOAT8: tl.constexpr,
+                       PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
-        Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2."""
+        Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2.
+        FLOAT8: k and v hold float8 codes, ks and vs [batch·KV_HEADS, max_len] their scales, kl
+        and vl [batch·KV_HEADS, DIM] the exact entries at the last position."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
@@ -160,6 +182,14 @@ if triton is not None:
             q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(heads < GROUP)[:, None] & d_ok[None, :],
                         other=0.0)
             cache = b * stride_b + (row % KV_HEADS) * stride_h
+            ks_ptr += row * max_len
+            vs_ptr += row * max_len
+            if FLOAT8:  # the last position's exact entries, read in its tile in place of its codes
+                k_last = tl.load(kl_ptr + row * DIM + d, mask=d_ok, other=0.0)
+                v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0)
+            else:
+                k_last = tl.zeros([BLOCK_D], q.dtype)
+                v_last = k_last
             running_max = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
             running_sum = tl.zeros([GROUP_ROWS], tl.float32)
             acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
@@ -167,15 +197,18 @@ if triton is not None:
             if PIPELINED:  # Triton's pipeliner keeps STAGES tiles of keys and values in flight
                 for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
                     t = t0 + tl.arange(0, BLOCK_L)
-                    k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
+                    k, v = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, length - 1,
+                                    d, stride_t, DIM, FLOAT8)
                     running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
                                                                  scale_log2)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
-                k, v = _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM)
+                k, v = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, length - 1,
+                                    d, stride_t, DIM, FLOAT8)
                 while t0 < end:
-                    k_next, v_next = _kv_tile(k_ptr, v_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM)
+                    k_next, v_next = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t + BLOCK_L,
+                                              end, length - 1, d, stride_t, DIM, FLOAT8)
                     running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
                                                                  scale_log2)
                     k, v, t0, t = k_next, v_next, t0 + BLOCK_L, t + BLOCK_L
@@ -208,11 +241,24 @@ if triton is not None:
                 acc * rescale[:, None] + tl.dot(p.to(v.dtype), v))
 
     @triton.jit
-    def _kv_tile(k_ptr, v_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr):
-        """Keys and values at positions t (zeros at t >= end and past DIM)."""
+    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, last, d, stride_t,
+                 DIM: tl.constexpr, FLOAT8: tl.constexpr):
+        """Keys and values at positions t (zeros at t >= end and past DIM), in k_last's dtype. FLOAT8:
+        codes times their positions' scales ks[t] and vs[t], rounded once, and k_last and v_last at
+        position `last`."""
         offs = cache + t[:, None] * stride_t + d[None, :]
-        mask = (t < end)[:, None] & (d < DIM)[None, :]
-        return tl.load(k_ptr + offs, mask=mask, other=0.0), tl.load(v_ptr + offs, mask=mask, other=0.0)
+        valid = t < end
+        mask = valid[:, None] & (d < DIM)[None, :]
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        if FLOAT8:
+            k_scales = tl.load(ks_ptr + t, mask=valid, other=0.0)
+            v_scales = tl.load(vs_ptr + t, mask=valid, other=0.0)
+            at_last = (t == last)[:, None]
+            k = tl.where(at_last, k_last[None, :], (k.to(tl.float32) * k_scales[:, None]).to(k_last.dtype))
+            v = tl.where(at_last, v_last[None, :], (v.to(tl.float32) * v_scales[:, None]).to(v_last.dtype))
+        return k, v
+
 
     @triton.jit
     def _merge_chunks(max_ptr, sum_ptr, part_ptr, out_ptr, row, active, GROUP: tl.constexpr, DIM: tl.constexpr,

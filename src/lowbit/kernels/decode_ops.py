@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lowbit.kv.float8 import Float8Cache
+
 try:
     import triton
     import triton.language as tl
@@ -170,10 +172,10 @@ class HeadNorms:
 
 
 def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                             sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             sin: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache,
                              pos: torch.Tensor, norms: HeadNorms | None = None) -> torch.Tensor:
-    """The head norms, apply_rotary_pos_emb and two index_copy_ calls, as the module path runs them."""
-    batch, kv_heads, _, dim = keys.shape
+    """The head norms, apply_rotary_pos_emb and the cache writes, as the module path runs them."""
+    batch, kv_heads, _, dim = _slots(keys).shape
     q = q.reshape(batch, 1, -1, dim)
     k = k.reshape(batch, 1, kv_heads, dim)
     if norms is not None:
@@ -181,51 +183,85 @@ def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.reshape(batch, 1, kv_heads, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    keys.index_copy_(2, pos, k)
-    values.index_copy_(2, pos, v)
+    write_cache(keys, k, pos)
+    write_cache(values, v, pos)
     return q
 
 
+def write_cache(cache: torch.Tensor | Float8Cache, x: torch.Tensor, positions: torch.Tensor) -> None:
+    """x [batch, kv_heads, T, D] into a static cache at `positions` [T]: copied, or quantized into
+    an fp8 cache's codes (its last position also kept exact)."""
+    if isinstance(cache, Float8Cache):
+        cache.write(x, positions)
+    else:
+        cache.index_copy_(2, positions, x)
+
+
+def read_cache(cache: torch.Tensor | Float8Cache, length: int, exact: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+    """A static cache's first `length` positions [batch, kv_heads, length, D] for attention, just
+    after `exact` [batch, kv_heads, T, D] was written at `positions` [T]: a view of a plain cache;
+    an fp8 cache's entries dequantized, `exact` at `positions` (Float8Cache.read)."""
+    if isinstance(cache, Float8Cache):
+        return cache.read(length, exact, positions)
+    return cache[:, :, :length]
+
+
+def _slots(cache: torch.Tensor | Float8Cache) -> torch.Tensor:
+    """The [batch, kv_heads, max_len, D] tensor a static cache's entries are stored in."""
+    return cache.codes if isinstance(cache, Float8Cache) else cache
+
+
 def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: torch.Tensor | Pending,
-                      cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      pos: torch.Tensor, norms: HeadNorms | None = None) -> torch.Tensor:
+                      cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor | Float8Cache,
+                      values: torch.Tensor | Float8Cache, pos: torch.Tensor,
+                      norms: HeadNorms | None = None) -> torch.Tensor:
     """One decode position: normalise each head of q and k where `norms` are given, rotate them by
     (cos, sin) as transformers' apply_rotary_pos_emb does, write the rotated k and v into the caches
-    at `pos`, return q as [batch, heads, 1, head_dim].
+    at `pos` (into an fp8 cache as Float8Cache.write does), return q as [batch, heads, 1, head_dim].
 
     q [batch, 1, heads·D], k and v [batch, 1, kv_heads·D] (row slices of one merged projection are
-    fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D]; pos a 1-element
-    long tensor on the device (read there, so a captured step serves every position)."""
-    batch, kv_heads, _, dim = keys.shape
+    fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D], or both Float8Cache;
+    pos a 1-element long tensor on the device (read there, so a captured step serves every position)."""
+    key_slots, value_slots = _slots(keys), _slots(values)
+    batch, kv_heads, max_len, dim = key_slots.shape
+    float8 = isinstance(keys, Float8Cache)
     (q_in, k_in, v_in), pending = _sources(q, k, v)
     heads = q_in.shape[-1] // dim
     finished = () if pending else (q_in, k_in, v_in)
     weights = () if norms is None else (norms.q_weight, norms.k_weight)
-    if (not _on_triton(*finished, *weights, cos, sin, keys, values, pending=(q_in, k_in, v_in) if pending else ())
-            or not (keys.is_contiguous() and values.is_contiguous())):
+    stored = (keys.latest, values.latest, keys.scales, values.scales) if float8 else (keys, values)
+    if (not _on_triton(*finished, *weights, cos, sin, *stored[:2], pending=(q_in, k_in, v_in) if pending else ())
+            or not all(t.is_contiguous() for t in (key_slots, value_slots, *stored))):
         return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos, norms)
     q_rows, k_rows, v_rows = (_rows(t, pending) for t in (q_in, k_in, v_in))
     out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
     q_weight, k_weight = weights or (cos, cos)  # not read without norms
+    key_scales, value_scales, key_latest, value_latest = (
+        (keys.scales, values.scales, keys.latest, values.latest) if float8 else (cos,) * 4)  # not read without fp8
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
-        q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, keys, values, pos, q_weight, k_weight,
+        q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, key_slots, value_slots, pos, q_weight,
+        k_weight, key_scales, value_scales, key_latest, value_latest,
         0.0 if norms is None else norms.q_eps, 0.0 if norms is None else norms.k_eps,
-        q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEADS=heads, DIM=dim, PENDING=pending, HEAD_NORMS=norms is not None, BLOCK=triton.next_power_of_2(dim),
-        **ROTATE_OPTIONS)
+        q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), key_slots.stride(0), key_slots.stride(1),
+        key_slots.stride(2), max_len, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PENDING=pending,
+        HEAD_NORMS=norms is not None, FLOAT8=float8, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
     return out
 
 
 if triton is not None:
     @triton.jit
     def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
-                                  qn_ptr, kn_ptr, q_eps, k_eps,
-                                  stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct,
-                                  HEADS: tl.constexpr, DIM: tl.constexpr, PENDING: tl.constexpr,
-                                  HEAD_NORMS: tl.constexpr, BLOCK: tl.constexpr):
+                                  qn_ptr, kn_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, q_eps, k_eps,
+                                  stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct, max_len,
+                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
+                                  PENDING: tl.constexpr, HEAD_NORMS: tl.constexpr, FLOAT8: tl.constexpr,
+                                  BLOCK: tl.constexpr):
         """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. PENDING: q, k
         and v are float32 sums, rounded to the output's dtype on load and zeroed once read.
-        HEAD_NORMS: the head is first RMS-normalised with weights qn (query heads) or kn (key heads)."""
+        HEAD_NORMS: the head is first RMS-normalised with weights qn (query heads) or kn (key heads).
+        FLOAT8: keys and values are stored as float8 codes with their scales (ks, vs [batch,
+        KV_HEADS, max_len]) and exactly in kl and vl [batch, KV_HEADS, DIM]."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -233,21 +269,26 @@ if triton is not None:
         first_half = offs < DIM // 2
         partner = tl.where(first_half, offs + DIM // 2, offs - DIM // 2)  # rotate_half: (-x2, x1)
         dtype = out_ptr.dtype.element_ty
+        kv_row = b * KV_HEADS + h - HEADS  # a key/value head's row of the scales and latest entries
+        pos = tl.load(pos_ptr)
+        cached = b * stride_cb + (h - HEADS) * stride_ch + pos * stride_ct  # a key/value head's slot
         if h < HEADS:
             src = q_ptr + b * stride_q + h * DIM
-            dst = out_ptr + (b * HEADS + h) * DIM
             norm_ptr = qn_ptr
             eps = q_eps
         else:
-            cached = b * stride_cb + (h - HEADS) * stride_ch + tl.load(pos_ptr) * stride_ct
             src = k_ptr + b * stride_k + (h - HEADS) * DIM
-            dst = keys_ptr + cached
             norm_ptr = kn_ptr
             eps = k_eps
-            v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask)
-            tl.store(values_ptr + cached + offs, v.to(dtype), mask=mask)
+            v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask, other=0.0).to(dtype)
+            if FLOAT8:
+                store_float8_row(v, values_ptr + cached, vs_ptr + kv_row * max_len + pos, vl_ptr + kv_row * DIM,
+                                 offs, mask)
+            else:
+                tl.store(values_ptr + cached + offs, v, mask=mask)
             if PENDING:
-                tl.store(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, tl.zeros_like(v), mask=mask)
+                tl.store(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, tl.zeros_like(v).to(tl.float32),
+                         mask=mask)
         x = tl.load(src + offs, mask=mask, other=0.0).to(dtype).to(tl.float32)
         rotated = tl.load(src + partner, mask=mask, other=0.0).to(dtype).to(tl.float32)
         if PENDING:  # every lane's partner read done before any lane zeroes its own element
@@ -263,8 +304,39 @@ if triton is not None:
         cos = tl.load(cos_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         # x·cos and rotate_half(x)·sin are each rounded before their sum, as in the module.
-        out = (x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)
-        tl.store(dst + offs, out.to(dtype), mask=mask)
+        out = ((x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)).to(dtype)
+        if h < HEADS:
+            tl.store(out_ptr + (b * HEADS + h) * DIM + offs, out, mask=mask)
+        elif FLOAT8:
+            store_float8_row(out, keys_ptr + cached, ks_ptr + kv_row * max_len + pos, kl_ptr + kv_row * DIM, offs,
+                             mask)
+        else:
+            tl.store(keys_ptr + cached + offs, out, mask=mask)
+
+    @triton.jit
+    def store_float8_row(x, codes_ptr, scale_ptr, latest_ptr, offs, mask):
+        """One row x (activations' dtype, zero where not `mask`) as kv/float8.py's quantize_rows
+        stores it: scale = max|x| / 448, codes x / scale (both divisions IEEE, as torch's), and x
+        itself as the latest entry."""
+        tl.store(latest_ptr + offs, x, mask=mask)
+        x = tl.where(mask, x.to(tl.float32), 0.0)
+        scale = tl.div_rn(tl.max(tl.abs(x), axis=0), 448.0)
+        safe = tl.where(scale > 0, scale, 1.0)
+        codes = tl.minimum(tl.maximum(tl.div_rn(x, safe), -448.0), 448.0)
+        tl.store(codes_ptr + offs, round_to_float8(codes), mask=mask)
+        tl.store(scale_ptr, scale)
+
+    @triton.jit
+    def round_to_float8(x):
+        """x (float32 within ±448) to float8 e4m3, rounded to nearest even as torch rounds. The
+        rounding is done here in float32 so that the conversion is exact: Triton 3.6's interpreter
+        converts values that round up into the next binade to half their value (e.g. 127.9 to 64)."""
+        bits = x.to(tl.int32, bitcast=True)
+        # normal numbers (|x| >= 2^-6): 3 mantissa bits, the 20 below rounded off to nearest even
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        # subnormals: multiples of 2^-9, rounded by adding 1.5·2^14, whose float32 spacing is 2^-9
+        subnormal = (x + 24576.0) - 24576.0
+        return tl.where(tl.abs(x) < 0.015625, subnormal, normal).to(tl.float8e4nv)
 
 
 # ---------------------------------------------------------------- SiLU(gate) · up

@@ -3,7 +3,8 @@
 Counted per layer and key/value head: packed codes, a float16 scale and minimum per group, the
 exact recent window at the model's storage width (2 bytes: fp16/bf16 serving) and, for pre-RoPE
 keys, an int32 position per token and layer. The window makes short contexts cost more per token;
-`bytes_per_token` is the total at a given context length divided by that length.
+`bytes_per_token` is the total at a given context length divided by that length. An fp8 cache
+holds a byte a number and a float32 scale per token and head (kv/float8.py).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.kv import float8
 from lowbit.kv.quantizer import PARAM_DTYPE
-from lowbit.kv.spec import KVCacheSpec
+from lowbit.kv.spec import FLOAT8, KVCacheSpec
 
 POSITION_DTYPE = torch.int32
 """Stored positions of pre-RoPE keys (4 bytes per token and layer)."""
@@ -44,6 +46,9 @@ def cache_bytes(shape: AttentionShape, spec: KVCacheSpec | None, tokens: int,
     exact_entry = shape.head_dim * window_bytes
     if spec is None:
         return 2 * shape.layers * shape.kv_heads * tokens * exact_entry
+    if spec.kind == FLOAT8:
+        row = shape.head_dim * float8.CODE_DTYPE.itemsize + float8.SCALE_DTYPE.itemsize
+        return 2 * shape.layers * shape.kv_heads * tokens * row
     param = PARAM_DTYPE.itemsize * 2  # scale and minimum
     beyond_window = max(tokens - spec.residual, 0)
     quantized_values = beyond_window

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lowbit.kv.packing import PACKABLE_BITS
 
 KV_CACHE_NAMES = {f"int{bits}": bits for bits in sorted(PACKABLE_BITS, reverse=True)}
-"""`--kv-cache int4` and the like: the name of each width."""
+"""`--kv-cache int4` and the like: the name of each integer width."""
+FLOAT8 = "fp8"
+"""`--kv-cache fp8`: float8 e4m3 codes, a scale per token and head (kv/float8.py)."""
+_FLOAT8_FIXED = {"bits": 8, "group_size": 64, "residual": 0, "pre_rope": False}
+"""What an fp8 cache's integer-layout fields must read (its codes are 8 bits, its rows whole
+heads, no position stays exact beyond the one being written, keys are post-RoPE)."""
 
 
 class KVCacheSpec(BaseModel):
-    """A KIVI-style integer KV cache.
+    """A quantized KV cache: a KIVI-style integer cache (`kind` "int") or float8 codes with a
+    scale per token and head (`kind` "fp8", kv/float8.py; the other fields keep their fixed values).
+
+    Integer caches:
 
     `bits`: code width (8, 4 or 2). `group_size`: tokens per key group (keys are quantized per
     channel, in chunks of this many tokens) and channels per value group (values are quantized per
@@ -22,10 +32,23 @@ class KVCacheSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    kind: Literal["int", "fp8"] = "int"
     bits: int = 4
     group_size: int = Field(default=64, ge=1)
     residual: int = Field(default=128, ge=0)
     pre_rope: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _float8_fields(cls, data: Any) -> Any:
+        """An fp8 cache takes none of the integer layout's settings: a clear error for any given."""
+        if not isinstance(data, dict) or data.get("kind") != FLOAT8:
+            return data
+        for field, fixed in _FLOAT8_FIXED.items():
+            if data.get(field, fixed) != fixed:
+                raise ValueError(f"an fp8 KV cache quantizes each token's head as one row: it takes no {field} "
+                                 f"setting (it is {fixed}); drop it, or choose an integer cache")
+        return {**data, **_FLOAT8_FIXED}
 
     @model_validator(mode="after")
     def _packable(self) -> KVCacheSpec:
@@ -39,9 +62,11 @@ class KVCacheSpec(BaseModel):
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return FLOAT8 if self.kind == FLOAT8 else f"int{self.bits}"
 
     def describe(self) -> str:
+        if self.kind == FLOAT8:
+            return "KV fp8 (e4m3, a scale per token and head)"
         keys = "pre-RoPE keys" if self.pre_rope else "post-RoPE keys"
         return f"KV {self.name} g{self.group_size} residual {self.residual}, {keys}"
 
@@ -52,3 +77,10 @@ def bits_of_name(name: str) -> int:
         return KV_CACHE_NAMES[name]
     except KeyError:
         raise ValueError(f"unknown KV cache type {name!r}; choose one of {', '.join(KV_CACHE_NAMES)}") from None
+
+
+def spec_of_name(name: str, **settings: Any) -> KVCacheSpec:
+    """The cache `--kv-cache NAME` asks for ("int4", "fp8", ...), with the integer layout's settings."""
+    if name == FLOAT8:
+        return KVCacheSpec(kind=FLOAT8, **settings)
+    return KVCacheSpec(bits=bits_of_name(name), **settings)
