@@ -39,6 +39,7 @@ from lowbit.formats.base import quantize_matrix  # noqa: E402
 from lowbit.formats.integer import IntegerFormat  # noqa: E402
 from lowbit.generate import StaticDecoder  # noqa: E402
 from lowbit.kernels.w4a16 import PATHS, path_table, use_paths  # noqa: E402
+from lowbit.kv.spec import KVCacheSpec  # noqa: E402
 from lowbit.modules import QuantLinear  # noqa: E402
 
 FMT = IntegerFormat(bits=4, symmetric=False, group_size=128)
@@ -102,16 +103,19 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
 
 
 STEPS = {"fused": {"fuse": True}, "fused-finished": {"fuse": True, "pending_products": False},
-         "fused-sdpa": {"fuse": True, "prefix_attention": False}, "modules": {"fuse": False}}
+         "fused-sdpa": {"fuse": True, "prefix_attention": False}, "modules": {"fuse": False},
+         "fused-fp8": {"fuse": True, "kv_cache": KVCacheSpec(kind="fp8")}}
 """--steps: how the work between matmuls runs (StaticDecoder's settings). "fused-finished" is the
 fused step with every int4 matmul finishing its own product (no pending split-K sums); "fused-sdpa"
-the fused step with torch's SDPA over the whole cache, the unwritten positions masked."""
+the fused step with torch's SDPA over the whole cache, the unwritten positions masked; "fused-fp8"
+the fused step over an fp8 KV cache (in the bf16 run too)."""
 
 
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
-                fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True) -> dict:
+                fuse: bool = True, pending_products: bool = True, prefix_attention: bool = True,
+                kv_cache: KVCacheSpec | None = None) -> dict:
     decoder = StaticDecoder(model, batch=batch, max_len=prompt.shape[1] + new + 8, merge_projections=merge, fuse=fuse,
-                            pending_products=pending_products, prefix_attention=prefix_attention)
+                            pending_products=pending_products, prefix_attention=prefix_attention, kv_cache=kv_cache)
     assert decoder.fused == fuse, "the model's norms or activation are not the ones decode_ops reproduces"
     decoder.capture()
     decoder.prefill(prompt[:batch])  # warm-up too: the prompt's shapes compiled and tuned
@@ -147,13 +151,14 @@ def read_prompt_by_steps(decoder: StaticDecoder, prompt: torch.Tensor) -> None:
 
 @torch.no_grad()
 def kernel_profile(model: nn.Module, prompt: torch.Tensor, merge: bool, fuse: bool,
-                   pending_products: bool = True, prefix_attention: bool = True) -> list[dict]:
+                   pending_products: bool = True, prefix_attention: bool = True,
+                   kv_cache: KVCacheSpec | None = None) -> list[dict]:
     """The GPU kernels of one batch-1 step run eagerly (a graph replays the same ones): per kernel
     name, launches and GPU microseconds, most time first."""
     from torch.profiler import ProfilerActivity, profile
 
     decoder = StaticDecoder(model, batch=1, max_len=prompt.shape[1] + 8, merge_projections=merge, fuse=fuse,
-                            pending_products=pending_products, prefix_attention=prefix_attention)
+                            pending_products=pending_products, prefix_attention=prefix_attention, kv_cache=kv_cache)
     decoder.prefill(prompt[:1])
     decoder.step()  # warm-up: the step's kernels compiled and tuned
     torch.cuda.synchronize()
@@ -196,6 +201,9 @@ def markdown(result: dict) -> str:
              + (" In `fused` and `fused-finished`, attention reads only the cache's written positions "
                 "(lowbit.kernels.decode_attention); `fused-sdpa` is `fused` with torch's SDPA over the whole cache, "
                 "the unwritten positions masked." if meta.get("decode_attention") else "")
+             + (" `fused-fp8` is `fused` with keys and values cached as float8 e4m3 with a scale per token and head "
+                "(bf16 and int4 runs alike; its logits error includes the cache's)."
+                if any(row.get("step") == "fused-fp8" for row in result["rows"]) else "")
              + (f" Prompt ms: StaticDecoder.prefill reading the {meta['prompt']}-token prompt in chunks through the "
                 "modules (one forward a chunk), and, for int4, the same prompt one position a captured step, "
                 "as prefill read it before." if prefill else ""),
