@@ -6,7 +6,7 @@ whatever the position; decode_attention.attend reads the written ones only, cut 
 times both for a Llama-3-8B-shaped layer (32 query heads, 8 key/value heads, head_dim 128) at
 batch 1 and 16, over caches of 256 to 4096 positions, at the cache's first quarter and its last
 position (CUDA-graph replays, cold L2: a layer's cache was last read a step ago, with every other
-layer's weights since). SDPA's mask is made outside the timed call, as StaticDecoder made it once
+layer's weights since), and decode_attention over the same entries in an fp8 cache (kv/float8.py). SDPA's mask is made outside the timed call, as StaticDecoder made it once
 a step for all layers.
 
     python benchmarks/gpu_decode_attention.py --out benchmarks/results/gpu_decode_attention_h200
@@ -25,6 +25,7 @@ import torch
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.timing import graph_time_ms
+from lowbit.kv.float8 import Float8Cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import run_cases  # noqa: E402
@@ -65,6 +66,11 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     calls = {"sdpa": lambda: decode_attention.masked_sdpa(q, keys, values, visible)}
     for setting in SETTINGS:
         calls[f"lowbit {setting}"] = functools.partial(attend_with, setting, q, keys, values, pos)
+    written = torch.arange(position + 1, device="cuda")
+    float8 = [Float8Cache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16) for _ in range(2)]
+    for cache, entries in zip(float8, (keys, values)):
+        cache.write(entries[:, :, : position + 1], written)
+    calls["lowbit fp8"] = functools.partial(decode_attention.attend, q, *float8, pos)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -85,7 +91,9 @@ def markdown(rows: list[dict]) -> str:
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
-             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W.", "",
+             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8' "
+             "gives decode_attention's own settings over the same entries in an fp8 cache (its error includes the "
+             "cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
