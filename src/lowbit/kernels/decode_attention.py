@@ -17,10 +17,10 @@ once) on the tensor cores, with a running softmax over the chunk; the last progr
 head) to finish, counted as w4a16's split-K programs count, merges the chunks' partial results.
 Where the whole prefix is one chunk, that program writes its result directly.
 
-An fp8 cache (kv/float8.py's Float8Cache) is read as its codes times each position's scale,
-rounded to the activations' dtype as `dequantize_rows` rounds, and at the step's own position as
-the exact entry written there: half the bytes of a bf16 cache for the same arithmetic as the eval
-cache's.
+An fp8 cache (kv/float8.py's Float8Cache) is read as its codes, each position's scale applied to
+its score and to its probability (a code is exact in bf16, so the MMAs take the codes as they
+are), and at the step's own position as the exact entries written there: half the bytes of a
+bf16 cache. Against the eval cache's dequantized entries this skips their rounding to bf16.
 
 Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attention it replaces.
 """
@@ -184,12 +184,14 @@ if triton is not None:
             cache = b * stride_b + (row % KV_HEADS) * stride_h
             ks_ptr += row * max_len
             vs_ptr += row * max_len
-            if FLOAT8:  # the last position's exact entries, read in its tile in place of its codes
-                k_last = tl.load(kl_ptr + row * DIM + d, mask=d_ok, other=0.0)
-                v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0)
+            last = length - 1
+            if FLOAT8:  # the last position's exact entries: its scores now, its value in each tile's sum
+                k_last = tl.load(kl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+                v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
+                score_last = tl.sum(q.to(tl.float32) * k_last[None, :], axis=1)
             else:
-                k_last = tl.zeros([BLOCK_D], q.dtype)
-                v_last = k_last
+                v_last = tl.zeros([BLOCK_D], tl.float32)
+                score_last = tl.zeros([GROUP_ROWS], tl.float32)
             running_max = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
             running_sum = tl.zeros([GROUP_ROWS], tl.float32)
             acc = tl.zeros([GROUP_ROWS, BLOCK_D], tl.float32)
@@ -197,21 +199,24 @@ if triton is not None:
             if PIPELINED:  # Triton's pipeliner keeps STAGES tiles of keys and values in flight
                 for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
                     t = t0 + tl.arange(0, BLOCK_L)
-                    k, v = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, length - 1,
-                                    d, stride_t, DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
-                                                                 scale_log2)
+                    k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t,
+                                                        DIM, FLOAT8)
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
+                                                                 score_last, v_last, running_max, running_sum, acc,
+                                                                 scale_log2, FLOAT8)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
-                k, v = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, length - 1,
-                                    d, stride_t, DIM, FLOAT8)
+                k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM,
+                                                    FLOAT8)
                 while t0 < end:
-                    k_next, v_next = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t + BLOCK_L,
-                                              end, length - 1, d, stride_t, DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, t < end, running_max, running_sum, acc,
-                                                                 scale_log2)
-                    k, v, t0, t = k_next, v_next, t0 + BLOCK_L, t + BLOCK_L
+                    k_next, v_next, k_scales_next, v_scales_next = _kv_tile(
+                        k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, FLOAT8)
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
+                                                                 score_last, v_last, running_max, running_sum, acc,
+                                                                 scale_log2, FLOAT8)
+                    k, v, k_scales, v_scales = k_next, v_next, k_scales_next, v_scales_next
+                    t0, t = t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
             out_offs = q_rows[:, None] + d[None, :]  # out [batch, 1, heads·DIM] has q's layout
             store_mask = (heads < GROUP)[:, None] & d_ok[None, :]
@@ -230,22 +235,35 @@ if triton is not None:
                     tl.store(cnt_ptr + row, 0)
 
     @triton.jit
-    def _attend_tile(q, k, v, valid, running_max, running_sum, acc, scale_log2):
+    def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, score_last, v_last, running_max, running_sum, acc,
+                     scale_log2, FLOAT8: tl.constexpr):
         """The running softmax (max, sum, unnormalised output) of the query rows after one more
-        tile of keys and values, `valid` marking its positions within the chunk."""
-        scores = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        tile of keys and values at positions t (those at t >= end outside the chunk).
+
+        FLOAT8: k and v are codes, exact in q's dtype, so each position's scale multiplies its
+        products after the MMA (its score, and its probability before p·v) instead of its entries
+        before: one rounding fewer than reading dequantized entries. The last position's score is
+        `score_last` and its value `v_last`, the exact entries written there."""
+        dots = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if FLOAT8:
+            at_last = (t == last)[None, :]
+            dots = tl.where(at_last, score_last[:, None], dots * k_scales[None, :])
+        scores = tl.where((t < end)[None, :], dots * scale_log2, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
-        return (new_max, running_sum * rescale + tl.sum(p, axis=1),
-                acc * rescale[:, None] + tl.dot(p.to(v.dtype), v))
+        acc = acc * rescale[:, None]
+        if FLOAT8:
+            acc += tl.sum(tl.where(at_last, p, 0.0), axis=1)[:, None] * v_last[None, :]
+            weights = tl.where(at_last, 0.0, p * v_scales[None, :])
+        else:
+            weights = p
+        return new_max, running_sum * rescale + tl.sum(p, axis=1), acc + tl.dot(weights.to(q.dtype), v.to(q.dtype))
 
     @triton.jit
-    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, k_last, v_last, cache, t, end, last, d, stride_t,
-                 DIM: tl.constexpr, FLOAT8: tl.constexpr):
-        """Keys and values at positions t (zeros at t >= end and past DIM), in k_last's dtype. FLOAT8:
-        codes times their positions' scales ks[t] and vs[t], rounded once, and k_last and v_last at
-        position `last`."""
+    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, FLOAT8: tl.constexpr):
+        """Keys and values at positions t (zeros at t >= end and past DIM), and with FLOAT8 their
+        positions' scales ks[t] and vs[t] (else those two are unused placeholders)."""
         offs = cache + t[:, None] * stride_t + d[None, :]
         valid = t < end
         mask = valid[:, None] & (d < DIM)[None, :]
@@ -254,10 +272,10 @@ if triton is not None:
         if FLOAT8:
             k_scales = tl.load(ks_ptr + t, mask=valid, other=0.0)
             v_scales = tl.load(vs_ptr + t, mask=valid, other=0.0)
-            at_last = (t == last)[:, None]
-            k = tl.where(at_last, k_last[None, :], (k.to(tl.float32) * k_scales[:, None]).to(k_last.dtype))
-            v = tl.where(at_last, v_last[None, :], (v.to(tl.float32) * v_scales[:, None]).to(v_last.dtype))
-        return k, v
+        else:
+            k_scales = t.to(tl.float32)
+            v_scales = k_scales
+        return k, v, k_scales, v_scales
 
 
     @triton.jit

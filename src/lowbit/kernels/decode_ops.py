@@ -316,11 +316,11 @@ if triton is not None:
     @triton.jit
     def store_float8_row(x, codes_ptr, scale_ptr, latest_ptr, offs, mask):
         """One row x (activations' dtype, zero where not `mask`) as kv/float8.py's quantize_rows
-        stores it: scale = max|x| / 448, codes x / scale (both divisions IEEE, as torch's), and x
+        stores it: scale = max|x| · (1/448), codes x / scale (an IEEE division, as torch's), and x
         itself as the latest entry."""
         tl.store(latest_ptr + offs, x, mask=mask)
         x = tl.where(mask, x.to(tl.float32), 0.0)
-        scale = tl.div_rn(tl.max(tl.abs(x), axis=0), 448.0)
+        scale = tl.max(tl.abs(x), axis=0) * 0.002232142857142857  # kv.float8.INVERSE_MAX, 1/448 as a float32
         safe = tl.where(scale > 0, scale, 1.0)
         codes = tl.minimum(tl.maximum(tl.div_rn(x, safe), -448.0), 448.0)
         tl.store(codes_ptr + offs, round_to_float8(codes), mask=mask)

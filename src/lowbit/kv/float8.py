@@ -3,16 +3,16 @@
 Where the integer layouts (quantizer.py) group keys along tokens, which a cache can only quantize
 a whole group of tokens at a time, every float8 entry is quantized on its own row of head_dim
 numbers the moment it is written: scale = max|row| / 448 (e4m3's largest finite value), code =
-row / scale rounded to nearest even. A fixed-shape decoder can then write each new position
+row / scale rounded to nearest even (clamped to ±448). A fixed-shape decoder can then write each new position
 straight into its cache slot, and attention reads one byte a number instead of two. e4m3's
 exponent gives every number of a row about the same relative precision (3 mantissa bits), so a
 key channel ten times larger than the rest costs the others nothing, unlike an integer grid
 spanning that row.
 
-Entry = code · scale, computed in float32 and rounded once to the activations' dtype: the torch
-paths here, the eval cache layer (float8_layer.py) and the decoder's kernels (kernels/decode_ops.py
-writes, kernels/decode_attention.py reads) all round the same way, so they store the same bytes
-and read the same numbers.
+Entry = code · scale, computed in float32 and rounded once to the activations' dtype. The torch
+paths here, the eval cache layer (float8_layer.py) and the decoder's write kernel
+(kernels/decode_ops.py) store the same bytes; the decoder's attention (kernels/decode_attention.py)
+applies the scales after its products, without the entries' rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import torch
 CODE_DTYPE = torch.float8_e4m3fn
 CODE_MAX = torch.finfo(CODE_DTYPE).max
 """448: a row's largest magnitude maps here."""
+INVERSE_MAX = 1.0 / CODE_MAX
+"""scale = max|row| · (1/448) in float32: a product, which every device rounds alike (torch on
+CUDA turns a division by a number into this product, and on CPUs does not)."""
 SCALE_DTYPE = torch.float32
 """One scale per row (4 bytes against 128 of codes at head_dim 128)."""
 
@@ -32,7 +35,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [..., D] (CODE_DTYPE) and scales [...] (float32) of x [..., D], one scale a row; a
     row of zeros gets scale 0 and codes 0."""
     rows = x.float()
-    scale = rows.abs().amax(dim=-1) / CODE_MAX
+    scale = rows.abs().amax(dim=-1) * INVERSE_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = (rows / safe.unsqueeze(-1)).clamp(-CODE_MAX, CODE_MAX).to(CODE_DTYPE)
     return codes, scale
