@@ -25,11 +25,11 @@ CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
 ]
 
 
-def float8_cache(entries: torch.Tensor, position: int, transposed: bool = False) -> Float8Cache:
-    """`entries` [batch, kv_heads, max_len, D] written into an fp8 cache up to `position` (the last
-    written, so the one kept exact)."""
+def float8_cache(entries: torch.Tensor, position: int) -> Float8Cache:
+    """`entries` [batch, kv_heads, max_len, D] written into an fp8 cache, position by position up to
+    `position` (the last written, so the one kept exact)."""
     batch, kv_heads, max_len, dim = entries.shape
-    cache = Float8Cache.empty(batch, kv_heads, max_len, dim, entries.device, entries.dtype, transposed)
+    cache = Float8Cache.empty(batch, kv_heads, max_len, dim, entries.device, entries.dtype)
     cache.write(entries[:, :, : position + 1], torch.arange(position + 1, device=entries.device))
     return cache
 
@@ -37,7 +37,7 @@ def float8_cache(entries: torch.Tensor, position: int, transposed: bool = False)
 def as_read(cache: Float8Cache, position: int) -> torch.Tensor:
     """What attention at `position` must read from an fp8 cache, built from its parts: each code
     times its scale, rounded once, and the exact entry at the position itself."""
-    entries = dequantize_rows(cache.by_position.cpu(), cache.scales.cpu(), cache.dtype)
+    entries = dequantize_rows(cache.codes.cpu(), cache.scales.cpu(), cache.dtype)
     entries[:, :, position] = cache.latest.cpu()
     return entries
 
@@ -52,7 +52,7 @@ def check_cases(device: str, dtype: torch.dtype, tolerance: float, float8: bool 
         keys, values = (torch.randn(batch, kv_heads, max_len, dim, generator=g).to(device, dtype) for _ in range(2))
         pos = torch.tensor([position], device=device)
         if float8:
-            keys, values = float8_cache(keys, position), float8_cache(values, position, transposed=True)
+            keys, values = float8_cache(keys, position), float8_cache(values, position)
             expected = decode_attention.reference_attention(q.cpu(), as_read(keys, position),
                                                             as_read(values, position), position)
         else:
@@ -75,8 +75,7 @@ def test_an_fp8_cache_reads_its_codes_and_the_last_position_exactly():
     of what was written, and exactly what was written at the last position."""
     g = torch.Generator().manual_seed(1)
     entries = torch.randn(2, 3, 20, 16, generator=g) * torch.logspace(-3, 3, 16)  # channels of six decades
-    cache, transposed = float8_cache(entries, 12), float8_cache(entries, 12, transposed=True)
-    assert torch.equal(transposed.codes.transpose(-1, -2).view(torch.uint8), cache.codes.view(torch.uint8))
+    cache = float8_cache(entries, 12)
     read = as_read(cache, 12)
     assert torch.equal(read[:, :, 12], entries[:, :, 12])
     bound = entries[:, :, :12].abs().amax(dim=-1, keepdim=True) * 2.0**-4
@@ -115,9 +114,8 @@ def compile_for_sm90(**constexprs):
     from triton.compiler import ASTSource
 
     kernel = decode_attention._attend_kernel
+    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, **constexprs}
     float8 = constexprs.get("FLOAT8", False)
-    unit_stride = "stride_vt" if float8 else "stride_vd"  # the JIT's specialisation: values' contiguous axis
-    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, unit_stride: 1, **constexprs}
     cached, scales = ("*fp8e4nv", "*fp32") if float8 else ("*bf16", "*bf16")
     types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,
              "kl_ptr": "*bf16", "vl_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",

@@ -59,18 +59,17 @@ def check_against_torch(device: str, dtype: torch.dtype) -> None:
         untouched = torch.arange(max_len, device=device) != 6
         assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
 
-        mine, theirs = ([Float8Cache.empty(2, kv_heads, max_len, dim, device, dtype, transposed=values)
-                         for values in (False, True)] for _ in range(2))
+        mine, theirs = ([Float8Cache.empty(2, kv_heads, max_len, dim, device, dtype) for _ in range(2)]
+                        for _ in range(2))
         _close(decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos, norms),
                decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos, norms), units)
         _close(mine[0].latest, theirs[0].latest, units)
         assert torch.equal(mine[1].latest, theirs[1].latest)
         for cache in mine:  # each row's codes and scale exactly what kv.float8 makes of the entry written
             codes, scales = quantize_rows(cache.latest)
-            assert torch.equal(cache.by_position[:, :, 6].view(torch.uint8), codes.view(torch.uint8))
+            assert torch.equal(cache.codes[:, :, 6].view(torch.uint8), codes.view(torch.uint8))
             assert torch.equal(cache.scales[:, :, 6], scales)
-            assert not cache.by_position[:, :, untouched].view(torch.uint8).any()
-            assert not cache.scales[:, :, untouched].any()
+            assert not cache.codes[:, :, untouched].view(torch.uint8).any() and not cache.scales[:, :, untouched].any()
 
     gate_up = rand(2, 1, 2 * 1500, scale=4.0)
     gate, up = gate_up.split([1500, 1500], dim=-1)

@@ -84,7 +84,7 @@ class StaticDecoder:
         weight = inner.embed_tokens.weight
         self.kv_cache = kv_cache
         self.keys = [self._empty_cache(weight) for _ in inner.layers]
-        self.values = [self._empty_cache(weight, transposed=True) for _ in inner.layers]
+        self.values = [self._empty_cache(weight) for _ in inner.layers]
         self.ids = torch.zeros(batch, 1, device=weight.device, dtype=torch.long)
         self.pos = torch.zeros(1, device=weight.device, dtype=torch.long)
         self.logits = torch.zeros(batch, config.vocab_size, device=weight.device, dtype=torch.float32)
@@ -96,13 +96,12 @@ class StaticDecoder:
         self.pending_products = pending_products
         self.prefix_attention = prefix_attention
 
-    def _empty_cache(self, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor | Float8Cache:
-        """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype, or
-        fp8 (values `transposed`, as attention reads fp8 values fastest: Float8Cache)."""
+    def _empty_cache(self, weight: torch.Tensor) -> torch.Tensor | Float8Cache:
+        """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype or fp8."""
         shape = (self.batch, self.kv_heads, self.max_len, self.head_dim)
         if self.kv_cache is None:
             return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        return Float8Cache.empty(*shape, device=weight.device, dtype=weight.dtype, transposed=transposed)
+        return Float8Cache.empty(*shape, device=weight.device, dtype=weight.dtype)
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -95,7 +95,7 @@ def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos:
 
 def _on_triton(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache) -> bool:
     if isinstance(keys, Float8Cache):
-        stored = (keys.by_position, keys.scales, keys.latest, values.codes, values.scales, values.latest)
+        stored = (keys.codes, keys.scales, keys.latest, values.codes, values.scales, values.latest)
         dtypes_ok = keys.dtype == values.dtype == q.dtype and isinstance(values, Float8Cache)
     else:
         stored = (keys, values)
@@ -136,7 +136,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
         if float8:
             keys, values = keys.read_at(pos), values.read_at(pos)
         return attend_torch(q, keys, values, pos)
-    key_slots, value_slots = (keys.by_position, values.by_position) if float8 else (keys, values)
+    key_slots, value_slots = (keys.codes, values.codes) if float8 else (keys, values)
     batch, heads, _, dim = q.shape
     kv_heads, max_len = key_slots.shape[1], key_slots.shape[2]
     group = heads // kv_heads
@@ -146,8 +146,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
     scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if float8 else (q,) * 4  # unread
     _attend_kernel[(batch * kv_heads, splits)](
         q, key_slots, value_slots, *scales_and_latest, out, pos, maxima, sums, partials, counters,
-        key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), value_slots.stride(0), value_slots.stride(1),
-        value_slots.stride(2), value_slots.stride(3), max_len, math.log2(math.e) / math.sqrt(dim),
+        key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), max_len, math.log2(math.e) / math.sqrt(dim),
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), FLOAT8=float8,
@@ -158,8 +157,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
 if triton is not None:
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, out_ptr, pos_ptr, max_ptr, sum_ptr,
-                       part_ptr, cnt_ptr, stride_b, stride_h, stride_t, stride_vb, stride_vh, stride_vt, stride_vd,
-                       max_len, scale_log2,
+                       part_ptr, cnt_ptr, stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
                        SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, FLOAT8: tl.constexpr,
@@ -168,9 +166,7 @@ if triton is not None:
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2.
         FLOAT8: k and v hold float8 codes, ks and vs [batch·KV_HEADS, max_len] their scales, kl
-        and vl [batch·KV_HEADS, DIM] the exact entries at the last position. Keys have unit stride
-        along DIM; values have strides of their own (an fp8 cache's are transposed: unit stride
-        along positions)."""
+        and vl [batch·KV_HEADS, DIM] the exact entries at the last position."""
         row = tl.program_id(0)
         split = tl.program_id(1)
         length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
@@ -186,7 +182,6 @@ if triton is not None:
             q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(heads < GROUP)[:, None] & d_ok[None, :],
                         other=0.0)
             cache = b * stride_b + (row % KV_HEADS) * stride_h
-            value_cache = b * stride_vb + (row % KV_HEADS) * stride_vh
             ks_ptr += row * max_len
             vs_ptr += row * max_len
             last = length - 1
@@ -204,20 +199,19 @@ if triton is not None:
             if PIPELINED:  # Triton's pipeliner keeps STAGES tiles of keys and values in flight
                 for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
                     t = t0 + tl.arange(0, BLOCK_L)
-                    k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, value_cache, t, end, d,
-                                                        stride_t, stride_vt, stride_vd, DIM, FLOAT8)
+                    k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t,
+                                                        DIM, FLOAT8)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
                                                                  scale_log2, FLOAT8)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
-                k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, value_cache, t, end, d,
-                                                    stride_t, stride_vt, stride_vd, DIM, FLOAT8)
+                k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM,
+                                                    FLOAT8)
                 while t0 < end:
                     k_next, v_next, k_scales_next, v_scales_next = _kv_tile(
-                        k_ptr, v_ptr, ks_ptr, vs_ptr, cache, value_cache, t + BLOCK_L, end, d, stride_t, stride_vt,
-                        stride_vd, DIM, FLOAT8)
+                        k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, FLOAT8)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
                                                                  scale_log2, FLOAT8)
@@ -250,7 +244,7 @@ if triton is not None:
         products after the MMA (its score, and its probability before p·v) instead of its entries
         before: one rounding fewer than reading dequantized entries. The last position's score is
         `score_last` and its value `v_last`, the exact entries written there."""
-        dots = tl.dot(q, tl.trans(k).to(q.dtype))
+        dots = tl.dot(q, tl.trans(k.to(q.dtype)))
         if FLOAT8:
             at_last = (t == last)[None, :]
             dots = tl.where(at_last, score_last[:, None], dots * k_scales[None, :])
@@ -267,14 +261,14 @@ if triton is not None:
         return new_max, running_sum * rescale + tl.sum(p, axis=1), acc + tl.dot(weights.to(q.dtype), v.to(q.dtype))
 
     @triton.jit
-    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, value_cache, t, end, d, stride_t, stride_vt, stride_vd,
-                 DIM: tl.constexpr, FLOAT8: tl.constexpr):
+    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, FLOAT8: tl.constexpr):
         """Keys and values at positions t (zeros at t >= end and past DIM), and with FLOAT8 their
         positions' scales ks[t] and vs[t] (else those two are unused placeholders)."""
+        offs = cache + t[:, None] * stride_t + d[None, :]
         valid = t < end
         mask = valid[:, None] & (d < DIM)[None, :]
-        k = tl.load(k_ptr + cache + t[:, None] * stride_t + d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + value_cache + t[:, None] * stride_vt + d[None, :] * stride_vd, mask=mask, other=0.0)
+        k = tl.load(k_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         if FLOAT8:
             k_scales = tl.load(ks_ptr + t, mask=valid, other=0.0)
             v_scales = tl.load(vs_ptr + t, mask=valid, other=0.0)

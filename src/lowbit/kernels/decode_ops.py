@@ -208,12 +208,7 @@ def read_cache(cache: torch.Tensor | Float8Cache, length: int, exact: torch.Tens
 
 
 def _slots(cache: torch.Tensor | Float8Cache) -> torch.Tensor:
-    """A static cache's entries as [batch, kv_heads, max_len, D] (a view of a transposed fp8 cache's codes)."""
-    return cache.by_position if isinstance(cache, Float8Cache) else cache
-
-
-def _stored(cache: torch.Tensor | Float8Cache) -> torch.Tensor:
-    """The tensor a static cache's entries are stored in (a transposed fp8 cache's codes as they are)."""
+    """The [batch, kv_heads, max_len, D] tensor a static cache's entries are stored in."""
     return cache.codes if isinstance(cache, Float8Cache) else cache
 
 
@@ -237,7 +232,7 @@ def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: t
     weights = () if norms is None else (norms.q_weight, norms.k_weight)
     stored = (keys.latest, values.latest, keys.scales, values.scales) if float8 else (keys, values)
     if (not _on_triton(*finished, *weights, cos, sin, *stored[:2], pending=(q_in, k_in, v_in) if pending else ())
-            or not all(t.is_contiguous() for t in (_stored(keys), _stored(values), *stored))):
+            or not all(t.is_contiguous() for t in (key_slots, value_slots, *stored))):
         return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos, norms)
     q_rows, k_rows, v_rows = (_rows(t, pending) for t in (q_in, k_in, v_in))
     out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
@@ -249,8 +244,7 @@ def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: t
         k_weight, key_scales, value_scales, key_latest, value_latest,
         0.0 if norms is None else norms.q_eps, 0.0 if norms is None else norms.k_eps,
         q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), key_slots.stride(0), key_slots.stride(1),
-        key_slots.stride(2), key_slots.stride(3), value_slots.stride(0), value_slots.stride(1), value_slots.stride(2),
-        value_slots.stride(3), max_len, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PENDING=pending,
+        key_slots.stride(2), max_len, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PENDING=pending,
         HEAD_NORMS=norms is not None, FLOAT8=float8, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
     return out
 
@@ -259,8 +253,7 @@ if triton is not None:
     @triton.jit
     def _rotate_into_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, out_ptr, keys_ptr, values_ptr, pos_ptr,
                                   qn_ptr, kn_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, q_eps, k_eps,
-                                  stride_q, stride_k, stride_v, stride_kb, stride_kh, stride_kt, stride_kd,
-                                  stride_vb, stride_vh, stride_vt, stride_vd, max_len,
+                                  stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct, max_len,
                                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
                                   PENDING: tl.constexpr, HEAD_NORMS: tl.constexpr, FLOAT8: tl.constexpr,
                                   BLOCK: tl.constexpr):
@@ -268,8 +261,7 @@ if triton is not None:
         and v are float32 sums, rounded to the output's dtype on load and zeroed once read.
         HEAD_NORMS: the head is first RMS-normalised with weights qn (query heads) or kn (key heads).
         FLOAT8: keys and values are stored as float8 codes with their scales (ks, vs [batch,
-        KV_HEADS, max_len]) and exactly in kl and vl [batch, KV_HEADS, DIM]. The caches' strides
-        are per (batch, head, position, dimension): a transposed cache has stride 1 along positions."""
+        KV_HEADS, max_len]) and exactly in kl and vl [batch, KV_HEADS, DIM]."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -279,8 +271,7 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         kv_row = b * KV_HEADS + h - HEADS  # a key/value head's row of the scales and latest entries
         pos = tl.load(pos_ptr)
-        key_slot = keys_ptr + b * stride_kb + (h - HEADS) * stride_kh + pos * stride_kt + offs * stride_kd
-        value_slot = values_ptr + b * stride_vb + (h - HEADS) * stride_vh + pos * stride_vt + offs * stride_vd
+        cached = b * stride_cb + (h - HEADS) * stride_ch + pos * stride_ct  # a key/value head's slot
         if h < HEADS:
             src = q_ptr + b * stride_q + h * DIM
             norm_ptr = qn_ptr
@@ -291,9 +282,10 @@ if triton is not None:
             eps = k_eps
             v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask, other=0.0).to(dtype)
             if FLOAT8:
-                store_float8_row(v, value_slot, vs_ptr + kv_row * max_len + pos, vl_ptr + kv_row * DIM + offs, mask)
+                store_float8_row(v, values_ptr + cached, vs_ptr + kv_row * max_len + pos, vl_ptr + kv_row * DIM,
+                                 offs, mask)
             else:
-                tl.store(value_slot, v, mask=mask)
+                tl.store(values_ptr + cached + offs, v, mask=mask)
             if PENDING:
                 tl.store(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, tl.zeros_like(v).to(tl.float32),
                          mask=mask)
@@ -316,22 +308,22 @@ if triton is not None:
         if h < HEADS:
             tl.store(out_ptr + (b * HEADS + h) * DIM + offs, out, mask=mask)
         elif FLOAT8:
-            store_float8_row(out, key_slot, ks_ptr + kv_row * max_len + pos, kl_ptr + kv_row * DIM + offs, mask)
+            store_float8_row(out, keys_ptr + cached, ks_ptr + kv_row * max_len + pos, kl_ptr + kv_row * DIM, offs,
+                             mask)
         else:
-            tl.store(key_slot, out, mask=mask)
+            tl.store(keys_ptr + cached + offs, out, mask=mask)
 
     @triton.jit
-    def store_float8_row(x, code_ptrs, scale_ptr, latest_ptrs, mask):
-        """One row x (activations' dtype, zero where not `mask`) into its codes' and latest entries'
-        addresses and its scale's, as kv/float8.py's quantize_rows
+    def store_float8_row(x, codes_ptr, scale_ptr, latest_ptr, offs, mask):
+        """One row x (activations' dtype, zero where not `mask`) as kv/float8.py's quantize_rows
         stores it: scale = max|x| · (1/448), codes x / scale (an IEEE division, as torch's), and x
         itself as the latest entry."""
-        tl.store(latest_ptrs, x, mask=mask)
+        tl.store(latest_ptr + offs, x, mask=mask)
         x = tl.where(mask, x.to(tl.float32), 0.0)
         scale = tl.max(tl.abs(x), axis=0) * 0.002232142857142857  # kv.float8.INVERSE_MAX, 1/448 as a float32
         safe = tl.where(scale > 0, scale, 1.0)
         codes = tl.minimum(tl.maximum(tl.div_rn(x, safe), -448.0), 448.0)
-        tl.store(code_ptrs, round_to_float8(codes), mask=mask)
+        tl.store(codes_ptr + offs, round_to_float8(codes), mask=mask)
         tl.store(scale_ptr, scale)
 
     @triton.jit

@@ -48,58 +48,45 @@ def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 
 @dataclass(frozen=True, eq=False)
 class Float8Cache:
-    """One layer's keys or values in a fixed-shape decoder: codes [batch, kv_heads, max_len, D]
-    ([batch, kv_heads, D, max_len] if `transposed`), scales [batch, kv_heads, max_len], and
-    `latest` [batch, kv_heads, D], the exact entries of the position written last. Attention
-    reads `latest` at that position instead of its codes: a position attends to itself exactly, as
-    through the eval cache (float8_layer.py), so decoding and `lowbit eval --kv-cache fp8` score
-    the same cache.
-
-    Values are kept `transposed`: attention's p·v takes them as an MMA operand whose reduction
-    runs over positions, and the tensor cores' operand fragments hold neighbouring elements of
-    that axis. Positions adjacent in memory are read four bytes at a time; with positions
-    head_dim bytes apart each code is a byte load of its own."""
+    """One layer's keys or values in a fixed-shape decoder: codes [batch, kv_heads, max_len, D],
+    scales [batch, kv_heads, max_len], and `latest` [batch, kv_heads, D], the exact entries of the
+    position written last. Attention reads `latest` at that position instead of its codes: a
+    position attends to itself exactly, as through the eval cache (float8_layer.py), so decoding
+    and `lowbit eval --kv-cache fp8` score the same arithmetic."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     latest: torch.Tensor
-    transposed: bool = False
 
     @classmethod
-    def empty(cls, batch: int, kv_heads: int, max_len: int, dim: int, device: torch.device | str,
-              dtype: torch.dtype, transposed: bool = False) -> Float8Cache:
-        shape = (batch, kv_heads, dim, max_len) if transposed else (batch, kv_heads, max_len, dim)
-        return cls(torch.zeros(shape, device=device, dtype=CODE_DTYPE),
+    def empty(cls, batch: int, kv_heads: int, max_len: int, dim: int, device: torch.device,
+              dtype: torch.dtype) -> Float8Cache:
+        return cls(torch.zeros(batch, kv_heads, max_len, dim, device=device, dtype=CODE_DTYPE),
                    torch.zeros(batch, kv_heads, max_len, device=device, dtype=SCALE_DTYPE),
-                   torch.zeros(batch, kv_heads, dim, device=device, dtype=dtype), transposed)
+                   torch.zeros(batch, kv_heads, dim, device=device, dtype=dtype))
 
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype, in which entries are read."""
         return self.latest.dtype
 
-    @property
-    def by_position(self) -> torch.Tensor:
-        """The codes as [batch, kv_heads, max_len, D] (a view)."""
-        return self.codes.transpose(-1, -2) if self.transposed else self.codes
-
     def write(self, x: torch.Tensor, positions: torch.Tensor) -> None:
         """Quantize x [batch, kv_heads, T, D] into `positions` [T]; its last position becomes `latest`."""
         codes, scales = quantize_rows(x)
         # as bytes: index_copy_ has no float8 kernel on CPUs
-        self.by_position.view(torch.uint8).index_copy_(2, positions, codes.view(torch.uint8))
+        self.codes.view(torch.uint8).index_copy_(2, positions, codes.view(torch.uint8))
         self.scales.index_copy_(2, positions, scales)
         self.latest.copy_(x[:, :, -1])
 
     def read(self, length: int, exact: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Entries [batch, kv_heads, length, D]: dequantized, except at `positions` [T], which read
         `exact` [batch, kv_heads, T, D] (the entries just written: a chunk attends to itself exactly)."""
-        entries = dequantize_rows(self.by_position[:, :, :length], self.scales[:, :, :length], self.dtype)
+        entries = dequantize_rows(self.codes[:, :, :length], self.scales[:, :, :length], self.dtype)
         return entries.index_copy_(2, positions, exact.to(self.dtype))
 
     def read_at(self, pos: torch.Tensor) -> torch.Tensor:
         """Entries [batch, kv_heads, max_len, D] as a step at `pos` (a 1-element tensor) reads
         them: dequantized, `latest` at pos. Positions after pos are whatever they hold; the
         attention masks them."""
-        entries = dequantize_rows(self.by_position, self.scales, self.dtype)
+        entries = dequantize_rows(self.codes, self.scales, self.dtype)
         return entries.index_copy_(2, pos, self.latest.unsqueeze(2))
