@@ -36,8 +36,10 @@ SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{deco
 """decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
 
 
-SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
-"""A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
+FLOAT8_SETTINGS = [f"{SETTINGS[0]}/{int(decode_attention.FLOAT8_DEQUANTIZE)}"]
+"""decode_attention's settings timed over the fp8 cache, one column each (--float8-settings)."""
+SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS", "FLOAT8_DEQUANTIZE")
+"""A setting "T/S", "T/S/W" or "T/S/W/D" gives these of decode_attention's constants, in order."""
 
 
 def attend_with(setting: str, *args) -> torch.Tensor:
@@ -70,7 +72,8 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     float8 = [Float8Cache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16) for _ in range(2)]
     for cache, entries in zip(float8, (keys, values)):
         cache.write(entries[:, :, : position + 1], written)
-    calls["lowbit fp8"] = functools.partial(decode_attention.attend, q, *float8, pos)
+    for setting in FLOAT8_SETTINGS:
+        calls[f"lowbit fp8 {setting}"] = functools.partial(attend_with, setting, q, *float8, pos)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -91,9 +94,9 @@ def markdown(rows: list[dict]) -> str:
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
-             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8' "
-             "gives decode_attention's own settings over the same entries in an fp8 cache (its error includes the "
-             "cache's rounding).", "",
+             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8 "
+             "T/S/W/D' the same over the same entries in an fp8 cache, D = 1 dequantizing each tile before its MMAs "
+             "(FLOAT8_DEQUANTIZE), 0 applying the scales after them (its error includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -109,6 +112,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
+    parser.add_argument("--float8-settings", nargs="+", default=FLOAT8_SETTINGS,
+                        help='over the fp8 cache: "TARGET_PROGRAMS/STAGES/WARPS/FLOAT8_DEQUANTIZE" each')
     args = parser.parse_args()
     SETTINGS[:] = args.settings
+    FLOAT8_SETTINGS[:] = args.float8_settings
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -54,6 +54,9 @@ took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with thre
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 WARPS = 4
 """Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
+FLOAT8_DEQUANTIZE = False
+"""Over an fp8 cache: dequantize each tile to the activations' dtype before its MMAs (True), or
+apply the positions' scales to the MMAs' results (False)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -150,6 +153,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), FLOAT8=float8,
+        DEQUANTIZE=bool(FLOAT8_DEQUANTIZE),
         PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
@@ -161,6 +165,7 @@ if triton is not None:
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
                        SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, FLOAT8: tl.constexpr,
+                       DEQUANTIZE: tl.constexpr,
                        PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
@@ -190,7 +195,8 @@ if triton is not None:
                 v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
                 score_last = tl.sum(q.to(tl.float32) * k_last[None, :], axis=1)
             else:
-                v_last = tl.zeros([BLOCK_D], tl.float32)
+                k_last = tl.zeros([BLOCK_D], tl.float32)
+                v_last = k_last
                 score_last = tl.zeros([GROUP_ROWS], tl.float32)
             running_max = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
             running_sum = tl.zeros([GROUP_ROWS], tl.float32)
@@ -201,9 +207,9 @@ if triton is not None:
                     t = t0 + tl.arange(0, BLOCK_L)
                     k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t,
                                                         DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8)
+                                                                 scale_log2, FLOAT8, DEQUANTIZE)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
@@ -212,9 +218,9 @@ if triton is not None:
                 while t0 < end:
                     k_next, v_next, k_scales_next, v_scales_next = _kv_tile(
                         k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8)
+                                                                 scale_log2, FLOAT8, DEQUANTIZE)
                     k, v, k_scales, v_scales = k_next, v_next, k_scales_next, v_scales_next
                     t0, t = t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
@@ -235,30 +241,37 @@ if triton is not None:
                     tl.store(cnt_ptr + row, 0)
 
     @triton.jit
-    def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, score_last, v_last, running_max, running_sum, acc,
-                     scale_log2, FLOAT8: tl.constexpr):
+    def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last, score_last, v_last, running_max, running_sum,
+                     acc, scale_log2, FLOAT8: tl.constexpr, DEQUANTIZE: tl.constexpr):
         """The running softmax (max, sum, unnormalised output) of the query rows after one more
         tile of keys and values at positions t (those at t >= end outside the chunk).
 
         FLOAT8: k and v are codes, exact in q's dtype, so each position's scale multiplies its
         products after the MMA (its score, and its probability before p·v) instead of its entries
         before: one rounding fewer than reading dequantized entries. The last position's score is
-        `score_last` and its value `v_last`, the exact entries written there."""
-        dots = tl.dot(q, tl.trans(k.to(q.dtype)))
-        if FLOAT8:
-            at_last = (t == last)[None, :]
-            dots = tl.where(at_last, score_last[:, None], dots * k_scales[None, :])
+        `score_last` and its value `v_last`, the exact entries written there. DEQUANTIZE: the
+        tile's entries are codes times scales rounded to q's dtype, k_last and v_last at `last`."""
+        at_last = t == last
+        if FLOAT8 and DEQUANTIZE:
+            keys = tl.where(at_last[:, None], k_last[None, :], k.to(tl.float32) * k_scales[:, None]).to(q.dtype)
+            values = tl.where(at_last[:, None], v_last[None, :], v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
+        else:  # codes are exact in q's dtype
+            keys = k.to(q.dtype)
+            values = v.to(q.dtype)
+        dots = tl.dot(q, tl.trans(keys))
+        if FLOAT8 and not DEQUANTIZE:
+            dots = tl.where(at_last[None, :], score_last[:, None], dots * k_scales[None, :])
         scores = tl.where((t < end)[None, :], dots * scale_log2, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
         acc = acc * rescale[:, None]
-        if FLOAT8:
-            acc += tl.sum(tl.where(at_last, p, 0.0), axis=1)[:, None] * v_last[None, :]
-            weights = tl.where(at_last, 0.0, p * v_scales[None, :])
-        else:
-            weights = p
-        return new_max, running_sum * rescale + tl.sum(p, axis=1), acc + tl.dot(weights.to(q.dtype), v.to(q.dtype))
+        weights = p
+        if FLOAT8 and not DEQUANTIZE:
+            acc += tl.sum(tl.where(at_last[None, :], p, 0.0), axis=1)[:, None] * v_last[None, :]
+            weights = tl.where(at_last[None, :], 0.0, p * v_scales[None, :])
+        return new_max, running_sum * rescale + tl.sum(p, axis=1), acc + tl.dot(weights.to(q.dtype), values)
+
 
     @triton.jit
     def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, FLOAT8: tl.constexpr):
