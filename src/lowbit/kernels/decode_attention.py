@@ -255,22 +255,30 @@ if triton is not None:
         if FLOAT8 and DEQUANTIZE:
             keys = tl.where(at_last[:, None], k_last[None, :], k.to(tl.float32) * k_scales[:, None]).to(q.dtype)
             values = tl.where(at_last[:, None], v_last[None, :], v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
-        else:  # codes are exact in q's dtype
-            keys = k.to(q.dtype)
-            values = v.to(q.dtype)
-        dots = tl.dot(q, tl.trans(keys))
-        if FLOAT8 and not DEQUANTIZE:
+            dots = tl.dot(q, tl.trans(keys))
+        elif FLOAT8:  # codes are exact in float16, which e4m3 converts to in one instruction a pair
+            dots = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
             dots = tl.where(at_last[None, :], score_last[:, None], dots * k_scales[None, :])
+        else:
+            dots = tl.dot(q, tl.trans(k))
         scores = tl.where((t < end)[None, :], dots * scale_log2, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
         acc = acc * rescale[:, None]
-        weights = p
         if FLOAT8 and not DEQUANTIZE:
+            # p·(diag(scales)·codes) as p·(diag(scales / top)·codes)·top, top the tile's largest
+            # scale: the entries stay within ±448, where float16 keeps its precision
+            top = tl.maximum(tl.max(v_scales, axis=0), 1e-30)
+            values = v.to(tl.float16) * (v_scales / top).to(tl.float16)[:, None]
+            weights = tl.where(at_last[None, :], 0.0, p)
+            acc += tl.dot(weights.to(tl.float16), values) * top
             acc += tl.sum(tl.where(at_last[None, :], p, 0.0), axis=1)[:, None] * v_last[None, :]
-            weights = tl.where(at_last[None, :], 0.0, p * v_scales[None, :])
-        return new_max, running_sum * rescale + tl.sum(p, axis=1), acc + tl.dot(weights.to(q.dtype), values)
+        elif FLOAT8:
+            acc += tl.dot(p.to(q.dtype), values)
+        else:
+            acc += tl.dot(p.to(q.dtype), v)
+        return new_max, running_sum * rescale + tl.sum(p, axis=1), acc
 
 
     @triton.jit
