@@ -36,15 +36,18 @@ SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{deco
 """decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
 
 
-FLOAT8_SETTINGS = [f"{SETTINGS[0]}/{int(decode_attention.FLOAT8_DEQUANTIZE)}"]
+FLOAT8_SETTINGS = [f"{decode_attention.FLOAT8_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}/"
+                   f"{int(decode_attention.FLOAT8_DEQUANTIZE)}"]
 """decode_attention's settings timed over the fp8 cache, one column each (--float8-settings)."""
-SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS", "FLOAT8_DEQUANTIZE")
-"""A setting "T/S", "T/S/W" or "T/S/W/D" gives these of decode_attention's constants, in order."""
+SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
+FLOAT8_SETTING_NAMES = ("FLOAT8_TARGET_PROGRAMS", "STAGES", "WARPS", "FLOAT8_DEQUANTIZE")
+"""A setting "T/S/W/D" over the fp8 cache gives these, in order."""
 
 
-def attend_with(setting: str, *args) -> torch.Tensor:
-    """decode_attention.attend with the setting's constants (SETTING_NAMES) in place of its own."""
-    values = dict(zip(SETTING_NAMES, (int(v) for v in setting.split("/"))))
+def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> torch.Tensor:
+    """decode_attention.attend with the setting's constants (`names`) in place of its own."""
+    values = dict(zip(names, (int(v) for v in setting.split("/"))))
     saved = {name: getattr(decode_attention, name) for name in values}
     for name, value in values.items():
         setattr(decode_attention, name, value)
@@ -73,7 +76,8 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     for cache, entries in zip(float8, (keys, values)):
         cache.write(entries[:, :, : position + 1], written)
     for setting in FLOAT8_SETTINGS:
-        calls[f"lowbit fp8 {setting}"] = functools.partial(attend_with, setting, q, *float8, pos)
+        calls[f"lowbit fp8 {setting}"] = functools.partial(attend_with, setting, q, *float8, pos,
+                                                           names=FLOAT8_SETTING_NAMES)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -95,8 +99,9 @@ def markdown(rows: list[dict]) -> str:
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
              "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8 "
-             "T/S/W/D' the same over the same entries in an fp8 cache, D = 1 dequantizing each tile before its MMAs "
-             "(FLOAT8_DEQUANTIZE), 0 applying the scales after them (its error includes the cache's rounding).", "",
+             "T/S/W/D' the same over the same entries in an fp8 cache (T as FLOAT8_TARGET_PROGRAMS), D = 1 "
+             "dequantizing each tile before its MMAs (FLOAT8_DEQUANTIZE), 0 applying the scales after them (its "
+             "error includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]

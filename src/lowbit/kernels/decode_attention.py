@@ -54,6 +54,10 @@ took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with thre
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 WARPS = 4
 """Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
+FLOAT8_TARGET_PROGRAMS = 256
+"""TARGET_PROGRAMS over an fp8 cache, whose tiles take longer to multiply than to read: at batch
+16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
+(gpu_decode_attention_h200_fp8_f16.md)."""
 FLOAT8_DEQUANTIZE = False
 """Over an fp8 cache: dequantize each tile to the activations' dtype before its MMAs (True), or
 apply the positions' scales to the MMAs' results (False)."""
@@ -108,10 +112,11 @@ def _on_triton(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.
             and q.shape[1] % stored[0].shape[1] == 0 and q.shape[-1] <= 256)
 
 
-def splits_for(batch: int, kv_heads: int, max_len: int) -> int:
-    """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS, at most MAX_SPLITS, and no
-    more than the cache has blocks of BLOCK_L positions."""
-    return max(1, min(MAX_SPLITS, -(-TARGET_PROGRAMS // (batch * kv_heads)), -(-max_len // BLOCK_L)))
+def splits_for(batch: int, kv_heads: int, max_len: int, float8: bool = False) -> int:
+    """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS (FLOAT8_TARGET_PROGRAMS
+    over an fp8 cache), at most MAX_SPLITS, and no more than the cache has blocks of BLOCK_L positions."""
+    target = FLOAT8_TARGET_PROGRAMS if float8 else TARGET_PROGRAMS
+    return max(1, min(MAX_SPLITS, -(-target // (batch * kv_heads)), -(-max_len // BLOCK_L)))
 
 
 def _workspace(device: torch.device, rows: int, splits: int, group: int, dim: int):
@@ -143,7 +148,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
     batch, heads, _, dim = q.shape
     kv_heads, max_len = key_slots.shape[1], key_slots.shape[2]
     group = heads // kv_heads
-    splits = splits_for(batch, kv_heads, max_len)
+    splits = splits_for(batch, kv_heads, max_len, float8)
     maxima, sums, partials, counters = _workspace(q.device, batch * kv_heads, splits, group, dim)
     out = torch.empty(batch, 1, heads * dim, device=q.device, dtype=q.dtype)
     scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if float8 else (q,) * 4  # unread
