@@ -6,7 +6,8 @@ whatever the position; decode_attention.attend reads the written ones only, cut 
 times both for a Llama-3-8B-shaped layer (32 query heads, 8 key/value heads, head_dim 128) at
 batch 1 and 16, over caches of 256 to 4096 positions, at the cache's first quarter and its last
 position (CUDA-graph replays, cold L2: a layer's cache was last read a step ago, with every other
-layer's weights since), and decode_attention over the same entries in an fp8 cache (kv/float8.py). SDPA's mask is made outside the timed call, as StaticDecoder made it once
+layer's weights since), and decode_attention over the same entries in an fp8 cache (kv/float8.py).
+SDPA's mask is made outside the timed call, as StaticDecoder made it once
 a step for all layers.
 
     python benchmarks/gpu_decode_attention.py --out benchmarks/results/gpu_decode_attention_h200

@@ -123,5 +123,6 @@ def test_fp8_costs_less_than_int2_and_more_than_nothing(tiny_model, tokens):
         ("fp8", KVCacheSpec(kind="fp8")), ("int8", KVCacheSpec(bits=8, group_size=8, residual=0)),
         ("int2", KVCacheSpec(bits=2, group_size=8, residual=0)))}
     reference = ReferenceLogProbs(tiny_model, tokens, SEQ_LEN, kv_cache=scoring["fp8"])
-    kl = {name: evaluate(tiny_model, tokens, SEQ_LEN, reference=reference, kv_cache=s).kl for name, s in scoring.items()}
+    kl = {name: evaluate(tiny_model, tokens, SEQ_LEN, reference=reference, kv_cache=s).kl
+          for name, s in scoring.items()}
     assert kl["int8"] < kl["fp8"] < kl["int2"] and kl["fp8"] > 1e-7, kl
