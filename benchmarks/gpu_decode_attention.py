@@ -37,13 +37,12 @@ SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{deco
 """decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
 
 
-FLOAT8_SETTINGS = [f"{decode_attention.FLOAT8_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}/"
-                   f"{int(decode_attention.FLOAT8_DEQUANTIZE)}"]
+FLOAT8_SETTINGS = [f"{decode_attention.FLOAT8_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"]
 """decode_attention's settings timed over the fp8 cache, one column each (--float8-settings)."""
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
 """A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
-FLOAT8_SETTING_NAMES = ("FLOAT8_TARGET_PROGRAMS", "STAGES", "WARPS", "FLOAT8_DEQUANTIZE")
-"""A setting "T/S/W/D" over the fp8 cache gives these, in order."""
+FLOAT8_SETTING_NAMES = ("FLOAT8_TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "T/S/W" over the fp8 cache gives these, in order."""
 
 
 def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> torch.Tensor:
@@ -100,9 +99,8 @@ def markdown(rows: list[dict]) -> str:
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
              "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8 "
-             "T/S/W/D' the same over the same entries in an fp8 cache (T as FLOAT8_TARGET_PROGRAMS), D = 1 "
-             "dequantizing each tile before its MMAs (FLOAT8_DEQUANTIZE), 0 applying the scales after them (its "
-             "error includes the cache's rounding).", "",
+             "T/S/W' the same over the same entries in an fp8 cache (T as FLOAT8_TARGET_PROGRAMS; its error "
+             "includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -119,7 +117,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
     parser.add_argument("--float8-settings", nargs="+", default=FLOAT8_SETTINGS,
-                        help='over the fp8 cache: "TARGET_PROGRAMS/STAGES/WARPS/FLOAT8_DEQUANTIZE" each')
+                        help='over the fp8 cache: "FLOAT8_TARGET_PROGRAMS/STAGES/WARPS" each')
     args = parser.parse_args()
     SETTINGS[:] = args.settings
     FLOAT8_SETTINGS[:] = args.float8_settings

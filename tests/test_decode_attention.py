@@ -114,7 +114,7 @@ def compile_for_sm90(**constexprs):
     from triton.compiler import ASTSource
 
     kernel = decode_attention._attend_kernel
-    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, "DEQUANTIZE": False, **constexprs}
+    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, **constexprs}
     float8 = constexprs.get("FLOAT8", False)
     cached, scales = ("*fp8e4nv", "*fp32") if float8 else ("*bf16", "*bf16")
     types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,

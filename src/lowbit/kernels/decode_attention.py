@@ -17,10 +17,14 @@ once) on the tensor cores, with a running softmax over the chunk; the last progr
 head) to finish, counted as w4a16's split-K programs count, merges the chunks' partial results.
 Where the whole prefix is one chunk, that program writes its result directly.
 
-An fp8 cache (kv/float8.py's Float8Cache) is read as its codes, each position's scale applied to
-its score and to its probability (a code is exact in bf16, so the MMAs take the codes as they
-are), and at the step's own position as the exact entries written there: half the bytes of a
-bf16 cache. Against the eval cache's dequantized entries this skips their rounding to bf16.
+An fp8 cache (kv/float8.py's Float8Cache) is read as its codes, converted to float16 (exact)
+for float16 MMAs, each position's scale applied to its score and, relative to the tile's largest,
+to its values; the step's own position is read as the exact entries written there. This reads
+half the bytes of a bf16 cache but does not run faster: converting and scaling the codes costs
+about what the bytes saved, so at batch 16 over a full 4096-position cache it took 77.7 against
+67.9 us, and 25.1 against 21.1 over its first quarter (gpu_decode_attention_h200_fp8_256.md). The
+fp8 cache is for memory: nearly twice the positions or batch rows in the same bytes. A query entry
+beyond float16's ±65504 would overflow; the bf16 path has no such limit.
 
 Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attention it replaces.
 """
@@ -58,9 +62,6 @@ FLOAT8_TARGET_PROGRAMS = 256
 """TARGET_PROGRAMS over an fp8 cache, whose tiles take longer to multiply than to read: at batch
 16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
 (gpu_decode_attention_h200_fp8_f16.md)."""
-FLOAT8_DEQUANTIZE = False
-"""Over an fp8 cache: dequantize each tile to the activations' dtype before its MMAs (True), or
-apply the positions' scales to the MMAs' results (False)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -158,7 +159,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tens
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), FLOAT8=float8,
-        DEQUANTIZE=bool(FLOAT8_DEQUANTIZE),
         PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
@@ -170,7 +170,6 @@ if triton is not None:
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
                        SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, FLOAT8: tl.constexpr,
-                       DEQUANTIZE: tl.constexpr,
                        PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
@@ -200,8 +199,7 @@ if triton is not None:
                 v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
                 score_last = tl.sum(q.to(tl.float32) * k_last[None, :], axis=1)
             else:
-                k_last = tl.zeros([BLOCK_D], tl.float32)
-                v_last = k_last
+                v_last = tl.zeros([BLOCK_D], tl.float32)
                 score_last = tl.zeros([GROUP_ROWS], tl.float32)
             running_max = tl.full([GROUP_ROWS], float("-inf"), tl.float32)
             running_sum = tl.zeros([GROUP_ROWS], tl.float32)
@@ -212,9 +210,9 @@ if triton is not None:
                     t = t0 + tl.arange(0, BLOCK_L)
                     k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t,
                                                         DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last,
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8, DEQUANTIZE)
+                                                                 scale_log2, FLOAT8)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
@@ -223,9 +221,9 @@ if triton is not None:
                 while t0 < end:
                     k_next, v_next, k_scales_next, v_scales_next = _kv_tile(
                         k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, FLOAT8)
-                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last,
+                    running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8, DEQUANTIZE)
+                                                                 scale_log2, FLOAT8)
                     k, v, k_scales, v_scales = k_next, v_next, k_scales_next, v_scales_next
                     t0, t = t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
@@ -246,22 +244,21 @@ if triton is not None:
                     tl.store(cnt_ptr + row, 0)
 
     @triton.jit
-    def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, k_last, score_last, v_last, running_max, running_sum,
-                     acc, scale_log2, FLOAT8: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, score_last, v_last, running_max, running_sum, acc,
+                     scale_log2, FLOAT8: tl.constexpr):
         """The running softmax (max, sum, unnormalised output) of the query rows after one more
         tile of keys and values at positions t (those at t >= end outside the chunk).
 
-        FLOAT8: k and v are codes, exact in q's dtype, so each position's scale multiplies its
-        products after the MMA (its score, and its probability before p·v) instead of its entries
-        before: one rounding fewer than reading dequantized entries. The last position's score is
-        `score_last` and its value `v_last`, the exact entries written there. DEQUANTIZE: the
-        tile's entries are codes times scales rounded to q's dtype, k_last and v_last at `last`."""
+        FLOAT8: k and v are codes, exact in float16 (one conversion instruction a pair from e4m3),
+        so the MMAs run in float16 and each position's scale multiplies its score after the MMA;
+        values are scaled by scale / top in float16 before p·v (top the tile's largest scale,
+        which multiplies the product after, so the entries stay within ±448 where float16 keeps
+        its precision). The last position's score is `score_last` and its value `v_last`, the
+        exact entries written there. Dequantizing each tile to bf16 before bf16 MMAs instead took
+        91.6 against 77.7 us at batch 16 over a full 4096-position cache
+        (gpu_decode_attention_h200_fp8_256.md, code at ee61d15)."""
         at_last = t == last
-        if FLOAT8 and DEQUANTIZE:
-            keys = tl.where(at_last[:, None], k_last[None, :], k.to(tl.float32) * k_scales[:, None]).to(q.dtype)
-            values = tl.where(at_last[:, None], v_last[None, :], v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
-            dots = tl.dot(q, tl.trans(keys))
-        elif FLOAT8:  # codes are exact in float16, which e4m3 converts to in one instruction a pair
+        if FLOAT8:
             dots = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
             dots = tl.where(at_last[None, :], score_last[:, None], dots * k_scales[None, :])
         else:
@@ -271,7 +268,7 @@ if triton is not None:
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
         acc = acc * rescale[:, None]
-        if FLOAT8 and not DEQUANTIZE:
+        if FLOAT8:
             # p·(diag(scales)·codes) as p·(diag(scales / top)·codes)·top, top the tile's largest
             # scale: the entries stay within ±448, where float16 keeps its precision
             top = tl.maximum(tl.max(v_scales, axis=0), 1e-30)
@@ -279,12 +276,9 @@ if triton is not None:
             weights = tl.where(at_last[None, :], 0.0, p)
             acc += tl.dot(weights.to(tl.float16), values) * top
             acc += tl.sum(tl.where(at_last[None, :], p, 0.0), axis=1)[:, None] * v_last[None, :]
-        elif FLOAT8:
-            acc += tl.dot(p.to(q.dtype), values)
         else:
             acc += tl.dot(p.to(q.dtype), v)
         return new_max, running_sum * rescale + tl.sum(p, axis=1), acc
-
 
     @triton.jit
     def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, FLOAT8: tl.constexpr):
