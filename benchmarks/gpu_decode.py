@@ -104,11 +104,12 @@ def float32_logits(model: nn.Module, prompt: torch.Tensor, batches: list[int]) -
 
 STEPS = {"fused": {"fuse": True}, "fused-finished": {"fuse": True, "pending_products": False},
          "fused-sdpa": {"fuse": True, "prefix_attention": False}, "modules": {"fuse": False},
-         "fused-fp8": {"fuse": True, "kv_cache": KVCacheSpec(kind="fp8")}}
+         "fused-fp8": {"fuse": True, "kv_cache": KVCacheSpec(kind="fp8")},
+         "fused-int8-token": {"fuse": True, "kv_cache": KVCacheSpec(kind="int8-token")}}
 """--steps: how the work between matmuls runs (StaticDecoder's settings). "fused-finished" is the
 fused step with every int4 matmul finishing its own product (no pending split-K sums); "fused-sdpa"
 the fused step with torch's SDPA over the whole cache, the unwritten positions masked; "fused-fp8"
-the fused step over an fp8 KV cache (in the bf16 run too)."""
+and "fused-int8-token" the fused step over that coded KV cache (in the bf16 run too)."""
 
 
 def time_decode(model: nn.Module, batch: int, prompt: torch.Tensor, new: int, merge: bool = False,
@@ -201,9 +202,10 @@ def markdown(result: dict) -> str:
              + (" In `fused` and `fused-finished`, attention reads only the cache's written positions "
                 "(lowbit.kernels.decode_attention); `fused-sdpa` is `fused` with torch's SDPA over the whole cache, "
                 "the unwritten positions masked." if meta.get("decode_attention") else "")
-             + (" `fused-fp8` is `fused` with keys and values cached as float8 e4m3 with a scale per token and head "
-                "(bf16 and int4 runs alike; its logits error includes the cache's)."
-                if any(row.get("step") == "fused-fp8" for row in result["rows"]) else "")
+             + (" `fused-fp8` and `fused-int8-token` are `fused` with keys and values cached as float8 e4m3 or "
+                "symmetric int8 with a scale per token and head (bf16 and int4 runs alike; their logits error "
+                "includes the cache's)." if any("kv_cache" in STEPS.get(row.get("step"), {}) for row in result["rows"])
+                else "")
              + (f" Prompt ms: StaticDecoder.prefill reading the {meta['prompt']}-token prompt in chunks through the "
                 "modules (one forward a chunk), and, for int4, the same prompt one position a captured step, "
                 "as prefill read it before." if prefill else ""),

@@ -6,7 +6,8 @@ whatever the position; decode_attention.attend reads the written ones only, cut 
 times both for a Llama-3-8B-shaped layer (32 query heads, 8 key/value heads, head_dim 128) at
 batch 1 and 16, over caches of 256 to 4096 positions, at the cache's first quarter and its last
 position (CUDA-graph replays, cold L2: a layer's cache was last read a step ago, with every other
-layer's weights since), and decode_attention over the same entries in an fp8 cache (kv/float8.py).
+layer's weights since), and decode_attention over the same entries in coded caches (int8 and fp8
+codes with a scale per position and head, kv/row_codes.py).
 SDPA's mask is made outside the timed call, as StaticDecoder made it once
 a step for all layers.
 
@@ -26,7 +27,7 @@ import torch
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.timing import graph_time_ms
-from lowbit.kv.float8 import Float8Cache
+from lowbit.kv.row_codes import CODES, CodedCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import run_cases  # noqa: E402
@@ -37,12 +38,13 @@ SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{deco
 """decode_attention's settings timed (SETTING_NAMES), one column each (--settings)."""
 
 
-FLOAT8_SETTINGS = [f"{decode_attention.FLOAT8_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"]
-"""decode_attention's settings timed over the fp8 cache, one column each (--float8-settings)."""
+CODED_SETTINGS = [f"{kind}/{decode_attention.CODED_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"
+                  for kind in CODES]
+"""decode_attention's settings timed over each coded cache, one column each (--coded-settings)."""
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
 """A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
-FLOAT8_SETTING_NAMES = ("FLOAT8_TARGET_PROGRAMS", "STAGES", "WARPS")
-"""A setting "T/S/W" over the fp8 cache gives these, in order."""
+CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "KIND/T/S/W" over a coded cache (int8-token, fp8) gives these after the kind, in order."""
 
 
 def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> torch.Tensor:
@@ -72,12 +74,13 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     for setting in SETTINGS:
         calls[f"lowbit {setting}"] = functools.partial(attend_with, setting, q, keys, values, pos)
     written = torch.arange(position + 1, device="cuda")
-    float8 = [Float8Cache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16) for _ in range(2)]
-    for cache, entries in zip(float8, (keys, values)):
-        cache.write(entries[:, :, : position + 1], written)
-    for setting in FLOAT8_SETTINGS:
-        calls[f"lowbit fp8 {setting}"] = functools.partial(attend_with, setting, q, *float8, pos,
-                                                           names=FLOAT8_SETTING_NAMES)
+    for setting in CODED_SETTINGS:
+        kind, numbers = setting.split("/", 1)
+        coded = [CodedCache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16, CODES[kind])
+                 for _ in range(2)]
+        for cache, entries in zip(coded, (keys, values)):
+            cache.write(entries[:, :, : position + 1], written)
+        calls[f"lowbit {setting}"] = functools.partial(attend_with, numbers, q, *coded, pos, names=CODED_SETTING_NAMES)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():
         row[f"{name} error"] = float((call().double() - ref).norm() / ref.norm())
@@ -98,9 +101,9 @@ def markdown(rows: list[dict]) -> str:
              "per call, CUDA-graph replays, cold L2 (benchmarks/gpu_decode_attention.py).",
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
-             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit fp8 "
-             "T/S/W' the same over the same entries in an fp8 cache (T as FLOAT8_TARGET_PROGRAMS; its error "
-             "includes the cache's rounding).", "",
+             "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit KIND/"
+             "T/S/W' the same over the same entries in a coded cache of that kind (T as CODED_TARGET_PROGRAMS; its "
+             "error includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -116,9 +119,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
-    parser.add_argument("--float8-settings", nargs="+", default=FLOAT8_SETTINGS,
-                        help='over the fp8 cache: "FLOAT8_TARGET_PROGRAMS/STAGES/WARPS" each')
+    parser.add_argument("--coded-settings", nargs="+", default=CODED_SETTINGS,
+                        help='over a coded cache: "KIND/CODED_TARGET_PROGRAMS/STAGES/WARPS" each '
+                        "(KIND int8-token or fp8)")
     args = parser.parse_args()
     SETTINGS[:] = args.settings
-    FLOAT8_SETTINGS[:] = args.float8_settings
+    CODED_SETTINGS[:] = args.coded_settings
     run_cases(args.out, itertools.product((1, 16), (256, 1024, 4096), ("first quarter", "last")), run_case, markdown)

@@ -8,8 +8,9 @@ full-precision cache; KL(reference || row) per token. Bytes per token count pack
 scales and minimums, the fp16 window and (pre-RoPE) stored positions, at a context of --seq-len
 tokens and at 32k tokens.
 
-Rows are bits:group:residual[:pre] (pre = keys quantized before RoPE), or fp8 (e4m3 codes with
-a float32 scale per token and head, kv/float8.py); the fp16 row is the reference itself.
+Rows are bits:group:residual[:pre] (pre = keys quantized before RoPE), or int8-token / fp8 (int8
+or e4m3 codes with a float32 scale per token and head, kv/row_codes.py); the fp16 row is the
+reference itself.
 
     python benchmarks/kv_cache.py                  # writes benchmarks/results/kv_cache.{json,md}
     python benchmarks/kv_cache.py --render         # rewrites the .md from the saved .json
@@ -34,6 +35,7 @@ from lowbit.calibrate.data import load_text, tokenize_text  # noqa: E402
 from lowbit.evaluate import ReferenceLogProbs, evaluate  # noqa: E402
 from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK, CacheScoring  # noqa: E402
 from lowbit.kv import KVCacheSpec  # noqa: E402
+from lowbit.kv.spec import ROW_KINDS  # noqa: E402
 from lowbit.kv.memory import AttentionShape, bytes_per_token  # noqa: E402
 from lowbit.models.loading import load_model  # noqa: E402
 
@@ -45,12 +47,14 @@ LONG_CONTEXT = 32768
 
 
 def parse_row(text: str) -> KVCacheSpec:
-    """'4:64:128:pre' -> KVCacheSpec(bits=4, group_size=64, residual=128, pre_rope=True); 'fp8' -> the fp8 cache."""
-    if text == "fp8":
-        return KVCacheSpec(kind="fp8")
+    """'4:64:128:pre' -> KVCacheSpec(bits=4, group_size=64, residual=128, pre_rope=True); 'fp8' and
+    'int8-token' -> those caches."""
+    if text in ROW_KINDS:
+        return KVCacheSpec(kind=text)
     parts = text.split(":")
     if parts[3:] not in ([], ["pre"]) or len(parts) < 3 or not all(p.isdigit() for p in parts[:3]):
-        raise SystemExit(f"bad row {text!r}: expected bits:group:residual, bits:group:residual:pre or fp8")
+        raise SystemExit(f"bad row {text!r}: expected bits:group:residual, bits:group:residual:pre, "
+                         f"{' or '.join(ROW_KINDS)}")
     bits, group, residual = map(int, parts[:3])
     return KVCacheSpec(bits=bits, group_size=group, residual=residual, pre_rope=len(parts) == 4)
 
@@ -58,8 +62,8 @@ def parse_row(text: str) -> KVCacheSpec:
 def label(spec: KVCacheSpec | None) -> str:
     if spec is None:
         return "fp16 (no quantization)"
-    if spec.kind == "fp8":
-        return "fp8 e4m3, scale per token and head"
+    if spec.kind in ROW_KINDS:
+        return {"fp8": "fp8 e4m3", "int8-token": "int8 symmetric"}[spec.kind] + ", scale per token and head"
     return f"int{spec.bits} g{spec.group_size} r{spec.residual}" + (" pre-RoPE" if spec.pre_rope else "")
 
 
@@ -68,7 +72,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
-    parser.add_argument("--rows", default=ROWS, help="comma-separated bits:group:residual[:pre] or fp8")
+    parser.add_argument("--rows", default=ROWS, help="comma-separated bits:group:residual[:pre], int8-token or fp8")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_cache")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md table from the saved .json")
     add_device_argument(parser)
@@ -134,9 +138,9 @@ def markdown_table(meta: dict, rows: list[dict]) -> str:
         f"Model: {meta['model']}. Evaluation: {meta['evaluation']}. Machine: {meta['machine']}. "
         f"Command: `{meta['command']}`.",
         "Rows: int bits, g = group size (tokens per key group, channels per value group), r = tokens kept in "
-        "fp16; pre-RoPE = keys quantized before the rotary embedding; fp8: e4m3 codes, a float32 scale per token "
-        "and head. Bytes/token: everything the cache stores (codes, scales and minimums, fp16 window, pre-RoPE "
-        "positions), summed over layers.",
+        "fp16; pre-RoPE = keys quantized before the rotary embedding; int8 symmetric / fp8 e4m3: 8-bit codes, a "
+        "float32 scale per token and head. Bytes/token: everything the cache stores (codes, scales and minimums, "
+        "fp16 window, pre-RoPE positions), summed over layers.",
         "",
         f"| KV cache | perplexity | KL to fp16 cache | bytes/token @ {meta['seq_len']} | bytes/token @ {LONG_CONTEXT} "
         "| x smaller @ 32k | time (s) |",

@@ -9,7 +9,7 @@ import torch
 
 from lowbit.kernels import decode_attention
 from lowbit.kernels.w4a16 import triton_available
-from lowbit.kv.float8 import Float8Cache, dequantize_rows
+from lowbit.kv.row_codes import CODES, CodedCache, dequantize_rows
 from tests.conftest import check_in_triton_interpreter
 
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
@@ -25,34 +25,34 @@ CASES = [  # batch, heads, kv_heads, head_dim, cache positions, position
 ]
 
 
-def float8_cache(entries: torch.Tensor, position: int) -> Float8Cache:
-    """`entries` [batch, kv_heads, max_len, D] written into an fp8 cache, position by position up to
-    `position` (the last written, so the one kept exact)."""
+def coded_cache(entries: torch.Tensor, position: int, kind: str) -> CodedCache:
+    """`entries` [batch, kv_heads, max_len, D] written into a coded cache of `kind` up to `position`
+    (the last written, so the one kept exact)."""
     batch, kv_heads, max_len, dim = entries.shape
-    cache = Float8Cache.empty(batch, kv_heads, max_len, dim, entries.device, entries.dtype)
+    cache = CodedCache.empty(batch, kv_heads, max_len, dim, entries.device, entries.dtype, CODES[kind])
     cache.write(entries[:, :, : position + 1], torch.arange(position + 1, device=entries.device))
     return cache
 
 
-def as_read(cache: Float8Cache, position: int) -> torch.Tensor:
-    """What attention at `position` must read from an fp8 cache, built from its parts: each code
+def as_read(cache: CodedCache, position: int) -> torch.Tensor:
+    """What attention at `position` must read from a coded cache, built from its parts: each code
     times its scale, rounded once, and the exact entry at the position itself."""
     entries = dequantize_rows(cache.codes.cpu(), cache.scales.cpu(), cache.dtype)
     entries[:, :, position] = cache.latest.cpu()
     return entries
 
 
-def check_cases(device: str, dtype: torch.dtype, tolerance: float, float8: bool = False) -> None:
+def check_cases(device: str, dtype: torch.dtype, tolerance: float, coded: str | None = None) -> None:
     """Every case twice (the second finds the counters the first's last programs reset), then the
-    counters zero; in `dtype` on `device` against float64 (with `float8`, over an fp8 cache,
+    counters zero; in `dtype` on `device` against float64 (with `coded`, over a cache of that kind,
     against float64 attention over the entries it holds)."""
     g = torch.Generator().manual_seed(0)
     for batch, heads, kv_heads, dim, max_len, position in CASES:
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         keys, values = (torch.randn(batch, kv_heads, max_len, dim, generator=g).to(device, dtype) for _ in range(2))
         pos = torch.tensor([position], device=device)
-        if float8:
-            keys, values = float8_cache(keys, position), float8_cache(values, position)
+        if coded:
+            keys, values = coded_cache(keys, position, coded), coded_cache(values, position, coded)
             expected = decode_attention.reference_attention(q.cpu(), as_read(keys, position),
                                                             as_read(values, position), position)
         else:
@@ -67,18 +67,21 @@ def check_cases(device: str, dtype: torch.dtype, tolerance: float, float8: bool 
 
 def test_the_torch_path_attends_over_the_written_positions_only():
     check_cases("cpu", torch.float32, 1e-5)
-    check_cases("cpu", torch.float32, 1e-5, float8=True)
+    for kind in CODES:
+        check_cases("cpu", torch.float32, 1e-5, coded=kind)
 
 
-def test_an_fp8_cache_reads_its_codes_and_the_last_position_exactly():
-    """The entries attention reads: within e4m3's half unit (2^-4 relative to a row's largest)
-    of what was written, and exactly what was written at the last position."""
+@pytest.mark.parametrize("kind, step", [("int8-token", 1 / 254), ("fp8", 2.0**-4)])
+def test_a_coded_cache_reads_its_codes_and_the_last_position_exactly(kind, step):
+    """The entries attention reads: within half a step of what was written (int8: half of
+    max|row| / 127; e4m3: its half unit, 2^-4 relative to a row's largest), and exactly what was
+    written at the last position."""
     g = torch.Generator().manual_seed(1)
     entries = torch.randn(2, 3, 20, 16, generator=g) * torch.logspace(-3, 3, 16)  # channels of six decades
-    cache = float8_cache(entries, 12)
+    cache = coded_cache(entries, 12, kind)
     read = as_read(cache, 12)
     assert torch.equal(read[:, :, 12], entries[:, :, 12])
-    bound = entries[:, :, :12].abs().amax(dim=-1, keepdim=True) * 2.0**-4
+    bound = entries[:, :, :12].abs().amax(dim=-1, keepdim=True) * step * (1 + 1e-6)
     assert ((read[:, :, :12] - entries[:, :, :12]).abs() <= bound).all()
     assert torch.equal(cache.read_at(torch.tensor([12]))[:, :, :13], read[:, :, :13])
     assert not cache.codes[:, :, 13:].float().any() and not cache.scales[:, :, 13:].any()
@@ -94,7 +97,8 @@ def test_the_kernel_in_the_interpreter():
               "assert decode_attention._on_triton(torch.zeros(1, 4, 1, 8, dtype=torch.float16),"
               " *[torch.zeros(1, 2, 8, 8, dtype=torch.float16)] * 2)\n"
               "check_cases('cpu', torch.float16, 2e-3)\n"
-              "check_cases('cpu', torch.float16, 2e-3, float8=True)\n"
+              "check_cases('cpu', torch.float16, 2e-3, coded='fp8')\n"
+              "check_cases('cpu', torch.float16, 2e-3, coded='int8-token')\n"
               "print('ok')\n")
     check_in_triton_interpreter(script, timeout=600)
 
@@ -106,17 +110,17 @@ def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
 
 
-def compile_for_sm90(**constexprs):
+def compile_for_sm90(codes: str = "*bf16", **constexprs):
     """The kernel compiled for sm_90 without a GPU, its pointers and strides aligned as the JIT
-    finds them on model shapes."""
+    finds them on model shapes; `codes` the cache's element type ("*bf16": a plain cache)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = decode_attention._attend_kernel
-    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "FLOAT8": False, **constexprs}
-    float8 = constexprs.get("FLOAT8", False)
-    cached, scales = ("*fp8e4nv", "*fp32") if float8 else ("*bf16", "*bf16")
+    coded = codes != "*bf16"
+    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "CODED": coded, **constexprs}
+    cached, scales = (codes, "*fp32") if coded else ("*bf16", "*bf16")
     types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,
              "kl_ptr": "*bf16", "vl_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
@@ -128,18 +132,20 @@ def compile_for_sm90(**constexprs):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-@pytest.mark.parametrize("float8", [False, True])
-def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores(float8):
+@pytest.mark.parametrize("codes", ["*bf16", "*fp8e4nv", "*i8"])
+def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores(codes):
     """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
     the interpreter cannot run), and the chunks' count published by an acquire-release atomic;
-    an fp8 cache's codes converted by the hardware's e4m3 conversion."""
+    a coded cache's codes multiplied in float16, fp8 ones converted by the hardware's e4m3
+    conversion."""
     pytest.importorskip("triton")
-    ptx = compile_for_sm90(KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
-                           GROUP_P2=4, FLOAT8=float8).asm["ptx"]
+    ptx = compile_for_sm90(codes, KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
+                           GROUP_P2=4).asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
     assert "cp.async" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
-    assert ("e4m3" in ptx) == float8
+    assert ("e4m3" in ptx) == (codes == "*fp8e4nv")
+    assert ("f32.f16.f16.f32" in ptx) == (codes != "*bf16")
 
 
 def test_the_merge_of_large_groups_does_not_spill():
@@ -157,7 +163,8 @@ def test_the_merge_of_large_groups_does_not_spill():
 @gpu
 def test_the_kernel_on_gpu():
     check_cases("cuda", torch.bfloat16, 1e-2)
-    check_cases("cuda", torch.bfloat16, 1e-2, float8=True)
+    for kind in CODES:
+        check_cases("cuda", torch.bfloat16, 1e-2, coded=kind)
 
 
 @gpu

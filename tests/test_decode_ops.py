@@ -13,7 +13,7 @@ import torch
 from lowbit.generate import StaticDecoder
 from lowbit.kernels import decode_ops
 from lowbit.kernels.w4a16 import triton_available
-from lowbit.kv.float8 import Float8Cache, quantize_rows
+from lowbit.kv.row_codes import CODES, CodedCache, quantize_rows
 from tests.conftest import check_in_triton_interpreter, tiny_llama
 
 gpu = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
@@ -59,22 +59,30 @@ def check_against_torch(device: str, dtype: torch.dtype) -> None:
         untouched = torch.arange(max_len, device=device) != 6
         assert torch.equal(mine[0][:, :, untouched], caches[0][:, :, untouched])
 
-        mine, theirs = ([Float8Cache.empty(2, kv_heads, max_len, dim, device, dtype) for _ in range(2)]
-                        for _ in range(2))
-        _close(decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos, norms),
-               decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos, norms), units)
-        _close(mine[0].latest, theirs[0].latest, units)
-        assert torch.equal(mine[1].latest, theirs[1].latest)
-        for cache in mine:  # each row's codes and scale exactly what kv.float8 makes of the entry written
-            codes, scales = quantize_rows(cache.latest)
-            assert torch.equal(cache.codes[:, :, 6].view(torch.uint8), codes.view(torch.uint8))
-            assert torch.equal(cache.scales[:, :, 6], scales)
-            assert not cache.codes[:, :, untouched].view(torch.uint8).any() and not cache.scales[:, :, untouched].any()
+        for codes_dtype in CODES.values():
+            check_coded_write(q, k, v, cos, sin, pos, norms, codes_dtype, units, untouched)
 
     gate_up = rand(2, 1, 2 * 1500, scale=4.0)
     gate, up = gate_up.split([1500, 1500], dim=-1)
     _close(decode_ops.silu_mul(gate, up), decode_ops._silu_mul_torch(gate, up), 1)
     check_pending(device, dtype)
+
+
+def check_coded_write(q, k, v, cos, sin, pos, norms, codes_dtype, units, untouched) -> None:
+    """rotate_into_cache into coded caches against the torch path: the entries kept exact alike, and
+    each row's codes and scale exactly what kv.row_codes makes of the entry written."""
+    batch, kv_heads, max_len, dim = 2, 2, untouched.numel(), cos.shape[-1]
+    mine, theirs = ([CodedCache.empty(batch, kv_heads, max_len, dim, q.device, q.dtype, codes_dtype)
+                     for _ in range(2)] for _ in range(2))
+    _close(decode_ops.rotate_into_cache(q, k, v, cos, sin, *mine, pos, norms),
+           decode_ops._rotate_into_cache_torch(q, k, v, cos, sin, *theirs, pos, norms), units)
+    _close(mine[0].latest, theirs[0].latest, units)
+    assert torch.equal(mine[1].latest, theirs[1].latest)
+    for cache in mine:
+        codes, scales = quantize_rows(cache.latest, codes_dtype)
+        assert torch.equal(cache.codes[:, :, int(pos)].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(cache.scales[:, :, int(pos)], scales)
+        assert not cache.codes[:, :, untouched].view(torch.uint8).any() and not cache.scales[:, :, untouched].any()
 
 
 def check_pending(device: str, dtype: torch.dtype) -> None:
@@ -137,20 +145,20 @@ def test_kernels_in_the_interpreter():
     check_in_triton_interpreter(script, timeout=300)
 
 
-@pytest.mark.parametrize("float8", [False, True])
-def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile(float8):
+@pytest.mark.parametrize("codes", [None, "*fp8e4nv", "*i8"])
+def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile(codes):
     """What the interpreter cannot show: with the compiler's FP fusion on, x·cos was folded into a
-    bf16 FMA with the other product, skipping the rounding the module does between them. An fp8
-    cache's scale and codes come from IEEE divisions, as torch's (Triton's `/` is approximate)."""
+    bf16 FMA with the other product, skipping the rounding the module does between them. A coded
+    cache's codes come from IEEE divisions, as torch's (Triton's `/` is approximate)."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = decode_ops._rotate_into_cache_kernel
-    constexprs = {"HEADS": 4, "KV_HEADS": 2, "DIM": 128, "PENDING": False, "HEAD_NORMS": True, "FLOAT8": float8,
-                  "BLOCK": 128}
-    cached = {"keys_ptr": "*fp8e4nv", "values_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"} if float8 else {}
+    constexprs = {"HEADS": 4, "KV_HEADS": 2, "DIM": 128, "PENDING": False, "HEAD_NORMS": True,
+                  "CODED": codes is not None, "BLOCK": 128}
+    cached = {"keys_ptr": codes, "values_ptr": codes, "ks_ptr": "*fp32", "vs_ptr": "*fp32"} if codes else {}
     types = {"pos_ptr": "*i64", "q_eps": "fp32", "k_eps": "fp32", "max_len": "i32", **cached,
              **{name: "i32" for name in kernel.arg_names if name.startswith("stride")}}
     signature = {name: "constexpr" if name in constexprs else types.get(name, "*bf16") for name in kernel.arg_names}
@@ -158,7 +166,8 @@ def test_rotary_products_are_rounded_before_their_sum_in_the_sm90_compile(float8
                               target=GPUTarget("cuda", 90, 32), options=decode_ops.ROTATE_OPTIONS)
     ptx = compiled.asm["ptx"]
     assert "fma.rn.bf16" not in ptx and "add.rn.bf16" in ptx
-    assert ("div.rn.f32" in ptx and "e4m3" in ptx) == float8
+    assert ("div.rn.f32" in ptx) == (codes is not None)
+    assert ("e4m3" in ptx) == (codes == "*fp8e4nv")
 
 
 @gpu
@@ -169,11 +178,11 @@ def test_kernels_match_the_torch_arithmetic_on_gpu(dtype):
 
 @gpu
 @pytest.mark.parametrize("merge", [False, True])
-@pytest.mark.parametrize("kv_cache", [None, "fp8"])
+@pytest.mark.parametrize("kv_cache", [None, "fp8", "int8-token"])
 def test_fused_decoder_on_gpu_gives_the_module_decoders_tokens(merge, kv_cache):
     """A captured fused step against the modules' step: float32 logits to rounding, same tokens; bf16
     logits within a few of bf16's units (a norm's last bit moves every later layer a little). With
-    an fp8 cache, both quantize what they write and read its codes."""
+    a coded cache, both quantize what they write and read its codes."""
     from lowbit.kv.spec import spec_of_name
 
     spec = None if kv_cache is None else spec_of_name(kv_cache)

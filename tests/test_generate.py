@@ -258,8 +258,9 @@ def test_a_quantized_decoder_whose_products_stay_pending_gives_the_module_steps_
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_an_fp8_cache_decodes_as_lowbit_eval_scores_it(fuse):
-    """Read one position a step, the fp8 decoder's logits are those of `lowbit eval --kv-cache fp8`
+@pytest.mark.parametrize("kind", ["int8-token", "fp8"])
+def test_a_coded_cache_decodes_as_lowbit_eval_scores_it(fuse, kind):
+    """Read one position a step, the coded decoder's logits are those of `lowbit eval --kv-cache KIND`
     token by token (chunks of one); the prompt read in one chunk, those of the eval's chunk of the
     same positions (they attend to each other exactly). Fused and module steps alike."""
     import lowbit.generate as generate
@@ -267,7 +268,7 @@ def test_an_fp8_cache_decodes_as_lowbit_eval_scores_it(fuse):
     from lowbit.kv.spec import spec_of_name
 
     model = tiny_llama(seed=4, tie=False)
-    spec = spec_of_name("fp8")
+    spec = spec_of_name(kind)
     prompt = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(2))
     by_tokens = CacheScoring(spec, chunk=1).logits(model, prompt)
     exact = CacheScoring(None, chunk=1).logits(model, prompt)
@@ -290,9 +291,10 @@ def test_an_fp8_cache_decodes_as_lowbit_eval_scores_it(fuse):
         sequence = torch.cat([sequence, expected.view(1, 1)], dim=1)
 
 
-def test_fp8_fused_step_is_the_module_step_bit_for_bit_off_gpu():
+@pytest.mark.parametrize("kind", ["int8-token", "fp8"])
+def test_coded_fused_step_is_the_module_step_bit_for_bit_off_gpu(kind):
     model = tiny_llama(seed=5, tie=False)
-    spec = KVCacheSpec(kind="fp8")
+    spec = KVCacheSpec(kind=kind)
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
     fused, modules = (StaticDecoder(model, batch=2, max_len=12, kv_cache=spec, fuse=f) for f in (True, False))
     for decoder in (fused, modules):
@@ -305,5 +307,5 @@ def test_fp8_fused_step_is_the_module_step_bit_for_bit_off_gpu():
 
 
 def test_the_decoder_refuses_an_integer_kv_cache():
-    with pytest.raises(DecodeError, match="fp8 KV cache or none"):
+    with pytest.raises(DecodeError, match="int8-token or fp8 KV cache or none"):
         StaticDecoder(tiny_llama(seed=2), batch=1, max_len=8, kv_cache=KVCacheSpec(bits=4))

@@ -205,10 +205,11 @@ def test_bytes_per_token_formula_equals_what_the_cache_holds(spec):
     assert long_context == pytest.approx(codes + params + positions, rel=1e-2)
 
 
-def test_fp8_bytes_per_token_equal_what_the_cache_holds():
+@pytest.mark.parametrize("kind", ["int8-token", "fp8"])
+def test_coded_bytes_per_token_equal_what_the_cache_holds(kind):
     """A byte a number and a float32 scale per token and head, from the first token on."""
     model = tiny_llama().half()
-    spec = KVCacheSpec(kind="fp8")
+    spec = KVCacheSpec(kind=kind)
     shape = AttentionShape.of_config(model.config)
     cache = QuantizedKVCache(model, spec)
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
@@ -222,13 +223,13 @@ def test_fp8_bytes_per_token_equal_what_the_cache_holds():
 def test_fp8_rows_round_to_nearest_e4m3_of_each_row_over_its_scale():
     """The slow definition, number by number: the e4m3 value nearest x / scale (ties to even
     mantissas), from e4m3's full table of finite values."""
-    from lowbit.kv.float8 import CODE_DTYPE, dequantize_rows, quantize_rows
+    from lowbit.kv.row_codes import dequantize_rows, quantize_rows
 
-    table = torch.arange(256, dtype=torch.uint8).view(CODE_DTYPE).float()
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     table = table[table.isfinite()].unique()
     x = random(3, 5, 16, seed=2) * torch.logspace(-4, 2, 16)
     x[0, 0] = 0.0  # a row of zeros: scale 0, codes 0
-    codes, scales = quantize_rows(x)
+    codes, scales = quantize_rows(x, torch.float8_e4m3fn)
     assert scales[0, 0] == 0 and not codes[0, 0].float().any()
     for row in range(1, 15):
         values, scale = x.view(15, 16)[row], float(x.view(15, 16)[row].abs().max() / 448)
@@ -240,11 +241,29 @@ def test_fp8_rows_round_to_nearest_e4m3_of_each_row_over_its_scale():
     assert torch.equal(dequantize_rows(codes, scales, torch.float32), codes.float() * scales[..., None])
 
 
+def test_int8_rows_round_to_nearest_integer_of_each_row_over_its_scale():
+    """The slow definition: each number over its row's max|row| / 127, rounded half to even."""
+    from lowbit.kv.row_codes import dequantize_rows, quantize_rows
+
+    x = random(3, 5, 16, seed=3) * torch.logspace(-4, 2, 16)
+    x[1, 2] = 0.0
+    codes, scales = quantize_rows(x, torch.int8)
+    assert codes.dtype == torch.int8 and scales[1, 2] == 0 and not codes[1, 2].any()
+    for row, values in enumerate(x.view(15, 16)):
+        scale = float(values.abs().max()) / 127
+        if scale == 0:
+            continue
+        expected = [max(-127, min(127, round(float(v) / scale))) for v in values]  # Python rounds half to even
+        assert codes.view(15, 16)[row].tolist() == expected
+        assert codes.view(15, 16)[row].abs().max() == 127
+    assert torch.equal(dequantize_rows(codes, scales, torch.float32), codes.float() * scales[..., None])
+
+
 def test_bad_settings_fail_with_a_clear_message(tiny_model):
     with pytest.raises(ValueError, match="takes no group_size setting"):
         KVCacheSpec(kind="fp8", group_size=32)
     with pytest.raises(ValueError, match="takes no pre_rope setting"):
-        KVCacheSpec(kind="fp8", pre_rope=True)
+        KVCacheSpec(kind="int8-token", pre_rope=True)
     with pytest.raises(ValueError, match="multiple of 4"):
         KVCacheSpec(bits=2, group_size=6)
     with pytest.raises(ValueError, match="bits must be one of"):

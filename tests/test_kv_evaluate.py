@@ -113,16 +113,16 @@ def test_an_fp8_cache_is_stored_evaluated_and_refuses_integer_settings(capsys, t
     assert KVCacheSpec.model_validate(saved) == KVCacheSpec(kind="fp8")
     code, out = run_cli(capsys, "eval", str(tiny_model_dir), "--data", str(text), "--seq-len", "32", "--windows", "1",
                         "--kv-cache", "fp8", "--kv-residual", "4")
-    assert code == 2 and "an fp8 KV cache" in out and "takes no residual setting" in out
+    assert code == 2 and "the fp8 KV cache" in out and "takes no residual setting" in out
 
 
-def test_fp8_costs_less_than_int2_and_more_than_nothing(tiny_model, tokens):
+def test_coded_caches_cost_less_than_int2_and_more_than_nothing(tiny_model, tokens):
     """KL against the full-precision cache, scored the same way: e4m3's 3 mantissa bits a number
-    sit between int8's 256 levels and int2's 4."""
+    sit between int8's 255 levels (grouped or a row at a time) and int2's 4."""
     scoring = {name: CacheScoring(spec, chunk=4) for name, spec in (
         ("fp8", KVCacheSpec(kind="fp8")), ("int8", KVCacheSpec(bits=8, group_size=8, residual=0)),
-        ("int2", KVCacheSpec(bits=2, group_size=8, residual=0)))}
+        ("int8-token", KVCacheSpec(kind="int8-token")), ("int2", KVCacheSpec(bits=2, group_size=8, residual=0)))}
     reference = ReferenceLogProbs(tiny_model, tokens, SEQ_LEN, kv_cache=scoring["fp8"])
     kl = {name: evaluate(tiny_model, tokens, SEQ_LEN, reference=reference, kv_cache=s).kl
           for name, s in scoring.items()}
-    assert kl["int8"] < kl["fp8"] < kl["int2"] and kl["fp8"] > 1e-7, kl
+    assert max(kl["int8"], kl["int8-token"]) < kl["fp8"] < kl["int2"] and kl["fp8"] > 1e-7, kl

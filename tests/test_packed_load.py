@@ -127,28 +127,33 @@ def test_generate_prints_the_speed_and_the_text(tiny_int4_export, capsys):
     assert phases == sorted(phases) and phases[-1] < out.index("tokens/s")
 
 
-def test_generate_decodes_through_an_fp8_kv_cache_when_asked_or_stored(tiny_model_dir, tmp_path, capsys):
-    """--kv-cache fp8 decodes through the fp8 cache and says so; an export whose recipe names fp8
-    does so by default, and --kv-cache none keeps the model's dtype. An integer cache in the recipe
-    is noted and not applied."""
+def test_generate_decodes_through_a_coded_kv_cache_when_asked_or_stored(tiny_model_dir, tmp_path, capsys):
+    """--kv-cache int8-token / fp8 decodes through that cache and says so; an export whose recipe
+    names one does so by default, and --kv-cache none keeps the model's dtype. An intN cache in the
+    recipe is noted and not applied."""
+    import re
+
+    def kv_row(printed: str) -> str:
+        return re.findall(r"KV cache\W+([\w-]+)", printed)[-1]  # the table's row, after any note
+
     common = ["--prompt", "The capital of France is", "--new-tokens", "4", "--device", "cpu"]
-    assert main(["generate", str(tiny_model_dir), *common, "--kv-cache", "fp8"]) == 0
-    assert "KV fp8 (e4m3, a scale per token and head)" in capsys.readouterr().out
+    assert main(["generate", str(tiny_model_dir), *common, "--kv-cache", "int8-token"]) == 0
+    assert kv_row(capsys.readouterr().out) == "int8-token"
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 97} and more {i}" for i in range(300)))
-    for cache in ("fp8", "int4"):
-        out = tmp_path / cache
+    for n, cache in enumerate(("fp8", "int4")):
+        out = tmp_path / f"export{n}"
         assert main(["quantize", str(tiny_model_dir), "--method", "rtn", "--group-size", "32", "--kv-cache", cache,
                      "--out", str(out), "--eval-data", str(text), "--eval-seq-len", "32", "--windows", "1"]) == 0
         capsys.readouterr()
         assert main(["generate", str(out), *common]) == 0
         printed = capsys.readouterr().out
         if cache == "fp8":
-            assert "KV fp8 (e4m3, a scale per token and head)" in printed
+            assert kv_row(printed) == "fp8"
             assert main(["generate", str(out), *common, "--kv-cache", "none"]) == 0
-            assert "KV fp8" not in capsys.readouterr().out
+            assert kv_row(capsys.readouterr().out) == "float32"
         else:
-            assert "is not applied here" in printed and "KV fp8" not in printed
+            assert "is not applied here" in printed and kv_row(printed) == "float32"
 
 
 def test_generate_reads_a_long_prompt_from_a_file(tiny_int4_export, tmp_path, capsys):

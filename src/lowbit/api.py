@@ -28,6 +28,7 @@ from lowbit.export.compressed_tensors import METADATA_FILE
 from lowbit.export.layout import activation_export_problem
 from lowbit.formats.base import QuantizedWeight
 from lowbit.kv import KVCacheSpec
+from lowbit.kv.spec import ROW_KINDS
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
 from lowbit.models.loading import LoadedModel, default_model_path, load_model
@@ -497,7 +498,7 @@ class GenerateReport:
     graph: bool
     device: str
     kv_cache: str
-    """The decoder's KV cache: "bfloat16" and the like, or the fp8 cache's description."""
+    """The decoder's KV cache: "bfloat16" and the like, or the coded cache's name ("int8-token", "fp8")."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -515,8 +516,9 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
     dense reload: there the int4 matmul is the reference one, which decodes the whole weight on every
     call. The prompt is fed `batch` times, so the timing is of that batch size. `chat`: the prompt
     is a user's message, wrapped in the tokenizer's chat template (instruction-tuned models).
-    `kv_cache`: decode through this fp8 cache; None: the one an export's recipe names, if fp8 (an
-    integer cache there is noted and not applied); "none": keys and values in the model's dtype.
+    `kv_cache`: decode through this int8-token or fp8 cache; None: the one an export's recipe
+    names, if one of those (an intN cache there is noted and not applied); "none": keys and values
+    in the model's dtype.
     `progress` is told each phase as it starts: loading, warming up (on a GPU a new weight shape's
     kernels are compiled and timed first, which can take a minute), generating."""
     from lowbit.export.packed_load import load_packed
@@ -567,20 +569,20 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
                           loaded, warmup, prompt_seconds, packed, decoder.fused, graph, str(target),
-                          str(model.dtype).removeprefix("torch.") if spec is None else spec.describe())
+                          str(model.dtype).removeprefix("torch.") if spec is None else spec.name)
 
 
 def _decoder_kv_cache(source: str | None, asked: KVCacheSpec | Literal["none"] | None,
                       say: Callable[[str], None]) -> KVCacheSpec | None:
-    """The KV cache the static decoder keeps: the one asked for, else an export's fp8 cache."""
+    """The KV cache the static decoder keeps: the one asked for, else an export's int8-token or fp8 cache."""
     if asked == "none":
         return None
     if asked is not None:
         return asked
     saved = saved_kv_cache(source)
-    if saved is not None and saved.kind != "fp8":
-        say(f"note: the export's {saved.describe()} is not applied here: the decoder keeps an fp8 KV cache or "
-            "none (--kv-cache fp8; `lowbit eval` scores through the integer cache)")
+    if saved is not None and saved.kind not in ROW_KINDS:
+        say(f"note: the export's {saved.describe()} is not applied here: the decoder keeps an int8-token or fp8 "
+            "KV cache or none (--kv-cache int8-token; `lowbit eval` scores through the intN cache)")
         return None
     return saved
 

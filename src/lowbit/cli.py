@@ -25,7 +25,7 @@ from lowbit.formats.families import FAMILIES
 from lowbit.formats.integer import PER_CHANNEL, PER_TENSOR
 from lowbit.evaluate.kv_protocol import DEFAULT_CHUNK as DEFAULT_KV_CHUNK
 from lowbit.kernels.w4a16 import PATHS as W4A16_PATHS
-from lowbit.kv.spec import FLOAT8, KV_CACHE_NAMES, KVCacheSpec, spec_of_name
+from lowbit.kv.spec import KV_CACHE_NAMES, ROW_KINDS, KVCacheSpec, spec_of_name
 from lowbit.recipes import PRESETS, Recipe, RecipeError, preset
 from lowbit.solvers import SOLVERS
 from lowbit.transforms import MODEL_TRANSFORMS, TRANSFORMS
@@ -89,11 +89,12 @@ def _transform_option(text: str) -> tuple[str, str, object]:
 def _add_kv_options(parser: argparse.ArgumentParser, evaluating: bool) -> None:
     kv = parser.add_argument_group("quantized KV cache (lowbit.kv)")
     width = kv.add_mutually_exclusive_group()
-    names = [*KV_CACHE_NAMES, FLOAT8, *(["none"] if evaluating else [])]
+    names = [*KV_CACHE_NAMES, *ROW_KINDS, *(["none"] if evaluating else [])]
     stored = "evaluate through" if evaluating else "store in the export's recipe (and evaluate through)"
     width.add_argument("--kv-cache", choices=names,
                        help=f"{stored} a quantized KV cache: intN keys per channel and values per token, "
-                       "asymmetric; fp8 e4m3 with a scale per token and head (what `lowbit generate` decodes with)"
+                       "asymmetric; int8-token (symmetric int8) or fp8 (e4m3) with a scale per token and head, the "
+                       "caches `lowbit generate` decodes with"
                        + ("; none: ignore the cache an export names" if evaluating else ""))
     width.add_argument("--kv-bits", type=int, choices=sorted(KV_CACHE_NAMES.values()), help="same as --kv-cache intN")
     kv.add_argument("--kv-group", type=_positive, help="KV group size: tokens per key group, channels per value "
@@ -232,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode the prompt this many times at once, to time that batch size (default 1)")
     g.add_argument("--chat", action="store_true",
                    help="the prompt is a user's message: wrap it in the tokenizer's chat template")
-    g.add_argument("--kv-cache", choices=[FLOAT8, "none"],
-                   help="fp8: keep keys and values as float8 e4m3 with a scale per token and head (half the bytes "
-                   "attention reads; `lowbit eval --kv-cache fp8` scores the same cache); none: in the model's dtype "
-                   "even where the export names fp8 (default: the export's fp8 cache, if it names one)")
+    g.add_argument("--kv-cache", choices=[*ROW_KINDS, "none"],
+                   help="int8-token or fp8: keep keys and values as 8-bit codes with a scale per token and head "
+                   "(nearly half the memory; `lowbit eval --kv-cache KIND` scores the same cache); none: in the "
+                   "model's dtype even where the export names one (default: the export's, if it names one of these)")
     _add_runtime_options(g)
 
     b = commands.add_parser("bench", help="speed benchmarks (GPU)").add_subparsers(dest="bench", required=True)
@@ -457,7 +458,7 @@ def run_generate(args: argparse.Namespace) -> None:
     from lowbit.api import generate_text
 
     prompt = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
-    kv_cache = spec_of_name(FLOAT8) if args.kv_cache == FLOAT8 else args.kv_cache
+    kv_cache = spec_of_name(args.kv_cache) if args.kv_cache in ROW_KINDS else args.kv_cache
     report = generate_text(None if args.model == "default" else args.model, prompt, args.new_tokens,
                            args.batch, args.device, args.dtype, args.chat, kv_cache,
                            progress=lambda message: console.print(message, style="dim", highlight=False))

@@ -23,8 +23,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lowbit.kernels import decode_attention, decode_ops
 from lowbit.kernels.w4a16 import pending_matmul
-from lowbit.kv.float8 import Float8Cache
-from lowbit.kv.spec import FLOAT8, KVCacheSpec
+from lowbit.kv.row_codes import CODES, CodedCache
+from lowbit.kv.spec import KVCacheSpec
 from lowbit.modules.merge import merge_linears
 from lowbit.modules.quant_linear import QuantLinear
 
@@ -62,9 +62,9 @@ class StaticDecoder:
         `prefix_attention`: in the fused step, attention reads only the cache's written positions
         (kernels/decode_attention.py); False runs torch's SDPA over the whole cache with the
         unwritten positions masked, as the modules' step does.
-        `kv_cache`: an fp8 spec keeps keys and values as float8 codes with a scale per position and
-        head (kv/float8.py's Float8Cache), the arithmetic `lowbit eval --kv-cache fp8` scores; None
-        keeps them in the model's dtype. Integer caches are not decoded here."""
+        `kv_cache`: an int8-token or fp8 spec keeps keys and values as 8-bit codes with a scale per
+        position and head (kv/row_codes.py's CodedCache), the cache `lowbit eval --kv-cache KIND`
+        scores; None keeps them in the model's dtype. The intN (KIVI) caches are not decoded here."""
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise DecodeError(f"{type(model).__name__} is not a Llama-style causal LM (model.layers, lm_head)")
@@ -73,9 +73,10 @@ class StaticDecoder:
         if window and getattr(config, "use_sliding_window", True) and max_len > window:
             raise DecodeError(f"{type(model).__name__} attends over a sliding window of {window} positions and this "
                               f"decoder over all of them: use max_len <= {window}")
-        if kv_cache is not None and kv_cache.kind != FLOAT8:
-            raise DecodeError(f"the static decoder keeps an fp8 KV cache or none, not {kv_cache.describe()}; "
-                              "decode with --kv-cache fp8 or without one (`lowbit eval` scores integer caches)")
+        if kv_cache is not None and kv_cache.kind not in CODES:
+            raise DecodeError(f"the static decoder keeps an int8-token or fp8 KV cache or none, not "
+                              f"{kv_cache.describe()}; decode with --kv-cache int8-token (`lowbit eval` scores the "
+                              "intN caches)")
         self.model, self.inner = model, inner
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -96,12 +97,12 @@ class StaticDecoder:
         self.pending_products = pending_products
         self.prefix_attention = prefix_attention
 
-    def _empty_cache(self, weight: torch.Tensor) -> torch.Tensor | Float8Cache:
-        """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype or fp8."""
+    def _empty_cache(self, weight: torch.Tensor) -> torch.Tensor | CodedCache:
+        """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype or coded."""
         shape = (self.batch, self.kv_heads, self.max_len, self.head_dim)
         if self.kv_cache is None:
             return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        return Float8Cache.empty(*shape, device=weight.device, dtype=weight.dtype)
+        return CodedCache.empty(*shape, device=weight.device, dtype=weight.dtype, codes=CODES[self.kv_cache.kind])
 
     @staticmethod
     def _merge(layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -212,10 +213,10 @@ class StaticDecoder:
                                                 next_norm.weight, next_norm.variance_epsilon)
         return x
 
-    def _read_at_pos(self, keys: torch.Tensor | Float8Cache,
-                     values: torch.Tensor | Float8Cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole caches as the step at `pos` reads them (for the masked SDPA): an fp8 cache dequantized."""
-        if isinstance(keys, Float8Cache):
+    def _read_at_pos(self, keys: torch.Tensor | CodedCache,
+                     values: torch.Tensor | CodedCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole caches as the step at `pos` reads them (for the masked SDPA): a coded cache dequantized."""
+        if isinstance(keys, CodedCache):
             return keys.read_at(self.pos), values.read_at(self.pos)
         return keys, values
 

@@ -17,14 +17,15 @@ once) on the tensor cores, with a running softmax over the chunk; the last progr
 head) to finish, counted as w4a16's split-K programs count, merges the chunks' partial results.
 Where the whole prefix is one chunk, that program writes its result directly.
 
-An fp8 cache (kv/float8.py's Float8Cache) is read as its codes, converted to float16 (exact)
-for float16 MMAs, each position's scale applied to its score and, relative to the tile's largest,
-to its values; the step's own position is read as the exact entries written there. This reads
-half the bytes of a bf16 cache but does not run faster: converting and scaling the codes costs
-about what the bytes saved, so at batch 16 over a full 4096-position cache it took 77.7 against
-67.9 us, and 25.1 against 21.1 over its first quarter (gpu_decode_attention_h200_fp8_256.md). The
-fp8 cache is for memory: nearly twice the positions or batch rows in the same bytes. A query entry
-beyond float16's ±65504 would overflow; the bf16 path has no such limit.
+A coded cache (kv/row_codes.py's CodedCache: int8 or e4m3 codes, a scale per position and head)
+is read as its codes, converted to float16 (exact for both) for float16 MMAs, each position's
+scale applied to its score and, relative to the tile's largest, to its values; the step's own
+position is read as the exact entries written there. This reads half the bytes of a bf16 cache
+but does not run faster: converting and scaling the codes costs about what the bytes save, so at
+batch 16 over a full 4096-position fp8 cache it took 77.7 against 67.9 us, and 25.1 against 21.1
+over its first quarter (gpu_decode_attention_h200_fp8_256.md). A coded cache is for memory:
+nearly twice the positions or batch rows in the same bytes. A query entry beyond float16's
+±65504 would overflow; the bf16 path has no such limit.
 
 Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attention it replaces.
 """
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels.decode_ops import INTERPRETED
-from lowbit.kv.float8 import Float8Cache
+from lowbit.kv.row_codes import CodedCache
 
 try:
     import triton
@@ -58,10 +59,10 @@ took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with thre
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 WARPS = 4
 """Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
-FLOAT8_TARGET_PROGRAMS = 256
-"""TARGET_PROGRAMS over an fp8 cache, whose tiles take longer to multiply than to read: at batch
+CODED_TARGET_PROGRAMS = 256
+"""TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: at batch
 16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
-(gpu_decode_attention_h200_fp8_f16.md)."""
+(fp8 codes, gpu_decode_attention_h200_fp8_f16.md)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -101,10 +102,10 @@ def attend_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos:
     return masked_sdpa(q, keys, values, visible_mask(positions, pos, q.dtype))
 
 
-def _on_triton(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache) -> bool:
-    if isinstance(keys, Float8Cache):
+def _on_triton(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tensor | CodedCache) -> bool:
+    if isinstance(keys, CodedCache):
         stored = (keys.codes, keys.scales, keys.latest, values.codes, values.scales, values.latest)
-        dtypes_ok = keys.dtype == values.dtype == q.dtype and isinstance(values, Float8Cache)
+        dtypes_ok = keys.dtype == values.dtype == q.dtype and isinstance(values, CodedCache)
     else:
         stored = (keys, values)
         dtypes_ok = keys.dtype == values.dtype == q.dtype
@@ -113,10 +114,10 @@ def _on_triton(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.
             and q.shape[1] % stored[0].shape[1] == 0 and q.shape[-1] <= 256)
 
 
-def splits_for(batch: int, kv_heads: int, max_len: int, float8: bool = False) -> int:
-    """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS (FLOAT8_TARGET_PROGRAMS
-    over an fp8 cache), at most MAX_SPLITS, and no more than the cache has blocks of BLOCK_L positions."""
-    target = FLOAT8_TARGET_PROGRAMS if float8 else TARGET_PROGRAMS
+def splits_for(batch: int, kv_heads: int, max_len: int, coded: bool = False) -> int:
+    """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS (CODED_TARGET_PROGRAMS
+    over a coded cache), at most MAX_SPLITS, and no more than the cache has blocks of BLOCK_L positions."""
+    target = CODED_TARGET_PROGRAMS if coded else TARGET_PROGRAMS
     return max(1, min(MAX_SPLITS, -(-target // (batch * kv_heads)), -(-max_len // BLOCK_L)))
 
 
@@ -134,31 +135,31 @@ def _workspace(device: torch.device, rows: int, splits: int, group: int, dim: in
     return _WORKSPACE[key]
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache,
+def attend(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tensor | CodedCache,
            pos: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√D)·v over cache positions 0..pos: q [batch, heads, 1, D], keys and values
-    [batch, kv_heads, max_len, D] (heads a multiple of kv_heads) or both Float8Cache, pos a
+    [batch, kv_heads, max_len, D] (heads a multiple of kv_heads) or both CodedCache, pos a
     1-element long tensor on q's device. Returns [batch, 1, heads·D], as the attention's output
     projection takes it."""
-    float8 = isinstance(keys, Float8Cache)
+    coded = isinstance(keys, CodedCache)
     if not _on_triton(q, keys, values):
-        if float8:
+        if coded:
             keys, values = keys.read_at(pos), values.read_at(pos)
         return attend_torch(q, keys, values, pos)
-    key_slots, value_slots = (keys.codes, values.codes) if float8 else (keys, values)
+    key_slots, value_slots = (keys.codes, values.codes) if coded else (keys, values)
     batch, heads, _, dim = q.shape
     kv_heads, max_len = key_slots.shape[1], key_slots.shape[2]
     group = heads // kv_heads
-    splits = splits_for(batch, kv_heads, max_len, float8)
+    splits = splits_for(batch, kv_heads, max_len, coded)
     maxima, sums, partials, counters = _workspace(q.device, batch * kv_heads, splits, group, dim)
     out = torch.empty(batch, 1, heads * dim, device=q.device, dtype=q.dtype)
-    scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if float8 else (q,) * 4  # unread
+    scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if coded else (q,) * 4  # unread
     _attend_kernel[(batch * kv_heads, splits)](
         q, key_slots, value_slots, *scales_and_latest, out, pos, maxima, sums, partials, counters,
         key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), max_len, math.log2(math.e) / math.sqrt(dim),
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
-        SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), FLOAT8=float8,
+        SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), CODED=coded,
         PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
@@ -169,12 +170,12 @@ if triton is not None:
                        part_ptr, cnt_ptr, stride_b, stride_h, stride_t, max_len, scale_log2,
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, FLOAT8: tl.constexpr,
+                       SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, CODED: tl.constexpr,
                        PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2.
-        FLOAT8: k and v hold float8 codes, ks and vs [batch·KV_HEADS, max_len] their scales, kl
+        CODED: k and v hold 8-bit codes (int8 or e4m3), ks and vs [batch·KV_HEADS, max_len] their scales, kl
         and vl [batch·KV_HEADS, DIM] the exact entries at the last position."""
         row = tl.program_id(0)
         split = tl.program_id(1)
@@ -194,7 +195,7 @@ if triton is not None:
             ks_ptr += row * max_len
             vs_ptr += row * max_len
             last = length - 1
-            if FLOAT8:  # the last position's exact entries: its scores now, its value in each tile's sum
+            if CODED:  # the last position's exact entries: its scores now, its value in each tile's sum
                 k_last = tl.load(kl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
                 v_last = tl.load(vl_ptr + row * DIM + d, mask=d_ok, other=0.0).to(tl.float32)
                 score_last = tl.sum(q.to(tl.float32) * k_last[None, :], axis=1)
@@ -209,21 +210,21 @@ if triton is not None:
                 for t0 in tl.range(start, end, BLOCK_L, num_stages=STAGES):
                     t = t0 + tl.arange(0, BLOCK_L)
                     k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t,
-                                                        DIM, FLOAT8)
+                                                        DIM, CODED)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8)
+                                                                 scale_log2, CODED)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
                 k, v, k_scales, v_scales = _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM,
-                                                    FLOAT8)
+                                                    CODED)
                 while t0 < end:
                     k_next, v_next, k_scales_next, v_scales_next = _kv_tile(
-                        k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, FLOAT8)
+                        k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, CODED)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, FLOAT8)
+                                                                 scale_log2, CODED)
                     k, v, k_scales, v_scales = k_next, v_next, k_scales_next, v_scales_next
                     t0, t = t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
@@ -245,11 +246,11 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, score_last, v_last, running_max, running_sum, acc,
-                     scale_log2, FLOAT8: tl.constexpr):
+                     scale_log2, CODED: tl.constexpr):
         """The running softmax (max, sum, unnormalised output) of the query rows after one more
         tile of keys and values at positions t (those at t >= end outside the chunk).
 
-        FLOAT8: k and v are codes, exact in float16 (one conversion instruction a pair from e4m3),
+        CODED: k and v are codes, exact in float16 (from e4m3 one conversion instruction a pair),
         so the MMAs run in float16 and each position's scale multiplies its score after the MMA;
         values are scaled by scale / top in float16 before p·v (top the tile's largest scale,
         which multiplies the product after, so the entries stay within ±448 where float16 keeps
@@ -258,7 +259,7 @@ if triton is not None:
         91.6 against 77.7 us at batch 16 over a full 4096-position cache
         (gpu_decode_attention_h200_fp8_256.md, code at ee61d15)."""
         at_last = t == last
-        if FLOAT8:
+        if CODED:
             dots = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
             dots = tl.where(at_last[None, :], score_last[:, None], dots * k_scales[None, :])
         else:
@@ -268,7 +269,7 @@ if triton is not None:
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
         acc = acc * rescale[:, None]
-        if FLOAT8:
+        if CODED:
             # p·(diag(scales)·codes) as p·(diag(scales / top)·codes)·top, top the tile's largest
             # scale: the entries stay within ±448, where float16 keeps its precision
             top = tl.maximum(tl.max(v_scales, axis=0), 1e-30)
@@ -281,15 +282,15 @@ if triton is not None:
         return new_max, running_sum * rescale + tl.sum(p, axis=1), acc
 
     @triton.jit
-    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, FLOAT8: tl.constexpr):
-        """Keys and values at positions t (zeros at t >= end and past DIM), and with FLOAT8 their
+    def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, CODED: tl.constexpr):
+        """Keys and values at positions t (zeros at t >= end and past DIM), and with CODED their
         positions' scales ks[t] and vs[t] (else those two are unused placeholders)."""
         offs = cache + t[:, None] * stride_t + d[None, :]
         valid = t < end
         mask = valid[:, None] & (d < DIM)[None, :]
         k = tl.load(k_ptr + offs, mask=mask, other=0.0)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        if FLOAT8:
+        if CODED:
             k_scales = tl.load(ks_ptr + t, mask=valid, other=0.0)
             v_scales = tl.load(vs_ptr + t, mask=valid, other=0.0)
         else:

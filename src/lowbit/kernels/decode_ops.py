@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lowbit.kv.float8 import Float8Cache
+from lowbit.kv.row_codes import CodedCache
 
 try:
     import triton
@@ -172,7 +172,7 @@ class HeadNorms:
 
 
 def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                             sin: torch.Tensor, keys: torch.Tensor | Float8Cache, values: torch.Tensor | Float8Cache,
+                             sin: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tensor | CodedCache,
                              pos: torch.Tensor, norms: HeadNorms | None = None) -> torch.Tensor:
     """The head norms, apply_rotary_pos_emb and the cache writes, as the module path runs them."""
     batch, kv_heads, _, dim = _slots(keys).shape
@@ -188,49 +188,49 @@ def _rotate_into_cache_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return q
 
 
-def write_cache(cache: torch.Tensor | Float8Cache, x: torch.Tensor, positions: torch.Tensor) -> None:
+def write_cache(cache: torch.Tensor | CodedCache, x: torch.Tensor, positions: torch.Tensor) -> None:
     """x [batch, kv_heads, T, D] into a static cache at `positions` [T]: copied, or quantized into
-    an fp8 cache's codes (its last position also kept exact)."""
-    if isinstance(cache, Float8Cache):
+    a coded cache's codes (its last position also kept exact)."""
+    if isinstance(cache, CodedCache):
         cache.write(x, positions)
     else:
         cache.index_copy_(2, positions, x)
 
 
-def read_cache(cache: torch.Tensor | Float8Cache, length: int, exact: torch.Tensor,
+def read_cache(cache: torch.Tensor | CodedCache, length: int, exact: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
     """A static cache's first `length` positions [batch, kv_heads, length, D] for attention, just
     after `exact` [batch, kv_heads, T, D] was written at `positions` [T]: a view of a plain cache;
-    an fp8 cache's entries dequantized, `exact` at `positions` (Float8Cache.read)."""
-    if isinstance(cache, Float8Cache):
+    a coded cache's entries dequantized, `exact` at `positions` (CodedCache.read)."""
+    if isinstance(cache, CodedCache):
         return cache.read(length, exact, positions)
     return cache[:, :, :length]
 
 
-def _slots(cache: torch.Tensor | Float8Cache) -> torch.Tensor:
+def _slots(cache: torch.Tensor | CodedCache) -> torch.Tensor:
     """The [batch, kv_heads, max_len, D] tensor a static cache's entries are stored in."""
-    return cache.codes if isinstance(cache, Float8Cache) else cache
+    return cache.codes if isinstance(cache, CodedCache) else cache
 
 
 def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: torch.Tensor | Pending,
-                      cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor | Float8Cache,
-                      values: torch.Tensor | Float8Cache, pos: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor | CodedCache,
+                      values: torch.Tensor | CodedCache, pos: torch.Tensor,
                       norms: HeadNorms | None = None) -> torch.Tensor:
     """One decode position: normalise each head of q and k where `norms` are given, rotate them by
     (cos, sin) as transformers' apply_rotary_pos_emb does, write the rotated k and v into the caches
-    at `pos` (into an fp8 cache as Float8Cache.write does), return q as [batch, heads, 1, head_dim].
+    at `pos` (into a coded cache as CodedCache.write does), return q as [batch, heads, 1, head_dim].
 
     q [batch, 1, heads·D], k and v [batch, 1, kv_heads·D] (row slices of one merged projection are
-    fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D], or both Float8Cache;
+    fine); cos and sin [1, 1, D]; keys and values [batch, kv_heads, max_len, D], or both CodedCache;
     pos a 1-element long tensor on the device (read there, so a captured step serves every position)."""
     key_slots, value_slots = _slots(keys), _slots(values)
     batch, kv_heads, max_len, dim = key_slots.shape
-    float8 = isinstance(keys, Float8Cache)
+    coded = isinstance(keys, CodedCache)
     (q_in, k_in, v_in), pending = _sources(q, k, v)
     heads = q_in.shape[-1] // dim
     finished = () if pending else (q_in, k_in, v_in)
     weights = () if norms is None else (norms.q_weight, norms.k_weight)
-    stored = (keys.latest, values.latest, keys.scales, values.scales) if float8 else (keys, values)
+    stored = (keys.latest, values.latest, keys.scales, values.scales) if coded else (keys, values)
     if (not _on_triton(*finished, *weights, cos, sin, *stored[:2], pending=(q_in, k_in, v_in) if pending else ())
             or not all(t.is_contiguous() for t in (key_slots, value_slots, *stored))):
         return _rotate_into_cache_torch(_finished(q), _finished(k), _finished(v), cos, sin, keys, values, pos, norms)
@@ -238,14 +238,14 @@ def rotate_into_cache(q: torch.Tensor | Pending, k: torch.Tensor | Pending, v: t
     out = torch.empty(batch, heads, 1, dim, device=q_in.device, dtype=q.dtype)
     q_weight, k_weight = weights or (cos, cos)  # not read without norms
     key_scales, value_scales, key_latest, value_latest = (
-        (keys.scales, values.scales, keys.latest, values.latest) if float8 else (cos,) * 4)  # not read without fp8
+        (keys.scales, values.scales, keys.latest, values.latest) if coded else (cos,) * 4)  # not read uncoded
     _rotate_into_cache_kernel[(batch, heads + kv_heads)](
         q_rows, k_rows, v_rows, cos.reshape(-1), sin.reshape(-1), out, key_slots, value_slots, pos, q_weight,
         k_weight, key_scales, value_scales, key_latest, value_latest,
         0.0 if norms is None else norms.q_eps, 0.0 if norms is None else norms.k_eps,
         q_rows.stride(0), k_rows.stride(0), v_rows.stride(0), key_slots.stride(0), key_slots.stride(1),
         key_slots.stride(2), max_len, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PENDING=pending,
-        HEAD_NORMS=norms is not None, FLOAT8=float8, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
+        HEAD_NORMS=norms is not None, CODED=coded, BLOCK=triton.next_power_of_2(dim), **ROTATE_OPTIONS)
     return out
 
 
@@ -255,13 +255,13 @@ if triton is not None:
                                   qn_ptr, kn_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, q_eps, k_eps,
                                   stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_ct, max_len,
                                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
-                                  PENDING: tl.constexpr, HEAD_NORMS: tl.constexpr, FLOAT8: tl.constexpr,
+                                  PENDING: tl.constexpr, HEAD_NORMS: tl.constexpr, CODED: tl.constexpr,
                                   BLOCK: tl.constexpr):
         """Program (b, h): query head h, or for h >= HEADS key/value head h - HEADS. PENDING: q, k
         and v are float32 sums, rounded to the output's dtype on load and zeroed once read.
         HEAD_NORMS: the head is first RMS-normalised with weights qn (query heads) or kn (key heads).
-        FLOAT8: keys and values are stored as float8 codes with their scales (ks, vs [batch,
-        KV_HEADS, max_len]) and exactly in kl and vl [batch, KV_HEADS, DIM]."""
+        CODED: keys and values are stored as 8-bit codes (the caches' dtype: int8 or e4m3) with
+        their scales (ks, vs [batch, KV_HEADS, max_len]) and exactly in kl and vl [batch, KV_HEADS, DIM]."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
@@ -281,8 +281,8 @@ if triton is not None:
             norm_ptr = kn_ptr
             eps = k_eps
             v = tl.load(v_ptr + b * stride_v + (h - HEADS) * DIM + offs, mask=mask, other=0.0).to(dtype)
-            if FLOAT8:
-                store_float8_row(v, values_ptr + cached, vs_ptr + kv_row * max_len + pos, vl_ptr + kv_row * DIM,
+            if CODED:
+                store_coded_row(v, values_ptr + cached, vs_ptr + kv_row * max_len + pos, vl_ptr + kv_row * DIM,
                                  offs, mask)
             else:
                 tl.store(values_ptr + cached + offs, v, mask=mask)
@@ -307,23 +307,34 @@ if triton is not None:
         out = ((x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)).to(dtype)
         if h < HEADS:
             tl.store(out_ptr + (b * HEADS + h) * DIM + offs, out, mask=mask)
-        elif FLOAT8:
-            store_float8_row(out, keys_ptr + cached, ks_ptr + kv_row * max_len + pos, kl_ptr + kv_row * DIM, offs,
+        elif CODED:
+            store_coded_row(out, keys_ptr + cached, ks_ptr + kv_row * max_len + pos, kl_ptr + kv_row * DIM, offs,
                              mask)
         else:
             tl.store(keys_ptr + cached + offs, out, mask=mask)
 
     @triton.jit
-    def store_float8_row(x, codes_ptr, scale_ptr, latest_ptr, offs, mask):
-        """One row x (activations' dtype, zero where not `mask`) as kv/float8.py's quantize_rows
-        stores it: scale = max|x| · (1/448), codes x / scale (an IEEE division, as torch's), and x
-        itself as the latest entry."""
+    def store_coded_row(x, codes_ptr, scale_ptr, latest_ptr, offs, mask):
+        """One row x (activations' dtype, zero where not `mask`) as kv/row_codes.py's quantize_rows
+        stores it, int8 or e4m3 as codes_ptr points: scale = max|x| · fl32(1/127 or 1/448), codes
+        x / scale (an IEEE division, as torch's) rounded to nearest even, and x itself as the
+        latest entry."""
         tl.store(latest_ptr + offs, x, mask=mask)
         x = tl.where(mask, x.to(tl.float32), 0.0)
-        scale = tl.max(tl.abs(x), axis=0) * 0.002232142857142857  # kv.float8.INVERSE_MAX, 1/448 as a float32
+        if codes_ptr.dtype.element_ty == tl.int8:
+            largest = 127.0
+            inverse = 0.007874015748031496  # 1/127, rounded to float32 as torch rounds the number it multiplies by
+        else:
+            largest = 448.0
+            inverse = 0.002232142857142857  # 1/448
+        scale = tl.max(tl.abs(x), axis=0) * inverse
         safe = tl.where(scale > 0, scale, 1.0)
-        codes = tl.minimum(tl.maximum(tl.div_rn(x, safe), -448.0), 448.0)
-        tl.store(codes_ptr + offs, round_to_float8(codes), mask=mask)
+        scaled = tl.minimum(tl.maximum(tl.div_rn(x, safe), -largest), largest)
+        if codes_ptr.dtype.element_ty == tl.int8:
+            codes = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)  # 1.5·2^23: float32 spacing 1, ties to even
+        else:
+            codes = round_to_float8(scaled)
+        tl.store(codes_ptr + offs, codes, mask=mask)
         tl.store(scale_ptr, scale)
 
     @triton.jit

@@ -1,19 +1,21 @@
-"""QuantizedKVCache: lowbit's integer or fp8 KV cache as a transformers `Cache`, for `generate` and forward passes."""
+"""QuantizedKVCache: lowbit's integer or row-coded KV cache as a transformers `Cache`, for `generate` and
+forward passes."""
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
-from lowbit.kv.float8_layer import Float8KVLayer
 from lowbit.kv.layer import QuantizedKVLayer
 from lowbit.kv.memory import AttentionShape
 from lowbit.kv.rope import KeyRotation
-from lowbit.kv.spec import FLOAT8, KVCacheSpec
+from lowbit.kv.row_codes import CODES
+from lowbit.kv.row_layer import RowKVLayer
+from lowbit.kv.spec import KVCacheSpec
 
 
 class QuantizedKVCache(Cache):
-    """One QuantizedKVLayer (Float8KVLayer for an fp8 spec) per attention layer of `model`.
+    """One QuantizedKVLayer (RowKVLayer for a row-coded spec: int8-token, fp8) per attention layer of `model`.
 
         cache = QuantizedKVCache(model, KVCacheSpec(bits=4, group_size=64, residual=128))
         model.generate(ids, **with_cache(model, cache), max_new_tokens=32)  # models/cache_argument.py
@@ -30,8 +32,8 @@ class QuantizedKVCache(Cache):
         shape = AttentionShape.of_config(model.config)
         rotation = KeyRotation.of_model(model, shape.head_dim) if spec.pre_rope else None
         self.spec = spec
-        layers = [Float8KVLayer() if spec.kind == FLOAT8 else QuantizedKVLayer(spec, shape.head_dim, rotation)
-                  for _ in range(shape.layers)]
+        layers = [RowKVLayer(CODES[spec.kind]) if spec.kind in CODES
+                  else QuantizedKVLayer(spec, shape.head_dim, rotation) for _ in range(shape.layers)]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

@@ -3,8 +3,8 @@
 Counted per layer and key/value head: packed codes, a float16 scale and minimum per group, the
 exact recent window at the model's storage width (2 bytes: fp16/bf16 serving) and, for pre-RoPE
 keys, an int32 position per token and layer. The window makes short contexts cost more per token;
-`bytes_per_token` is the total at a given context length divided by that length. An fp8 cache
-holds a byte a number and a float32 scale per token and head (kv/float8.py).
+`bytes_per_token` is the total at a given context length divided by that length. A row-coded
+cache (int8-token, fp8) holds a byte a number and a float32 scale per token and head (kv/row_codes.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kv import float8
 from lowbit.kv.quantizer import PARAM_DTYPE
-from lowbit.kv.spec import FLOAT8, KVCacheSpec
+from lowbit.kv.row_codes import CODES, SCALE_DTYPE
+from lowbit.kv.spec import KVCacheSpec
 
 POSITION_DTYPE = torch.int32
 """Stored positions of pre-RoPE keys (4 bytes per token and layer)."""
@@ -46,8 +46,8 @@ def cache_bytes(shape: AttentionShape, spec: KVCacheSpec | None, tokens: int,
     exact_entry = shape.head_dim * window_bytes
     if spec is None:
         return 2 * shape.layers * shape.kv_heads * tokens * exact_entry
-    if spec.kind == FLOAT8:
-        row = shape.head_dim * float8.CODE_DTYPE.itemsize + float8.SCALE_DTYPE.itemsize
+    if spec.kind in CODES:
+        row = shape.head_dim * CODES[spec.kind].itemsize + SCALE_DTYPE.itemsize
         return 2 * shape.layers * shape.kv_heads * tokens * row
     param = PARAM_DTYPE.itemsize * 2  # scale and minimum
     beyond_window = max(tokens - spec.residual, 0)

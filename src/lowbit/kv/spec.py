@@ -10,16 +10,18 @@ from lowbit.kv.packing import PACKABLE_BITS
 
 KV_CACHE_NAMES = {f"int{bits}": bits for bits in sorted(PACKABLE_BITS, reverse=True)}
 """`--kv-cache int4` and the like: the name of each integer width."""
-FLOAT8 = "fp8"
-"""`--kv-cache fp8`: float8 e4m3 codes, a scale per token and head (kv/float8.py)."""
-_FLOAT8_FIXED = {"bits": 8, "group_size": 64, "residual": 0, "pre_rope": False}
-"""What an fp8 cache's integer-layout fields must read (its codes are 8 bits, its rows whole
+ROW_KINDS = ("int8-token", "fp8")
+"""`--kv-cache int8-token` / `fp8`: 8-bit codes with a scale per token and head (kv/row_codes.py),
+the caches StaticDecoder decodes with."""
+_ROW_FIXED = {"bits": 8, "group_size": 64, "residual": 0, "pre_rope": False}
+"""What a row-coded cache's integer-layout fields must read (its codes are 8 bits, its rows whole
 heads, no position stays exact beyond the one being written, keys are post-RoPE)."""
 
 
 class KVCacheSpec(BaseModel):
-    """A quantized KV cache: a KIVI-style integer cache (`kind` "int") or float8 codes with a
-    scale per token and head (`kind` "fp8", kv/float8.py; the other fields keep their fixed values).
+    """A quantized KV cache: a KIVI-style integer cache (`kind` "int"), or 8-bit codes with a scale
+    per token and head (`kind` "int8-token" or "fp8", kv/row_codes.py; the other fields keep their
+    fixed values).
 
     Integer caches:
 
@@ -32,7 +34,7 @@ class KVCacheSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["int", "fp8"] = "int"
+    kind: Literal["int", "int8-token", "fp8"] = "int"
     bits: int = 4
     group_size: int = Field(default=64, ge=1)
     residual: int = Field(default=128, ge=0)
@@ -40,15 +42,15 @@ class KVCacheSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _float8_fields(cls, data: Any) -> Any:
-        """An fp8 cache takes none of the integer layout's settings: a clear error for any given."""
-        if not isinstance(data, dict) or data.get("kind") != FLOAT8:
+    def _row_fields(cls, data: Any) -> Any:
+        """A row-coded cache takes none of the integer layout's settings: a clear error for any given."""
+        if not isinstance(data, dict) or data.get("kind") not in ROW_KINDS:
             return data
-        for field, fixed in _FLOAT8_FIXED.items():
+        for field, fixed in _ROW_FIXED.items():
             if data.get(field, fixed) != fixed:
-                raise ValueError(f"an fp8 KV cache quantizes each token's head as one row: it takes no {field} "
-                                 f"setting (it is {fixed}); drop it, or choose an integer cache")
-        return {**data, **_FLOAT8_FIXED}
+                raise ValueError(f"the {data['kind']} KV cache quantizes each token's head as one row: it takes no "
+                                 f"{field} setting (it is {fixed}); drop it, or choose an intN cache")
+        return {**data, **_ROW_FIXED}
 
     @model_validator(mode="after")
     def _packable(self) -> KVCacheSpec:
@@ -62,11 +64,13 @@ class KVCacheSpec(BaseModel):
 
     @property
     def name(self) -> str:
-        return FLOAT8 if self.kind == FLOAT8 else f"int{self.bits}"
+        return self.kind if self.kind in ROW_KINDS else f"int{self.bits}"
 
     def describe(self) -> str:
-        if self.kind == FLOAT8:
+        if self.kind == "fp8":
             return "KV fp8 (e4m3, a scale per token and head)"
+        if self.kind == "int8-token":
+            return "KV int8-token (symmetric, a scale per token and head)"
         keys = "pre-RoPE keys" if self.pre_rope else "post-RoPE keys"
         return f"KV {self.name} g{self.group_size} residual {self.residual}, {keys}"
 
@@ -80,7 +84,7 @@ def bits_of_name(name: str) -> int:
 
 
 def spec_of_name(name: str, **settings: Any) -> KVCacheSpec:
-    """The cache `--kv-cache NAME` asks for ("int4", "fp8", ...), with the integer layout's settings."""
-    if name == FLOAT8:
-        return KVCacheSpec(kind=FLOAT8, **settings)
+    """The cache `--kv-cache NAME` asks for ("int4", "int8-token", "fp8", ...), with the integer layout's settings."""
+    if name in ROW_KINDS:
+        return KVCacheSpec(kind=name, **settings)
     return KVCacheSpec(bits=bits_of_name(name), **settings)

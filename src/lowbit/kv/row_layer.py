@@ -1,9 +1,9 @@
-"""One attention layer's fp8 KV cache for transformers' Cache API (kv/float8.py's rows).
+"""One attention layer's row-coded KV cache (int8 or fp8 codes, kv/row_codes.py) for transformers' Cache API.
 
 Each update quantizes the new keys and values a row (token and head) at a time and returns the
 dequantized earlier entries followed by the new ones exactly: a chunk's tokens attend to each other
 exactly and to earlier chunks through their codes, as through the integer layer (layer.py) and as
-StaticDecoder's fp8 cache reads them.
+StaticDecoder's coded cache reads them.
 """
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from lowbit.kv.float8 import dequantize_rows, quantize_rows
+from lowbit.kv.row_codes import dequantize_rows, quantize_rows
 
 
-class Float8KVLayer(DynamicLayer):
-    """A transformers cache layer holding keys and values as float8 e4m3 codes with a scale per row."""
+class RowKVLayer(DynamicLayer):
+    """A transformers cache layer holding keys and values as 8-bit codes (`codes`: int8 or float8
+    e4m3) with a scale per row."""
 
     is_croppable = False
 
-    def __init__(self) -> None:
+    def __init__(self, codes: torch.dtype) -> None:
         super().__init__()
+        self.code_dtype = codes
         self.cumulative_length = 0
         self.key_codes = self.key_scales = self.value_codes = self.value_scales = None
 
@@ -43,10 +45,9 @@ class Float8KVLayer(DynamicLayer):
             return new
         return torch.cat([dequantize_rows(codes, scales, new.dtype), new], dim=-2)
 
-    @staticmethod
-    def _append(codes: torch.Tensor | None, scales: torch.Tensor | None,
+    def _append(self, codes: torch.Tensor | None, scales: torch.Tensor | None,
                 new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new_codes, new_scales = quantize_rows(new)
+        new_codes, new_scales = quantize_rows(new, self.code_dtype)
         if codes is None:
             return new_codes, new_scales
         return torch.cat([codes, new_codes], dim=-2), torch.cat([scales, new_scales], dim=-1)
