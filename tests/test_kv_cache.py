@@ -241,6 +241,15 @@ def test_fp8_rows_round_to_nearest_e4m3_of_each_row_over_its_scale():
     assert torch.equal(dequantize_rows(codes, scales, torch.float32), codes.float() * scales[..., None])
 
 
+def test_every_row_kind_a_spec_names_has_its_codes():
+    """spec.py names the kinds without importing torch; row_codes.py gives each its code dtype."""
+    from lowbit.kv.row_codes import CODES
+    from lowbit.kv.spec import ROW_KINDS
+
+    assert set(CODES) == set(ROW_KINDS)
+    assert all(KVCacheSpec(kind=kind).name == kind for kind in ROW_KINDS)
+
+
 def test_int8_rows_round_to_nearest_integer_of_each_row_over_its_scale():
     """The slow definition: each number over its row's max|row| / 127, rounded half to even."""
     from lowbit.kv.row_codes import dequantize_rows, quantize_rows
