@@ -20,7 +20,9 @@ counts its shared-memory traffic (STS/LDS/LDSM) and MMA instructions per code. `
 the Gluon 16-row tile (kernels/w4a16_gluon_kernel.py; configs BLOCK_NxWARPS, K span 1024) with
 asymmetric zero points unpacked or folded, and symmetric weights; `--gluon-gemv` the Gluon GEMV
 (configs BLOCK_NxBLOCK_KxWARPS, K span 1024) with its words one or two tiles ahead (`--ahead`),
-asymmetric and symmetric (both need Triton with Gluon).
+asymmetric and symmetric (both need Triton with Gluon). `--attention` counts decode_attention's
+loop over one tile of 64 cache positions (an 8B layer: 4 query heads a kv head, head_dim 128) over a
+bf16 cache and over int8 and fp8 codes (kv/row_codes.py).
 """
 
 from __future__ import annotations
@@ -179,6 +181,26 @@ def gluon_gemv_table(configs: list[str], aheads: list[int]) -> None:
                       flush=True)
 
 
+def attention_table() -> None:
+    """decode_attention's loop, one tile of BLOCK_L positions a step, per cache: instructions a
+    thread, the largest opcodes, occupancy."""
+    from lowbit.kernels import decode_attention
+
+    print(f"decode_attention compiled for sm_90 by Triton {triton.__version__}: an 8B layer (4 query heads a kv "
+          f"head, head_dim 128), {decode_attention.BLOCK_L} positions a tile, {decode_attention.WARPS} warps "
+          "(benchmarks/gemv_sass.py --attention).\n")
+    print("| cache | instructions a thread a tile | largest opcodes | per SM |")
+    print("|---|---:|---|---|")
+    for name, codes in (("bf16", "*bf16"), ("fp8 codes", "*fp8e4nv"), ("int8 codes", "*i8")):
+        compiled = decode_attention.compile_for_sm90(codes, KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128,
+                                                     SPLITS=16, SPLITS_P2=16, GROUP_P2=4)
+        sass, registers, shared = disassemble(compiled)
+        ops = max((loop[2] for loop in loop_opcodes(sass)), key=lambda counts: sum(counts.values()))
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
+        print(f"| {name} | {sum(ops.values())} | {top} | {occupancy(registers, shared, decode_attention.WARPS)} |",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=None,
@@ -195,7 +217,11 @@ def main() -> None:
                         help="the Gluon GEMV instead (configs BLOCK_NxBLOCK_KxWARPS, default 256x32x4 512x32x4 "
                         "512x64x8 256x64x4)")
     parser.add_argument("--ahead", type=int, nargs="+", default=[1, 2], help="--gluon-gemv: K tiles of words in flight")
+    parser.add_argument("--attention", action="store_true",
+                        help="decode_attention's tile loop over bf16, fp8 and int8 caches instead")
     args = parser.parse_args()
+    if args.attention:
+        return attention_table()
     if args.gluon_gemv:
         return gluon_gemv_table(args.configs or ["256x32x4", "512x32x4", "512x64x8", "256x64x4"], args.ahead)
     if args.gluon:

@@ -110,28 +110,6 @@ def test_the_written_prefix_is_cut_into_enough_chunks_to_fill_the_gpu():
     assert decode_attention.splits_for(batch=1, kv_heads=8, max_len=100) == 2  # no chunk under a block
 
 
-def compile_for_sm90(codes: str = "*bf16", **constexprs):
-    """The kernel compiled for sm_90 without a GPU, its pointers and strides aligned as the JIT
-    finds them on model shapes; `codes` the cache's element type ("*bf16": a plain cache)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = decode_attention._attend_kernel
-    coded = codes != "*bf16"
-    constexprs = {"BLOCK_L": 64, "PIPELINED": True, "STAGES": 3, "CODED": coded, **constexprs}
-    cached, scales = (codes, "*fp32") if coded else ("*bf16", "*bf16")
-    types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,
-             "kl_ptr": "*bf16", "vl_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
-             "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
-    names = kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in names if name.endswith("_ptr") and name != "pos_ptr" or name.startswith("stride")}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-
 @pytest.mark.parametrize("codes", ["*bf16", "*fp8e4nv", "*i8"])
 def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores(codes):
     """q·kᵀ and p·v as MMAs, keys and values brought by asynchronous copies (the pipelined loop
@@ -139,8 +117,8 @@ def test_the_kernel_compiles_for_hopper_onto_the_tensor_cores(codes):
     a coded cache's codes multiplied in float16, fp8 ones converted by the hardware's e4m3
     conversion."""
     pytest.importorskip("triton")
-    ptx = compile_for_sm90(codes, KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
-                           GROUP_P2=4).asm["ptx"]
+    ptx = decode_attention.compile_for_sm90(codes, KV_HEADS=8, GROUP=4, GROUP_ROWS=16, DIM=128, BLOCK_D=128,
+                                            SPLITS=16, SPLITS_P2=16, GROUP_P2=4).asm["ptx"]
     assert "mma.sync" in ptx or "wgmma" in ptx
     assert "cp.async" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
@@ -154,8 +132,8 @@ def test_the_merge_of_large_groups_does_not_spill():
     pytest.importorskip("triton")
     from tests.conftest import benchmark_script
 
-    compiled = compile_for_sm90(KV_HEADS=2, GROUP=16, GROUP_ROWS=16, DIM=128, BLOCK_D=128, SPLITS=16, SPLITS_P2=16,
-                                GROUP_P2=16)
+    compiled = decode_attention.compile_for_sm90(KV_HEADS=2, GROUP=16, GROUP_ROWS=16, DIM=128, BLOCK_D=128,
+                                                 SPLITS=16, SPLITS_P2=16, GROUP_P2=16)
     sass, registers, _ = benchmark_script("gemv_sass").disassemble(compiled)
     assert "STL" not in sass and registers < 255
 
