@@ -306,6 +306,19 @@ def test_coded_fused_step_is_the_module_step_bit_for_bit_off_gpu(kind):
         assert torch.equal(mine.scales, theirs.scales) and torch.equal(mine.latest, theirs.latest)
 
 
+def test_a_coded_cache_read_whole_by_the_masked_sdpa_gives_the_same_logits():
+    """prefix_attention=False reads the whole coded cache dequantized (its own position exact) under
+    the mask: the logits of the default step."""
+    model = tiny_llama(seed=3, tie=False)
+    spec = KVCacheSpec(kind="int8-token")
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    masked, prefix = (StaticDecoder(model, batch=2, max_len=10, kv_cache=spec, prefix_attention=p) for p in (False, True))
+    for decoder in (masked, prefix):
+        decoder.prefill(prompt)
+    torch.testing.assert_close(masked.logits, prefix.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(masked.decode(4), prefix.decode(4))
+
+
 def test_the_decoder_refuses_an_integer_kv_cache():
     with pytest.raises(DecodeError, match="int8-token or fp8 KV cache or none"):
         StaticDecoder(tiny_llama(seed=2), batch=1, max_len=8, kv_cache=KVCacheSpec(bits=4))
