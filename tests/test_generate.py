@@ -312,7 +312,8 @@ def test_a_coded_cache_read_whole_by_the_masked_sdpa_gives_the_same_logits():
     model = tiny_llama(seed=3, tie=False)
     spec = KVCacheSpec(kind="int8-token")
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
-    masked, prefix = (StaticDecoder(model, batch=2, max_len=10, kv_cache=spec, prefix_attention=p) for p in (False, True))
+    masked, prefix = (StaticDecoder(model, batch=2, max_len=10, kv_cache=spec, prefix_attention=p)
+                      for p in (False, True))
     for decoder in (masked, prefix):
         decoder.prefill(prompt)
     torch.testing.assert_close(masked.logits, prefix.logits, rtol=1e-5, atol=1e-5)
