@@ -320,6 +320,19 @@ def test_a_coded_cache_read_whole_by_the_masked_sdpa_gives_the_same_logits():
     assert torch.equal(masked.decode(4), prefix.decode(4))
 
 
+def test_a_coded_cache_holds_a_byte_a_number_and_a_scale_a_row():
+    """cache_bytes: bf16 entries at 2 bytes a number; a coded cache 1 byte a number, a float32
+    scale per position and head, and each layer's latest entries in bf16."""
+    model = tiny_llama(seed=3, tie=False).to(torch.bfloat16)
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    plain = StaticDecoder(model, batch=2, max_len=10)
+    coded = StaticDecoder(model, batch=2, max_len=10, kv_cache=KVCacheSpec(kind="int8-token"))
+    rows = 2 * layers * 2 * kv_heads  # keys and values, layers, batch, kv heads
+    assert plain.cache_bytes() == rows * 10 * dim * 2
+    assert coded.cache_bytes() == rows * (10 * (dim + 4) + dim * 2)
+
+
 def test_the_decoder_refuses_an_integer_kv_cache():
     with pytest.raises(DecodeError, match="int8-token or fp8 KV cache or none"):
         StaticDecoder(tiny_llama(seed=2), batch=1, max_len=8, kv_cache=KVCacheSpec(bits=4))

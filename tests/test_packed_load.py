@@ -134,11 +134,12 @@ def test_generate_decodes_through_a_coded_kv_cache_when_asked_or_stored(tiny_mod
     import re
 
     def kv_row(printed: str) -> str:
-        return re.findall(r"KV cache\W+([\w-]+)", printed)[-1]  # the table's row, after any note
+        return re.findall(r"KV cache\s+[│|]\s+([\w-]+)", printed)[-1]  # the table's row
 
     common = ["--prompt", "The capital of France is", "--new-tokens", "4", "--device", "cpu"]
     assert main(["generate", str(tiny_model_dir), *common, "--kv-cache", "int8-token"]) == 0
-    assert kv_row(capsys.readouterr().out) == "int8-token"
+    printed = capsys.readouterr().out
+    assert kv_row(printed) == "int8-token" and re.search(r"KV cache MB\s+[│|]\s+\d+\.\d", printed)
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 97} and more {i}" for i in range(300)))
     for n, cache in enumerate(("fp8", "int4")):

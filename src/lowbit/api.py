@@ -498,6 +498,8 @@ class GenerateReport:
     graph: bool
     device: str
     kv_cache: str
+    kv_cache_bytes: int
+    """Bytes the decoder's KV cache holds (batch x prompt + new tokens positions, every layer)."""
     """The decoder's KV cache: "bfloat16" and the like, or the coded cache's name ("int8-token", "fp8")."""
 
     @property
@@ -569,7 +571,8 @@ def generate_text(source: str | None, prompt: str, new_tokens: int, batch: int =
         first = first[: first.index(tokenizer.eos_token_id)]
     return GenerateReport(tokenizer.decode(first, skip_special_tokens=True), first, new_tokens, batch, seconds,
                           loaded, warmup, prompt_seconds, packed, decoder.fused, graph, str(target),
-                          str(model.dtype).removeprefix("torch.") if spec is None else spec.name)
+                          str(model.dtype).removeprefix("torch.") if spec is None else spec.name,
+                          decoder.cache_bytes())
 
 
 def _decoder_kv_cache(source: str | None, asked: KVCacheSpec | Literal["none"] | None,

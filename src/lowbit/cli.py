@@ -469,6 +469,7 @@ def run_generate(args: argparse.Namespace) -> None:
                            ("ms/step", f"{1e3 * report.seconds / report.new_tokens:.2f}"),
                            ("load s", f"{report.load_seconds:.1f}"), ("warm-up s", f"{report.warmup_seconds:.1f}"),
                            ("prompt s", f"{report.prompt_seconds:.2f}"), ("KV cache", report.kv_cache),
+                           ("KV cache MB", f"{report.kv_cache_bytes / 2**20:.1f}"),
                            ("layers on their codes", str(report.packed_layers)),
                            ("step", "fused" if report.fused_step else "modules"),
                            ("CUDA graph", "yes" if report.graph else "no")):

@@ -97,6 +97,13 @@ class StaticDecoder:
         self.pending_products = pending_products
         self.prefix_attention = prefix_attention
 
+    def cache_bytes(self) -> int:
+        """Bytes the KV cache holds for all layers: entries, and for a coded cache its scales and
+        each layer's exact latest entries."""
+        stored = [t for cache in self.keys + self.values
+                  for t in ((cache.codes, cache.scales, cache.latest) if isinstance(cache, CodedCache) else (cache,))]
+        return sum(t.numel() * t.element_size() for t in stored)
+
     def _empty_cache(self, weight: torch.Tensor) -> torch.Tensor | CodedCache:
         """One layer's keys or values, [batch, kv_heads, max_len, head_dim] in the model's dtype or coded."""
         shape = (self.batch, self.kv_heads, self.max_len, self.head_dim)
