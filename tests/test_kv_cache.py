@@ -181,19 +181,24 @@ def test_pre_rope_matches_post_rope_at_high_bits(tiny_model):
     assert not torch.equal(logits["pre"], logits["post"])
 
 
+def check_nbytes_follow_the_formula(model, spec: KVCacheSpec, tokens: int) -> AttentionShape:
+    """Feed `tokens` random tokens 7 at a time through a cache of `spec`: after every chunk the cache
+    holds exactly the bytes memory.cache_bytes counts. Returns the model's attention shape."""
+    shape = AttentionShape.of_config(model.config)
+    cache = QuantizedKVCache(model, spec)
+    ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for begin in range(0, tokens, 7):
+            model(input_ids=ids[:, begin : begin + 7], **with_cache(model, cache))
+            assert cache.nbytes() == cache_bytes(shape, spec, min(begin + 7, tokens))
+    return shape
+
+
 @pytest.mark.parametrize("spec", [KVCacheSpec(bits=4, group_size=8, residual=6),
                                   KVCacheSpec(bits=2, group_size=16, residual=0, pre_rope=True),
                                   KVCacheSpec(bits=8, group_size=32, residual=3)])
 def test_bytes_per_token_formula_equals_what_the_cache_holds(spec):
-    model = tiny_llama().half()
-    shape = AttentionShape.of_config(model.config)
-    cache = QuantizedKVCache(model, spec)
-    ids = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for begin in range(0, 50, 7):
-            model(input_ids=ids[:, begin : begin + 7], **with_cache(model, cache))
-            tokens = min(begin + 7, 50)
-            assert cache.nbytes() == cache_bytes(shape, spec, tokens)
+    shape = check_nbytes_follow_the_formula(tiny_llama().half(), spec, 50)
     fp16 = bytes_per_token(shape, None, 50)
     assert fp16 == 2 * 2 * 2 * 2 * 16  # K and V x layers x kv heads x head_dim x 2 bytes
     assert bytes_per_token(shape, spec, 50) < fp16
@@ -208,15 +213,8 @@ def test_bytes_per_token_formula_equals_what_the_cache_holds(spec):
 @pytest.mark.parametrize("kind", ["int8-token", "fp8"])
 def test_coded_bytes_per_token_equal_what_the_cache_holds(kind):
     """A byte a number and a float32 scale per token and head, from the first token on."""
-    model = tiny_llama().half()
     spec = KVCacheSpec(kind=kind)
-    shape = AttentionShape.of_config(model.config)
-    cache = QuantizedKVCache(model, spec)
-    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        for begin in range(0, 30, 7):
-            model(input_ids=ids[:, begin : begin + 7], **with_cache(model, cache))
-            assert cache.nbytes() == cache_bytes(shape, spec, min(begin + 7, 30))
+    shape = check_nbytes_follow_the_formula(tiny_llama().half(), spec, 30)
     assert bytes_per_token(shape, spec, 1) == 2 * 2 * 2 * (16 + 4)  # K and V x layers x kv heads x (codes + scale)
 
 

@@ -498,9 +498,9 @@ class GenerateReport:
     graph: bool
     device: str
     kv_cache: str
+    """The decoder's KV cache: "bfloat16" and the like, or the coded cache's name ("int8-token", "fp8")."""
     kv_cache_bytes: int
     """Bytes the decoder's KV cache holds (batch x prompt + new tokens positions, every layer)."""
-    """The decoder's KV cache: "bfloat16" and the like, or the coded cache's name ("int8-token", "fp8")."""
 
     @property
     def tokens_per_second(self) -> float:
