@@ -237,7 +237,7 @@ if triton is not None:
                                                         DIM, CODED)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, CODED)
+                                                                 scale_log2, CODED, PIPELINED)
             else:  # the interpreter cannot run `range` over runtime bounds: a while loop, one tile ahead
                 t0 = start
                 t = t0 + tl.arange(0, BLOCK_L)
@@ -248,7 +248,7 @@ if triton is not None:
                         k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t + BLOCK_L, end, d, stride_t, DIM, CODED)
                     running_max, running_sum, acc = _attend_tile(q, k, v, k_scales, v_scales, t, end, last,
                                                                  score_last, v_last, running_max, running_sum, acc,
-                                                                 scale_log2, CODED)
+                                                                 scale_log2, CODED, PIPELINED)
                     k, v, k_scales, v_scales = k_next, v_next, k_scales_next, v_scales_next
                     t0, t = t0 + BLOCK_L, t + BLOCK_L
             dtype = out_ptr.dtype.element_ty
@@ -270,7 +270,7 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(q, k, v, k_scales, v_scales, t, end, last, score_last, v_last, running_max, running_sum, acc,
-                     scale_log2, CODED: tl.constexpr):
+                     scale_log2, CODED: tl.constexpr, BY_PTX: tl.constexpr):
         """The running softmax (max, sum, unnormalised output) of the query rows after one more
         tile of keys and values at positions t (those at t >= end outside the chunk).
 
@@ -284,7 +284,7 @@ if triton is not None:
         (gpu_decode_attention_h200_fp8_256.md, code at ee61d15)."""
         at_last = t == last
         if CODED:
-            dots = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
+            dots = tl.dot(q.to(tl.float16), tl.trans(_codes_to_float16(k, BY_PTX)))
             dots = tl.where(at_last[None, :], score_last[:, None], dots * k_scales[None, :])
         else:
             dots = tl.dot(q, tl.trans(k))
@@ -297,13 +297,30 @@ if triton is not None:
             # p·(diag(scales)·codes) as p·(diag(scales / top)·codes)·top, top the tile's largest
             # scale: the entries stay within ±448, where float16 keeps its precision
             top = tl.maximum(tl.max(v_scales, axis=0), 1e-30)
-            values = v.to(tl.float16) * (v_scales / top).to(tl.float16)[:, None]
+            values = _codes_to_float16(v, BY_PTX) * (v_scales / top).to(tl.float16)[:, None]
             weights = tl.where(at_last[None, :], 0.0, p)
             acc += tl.dot(weights.to(tl.float16), values) * top
             acc += tl.sum(tl.where(at_last[None, :], p, 0.0), axis=1)[:, None] * v_last[None, :]
         else:
             acc += tl.dot(p.to(q.dtype), v)
         return new_max, running_sum * rescale + tl.sum(p, axis=1), acc
+
+    @triton.jit
+    def _codes_to_float16(codes, BY_PTX: tl.constexpr):
+        """8-bit codes as float16, exactly; e4m3 converts in one instruction a pair. int8 BY_PTX
+        (compiled for a GPU; the interpreter runs no PTX) four codes a 32-bit word: each byte, its
+        sign bit flipped, placed by a byte permute under 0x64 as the low mantissa of 1024 + 128 +
+        code, from which a paired subtract takes 1152: five instructions for four codes, where
+        Triton's own conversion spends a quarter-rate I2F and byte permutes on every code."""
+        if BY_PTX and codes.dtype == tl.int8:
+            halves = tl.inline_asm_elementwise(
+                "{ .reg .b32 biased, offset; xor.b32 biased, $2, 0x80808080; mov.b32 offset, 0x64806480;"
+                " prmt.b32 $0, biased, 0x64646464, 0x4140; prmt.b32 $1, biased, 0x64646464, 0x4342;"
+                " sub.f16x2 $0, $0, offset; sub.f16x2 $1, $1, offset; }",
+                "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            halves = codes.to(tl.float16)
+        return halves
 
     @triton.jit
     def _kv_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, cache, t, end, d, stride_t, DIM: tl.constexpr, CODED: tl.constexpr):
