@@ -60,12 +60,13 @@ def test_the_gluon_gemv_table_counts_its_loop_per_code(gemv_sass, capsys):
 
 def test_attention_table_counts_one_tile_a_cache(gemv_sass, capsys):
     """decode_attention's tile loop: 32 MMAs a thread over every cache (16 query rows against 64
-    positions and back, 4 warps); coded tiles convert their codes (F2FP, I2F), which the bf16
-    tile does not."""
+    positions and back, 4 warps); coded tiles convert their codes (F2FP for e4m3, byte permutes
+    and paired subtracts for int8, no quarter-rate I2F), which the bf16 tile does not."""
     gemv_sass.attention_table()
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "reg," in line}
     assert set(rows) == {"bf16", "fp8 codes", "int8 codes"}
-    assert "HMMA 32" in rows["bf16"] and "F2FP" not in rows["bf16"] and "I2F" in rows["int8 codes"]
+    assert "HMMA 32" in rows["bf16"] and "F2FP" not in rows["bf16"] and "I2F" not in rows["int8 codes"]
+    assert "F2FP" in rows["fp8 codes"] and "PRMT" in rows["int8 codes"] and "HADD2" in rows["int8 codes"]
     counts = {name: int(line.split("|")[2]) for name, line in rows.items()}
     assert counts["bf16"] < counts["fp8 codes"] < counts["int8 codes"]

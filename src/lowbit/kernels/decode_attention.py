@@ -22,9 +22,9 @@ is read as its codes, converted to float16 (exact for both) for float16 MMAs, ea
 scale applied to its score and, relative to the tile's largest, to its values; the step's own
 position is read as the exact entries written there. This reads half the bytes of a bf16 cache
 but does not run faster: converting and scaling the codes costs more than the bytes save, so at
-batch 16 over a full 4096-position cache it took 78.3 us with fp8 codes and 92.8 with int8 ones
-against 68.3 for bf16, and 24.8 and 29.0 against 21.3 over its first quarter
-(gpu_decode_attention_h200_coded.md). A coded cache is for memory:
+batch 16 over a full 4096-position cache it took 77.5 us with fp8 codes and 78.8 with int8 ones
+against 68.2 for bf16, and 25.0 and 25.6 against 21.0 over its first quarter
+(gpu_decode_attention_h200_int8_ptx.md). A coded cache is for memory:
 nearly twice the positions or batch rows in the same bytes. A query entry beyond float16's
 ±65504 would overflow; the bf16 path has no such limit.
 
