@@ -43,14 +43,13 @@ CODED_SETTINGS = [f"{kind}/{decode_attention.CODED_TARGET_PROGRAMS}/{decode_atte
 """decode_attention's settings timed over each coded cache, one column each (--coded-settings)."""
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
 """A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
-CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS", "CODED_KERNEL", "BLOCK_L")
-"""A setting "KIND/T/S/W[/K[/L]]" over a coded cache (int8-token, fp8) gives these after the kind,
-in order (K the kernel: gluon or triton; L positions a tile)."""
+CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "KIND/T/S/W" over a coded cache (int8-token, fp8) gives these after the kind, in order."""
 
 
 def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> torch.Tensor:
     """decode_attention.attend with the setting's constants (`names`) in place of its own."""
-    values = dict(zip(names, (int(v) if v.isdigit() else v for v in setting.split("/"))))
+    values = dict(zip(names, (int(v) for v in setting.split("/"))))
     saved = {name: getattr(decode_attention, name) for name in values}
     for name, value in values.items():
         setattr(decode_attention, name, value)
@@ -103,8 +102,8 @@ def markdown(rows: list[dict]) -> str:
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
              "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit KIND/"
-             "T/S/W[/K[/L]]' the same over the same entries in a coded cache of that kind (T as CODED_TARGET_PROGRAMS, K "
-             "the kernel, L positions a tile; its error includes the cache's rounding).", "",
+             "T/S/W' the same over the same entries in a coded cache of that kind (T as CODED_TARGET_PROGRAMS; its "
+             "error includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -121,8 +120,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
     parser.add_argument("--coded-settings", nargs="+", default=CODED_SETTINGS,
-                        help='over a coded cache: "KIND/CODED_TARGET_PROGRAMS/STAGES/WARPS[/KERNEL[/BLOCK_L]]" '
-                        "each (KIND int8-token or fp8, KERNEL gluon or triton)")
+                        help='over a coded cache: "KIND/CODED_TARGET_PROGRAMS/STAGES/WARPS" each '
+                        "(KIND int8-token or fp8)")
     args = parser.parse_args()
     SETTINGS[:] = args.settings
     CODED_SETTINGS[:] = args.coded_settings

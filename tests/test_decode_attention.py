@@ -138,54 +138,11 @@ def test_the_merge_of_large_groups_does_not_spill():
     assert "STL" not in sass and registers < 255
 
 
-def test_the_gluon_kernel_compiles_for_hopper():
-    """The Gluon kernel over a coded cache: codes by 16-byte asynchronous copies, its float16
-    tiles read by ldmatrix into MMAs, the count published by an acquire-release atomic, int8
-    codes converted by byte permutes and e4m3 ones by the hardware's conversion, nothing spilled."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
-    from lowbit.kernels import decode_attention_gluon
-    from tests.conftest import benchmark_script
-
-    for codes in ("*i8", "*fp8e4nv"):
-        compiled = decode_attention_gluon.compile_for_sm90(codes, KV_HEADS=8, GROUP=4, DIM=128, SPLITS=16,
-                                                           SPLITS_P2=16, GROUP_P2=4)
-        ptx = compiled.asm["ptx"]
-        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx and "ldmatrix" in ptx
-        assert "cp.async.cg.shared.global" in ptx and ", 0x10," in ptx
-        assert "atom.global.gpu.acq_rel.add" in ptx
-        assert ("prmt.b32" in ptx) == (codes == "*i8") and ("e4m3" in ptx) == (codes == "*fp8e4nv")
-        sass, registers, _ = benchmark_script("gemv_sass").disassemble(compiled)
-        assert "STL" not in sass and registers <= 168  # three programs an SM by registers
-
-
 @gpu
-@pytest.mark.parametrize("coded_kernel", ["gluon", "triton"])
-def test_the_kernel_on_gpu(coded_kernel, monkeypatch):
-    """Both kernels over coded caches (the Gluon one where it suits the shape: head_dim 80 stays
-    on Triton's either way)."""
-    monkeypatch.setattr(decode_attention, "CODED_KERNEL", coded_kernel)
+def test_the_kernel_on_gpu():
     check_cases("cuda", torch.bfloat16, 1e-2)
     for kind in CODES:
         check_cases("cuda", torch.bfloat16, 1e-2, coded=kind)
-
-
-@gpu
-def test_the_gluon_and_triton_kernels_agree_on_a_coded_cache(monkeypatch):
-    """The same arithmetic (codes in float16, scales after), so the same outputs but for the
-    MMAs' order of summation; over batch 16 of a long cache, one chunk and several."""
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(16, 32, 1, 128, generator=g).to("cuda", torch.bfloat16)
-    for kind in CODES:
-        for position in (40, 1500, 4095):
-            keys, values = (coded_cache(torch.randn(16, 8, 4096, 128, generator=g).to("cuda", torch.bfloat16),
-                                        position, kind) for _ in range(2))
-            pos = torch.tensor([position], device="cuda")
-            outs = {}
-            for kernel in ("gluon", "triton"):
-                monkeypatch.setattr(decode_attention, "CODED_KERNEL", kernel)
-                outs[kernel] = decode_attention.attend(q, keys, values, pos).float()
-            error = float((outs["gluon"] - outs["triton"]).norm() / outs["triton"].norm())
-            assert error < 4e-3, (kind, position, error)
 
 
 @gpu

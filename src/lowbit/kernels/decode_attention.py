@@ -33,7 +33,6 @@ Elsewhere (CPU, other dtypes) `attend` is the masked scaled_dot_product_attentio
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -65,9 +64,6 @@ CODED_TARGET_PROGRAMS = 256
 """TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: at batch
 16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
 (fp8 codes, gpu_decode_attention_h200_fp8_f16.md)."""
-CODED_KERNEL = "gluon"
-"""The kernel that reads a coded cache on a GPU: "gluon" (decode_attention_gluon, where Triton has
-Gluon and `_gluon_suits` the shape) or "triton" (`_attend_kernel`, everywhere else too)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -119,20 +115,6 @@ def _on_triton(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.T
             and q.shape[1] % stored[0].shape[1] == 0 and q.shape[-1] <= 256)
 
 
-def _gluon_suits(q: torch.Tensor, kv_heads: int) -> bool:
-    """decode_attention_gluon's kernel takes up to 16 query heads a kv head and a power-of-two
-    head_dim from 32 to 256, on a GPU whose Triton has Gluon."""
-    dim, group = q.shape[-1], q.shape[1] // kv_heads
-    if not (CODED_KERNEL == "gluon" and q.is_cuda and not INTERPRETED and group <= 16
-            and 32 <= dim <= 256 and dim & (dim - 1) == 0):
-        return False
-    try:
-        importlib.import_module("triton.experimental.gluon.language.nvidia.ampere")
-    except ImportError:
-        return False
-    return True
-
-
 def splits_for(batch: int, kv_heads: int, max_len: int, coded: bool = False) -> int:
     """Chunks the written prefix is cut into: enough for TARGET_PROGRAMS (CODED_TARGET_PROGRAMS
     over a coded cache), at most MAX_SPLITS, and no more than the cache has blocks of BLOCK_L positions."""
@@ -173,16 +155,6 @@ def attend(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tenso
     maxima, sums, partials, counters = _workspace(q.device, batch * kv_heads, splits, group, dim)
     out = torch.empty(batch, 1, heads * dim, device=q.device, dtype=q.dtype)
     scales_and_latest = (keys.scales, values.scales, keys.latest, values.latest) if coded else (q,) * 4  # unread
-    if coded and _gluon_suits(q, kv_heads):
-        from lowbit.kernels.decode_attention_gluon import coded_attend_kernel
-
-        coded_attend_kernel[(batch * kv_heads, splits)](
-            q, key_slots, value_slots, *scales_and_latest, out, pos, maxima, sums, partials, counters,
-            key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), max_len, math.log2(math.e) / math.sqrt(dim),
-            KV_HEADS=kv_heads, GROUP=group, DIM=dim, BLOCK_L=BLOCK_L, SPLITS=splits,
-            SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), STAGES=STAGES,
-            WARPS=WARPS, num_warps=WARPS)
-        return out
     _attend_kernel[(batch * kv_heads, splits)](
         q, key_slots, value_slots, *scales_and_latest, out, pos, maxima, sums, partials, counters,
         key_slots.stride(0), key_slots.stride(1), key_slots.stride(2), max_len, math.log2(math.e) / math.sqrt(dim),
@@ -217,13 +189,6 @@ def compile_for_sm90(codes: str = "*bf16", **constexprs):
 
 
 if triton is not None:
-    INT8_TO_F16_ASM = tl.constexpr(
-        "{ .reg .b32 biased, offset; xor.b32 biased, $2, 0x80808080; mov.b32 offset, 0x64806480;"
-        " prmt.b32 $0, biased, 0x64646464, 0x4140; prmt.b32 $1, biased, 0x64646464, 0x4342;"
-        " sub.f16x2 $0, $0, offset; sub.f16x2 $1, $1, offset; }")
-    """Four int8 codes (one 32-bit word) as four float16, exactly (`_codes_to_float16`; the Gluon
-    kernel converts with it too)."""
-
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, kl_ptr, vl_ptr, out_ptr, pos_ptr, max_ptr, sum_ptr,
                        part_ptr, cnt_ptr, stride_b, stride_h, stride_t, max_len, scale_log2,
@@ -348,8 +313,11 @@ if triton is not None:
         code, from which a paired subtract takes 1152: five instructions for four codes, where
         Triton's own conversion spends a quarter-rate I2F and byte permutes on every code."""
         if BY_PTX and codes.dtype == tl.int8:
-            halves = tl.inline_asm_elementwise(INT8_TO_F16_ASM, "=r,=r,r", [codes], dtype=tl.float16,
-                                               is_pure=True, pack=4)
+            halves = tl.inline_asm_elementwise(
+                "{ .reg .b32 biased, offset; xor.b32 biased, $2, 0x80808080; mov.b32 offset, 0x64806480;"
+                " prmt.b32 $0, biased, 0x64646464, 0x4140; prmt.b32 $1, biased, 0x64646464, 0x4342;"
+                " sub.f16x2 $0, $0, offset; sub.f16x2 $1, $1, offset; }",
+                "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
         else:
             halves = codes.to(tl.float16)
         return halves
