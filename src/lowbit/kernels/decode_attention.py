@@ -60,10 +60,15 @@ took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with thre
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 WARPS = 4
 """Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
-CODED_TARGET_PROGRAMS = 256
-"""TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: at batch
-16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
-(fp8 codes, gpu_decode_attention_h200_fp8_f16.md)."""
+CODED_TARGET_PROGRAMS = 512
+"""TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: four
+programs an SM (CODED_REGISTERS)."""
+CODED_REGISTERS = 128
+"""Registers a thread over a coded cache (0: as many as the compiler takes, 188). The coded tile is
+bound by its warps' latency, not by issue or bytes: an ncu profile at batch 16 over a full
+4096-position cache found 8 warps an SM, 4.6 cycles between a warp's instructions (short
+scoreboard and fixed-latency stalls first) and DRAM 37% busy (gpu_profile_h200_attention.log).
+At 128 registers an SM holds four programs instead of two, with no spills in the sm_90 compile."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -161,7 +166,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tenso
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), CODED=coded,
-        PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
+        PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS,
+        **({"maxnreg": CODED_REGISTERS} if coded and CODED_REGISTERS and not INTERPRETED else {}))
     return out
 
 
