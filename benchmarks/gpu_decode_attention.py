@@ -43,7 +43,7 @@ CODED_SETTINGS = [f"{kind}/{decode_attention.CODED_TARGET_PROGRAMS}/{decode_atte
 """decode_attention's settings timed over each coded cache, one column each (--coded-settings)."""
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
 """A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
-CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS", "CODED_REGISTERS")
+CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS", "CODED_REGISTERS", "CODED_MIN_CHUNK")
 """A setting "KIND/T/S/W[/R]" over a coded cache (int8-token, fp8) gives these after the kind, in
 order (R registers a thread, 0 for the compiler's choice)."""
 
