@@ -39,13 +39,12 @@ SETTINGS = [f"{decode_attention.TARGET_PROGRAMS}/{decode_attention.STAGES}/{deco
 
 
 CODED_SETTINGS = [f"{kind}/{decode_attention.CODED_TARGET_PROGRAMS}/{decode_attention.STAGES}/{decode_attention.WARPS}"
-                  f"/{decode_attention.CODED_REGISTERS}" for kind in CODES]
+                  for kind in CODES]
 """decode_attention's settings timed over each coded cache, one column each (--coded-settings)."""
 SETTING_NAMES = ("TARGET_PROGRAMS", "STAGES", "WARPS")
 """A setting "T/S" or "T/S/W" gives these of decode_attention's constants, in order."""
-CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS", "CODED_REGISTERS", "CODED_MIN_CHUNK")
-"""A setting "KIND/T/S/W[/R]" over a coded cache (int8-token, fp8) gives these after the kind, in
-order (R registers a thread, 0 for the compiler's choice)."""
+CODED_SETTING_NAMES = ("CODED_TARGET_PROGRAMS", "STAGES", "WARPS")
+"""A setting "KIND/T/S/W" over a coded cache (int8-token, fp8) gives these after the kind, in order."""
 
 
 def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> torch.Tensor:
@@ -103,8 +102,8 @@ def markdown(rows: list[dict]) -> str:
              f"Medians of {ROUNDS} rounds in turns.", "",
              "Columns 'lowbit T/S[/W]' give decode_attention with TARGET_PROGRAMS T (the launch's programs it cuts "
              "the written prefix for), STAGES S (tiles of keys and values in flight) and WARPS W; 'lowbit KIND/"
-             "T/S/W/R' the same over the same entries in a coded cache of that kind (T as CODED_TARGET_PROGRAMS, R "
-             "registers a thread; its error includes the cache's rounding).", "",
+             "T/S/W' the same over the same entries in a coded cache of that kind (T as CODED_TARGET_PROGRAMS; its "
+             "error includes the cache's rounding).", "",
              "| batch | cache positions | position | sdpa (masked, all positions) | "
              + " | ".join(f"lowbit {c}" for c in chunks) + " | sdpa / lowbit (first) | error sdpa | "
              "error lowbit (first) |", "|---:|---:|---:|---:|" + "---:|" * len(chunks) + "---:|---:|---:|"]
@@ -121,7 +120,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help='"TARGET_PROGRAMS/STAGES[/WARPS]" each')
     parser.add_argument("--coded-settings", nargs="+", default=CODED_SETTINGS,
-                        help='over a coded cache: "KIND/CODED_TARGET_PROGRAMS/STAGES/WARPS[/REGISTERS]" each '
+                        help='over a coded cache: "KIND/CODED_TARGET_PROGRAMS/STAGES/WARPS" each '
                         "(KIND int8-token or fp8)")
     args = parser.parse_args()
     SETTINGS[:] = args.settings

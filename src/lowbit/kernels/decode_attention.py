@@ -60,18 +60,10 @@ took 109.3 us at batch 16 over a full 4096-position cache against 68.1 with thre
 five no less than three within noise (gpu_decode_attention_h200_stages.md)."""
 WARPS = 4
 """Warps of a program: four hold a 16-row tile's accumulator [16, 128] in 16 registers a thread."""
-CODED_TARGET_PROGRAMS = 512
-"""TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: four
-programs an SM (CODED_REGISTERS)."""
-CODED_MIN_CHUNK = 512
-"""Positions a chunk holds at least over a coded cache whose launch has more than two programs an
-SM: where few positions are written, fewer programs and no merge."""
-CODED_REGISTERS = 128
-"""Registers a thread over a coded cache (0: as many as the compiler takes, 188). The coded tile is
-bound by its warps' latency, not by issue or bytes: an ncu profile at batch 16 over a full
-4096-position cache found 8 warps an SM, 4.6 cycles between a warp's instructions (short
-scoreboard and fixed-latency stalls first) and DRAM 37% busy (gpu_profile_h200_attention.log).
-At 128 registers an SM holds four programs instead of two, with no spills in the sm_90 compile."""
+CODED_TARGET_PROGRAMS = 256
+"""TARGET_PROGRAMS over a coded cache, whose tiles take longer to multiply than to read: at batch
+16 over a full 4096-position cache 77.4 us at 256 against 112.2 at 128 and 103.2 at 384
+(fp8 codes, gpu_decode_attention_h200_fp8_f16.md)."""
 MAX_SPLITS = 16
 """Chunks of one (batch row, kv head): their partial results are merged in one load each."""
 
@@ -169,9 +161,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tenso
         KV_HEADS=kv_heads, GROUP=group, GROUP_ROWS=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_L=BLOCK_L, SPLITS=splits,
         SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group), CODED=coded,
-        MIN_CHUNK=CODED_MIN_CHUNK if coded and batch * kv_heads * splits > 2 * TARGET_PROGRAMS else 0,
-        PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS,
-        **({"maxnreg": CODED_REGISTERS} if coded and CODED_REGISTERS and not INTERPRETED else {}))
+        PIPELINED=not INTERPRETED, STAGES=STAGES, num_warps=WARPS)
     return out
 
 
@@ -205,7 +195,7 @@ if triton is not None:
                        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
                        SPLITS_P2: tl.constexpr, GROUP_P2: tl.constexpr, CODED: tl.constexpr,
-                       PIPELINED: tl.constexpr, STAGES: tl.constexpr, MIN_CHUNK: tl.constexpr = 0):
+                       PIPELINED: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·KV_HEADS + kv head, chunk). Query heads of the group are rows of a
         GROUP_ROWS-row tile (16 at least, for tl.dot), those past GROUP zero and never stored.
         Scores are in log2 units (scale_log2 = log2(e)/√D), so the softmax takes exp2.
@@ -214,7 +204,7 @@ if triton is not None:
         row = tl.program_id(0)
         split = tl.program_id(1)
         length = tl.minimum(tl.load(pos_ptr).to(tl.int32) + 1, max_len)
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L, MIN_CHUNK)
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_L) * BLOCK_L
         active = tl.cdiv(length, chunk)
         start = split * chunk
         if start < length:
