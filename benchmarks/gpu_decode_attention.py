@@ -60,6 +60,16 @@ def attend_with(setting: str, *args, names: tuple[str, ...] = SETTING_NAMES) -> 
             setattr(decode_attention, name, value)
 
 
+def coded_caches(keys: torch.Tensor, values: torch.Tensor, written: torch.Tensor, kind: str) -> list[CodedCache]:
+    """Coded caches of `kind` shaped as keys and values [batch, kv_heads, max_len, D], holding their
+    entries at positions `written` (the last of them kept exact, as a decode step keeps its own)."""
+    batch, kv_heads, max_len, dim = keys.shape
+    caches = [CodedCache.empty(batch, kv_heads, max_len, dim, keys.device, keys.dtype, CODES[kind]) for _ in range(2)]
+    for cache, entries in zip(caches, (keys, values)):
+        cache.write(entries[:, :, written], written)
+    return caches
+
+
 def run_case(case: tuple[int, int, str]) -> list[dict]:
     batch, max_len, where = case
     position = max_len // 4 - 1 if where == "first quarter" else max_len - 1
@@ -76,10 +86,7 @@ def run_case(case: tuple[int, int, str]) -> list[dict]:
     written = torch.arange(position + 1, device="cuda")
     for setting in CODED_SETTINGS:
         kind, numbers = setting.split("/", 1)
-        coded = [CodedCache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16, CODES[kind])
-                 for _ in range(2)]
-        for cache, entries in zip(coded, (keys, values)):
-            cache.write(entries[:, :, : position + 1], written)
+        coded = coded_caches(keys, values, written, kind)
         calls[f"lowbit {setting}"] = functools.partial(attend_with, numbers, q, *coded, pos, names=CODED_SETTING_NAMES)
     row = {"batch": batch, "max_len": max_len, "position": position}
     for name, call in calls.items():

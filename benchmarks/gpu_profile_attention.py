@@ -15,13 +15,16 @@ three caches in turns inside cudaProfilerStart/Stop:
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
 from lowbit.kernels import decode_attention
-from lowbit.kv.row_codes import CODES, CodedCache
+from lowbit.kv.row_codes import CODES
 
-HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode_attention import HEAD_DIM, HEADS, KV_HEADS, coded_caches  # noqa: E402
 
 
 def caches(batch: int, max_len: int) -> dict[str, tuple]:
@@ -30,14 +33,8 @@ def caches(batch: int, max_len: int) -> dict[str, tuple]:
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", generator=generator).to(torch.bfloat16)
     keys, values = (torch.randn(batch, KV_HEADS, max_len, HEAD_DIM, device="cuda", generator=generator)
                     .to(torch.bfloat16) for _ in range(2))
-    out = {"bf16": (q, keys, values)}
     written = torch.arange(max_len, device="cuda")
-    for kind, codes in CODES.items():
-        coded = [CodedCache.empty(batch, KV_HEADS, max_len, HEAD_DIM, "cuda", torch.bfloat16, codes) for _ in range(2)]
-        for cache, entries in zip(coded, (keys, values)):
-            cache.write(entries, written)
-        out[kind] = (q, *coded)
-    return out
+    return {"bf16": (q, keys, values)} | {kind: (q, *coded_caches(keys, values, written, kind)) for kind in CODES}
 
 
 if __name__ == "__main__":
