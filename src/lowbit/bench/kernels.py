@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,17 @@ def _copies(nbytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // nbytes))
 
 
+def rotated_us(call: Callable[[object], object], weights, nbytes: int) -> float:
+    """Median microseconds per `call(w)` replayed as one CUDA graph, each call on its own copy `w`
+    of `weights` (a tensor, a PackedInt4 or a tuple of them; `nbytes` one copy's size), so that
+    every call reads its weight from device memory (the module docstring's method)."""
+    copies = [weights] + [_clone(weights) for _ in range(_copies(nbytes) - 1)]
+    return _graph_us([lambda w=w: call(w) for w in copies])
+
+
 def _clone(value):
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, PackedInt4):
@@ -179,20 +190,14 @@ def run(shapes: list[str] | None = None, m_values: tuple[int, ...] = M_VALUES, g
                     if not row[f"rel_err_{label}"] < MAX_RELATIVE_ERROR:
                         raise BenchError(f"{name} M={m} {path} {kind}: relative error {row[f'rel_err_{label}']:.2e} "
                                          f"exceeds {MAX_RELATIVE_ERROR}; the kernel is wrong on this shape")
-                    copies = [weights] + [_clone(weights) for _ in range(_copies(weights.nbytes()) - 1)]
-                    row[f"{label}_us"] = _graph_us([lambda w=w, f=matmul: f(x, w) for w in copies])
-                    del copies
+                    row[f"{label}_us"] = rotated_us(lambda w, f=matmul: f(x, w), weights, weights.nbytes())
                 del ref
                 row[f"path_{kind}"] = chosen_path(x, weights)
                 row[f"config_{kind}"] = _lowbit_config(row[f"path_{kind}"], m, weights)
-            dense_copies = [dense] + [dense.clone() for _ in range(_copies(dense.numel() * 2) - 1)]
-            row["bf16_us"] = _graph_us([lambda w=w: F.linear(x, w) for w in dense_copies])
-            del dense_copies
+            row["bf16_us"] = rotated_us(lambda w: F.linear(x, w), dense, dense.numel() * 2)
             if int4 is not None:
-                int4_copies = [int4] + [_clone(int4) for _ in range(_copies(packed["asym"].nbytes()) - 1)]
-                row["torch_int4_us"] = _graph_us([
-                    lambda w=w: torch.ops.aten._weight_int4pack_mm(x, w[0], group_size, w[1]) for w in int4_copies])
-                del int4_copies
+                row["torch_int4_us"] = rotated_us(lambda w: torch.ops.aten._weight_int4pack_mm(x, w[0], group_size, w[1]),
+                                                  int4, packed["asym"].nbytes())
             layout = packed["asym"]
             moved = (layout.qweight.numel() * 4 + layout.scales.numel() * layout.scales.element_size()
                      + layout.zeros.numel() + 2 * (x.numel() + m * n))
