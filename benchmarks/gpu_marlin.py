@@ -96,18 +96,28 @@ def build(source: Path, build_dir: Path, jobs: int) -> Path:
     return Path(library)
 
 
+def marlin_scales(scales: torch.Tensor) -> torch.Tensor:
+    """bf16 [K / G, N] scales in Marlin's column order (SCALE_PERM within each block of 64 columns)."""
+    return scales.to(torch.bfloat16).reshape(-1, 64)[:, SCALE_PERM].reshape(scales.shape).contiguous()
+
+
+def marlin_zero_points(zeros: torch.Tensor) -> torch.Tensor:
+    """int32 [K / G, N / 8]: zero points in SCALE_PERM's column order, each eight of them reordered
+    by ZERO_INTERLEAVE and packed into one word, the first in the low nibble."""
+    groups, n = zeros.shape
+    ordered = zeros.to(torch.int64).reshape(-1, 64)[:, SCALE_PERM].reshape(-1, 8)[:, ZERO_INTERLEAVE]
+    words = sum(ordered.reshape(groups, n // 8, 8)[..., i] << (4 * i) for i in range(8))
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()  # same bits
+
+
 def marlin_weight(packed: PackedInt4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(Marlin's words, bf16 scales, packed zero points or None) for a PackedInt4 without act order."""
-    n, k = packed.out_features, packed.in_features
+    """(Marlin's words, scales, zero points or None) for a PackedInt4 without act order: its
+    `qweight` is GPTQ's word layout, which Marlin's own repack op takes."""
     no_perm = torch.empty(0, dtype=torch.int32, device=packed.qweight.device)
-    words = getattr(torch.ops, OPS).gptq_marlin_repack(packed.qweight, no_perm, k, n, 4)
-    scales = packed.scales.to(torch.bfloat16).reshape(-1, 64)[:, SCALE_PERM].reshape(-1, n).contiguous()
-    if packed.zeros is None:
-        return words, scales, None
-    zeros = packed.zeros.to(torch.int32).reshape(-1, 64)[:, SCALE_PERM].reshape(-1, 8)[:, ZERO_INTERLEAVE]
-    words_of_zeros = sum(zeros.reshape(-1, n // 8, 8)[..., i].long() << (4 * i) for i in range(8))
-    as_int32 = torch.where(words_of_zeros >= 1 << 31, words_of_zeros - (1 << 32), words_of_zeros)  # same bits
-    return words, scales, as_int32.to(torch.int32).contiguous()
+    words = getattr(torch.ops, OPS).gptq_marlin_repack(packed.qweight, no_perm, packed.in_features,
+                                                       packed.out_features, 4)
+    zeros = None if packed.zeros is None else marlin_zero_points(packed.zeros)
+    return words, marlin_scales(packed.scales), zeros
 
 
 def marlin_matmul(x: torch.Tensor, weight: tuple, n: int, workspace: torch.Tensor) -> torch.Tensor:
