@@ -39,6 +39,8 @@ TABLES = {  # results file -> heading in the README
     "gpu_kernels.md": "W4A16 matmul on one H100 (`lowbit bench kernels`)",
     "gpu_kernels_h200.md": "W4A16 matmul on one H200, all shapes in one call, FBGEMM installed "
     "(`STEPS=kernels bash benchmarks/gpu_run_all.sh`)",
+    "gpu_marlin_h200.md": "W4A16 matmul against GPTQModel's Marlin kernel, one H200, FBGEMM installed "
+    "(`python benchmarks/gpu_marlin.py --source gptqmodel-7.7.0/gptqmodel_ext/marlin`)",
     "gpu_quant_speed_ranges_h200.md": "The integer schemes' GPTQ (static groups + MSE clipping) vs the paper's, "
     "one H200 (`python benchmarks/gpu_quant_speed.py --layers 4 --ranges`)",
     "vq_decode_gpu.md": "VQ matmul (Triton kernel) vs bf16 cuBLAS, one H200 (`python benchmarks/vq.py --decode --device cuda`)",
