@@ -166,26 +166,20 @@ def attend(q: torch.Tensor, keys: torch.Tensor | CodedCache, values: torch.Tenso
 
 
 def compile_for_sm90(codes: str = "*bf16", **constexprs):
-    """`_attend_kernel` compiled ahead of time for sm_90 with Triton's own ptxas, no GPU needed: for
-    the compile tests and benchmarks/gemv_sass.py --attention. Pointers and strides are declared
-    aligned as the JIT finds them on model shapes; `codes` is the cache's element type ("*bf16": a
-    plain cache, "*fp8e4nv" or "*i8": a coded one)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """`_attend_kernel` compiled for sm_90 without a GPU (sm90_compile): for the compile tests and
+    benchmarks/gemv_sass.py --attention. `codes` is the cache's element type ("*bf16": a plain
+    cache, "*fp8e4nv" or "*i8": a coded one)."""
+    from lowbit.kernels import sm90_compile
 
-    kernel = _attend_kernel
     coded = codes != "*bf16"
     constexprs = {"BLOCK_L": BLOCK_L, "PIPELINED": True, "STAGES": STAGES, "CODED": coded, **constexprs}
     cached, scales = (codes, "*fp32") if coded else ("*bf16", "*bf16")
     types = {"q_ptr": "*bf16", "k_ptr": cached, "v_ptr": cached, "ks_ptr": scales, "vs_ptr": scales,
              "kl_ptr": "*bf16", "vl_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64",
              "max_ptr": "*fp32", "sum_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_log2": "fp32"}
-    names = kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in names if name.endswith("_ptr") and name != "pos_ptr" or name.startswith("stride")}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
+    aligned = [name for name in _attend_kernel.arg_names
+               if name.endswith("_ptr") and name != "pos_ptr" or name.startswith("stride")]
+    return sm90_compile.compile_for_sm90(_attend_kernel, types, constexprs, aligned, {"num_warps": WARPS})
 
 
 if triton is not None:

@@ -367,19 +367,13 @@ def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: boo
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, types: dict[str, str] | None = None):
-    """A W4A16 Gluon kernel taking m16_kernel's arguments, compiled for sm_90 without a GPU, its
-    pointers, N, K and strides declared multiples of 16 as the JIT finds them on model shapes.
-    `types` names the signature type of arguments m16_kernel lacks (a TMA descriptor's, say)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """A W4A16 Gluon kernel taking m16_kernel's arguments, compiled for sm_90 without a GPU
+    (sm90_compile), its pointers, N, K and strides declared aligned. `types` names the signature
+    type of arguments m16_kernel lacks (a TMA descriptor's, say)."""
+    from lowbit.kernels import sm90_compile
 
     pointers = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "out_ptr": "*bf16",
                 "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    names = kernel.arg_names
-    signature = {name: "constexpr" if name in constexprs else {**pointers, **(types or {})}.get(name, "i32")
-                 for name in names}
-    aligned = {(names.index(name),): [["tt.divisibility", 16]]
-               for name in (*pointers, "N", "K", "stride_xm", "stride_sg", "stride_om") if name in names}
-    return triton.compile(GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    aligned = (*pointers, "N", "K", "stride_xm", "stride_sg", "stride_om")
+    return sm90_compile.compile_for_sm90(kernel, {**pointers, **(types or {})}, constexprs, aligned,
+                                         {"num_warps": warps})

@@ -25,7 +25,6 @@ launch into an uninitialised output: no zero fill before, no cast after. The wor
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 import triton
@@ -34,6 +33,7 @@ import triton.language as tl
 from lowbit.kernels.int4_pack import PackedInt4
 from lowbit.kernels.int4_unpack import (biased_code, f16_word_dot, f16x2, nibble, paired_codes, paired_offset,
                                         stage_f16_rows)
+from lowbit.kernels import sm90_compile
 from lowbit.kernels.autotune import autotune, chosen_config, pinned, with_settings
 from lowbit.kernels.w4a16 import DECODE_MAX_M, bucket
 
@@ -450,22 +450,11 @@ _prefill = autotune(_PREFILL_CONFIGS, _KEY, _prune, _mma_kernel)
 
 
 def compile_for_sm90(kernel, constexprs: dict, warps: int, stages: int, activations: str = "bf16"):
-    """`_gemv_kernel` or `_mma_kernel` compiled ahead of time for sm_90 with Triton's own ptxas, no
-    GPU needed: for the compile tests and gemv_sass.py. Activations and output are `activations`
-    ("bf16" or "fp16"); ALIGNED_ARGUMENTS are declared as the JIT finds them on model shapes."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """`_gemv_kernel` or `_mma_kernel` compiled for sm_90 without a GPU (sm90_compile): for the
+    compile tests and gemv_sass.py. Activations and output are `activations` ("bf16" or "fp16")."""
     types = {**ARGUMENT_TYPES, "x_ptr": f"*{activations}", "out_ptr": f"*{activations}"}
-    # Switches left out take their defaults, as a launch that omits them does.
-    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
-    constexprs = {**defaults, **constexprs}
-    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names
-                 if name in constexprs or name in types}
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED_ARGUMENTS
-               if name in kernel.arg_names}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return sm90_compile.compile_for_sm90(kernel, types, constexprs, ALIGNED_ARGUMENTS,
+                                         {"num_warps": warps, "num_stages": stages})
 
 
 def supports(packed: PackedInt4) -> bool:
