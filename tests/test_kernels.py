@@ -191,6 +191,22 @@ def test_triton_kernel_with_act_order_permutation_and_3d_input():
     assert relative_error(w4a16_matmul(x, packed), ref) < 1e-2
 
 
+@gpu
+def test_bench_kernels_times_every_column_of_a_row():
+    """One shape of `lowbit bench kernels` end to end: each column a positive time, every lowbit
+    product checked (the run raises otherwise), the table rendered with its targets."""
+    from lowbit.bench import kernels
+
+    result = kernels.run(["8B k/v_proj"], m_values=(1, 16))
+    assert [row["M"] for row in result["rows"]] == [1, 16]
+    for row in result["rows"]:
+        times = {key: value for key, value in row.items() if key.endswith("_us")}
+        assert {"bf16_us", "lowbit_sym_us", "lowbit_asym_us", "roofline_us"} <= times.keys()
+        assert all(value > 0 for value in times.values()), times
+        assert row["rel_err_lowbit_asym"] < kernels.MAX_RELATIVE_ERROR
+    assert "Targets" in kernels.markdown_table(result)
+
+
 @pytest.mark.skipif(triton_available(), reason="checks the message shown where there is no GPU")
 def test_bench_kernels_without_a_gpu_is_a_one_line_error(capsys):
     from lowbit.cli import main
