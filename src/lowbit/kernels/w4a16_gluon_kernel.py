@@ -87,7 +87,7 @@ def _halves(r):
 
 @gluon.jit
 def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP: ttgl.constexpr,
-                   BLOCK_N: ttgl.constexpr, BIASED: ttgl.constexpr):
+                   BLOCK_N: ttgl.constexpr, BIASED: ttgl.constexpr, BLOCK_M: ttgl.constexpr = 16):
     """Σ x·(q - z) over one group (Σ x·(128 + q) if BIASED): its words unpacked into the B operand
     in place, one MMA chain."""
     if BIASED:
@@ -99,7 +99,7 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
     q1 = ttgl.join(_halves(r2), _halves(r3))
     full = ttgl.permute(ttgl.join(q0, q1), (3, 6, 5, 2, 4, 0, 1))  # [c, j1, j0, t, h, nb, ni]: K, N in order
     b = ttgl.convert_layout(ttgl.reshape(full, [GROUP, BLOCK_N]), B_L, assert_trivial=True)
-    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA))
+    return ttgl.nvidia.ampere.mma_v2(a, b, ttgl.zeros([BLOCK_M, BLOCK_N], ttgl.float32, MMA))
 
 
 @gluon.jit
@@ -135,8 +135,9 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               AHEAD: ttgl.constexpr = 2, FINISH: ttgl.constexpr = True):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`), the words of
+               AHEAD: ttgl.constexpr = 2, FINISH: ttgl.constexpr = True, BLOCK_M: ttgl.constexpr = 16):
+    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (M <= BLOCK_M, 16 or 32: each unpacked B
+    fragment serves BLOCK_M / 16 MMAs) (split-K: `store_split_k`), the words of
     AHEAD (1 or 2) groups in flight while one is multiplied.
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
@@ -178,22 +179,22 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         zt_next = ttgl.load(z_ptr + first * stride_sg + cols).to(ttgl.float32)
     # x's span, once, into shared memory: every warp reads its A fragments from there.
     X_L: ttgl.constexpr = ttgl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])
-    xr = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, X_L))
+    xr = ttgl.arange(0, BLOCK_M, layout=ttgl.SliceLayout(1, X_L))
     xk = ttgl.arange(0, GROUP, layout=ttgl.SliceLayout(0, X_L))
     x_tile_offs = ttgl.expand_dims(xr, 1) * stride_xm + ttgl.expand_dims(xk, 0)
     x_tile_mask = ttgl.expand_dims(xr < M, 1)
     SMEM_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, 16, GROUP], SMEM_L)
+    x_smem = ttgl.allocate_shared_memory(ttgl.bfloat16, [SPAN_GROUPS, BLOCK_M, GROUP], SMEM_L)
     if FOLD:
         RS_L: ttgl.constexpr = ttgl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        row_sums = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, 16], RS_L)
+        row_sums = ttgl.allocate_shared_memory(ttgl.float32, [SPAN_GROUPS, BLOCK_M], RS_L)
     for i in ttgl.static_range(SPAN_GROUPS):
         x_tile = ttgl.load(x_ptr + (first + i) * GROUP + x_tile_offs, mask=x_tile_mask, other=0.0)
         x_smem.index(i).store(x_tile)
         if FOLD:
             row_sums.index(i).store(ttgl.sum(x_tile.to(ttgl.float32), axis=1))
     _barrier()
-    acc = ttgl.zeros([16, BLOCK_N], ttgl.float32, MMA)
+    acc = ttgl.zeros([BLOCK_M, BLOCK_N], ttgl.float32, MMA)
     for g in range(0, SPAN_GROUPS):
         # AHEAD groups' words in flight while one is multiplied (registers, carried by the loop).
         w_next = ttgl.load(qw_ptr + ttgl.minimum(first + g + AHEAD, last) * group_words + word_offs)
@@ -203,7 +204,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         s_next = ttgl.load(s_ptr + g_next * stride_sg + cols)
         if not SYMMETRIC and not FOLD:
             z_next = ttgl.load(z_ptr + g_next * stride_sg + zcols).to(ttgl.float32)
-        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N, FOLD)
+        part = _group_product(w_a, z, x_smem.index(g).load(A_L), B_L, MMA, GROUP, BLOCK_N, FOLD, BLOCK_M)
         if FOLD:
             zero_term = -128.0 - zt_next
             zt_next = ttgl.load(z_ptr + g_next * stride_sg + cols).to(ttgl.float32)
@@ -214,7 +215,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
             w_a, w_b = w_b, w_next
         else:
             w_a = w_next
-    rows = ttgl.arange(0, 16, layout=ttgl.SliceLayout(1, MMA))
+    rows = ttgl.arange(0, BLOCK_M, layout=ttgl.SliceLayout(1, MMA))
     store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
                   ttgl.expand_dims(rows < M, 1), N, stride_om, FINISH)
 
@@ -358,12 +359,12 @@ def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: i
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, ahead: int = 2, finish: bool = True):
+                     fold_zeros: bool = True, ahead: int = 2, finish: bool = True, block_m: int = 16):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
                                                "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
-                                               "AHEAD": ahead, "FINISH": finish}, warps)
+                                               "AHEAD": ahead, "FINISH": finish, "BLOCK_M": block_m}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, types: dict[str, str] | None = None):
