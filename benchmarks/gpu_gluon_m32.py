@@ -1,21 +1,23 @@
-"""The Gluon tensor-core tile at 32 rows beside the dispatcher's choice and bf16 cuBLAS, at M = 24 and 32.
+"""The Gluon tensor-core tile at 32 or 64 rows beside the dispatcher's choice and bf16 cuBLAS, between 17 and 64 rows.
 
 Between 17 and 64 rows (a decode step at batch 17-64) the dispatcher has only 64-row tiles: FBGEMM's
 CUTLASS kernel and lowbit's fused Triton tile, near bf16's time at 64 rows (gpu_kernels_h200.md),
 while the Gluon 16-row tile, which streams each weight's words straight into the tensor cores'
 B-operand registers, takes about half of bf16's at 16 rows. Here that kernel (w4a16_gluon_kernel.m16_kernel)
-runs with BLOCK_M = 32: x's span staged as 32 rows, each unpacked B fragment feeding two MMAs.
-The tuner offers it the 16-row tile's candidates (spans up to 1024, so x's span stays within
-64 KB of shared memory) and finalist variants; its choice is then timed beside bf16 and the
+runs with BLOCK_M = 32 or 64: x's span staged as that many rows, each unpacked B fragment feeding
+two or four MMAs. The tuner offers it the 16-row tile's candidates (spans up to 1024, so x's span
+stays within 128 KB of shared memory) and finalist variants; its choice is then timed beside bf16 and the
 dispatcher as `lowbit bench kernels` times (CUDA-graph replays, a weight copy a call), every
 product checked against float64 first.
 
     python benchmarks/gpu_gluon_m32.py --out benchmarks/results/gpu_gluon_m32_h200
+    BLOCK_M=64 M_VALUES=48,64 python benchmarks/gpu_gluon_m32.py --out benchmarks/results/gpu_gluon_m64_h200
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -36,8 +38,8 @@ from lowbit.kernels.w4a16_triton import split_k_workspace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_file import shapes_command  # noqa: E402
 
-BLOCK_M = 32
-M_VALUES = (24, 32)
+BLOCK_M = int(os.environ.get("BLOCK_M", "32"))
+M_VALUES = tuple(int(m) for m in os.environ.get("M_VALUES", "24,32").split(","))
 K_SPANS = (256, 512, 1024)
 
 
@@ -50,8 +52,8 @@ def tuner():
                     finalist_variants=w4a16_gluon._variants)
 
 
-def gluon_32_rows(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M <= 32, K] @ Wᵀ by the 32-row Gluon tile (w4a16_gluon.matmul's launch at BLOCK_M = 32)."""
+def gluon_rows(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
+    """x [M <= BLOCK_M, K] @ Wᵀ by the Gluon tile (w4a16_gluon.matmul's launch at BLOCK_M rows)."""
     m, k = x.shape
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
@@ -75,7 +77,7 @@ def run_shape(name: str) -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.double() @ packed.dequantize().double().T
         row = {"shape": name, "M": m, "bf16_us": rotated_us(lambda w: F.linear(x, w), dense, dense.numel() * 2)}
-        for label, call in (("dispatcher", w4a16_matmul), ("gluon32", gluon_32_rows)):
+        for label, call in (("dispatcher", w4a16_matmul), ("gluon", gluon_rows)):
             error = float((call(x, packed).double() - ref).norm() / ref.norm())
             if not error < MAX_RELATIVE_ERROR:
                 raise BenchError(f"{name} M={m} {label}: relative error {error:.2e} exceeds {MAX_RELATIVE_ERROR}")
@@ -83,22 +85,22 @@ def run_shape(name: str) -> list[dict]:
             row[f"{label}_err"] = error
         row["path"] = chosen_path(x, packed)
         config = chosen_config(tuner(), (n, k, packed.group_size, packed.symmetric))
-        row["gluon32_config"] = w4a16_gluon._describe(config).replace("16x", "32x", 1)
+        row["gluon_config"] = w4a16_gluon._describe(config).replace("16x", f"{BLOCK_M}x", 1)
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"The Gluon tile at 32 rows beside the dispatcher and bf16 cuBLAS on {torch.cuda.get_device_name()} "
+    lines = [f"The Gluon tile at {BLOCK_M} rows beside the dispatcher and bf16 cuBLAS on {torch.cuda.get_device_name()} "
              f"(torch {torch.__version__}, triton {triton.__version__}); int4 asymmetric, group 128; microseconds "
              "per call (CUDA-graph replays, a weight copy a call; benchmarks/gpu_gluon_m32.py).", "",
-             "| shape | M | bf16 | dispatcher | path | Gluon 32 rows | config | bf16 / Gluon 32 | dispatcher / Gluon 32 "
+             f"| shape | M | bf16 | dispatcher | path | Gluon {BLOCK_M} rows | config | bf16 / Gluon | dispatcher / Gluon "
              "| error |", "|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['M']} | {r['bf16_us']:.1f} | {r['dispatcher_us']:.1f} | {r['path']} | "
-                     f"{r['gluon32_us']:.1f} | {r['gluon32_config']} | {r['bf16_us'] / r['gluon32_us']:.2f}x | "
-                     f"{r['dispatcher_us'] / r['gluon32_us']:.2f}x | {r['gluon32_err']:.1e} |")
+                     f"{r['gluon_us']:.1f} | {r['gluon_config']} | {r['bf16_us'] / r['gluon_us']:.2f}x | "
+                     f"{r['dispatcher_us'] / r['gluon_us']:.2f}x | {r['gluon_err']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
