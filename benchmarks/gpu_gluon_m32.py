@@ -85,7 +85,7 @@ def run_shape(name: str) -> list[dict]:
             row[f"{label}_err"] = error
         row["path"] = chosen_path(x, packed)
         config = chosen_config(tuner(), (n, k, packed.group_size, packed.symmetric))
-        row["gluon_config"] = w4a16_gluon._describe(config).replace("16x", f"{BLOCK_M}x", 1)
+        row["gluon_config"] = w4a16_gluon._describe(config, rows=BLOCK_M)
         rows.append(row)
         print(row, flush=True)
     return rows

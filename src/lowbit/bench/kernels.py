@@ -136,8 +136,9 @@ def _lowbit_config(path: str, m: int, packed: PackedInt4) -> str | None:
     from lowbit.kernels import w4a16_gluon, w4a16_gluon_gemv
     from lowbit.kernels.w4a16_triton import tuned_config
 
-    gluon = {"gluon": w4a16_gluon.tuned_config, "gluon-gemv": w4a16_gluon_gemv.tuned_config}
-    return gluon[path](packed) if path in gluon else tuned_config(m, packed)
+    if path == "gluon":
+        return w4a16_gluon.tuned_config(packed, m)
+    return w4a16_gluon_gemv.tuned_config(packed) if path == "gluon-gemv" else tuned_config(m, packed)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

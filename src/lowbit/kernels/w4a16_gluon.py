@@ -1,4 +1,4 @@
-"""W4A16 for 2 <= M <= 16 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
+"""W4A16 for 2 <= M <= 32 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
 
 At M <= 16 the product's work is streaming K·N/2 bytes of codes. lowbit's Triton tile for it
 (w4a16_triton's paired dots) spends about 4.9 SASS instructions per code, much of it moving the
@@ -27,6 +27,12 @@ Where they are folded, the codes enter the MMA with their bias, 128 + q, straigh
 register, and the correction takes the bias off with the zero point: a fifth fewer instructions
 per code (2.14 against 2.66 at 16x128 w4, gluon_sass_sm90.md), 0.95-1.04x the time of folding
 without the bias, faster on 6 of 8 shapes (gpu_gluon_biased_h200.md).
+The tile has 16 rows up to M = 16 and 32 above (`tile_rows`): at 32 each unpacked B fragment
+feeds two MMAs, and x's span is staged as 32 rows. On an H200 the 32-row tile took 0.58-0.91x
+the time of the dispatcher's best other path at M = 24 and 32 on all eight Llama shapes (70B
+gate/up at 32 rows: 76.2 us against FBGEMM's 110.9, gpu_gluon_m32_h200.md); a 64-row tile was
+slower than FBGEMM's or the fused Triton tile on most shapes at 48 and 64 rows (0.73-1.09x their
+speed, gpu_gluon_m64_h200.md), so M > 32 goes to the other paths.
 Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
@@ -45,8 +51,8 @@ import torch
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
 from lowbit.kernels.weight_copies import WeightCopies
 
-MAX_M = 16
-"""Rows of one MMA tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
+MAX_M = 32
+"""Rows of the largest tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
 _WARPS = (4, 8)
 """Warps split a tile's columns: at 8, a tile of 128 columns holds 88 registers a thread against
 150 at 4, so an SM keeps 16 of its warps in flight instead of 12 (gluon_sass_sm90.md)."""
@@ -56,8 +62,15 @@ MAX_WORDS_PER_THREAD = 32
 """Registers of words one thread holds per group (three groups are live at once); wider tiles spill."""
 _BLOCK_N = (64, 128, 256)
 _K_SPANS = (128, 256, 512, 1024, 2048)
-"""x's span in shared memory: 16 rows x 2048 x 2 bytes = 64 KB at most."""
+"""x's span in shared memory: 32 rows x 2048 x 2 bytes = 128 KB at most, within an H100's 227 KB."""
 _MAX_PROGRAMS = 4096
+
+
+def tile_rows(m: int) -> int:
+    """The tile's rows (the kernel's BLOCK_M) for M rows of x: 16 up to 16, else 32. The tuner
+    keys on it, so each shape has a 16-row and a 32-row choice."""
+    return 16 if m <= 16 else 32
+
 
 _LAYOUTS = WeightCopies()
 """Each weight's shuffled words."""
@@ -128,7 +141,8 @@ def _tuned():
     configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True, "AHEAD": 2},
                              num_warps=warps)
                for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], _prune, m16_kernel, finalist_variants=_variants)
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC", "BLOCK_M"], _prune, m16_kernel,
+                    finalist_variants=_variants)
 
 
 def _variants(config) -> list:
@@ -161,21 +175,24 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     return kept
 
 
-def _describe(config) -> str:
+def _describe(config, rows: int = 16) -> str:
     """A config as the benchmark tables name it: "16x128 span 1024 w8" (rows x columns, K's span
     per program, warps), "... unpacked zeros" where the zero points enter the unpack, "... ahead 1"
     with one group's words in flight."""
     kw = config.kwargs
-    return (f"16x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
+    return (f"{rows}x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
             + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}"))
 
 
-def tuned_config(packed: PackedInt4) -> str | None:
-    """The chosen config for this weight's shape, e.g. "16x128 span 1024 w4" (None before the first call)."""
+def tuned_config(packed: PackedInt4, m: int = 16) -> str | None:
+    """The config chosen for this weight's shape at M rows, e.g. "16x128 span 1024 w4" (None before
+    the first call)."""
     from lowbit.kernels.autotune import chosen_config
 
-    config = chosen_config(_tuned(), (packed.out_features, packed.in_features, packed.group_size, packed.symmetric))
-    return None if config is None else _describe(config)
+    rows = tile_rows(m)
+    config = chosen_config(_tuned(), (packed.out_features, packed.in_features, packed.group_size, packed.symmetric,
+                                      rows))
+    return None if config is None else _describe(config, rows)
 
 
 def pinned_config(name: str):
@@ -183,12 +200,13 @@ def pinned_config(name: str):
     profiler then sees the config a benchmark chose, untuned."""
     from lowbit.kernels.autotune import pinned
 
-    return pinned(_tuned(), name, _describe,
+    rows = name.split("x", 1)[0]
+    return pinned(_tuned(), name, functools.partial(_describe, rows=int(rows) if rows.isdigit() else 16),
                   "write a Gluon W4A16 config as tuned_config() does, e.g. '16x128 span 1024 w4'")
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M <= 16, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    """x [M <= 32, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
     m, k = x.shape
     if m > MAX_M:
         raise ValueError(f"the Gluon W4A16 kernel takes at most {MAX_M} rows, got {m}")
@@ -203,31 +221,35 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     ws, counters = split_k_workspace(x.device, m * n)
     grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
     kernel = _tuned()
-    check_lone_candidate_fits(kernel, _prune, _describe, f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k,
-                              GROUP=packed.group_size, SYMMETRIC=packed.symmetric)
+    rows = tile_rows(m)
+    check_lone_candidate_fits(kernel, _prune, functools.partial(_describe, rows=rows),
+                              f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k, GROUP=packed.group_size,
+                              SYMMETRIC=packed.symmetric)
     kernel[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
-                   out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO)
+                 out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_M=rows)
     return out
 
 
 def add_into(x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
-    """x [M <= 16, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished
+    """x [M <= 32, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished
     (`launch_unfinished`); False, launching nothing, before the shape is tuned."""
-    return x.shape[0] <= MAX_M and launch_unfinished(_tuned(), layout(packed), x, packed, sums)
+    m = x.shape[0]
+    return m <= MAX_M and launch_unfinished(_tuned(), layout(packed), x, packed, sums, BLOCK_M=tile_rows(m))
 
 
-def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
+def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor,
+                      **tile) -> bool:
     """`tuner`'s Gluon kernel (m16_kernel's arguments, `words` in its layout) at the config it chose
     for this shape, x @ Wᵀ added into `sums` without the split-K finish (FINISH=False): the kernel
     that reads the product next rounds it and zeroes `sums` (w4a16.pending_matmul). False,
     launching nothing, before the shape is tuned, since a tuning run would add every candidate's
-    product into `sums`."""
+    product into `sums`. `tile`: compile-time arguments the tuner keys on beyond the shape (BLOCK_M)."""
     from lowbit.kernels.autotune import chosen_config
     from lowbit.kernels.w4a16_triton import split_k_workspace
 
     m, k = x.shape
     n = packed.out_features
-    config = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric))
+    config = chosen_config(tuner, (n, k, packed.group_size, packed.symmetric, *tile.values()))
     if config is None:
         return False
     _, counters = split_k_workspace(x.device, m * n)  # not touched: the kernel only adds
@@ -235,5 +257,5 @@ def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: Packe
     tuner.fn[(n // config.kwargs["BLOCK_N"], k // config.kwargs["K_SPAN"])](
         x, words, packed.scales, zeros, sums, sums, counters, m, n, k, x.stride(0), packed.scales.stride(0),
         sums.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, FINISH=False,
-        **config.kwargs, num_warps=config.num_warps)
+        **tile, **config.kwargs, num_warps=config.num_warps)
     return True
