@@ -5,13 +5,16 @@ CUTLASS kernel and lowbit's fused Triton tile, near bf16's time at 64 rows (gpu_
 while the Gluon 16-row tile, which streams each weight's words straight into the tensor cores'
 B-operand registers, takes about half of bf16's at 16 rows. Here that kernel (w4a16_gluon_kernel.m16_kernel)
 runs with BLOCK_M = 32 or 64: x's span staged as that many rows, each unpacked B fragment feeding
-two or four MMAs. The tuner offers it the 16-row tile's candidates (spans up to 1024, so x's span
+two or four MMAs; above BLOCK_M rows, as ROW_BLOCKS tiles side by side (adjacent programs read
+the same words, so all but the first find them in L2). The tuner offers it the 16-row tile's candidates (spans up to 1024, so x's span
 stays within 128 KB of shared memory) and finalist variants; its choice is then timed beside bf16 and the
-dispatcher as `lowbit bench kernels` times (CUDA-graph replays, a weight copy a call), every
+dispatcher's other paths (the Gluon path left out, which serves up to 64 rows in the product) as
+`lowbit bench kernels` times (CUDA-graph replays, a weight copy a call), every
 product checked against float64 first.
 
     python benchmarks/gpu_gluon_m32.py --out benchmarks/results/gpu_gluon_m32_h200
     BLOCK_M=64 M_VALUES=48,64 python benchmarks/gpu_gluon_m32.py --out benchmarks/results/gpu_gluon_m64_h200
+    M_VALUES=48,64 python benchmarks/gpu_gluon_m32.py --out benchmarks/results/gpu_gluon_2x32_h200
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import triton
 from lowbit.bench.kernels import MAX_RELATIVE_ERROR, SHAPES, BenchError, rotated_us
 from lowbit.formats.base import quantize_matrix
 from lowbit.formats.integer import IntegerFormat
-from lowbit.kernels import w4a16_gluon, w4a16_matmul
+from lowbit.kernels import w4a16, w4a16_gluon, w4a16_matmul
 from lowbit.kernels.autotune import autotune, chosen_config
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, pack_quantized_weight
 from lowbit.kernels.w4a16 import chosen_path
@@ -48,21 +51,22 @@ def tuner():
     configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True, "AHEAD": 2,
                               "BLOCK_M": BLOCK_M}, num_warps=warps)
                for bn in (64, 128, 256) for span in K_SPANS for warps in (4, 8)]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC"], w4a16_gluon._prune, m16_kernel,
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC", "ROW_BLOCKS"], w4a16_gluon._prune, m16_kernel,
                     finalist_variants=w4a16_gluon._variants)
 
 
 def gluon_rows(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M <= BLOCK_M, K] @ Wᵀ by the Gluon tile (w4a16_gluon.matmul's launch at BLOCK_M rows)."""
+    """x [M, K] @ Wᵀ by the Gluon tile (w4a16_gluon.matmul's launch at BLOCK_M rows, ROW_BLOCKS tiles)."""
     m, k = x.shape
+    blocks = triton.cdiv(m, BLOCK_M)
     n = packed.out_features
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, m * n)
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
-    grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
+    grid = lambda meta: (n // meta["BLOCK_N"] * blocks, k // meta["K_SPAN"])  # noqa: E731
     tuner()[grid](x, w4a16_gluon.layout(packed), packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0),
                   packed.scales.stride(0), out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric,
-                  ZERO=SYMMETRIC_ZERO)
+                  ZERO=SYMMETRIC_ZERO, ROW_BLOCKS=blocks)
     return out
 
 
@@ -72,6 +76,7 @@ def run_shape(name: str) -> list[dict]:
     packed = pack_quantized_weight(quantize_matrix(IntegerFormat(4, symmetric=False, group_size=128),
                                                    torch.randn(n, k, device="cuda")))
     dense = packed.dequantize().to(torch.bfloat16)
+    w4a16.use_paths(*(path for path in w4a16.PATHS if path != "gluon"))
     rows = []
     for m in M_VALUES:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -84,15 +89,16 @@ def run_shape(name: str) -> list[dict]:
             row[f"{label}_us"] = rotated_us(lambda w, f=call: f(x, w), packed, packed.nbytes())
             row[f"{label}_err"] = error
         row["path"] = chosen_path(x, packed)
-        config = chosen_config(tuner(), (n, k, packed.group_size, packed.symmetric))
-        row["gluon_config"] = w4a16_gluon._describe(config, rows=BLOCK_M)
+        blocks = triton.cdiv(m, BLOCK_M)
+        config = chosen_config(tuner(), (n, k, packed.group_size, packed.symmetric, blocks))
+        row["gluon_config"] = w4a16_gluon._describe(config, rows=f"{blocks}x{BLOCK_M}" if blocks > 1 else str(BLOCK_M))
         rows.append(row)
         print(row, flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"The Gluon tile at {BLOCK_M} rows beside the dispatcher and bf16 cuBLAS on {torch.cuda.get_device_name()} "
+    lines = [f"The Gluon tile at {BLOCK_M} rows beside the dispatcher's other paths and bf16 cuBLAS on {torch.cuda.get_device_name()} "
              f"(torch {torch.__version__}, triton {triton.__version__}); int4 asymmetric, group 128; microseconds "
              "per call (CUDA-graph replays, a weight copy a call; benchmarks/gpu_gluon_m32.py).", "",
              f"| shape | M | bf16 | dispatcher | path | Gluon {BLOCK_M} rows | config | bf16 / Gluon | dispatcher / Gluon "

@@ -95,36 +95,40 @@ def test_it_is_offered_only_for_what_it_computes():
     fmt = IntegerFormat(4, symmetric=True, group_size=128)
     packed = pack_quantized_weight(quantized(64, 256, fmt, seed=1))
     assert not w4a16_gluon.supports(packed, torch.bfloat16)  # on the CPU
-    with pytest.raises(ValueError, match="at most 32 rows"):
-        w4a16_gluon.matmul(torch.zeros(33, 256, dtype=torch.bfloat16), packed)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        w4a16_gluon.matmul(torch.zeros(65, 256, dtype=torch.bfloat16), packed)
 
 
-def test_m_above_16_gets_the_32_row_tile_and_its_own_bucket():
-    """The tile doubles its rows past 16; the dispatcher keys 17..32 apart from 33..64, since a
-    choice of the Gluon path timed at 24 rows cannot run 48."""
-    assert [w4a16_gluon.tile_rows(m) for m in (2, 16, 17, 32)] == [16, 16, 32, 32]
+def test_m_above_16_gets_32_row_tiles_and_buckets_of_its_own():
+    """The tile doubles its rows past 16, and past 32 two tiles run side by side; the dispatcher
+    and the tuners key 17..32 apart from 33..64."""
+    assert [tuple(w4a16_gluon.tile_shape(m).values()) for m in (2, 16, 17, 32, 33, 64)] == [
+        (16, 1), (16, 1), (32, 1), (32, 1), (32, 2), (32, 2)]
     assert [w4a16.bucket(m) for m in (1, 2, 16, 17, 32, 33, 64, 65, 200)] == [1, 16, 16, 32, 32, 64, 64, 128, 256]
 
 
 def _ptx(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-         block_m: int = 16) -> str:
+         block_m: int = 16, row_blocks: int = 1) -> str:
     pytest.importorskip("triton.experimental.gluon")
     from lowbit.kernels.w4a16_gluon_kernel import compile_for_sm90
 
-    return compile_for_sm90(block_n, k_span, group, symmetric, warps, block_m=block_m).asm["ptx"]
+    return compile_for_sm90(block_n, k_span, group, symmetric, warps, block_m=block_m,
+                            row_blocks=row_blocks).asm["ptx"]
 
 
-@pytest.mark.parametrize("block_n, k_span, group, symmetric, warps, block_m",
-                         [(64, 1024, 128, False, 4, 16), (256, 1024, 128, False, 4, 16), (64, 512, 128, True, 4, 16),
-                          (64, 256, 64, False, 4, 16), (128, 256, 32, False, 4, 16), (64, 512, 256, False, 4, 16),
-                          (64, 1024, 128, False, 8, 16), (256, 512, 128, True, 8, 16), (128, 1024, 128, False, 8, 32),
-                          (64, 512, 128, True, 4, 32), (128, 256, 32, False, 4, 32)])
+@pytest.mark.parametrize("block_n, k_span, group, symmetric, warps, block_m, row_blocks",
+                         [(64, 1024, 128, False, 4, 16, 1), (256, 1024, 128, False, 4, 16, 1),
+                          (64, 512, 128, True, 4, 16, 1), (64, 256, 64, False, 4, 16, 1),
+                          (128, 256, 32, False, 4, 16, 1), (64, 512, 256, False, 4, 16, 1),
+                          (64, 1024, 128, False, 8, 16, 1), (256, 512, 128, True, 8, 16, 1),
+                          (128, 1024, 128, False, 8, 32, 1), (64, 512, 128, True, 4, 32, 1),
+                          (128, 256, 32, False, 4, 32, 1), (128, 1024, 128, False, 8, 32, 2)])
 def test_the_kernel_compiles_for_hopper_with_its_operands_in_place(block_n, k_span, group, symmetric, warps,
-                                                                   block_m):
+                                                                   block_m, row_blocks):
     """The compile asserts the unpacked words need no conversion to the MMA operand's layout.
     Symmetric codes are unpacked with a subtraction; folded asymmetric ones keep their bias (the
     row-sum correction takes it off), so their unpack has none."""
-    ptx = _ptx(block_n, k_span, group, symmetric, warps, block_m)
+    ptx = _ptx(block_n, k_span, group, symmetric, warps, block_m, row_blocks)
     # One group per loop step: group / 16 k16 steps x BLOCK_N / 8 n8 tiles over the warps, each
     # unpacked fragment feeding BLOCK_M / 16 MMAs.
     assert ptx.count("mma.sync.aligned.m16n8k16") == group // 16 * block_n // 8 // warps * block_m // 16
@@ -143,7 +147,8 @@ def test_a_threads_words_of_a_group_arrive_in_16_byte_loads():
 @needs_gluon_gpu
 @pytest.mark.parametrize("m, group, symmetric", [(2, 128, False), (5, 128, True), (16, 128, False), (16, 64, True),
                                                  (9, 32, False), (16, 256, False), (17, 128, False), (24, 128, True),
-                                                 (32, 32, False), (32, 256, True)])
+                                                 (32, 32, False), (32, 256, True), (33, 128, False),
+                                                 (48, 64, True), (64, 128, False)])
 @pytest.mark.parametrize("n, k", [(384, 1024), (1024, 4096)])
 def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k):
     fmt = IntegerFormat(4, symmetric=symmetric, group_size=group)
@@ -158,11 +163,12 @@ def test_gluon_matches_float64_dequantize_then_matmul(m, group, symmetric, n, k)
 @needs_gluon_gpu
 @pytest.mark.parametrize("config, k", [("16x64 span 256 w4", 512), ("16x64 span 256 w4 unpacked zeros", 768),
                                        ("16x128 span 1024 w4 ahead 1", 2048), ("16x64 span 256 w8 ahead 1", 1280),
-                                       ("32x64 span 256 w4 unpacked zeros", 768), ("32x128 span 512 w8 ahead 1", 1024)])
+                                       ("32x64 span 256 w4 unpacked zeros", 768), ("32x128 span 512 w8 ahead 1", 1024),
+                                       ("2x32x128 span 256 w4", 512)])
 def test_gluon_asymmetric_weights_match_with_zero_points_folded_and_unpacked(config, k):
     """The tuner may choose either way of the zero points per shape, and one group's words in
     flight or two: each must be right (a pinned config runs untimed), at either tile's rows."""
-    m = 7 if config.startswith("16x") else 29
+    m = {"16": 7, "32": 29, "2x32": 53}[config.split(" ")[0].rpartition("x")[0]]
     assert pinned_config_error(w4a16_gluon, config, m, 256, k, symmetric=False, seed=k) < 1e-2
 
 
@@ -586,7 +592,7 @@ def test_the_dispatcher_offers_the_gluon_gemv_for_one_bf16_row_only():
 
 
 @needs_gluon_gpu
-@pytest.mark.parametrize("m", [1, 5, 24])
+@pytest.mark.parametrize("m", [1, 5, 24, 40])
 def test_a_pending_product_is_the_finished_one_before_its_rounding(m):
     """pending_matmul answers None until the dispatcher chose a path for the shape, then leaves the
     product's float32 sums in its buffer: rounded, they are the finished product (up to the

@@ -2,7 +2,7 @@
 
 On GPU there are up to six ways to run the product: lowbit's fused Triton kernels
 (w4a16_triton.py), its Gluon kernels on Hopper for M = 1 (w4a16_gluon_gemv.py) and for
-2 <= M <= 32 (w4a16_gluon.py),
+2 <= M <= 64 (w4a16_gluon.py),
 dequantize-then-cuBLAS (M > 64 only, where the matmul turns compute-bound), GemLite's kernels
 when that package is installed (w4a16_gemlite.py), and FBGEMM's CUTLASS kernel when
 fbgemm-gpu-genai is installed (w4a16_fbgemm.py). Which is fastest depends on the shape, M and the
@@ -39,8 +39,8 @@ DECODE_MAX_M = 64
 
 def bucket(m: int) -> int:
     """The key for M under which paths are chosen and tiles tuned: 1, 16, 32, 64, then powers of
-    two. 32 is its own bucket because the Gluon path serves M <= 32 only (w4a16_gluon.MAX_M): a
-    choice timed at 24 rows must not be reused at 48."""
+    two. 32 is a bucket of its own: from 17 to 32 rows the Gluon path runs one 32-row tile, from 33
+    to 64 two (w4a16_gluon.tile_shape), so a choice timed at 24 rows does not hold at 48."""
     return 1 if m == 1 else 16 if m <= 16 else 32 if m <= 32 else 64 if m <= DECODE_MAX_M else 1 << (m - 1).bit_length()
 
 

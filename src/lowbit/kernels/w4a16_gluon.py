@@ -1,4 +1,4 @@
-"""W4A16 for 2 <= M <= 32 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
+"""W4A16 for 2 <= M <= 64 on Hopper: a Gluon kernel whose loaded words are the tensor cores' operand.
 
 At M <= 16 the product's work is streaming K·N/2 bytes of codes. lowbit's Triton tile for it
 (w4a16_triton's paired dots) spends about 4.9 SASS instructions per code, much of it moving the
@@ -27,12 +27,13 @@ Where they are folded, the codes enter the MMA with their bias, 128 + q, straigh
 register, and the correction takes the bias off with the zero point: a fifth fewer instructions
 per code (2.14 against 2.66 at 16x128 w4, gluon_sass_sm90.md), 0.95-1.04x the time of folding
 without the bias, faster on 6 of 8 shapes (gpu_gluon_biased_h200.md).
-The tile has 16 rows up to M = 16 and 32 above (`tile_rows`): at 32 each unpacked B fragment
+The tile has 16 rows up to M = 16 and 32 above (`tile_shape`): at 32 each unpacked B fragment
 feeds two MMAs, and x's span is staged as 32 rows. On an H200 the 32-row tile took 0.58-0.91x
 the time of the dispatcher's best other path at M = 24 and 32 on all eight Llama shapes (70B
 gate/up at 32 rows: 76.2 us against FBGEMM's 110.9, gpu_gluon_m32_h200.md); a 64-row tile was
 slower than FBGEMM's or the fused Triton tile on most shapes at 48 and 64 rows (0.73-1.09x their
-speed, gpu_gluon_m64_h200.md), so M > 32 goes to the other paths.
+speed, gpu_gluon_m64_h200.md), so from 33 to 64 rows the kernel runs two 32-row tiles, the two
+programs of a column tile adjacent in the grid so that the second finds the words in L2.
 Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
@@ -51,8 +52,8 @@ import torch
 from lowbit.kernels.int4_pack import SYMMETRIC_ZERO, PackedInt4, unpack_int4
 from lowbit.kernels.weight_copies import WeightCopies
 
-MAX_M = 32
-"""Rows of the largest tile: larger M goes to w4a16_triton's 64-row tiles or other paths."""
+MAX_M = 64
+"""Two 32-row tiles at most: larger M goes to the other paths."""
 _WARPS = (4, 8)
 """Warps split a tile's columns: at 8, a tile of 128 columns holds 88 registers a thread against
 150 at 4, so an SM keeps 16 of its warps in flight instead of 12 (gluon_sass_sm90.md)."""
@@ -66,10 +67,11 @@ _K_SPANS = (128, 256, 512, 1024, 2048)
 _MAX_PROGRAMS = 4096
 
 
-def tile_rows(m: int) -> int:
-    """The tile's rows (the kernel's BLOCK_M) for M rows of x: 16 up to 16, else 32. The tuner
-    keys on it, so each shape has a 16-row and a 32-row choice."""
-    return 16 if m <= 16 else 32
+def tile_shape(m: int) -> dict[str, int]:
+    """The kernel's rows for M rows of x: a tile of BLOCK_M rows (16 up to 16, else 32), ROW_BLOCKS
+    of them. The tuner keys on both, so each shape has a choice at 16, 32 and 2 x 32 rows."""
+    rows = 16 if m <= 16 else 32
+    return {"BLOCK_M": rows, "ROW_BLOCKS": -(-m // rows)}
 
 
 _LAYOUTS = WeightCopies()
@@ -141,7 +143,7 @@ def _tuned():
     configs = [triton.Config({"BLOCK_N": bn, "K_SPAN": span, "WARPS": warps, "FOLD_ZEROS": True, "AHEAD": 2},
                              num_warps=warps)
                for bn in _BLOCK_N for span in _K_SPANS for warps in _WARPS]
-    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC", "BLOCK_M"], _prune, m16_kernel,
+    return autotune(configs, ["N", "K", "GROUP", "SYMMETRIC", "BLOCK_M", "ROW_BLOCKS"], _prune, m16_kernel,
                     finalist_variants=_variants)
 
 
@@ -170,15 +172,15 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
             continue
         words_per_thread = (group // 32) * (bn // (8 * warps))
         if (n % bn == 0 and span % group == 0 and k % span == 0 and 1 <= words_per_thread <= MAX_WORDS_PER_THREAD
-                and (n // bn) * (k // span) <= _MAX_PROGRAMS):
+                and (n // bn) * args.get("ROW_BLOCKS", 1) * (k // span) <= _MAX_PROGRAMS):
             kept.append(config)
     return kept
 
 
-def _describe(config, rows: int = 16) -> str:
+def _describe(config, rows: str = "16") -> str:
     """A config as the benchmark tables name it: "16x128 span 1024 w8" (rows x columns, K's span
-    per program, warps), "... unpacked zeros" where the zero points enter the unpack, "... ahead 1"
-    with one group's words in flight."""
+    per program, warps; "2x32x128 ..." for two blocks of 32 rows), "... unpacked zeros" where the
+    zero points enter the unpack, "... ahead 1" with one group's words in flight."""
     kw = config.kwargs
     return (f"{rows}x{kw['BLOCK_N']} span {kw['K_SPAN']} w{kw['WARPS']}" + ("" if kw["FOLD_ZEROS"] else " unpacked zeros")
             + ("" if kw["AHEAD"] == 2 else f" ahead {kw['AHEAD']}"))
@@ -189,10 +191,16 @@ def tuned_config(packed: PackedInt4, m: int = 16) -> str | None:
     the first call)."""
     from lowbit.kernels.autotune import chosen_config
 
-    rows = tile_rows(m)
+    tile = tile_shape(m)
     config = chosen_config(_tuned(), (packed.out_features, packed.in_features, packed.group_size, packed.symmetric,
-                                      rows))
-    return None if config is None else _describe(config, rows)
+                                      *tile.values()))
+    return None if config is None else _describe(config, _rows_name(tile))
+
+
+def _rows_name(tile: dict[str, int]) -> str:
+    """"16", "32" or "2x32": the rows of a tile_shape as config names lead with them."""
+    blocks = tile["ROW_BLOCKS"]
+    return f"{blocks}x{tile['BLOCK_M']}" if blocks > 1 else str(tile["BLOCK_M"])
 
 
 def pinned_config(name: str):
@@ -200,13 +208,13 @@ def pinned_config(name: str):
     profiler then sees the config a benchmark chose, untuned."""
     from lowbit.kernels.autotune import pinned
 
-    rows = name.split("x", 1)[0]
-    return pinned(_tuned(), name, functools.partial(_describe, rows=int(rows) if rows.isdigit() else 16),
+    rows = name.split(" ", 1)[0].rpartition("x")[0]  # "16", "32" or "2x32"
+    return pinned(_tuned(), name, functools.partial(_describe, rows=rows or "16"),
                   "write a Gluon W4A16 config as tuned_config() does, e.g. '16x128 span 1024 w4'")
 
 
 def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
-    """x [M <= 32, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
+    """x [M <= 64, K] (bf16, CUDA, columns already in the packed order) @ Wᵀ -> [M, N] bf16."""
     m, k = x.shape
     if m > MAX_M:
         raise ValueError(f"the Gluon W4A16 kernel takes at most {MAX_M} rows, got {m}")
@@ -219,22 +227,22 @@ def matmul(x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
     zeros = packed.zeros if packed.zeros is not None else packed.scales  # unused when symmetric
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     ws, counters = split_k_workspace(x.device, m * n)
-    grid = lambda meta: (n // meta["BLOCK_N"], k // meta["K_SPAN"])  # noqa: E731
+    tile = tile_shape(m)
+    grid = lambda meta: (n // meta["BLOCK_N"] * tile["ROW_BLOCKS"], k // meta["K_SPAN"])  # noqa: E731
     kernel = _tuned()
-    rows = tile_rows(m)
-    check_lone_candidate_fits(kernel, _prune, functools.partial(_describe, rows=rows),
+    check_lone_candidate_fits(kernel, _prune, functools.partial(_describe, rows=_rows_name(tile)),
                               f"a {n}x{k} weight of group {packed.group_size}", N=n, K=k, GROUP=packed.group_size,
-                              SYMMETRIC=packed.symmetric)
+                              SYMMETRIC=packed.symmetric, ROW_BLOCKS=tile["ROW_BLOCKS"])
     kernel[grid](x, words, packed.scales, zeros, out, ws, counters, m, n, k, x.stride(0), packed.scales.stride(0),
-                 out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, BLOCK_M=rows)
+                 out.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, **tile)
     return out
 
 
 def add_into(x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor) -> bool:
-    """x [M <= 32, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished
+    """x [M <= 64, K] @ Wᵀ added into `sums` [M, N] (float32, zero before) and left unfinished
     (`launch_unfinished`); False, launching nothing, before the shape is tuned."""
     m = x.shape[0]
-    return m <= MAX_M and launch_unfinished(_tuned(), layout(packed), x, packed, sums, BLOCK_M=tile_rows(m))
+    return m <= MAX_M and launch_unfinished(_tuned(), layout(packed), x, packed, sums, **tile_shape(m))
 
 
 def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: PackedInt4, sums: torch.Tensor,
@@ -243,7 +251,7 @@ def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: Packe
     for this shape, x @ Wᵀ added into `sums` without the split-K finish (FINISH=False): the kernel
     that reads the product next rounds it and zeroes `sums` (w4a16.pending_matmul). False,
     launching nothing, before the shape is tuned, since a tuning run would add every candidate's
-    product into `sums`. `tile`: compile-time arguments the tuner keys on beyond the shape (BLOCK_M)."""
+    product into `sums`. `tile`: compile-time arguments the tuner keys on beyond the shape (tile_shape)."""
     from lowbit.kernels.autotune import chosen_config
     from lowbit.kernels.w4a16_triton import split_k_workspace
 
@@ -254,7 +262,7 @@ def launch_unfinished(tuner, words: torch.Tensor, x: torch.Tensor, packed: Packe
         return False
     _, counters = split_k_workspace(x.device, m * n)  # not touched: the kernel only adds
     zeros = packed.zeros if packed.zeros is not None else packed.scales
-    tuner.fn[(n // config.kwargs["BLOCK_N"], k // config.kwargs["K_SPAN"])](
+    tuner.fn[(n // config.kwargs["BLOCK_N"] * tile.get("ROW_BLOCKS", 1), k // config.kwargs["K_SPAN"])](
         x, words, packed.scales, zeros, sums, sums, counters, m, n, k, x.stride(0), packed.scales.stride(0),
         sums.stride(0), GROUP=packed.group_size, SYMMETRIC=packed.symmetric, ZERO=SYMMETRIC_ZERO, FINISH=False,
         **tile, **config.kwargs, num_warps=config.num_warps)

@@ -103,9 +103,9 @@ def _group_product(words, z, a, B_L: ttgl.constexpr, MMA: ttgl.constexpr, GROUP:
 
 
 @gluon.jit
-def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, stride_om, FINISH: ttgl.constexpr = True):
+def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, tile, rows, cols, mask, N, stride_om, FINISH: ttgl.constexpr = True):
     """acc, the float32 product of one program's span of K, into out[rows, cols] (bf16). Split-K
-    programs (grid axis 1) add into the workspace and the last of a tile writes it and resets the
+    programs (grid axis 1; `tile` numbers the output tile, its counter's index) add into the workspace and the last of a tile writes it and resets the
     workspace and its counter (w4a16_triton._store's protocol), so a call is one launch.
 
     FINISH=False leaves the sum pending: every program, split or not, only adds into the workspace
@@ -121,12 +121,12 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
             ws_offs = rows * N + cols
             ttgl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
             _barrier()
-            count = ttgl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            count = ttgl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if count == split_k - 1:
                 total = ttgl.load(ws_ptr + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
                 ttgl.store(out_ptr + out_offs, total.to(ttgl.bfloat16), mask=mask)
                 ttgl.store(ws_ptr + ws_offs, ttgl.zeros_like(acc), mask=mask)
-                ttgl.store(cnt_ptr + pid_n, 0)
+                ttgl.store(cnt_ptr + tile, 0)
         else:
             ttgl.store(out_ptr + out_offs, acc.to(ttgl.bfloat16), mask=mask)
 
@@ -135,10 +135,15 @@ def store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, rows, cols, mask, N, str
 def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_sg, stride_om,
                GROUP: ttgl.constexpr, SYMMETRIC: ttgl.constexpr, ZERO: ttgl.constexpr, BLOCK_N: ttgl.constexpr,
                K_SPAN: ttgl.constexpr, WARPS: ttgl.constexpr, FOLD_ZEROS: ttgl.constexpr = True,
-               AHEAD: ttgl.constexpr = 2, FINISH: ttgl.constexpr = True, BLOCK_M: ttgl.constexpr = 16):
-    """out[:M, tile] = x[:M] @ W[tile]ᵀ over one span of K (M <= BLOCK_M, 16 or 32: each unpacked B
-    fragment serves BLOCK_M / 16 MMAs) (split-K: `store_split_k`), the words of
-    AHEAD (1 or 2) groups in flight while one is multiplied.
+               AHEAD: ttgl.constexpr = 2, FINISH: ttgl.constexpr = True, BLOCK_M: ttgl.constexpr = 16,
+               ROW_BLOCKS: ttgl.constexpr = 1):
+    """out[rows, tile] = x[rows] @ W[tile]ᵀ over one span of K (split-K: `store_split_k`) for one
+    block of BLOCK_M rows (16 or 32: each unpacked B fragment serves BLOCK_M / 16 MMAs), the words
+    of AHEAD (1 or 2) groups in flight while one is multiplied.
+
+    Grid axis 0 runs over (column tile, row block), ROW_BLOCKS blocks a tile, innermost: where M
+    spans several blocks, the programs that read a tile's words run side by side, so all but the
+    first find them in L2.
 
     FOLD_ZEROS (asymmetric weights): the codes enter the MMA as 128 + q, straight from one lop3 a
     register, and each group adds -(128 + z)·Σx, x's row sums over the group taken once while x is
@@ -153,9 +158,14 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
     A_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_L: ttgl.constexpr = ttgl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     W_L: ttgl.constexpr = _word_layout(CHUNKS, BLOCK_N, WARPS)
-    pid_n = ttgl.program_id(0)
+    tile = ttgl.program_id(0)  # this program's (column tile, row block), its split-K counter's index
+    row0 = (tile % ROW_BLOCKS) * BLOCK_M
+    M -= row0
+    x_ptr += row0 * stride_xm
+    out_ptr += row0 * stride_om
+    ws_ptr += row0 * N
     pid_k = ttgl.program_id(1)
-    n0 = pid_n * BLOCK_N
+    n0 = (tile // ROW_BLOCKS) * BLOCK_N
     word_offs = shuffled_word_offsets(n0, BLOCK_N, CHUNKS, W_L)
     group_words = N * 4 * CHUNKS
     cols = n0 + ttgl.arange(0, BLOCK_N, layout=ttgl.SliceLayout(0, MMA))
@@ -216,7 +226,7 @@ def m16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, s
         else:
             w_a = w_next
     rows = ttgl.arange(0, BLOCK_M, layout=ttgl.SliceLayout(1, MMA))
-    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
+    store_split_k(acc, out_ptr, ws_ptr, cnt_ptr, tile, ttgl.expand_dims(rows, 1), ttgl.expand_dims(cols, 0),
                   ttgl.expand_dims(rows < M, 1), N, stride_om, FINISH)
 
 @gluon.jit
@@ -359,12 +369,14 @@ def compile_gemv_for_sm90(block_n: int, k_span: int, block_k: int = 32, group: i
 
 
 def compile_for_sm90(block_n: int, k_span: int, group: int = 128, symmetric: bool = False, warps: int = 4,
-                     fold_zeros: bool = True, ahead: int = 2, finish: bool = True, block_m: int = 16):
+                     fold_zeros: bool = True, ahead: int = 2, finish: bool = True, block_m: int = 16,
+                     row_blocks: int = 1):
     """`m16_kernel` compiled for sm_90 without a GPU (the operand-layout conversion is asserted
     trivial while it compiles): for the tests."""
     return compile_gluon_for_sm90(m16_kernel, {"GROUP": group, "SYMMETRIC": symmetric, "ZERO": 8, "BLOCK_N": block_n,
                                                "K_SPAN": k_span, "WARPS": warps, "FOLD_ZEROS": fold_zeros,
-                                               "AHEAD": ahead, "FINISH": finish, "BLOCK_M": block_m}, warps)
+                                               "AHEAD": ahead, "FINISH": finish, "BLOCK_M": block_m,
+                                               "ROW_BLOCKS": row_blocks}, warps)
 
 
 def compile_gluon_for_sm90(kernel, constexprs: dict, warps: int, types: dict[str, str] | None = None):
