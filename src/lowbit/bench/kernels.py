@@ -228,7 +228,8 @@ def markdown_table(result: dict) -> str:
         f"triton {meta['triton']}, gemlite {meta.get('gemlite') or 'not installed'}, "
         f"fbgemm-gpu-genai {meta.get('fbgemm') or 'not installed'}); measured copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s; "
         "times in microseconds per call (median of CUDA graph replays; each call reads its own weight copy "
-        "from device memory). The gluon column is the Gluon GEMV at M = 1, the Gluon 16-row tile above.",
+        "from device memory). The gluon column is the Gluon GEMV at M = 1, the Gluon tensor-core tile above "
+        "(16 rows up to 16, 32 up to 32, two 32-row tiles up to 64).",
         "",
         "| shape | N x K | M | bf16 cuBLAS | torch int4 | lowbit sym | lowbit asym | fused asym | gluon asym | "
         "gemlite asym | fbgemm asym | int4 roofline | bf16 / asym | torch int4 / asym | asym / roofline | "
