@@ -33,7 +33,10 @@ the time of the dispatcher's best other path at M = 24 and 32 on all eight Llama
 gate/up at 32 rows: 76.2 us against FBGEMM's 110.9, gpu_gluon_m32_h200.md); a 64-row tile was
 slower than FBGEMM's or the fused Triton tile on most shapes at 48 and 64 rows (0.73-1.09x their
 speed, gpu_gluon_m64_h200.md), so from 33 to 64 rows the kernel runs two 32-row tiles, the two
-programs of a column tile adjacent in the grid so that the second finds the words in L2.
+programs of a column tile adjacent in the grid so that the second may find the words in L2. That
+took 0.89-0.95x the time of the best other path on the narrow shapes and lost on the wide ones,
+where every tile still unpacks all its words (70B gate/up: 76.2 us at 32 rows, 134.0 at 64;
+gpu_gluon_2x32_h200.md): the dispatcher picks per shape.
 Split-K programs meet through w4a16_triton's self-resetting workspace, so a call is one launch.
 
 Like FBGEMM's layout (w4a16_fbgemm.py), the shuffled words are built on a weight's first product,
