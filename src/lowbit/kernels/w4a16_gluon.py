@@ -14,7 +14,7 @@ to the operand layout is a no-op. The loop then costs 2.3-3.0 SASS instructions 
 x's span of K is staged in shared memory once per program, where every warp reads its A fragments.
 The words of the next two groups are loaded into registers ahead of the group being multiplied,
 or of the next one only, which frees registers for more warps an SM: the tuner tries that on its
-finalists (AHEAD), and chose it on all eight shapes at 16 rows (gpu_kernels_h200.md).
+finalists (AHEAD), and chose it on six of the eight shapes at 16 rows (gpu_kernels_h200.md).
 The first groups are requested before x is staged, so the x loads and the barrier overlap the
 first words' DRAM latency. An ncu profile of this kernel showed it latency-bound: one instruction
 issued every two cycles, DRAM 44% busy (gpu_profile_h200_m16_gluon.log). 16-byte loads, the
@@ -155,8 +155,8 @@ def _variants(config) -> list:
     flight instead of two, tried on the tuner's finalists only (autotune's finalist variants).
     Unpacked won one shape of eight side by side (8B q/o_proj, gpu_gluon_zero_fold_h200.md), and
     offered on every tile it doubled the candidates to compile and time. One group ahead frees a
-    group's words, so more warps fit on an SM: the tuner chose it on all eight shapes at 16 rows
-    (gpu_kernels_h200.md)."""
+    group's words, so more warps fit on an SM: the tuner chose it on six of the eight shapes at 16
+    rows (gpu_kernels_h200.md)."""
     from lowbit.kernels.autotune import with_settings
 
     return with_settings(config, {"FOLD_ZEROS": False}, {"AHEAD": 1})
