@@ -4,8 +4,8 @@
 # benchmarks and tests): PYTHONPATH must reach lowbit's src; gemlite and fbgemm-gpu-genai, if wanted,
 # must be importable, and so must lowbit's own needs that a CUDA image may lack: pydantic (with
 # pydantic-core, annotated-types, typing-inspection; decode, tests), compressed-tensors and loguru
-# (tests that import lowbit.export). All of the tests step takes about 11 minutes on an H200:
-# split it over two calls with TESTS, e.g. TESTS="not test_kernels" and then tests/test_kernels.py.
+# (tests that import lowbit.export). The tests step's files took more than the 10 minutes of one
+# device call on an H200: give tests/test_kernels.py a call of its own (129 s there alone).
 #   STEPS="tests kernels decode decode_fused decode_separate quant4 quant32 quant_shortcuts quant_no_thp peer generate decode_attention warmup ranges profile gemv_splits gemv_floor tuner_stability gluon_zero_fold wgmma_swap_ab warmup_breakdown gluon_gemv zero_points transfer vq" OUT=/tmp/out bash benchmarks/gpu_run_all.sh
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
