@@ -217,6 +217,7 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         else:
             loaded = load_model(source, settings.dtype)
     model = loaded.model
+    recipe = recipe.for_model_dtype(next(model.parameters()).dtype)  # scales in the dtype engines load them in
     architecture = architecture_of(model)
     check_finite_weights(model.state_dict().items())
     check_plan(model, architecture, recipe, exporting=out_dir is not None)

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_group_size,
                    help="columns per scale: N, channel (or -1), tensor (or 0), or auto = largest of 128/64/32 "
                    "dividing each layer")
+    q.add_argument("--scale-dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype scales are stored in (default from the scheme: auto = the model's dtype where it is "
+                   "float16 or bfloat16, the dtype engines load scales in; else float16)")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="symmetric", action="store_const", const=True, help="symmetric grid")
     sym.add_argument("--asym", dest="symmetric", action="store_const", const=False, help="grid with zero points")
@@ -265,6 +268,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
             "bits": args.bits,
             "group_size": args.group_size,
             "symmetric": args.symmetric,
+            "scale_dtype": getattr(args, "scale_dtype", None),  # `lowbit plan` has no --scale-dtype
         }.items()
         if value is not None
     }

@@ -131,6 +131,7 @@ def choose(args: argparse.Namespace, base: Recipe, budget: Budget, settings, con
     options = options_from_args(args, base)
     device = resolve_device(settings.device)  # before the model loads: a wrong --device fails at once
     loaded = load_model(args.model, settings.dtype)
+    base = base.for_model_dtype(next(loaded.model.parameters()).dtype)  # the plan's costs in the scales it will store
     calibration, description = resolve_calibration(
         settings.calib, loaded.model, loaded.tokenizer, settings.samples, settings.seq_len, settings.seed
     )

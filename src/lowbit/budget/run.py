@@ -43,7 +43,7 @@ def sensitivity_for(
         return measure_sensitivity(
             model, architecture_of(model), calibration.to(device), list(options.candidates),
             lambda name: not base.is_ignored(name), weighting=options.weighting,
-            fisher_samples=options.fisher_samples, scale_dtype=base.scale_dtype, method_options=solver_options,
+            fisher_samples=options.fisher_samples, scale_dtype=base.stored_scale_dtype(), method_options=solver_options,
             cache_dir=options.cache_dir,
         )
     finally:
@@ -60,7 +60,7 @@ def plan_budget(
     on `calibration` (needed then) that keeps the plan whose assembled model has the least KL.
     """
     dense = dense_bytes(model, set(table.layers))
-    plan = choose_plan(table, list(options.candidates), budget, dense, base.scale_dtype, options.allocator)
+    plan = choose_plan(table, list(options.candidates), budget, dense, base.stored_scale_dtype(), options.allocator)
     if options.evolution is not None:
         if calibration is None:
             raise ValueError("the evolutionary refinement needs calibration windows")
@@ -79,10 +79,10 @@ def refine_plan(
     working = copy.deepcopy(model)
     try:
         bank = CandidateBank(model, architecture_of(model), calibration.to(device), list(options.candidates),
-                             set(table.layers), {base.method: dict(base.method_options)}, base.scale_dtype)
+                             set(table.layers), {base.method: dict(base.method_options)}, base.stored_scale_dtype())
         fitness = calibration[-options.evolution.fitness_windows:].to(device)
         return evolve_plan(model, working, bank, plan, table, list(options.candidates), capacity_bits, fitness,
-                           options.evolution, base.scale_dtype)
+                           options.evolution, base.stored_scale_dtype())
     finally:
         del working
         model.to(original_device)

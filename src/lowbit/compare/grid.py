@@ -72,7 +72,7 @@ def layout_name(group_size: int | str) -> str:
 def short_label(recipe: Recipe) -> str:
     """`gptq w4 asym g64`, plus any option that differs from the solver's defaults."""
     options = "".join(f" {k}={v}" for k, v in sorted(recipe.method_options.items()))
-    extra = "" if recipe.scale_dtype == "float16" else f" scale={recipe.scale_dtype}"
+    extra = "" if recipe.scale_dtype == "auto" else f" scale={recipe.scale_dtype}"
     return f"{recipe.method} w{recipe.bits} {'sym' if recipe.symmetric else 'asym'} " \
            f"{layout_name(recipe.group_size)}{extra}{options}"
 

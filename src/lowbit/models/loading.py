@@ -95,4 +95,17 @@ def _as_dense(model: PreTrainedModel, dtype: torch.dtype | None) -> PreTrainedMo
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return model.to(dtype) if dtype is not None else model
+    return _cast_weights(model, dtype) if dtype is not None else model
+
+
+def _cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """`model.to(dtype)` for its weights only: buffers left out of checkpoints (rotary tables) keep
+    the float32 that transformers computes them in whatever the dtype, as the same model read back
+    from an export has them. Cast to bfloat16 they moved the embedded model's logits by up to 1.06
+    against its own reloaded export."""
+    derived = [(module, name, buffer) for module in model.modules()
+               for name, buffer in module.named_buffers(recurse=False) if name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buffer in derived:
+        module.register_buffer(name, buffer, persistent=False)
+    return model

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+import torch
 from torch import nn
 
 from lowbit.formats.activation import ActivationFormat
@@ -93,6 +94,11 @@ class Recipe(BaseModel):
     `format_options` are settings only some families
     take (vq: dim, residual_bits, row_scale); for `vq`, `bits` is log2 of the codebook size and
     `group_size` the columns sharing a codebook.
+    `scale_dtype` is the dtype scales are stored in; "auto" is the model's own where that is
+    float16 or bfloat16, else float16 (`for_model_dtype`): transformers and vLLM load a
+    compressed-tensors checkpoint's scales into parameters of the model's dtype, so scales of
+    another 16-bit dtype would be rounded on loading and the served model would not be the one
+    lowbit measured.
     `outliers` (a fraction, e.g. 0.005) keeps that share of each matrix's weights in fp16 as a sparse
     matrix, ranked by `outlier_criterion`, and quantizes the rest with `method` (solvers.outliers);
     `eora_rank` > 0 adds a rank-r EoRA correction of the remaining error (solvers.lowrank). Both
@@ -109,7 +115,7 @@ class Recipe(BaseModel):
     bits: int = 4
     symmetric: bool = True
     group_size: int | Literal["auto"] = "auto"
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     method_options: dict[str, Any] = Field(default_factory=dict)
     format_options: dict[str, Any] = Field(default_factory=dict)
     transforms: list[str] = Field(default_factory=list)
@@ -145,7 +151,7 @@ class Recipe(BaseModel):
             family.check_method(self.method, SOLVERS[self.method].format_families)
             if self.format_options:  # build once so that a bad option value is refused now
                 group_size = self.group_size if isinstance(self.group_size, int) else PER_CHANNEL
-                family.build(self.bits, self.symmetric, group_size, self.scale_dtype, **self.format_options)
+                family.build(self.bits, self.symmetric, group_size, self.stored_scale_dtype(), **self.format_options)
         except FormatError as err:
             raise ValueError(str(err)) from None
         except TypeError as err:
@@ -240,7 +246,19 @@ class Recipe(BaseModel):
     def format_for(self, in_features: int) -> WeightFormat:
         family = format_family(self.format)
         group_size = family.block or self.group_size_for(in_features)
-        return family.build(self.bits, self.symmetric, group_size, self.scale_dtype, **self.format_options)
+        return family.build(self.bits, self.symmetric, group_size, self.stored_scale_dtype(), **self.format_options)
+
+    def for_model_dtype(self, dtype: torch.dtype) -> Recipe:
+        """This recipe with `scale_dtype: auto` made concrete for a model loaded in `dtype`."""
+        if self.scale_dtype != "auto":
+            return self
+        name = str(dtype).removeprefix("torch.") if dtype in (torch.float16, torch.bfloat16) else "float16"
+        return self.model_copy(update={"scale_dtype": name})
+
+    def stored_scale_dtype(self) -> str:
+        """The scale dtype formats are built with: "auto" not yet made concrete for a model (a
+        recipe read for planning or printing) counts as float16, which has the same width."""
+        return "float16" if self.scale_dtype == "auto" else self.scale_dtype
 
     def is_ignored(self, name: str) -> bool:
         return any(_matches(name, pattern) for pattern in self.ignore)
