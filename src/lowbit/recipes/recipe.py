@@ -7,9 +7,9 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
-import torch
 from torch import nn
 
 from lowbit.formats.activation import ActivationFormat
@@ -256,8 +256,8 @@ class Recipe(BaseModel):
         return self.model_copy(update={"scale_dtype": name})
 
     def stored_scale_dtype(self) -> str:
-        """The scale dtype formats are built with: "auto" not yet made concrete for a model (a
-        recipe read for planning or printing) counts as float16, which has the same width."""
+        """The name of the scale dtype formats are built with: "auto" not yet made concrete for a
+        model (a recipe read for planning or printing) counts as float16, which has the same width."""
         return "float16" if self.scale_dtype == "auto" else self.scale_dtype
 
     def is_ignored(self, name: str) -> bool:
