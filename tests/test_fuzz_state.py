@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -65,6 +66,24 @@ def test_mutated_run_manifest_raises_resume_error(tmp_path_factory, edits, cut):
         pass
     assert check_export_folder(run_folder(out)) is not None  # never taken for a finished export
 
+
+
+@pytest.mark.parametrize("done", [10, -1, "2", True, None])
+def test_a_manifest_counting_blocks_the_run_does_not_have_is_refused(tmp_path, done):
+    """Found by the fuzz test above: one byte turned blocks_done 0 into 10 of 2."""
+    out = tmp_path / "out"
+    checkpoint = RunCheckpoint.claim(out, resume=False, overwrite=False)
+    fingerprint = {"recipe": "a", "model": "b", "calibration": "c", "settings": "d"}
+    checkpoint.start(fingerprint, 2)
+    checkpoint.release()
+    manifest = run_folder(out) / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "blocks_done": done}))
+    resumed = RunCheckpoint.claim(out, resume=True, overwrite=False)
+    try:
+        with pytest.raises(ResumeError, match="finished blocks of 2"):
+            resumed.start(fingerprint, 2)
+    finally:
+        resumed.release()
 
 @FUZZ
 @given(edits=edits, cut=cuts)

@@ -161,6 +161,10 @@ class RunCheckpoint:
                     f"cannot resume {self.out_dir}: the {what} differ(s) from the interrupted run; "
                     "rerun with the same model, recipe and calibration options, or pass --overwrite to start over"
                 )
+            done = manifest.get("blocks_done")
+            if type(done) is not int or not 0 <= done <= blocks_total:  # bool is an int subclass: refused too
+                raise ResumeError(f"{manifest_path} records {done!r} finished blocks of {blocks_total}; "
+                                  "pass --overwrite to start over")
             self.manifest = manifest
         else:
             self.manifest = {
