@@ -35,7 +35,11 @@ def test_unknown_recipe_option_is_refused_before_loading(capsys, tmp_path):
     assert code == 2 and "bad option for method 'gptq'" in out
 
 
-def test_group_size_that_does_not_divide_is_refused_before_work(capsys, tmp_path, tiny_model_dir):
+def test_group_size_that_does_not_divide_is_refused_before_work(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("a local folder's layer shapes are checked from its config, before its weights load")
+
+    monkeypatch.setattr("lowbit.api.load_model", load_model)
     out_dir = tmp_path / "out"
     code, out = run_cli(
         capsys, "quantize", str(tiny_model_dir), "--group-size", "128", "--out", str(out_dir), "--no-eval"

@@ -31,7 +31,7 @@ from lowbit.kv import KVCacheSpec
 from lowbit.kv.spec import ROW_KINDS
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights, check_folder_architecture
-from lowbit.models.loading import LoadedModel, default_model_path, load_model
+from lowbit.models.loading import LoadedModel, default_model_path, folder_skeleton, load_model
 from lowbit.models.streaming import STREAMED_SHARD_BYTES, StreamedModel, should_stream
 from lowbit.modules.input_quant import input_quantizer, quantize_inputs
 from lowbit.pipeline.activations import SpilledActivations
@@ -203,6 +203,10 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         raise ValueError("--resume cannot replay a learned rotation (spinquant); quantize without --resume")
     if not world.is_main:  # process 0 alone writes and evaluates
         out_dir, evaluate_result = None, False
+    skeleton = folder_skeleton(source)
+    if skeleton is not None:  # a wrong group size or ignore list fails now, not after minutes of loading
+        check_plan(skeleton, architecture_of(skeleton), recipe.for_model_dtype(skeleton.dtype),
+                   exporting=out_dir is not None)
     streamed = None
     with timer("load"):
         if should_stream(source, settings.offload) and not model_transforms:

