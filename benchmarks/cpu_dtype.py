@@ -11,6 +11,7 @@ what it costs in accuracy. Runs alternate between the two dtypes; times are medi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ DTYPES = ("float32", "bfloat16")
 
 def run(dtype: str, recipe: Recipe, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        report = quantize(None, recipe, Path(folder) / "out", Settings(**{**vars(settings), "dtype": dtype}))
+        report = quantize(None, recipe, Path(folder) / "out", dataclasses.replace(settings, dtype=dtype))
     result = report.evaluation_result
     return {"dtype": dtype, "quantize_s": report.seconds["quantize"], "evaluate_s": report.seconds["evaluate"],
             "perplexity": result.perplexity, "original_perplexity": result.reference_perplexity, "kl": result.kl,

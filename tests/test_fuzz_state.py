@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,20 +46,27 @@ def test_mutated_activations_raise_activation_error(tmp_path_factory, edits, cut
         assert tensor.numel() * tensor.element_size() == (folder / f"batch-{number:05d}.bin").stat().st_size
 
 
+FINGERPRINT = {"recipe": "a", "model": "b", "calibration": "c", "settings": "d"}
+
+
+def interrupted_run_manifest(out) -> Path:
+    """The manifest of a run of two blocks at `out` that stopped before its first block."""
+    checkpoint = RunCheckpoint.claim(out, resume=False, overwrite=False)
+    checkpoint.start(FINGERPRINT, 2)
+    checkpoint.release()
+    return run_folder(out) / MANIFEST
+
+
 @FUZZ
 @given(edits=edits, cut=cuts)
 def test_mutated_run_manifest_raises_resume_error(tmp_path_factory, edits, cut):
     out = tmp_path_factory.mktemp("run") / "out"
-    checkpoint = RunCheckpoint.claim(out, resume=False, overwrite=False)
-    fingerprint = {"recipe": "a", "model": "b", "calibration": "c", "settings": "d"}
-    checkpoint.start(fingerprint, 2)
-    checkpoint.release()
-    manifest = run_folder(out) / MANIFEST
+    manifest = interrupted_run_manifest(out)
     manifest.write_bytes(mutate(manifest.read_bytes(), edits, cut))
     try:
         resumed = RunCheckpoint.claim(out, resume=True, overwrite=False)
         try:
-            done = resumed.start(fingerprint, 2)
+            done = resumed.start(FINGERPRINT, 2)
             assert 0 <= done <= 2
         finally:
             resumed.release()
@@ -67,23 +75,19 @@ def test_mutated_run_manifest_raises_resume_error(tmp_path_factory, edits, cut):
     assert check_export_folder(run_folder(out)) is not None  # never taken for a finished export
 
 
-
 @pytest.mark.parametrize("done", [10, -1, "2", True, None])
 def test_a_manifest_counting_blocks_the_run_does_not_have_is_refused(tmp_path, done):
     """Found by the fuzz test above: one byte turned blocks_done 0 into 10 of 2."""
     out = tmp_path / "out"
-    checkpoint = RunCheckpoint.claim(out, resume=False, overwrite=False)
-    fingerprint = {"recipe": "a", "model": "b", "calibration": "c", "settings": "d"}
-    checkpoint.start(fingerprint, 2)
-    checkpoint.release()
-    manifest = run_folder(out) / MANIFEST
+    manifest = interrupted_run_manifest(out)
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "blocks_done": done}))
     resumed = RunCheckpoint.claim(out, resume=True, overwrite=False)
     try:
         with pytest.raises(ResumeError, match="finished blocks of 2"):
-            resumed.start(fingerprint, 2)
+            resumed.start(FINGERPRINT, 2)
     finally:
         resumed.release()
+
 
 @FUZZ
 @given(edits=edits, cut=cuts)

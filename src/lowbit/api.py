@@ -203,13 +203,14 @@ def quantize(source: str | None, recipe: Recipe, out_dir: Path | None, settings:
         raise ValueError("--resume cannot replay a learned rotation (spinquant); quantize without --resume")
     if not world.is_main:  # process 0 alone writes and evaluates
         out_dir, evaluate_result = None, False
-    skeleton = folder_skeleton(source)
+    streaming = should_stream(source, settings.offload) and not model_transforms
+    skeleton = None if streaming else folder_skeleton(source)  # a streamed model is built empty anyway
     if skeleton is not None:  # a wrong group size or ignore list fails now, not after minutes of loading
         check_plan(skeleton, architecture_of(skeleton), recipe.for_model_dtype(skeleton.dtype),
                    exporting=out_dir is not None)
     streamed = None
     with timer("load"):
-        if should_stream(source, settings.offload) and not model_transforms:
+        if streaming:
             if settings.offload == "auto":
                 logging.getLogger(__name__).warning(
                     "the weights of %s exceed half of the free memory: streaming its blocks from disk "

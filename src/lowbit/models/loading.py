@@ -124,8 +124,8 @@ def _as_dense(model: PreTrainedModel, dtype: torch.dtype | None) -> PreTrainedMo
 def _cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
     """`model.to(dtype)` for its weights only: buffers left out of checkpoints (rotary tables) keep
     the float32 that transformers computes them in whatever the dtype, as the same model read back
-    from an export has them. Cast to bfloat16 they moved the embedded model's logits by up to 1.06
-    against its own reloaded export."""
+    from an export has them. Cast to bfloat16 they made the embedded model's logits differ from
+    its own reloaded export's (tests/test_scale_dtype.py)."""
     derived = [(module, name, buffer) for module in model.modules()
                for name, buffer in module.named_buffers(recurse=False) if name in module._non_persistent_buffers_set]
     model.to(dtype)
